@@ -1,0 +1,95 @@
+"""``GatedEmbedding``: a frozen and a tuned embedding table mixed per lookup by policy gates."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.functional import BACKENDS, gated_embedding
+
+
+class GatedEmbedding(nn.Module):
+    """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
+
+    The frozen copy is a buffer (saved in the state_dict, never trained); the tuned copy is a
+    Parameter initialised from it. In train mode the gates are sampled with Gumbel noise; in
+    eval mode they are the deterministic argmax of the logits (pass ``noise=True`` to
+    ``forward`` to sample at evaluation too).
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> pretrained = torch.nn.Embedding(1000, 16)
+        >>> emb = autoft_fast.GatedEmbedding.from_pretrained(pretrained, sparse=True)
+        >>> idx = torch.randint(0, 1000, (32, 8))
+        >>> logits = torch.randn(32, 8, 2, requires_grad=True)
+        >>> out, gates = emb(idx, logits, tau=1.0)
+        >>> out.shape
+        torch.Size([32, 8, 16])
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, sparse: bool = False,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if num_embeddings <= 0 or embedding_dim <= 0:
+            raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
+                             f"{embedding_dim} must both be positive")
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"backend = {backend!r} is not one of {('auto',) + BACKENDS}")
+        weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        nn.init.normal_(weight)
+        self.register_buffer("frozen_weight", weight)
+        self.tuned_weight = nn.Parameter(weight.clone())
+        self.sparse = bool(sparse)
+        self.backend = backend
+
+    @classmethod
+    def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto"):
+        """Build from a pre-trained ``[V, D]`` tensor or ``nn.Embedding``; both copies start equal.
+
+        The pre-trained tensor is copied, never aliased: training the tuned copy cannot
+        change the caller's weights.
+
+        Example::
+
+            >>> import torch, autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(100, 8))
+            >>> torch.equal(emb.frozen_weight, emb.tuned_weight)
+            True
+        """
+        if isinstance(weight, nn.Embedding):
+            weight = weight.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a tensor or nn.Embedding, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D [V, D] table, got shape {tuple(weight.shape)}")
+        module = cls(weight.shape[0], weight.shape[1], sparse=sparse, backend=backend,
+                     device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            module.frozen_weight.copy_(weight.detach())
+            module.tuned_weight.copy_(weight.detach())
+        return module
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.frozen_weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.frozen_weight.shape[1]
+
+    def forward(self, indices, logits, tau: float = 1.0, hard: bool = True, noise=None,
+                seed=None, uniforms=None):
+        """Return ``(out, gates)`` for ``indices`` [*S] and policy ``logits`` [*S, 2].
+
+        ``noise=None`` samples Gumbel noise in train mode and takes the argmax in eval mode.
+        """
+        if noise is None:
+            noise = self.training
+        return gated_embedding(indices, self.frozen_weight, self.tuned_weight, logits, tau=tau,
+                               hard=hard, noise=noise, seed=seed, uniforms=uniforms,
+                               sparse=self.sparse, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.frozen_weight.dtype}, "
+                f"sparse={self.sparse}, backend={self.backend!r}")

@@ -1,0 +1,85 @@
+"""Philox4x32-10 counter-based uniforms, bit-identical to every kernel backend.
+
+The contract (docs/op-contract.md, "Random numbers") fixes the stream: lookup ``n`` takes
+word ``n % 4`` of the Philox call whose counter is ``(n // 4) & 0xffffffff, (n // 4) >> 32,
+0, 0`` and whose key is ``(seed & 0xffffffff, seed >> 32)``. Numpy's uint64 arithmetic gives
+the exact 32x32 -> 64-bit products the rounds need, so this module is the reference stream.
+
+Example::
+
+    >>> from autoft_fast.ops.philox import philox_uniforms
+    >>> u = philox_uniforms(seed=1234, n=8)
+    >>> u.shape, bool(((u >= 0) & (u < 1)).all())
+    ((8,), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_ROUND_A = np.uint64(0xD2511F53)
+_ROUND_B = np.uint64(0xCD9E8D57)
+_KEY_A = np.uint64(0x9E3779B9)
+_KEY_B = np.uint64(0xBB67AE85)
+_SHIFT = np.uint64(32)
+# Largest int32 magnitude maps just below 1.0: float32(2**31 - 1) * this < 1.
+UNIFORM_SCALE = np.float32(4.6566127342e-10)
+MAX_SEED = 2**63 - 1
+
+
+def philox4x32_10(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Four uint32 words per 64-bit counter value, for key = (seed lo, seed hi)."""
+    counters = np.asarray(counters, dtype=np.uint64)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
+    c0 = counters & _MASK32
+    c1 = counters >> _SHIFT
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            p0 = _ROUND_A * c0  # exact: both factors < 2**32
+            p2 = _ROUND_B * c2
+            c0, c1, c2, c3 = (
+                (p2 >> _SHIFT) ^ c1 ^ k0,
+                p2 & _MASK32,
+                (p0 >> _SHIFT) ^ c3 ^ k1,
+                p0 & _MASK32,
+            )
+            k0 = (k0 + _KEY_A) & _MASK32
+            k1 = (k1 + _KEY_B) & _MASK32
+    return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
+
+
+def words_to_uniforms(words: np.ndarray) -> np.ndarray:
+    """uint32 words -> float32 uniforms in [0, 1), as Triton's uint_to_uniform_float."""
+    x = np.asarray(words, dtype=np.uint32).view(np.int32).astype(np.int64)
+    x = np.where(x < 0, -x - 1, x)
+    return x.astype(np.float32) * UNIFORM_SCALE
+
+
+def philox_uniforms(seed: int, n: int, start: int = 0) -> np.ndarray:
+    """Uniforms U[start : start + n] of the contract's stream for ``seed`` (float32 numpy)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed = {seed} must be a 63-bit non-negative integer")
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    first_call, last_call = start // 4, (start + n - 1) // 4
+    calls = np.arange(first_call, last_call + 1, dtype=np.uint64)
+    words = np.stack(philox4x32_10(seed, calls), axis=1).reshape(-1)  # word n%4 of call n//4
+    lo = start - 4 * first_call
+    return words_to_uniforms(words[lo : lo + n])
+
+
+def uniforms_tensor(seed: int, shape, device=None) -> torch.Tensor:
+    """The contract's uniforms for a lookup tensor of ``shape`` (row-major), float32."""
+    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    u = torch.from_numpy(philox_uniforms(seed, n)).reshape(shape)
+    return u.to(device) if device is not None else u
+
+
+def logistic_noise(u: torch.Tensor) -> torch.Tensor:
+    """l = log(U + 1e-20) - log(1 - U): a standard logistic sample (= G1 - G0 of two Gumbels)."""
+    return torch.log(u + 1e-20) - torch.log(1 - u)

@@ -1,0 +1,77 @@
+"""The ``reference`` backend: the op of docs/op-contract.md in plain PyTorch.
+
+It is the oracle of every test, so it favours obviousness over speed: two gathers, the gate
+as an explicit autograd function (so that the logit gradient carries y0 * y1 computed as a
+product, as the contract asks, and not torch.sigmoid's y * (1 - y)), and a float32 (or, for
+float64 tables, float64) mix. It runs on any device and supports both gradient modes: the
+tuned rows are gathered with ``F.embedding(sparse=...)``, which yields exactly
+nn.Embedding's COO gradient in sparse mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .philox import logistic_noise, uniforms_tensor
+
+
+class _StraightThroughGate(torch.autograd.Function):
+    """(logits [..., 2], noise l [...]) -> (z, y1); z hard or soft, gradient the soft Jacobian."""
+
+    @staticmethod
+    def forward(ctx, logits, noise, tau, hard):
+        x = (logits[..., 1] - logits[..., 0] + noise) / tau
+        y1 = torch.sigmoid(x)
+        y0 = torch.sigmoid(-x)
+        if hard:
+            # A tie (y1 == 0.5) and NaN both pick the frozen row: the comparison is false.
+            pick = (y1 > 0.5).to(logits.dtype)
+            z = torch.stack((1 - pick, pick), dim=-1)
+        else:
+            z = torch.stack((y0, y1), dim=-1)
+        ctx.save_for_backward(y0 * y1)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(y1)
+        return z, y1
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_y1):
+        (y0y1,) = ctx.saved_tensors
+        s = y0y1 * (grad_z[..., 1] - grad_z[..., 0]) / ctx.tau
+        return torch.stack((-s, s), dim=-1), None, None, None
+
+
+def gate_noise(shape, *, noise: bool, seed: int | None, uniforms, device, dtype) -> torch.Tensor:
+    """The logistic noise l of the contract for lookups of ``shape`` (zeros without noise)."""
+    if not noise:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    if uniforms is None:
+        uniforms = uniforms_tensor(seed, tuple(shape), device=device)
+    return logistic_noise(uniforms.to(dtype))
+
+
+def straight_through_gates(logits, *, tau: float, hard: bool, noise: bool, seed: int | None,
+                           uniforms=None) -> torch.Tensor:
+    """Gates z [..., 2] of the contract, with straight-through gradients to ``logits``."""
+    l = gate_noise(logits.shape[:-1], noise=noise, seed=seed, uniforms=uniforms,
+                   device=logits.device, dtype=logits.dtype)
+    z, _ = _StraightThroughGate.apply(logits, l, tau, hard)
+    return z
+
+
+def reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0,
+                              hard=True, noise=True, seed=None, uniforms=None, sparse=False):
+    """out, gates of the contract in plain PyTorch (inputs already validated).
+
+    Computes in float64 when the tables are float64 (the tests' oracle), else in float32.
+    """
+    compute = torch.float64 if tuned_weight.dtype == torch.float64 else torch.float32
+    gates = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
+                                   seed=seed, uniforms=uniforms)
+    idx = indices.long()
+    frozen_rows = F.embedding(idx, frozen_weight.detach()).to(compute)
+    tuned_rows = F.embedding(idx, tuned_weight, sparse=sparse).to(compute)
+    out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
+    gate_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    return out.to(tuned_weight.dtype), gates.to(gate_dtype)

@@ -1,0 +1,112 @@
+"""Every user-input check of the op contract, in one place and one message style.
+
+Kernels repeat the cheap checks for callers of ``torch.ops.autoft_fast.*``; the public
+function runs these first so that every backend raises the same exception with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The reference also computes in float64: it is the oracle of the tests and of gradcheck.
+REFERENCE_TABLE_DTYPES = TABLE_DTYPES + (torch.float64,)
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tau(tau) -> float:
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise TypeError(f"tau must be a positive finite number, got {tau!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"tau = {tau!r} must be a positive finite number")
+    return value
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point:
+            raise TypeError(f"seed must be an integer, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        seed = int(seed.item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed = {seed} must be a 63-bit non-negative integer (0 <= seed < 2**63)")
+    return seed
+
+
+def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, reference: bool) -> None:
+    """Shapes, dtypes and devices of the op's tensors (not the index range: see check_index_range)."""
+    for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
+                    ("tuned_weight", tuned_weight), ("logits", logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    table_dtypes = REFERENCE_TABLE_DTYPES if reference else TABLE_DTYPES
+    for name, t in (("frozen_weight", frozen_weight), ("tuned_weight", tuned_weight)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D [V, D] table, got shape {tuple(t.shape)}")
+        if t.dtype not in table_dtypes:
+            raise TypeError(f"{name} must be one of {_names(table_dtypes)}, got {t.dtype}")
+        if t.is_sparse:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if frozen_weight.shape != tuned_weight.shape:
+        raise ValueError(
+            f"frozen_weight and tuned_weight must have the same [V, D] shape, got "
+            f"{tuple(frozen_weight.shape)} and {tuple(tuned_weight.shape)}")
+    if frozen_weight.dtype != tuned_weight.dtype:
+        raise TypeError(
+            f"frozen_weight and tuned_weight must have the same dtype, got "
+            f"{frozen_weight.dtype} and {tuned_weight.dtype}")
+    expected = tuple(indices.shape) + (2,)
+    if tuple(logits.shape) != expected:
+        raise ValueError(f"logits must have shape indices.shape + (2,) = {expected}, got {tuple(logits.shape)}")
+    logit_dtypes = (torch.float32, torch.float64) if reference else (torch.float32,)
+    if logits.dtype not in logit_dtypes:
+        raise TypeError(f"logits must be {_names(logit_dtypes)}, got {logits.dtype}")
+    tensors = [("indices", indices), ("frozen_weight", frozen_weight),
+               ("tuned_weight", tuned_weight), ("logits", logits)]
+    if uniforms is not None:
+        if not isinstance(uniforms, torch.Tensor):
+            raise TypeError(f"uniforms must be a torch.Tensor or None, got {type(uniforms).__name__}")
+        if tuple(uniforms.shape) != tuple(indices.shape):
+            raise ValueError(
+                f"uniforms must have the shape of indices {tuple(indices.shape)}, got {tuple(uniforms.shape)}")
+        if uniforms.dtype != torch.float32:
+            raise TypeError(f"uniforms must be float32, got {uniforms.dtype}")
+        tensors.append(("uniforms", uniforms))
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def check_uniform_range(uniforms: torch.Tensor) -> None:
+    if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        bad = torch.nonzero(~((uniforms.reshape(-1) >= 0) & (uniforms.reshape(-1) < 1)))[0, 0].item()
+        raise ValueError(f"uniforms[{bad}] = {uniforms.reshape(-1)[bad].item()} is outside [0, 1)")
+
+
+def index_error(position: int, value: int, num_rows: int) -> IndexError:
+    return IndexError(f"indices[{position}] = {value} is out of range for a table of {num_rows} rows")
+
+
+def check_index_range(indices: torch.Tensor, num_rows: int) -> None:
+    """Raise the contract's IndexError naming the first bad flat position."""
+    if indices.numel() == 0:
+        return
+    flat = indices.reshape(-1)
+    bad = (flat < 0) | (flat >= num_rows)
+    if bool(bad.any()):
+        pos = int(torch.nonzero(bad)[0, 0].item())
+        raise index_error(pos, int(flat[pos].item()), num_rows)
