@@ -1,0 +1,499 @@
+"""Triton backend of the gated embedding op: fused forward and fused backward.
+
+The two ops ``autoft_fast::gated_embedding_fwd_triton`` and
+``autoft_fast::gated_embedding_bwd_triton`` have the kernel-level schemas of
+docs/internals.md (flat ``[N]`` indices, ``[V, D]`` tables, ``[N, 2]`` logits, a 0-dim int64
+CPU seed) and are declared with ``torch.library.triton_op`` so that ``torch.compile`` sees the
+Triton kernels inside them instead of an opaque call.
+
+One program handles ``BLOCK_N`` lookups. It computes the gate of each lookup once (Philox
+noise regenerated from (seed, n), sigmoid, hard choice), then walks the embedding dimension in
+``BLOCK_D`` chunks. The forward of a hard gate loads only the chosen row, so it moves two rows
+per lookup (one read, one write) plus 8 bytes of logits; the backward reads grad_out and both
+rows (the straight-through logit gradient needs <g, frozen> and <g, tuned>).
+
+Example::
+
+    >>> import torch, autoft_fast.kernels  # registers the ops  # doctest: +SKIP
+    >>> idx = torch.tensor([0, 2, 2], device="cuda")
+    >>> frozen, tuned = torch.randn(2, 4, 8, device="cuda").unbind(0)
+    >>> logits = torch.zeros(3, 2, device="cuda")
+    >>> out, gates = torch.ops.autoft_fast.gated_embedding_fwd_triton(
+    ...     idx, frozen, tuned, logits, torch.tensor(7), None, 1.0, True, True, False)
+    >>> out.shape, gates.shape
+    (torch.Size([3, 8]), torch.Size([3, 2]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # TRITON_INTERPRET=1 turns @triton.jit functions into InterpretedFunction objects.
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover - very old triton
+    _InterpretedFunction = ()
+
+_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MAX_SEED = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_logit(
+    n, nmask, logits_ptr, seed_ptr, seed_val, uniforms_ptr, tau,
+    NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+):
+    """x = (logit1 - logit0 + l) / tau for a block of lookups n (int64), l the logistic noise."""
+    l0 = tl.load(logits_ptr + 2 * n, mask=nmask, other=0.0)
+    l1 = tl.load(logits_ptr + 2 * n + 1, mask=nmask, other=0.0)
+    d = l1 - l0
+    if NOISE:
+        if USE_UNIFORMS:
+            u = tl.load(uniforms_ptr + n, mask=nmask, other=0.5)
+        else:
+            if SEED_FROM_PTR:
+                seed = tl.load(seed_ptr)
+            else:
+                seed = seed_val
+            # Counter (call lo, call hi, 0, 0) with 32-bit words. tl.randint4x is not used: with
+            # an int64 offset some Triton releases switch to the 64-bit Philox variant.
+            call = n >> 2
+            c0 = call.to(tl.uint32)
+            c1 = (call >> 32).to(tl.uint32)
+            zero = c0 * 0
+            w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+            word = n & 3
+            w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+            x = w.to(tl.int32, bitcast=True)
+            x = tl.where(x < 0, -x - 1, x)
+            u = x.to(tl.float32) * 4.6566127342e-10
+        d = d + (tl.log(u + 1e-20) - tl.log(1.0 - u))
+    return d / tau
+
+
+@triton.jit
+def _fwd_kernel(
+    idx_ptr, frozen_ptr, tuned_ptr, logits_ptr, seed_ptr, seed_val, uniforms_ptr,
+    out_ptr, gates_ptr, N, D, tau,
+    HARD: tl.constexpr, NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    row = tl.load(idx_ptr + n, mask=nmask, other=0).to(tl.int64)
+    x = _gate_logit(n, nmask, logits_ptr, seed_ptr, seed_val, uniforms_ptr, tau,
+                    NOISE, USE_UNIFORMS, SEED_FROM_PTR)
+    y1 = 1.0 / (1.0 + tl.exp(-x))
+    if HARD:
+        # NaN compares false, so a NaN logit picks the frozen row (contract).
+        pick_tuned = y1 > 0.5
+        z1 = tl.where(pick_tuned, 1.0, 0.0)
+    else:
+        z1 = y1
+    z0 = 1.0 - z1
+    tl.store(gates_ptr + 2 * n, z0, mask=nmask)
+    tl.store(gates_ptr + 2 * n + 1, z1, mask=nmask)
+
+    row_off = row * D
+    out_off = n * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = nmask[:, None] & (cols < D)[None, :]
+        src = row_off[:, None] + cols[None, :]
+        if HARD:
+            # Read only the chosen row: half the table traffic of a soft mix.
+            t = tl.load(tuned_ptr + src, mask=m2 & pick_tuned[:, None], other=0.0)
+            f = tl.load(frozen_ptr + src, mask=m2 & (~pick_tuned)[:, None], other=0.0)
+            o = f.to(tl.float32) + t.to(tl.float32)
+        else:
+            t = tl.load(tuned_ptr + src, mask=m2, other=0.0).to(tl.float32)
+            f = tl.load(frozen_ptr + src, mask=m2, other=0.0).to(tl.float32)
+            o = z0[:, None] * f + z1[:, None] * t
+        tl.store(out_ptr + out_off[:, None] + cols[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bwd_kernel(
+    grad_out_ptr, grad_gates_ptr, idx_ptr, frozen_ptr, tuned_ptr, logits_ptr,
+    seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, N, D, tau,
+    HARD: tl.constexpr, NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr, HAS_GRAD_GATES: tl.constexpr, SPARSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    row = tl.load(idx_ptr + n, mask=nmask, other=0).to(tl.int64)
+    x = _gate_logit(n, nmask, logits_ptr, seed_ptr, seed_val, uniforms_ptr, tau,
+                    NOISE, USE_UNIFORMS, SEED_FROM_PTR)
+    y1 = 1.0 / (1.0 + tl.exp(-x))
+    # y0 * y1 as a product of two sigmoids: 1 - y1 would cancel when the gate is nearly sure.
+    y0y1 = y1 * (1.0 / (1.0 + tl.exp(x)))
+    if HARD:
+        z1 = tl.where(y1 > 0.5, 1.0, 0.0)
+    else:
+        z1 = y1
+
+    a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_off = row * D
+    lookup_off = n * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = nmask[:, None] & (cols < D)[None, :]
+        src = row_off[:, None] + cols[None, :]
+        mine = lookup_off[:, None] + cols[None, :]
+        g = tl.load(grad_out_ptr + mine, mask=m2, other=0.0).to(tl.float32)
+        f = tl.load(frozen_ptr + src, mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(tuned_ptr + src, mask=m2, other=0.0).to(tl.float32)
+        a0 += tl.sum(g * f, axis=1)
+        a1 += tl.sum(g * t, axis=1)
+        gt = z1[:, None] * g
+        if SPARSE:
+            tl.store(grad_tuned_ptr + mine, gt.to(grad_tuned_ptr.dtype.element_ty), mask=m2)
+        else:
+            # float32 atomics; a hard gate that chose the frozen row adds nothing, so skip it.
+            tl.atomic_add(grad_tuned_ptr + src, gt, mask=m2 & (z1 != 0.0)[:, None],
+                          sem="relaxed")
+
+    dl1 = y0y1 * (a1 - a0) / tau
+    if HAS_GRAD_GATES:
+        h0 = tl.load(grad_gates_ptr + 2 * n, mask=nmask, other=0.0)
+        h1 = tl.load(grad_gates_ptr + 2 * n + 1, mask=nmask, other=0.0)
+        dl1 += y0y1 * (h1 - h0) / tau
+    tl.store(grad_logits_ptr + 2 * n, -dl1, mask=nmask)
+    tl.store(grad_logits_ptr + 2 * n + 1, dl1, mask=nmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: validation, launch configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _is_concrete(*tensors: Optional[torch.Tensor]) -> bool:
+    """True for plain eager tensors; False while tracing (fake / functional tensors)."""
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _interpreting() -> bool:
+    return isinstance(_fwd_kernel, _InterpretedFunction)
+
+
+def _block_sizes(n: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps): about 4096 elements per program, D walked in chunks."""
+    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
+    block_n = max(4, min(256, 4096 // block_d))
+    block_n = min(block_n, max(4, triton.next_power_of_2(max(n, 1))))
+    num_warps = 8 if block_n * block_d >= 4096 else 4
+    return block_n, block_d, num_warps
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _interpreting():
+        return
+    raise ValueError(
+        f"backend 'triton' does not serve {name} on device {t.device}: it needs CUDA tensors "
+        "(CPU tensors only under TRITON_INTERPRET=1)"
+    )
+
+
+def _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
+    """The contract's input checks at kernel level (a user may call torch.ops directly)."""
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got dtype {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D at kernel level, got shape {tuple(indices.shape)}")
+    for name, w in (("frozen_weight", frozen_weight), ("tuned_weight", tuned_weight)):
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [V, D], got shape {tuple(w.shape)}")
+        if w.dtype not in _TABLE_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {w.dtype}")
+    if frozen_weight.shape != tuned_weight.shape:
+        raise ValueError(
+            f"frozen_weight shape {tuple(frozen_weight.shape)} and tuned_weight shape "
+            f"{tuple(tuned_weight.shape)} differ"
+        )
+    if frozen_weight.dtype != tuned_weight.dtype:
+        raise TypeError(
+            f"frozen_weight dtype {frozen_weight.dtype} and tuned_weight dtype "
+            f"{tuned_weight.dtype} differ"
+        )
+    if logits.dtype != torch.float32:
+        raise TypeError(f"logits must be float32, got dtype {logits.dtype}")
+    if tuple(logits.shape) != (indices.shape[0], 2):
+        raise ValueError(
+            f"logits must have shape {(indices.shape[0], 2)} (indices.shape + (2,)), "
+            f"got {tuple(logits.shape)}"
+        )
+    if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+        raise TypeError(
+            f"seed must be a 0-dim int64 CPU tensor, got shape {tuple(seed.shape)}, "
+            f"dtype {seed.dtype}, device {seed.device}"
+        )
+    if uniforms is not None:
+        if uniforms.dtype != torch.float32:
+            raise TypeError(f"uniforms must be float32, got dtype {uniforms.dtype}")
+        if tuple(uniforms.shape) != (indices.shape[0],):
+            raise ValueError(
+                f"uniforms must have shape {(indices.shape[0],)}, got {tuple(uniforms.shape)}"
+            )
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got tau = {tau}")
+    for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
+                    ("tuned_weight", tuned_weight), ("logits", logits), ("uniforms", uniforms)):
+        if t is None:
+            continue
+        _check_device(t, name)
+        if t.device != indices.device:
+            raise ValueError(
+                f"{name} is on {t.device} but indices is on {indices.device}: "
+                "all tensors must be on one device"
+            )
+
+
+def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
+    """Host-side range check (one min/max reduction, one sync): never a device-side assert."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+    if lo >= 0 and hi < num_rows:
+        return
+    bad = ((indices < 0) | (indices >= num_rows)).nonzero()[0, 0].item()
+    raise IndexError(
+        f"indices[{bad}] = {int(indices[bad])} is out of range for a table of {num_rows} rows"
+    )
+
+
+def _seed_args(seed: torch.Tensor, uses_seed: bool, device: torch.device, concrete: bool):
+    """(seed_ptr tensor or None, seed value, SEED_FROM_PTR).
+
+    Eagerly the seed is read on the host (a CPU tensor: no sync) and passed by value. While
+    torch.compile traces, the value is unknown, so the kernel loads it from a device copy.
+    """
+    if not uses_seed:
+        return None, 0, False
+    if concrete:
+        value = int(seed.item())
+        if not 0 <= value <= _MAX_SEED:
+            raise ValueError(f"seed = {value} must be a 63-bit non-negative integer")
+        return None, value, False
+    return seed.to(device), 0, True
+
+
+def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+                tau: float, hard: bool, noise: bool, concrete: bool):
+    n = indices.shape[0]
+    d = tuned_weight.shape[1]
+    out = torch.empty((n, d), dtype=tuned_weight.dtype, device=indices.device)
+    gates = torch.empty((n, 2), dtype=torch.float32, device=indices.device)
+    if n == 0:
+        return out, gates
+    use_uniforms = noise and uniforms is not None
+    seed_ptr, seed_val, seed_from_ptr = _seed_args(
+        seed, noise and not use_uniforms, indices.device, concrete)
+    block_n, block_d, num_warps = _block_sizes(n, d)
+    kernel = _fwd_kernel if concrete else wrap_triton(_fwd_kernel)
+    kernel[(triton.cdiv(n, block_n),)](
+        indices, frozen_weight, tuned_weight, logits,
+        seed_ptr if seed_from_ptr else logits, seed_val,
+        uniforms if use_uniforms else logits,
+        out, gates, n, d, float(tau),
+        HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out, gates
+
+
+def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                uniforms, tau: float, hard: bool, noise: bool, sparse: bool, concrete: bool):
+    n = indices.shape[0]
+    v, d = tuned_weight.shape
+    device = indices.device
+    grad_logits = torch.empty((n, 2), dtype=torch.float32, device=device)
+    if sparse:
+        grad_tuned = torch.empty((n, d), dtype=tuned_weight.dtype, device=device)
+        accum = grad_tuned
+    else:
+        # Dense: float32 atomics into a zeroed table, cast once at the end for 16-bit tables.
+        accum = torch.zeros((v, d), dtype=torch.float32, device=device)
+    if n > 0:
+        use_uniforms = noise and uniforms is not None
+        seed_ptr, seed_val, seed_from_ptr = _seed_args(
+            seed, noise and not use_uniforms, device, concrete)
+        block_n, block_d, num_warps = _block_sizes(n, d)
+        kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
+        kernel[(triton.cdiv(n, block_n),)](
+            grad_out, grad_gates if grad_gates is not None else logits,
+            indices, frozen_weight, tuned_weight, logits,
+            seed_ptr if seed_from_ptr else logits, seed_val,
+            uniforms if use_uniforms else logits,
+            accum, grad_logits, n, d, float(tau),
+            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+            HAS_GRAD_GATES=grad_gates is not None, SPARSE=sparse,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    if not sparse:
+        grad_tuned = accum if tuned_weight.dtype == torch.float32 else accum.to(tuned_weight.dtype)
+    return grad_tuned, grad_logits
+
+
+def _prepare_fwd(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
+    _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
+    return (indices.contiguous(), frozen_weight.contiguous(), tuned_weight.contiguous(),
+            logits.contiguous(), None if uniforms is None else uniforms.contiguous())
+
+
+def _check_bwd_grads(grad_out, grad_gates, indices, tuned_weight):
+    n, d = indices.shape[0], tuned_weight.shape[1]
+    if tuple(grad_out.shape) != (n, d):
+        raise ValueError(f"grad_out must have shape {(n, d)}, got {tuple(grad_out.shape)}")
+    if grad_out.dtype not in (tuned_weight.dtype, torch.float32):
+        raise TypeError(
+            f"grad_out must be {tuned_weight.dtype} or float32, got dtype {grad_out.dtype}")
+    if grad_gates is not None:
+        if tuple(grad_gates.shape) != (n, 2) or grad_gates.dtype != torch.float32:
+            raise ValueError(
+                f"grad_gates must be float32 of shape {(n, 2)}, got {grad_gates.dtype} "
+                f"{tuple(grad_gates.shape)}")
+    for name, t in (("grad_out", grad_out), ("grad_gates", grad_gates)):
+        if t is not None and t.device != indices.device:
+            raise ValueError(f"{name} is on {t.device} but indices is on {indices.device}")
+
+
+# Under TRITON_INTERPRET=1 a kernel cannot run on fake or functional tensors, so a traced call
+# (torch.compile, opcheck, make_fx) goes through an opaque op that runs the interpreter on real
+# tensors. On a GPU the traced call launches the kernel through wrap_triton instead, which is
+# what lets Inductor see and schedule it.
+@torch.library.custom_op("autoft_fast::_gated_embedding_fwd_triton_interpreted", mutates_args=())
+def _fwd_interpreted(indices: torch.Tensor, frozen_weight: torch.Tensor,
+                     tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
+                     uniforms: Optional[torch.Tensor], tau: float, hard: bool,
+                     noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+                       tau, hard, noise, concrete=True)
+
+
+@_fwd_interpreted.register_fake
+def _(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise):
+    n, d = indices.shape[0], tuned_weight.shape[1]
+    return (tuned_weight.new_empty((n, d)), logits.new_empty((n, 2)))
+
+
+@torch.library.custom_op("autoft_fast::_gated_embedding_bwd_triton_interpreted", mutates_args=())
+def _bwd_interpreted(grad_out: torch.Tensor, grad_gates: Optional[torch.Tensor],
+                     indices: torch.Tensor, frozen_weight: torch.Tensor,
+                     tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
+                     uniforms: Optional[torch.Tensor], tau: float, hard: bool, noise: bool,
+                     sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                       uniforms, tau, hard, noise, sparse, concrete=True)
+
+
+@_bwd_interpreted.register_fake
+def _(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+      tau, hard, noise, sparse):
+    n = indices.shape[0]
+    v, d = tuned_weight.shape
+    rows = n if sparse else v
+    return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("autoft_fast::gated_embedding_fwd_triton", mutates_args=())
+def gated_embedding_fwd_triton(
+    indices: torch.Tensor,
+    frozen_weight: torch.Tensor,
+    tuned_weight: torch.Tensor,
+    logits: torch.Tensor,
+    seed: torch.Tensor,
+    uniforms: Optional[torch.Tensor],
+    tau: float,
+    hard: bool,
+    noise: bool,
+    sparse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward of the gated embedding (Triton): returns (out [N, D], gates [N, 2]).
+
+    ``sparse`` only tells the autograd formula which gradient layout to build; the forward
+    ignores it.
+
+    Example::
+
+        >>> out, gates = torch.ops.autoft_fast.gated_embedding_fwd_triton(  # doctest: +SKIP
+        ...     idx, frozen, tuned, logits, torch.tensor(7), None, 1.0, True, True, False)
+    """
+    indices, frozen_weight, tuned_weight, logits, uniforms = _prepare_fwd(
+        indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
+    concrete = _is_concrete(indices, frozen_weight, tuned_weight, logits, seed, uniforms)
+    if concrete:
+        _check_index_range(indices, tuned_weight.shape[0])
+    elif _interpreting():
+        return torch.ops.autoft_fast._gated_embedding_fwd_triton_interpreted(
+            indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise)
+    return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+                       tau, hard, noise, concrete)
+
+
+@triton_op("autoft_fast::gated_embedding_bwd_triton", mutates_args=())
+def gated_embedding_bwd_triton(
+    grad_out: torch.Tensor,
+    grad_gates: Optional[torch.Tensor],
+    indices: torch.Tensor,
+    frozen_weight: torch.Tensor,
+    tuned_weight: torch.Tensor,
+    logits: torch.Tensor,
+    seed: torch.Tensor,
+    uniforms: Optional[torch.Tensor],
+    tau: float,
+    hard: bool,
+    noise: bool,
+    sparse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward (Triton): returns (grad_tuned, grad_logits [N, 2] float32).
+
+    grad_tuned is [V, D] (dense, float32 atomics then the table dtype) or, with ``sparse``,
+    the [N, D] per-lookup values z1[n] * grad_out[n] for an uncoalesced COO gradient.
+
+    Example::
+
+        >>> gt, gl = torch.ops.autoft_fast.gated_embedding_bwd_triton(  # doctest: +SKIP
+        ...     grad_out, None, idx, frozen, tuned, logits, torch.tensor(7), None,
+        ...     1.0, True, True, False)
+    """
+    indices, frozen_weight, tuned_weight, logits, uniforms = _prepare_fwd(
+        indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
+    _check_bwd_grads(grad_out, grad_gates, indices, tuned_weight)
+    grad_out = grad_out.contiguous()
+    grad_gates = None if grad_gates is None else grad_gates.contiguous()
+    concrete = _is_concrete(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits,
+                            seed, uniforms)
+    if concrete:
+        _check_index_range(indices, tuned_weight.shape[0])
+    elif _interpreting():
+        return torch.ops.autoft_fast._gated_embedding_bwd_triton_interpreted(
+            grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+            uniforms, tau, hard, noise, sparse)
+    return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                       uniforms, tau, hard, noise, sparse, concrete)
