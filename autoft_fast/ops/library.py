@@ -68,7 +68,8 @@ def _make_backward(bwd_op):
             indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise, sparse)
         if sparse:
             grad_tuned = torch.sparse_coo_tensor(
-                indices.reshape(1, -1).long(), grad_tuned, tuned_weight.shape)
+                indices.reshape(1, -1).long(), grad_tuned, tuned_weight.shape,
+                check_invariants=False)  # indices were range-checked by the forward
         if not ctx.needs_input_grad[2]:
             grad_tuned = None
         if not ctx.needs_input_grad[3]:
