@@ -1,0 +1,537 @@
+// Fused CPU kernels of the gated embedding op (docs/op-contract.md, docs/internals.md).
+//
+// Forward: per lookup, draw the logistic noise from Philox (one call per four lookups), form
+// the gate and write the output row; a hard gate copies the chosen row and never loads the
+// other one. Backward: regenerate the same noise from (seed, n), so the forward saves nothing
+// but its inputs, then compute the logit gradients and the tuned-table gradient in one pass;
+// the dense table gradient groups lookups by row (a stable radix sort), so repeated rows are
+// summed in float32 by exactly one thread each, in lookup order, with no atomics.
+#include "../gated_common.h"
+#include "../philox.h"
+#include "gated_embedding_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace autoft {
+namespace {
+
+// Lookups per parallel task: enough work (~32k table elements touched) to amortise the task
+// overhead; always a multiple of 4 so that no Philox call is split between two tasks.
+inline int64_t lookup_grain(int64_t D) {
+  const int64_t g = std::max<int64_t>(256, 32768 / std::max<int64_t>(D, 1));
+  return (g + 3) / 4;  // in groups of four lookups
+}
+
+// Where the noise of a lookup comes from.
+struct NoiseSource {
+  bool noise;
+  uint64_t seed;
+  const float* uniforms;  // overrides the seed when not null
+};
+
+// Logistic noise of the (up to) four lookups n0 .. n0 + count - 1, n0 % 4 == 0.
+inline void group_noise(const NoiseSource& src, int64_t n0, int64_t count, float l[4]) {
+  if (!src.noise) {
+    l[0] = l[1] = l[2] = l[3] = 0.0f;
+  } else if (src.uniforms != nullptr) {
+    for (int64_t i = 0; i < count; ++i) {
+      l[i] = logistic_noise(src.uniforms[n0 + i]);
+    }
+  } else {
+    const Philox4 r = philox4x32_10(src.seed, static_cast<uint64_t>(n0) >> 2);
+    for (int64_t i = 0; i < count; ++i) {
+      l[i] = logistic_noise(philox_uniform(r.w[i]));
+    }
+  }
+}
+
+// sigmoid(x) and sigmoid(x) * sigmoid(-x) from one exp of -|x|: the product is formed directly,
+// never as y * (1 - y), so it keeps its relative precision when the gate is nearly certain.
+// A NaN x gives NaN for both.
+struct SoftGate {
+  float y0;
+  float y1;
+  float y0y1;
+};
+
+inline SoftGate soft_gate(float x) {
+  const float e = std::exp(-std::fabs(x));
+  const float r = 1.0f / (1.0f + e);
+  const bool positive = x >= 0.0f;  // false for NaN, which then reaches every output
+  SoftGate s;
+  s.y0 = positive ? e * r : r;
+  s.y1 = positive ? r : e * r;
+  s.y0y1 = e * r * r;
+  return s;
+}
+
+inline float gate_input(const float* logits, int64_t n, float l, float tau) {
+  return (logits[2 * n + 1] - logits[2 * n] + l) / tau;
+}
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Keeps the smallest out-of-range position seen by any thread; the error is raised after the
+// parallel loop (throwing inside it would lose the position order).
+class BadIndex {
+ public:
+  void record(int64_t pos) {
+    int64_t cur = first_.load(std::memory_order_relaxed);
+    while ((cur < 0 || pos < cur) &&
+           !first_.compare_exchange_weak(cur, pos, std::memory_order_relaxed)) {
+    }
+  }
+  template <typename index_t>
+  void raise_if_any(const index_t* indices, int64_t V) const {
+    const int64_t pos = first_.load();
+    if (pos >= 0) {
+      throw_index_out_of_range(pos, static_cast<int64_t>(indices[pos]), V);
+    }
+  }
+
+ private:
+  std::atomic<int64_t> first_{-1};
+};
+
+template <typename index_t>
+inline bool in_range(index_t idx, int64_t V) {
+  return static_cast<uint64_t>(static_cast<int64_t>(idx)) < static_cast<uint64_t>(V);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename index_t>
+void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar_t* tuned,
+                    const float* logits, const NoiseSource& src, float tau, bool hard, int64_t N,
+                    int64_t V, int64_t D, scalar_t* out, float* gates, BadIndex& bad) {
+  const int64_t groups = (N + 3) / 4;
+  at::parallel_for(0, groups, lookup_grain(D), [&](int64_t gbegin, int64_t gend) {
+    bool seen_bad = false;
+    for (int64_t g = gbegin; g < gend; ++g) {
+      const int64_t n0 = 4 * g;
+      const int64_t count = std::min<int64_t>(4, N - n0);
+      float l[4];
+      group_noise(src, n0, count, l);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t n = n0 + i;
+        const index_t idx = indices[n];
+        if (!in_range(idx, V)) {
+          if (!seen_bad) {  // chunks are contiguous: the first bad one is the chunk's smallest
+            bad.record(n);
+            seen_bad = true;
+          }
+          continue;
+        }
+        const float x = gate_input(logits, n, l[i], tau);
+        const SoftGate s = soft_gate(x);
+        const int64_t row = static_cast<int64_t>(idx) * D;
+        scalar_t* o = out + n * D;
+        if (hard) {
+          // The comparison is false for NaN, so a NaN gate chooses the frozen row.
+          const bool pick_tuned = s.y1 > 0.5f;
+          gates[2 * n] = pick_tuned ? 0.0f : 1.0f;
+          gates[2 * n + 1] = pick_tuned ? 1.0f : 0.0f;
+          // z is exactly one-hot, so the output is the chosen row, bit for bit.
+          std::memcpy(o, (pick_tuned ? tuned : frozen) + row, sizeof(scalar_t) * D);
+        } else {
+          // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
+          const float y0 = s.y0;
+          const float y1 = s.y1;
+          gates[2 * n] = y0;
+          gates[2 * n + 1] = y1;
+          const scalar_t* f = frozen + row;
+          const scalar_t* t = tuned + row;
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] = static_cast<scalar_t>(y0 * to_float(f[d]) + y1 * to_float(t[d]));
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// <g, f> and <g, t> in float32. Eight independent partial sums let the compiler vectorise the
+// loop without reassociating (no fast-math needed).
+template <typename grad_t, typename scalar_t>
+inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D, float& a0,
+                     float& a1) {
+  float p0[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float p1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const float gv = to_float(g[d + k]);
+      p0[k] += gv * to_float(f[d + k]);
+      p1[k] += gv * to_float(t[d + k]);
+    }
+  }
+  for (int k = 0; d < D; ++d, ++k) {
+    const float gv = to_float(g[d]);
+    p0[k] += gv * to_float(f[d]);
+    p1[k] += gv * to_float(t[d]);
+  }
+  a0 = ((p0[0] + p0[4]) + (p0[1] + p0[5])) + ((p0[2] + p0[6]) + (p0[3] + p0[7]));
+  a1 = ((p1[0] + p1[4]) + (p1[1] + p1[5])) + ((p1[2] + p1[6]) + (p1[3] + p1[7]));
+}
+
+// Pass over lookups: logit gradients, and either the sparse per-lookup gradient rows
+// (sparse_rows != nullptr) or the tuned weights z1 that the dense accumulation needs.
+template <typename scalar_t, typename grad_t, typename index_t>
+void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
+                            const scalar_t* frozen, const scalar_t* tuned, const float* logits,
+                            const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
+                            int64_t D, float* grad_logits, scalar_t* sparse_rows, float* z1_out,
+                            BadIndex& bad) {
+  const int64_t groups = (N + 3) / 4;
+  at::parallel_for(0, groups, lookup_grain(D), [&](int64_t gbegin, int64_t gend) {
+    bool seen_bad = false;
+    for (int64_t g = gbegin; g < gend; ++g) {
+      const int64_t n0 = 4 * g;
+      const int64_t count = std::min<int64_t>(4, N - n0);
+      float l[4];
+      group_noise(src, n0, count, l);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t n = n0 + i;
+        const index_t idx = indices[n];
+        if (!in_range(idx, V)) {
+          if (!seen_bad) {
+            bad.record(n);
+            seen_bad = true;
+          }
+          continue;
+        }
+        const float x = gate_input(logits, n, l[i], tau);
+        const SoftGate s = soft_gate(x);
+        const float z1 = hard ? (s.y1 > 0.5f ? 1.0f : 0.0f) : s.y1;
+        const int64_t row = static_cast<int64_t>(idx) * D;
+        const grad_t* gr = grad_out + n * D;
+        // Straight-through: both dots are needed even when the hard gate ignored one row.
+        float a0, a1;
+        two_dots(gr, frozen + row, tuned + row, D, a0, a1);
+        float diff = a1 - a0;
+        if (grad_gates != nullptr) {
+          diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
+        }
+        const float gl = s.y0y1 * diff / tau;
+        grad_logits[2 * n] = -gl;
+        grad_logits[2 * n + 1] = gl;
+        if (sparse_rows != nullptr) {
+          scalar_t* o = sparse_rows + n * D;
+          if (z1 == 0.0f) {
+            // Nothing reaches the tuned row (also when grad_out holds inf or NaN).
+            std::memset(o, 0, sizeof(scalar_t) * D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              o[d] = static_cast<scalar_t>(z1 * to_float(gr[d]));
+            }
+          }
+        } else {
+          z1_out[n] = z1;
+        }
+      }
+    }
+  });
+}
+
+// Stable LSD radix sort of keys (row << 32 | lookup) on the row bits only: the lookup bits are
+// already ascending, so equal rows keep lookup order and the sums are deterministic.
+void radix_sort_by_row(uint64_t* keys, uint64_t* tmp, int64_t M, int row_bits) {
+  if (row_bits == 0 || M <= 1) {
+    return;
+  }
+  const int passes = (row_bits + 10) / 11;
+  const int bits = (row_bits + passes - 1) / passes;
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  std::vector<int64_t> count(size_t{1} << bits);
+  uint64_t* src = keys;
+  uint64_t* dst = tmp;
+  for (int p = 0; p < passes; ++p) {
+    const int shift = 32 + p * bits;
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < M; ++i) {
+      ++count[(src[i] >> shift) & mask];
+    }
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t c0 = c;
+      c = sum;
+      sum += c0;
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      dst[count[(src[i] >> shift) & mask]++] = src[i];
+    }
+    std::swap(src, dst);
+  }
+  if (src != keys) {
+    std::memcpy(keys, src, sizeof(uint64_t) * M);
+  }
+}
+
+// Dense tuned gradient: grad_tuned[v] = sum over lookups n of row v of z1[n] * grad_out[n].
+template <typename scalar_t, typename grad_t, typename index_t>
+void dense_accumulate(const grad_t* grad_out, const index_t* indices, const float* z1, bool hard,
+                      int64_t N, int64_t V, int64_t D, scalar_t* grad_tuned) {
+  // A hard gate that chose the frozen row contributes nothing: leave it out of the sort.
+  std::unique_ptr<uint64_t[]> keys(new uint64_t[std::max<int64_t>(N, 1)]);
+  int64_t M = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (!hard || z1[n] != 0.0f) {
+      keys[M++] = (static_cast<uint64_t>(indices[n]) << 32) | static_cast<uint64_t>(n);
+    }
+  }
+  if (M == 0) {
+    return;
+  }
+  int row_bits = 0;
+  while (row_bits < 32 && (uint64_t{1} << row_bits) < static_cast<uint64_t>(V)) {
+    ++row_bits;
+  }
+  {
+    std::unique_ptr<uint64_t[]> tmp(new uint64_t[M]);
+    radix_sort_by_row(keys.get(), tmp.get(), M, row_bits);
+  }
+  const uint64_t* k = keys.get();
+  // Each task handles the segments (runs of one row) that start in its range, to their end,
+  // so every output row is written by exactly one thread.
+  at::parallel_for(0, M, std::max<int64_t>(64, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    int64_t p = begin;
+    while (p > 0 && p < end && (k[p] >> 32) == (k[p - 1] >> 32)) {
+      ++p;
+    }
+    while (p < end) {
+      const uint64_t row = k[p] >> 32;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (; p < M && (k[p] >> 32) == row; ++p) {
+        const int64_t n = static_cast<int64_t>(k[p] & 0xffffffffu);
+        const grad_t* gr = grad_out + n * D;
+        const float w = z1[n];
+        if (hard) {
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += to_float(gr[d]);
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += w * to_float(gr[d]);
+          }
+        }
+      }
+      scalar_t* o = grad_tuned + static_cast<int64_t>(row) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        o[d] = static_cast<scalar_t>(acc[d]);
+      }
+    }
+  });
+}
+
+// Fallback for sizes the packed 64-bit keys cannot hold (V or N >= 2^32): a stable sort of
+// lookup numbers by row, same segment sums, single-threaded accumulation.
+template <typename scalar_t, typename grad_t, typename index_t>
+void dense_accumulate_large(const grad_t* grad_out, const index_t* indices, const float* z1,
+                            bool hard, int64_t N, int64_t D, scalar_t* grad_tuned) {
+  std::vector<int64_t> order;
+  order.reserve(N);
+  for (int64_t n = 0; n < N; ++n) {
+    if (!hard || z1[n] != 0.0f) {
+      order.push_back(n);
+    }
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
+  std::vector<float> acc(D);
+  size_t p = 0;
+  while (p < order.size()) {
+    const int64_t row = static_cast<int64_t>(indices[order[p]]);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (; p < order.size() && static_cast<int64_t>(indices[order[p]]) == row; ++p) {
+      const grad_t* gr = grad_out + order[p] * D;
+      const float w = z1[order[p]];
+      for (int64_t d = 0; d < D; ++d) {
+        acc[d] += w * to_float(gr[d]);
+      }
+    }
+    scalar_t* o = grad_tuned + row * D;
+    for (int64_t d = 0; d < D; ++d) {
+      o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  }
+}
+
+// Calls f with a value of the table's C++ type (float, c10::BFloat16 or c10::Half); the dtype
+// list was checked before.
+template <typename F>
+void dispatch_table(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported table dtype ", t);
+  }
+}
+
+template <typename F>
+void dispatch_index(at::ScalarType t, F&& f) {
+  if (t == at::kLong) {
+    f(int64_t{});
+  } else {
+    f(int32_t{});
+  }
+}
+
+NoiseSource make_noise_source(const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+                              bool noise, at::Tensor& uniforms_c) {
+  NoiseSource src{noise, 0, nullptr};
+  if (noise) {
+    if (uniforms.has_value()) {
+      uniforms_c = uniforms->contiguous();
+      src.uniforms = uniforms_c.const_data_ptr<float>();
+    } else {
+      src.seed = read_seed(seed);
+    }
+  }
+  return src;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise,
+    bool sparse) {
+  // `sparse` only tells the autograd formula which gradient layout to ask the backward for.
+  (void)sparse;
+  const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
+                                          tau, c10::DeviceType::CPU);
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor frozen = frozen_weight.contiguous();
+  const at::Tensor tuned = tuned_weight.contiguous();
+  const at::Tensor lg = logits.contiguous();
+  at::Tensor uniforms_c;
+  const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
+
+  at::Tensor out = at::empty({s.N, s.D}, tuned.options());
+  at::Tensor gates = at::empty({s.N, 2}, lg.options());
+  if (s.N == 0) {
+    return {out, gates};
+  }
+  BadIndex bad;
+  dispatch_index(idx.scalar_type(), [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* ip = idx.const_data_ptr<index_t>();
+    dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
+      using scalar_t = decltype(table_tag);
+      forward_kernel<scalar_t, index_t>(ip, frozen.const_data_ptr<scalar_t>(),
+                                        tuned.const_data_ptr<scalar_t>(), lg.const_data_ptr<float>(),
+                                        src, static_cast<float>(tau), hard, s.N, s.V, s.D,
+                                        out.mutable_data_ptr<scalar_t>(),
+                                        gates.mutable_data_ptr<float>(), bad);
+    });
+    bad.raise_if_any(ip, s.V);
+  });
+  return {out, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, bool sparse) {
+  const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
+                                          tau, c10::DeviceType::CPU);
+  check_grad_inputs(grad_out, grad_gates, indices, tuned_weight, s, c10::DeviceType::CPU);
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor frozen = frozen_weight.contiguous();
+  const at::Tensor tuned = tuned_weight.contiguous();
+  const at::Tensor lg = logits.contiguous();
+  const at::Tensor go = grad_out.contiguous();
+  at::Tensor gg;
+  if (grad_gates.has_value()) {
+    gg = grad_gates->contiguous();
+  }
+  at::Tensor uniforms_c;
+  const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
+
+  at::Tensor grad_logits = at::empty({s.N, 2}, lg.options());
+  at::Tensor grad_tuned = sparse ? at::empty({s.N, s.D}, tuned.options())
+                                 : at::zeros({s.V, s.D}, tuned.options());
+  if (s.N == 0) {
+    return {grad_tuned, grad_logits};
+  }
+  // Dense mode needs the per-lookup tuned weight z1 between the two passes.
+  std::unique_ptr<float[]> z1;
+  if (!sparse) {
+    z1.reset(new float[s.N]);
+  }
+  BadIndex bad;
+  dispatch_index(idx.scalar_type(), [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* ip = idx.const_data_ptr<index_t>();
+    dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
+      using scalar_t = decltype(table_tag);
+      auto run = [&](auto grad_tag) {
+        using grad_t = decltype(grad_tag);
+        const grad_t* gp = go.const_data_ptr<grad_t>();
+        backward_lookup_kernel<scalar_t, grad_t, index_t>(
+            gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
+            frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
+            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V, s.D,
+            grad_logits.mutable_data_ptr<float>(),
+            sparse ? grad_tuned.mutable_data_ptr<scalar_t>() : nullptr, z1.get(), bad);
+        bad.raise_if_any(ip, s.V);
+        if (!sparse) {
+          scalar_t* out = grad_tuned.mutable_data_ptr<scalar_t>();
+          if (s.V <= (int64_t{1} << 32) && s.N <= (int64_t{1} << 32)) {
+            dense_accumulate<scalar_t, grad_t, index_t>(gp, ip, z1.get(), hard, s.N, s.V, s.D, out);
+          } else {
+            dense_accumulate_large<scalar_t, grad_t, index_t>(gp, ip, z1.get(), hard, s.N, s.D, out);
+          }
+        }
+      };
+      if (go.scalar_type() == tuned.scalar_type()) {
+        run(scalar_t{});
+      } else {
+        run(float{});
+      }
+    });
+  });
+  return {grad_tuned, grad_logits};
+}
+
+}  // namespace autoft
+
+TORCH_LIBRARY_IMPL(autoft_fast, CPU, m) {
+  m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cpu);
+  m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cpu);
+}

@@ -1,0 +1,25 @@
+// CPU implementations of autoft_fast::gated_embedding_fwd / gated_embedding_bwd (schemas in
+// docs/internals.md). Declared here so the C++ tests and benchmarks can call them directly,
+// without the Python-side schema registration.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace autoft {
+
+std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise,
+    bool sparse);
+
+std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, bool sparse);
+
+}  // namespace autoft

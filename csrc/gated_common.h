@@ -1,0 +1,127 @@
+// Input checks shared by the CPU and CUDA host code of the gated embedding ops.
+//
+// Users can call torch.ops.autoft_fast.* directly, bypassing the Python validation, so the
+// kernels check their inputs too, with the messages of docs/op-contract.md: the exception type
+// says what kind of mistake it is (IndexError / ValueError / TypeError) and the message names
+// the argument and the bad value. Host-only (never included from device code).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+namespace autoft {
+
+// Sizes every kernel needs, read once the inputs are known to be consistent.
+struct GatedSizes {
+  int64_t N;  // lookups
+  int64_t V;  // table rows
+  int64_t D;  // embedding width
+};
+
+inline bool is_table_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& indices,
+                              c10::DeviceType expected) {
+  TORCH_CHECK(t.device().type() == expected, name, " is on ", t.device(), " but this is the ",
+              c10::DeviceTypeName(expected), " kernel; move every tensor to the same device");
+  TORCH_CHECK(t.device() == indices.device(), name, " is on ", t.device(), " but indices is on ",
+              indices.device(), "; every tensor must be on the same device");
+}
+
+inline void check_tau(double tau) {
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0.0,
+                    "tau must be a positive finite temperature, got tau = ", tau);
+}
+
+// The forward inputs (also the saved inputs of the backward). Returns the sizes.
+inline GatedSizes check_gated_inputs(const at::Tensor& indices, const at::Tensor& frozen_weight,
+                                     const at::Tensor& tuned_weight, const at::Tensor& logits,
+                                     const std::optional<at::Tensor>& uniforms, double tau,
+                                     c10::DeviceType expected) {
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+                   "indices must be int32 or int64, got dtype ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D (N lookups) for the kernel op, got shape ",
+                    indices.sizes());
+  TORCH_CHECK_TYPE(is_table_dtype(frozen_weight.scalar_type()),
+                   "frozen_weight must be float32, bfloat16 or float16, got dtype ",
+                   frozen_weight.scalar_type());
+  TORCH_CHECK_TYPE(tuned_weight.scalar_type() == frozen_weight.scalar_type(),
+                   "tuned_weight must have the dtype of frozen_weight (", frozen_weight.scalar_type(),
+                   "), got dtype ", tuned_weight.scalar_type());
+  TORCH_CHECK_VALUE(frozen_weight.dim() == 2, "frozen_weight must be a 2-D [V, D] table, got shape ",
+                    frozen_weight.sizes());
+  TORCH_CHECK_VALUE(tuned_weight.dim() == 2, "tuned_weight must be a 2-D [V, D] table, got shape ",
+                    tuned_weight.sizes());
+  TORCH_CHECK_VALUE(tuned_weight.sizes() == frozen_weight.sizes(), "tuned_weight has shape ",
+                    tuned_weight.sizes(), " but frozen_weight has shape ", frozen_weight.sizes(),
+                    "; the two tables must have the same [V, D] shape");
+  const int64_t N = indices.size(0);
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "logits must be float32, got dtype ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(0) == N && logits.size(1) == 2,
+                    "logits must have shape [", N, ", 2] (indices.shape + (2,)), got shape ",
+                    logits.sizes());
+  if (uniforms.has_value()) {
+    TORCH_CHECK_TYPE(uniforms->scalar_type() == at::kFloat, "uniforms must be float32, got dtype ",
+                     uniforms->scalar_type());
+    TORCH_CHECK_VALUE(uniforms->dim() == 1 && uniforms->size(0) == N, "uniforms must have shape [",
+                      N, "] (indices.shape), got shape ", uniforms->sizes());
+  }
+  check_tau(tau);
+  check_same_device(indices, "indices", indices, expected);
+  check_same_device(frozen_weight, "frozen_weight", indices, expected);
+  check_same_device(tuned_weight, "tuned_weight", indices, expected);
+  check_same_device(logits, "logits", indices, expected);
+  if (uniforms.has_value()) {
+    check_same_device(*uniforms, "uniforms", indices, expected);
+  }
+  return GatedSizes{N, frozen_weight.size(0), frozen_weight.size(1)};
+}
+
+// The extra inputs of the backward.
+inline void check_grad_inputs(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+                              const at::Tensor& indices, const at::Tensor& tuned_weight,
+                              const GatedSizes& s, c10::DeviceType expected) {
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == tuned_weight.scalar_type() ||
+                       grad_out.scalar_type() == at::kFloat,
+                   "grad_out must have the dtype of tuned_weight (", tuned_weight.scalar_type(),
+                   ") or float32, got dtype ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.N && grad_out.size(1) == s.D,
+                    "grad_out must have shape [", s.N, ", ", s.D, "], got shape ", grad_out.sizes());
+  check_same_device(grad_out, "grad_out", indices, expected);
+  if (grad_gates.has_value()) {
+    TORCH_CHECK_TYPE(grad_gates->scalar_type() == at::kFloat, "grad_gates must be float32, got dtype ",
+                     grad_gates->scalar_type());
+    TORCH_CHECK_VALUE(grad_gates->dim() == 2 && grad_gates->size(0) == s.N && grad_gates->size(1) == 2,
+                      "grad_gates must have shape [", s.N, ", 2], got shape ", grad_gates->sizes());
+    check_same_device(*grad_gates, "grad_gates", indices, expected);
+  }
+}
+
+// The 63-bit seed travels as a 0-dim int64 CPU tensor (so that torch.compile can trace it);
+// read it only when the kernel actually draws noise.
+inline uint64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor, got dtype ",
+                   seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1, "seed must hold one value, got shape ", seed.sizes());
+  TORCH_CHECK(seed.device().is_cpu(), "seed must be a CPU tensor, got a tensor on ", seed.device());
+  const int64_t value = seed.item<int64_t>();
+  TORCH_CHECK_VALUE(value >= 0, "seed must be a non-negative 63-bit integer, got seed = ", value);
+  return static_cast<uint64_t>(value);
+}
+
+[[noreturn]] inline void throw_index_out_of_range(int64_t position, int64_t value, int64_t V) {
+  TORCH_CHECK_INDEX(false, "indices[", position, "] = ", value,
+                    " is out of range for a table of ", V, " rows");
+  // TORCH_CHECK_INDEX(false, ...) always throws; this keeps [[noreturn]] honest for the compiler.
+  throw std::logic_error("unreachable");
+}
+
+}  // namespace autoft
