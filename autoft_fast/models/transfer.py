@@ -1,0 +1,392 @@
+"""Transfer models: the nine strategies of the AutoFT experiments over one pre-trained model.
+
+What each strategy keeps where (``net`` is the copy that is trained on the target,
+``frozen_net`` a copy that never changes, ``field_embedding`` a GatedEmbedding that holds
+the frozen and the tuned table):
+
+| strategy         | embeddings                         | interaction stack + output layer |
+| ---------------- | ---------------------------------- | -------------------------------- |
+| target_only      | fresh, trained                     | fresh, trained                   |
+| source_only      | pre-trained, fixed                 | pre-trained, fixed               |
+| finetune_all     | trained                            | trained                          |
+| freeze_embedding | fixed                              | trained                          |
+| freeze_dnn       | trained                            | fixed                            |
+| l2sp             | trained, L2-SP penalty             | trained, L2-SP penalty           |
+| autoft_layer     | trained (``ungated: tune``)        | per-instance gate frozen / tuned |
+| autoft_field     | per-instance, per-field gate       | trained (``ungated: tune``)      |
+| autoft           | per-instance, per-field gate       | per-instance gate frozen / tuned |
+
+"Embeddings" are every feature-indexed table: the shared embedding table and DeepFM's
+first-order weights (a width-1 embedding). The "interaction stack" is every other
+parameter: MLP layers, cross layers, and the output layer, which holds the global bias,
+so ``freeze_dnn`` trains the embeddings only and ``freeze_embedding`` trains everything
+else. A fixed part also keeps its batch-norm statistics and runs without dropout (it is
+always in eval mode): frozen means a fixed function, bit for bit.
+
+Gates. Field gates use the fused op through ``GatedEmbedding`` for single-valued fields.
+A multi-hot field has one gate per (instance, field) but several lookups; the op draws an
+independent gate per lookup, so it cannot express one decision for a whole bag. Those
+fields therefore pool their frozen rows and their tuned rows separately and mix the two
+pooled vectors with ``gumbel_gates`` (same noise, tie rule and straight-through gradient).
+DeepFM's first-order weights follow their field's embedding gate: the op's returned gates
+mix the frozen and tuned first-order rows (the gradient reaches the logits through the
+gates' straight-through rule). Every gated layer (``mlp_<i>``, ``cross_<i>``, ``output``)
+runs both copies on the same input and mixes per instance: h = u0 * frozen(x) + u1 *
+tuned(x); with hard gates that is exactly one of the two.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .base import BaseCTRModel, build_base_model
+from .config import AutoFTConfig, ModelConfig
+from .policy import PolicyNetwork
+
+STRATEGIES = ("target_only", "source_only", "finetune_all", "freeze_embedding", "freeze_dnn",
+              "l2sp", "autoft_layer", "autoft_field", "autoft")
+FIELD_GATED = ("autoft_field", "autoft")
+LAYER_GATED = ("autoft_layer", "autoft")
+
+# A logit margin no Gumbel sample can overturn (a logistic sample from a 31-bit uniform is
+# at most ~21.5 in size), used by force_gates.
+_FORCE_MARGIN = 1.0e4
+
+# Architecture keys a pre-trained model and the model: section must agree on.
+_ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm",
+              "cross_layers", "structure")
+
+
+def _freeze(module: nn.Module | None) -> None:
+    if module is not None:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+class TransferModel(nn.Module):
+    """One transfer strategy over a pre-trained base model; ``forward(batch) -> logits [B]``.
+
+    Build with :func:`build_transfer_model`. Besides ``forward``:
+
+    - ``parameter_groups()`` -> ``{'model': [...], 'policy': [...]}`` trainable parameters
+      (give each group its own optimizer / learning rate);
+    - ``penalty()`` -> scalar to add to the BCE loss after a training forward: the L2-SP
+      term (``l2sp``) and the tuned-fraction term (AutoFT with ``tuned_penalty`` > 0);
+    - ``set_tau(t)`` / ``tau``: the Gumbel-softmax temperature (see ``tau_at``);
+    - ``reset_policy_stats()`` / ``policy_stats()``: the fraction of instances that chose
+      the tuned path per field and per layer, over the eval-mode forwards since the reset;
+    - ``force_gates('frozen' | 'tuned' | None)``: override the policy (diagnostics, tests).
+    """
+
+    def __init__(self, strategy: str, pretrained: BaseCTRModel | None, feature_map,
+                 model_cfg: ModelConfig, cfg: AutoFTConfig):
+        super().__init__()
+        self.strategy = strategy
+        self.autoft_config = cfg
+        self._tau = float(cfg.tau)
+        self._forced: str | None = None
+        self.frozen_net: BaseCTRModel | None = None
+        self.field_embedding = None
+        self.field_linear = None
+        self.policy: PolicyNetwork | None = None
+        self._fixed: list[str] = []  # submodules kept in eval mode (frozen functions)
+
+        if strategy == "target_only":
+            self.net = build_base_model(feature_map, model_cfg)
+        else:
+            self.net = copy.deepcopy(pretrained)
+            for p in self.net.parameters():
+                p.requires_grad_(True)
+        net = self.net
+        self.field_gate_names = list(net.field_names) if strategy in FIELD_GATED else []
+        self.layer_gate_names = list(net.layer_names) if strategy in LAYER_GATED else []
+
+        if strategy == "source_only":
+            _freeze(net)
+            self._fixed.append("net")
+        elif strategy == "freeze_embedding":
+            self._freeze_embeddings()
+        elif strategy == "freeze_dnn":
+            self._freeze_stack()
+        elif strategy in ("l2sp", "autoft_layer", "autoft"):
+            self.frozen_net = copy.deepcopy(pretrained)
+            _freeze(self.frozen_net)
+            self._fixed.append("frozen_net")
+
+        if strategy in FIELD_GATED:
+            from .. import GatedEmbedding  # the op API; imported here so base models need no kernels
+
+            self.field_embedding = GatedEmbedding.from_pretrained(
+                pretrained.embedding.weight, sparse=cfg.sparse, backend=cfg.backend)
+            if pretrained.linear is not None:
+                self.field_linear = GatedEmbedding.from_pretrained(
+                    pretrained.linear.weight, sparse=cfg.sparse, backend=cfg.backend)
+            # The gated tables replace the plain ones: no third copy of the big table.
+            net.embedding = None
+            net.linear = None
+            if self.frozen_net is not None:
+                self.frozen_net.embedding = None
+                self.frozen_net.linear = None
+            if strategy == "autoft_field" and cfg.ungated == "freeze":
+                self._freeze_stack()
+        if strategy == "autoft_layer":
+            # The policy reads the frozen embeddings; the frozen first-order table is unused.
+            self.frozen_net.linear = None
+            if cfg.ungated == "freeze":
+                self._freeze_embeddings()
+
+        num_gates = len(self.field_gate_names) + len(self.layer_gate_names)
+        if num_gates:
+            self.policy = PolicyNetwork(net.flat_dim, cfg.policy_hidden_units, num_gates)
+            self.policy.to(next(net.parameters()).device)
+        self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
+            if strategy == "l2sp" else []
+        self._last_tuned_fraction: torch.Tensor | None = None
+        self.reset_policy_stats()
+        self.train()
+
+    # ----- construction helpers ------------------------------------------------------------
+    def _freeze_embeddings(self) -> None:
+        _freeze(self.net.embedding)
+        _freeze(self.net.linear)
+
+    def _freeze_stack(self) -> None:
+        _freeze(self.net.layers)
+        self._fixed.append("net.layers")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self._fixed:
+            self.get_submodule(name).eval()
+        return self
+
+    # ----- public API ----------------------------------------------------------------------
+    @property
+    def tau(self) -> float:
+        """The current Gumbel-softmax temperature."""
+        return self._tau
+
+    def set_tau(self, tau: float) -> None:
+        """Set the temperature used by the next forwards (the trainer's schedule calls this).
+
+        Example::
+
+            >>> model.set_tau(tau_at(autoft_cfg, epoch / max(1, epochs - 1)))
+        """
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 \
+                or tau == float("inf"):
+            raise ValueError(f"tau = {tau!r} must be a finite number > 0")
+        self._tau = float(tau)
+
+    def force_gates(self, path: str | None) -> None:
+        """Send every gate to ``'frozen'`` or ``'tuned'``, or back to the policy (``None``).
+
+        With ``'frozen'`` an ``autoft`` model computes exactly the pre-trained model.
+        """
+        if path not in (None, "frozen", "tuned"):
+            raise ValueError(f"path = {path!r} is not one of None, 'frozen', 'tuned'")
+        self._forced = path
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters: ``'model'`` (CTR model copies) and ``'policy'``.
+
+        Example::
+
+            >>> groups = model.parameter_groups()
+            >>> opt = torch.optim.AdamW(groups["model"], lr=1e-3)
+            >>> policy_opt = torch.optim.Adam(groups["policy"], lr=1e-2) if groups["policy"] else None
+        """
+        policy_ids = {id(p) for p in self.policy.parameters()} if self.policy is not None else set()
+        model = [p for p in self.parameters() if p.requires_grad and id(p) not in policy_ids]
+        policy = [p for p in self.policy.parameters() if p.requires_grad] \
+            if self.policy is not None else []
+        return {"model": model, "policy": policy}
+
+    def penalty(self) -> torch.Tensor:
+        """Regularisers to add to the BCE loss of the last training forward (0 when none)."""
+        ref = next(self.parameters())
+        total = ref.new_zeros(())
+        if self._l2sp_names:
+            sq = ref.new_zeros(())
+            for name in self._l2sp_names:
+                w = self.net.get_parameter(name)
+                sq = sq + (w - self.frozen_net.get_parameter(name)).pow(2).sum()
+            total = total + 0.5 * self.autoft_config.l2sp_alpha * sq
+        if self._last_tuned_fraction is not None and self.autoft_config.tuned_penalty > 0:
+            total = total + self.autoft_config.tuned_penalty * self._last_tuned_fraction
+        return total
+
+    def reset_policy_stats(self) -> None:
+        """Start a new count of the gate choices made by eval-mode forwards."""
+        self._stat_tuned: torch.Tensor | None = None
+        self._stat_count = 0
+
+    def policy_stats(self) -> dict[str, dict[str, float]]:
+        """Fraction of instances whose gate chose the tuned path, per field and per layer.
+
+        Counts the eval-mode forwards since ``reset_policy_stats()``; ``{'field': {},
+        'layer': {}}`` when the strategy has no policy or nothing was counted yet.
+
+        Example::
+
+            >>> model.eval(); model.reset_policy_stats()
+            >>> for batch in iterate_batches(test, 4096, shuffle=False): model(batch)
+            >>> model.policy_stats()["field"]      # {'user_id': 0.31, 'item_id': 0.87, ...}
+        """
+        if self._stat_tuned is None or self._stat_count == 0:
+            return {"field": {}, "layer": {}}
+        frac = (self._stat_tuned / self._stat_count).tolist()
+        nf = len(self.field_gate_names)
+        return {"field": dict(zip(self.field_gate_names, frac[:nf])),
+                "layer": dict(zip(self.layer_gate_names, frac[nf:]))}
+
+    # ----- forward -------------------------------------------------------------------------
+    def forward(self, batch) -> torch.Tensor:
+        """Logits ``[B]`` (pre-sigmoid) of the strategy's model for ``batch``."""
+        if self.policy is None:
+            return self.net(batch)
+        net, cfg = self.net, self.autoft_config
+        noise = self.training or cfg.eval_gates == "sample"
+        logits = self._policy_logits(batch)
+        nf = len(self.field_gate_names)
+        gates = []
+
+        if self.field_embedding is not None:
+            fields, first, field_gates = self._gated_fields(batch, logits[:, :nf], noise)
+            gates.append(field_gates)
+        else:
+            fields = net.field_vectors(batch, net.embedding.weight)
+            first = net.field_vectors(batch, net.linear.weight) if net.linear is not None else None
+
+        if self.layer_gate_names:
+            from .. import gumbel_gates
+
+            layer_gates = gumbel_gates(logits[:, nf:], tau=self._tau, hard=cfg.hard, noise=noise)
+            gates.append(layer_gates)
+            apply = self._gated_apply(layer_gates)
+        else:
+            apply = net.apply_own_layer
+
+        out = net.interact(fields, first, batch.dense, apply)
+        all_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
+        self._record(all_gates)
+        return out
+
+    def _policy_logits(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            if self.field_embedding is not None:
+                frozen = self.net.field_vectors(batch, self.field_embedding.frozen_weight)
+            else:
+                frozen = self.frozen_net.field_vectors(batch, self.frozen_net.embedding.weight)
+            x = self.net.flat_input(frozen, batch.dense)
+        if self._forced is None:
+            return self.policy(x)
+        sign = 1.0 if self._forced == "tuned" else -1.0
+        logits = x.new_empty(x.shape[0], self.policy.num_gates, 2)
+        logits[..., 0] = -sign * _FORCE_MARGIN
+        logits[..., 1] = sign * _FORCE_MARGIN
+        return logits
+
+    def _gated_fields(self, batch, logits, noise: bool):
+        from .. import gumbel_gates
+
+        net, cfg = self.net, self.autoft_config
+        emb = self.field_embedding
+        ns = len(net.single_fields)
+        parts, gates = [], []
+        if ns:
+            out, g = emb(batch.sparse, logits[:, :ns], tau=self._tau, hard=cfg.hard, noise=noise)
+            parts.append(out)
+            gates.append(g)
+        if net.multihot_fields:
+            # One gate per (instance, field) for a whole bag: see the module docstring.
+            g = gumbel_gates(logits[:, ns:], tau=self._tau, hard=cfg.hard, noise=noise)
+            frozen = net.pool_multihot(batch.multihot, emb.frozen_weight)
+            tuned = net.pool_multihot(batch.multihot, emb.tuned_weight, sparse=emb.sparse)
+            parts.append(g[..., 0:1] * frozen + g[..., 1:2] * tuned)
+            gates.append(g)
+        fields = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        field_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
+        first = None
+        if self.field_linear is not None:
+            lin = self.field_linear
+            frozen = net.field_vectors(batch, lin.frozen_weight)
+            tuned = net.field_vectors(batch, lin.tuned_weight, sparse=lin.sparse)
+            first = field_gates[..., 0:1] * frozen + field_gates[..., 1:2] * tuned
+        return fields, first, field_gates
+
+    def _gated_apply(self, layer_gates):
+        index = {name: i for i, name in enumerate(self.layer_gate_names)}
+        frozen_layers, tuned_layers = self.frozen_net.layers, self.net.layers
+
+        def apply(name, *inputs):
+            u = layer_gates[:, index[name]]
+            a = frozen_layers[name](*inputs)
+            b = tuned_layers[name](*inputs)
+            shape = (-1,) + (1,) * (a.dim() - 1)
+            return u[:, 0].view(shape) * a + u[:, 1].view(shape) * b
+
+        return apply
+
+    def _record(self, gates: torch.Tensor) -> None:
+        if self.training:
+            self._last_tuned_fraction = gates[..., 1].mean()
+            return
+        self._last_tuned_fraction = None
+        chosen = (gates[..., 1] > 0.5).sum(dim=0).to(torch.float64)
+        if self._stat_tuned is None or self._stat_tuned.device != chosen.device:
+            self._stat_tuned = torch.zeros_like(chosen)
+        self._stat_tuned += chosen
+        self._stat_count += gates.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, tau={self._tau}"
+
+
+def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy: str) -> None:
+    if pretrained is None:
+        raise ValueError(f"strategy = {strategy!r} needs a pre-trained model, got pretrained = None")
+    if not isinstance(pretrained, BaseCTRModel):
+        raise TypeError(f"pretrained must be a BaseCTRModel (from build_base_model), "
+                        f"got {type(pretrained).__name__}")
+    if pretrained.num_rows != int(feature_map.num_rows):
+        raise ValueError(f"pretrained has {pretrained.num_rows} embedding rows but "
+                         f"feature_map.num_rows = {feature_map.num_rows}")
+    names = list(feature_map.single_fields) + list(feature_map.multihot_fields)
+    if pretrained.field_names != names or pretrained.dense_fields != list(feature_map.dense_fields or []):
+        raise ValueError(f"pretrained was built for fields {pretrained.field_names} (dense "
+                         f"{pretrained.dense_fields}), feature_map has {names} (dense "
+                         f"{list(feature_map.dense_fields or [])})")
+    diff = {k: (getattr(pretrained.config, k), getattr(model_cfg, k)) for k in _ARCH_KEYS
+            if getattr(pretrained.config, k) != getattr(model_cfg, k)}
+    if diff:
+        raise ValueError("pretrained model and model config disagree on "
+                         + ", ".join(f"{k} (pretrained {a!r}, config {b!r})" for k, (a, b) in diff.items()))
+
+
+def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature_map,
+                         model_cfg: dict | ModelConfig | None,
+                         autoft_cfg: dict | AutoFTConfig | None = None) -> TransferModel:
+    """Build the model of one transfer strategy (see ``STRATEGIES``) on the target domain.
+
+    ``pretrained`` (the source-trained base model) is copied, never modified; it may be None
+    only for ``target_only``, which builds a fresh base model from ``model_cfg``.
+    ``autoft_cfg`` is the ``autoft:`` section (:class:`AutoFTConfig`).
+
+    Example::
+
+        >>> pre = build_base_model(fmap, {"name": "dnn"})          # ... trained on the source
+        >>> model = build_transfer_model("autoft", pre, fmap, {"name": "dnn"}, {"tau": 5.0})
+        >>> groups = model.parameter_groups()                       # {'model': [...], 'policy': [...]}
+        >>> loss = F.binary_cross_entropy_with_logits(model(batch), batch.label) + model.penalty()
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy = {strategy!r} is not one of {list(STRATEGIES)}")
+    mcfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+    acfg = autoft_cfg if isinstance(autoft_cfg, AutoFTConfig) else AutoFTConfig.from_dict(autoft_cfg)
+    if strategy != "target_only":
+        _check_pretrained(pretrained, feature_map, mcfg, strategy)
+    return TransferModel(strategy, pretrained, feature_map, mcfg, acfg)
