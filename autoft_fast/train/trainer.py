@@ -50,8 +50,6 @@ class TrainConfig:
     Defaults and why:
       optimizer 'adam', lr 1e-3: the usual CTR setting (FuxiCTR's defaults);
       weight_decay 0: embedding tables are sparse-updated and decay would shrink unseen rows;
-      policy_lr 1e-3 (None = same as lr): the policy has its own optimizer so its step size can
-        differ from the model's, as in SpotTune;
       batch_size 1024, eval_batch_size 8192: large batches keep the CPU kernels busy;
       epochs 5, patience 2 on validation 'auc' (or 'logloss'): small targets over-fit fast;
       min_delta 0: any improvement counts.
@@ -63,8 +61,6 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    policy_lr: float | None = 1e-3
-    policy_weight_decay: float = 0.0
     batch_size: int = 1024
     eval_batch_size: int = 8192
     epochs: int = 5
@@ -90,11 +86,7 @@ class TrainConfig:
         if self.monitor not in _MONITORS:
             raise ValueError(f"{section}.monitor must be one of {_MONITORS}, got {self.monitor!r}")
         self.lr = _check_number(section, "lr", self.lr, minimum=0, strict_min=True)
-        self.policy_lr = _check_number(section, "policy_lr", self.policy_lr, minimum=0,
-                                       strict_min=True, allow_none=True)
         self.weight_decay = _check_number(section, "weight_decay", self.weight_decay, minimum=0)
-        self.policy_weight_decay = _check_number(section, "policy_weight_decay",
-                                                 self.policy_weight_decay, minimum=0)
         self.batch_size = _check_number(section, "batch_size", self.batch_size, minimum=1,
                                         integer=True)
         self.eval_batch_size = _check_number(section, "eval_batch_size", self.eval_batch_size,
@@ -185,6 +177,8 @@ class Trainer:
       metric and best weights), rewritten atomically after every epoch; `fit(resume=True)`
       continues from it and gives bit-identical results to a run that was never stopped.
     - `tau_schedule(epoch) -> tau` is applied with `model.set_tau` before every epoch.
+    - The 'policy' parameter group (TransferModel.parameter_groups) gets its own optimizer
+      with `policy_lr` / `policy_weight_decay` (None: the model group's values).
     - `seed` seeds torch, numpy and Python and the batch shuffler at the start of a fresh fit.
 
     Example:
@@ -196,6 +190,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *,
                  checkpoint_path: str | Path | None = None, seed: int = 0,
                  tau_schedule: Callable[[int], float] | None = None,
+                 policy_lr: float | None = None, policy_weight_decay: float | None = None,
                  domain_names=None, desc: str = "train",
                  logger: logging.Logger | None = None, progress: bool | None = None,
                  iterate: Callable = _default_iterate,
@@ -219,8 +214,8 @@ class Trainer:
             if not params:
                 continue
             if name == "policy":
-                lr = cfg.policy_lr if cfg.policy_lr is not None else cfg.lr
-                wd = cfg.policy_weight_decay
+                lr = policy_lr if policy_lr is not None else cfg.lr
+                wd = policy_weight_decay if policy_weight_decay is not None else cfg.weight_decay
             else:
                 lr, wd = cfg.lr, cfg.weight_decay
             self.optimizers[name] = opt_cls(params, lr=lr, weight_decay=wd)

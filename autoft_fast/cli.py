@@ -1,0 +1,294 @@
+"""The `autoft-fast` command: demo, generate, pretrain, finetune, compare, bench.
+
+Example:
+    $ autoft-fast demo
+    $ autoft-fast compare --config my.yaml --seeds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+PROG = "autoft-fast"
+
+EPILOGS = {
+    "demo": "example:\n  autoft-fast demo                       # all nine strategies, 2 seeds\n"
+            "  autoft-fast demo --run-dir /tmp/runs --backend reference",
+    "generate": "example:\n  autoft-fast generate --config my.yaml --out data/synth\n"
+                "  autoft-fast generate --out data/demo   # the embedded demo's generator",
+    "pretrain": "example:\n  autoft-fast pretrain --config my.yaml",
+    "finetune": "example:\n  autoft-fast finetune --config my.yaml --strategy autoft --seed 1\n"
+                "  autoft-fast finetune --config my.yaml --strategy autoft --resume",
+    "compare": "example:\n  autoft-fast compare --config my.yaml --seeds 3\n"
+               "  autoft-fast compare --config my.yaml --strategies finetune_all,autoft\n"
+               "  autoft-fast compare --config my.yaml --resume runs/my-compare-20260101-120000",
+    "bench": "example:\n  autoft-fast bench ops --help",
+}
+
+
+def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", "-c", metavar="YAML",
+                       help="experiment YAML (default: the embedded demo config)")
+    p.add_argument("--backend", metavar="NAME",
+                   help="gated-embedding backend for the AutoFT models: auto, reference, cpu, "
+                        "cuda or triton (overrides autoft.backend)")
+    p.add_argument("--run-dir", metavar="DIR", help="where run directories go (overrides run_dir)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every epoch to the terminal")
+    p.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `autoft-fast` (exposed for the docs and the tests)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=fmt,
+        description="AutoFT transfer learning for CTR models with fused gated-embedding kernels.",
+        epilog="example:\n  autoft-fast demo\n  autoft-fast compare --config my.yaml --seeds 3\n\n"
+               "run `autoft-fast COMMAND --help` for each command's options")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="generate synthetic data, pre-train, compare all strategies",
+                       description="Run the embedded demo: generate the synthetic multi-domain "
+                                   "data, pre-train the base model on the source domains, and "
+                                   "compare every strategy over the configured seeds.",
+                       epilog=EPILOGS["demo"], formatter_class=fmt)
+    _add_common(p, config=False)
+    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: 2)")
+
+    p = sub.add_parser("generate", help="write the synthetic data set of a config",
+                       description="Generate the synthetic: section's data set (CSV files and "
+                                   "a dataset YAML) into --out.",
+                       epilog=EPILOGS["generate"], formatter_class=fmt)
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="experiment YAML with a synthetic: section (default: the embedded demo)")
+    p.add_argument("--out", "-o", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+    p = sub.add_parser("pretrain", help="pre-train the base model on the source domains",
+                       description="Pre-train the base model on source_train with early "
+                                   "stopping on source_valid; the model is cached and reused by "
+                                   "finetune and compare.",
+                       epilog=EPILOGS["pretrain"], formatter_class=fmt)
+    _add_common(p)
+    p.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
+
+    p = sub.add_parser("finetune", help="fine-tune one strategy on the target domain",
+                       description="Fine-tune one strategy from the pre-trained model (trained "
+                                   "first if not cached) on target_train, early-stop on "
+                                   "target_valid, report target_test metrics.",
+                       epilog=EPILOGS["finetune"], formatter_class=fmt)
+    _add_common(p)
+    p.add_argument("--strategy", "-s", required=True, metavar="NAME",
+                   help="one of target_only, source_only, finetune_all, freeze_embedding, "
+                        "freeze_dnn, l2sp, autoft_layer, autoft_field, autoft")
+    p.add_argument("--seed", type=int, metavar="N", help="seed (default: the first configured)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue an interrupted run: its run directory, or the latest one "
+                        "of this config, strategy and seed")
+
+    p = sub.add_parser("compare", help="every strategy over several seeds: table, CSV, plots",
+                       description="Pre-train once, fine-tune every configured strategy for "
+                                   "every seed, print the comparison table and write "
+                                   "results.csv, runs.csv and PNG plots in the run directory.",
+                       epilog=EPILOGS["compare"], formatter_class=fmt)
+    _add_common(p)
+    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the config's)")
+    p.add_argument("--strategies", metavar="A,B,...",
+                   help="comma-separated strategies (default: the config's)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue an interrupted comparison: its run directory, or the latest "
+                        "one of this config")
+
+    p = sub.add_parser("bench", help="benchmarks (`bench ops` times the op's backends)",
+                       description="Benchmarks; the arguments go to autoft_fast.bench.",
+                       epilog=EPILOGS["bench"], formatter_class=fmt, add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. ops --help")
+    return parser
+
+
+class _UserError(Exception):
+    """Raised for wrong command-line usage; printed in one line."""
+
+
+def _load(args, default_demo: bool = False):
+    from .config import load_config
+    cfg = load_config(getattr(args, "config", None))
+    strategies = None
+    if getattr(args, "strategies", None):
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    return cfg.with_overrides(backend=getattr(args, "backend", None),
+                              seeds=getattr(args, "seeds", None),
+                              run_dir=getattr(args, "run_dir", None), strategies=strategies)
+
+
+def _start_run(cfg, command: str, args, extra: dict | None = None,
+               run_dir: Path | None = None) -> Path:
+    import yaml
+
+    from .train.progress import setup_logging
+    from .train.runner import make_run_dir
+    resumed = run_dir is not None
+    run_dir = run_dir or make_run_dir(cfg, command)
+    setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
+    if not resumed:
+        meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
+                "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(extra or {})}
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+        snapshot = dict(cfg.raw)
+        snapshot["autoft"] = cfg.autoft
+        snapshot["seeds"] = cfg.seeds
+        snapshot["strategies"] = cfg.strategies
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    return run_dir
+
+
+def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
+    if value != "latest":
+        d = Path(value)
+        if not (d / "run.json").is_file():
+            raise _UserError(f"--resume {value!r} is not a run directory (no run.json in it)")
+        return d
+    cands = sorted(Path(cfg.run_dir).glob(f"{cfg.name}-{command}-*"), reverse=True)
+    for d in cands:
+        try:
+            meta = json.loads((d / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("command") == command and all(meta.get(k) == v for k, v in match.items()):
+            return d
+    raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
+
+
+def _progress(args):
+    return False if getattr(args, "no_progress", False) else None
+
+
+def _cmd_compare(args, demo: bool = False) -> int:
+    from .train.runner import compare
+    cfg = _load(args)
+    run_dir = None
+    if getattr(args, "resume", None):
+        run_dir = _find_resume_dir(cfg, "compare", args.resume, {})
+    command = "demo" if demo else "compare"
+    run_dir = _start_run(cfg, command, args, run_dir=run_dir)
+    t0 = time.perf_counter()
+    table, rows, runs = compare(cfg, run_dir, resume=run_dir is not None and bool(
+        getattr(args, "resume", None)), progress=_progress(args))
+    print(table)
+    print(f"\n{len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds in "
+          f"{time.perf_counter() - t0:.1f} s; results.csv, runs.csv, auc.png, "
+          f"policy_fields.png, policy_layers.png, log.txt")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    args.config = None
+    args.strategies = None
+    args.resume = None
+    return _cmd_compare(args, demo=True)
+
+
+def _cmd_generate(args) -> int:
+    from .config import load_config
+    from .train.progress import setup_logging
+    from .train.runner import generate_data
+    cfg = load_config(args.config)
+    setup_logging(None)
+    out = Path(args.out)
+    path = generate_data(cfg, out)
+    print(f"dataset YAML: {path}")
+    print(f"output directory: {out.resolve()}")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .train.runner import _write_json, load_data, pretrain
+    cfg = _load(args)
+    run_dir = _start_run(cfg, "pretrain", args)
+    bundle = load_data(cfg)
+    _, info = pretrain(cfg, bundle, force=args.force, progress=_progress(args))
+    _write_json(info, run_dir / "pretrain.json")
+    print(f"pre-trained {info['model']['name']}: source valid AUC {info['valid_auc']:.4f}, "
+          f"LogLoss {info['valid_logloss']:.4f}")
+    print(f"model: {info['path']}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .config import resolve_strategies
+    from .train.runner import _write_json, load_data, pretrain, run_strategy
+    cfg = _load(args)
+    strategy = resolve_strategies([args.strategy])[0]
+    seed = cfg.seeds[0] if args.seed is None else args.seed
+    if seed < 0:
+        raise _UserError(f"--seed must be >= 0, got {seed}")
+    run_dir = None
+    if args.resume:
+        run_dir = _find_resume_dir(cfg, "finetune", args.resume,
+                                   {"strategy": strategy, "seed": seed})
+    run_dir = _start_run(cfg, "finetune", args, {"strategy": strategy, "seed": seed}, run_dir)
+    bundle = load_data(cfg)
+    state = None
+    if strategy != "target_only":
+        state, info = pretrain(cfg, bundle, progress=_progress(args))
+        _write_json(info, run_dir / "pretrain.json")
+    rec = run_strategy(cfg, bundle, state, strategy, seed, run_dir / "run",
+                       resume=bool(args.resume), keep_model=True, progress=_progress(args))
+    print(f"{strategy} (seed {seed}): test AUC {rec['auc']:.4f}, LogLoss {rec['logloss']:.4f}")
+    stats = rec.get("policy_stats") or {}
+    for kind in ("field", "layer"):
+        if stats.get(kind):
+            fr = ", ".join(f"{k} {v:.2f}" for k, v in stats[kind].items())
+            print(f"tuned fraction per {kind}: {fr}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import bench  # the benchmark harness pulls in optional kernels; import on demand
+    rc = bench.main(list(args.bench_args))
+    return int(rc or 0)
+
+
+COMMANDS = {"demo": _cmd_demo, "generate": _cmd_generate, "pretrain": _cmd_pretrain,
+            "finetune": _cmd_finetune, "compare": _cmd_compare, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `autoft-fast`; returns the exit status (0 ok, 2 bad input).
+
+    Example:
+        >>> main(["compare", "--config", "my.yaml", "--seeds", "2"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    except (ConfigError, _UserError, ValueError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as e:
+        if getattr(args, "debug", False):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The experiment runner: data -> one pre-trained base model -> every (seed, strategy) fine-tune
+-> test metrics, policy statistics and throughput, written under one run directory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import load_checkpoint, save_atomic
+from .progress import LOGGER_NAME
+from .report import (aggregate, markdown_table, plot_auc, plot_policy, write_results_csv,
+                     write_runs_csv)
+from .trainer import Trainer, evaluate
+
+__all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "run_strategy", "compare",
+           "write_outputs"]
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+def make_run_dir(cfg, command: str) -> Path:
+    """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed if taken).
+
+    Example:
+        >>> make_run_dir(cfg, "compare")   # doctest: +SKIP
+        PosixPath('runs/demo-compare-20260101-120000')
+    """
+    stamp = datetime.utcnow().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run_dir) / f"{cfg.name}-{command}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def _write_json(obj, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# -- data --------------------------------------------------------------------------------
+
+def generate_data(cfg, out_dir: Path | None = None) -> Path:
+    """Write the `synthetic:` data set and return the dataset YAML path. Without `out_dir`
+    it goes to <cache_dir>/synthetic-<hash of the synthetic section>/ and is reused when
+    already there (the generator is deterministic in its config)."""
+    from ..data import generate_synthetic
+    from ..config import ConfigError, config_hash
+    scfg = cfg.synthetic_config()
+    if scfg is None:
+        raise ConfigError("the config has no synthetic: section to generate data from")
+    cached = out_dir is None
+    if cached:
+        out_dir = Path(cfg.cache_dir) / f"synthetic-{config_hash(cfg.synthetic)}"
+        marker = out_dir / "generated.json"
+        if marker.is_file():
+            path = Path(json.loads(marker.read_text())["dataset_yaml"])
+            if path.is_file():
+                log.info("synthetic data: reusing %s", out_dir)
+                return path
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    path = Path(generate_synthetic(scfg, out_dir))
+    log.info("synthetic data: generated into %s in %.1f s", out_dir, time.perf_counter() - t0)
+    if cached:
+        _write_json({"dataset_yaml": str(path.resolve())}, out_dir / "generated.json")
+    return path
+
+
+def _dataset_yaml_section(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        d = yaml.safe_load(f)
+    if isinstance(d, dict) and set(d) == {"data"}:
+        d = d["data"]
+    return d
+
+
+def load_data(cfg):
+    """The DataBundle of the experiment: the `data:` section if given, else the generated
+    synthetic data (generated first if needed)."""
+    from ..data import DataConfig, prepare_data
+    if cfg.data is not None:
+        data_cfg = cfg.data_config()
+    else:
+        path = generate_data(cfg)
+        data_cfg = DataConfig.from_dict(_dataset_yaml_section(path), path.parent)
+    t0 = time.perf_counter()
+    bundle = prepare_data(data_cfg)
+    sizes = ", ".join(f"{k} {len(v):,}" for k, v in bundle.splits.items())
+    log.info("data ready in %.1f s: %s; %d fields, %d embedding rows", time.perf_counter() - t0,
+             sizes, len(bundle.feature_map.fields), bundle.feature_map.num_rows)
+    return bundle
+
+
+def _data_fingerprint(bundle) -> str:
+    """Hash of the feature map and the source rows: a pre-trained model is reused only for
+    exactly the data it was trained on."""
+    h = hashlib.sha256()
+    h.update(json.dumps(bundle.feature_map.to_dict(), sort_keys=True, default=str).encode())
+    for name in ("source_train", "source_valid"):
+        for t in bundle.splits[name].to_dict().values():
+            if t is not None:
+                h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _domain_names(bundle):
+    return list(bundle.feature_map.domain_values)
+
+
+# -- pre-training ----------------------------------------------------------------------------
+
+def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
+             progress: bool | None = None) -> tuple[dict, dict]:
+    """Pre-train the base model on source_train (early stopping on source_valid), once per
+    (data, model config, pretrain config, seed): the result is cached under
+    <cache_dir>/pretrained/ and reused. Returns (state_dict, info).
+
+    Example:
+        >>> state, info = pretrain(cfg, bundle)
+        >>> info["valid_auc"], info["path"]
+    """
+    from ..config import config_hash
+    from ..models import build_base_model
+    from ..models.config import ModelConfig
+    model_cfg = ModelConfig.from_dict(cfg.model).to_dict()
+    key = config_hash({"data": _data_fingerprint(bundle), "model": model_cfg,
+                       "pretrain": cfg.pretrain.to_dict(), "seed": cfg.pretrain_seed})
+    out_dir = Path(cfg.cache_dir) / "pretrained"
+    path = out_dir / f"{model_cfg['name']}-{key}.pt"
+    if path.is_file() and not force:
+        ck = load_checkpoint(path)
+        log.info("pretrain: reusing %s (source valid AUC %.4f)", path, ck["info"]["valid_auc"])
+        return ck["model"], dict(ck["info"], path=str(path), reused=True)
+    _seed_all(cfg.pretrain_seed)
+    model = build_base_model(bundle.feature_map, cfg.model)
+    trainer = Trainer(model, cfg.pretrain, checkpoint_path=out_dir / f"{path.stem}-last.pt",
+                      seed=cfg.pretrain_seed, domain_names=_domain_names(bundle),
+                      desc="pretrain", progress=progress)
+    t0 = time.perf_counter()
+    fit = trainer.fit(bundle.splits["source_train"], bundle.splits["source_valid"],
+                      resume=resume and not force)
+    valid = trainer.evaluate(bundle.splits["source_valid"])
+    info = {"valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
+            "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+            "train_samples_per_s": fit.samples_per_s, "wall_seconds": time.perf_counter() - t0,
+            "history": fit.history, "model": model_cfg, "key": key}
+    save_atomic({"model": model.state_dict(), "info": info}, path)
+    (out_dir / f"{path.stem}-last.pt").unlink(missing_ok=True)
+    log.info("pretrain: %s, %d epochs, source valid AUC %.4f LogLoss %.4f, %.0f samples/s, "
+             "%.1f s -> %s", model_cfg["name"], fit.epochs_run, valid["auc"], valid["logloss"],
+             fit.samples_per_s, info["wall_seconds"], path)
+    return model.state_dict(), dict(info, path=str(path), reused=False)
+
+
+# -- one strategy ----------------------------------------------------------------------------
+
+def _tau_schedule(cfg):
+    from ..models.config import AutoFTConfig, tau_at
+    acfg = AutoFTConfig.from_dict(cfg.autoft)
+    epochs = cfg.finetune.epochs
+    # progress runs 0 -> 1 over the configured epochs, so an early-stopped run has seen the
+    # same temperatures as the first epochs of a full one.
+    return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
+
+
+def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed: int,
+                 out_dir: Path, *, resume: bool = False, keep_model: bool = False,
+                 progress: bool | None = None) -> dict:
+    """Fine-tune one strategy with one seed on target_train (early stopping on
+    target_valid), evaluate on target_test, and return the run record (also written to
+    out_dir/result.json). source_only only evaluates; target_only starts from scratch.
+
+    With `resume`, a finished run (result.json present) is read back and an interrupted one
+    continues from out_dir/last.pt.
+
+    Example:
+        >>> rec = run_strategy(cfg, bundle, state, "autoft", 0, Path("runs/x/autoft-seed0"))
+        >>> rec["auc"], rec["policy_stats"]["field"]
+    """
+    from ..models import build_base_model, build_transfer_model
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / "result.json"
+    if resume and result_path.is_file():
+        rec = json.loads(result_path.read_text())
+        log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
+        return rec
+    t0 = time.perf_counter()
+    _seed_all(seed)
+    pretrained = None
+    if strategy != "target_only":
+        if pretrained_state is None:
+            raise ValueError(f"strategy {strategy!r} needs a pre-trained model")
+        pretrained = build_base_model(bundle.feature_map, cfg.model)
+        pretrained.load_state_dict(pretrained_state)
+    model = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft)
+    domains = _domain_names(bundle)
+    rec = {"strategy": strategy, "seed": seed, "best_epoch": None, "epochs_run": 0,
+           "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": []}
+    if strategy != "source_only":
+        trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last.pt", seed=seed,
+                          tau_schedule=_tau_schedule(cfg),
+                          policy_lr=cfg.autoft.get("policy_lr"),
+                          policy_weight_decay=cfg.autoft.get("policy_weight_decay"),
+                          domain_names=domains, desc=f"{strategy} seed {seed}",
+                          progress=progress)
+        fit = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
+                          resume=resume)
+        rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
+                   train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
+                   history=fit.history, valid_best=fit.best_metric)
+    if hasattr(model, "reset_policy_stats"):
+        model.reset_policy_stats()
+    test = evaluate(model, bundle.splits["target_test"], cfg.finetune.eval_batch_size, domains)
+    stats = model.policy_stats() if hasattr(model, "policy_stats") else {}
+    rec.update(auc=test["auc"], logloss=test["logloss"], per_domain=test["per_domain"],
+               policy_stats=stats, wall_seconds=time.perf_counter() - t0)
+    if keep_model:
+        save_atomic(model.state_dict(), out_dir / "model.pt")
+    _write_json(rec, result_path)
+    (out_dir / "last.pt").unlink(missing_ok=True)
+    log.info("[seed %d] %-16s AUC %.4f  LogLoss %.4f  %s samples/s  %.1f s", seed, strategy,
+             rec["auc"], rec["logloss"],
+             "n/a" if math.isnan(rec["train_samples_per_s"])
+             else f"{rec['train_samples_per_s']:,.0f}", rec["wall_seconds"])
+    return rec
+
+
+# -- the comparison ----------------------------------------------------------------------------
+
+def write_outputs(run_dir: Path, runs: list[dict], order: list[str]) -> tuple[str, list[dict]]:
+    """results.csv, runs.csv, results.md and the PNG plots under `run_dir`; returns the
+    markdown table and the summary rows."""
+    rows = aggregate(runs, order)
+    table = markdown_table(rows)
+    write_runs_csv(runs, run_dir / "runs.csv")
+    write_results_csv(rows, run_dir / "results.csv")
+    (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    plot_auc(rows, run_dir / "auc.png")
+    plot_policy(runs, "field", run_dir / "policy_fields.png")
+    plot_policy(runs, "layer", run_dir / "policy_layers.png")
+    return table, rows
+
+
+def compare(cfg, run_dir: Path, *, resume: bool = False,
+            progress: bool | None = None) -> tuple[str, list[dict], list[dict]]:
+    """Pre-train once, then run every configured strategy for every seed and write the
+    outputs. Returns (markdown table, summary rows, per-seed run records).
+
+    Example:
+        >>> table, rows, runs = compare(load_config("exp.yaml"), make_run_dir(cfg, "compare"))
+    """
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    bundle = load_data(cfg)
+    state = None
+    if any(s != "target_only" for s in cfg.strategies):
+        state, info = pretrain(cfg, bundle, progress=progress)
+        _write_json(info, run_dir / "pretrain.json")
+    runs = []
+    for seed in cfg.seeds:
+        for strategy in cfg.strategies:
+            rec = run_strategy(cfg, bundle, state, strategy, seed,
+                               run_dir / "runs" / f"{strategy}-seed{seed}", resume=resume,
+                               progress=progress)
+            runs.append(rec)
+            write_runs_csv(runs, run_dir / "runs.csv")  # partial results survive a kill
+    table, rows = write_outputs(run_dir, runs, cfg.strategies)
+    log.info("compare: %d runs in %.1f s", len(runs), time.perf_counter() - t0)
+    return table, rows, runs
