@@ -41,7 +41,9 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return found
 
 
+@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run; a compiled graph treats the answer as a constant (no graph break)."""
     from .. import _extension as ext
 
     if backend not in BACKENDS + ("auto",):

@@ -92,6 +92,9 @@ def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, refe
 
 
 def check_uniform_range(uniforms: torch.Tensor) -> None:
+    # A data-dependent check would break a torch.compile graph: compiled code skips it.
+    if torch.compiler.is_compiling():
+        return
     if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
         bad = torch.nonzero(~((uniforms.reshape(-1) >= 0) & (uniforms.reshape(-1) < 1)))[0, 0].item()
         raise ValueError(f"uniforms[{bad}] = {uniforms.reshape(-1)[bad].item()} is outside [0, 1)")
@@ -103,8 +106,8 @@ def index_error(position: int, value: int, num_rows: int) -> IndexError:
 
 def check_index_range(indices: torch.Tensor, num_rows: int) -> None:
     """Raise the contract's IndexError naming the first bad flat position."""
-    if indices.numel() == 0:
-        return
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return  # compiled reference code relies on F.embedding's own bounds check
     flat = indices.reshape(-1)
     bad = (flat < 0) | (flat >= num_rows)
     if bool(bad.any()):
