@@ -1,0 +1,202 @@
+"""Op microbenchmark: every provider of the gated embedding on the same inputs, one run.
+
+Prints, per shape, the median milliseconds of forward, forward+backward and a full step
+(forward, backward, SGD on the tuned rows and the logits) for eager PyTorch (dense and sparse
+gradient), ``torch.compile`` of eager, the two-gather floor, and each autoft_fast backend,
+with the ratio to eager and an effective bandwidth; then the issue's targets as measured
+ratios. Speed targets live here, never in timed tests.
+
+Example::
+
+    autoft-fast bench ops                       # the foundation shapes on this machine
+    autoft-fast bench ops --shapes 16:100000 --reps 5 --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import autoft_fast
+
+DEFAULT_SHAPES = ["16:1000000", "64:1000000", "16:100000"]
+
+
+def eager_gated_embedding(idx, frozen, tuned, logits, tau, sparse):
+    """The same op as a user would write it in PyTorch: Gumbel straight-through, two gathers."""
+    u = torch.rand(idx.shape, device=idx.device)
+    noise = torch.log(u + 1e-20) - torch.log(1 - u)
+    y1 = torch.sigmoid((logits[..., 1] - logits[..., 0] + noise) / tau)
+    y = torch.stack((1 - y1, y1), dim=-1)
+    pick = (y1 > 0.5).to(y.dtype)
+    z = torch.stack((1 - pick, pick), dim=-1) - y.detach() + y
+    f = F.embedding(idx, frozen)
+    t = F.embedding(idx, tuned, sparse=sparse)
+    return z[..., 0:1] * f + z[..., 1:2] * t, z
+
+
+def two_gather_floor(idx, frozen, tuned):
+    flat = idx.reshape(-1)
+    return torch.index_select(frozen, 0, flat), torch.index_select(tuned, 0, flat)
+
+
+def _time(fn, reps, warmup, sync):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compile_eager, backends,
+                tau=1.0):
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, rows, (batch, fields), generator=gen).to(device)
+    frozen = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype)
+    tuned = torch.nn.Parameter(frozen.clone())
+    logits = torch.nn.Parameter(torch.randn(batch, fields, 2, generator=gen).to(device))
+    target = torch.randn(batch, fields, dim, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    providers = {
+        "eager (dense grad)": lambda: eager_gated_embedding(idx, frozen, tuned, logits, tau, False),
+        "eager (sparse grad)": lambda: eager_gated_embedding(idx, frozen, tuned, logits, tau, True),
+    }
+    if compile_eager:
+        compiled = torch.compile(eager_gated_embedding)
+        providers["torch.compile(eager)"] = lambda: compiled(idx, frozen, tuned, logits, tau, False)
+    for name in backends:
+        for sparse in (False, True):
+            providers[f"autoft_fast {name} ({'sparse' if sparse else 'dense'})"] = (
+                lambda name=name, sparse=sparse: autoft_fast.gated_embedding(
+                    idx, frozen, tuned, logits, tau=tau, sparse=sparse, backend=name))
+
+    opt_dense = torch.optim.SGD([tuned, logits], lr=1e-3)
+
+    def fwd_bwd(fn):
+        tuned.grad = None
+        logits.grad = None
+        out, _ = fn()
+        (out * target).sum().backward()
+
+    def step(fn):
+        fwd_bwd(fn)
+        opt_dense.step()  # SGD applies a sparse gradient to the touched rows only
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn()
+
+    rows_out = []
+    elt = frozen.element_size()
+    n = batch * fields
+    fwd_bytes = n * 3 * dim * elt  # two rows read, one written per lookup
+    floor_ms = _time(lambda: two_gather_floor(idx, frozen, tuned), reps, warmup, sync)
+    rows_out.append(("two-gather floor (index_select x2)", floor_ms, None, None, fwd_bytes / floor_ms / 1e6))
+    for name, fn in providers.items():
+        f_ms = _time(lambda: fwd(fn), reps, warmup, sync)
+        fb_ms = _time(lambda: fwd_bwd(fn), reps, warmup, sync)
+        s_ms = _time(lambda: step(fn), reps, warmup, sync)
+        rows_out.append((name, f_ms, fb_ms, s_ms, fwd_bytes / f_ms / 1e6))
+    return rows_out, floor_ms
+
+
+def format_table(rows_out):
+    base = {r[0]: r for r in rows_out}
+    ed, es = base["eager (dense grad)"], base["eager (sparse grad)"]
+    head = ("| provider | fwd ms | fwd GB/s | fwd vs eager | fwd+bwd ms | vs eager dense | "
+            "vs eager sparse | step ms | vs eager dense | vs eager sparse |")
+    lines = [head, "|" + "---|" * 10]
+
+    def ratio(a, b):
+        return "" if a is None or b is None else f"{b / a:.2f}x"
+
+    for name, f_ms, fb_ms, s_ms, gbs in rows_out:
+        lines.append(
+            f"| {name} | {f_ms:.2f} | {gbs:.1f} | {ratio(f_ms, ed[1])} | "
+            f"{'' if fb_ms is None else f'{fb_ms:.2f}'} | {ratio(fb_ms, ed[2])} | {ratio(fb_ms, es[2])} | "
+            f"{'' if s_ms is None else f'{s_ms:.2f}'} | {ratio(s_ms, ed[3])} | {ratio(s_ms, es[3])} |")
+    return "\n".join(lines)
+
+
+def targets(results, backend):
+    """The foundation issue's targets as measured ratios (D=16; V=1M and V=100k)."""
+    out = []
+    r1m = {r[0]: r for r in results.get((16, 1_000_000), ([], 0))[0]}
+    r100k = {r[0]: r for r in results.get((16, 100_000), ([], 0))[0]}
+    sp, de = f"autoft_fast {backend} (sparse)", f"autoft_fast {backend} (dense)"
+    if sp in r1m:
+        es, ed, floor = r1m["eager (sparse grad)"], r1m["eager (dense grad)"], r1m["two-gather floor (index_select x2)"]
+        checks = [
+            ("sparse fwd+bwd vs eager sparse", es[2] / r1m[sp][2], ">=", 3.0),
+            ("sparse fwd+bwd vs eager dense", ed[2] / r1m[sp][2], ">=", 6.0),
+            ("sparse full step (SGD) vs eager sparse", es[3] / r1m[sp][3], ">=", 2.0),
+            ("forward / two-gather floor", r1m[sp][1] / floor[1], "<=", 1.5),
+        ]
+        if sp in r100k:
+            checks.append(("sparse fwd+bwd growth V=100k -> 1M", r1m[sp][2] / r100k[sp][2], "<", 1.5))
+        for label, value, op, goal in checks:
+            ok = value >= goal if op == ">=" else (value <= goal if op == "<=" else value < goal)
+            out.append(f"- {label}: {value:.2f} (target {op} {goal}) {'MET' if ok else 'MISSED'}")
+    return out
+
+
+def main(argv=None) -> int:
+    """Run the op benchmark and print tables of measured ratios (``autoft-fast bench ops``)."""
+    p = argparse.ArgumentParser(prog="autoft-fast bench ops", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--fields", type=int, default=24)
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, metavar="D:V",
+                   help="embedding dim and table rows per shape (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="autoft_fast backends to time (default: every compiled one for the device)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of eager")
+    args = p.parse_args(argv)
+    shapes = []
+    for s in args.shapes:
+        try:
+            d, v = (int(x) for x in s.split(":"))
+        except ValueError:
+            p.error(f"--shapes entry {s!r} is not D:V (for example 16:1000000)")
+        shapes.append((d, v))
+    backends = args.backends
+    if backends is None:
+        backends = [b for b in autoft_fast.available_backends(args.device) if b not in ("reference",)
+                    and not (b == "triton" and args.device == "cpu")]
+    dtype = getattr(torch, args.dtype)
+    print(f"# gated embedding op benchmark: B={args.batch}, F={args.fields}, {args.dtype}, "
+          f"device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}; median of {args.reps}")
+    results = {}
+    for d, v in shapes:
+        rows_out, floor = bench_shape(args.batch, args.fields, d, v, device=args.device, dtype=dtype,
+                                      reps=args.reps, warmup=args.warmup,
+                                      compile_eager=not args.no_compile, backends=backends)
+        results[(d, v)] = (rows_out, floor)
+        print(f"\n## D={d}, V={v}\n")
+        print(format_table(rows_out), flush=True)
+    for b in backends:
+        lines = targets(results, b)
+        if lines:
+            print(f"\n## targets, backend {b}\n")
+            print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
