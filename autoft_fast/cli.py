@@ -257,9 +257,14 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    rest = list(args.bench_args)
+    if not rest or rest[0] in ("-h", "--help"):
+        print("usage: autoft-fast bench ops [options]   (autoft-fast bench ops --help)")
+        return 0 if rest else 2
+    if rest[0] != "ops":
+        raise _UserError(f"unknown benchmark {rest[0]!r}; available: ops")
     from . import bench  # the benchmark harness pulls in optional kernels; import on demand
-    rc = bench.main(list(args.bench_args))
-    return int(rc or 0)
+    return int(bench.main(rest[1:]) or 0)
 
 
 COMMANDS = {"demo": _cmd_demo, "generate": _cmd_generate, "pretrain": _cmd_pretrain,
