@@ -1,0 +1,125 @@
+"""Processed data as tensors, and batches cut from them by slicing.
+
+A batch is a :class:`TensorData` too, so a model's ``forward(batch)`` works the same on a
+batch and on a whole split. Batching never loops over rows in Python: a shuffled epoch is
+one ``randperm`` and one ``index_select`` per tensor per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .feature_map import FeatureMap
+
+SPLIT_NAMES = ("source_train", "source_valid", "target_train", "target_valid", "target_test")
+_TENSORS = ("sparse", "multihot", "dense", "label", "domain")
+
+
+@dataclass
+class TensorData:
+    """Rows of processed data.
+
+    sparse   LongTensor  [N, F_single]   global ids (see FeatureMap)
+    multihot LongTensor  [N, F_multi, L] global ids, the field's PAD id in empty slots; or None
+    dense    FloatTensor [N, F_dense]    standardised values; or None
+    label    FloatTensor [N]             0.0 / 1.0
+    domain   LongTensor  [N]             index into FeatureMap.domain_values
+
+    Example::
+
+        batch = data.index(torch.tensor([0, 5, 7]))   # 3 rows
+        len(batch)                                     # 3
+    """
+
+    sparse: torch.Tensor
+    multihot: torch.Tensor | None
+    dense: torch.Tensor | None
+    label: torch.Tensor
+    domain: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.label.shape[0]
+        for name in _TENSORS:
+            t = getattr(self, name)
+            if t is not None and t.shape[0] != n:
+                raise ValueError(f"TensorData.{name} has {t.shape[0]} rows, label has {n}")
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    def index(self, idx: torch.Tensor) -> "TensorData":
+        """The rows ``idx`` (LongTensor [B]) of every tensor, as a new TensorData."""
+        return TensorData(*(None if t is None else t.index_select(0, idx) for t in self._tensors()))
+
+    def slice(self, start: int, stop: int) -> "TensorData":
+        """Rows ``start:stop`` as views (no copy)."""
+        return TensorData(*(None if t is None else t[start:stop] for t in self._tensors()))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TensorData":
+        """Every tensor moved to ``device``."""
+        return TensorData(
+            *(None if t is None else t.to(device, non_blocking=non_blocking) for t in self._tensors())
+        )
+
+    def select_domain(self, domain_index: int) -> "TensorData":
+        """The rows of one domain (``domain == domain_index``)."""
+        return self.index(torch.nonzero(self.domain == domain_index).flatten())
+
+    def _tensors(self) -> tuple:
+        return tuple(getattr(self, name) for name in _TENSORS)
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in _TENSORS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor | None]) -> "TensorData":
+        return cls(**{name: d[name] for name in _TENSORS})
+
+
+@dataclass
+class DataBundle:
+    """What :func:`prepare_data` returns: the feature map and the five splits
+    (``source_train``, ``source_valid``, ``target_train``, ``target_valid``, ``target_test``),
+    plus each field's vocabulary (``vocabularies[field][local_id - 1]`` is the value of
+    local id ``1 .. vocab_size - 2``; bucket fields list their bucket edges as text) and
+    preprocessing counts in ``stats``."""
+
+    feature_map: FeatureMap
+    splits: dict[str, TensorData]
+    vocabularies: dict[str, list[str]]
+    stats: dict
+
+
+def iterate_batches(
+    data: TensorData,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[TensorData]:
+    """Yield batches of ``batch_size`` rows (the last may be shorter unless ``drop_last``).
+
+    With ``shuffle``, one permutation per call (drawn from ``generator``, or torch's global
+    generator) so that every row appears exactly once per epoch; without it, batches are
+    views in file order. Example::
+
+        g = torch.Generator().manual_seed(0)
+        for batch in iterate_batches(bundle.splits["target_train"], 4096, shuffle=True, generator=g):
+            loss = bce(model(batch), batch.label)
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = len(data)
+    stop = n - n % batch_size if drop_last else n
+    if shuffle:
+        # The permutation is drawn where the generator lives, then moved to the data.
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        perm = torch.randperm(n, generator=generator, device=gen_device).to(data.label.device)
+        for start in range(0, stop, batch_size):
+            yield data.index(perm[start : start + batch_size])
+    else:
+        for start in range(0, stop, batch_size):
+            yield data.slice(start, min(start + batch_size, n))
