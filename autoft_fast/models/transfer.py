@@ -78,7 +78,9 @@ class TransferModel(nn.Module):
     - ``set_tau(t)`` / ``tau``: the Gumbel-softmax temperature (see ``tau_at``);
     - ``reset_policy_stats()`` / ``policy_stats()``: the fraction of instances that chose
       the tuned path per field and per layer, over the eval-mode forwards since the reset;
-    - ``force_gates('frozen' | 'tuned' | None)``: override the policy (diagnostics, tests).
+    - ``force_gates('frozen' | 'tuned' | None)``: override the policy (diagnostics, tests);
+    - ``last_gates``: ``{'field': [B, F, 2] | None, 'layer': [B, L, 2] | None}``, the gate
+      values of the last forward (field order ``field_gate_names``, layers ``layer_gate_names``).
     """
 
     def __init__(self, strategy: str, pretrained: BaseCTRModel | None, feature_map,
@@ -145,6 +147,7 @@ class TransferModel(nn.Module):
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
             if strategy == "l2sp" else []
         self._last_tuned_fraction: torch.Tensor | None = None
+        self.last_gates: dict[str, torch.Tensor | None] = {"field": None, "layer": None}
         self.reset_policy_stats()
         self.train()
 
@@ -271,8 +274,10 @@ class TransferModel(nn.Module):
             apply = net.apply_own_layer
 
         out = net.interact(fields, first, batch.dense, apply)
-        all_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
-        self._record(all_gates)
+        # Kept for inspection (tests, debugging): the forward gate values of this batch.
+        self.last_gates = {"field": gates[0] if self.field_embedding is not None else None,
+                           "layer": gates[-1] if self.layer_gate_names else None}
+        self._record(torch.cat(gates, dim=1) if len(gates) > 1 else gates[0])
         return out
 
     def _policy_logits(self, batch) -> torch.Tensor:

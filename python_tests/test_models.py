@@ -1,0 +1,430 @@
+"""Base CTR models and the nine transfer strategies on a tiny hand-built feature map.
+
+Every case trains for a few optimizer steps on one small batch: enough to see the loss move,
+the tuned parameters change and the frozen ones (parameters and buffers) stay bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autoft_fast
+from autoft_fast.data import FeatureMap, FieldInfo, TensorData
+from autoft_fast.models import (STRATEGIES, AutoFTConfig, ModelConfig, build_base_model,
+                                build_transfer_model, tau_at)
+
+MODELS = ("dnn", "deepfm", "dcnv2")
+BACKENDS = [b for b in ("reference", "cpu") if b in autoft_fast.available_backends("cpu")]
+
+
+def tiny_feature_map() -> FeatureMap:
+    fields = [FieldInfo("user", "categorical", 9, 0), FieldInfo("item", "categorical", 7, 9),
+              FieldInfo("hour", "numeric_bucket", 5, 16), FieldInfo("tags", "multihot", 6, 21)]
+    return FeatureMap(fields=fields, single_fields=["user", "item", "hour"],
+                      multihot_fields=["tags"], multihot_max_len=3, dense_fields=["price"],
+                      domain_values=["src", "tgt"])
+
+
+def tiny_batch(fmap: FeatureMap, n: int = 96, seed: int = 0) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    cols = [fmap.field(name) for name in fmap.single_fields]
+    sparse = torch.stack([f.offset + torch.randint(0, f.vocab_size, (n,), generator=g)
+                          for f in cols], dim=1)
+    tags = fmap.field("tags")
+    multihot = tags.offset + torch.randint(0, tags.vocab_size, (n, 1, fmap.multihot_max_len),
+                                           generator=g)
+    multihot[:4] = tags.pad_id  # a few empty bags
+    dense = torch.randn(n, 1, generator=g)
+    # A learnable rule: the label depends on the user's id parity and the dense value.
+    label = (((sparse[:, 0] % 2) == 0) ^ (dense[:, 0] > 0.5)).float()
+    return TensorData(sparse=sparse, multihot=multihot, dense=dense, label=label,
+                      domain=torch.ones(n, dtype=torch.long))
+
+
+def model_cfg(name: str, **kw) -> dict:
+    return {"name": name, "embedding_dim": 4, "hidden_units": [8, 6], "cross_layers": 2,
+            "embedding_init_std": 0.1, **kw}
+
+
+def pretrained_model(name: str, fmap, data, steps: int = 5, **kw):
+    torch.manual_seed(1)
+    model = build_base_model(fmap, model_cfg(name, **kw))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model(data), data.label).backward()
+        opt.step()
+    return model.eval()
+
+
+def train_steps(model, data, steps: int = 8, lr: float = 2e-2) -> list[float]:
+    groups = model.parameter_groups()
+    opts = [torch.optim.Adam(ps, lr=lr) for ps in groups.values() if ps]
+    losses = []
+    model.train()
+    for _ in range(steps):
+        for opt in opts:
+            opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(data), data.label) + model.penalty()
+        losses.append(loss.item())
+        if loss.requires_grad:
+            loss.backward()
+        for opt in opts:
+            opt.step()
+    return losses
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fmap():
+    return tiny_feature_map()
+
+
+@pytest.fixture(scope="module")
+def data(fmap):
+    return tiny_batch(fmap)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_base_model_trains_alone(name, fmap, data):
+    torch.manual_seed(0)
+    model = build_base_model(fmap, model_cfg(name))
+    assert model(data).shape == (len(data),)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(data), data.label)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.02, losses
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_trains_tuned_keeps_frozen(name, strategy, fmap, data):
+    pre = pretrained_model(name, fmap, data)
+    pre_state = snapshot(pre)
+    torch.manual_seed(2)
+    model = build_transfer_model(strategy, None if strategy == "target_only" else pre, fmap,
+                                 model_cfg(name), {"tau": 1.0})
+    before = snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    groups = model.parameter_groups()
+    assert {id(p) for ps in groups.values() for p in ps} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    assert bool(groups["policy"]) == strategy.startswith("autoft")
+    out_before = model.eval()(data).detach()
+
+    losses = train_steps(model, data)
+    after = snapshot(model)
+    for key, value in before.items():
+        if key in trainable:
+            assert not torch.equal(value, after[key]), f"{strategy}: tuned {key} did not change"
+        else:
+            assert torch.equal(value, after[key]), f"{strategy}: frozen {key} changed"
+    for key, value in pre_state.items():  # the pre-trained model is copied, never trained
+        assert torch.equal(value, pre.state_dict()[key])
+
+    if strategy == "source_only":
+        assert not trainable
+        assert torch.equal(model.eval()(data), out_before)
+        assert torch.equal(out_before, pre(data))
+    else:
+        assert losses[-1] < losses[0], losses
+
+
+def test_strategies_freeze_the_documented_parts(fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    def trainable(strategy, **acfg):
+        m = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), acfg)
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+    emb = {"net.embedding.weight", "net.linear.weight"}
+    assert trainable("freeze_dnn") == emb
+    stack = trainable("freeze_embedding")
+    assert stack and not stack & emb and all(n.startswith("net.layers.") for n in stack)
+    assert "net.layers.output.linear.bias" in stack  # the output layer counts as the stack
+    assert trainable("finetune_all") == emb | stack
+    assert trainable("autoft_field") == {"field_embedding.tuned_weight",
+                                        "field_linear.tuned_weight"} | stack | \
+        {n for n in trainable("autoft") if n.startswith("policy.")}
+    assert trainable("autoft_field", ungated="freeze") == \
+        {"field_embedding.tuned_weight", "field_linear.tuned_weight"} | \
+        {n for n in trainable("autoft") if n.startswith("policy.")}
+    layer = trainable("autoft_layer")
+    assert "net.embedding.weight" in layer
+    assert "net.embedding.weight" not in trainable("autoft_layer", ungated="freeze")
+    assert not any(n.startswith("frozen_net.") for n in layer)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_frozen_parts_keep_batchnorm_stats_and_skip_dropout(name, fmap, data):
+    pre = pretrained_model(name, fmap, data, batch_norm=True, dropout=0.3)
+    cfg = model_cfg(name, batch_norm=True, dropout=0.3)
+    for strategy in ("freeze_dnn", "autoft"):
+        torch.manual_seed(3)
+        model = build_transfer_model(strategy, pre, fmap, cfg, {})
+        fixed = model.net.layers if strategy == "freeze_dnn" else model.frozen_net
+        assert not fixed.training and model.training
+        stats = snapshot(fixed)
+        train_steps(model, data, steps=3)
+        for key, value in fixed.state_dict().items():
+            assert torch.equal(stats[key], value), f"{strategy}: {key} changed"
+        if strategy == "autoft":  # the tuned copy's statistics do move
+            assert not torch.equal(pre.layers["mlp_0"].block[1].running_mean,
+                                   model.net.layers["mlp_0"].block[1].running_mean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_policy_forced_to_frozen_is_the_pretrained_model(name, backend, fmap, data):
+    pre = pretrained_model(name, fmap, data, batch_norm=True, dropout=0.2)
+    expected = pre(data)
+    torch.manual_seed(4)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg(name, batch_norm=True, dropout=0.2),
+                                 {"backend": backend, "tau": 1.0})
+    # An untrained policy outputs zero logits: the argmax tie goes to the frozen path.
+    assert torch.equal(model.eval()(data), expected)
+    train_steps(model, data, steps=5)
+    model.eval()
+    assert not torch.equal(model(data), expected)  # the tuned copies have moved
+    # The policy itself, pushed to channel 0 with a margin no noise can overturn ...
+    with torch.no_grad():
+        model.policy.out.weight.zero_()
+        model.policy.out.bias.copy_(torch.tensor([1e4, -1e4]).repeat(model.policy.num_gates))
+    assert torch.equal(model(data), expected)
+    model.train()  # ... also in train mode, with Gumbel noise on and dropout in the tuned copy
+    assert torch.equal(model(data), expected)
+    assert torch.equal(model.last_gates["field"][..., 0], torch.ones(len(data), 4))
+    # ... and the test hook that overrides the policy.
+    torch.manual_seed(5)
+    model2 = build_transfer_model("autoft", pre, fmap, model_cfg(name, batch_norm=True, dropout=0.2),
+                                  {"backend": backend})
+    train_steps(model2, data, steps=3)
+    model2.force_gates("frozen")
+    assert torch.equal(model2.eval()(data), expected)
+    model2.force_gates(None)
+
+
+def test_l2sp_penalty_zero_at_init_then_grows(fmap, data):
+    pre = pretrained_model("dcnv2", fmap, data)
+    alpha = 0.05
+    model = build_transfer_model("l2sp", pre, fmap, model_cfg("dcnv2"), {"l2sp_alpha": alpha})
+    assert model.penalty().item() == 0.0
+    opt = torch.optim.Adam(model.parameter_groups()["model"], lr=1e-2)
+    values = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(data), data.label) + model.penalty()
+        loss.backward()
+        opt.step()
+        values.append(model.penalty().item())
+    assert all(b > a for a, b in zip(values, values[1:])) and values[0] > 0, values
+    expected = sum(((p - pre.get_parameter(n)) ** 2).sum()
+                   for n, p in model.net.named_parameters()) * alpha / 2
+    assert torch.allclose(model.penalty(), expected)
+    assert build_transfer_model("finetune_all", pre, fmap, model_cfg("dcnv2"), {}).penalty().item() == 0.0
+
+
+def test_layer_gates_hard_one_hot_with_gradient_to_policy(fmap, data):
+    pre = pretrained_model("dcnv2", fmap, data)
+    torch.manual_seed(6)
+    model = build_transfer_model("autoft_layer", pre, fmap, model_cfg("dcnv2"), {"tau": 2.0})
+    # While both copies are equal the two paths give the same output and the policy gets no
+    # gradient (a1 - a0 = 0); a few steps make the tuned copy differ.
+    train_steps(model, data, steps=3)
+    model.zero_grad()
+    out = model.train()(data)
+    gates = model.last_gates["layer"]
+    assert gates.shape == (len(data), len(pre.layer_names), 2)
+    assert model.last_gates["field"] is None
+    assert bool(((gates == 0) | (gates == 1)).all()) and torch.equal(gates.sum(-1), torch.ones(gates.shape[:2]))
+    assert 0 < gates[..., 1].mean().item() < 1  # zero logits + noise: both paths in use
+    F.binary_cross_entropy_with_logits(out, data.label).backward()
+    grad = model.policy.out.bias.grad.view(-1, 2)
+    assert bool((grad.abs().sum(-1) > 0).all()), grad  # every layer's two logits
+    assert torch.allclose(grad[:, 0], -grad[:, 1])
+    # Both copies of a gated layer get gradients only through the instances routed to them.
+    assert model.net.layers["cross_0"].linear.weight.grad.abs().sum() > 0
+    assert model.frozen_net.layers["cross_0"].linear.weight.grad is None
+
+
+def test_soft_gates_mix_both_paths(fmap, data):
+    pre = pretrained_model("dnn", fmap, data)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"hard": False, "tau": 1.0})
+    model.train()(data)
+    for gates in model.last_gates.values():
+        assert bool(((gates > 0) & (gates < 1)).all())
+        assert torch.allclose(gates.sum(-1), torch.ones(gates.shape[:2]))
+
+
+def test_eval_gates_argmax_is_deterministic_sample_is_not(fmap, data):
+    pre = pretrained_model("dnn", fmap, data)
+    argmax = build_transfer_model("autoft_field", pre, fmap, model_cfg("dnn"), {}).eval()
+    a = argmax(data)
+    torch.manual_seed(123)
+    assert torch.equal(argmax(data), a)
+    sample = build_transfer_model("autoft_field", pre, fmap, model_cfg("dnn"),
+                                  {"eval_gates": "sample"}).eval()
+    sample(data)
+    g1 = sample.last_gates["field"].clone()
+    sample(data)
+    assert not torch.equal(g1, sample.last_gates["field"])
+
+
+def test_policy_stats_count_eval_forwards_since_reset(fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("deepfm"), {})
+    assert model.policy_stats() == {"field": {}, "layer": {}}
+    model.train()(data)  # training forwards are not counted
+    assert model.policy_stats() == {"field": {}, "layer": {}}
+    model.eval()
+    model.force_gates("tuned")
+    model(data)
+    model.force_gates("frozen")
+    model(data.index(torch.arange(32)))  # 96 tuned + 32 frozen choices per gate
+    stats = model.policy_stats()
+    assert list(stats["field"]) == ["user", "item", "hour", "tags"]
+    assert list(stats["layer"]) == ["mlp_0", "mlp_1", "output"]
+    assert all(v == pytest.approx(96 / 128) for d in stats.values() for v in d.values())
+    model.reset_policy_stats()
+    assert model.policy_stats() == {"field": {}, "layer": {}}
+    model.force_gates(None)
+    with torch.no_grad():
+        model.policy.out.bias.normal_(0, 1)
+        model.policy.out.weight.normal_(0, 1)
+    model(data)
+    gates = model.last_gates
+    stats = model.policy_stats()
+    assert list(stats["field"].values()) == pytest.approx((gates["field"][..., 1] > 0.5).float().mean(0).tolist())
+    assert list(stats["layer"].values()) == pytest.approx((gates["layer"][..., 1] > 0.5).float().mean(0).tolist())
+    plain = build_transfer_model("finetune_all", pre, fmap, model_cfg("deepfm"), {}).eval()
+    plain(data)
+    assert plain.policy_stats() == {"field": {}, "layer": {}}
+
+
+def test_tuned_fraction_penalty_reaches_the_policy(fmap, data):
+    pre = pretrained_model("dnn", fmap, data)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"tuned_penalty": 0.3})
+    model.train()(data)
+    g = model.last_gates
+    frac = torch.cat([g["field"][..., 1], g["layer"][..., 1]], dim=1).mean()
+    assert model.penalty().item() == pytest.approx(0.3 * frac.item())
+    model.penalty().backward()
+    assert model.policy.out.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_state_dict_round_trip(strategy, fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    torch.manual_seed(7)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), {})
+    train_steps(model, data, steps=3)
+    state = model.state_dict()
+    torch.manual_seed(8)
+    fresh = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), {})
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.eval()(data), model.eval()(data))
+
+
+def test_multihot_mean_pooling_skips_padding(fmap):
+    model = build_base_model(fmap, model_cfg("dnn"))
+    tags = fmap.field("tags")
+    ids = torch.tensor([[[tags.pad_id, tags.offset + 2, tags.offset + 3]],
+                        [[tags.pad_id] * 3],
+                        [[tags.offset + 1, tags.offset + 1, tags.pad_id]]])
+    w = model.embedding.weight
+    pooled = model.pool_multihot(ids, w)
+    assert torch.allclose(pooled[0, 0], (w[tags.offset + 2] + w[tags.offset + 3]) / 2)
+    assert torch.equal(pooled[1, 0], torch.zeros(4))
+    assert torch.allclose(pooled[2, 0], w[tags.offset + 1])
+
+
+def test_deepfm_second_order_is_the_pairwise_sum(fmap, data):
+    torch.manual_seed(0)
+    model = build_base_model(fmap, model_cfg("deepfm"))
+    fields = model.field_vectors(data, model.embedding.weight)
+    zero = lambda name, x: torch.zeros(x.shape[0]) if name == "output" else x
+    got = model.interact(fields, torch.zeros(len(data), 4, 1), data.dense, zero)
+    pairs = sum((fields[:, i] * fields[:, j]).sum(-1) for i in range(4) for j in range(i + 1, 4))
+    assert torch.allclose(got, pairs, atol=1e-6)
+
+
+def test_dcnv2_structures(fmap, data):
+    for structure in ("parallel", "stacked"):
+        model = build_base_model(fmap, model_cfg("dcnv2", structure=structure))
+        assert model.layer_names == ["cross_0", "cross_1", "mlp_0", "mlp_1", "output"]
+        assert model(data).shape == (len(data),)
+    cross_only = build_base_model(fmap, model_cfg("dcnv2", hidden_units=[]))
+    assert cross_only.layer_names == ["cross_0", "cross_1", "output"]
+    assert cross_only(data).shape == (len(data),)
+
+
+def test_tau_schedule_and_set_tau(fmap, data):
+    assert tau_at({}, 0.3) == 5.0  # SpotTune's fixed temperature is the default
+    assert tau_at({"tau": 4.0, "tau_min": 1.0, "anneal": "linear"}, 0.5) == pytest.approx(2.5)
+    assert tau_at({"tau": 4.0, "tau_min": 1.0, "anneal": "exp"}, 0.5) == pytest.approx(2.0)
+    assert tau_at({"tau": 4.0, "tau_min": 1.0, "anneal": "exp"}, 7.0) == pytest.approx(1.0)
+    pre = pretrained_model("dnn", fmap, data)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"tau": 3.0})
+    assert model.tau == 3.0
+    model.set_tau(0.7)
+    assert model.tau == 0.7
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau"):
+            model.set_tau(bad)
+
+
+@pytest.mark.parametrize("section,bad,match", [
+    ("model", {"name": "xgboost"}, "model.name"),
+    ("model", {"embedding_dim": 0}, "model.embedding_dim"),
+    ("model", {"hidden_units": [8, -1]}, "model.hidden_units"),
+    ("model", {"dropout": 1.0}, "model.dropout"),
+    ("model", {"embeding_dim": 8}, "unknown key"),
+    ("autoft", {"tau": 0}, "autoft.tau"),
+    ("autoft", {"anneal": "cosine"}, "autoft.anneal"),
+    ("autoft", {"eval_gates": "mean"}, "autoft.eval_gates"),
+    ("autoft", {"tuned_penalty": -0.1}, "autoft.tuned_penalty"),
+    ("autoft", {"l2sp_alpha": "big"}, "autoft.l2sp_alpha"),
+    ("autoft", {"backend": "tpu"}, "autoft.backend"),
+    ("autoft", {"temperature": 1}, "unknown key"),
+])
+def test_bad_config_values_raise_naming_the_key(section, bad, match):
+    cls = ModelConfig if section == "model" else AutoFTConfig
+    with pytest.raises(ValueError, match=match):
+        cls.from_dict(bad)
+
+
+def test_bad_transfer_arguments(fmap, data):
+    pre = pretrained_model("dnn", fmap, data)
+    with pytest.raises(ValueError, match="strategy = 'spottune'"):
+        build_transfer_model("spottune", pre, fmap, model_cfg("dnn"), {})
+    with pytest.raises(ValueError, match="pretrained = None"):
+        build_transfer_model("finetune_all", None, fmap, model_cfg("dnn"), {})
+    with pytest.raises(ValueError, match="hidden_units"):
+        build_transfer_model("finetune_all", pre, fmap, model_cfg("dnn", hidden_units=[4]), {})
+    other = copy.deepcopy(fmap)
+    other.fields[-1] = FieldInfo("tags", "multihot", 8, 21)
+    with pytest.raises(ValueError, match="num_rows"):
+        build_transfer_model("autoft", pre, other, model_cfg("dnn"), {})
+    with pytest.raises(TypeError, match="BaseCTRModel"):
+        build_transfer_model("autoft", torch.nn.Linear(2, 2), fmap, model_cfg("dnn"), {})
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {})
+    with pytest.raises(ValueError, match="path = 'both'"):
+        model.force_gates("both")
+
+
+def test_config_round_trip():
+    m = ModelConfig.from_dict({"name": "DCNv2", "hidden_units": 32})
+    assert m.name == "dcnv2" and m.hidden_units == [32]
+    assert ModelConfig.from_dict(m.to_dict()) == m
+    a = AutoFTConfig.from_dict({"anneal": "exp", "policy_lr": 1e-3})
+    assert AutoFTConfig.from_dict(a.to_dict()) == a
