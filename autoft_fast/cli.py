@@ -158,8 +158,9 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
         if not (d / "run.json").is_file():
             raise _UserError(f"--resume {value!r} is not a run directory (no run.json in it)")
         return d
-    cands = sorted(Path(cfg.run_dir).glob(f"{cfg.name}-{command}-*"), reverse=True)
-    for d in cands:
+    prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
+    cands = [d for d in Path(cfg.run_dir).glob(f"{prefix}-*") if (d / "run.json").is_file()]
+    for d in sorted(cands, key=lambda d: (d / "run.json").stat().st_mtime, reverse=True):
         try:
             meta = json.loads((d / "run.json").read_text())
         except (OSError, ValueError):

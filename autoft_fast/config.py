@@ -119,6 +119,8 @@ class ExperimentConfig:
                 raise ConfigError(f"data: file {str(path)!r} does not exist")
             with open(path, encoding="utf-8") as f:
                 d = yaml.safe_load(f)
+            if isinstance(d, dict) and set(d) == {"data"}:
+                d = d["data"]  # a dataset YAML as `generate` writes it
             if not isinstance(d, dict):
                 raise ConfigError(f"data: file {str(path)!r} is not a YAML mapping")
             return d, path.parent

@@ -73,10 +73,16 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _own_debug_only(record: logging.LogRecord) -> bool:
+    # Library modules below (the op's per-call backend choice, say) log at DEBUG on every
+    # forward; a run log keeps their INFO and above and the trainer's own DEBUG epoch lines.
+    return record.levelno >= logging.INFO or record.name in (LOGGER_NAME, LOGGER_NAME + ".train")
+
+
 def setup_logging(log_file: Path | None, verbose: bool = False,
                   console: bool = True) -> logging.Logger:
-    """Configure the `autoft_fast` logger: everything (DEBUG) into `log_file`, and INFO
-    (DEBUG with `verbose`) to stderr. Calling it again replaces the previous handlers, so
+    """Configure the `autoft_fast` logger: the trainer's DEBUG epoch lines and every module's
+    INFO and above into `log_file`, and INFO (DEBUG with `verbose`) to stderr. Calling it again replaces the previous handlers, so
     each run directory gets its own log.
 
     Example:
@@ -95,10 +101,12 @@ def setup_logging(log_file: Path | None, verbose: bool = False,
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh.addFilter(_own_debug_only)
         logger.addHandler(fh)
     if console:
         sh = logging.StreamHandler(sys.stderr)
         sh.setLevel(logging.DEBUG if verbose else logging.INFO)
         sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.addFilter(_own_debug_only)
         logger.addHandler(sh)
     return logger

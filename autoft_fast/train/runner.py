@@ -27,14 +27,16 @@ log = logging.getLogger(LOGGER_NAME)
 
 
 def make_run_dir(cfg, command: str) -> Path:
-    """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed if taken).
+    """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed if taken;
+    just <name>-<timestamp> when the name is the command, as for the demo).
 
     Example:
         >>> make_run_dir(cfg, "compare")   # doctest: +SKIP
         PosixPath('runs/demo-compare-20260101-120000')
     """
     stamp = datetime.utcnow().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run_dir) / f"{cfg.name}-{command}-{stamp}"
+    prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
+    base = Path(cfg.run_dir) / f"{prefix}-{stamp}"
     path, i = base, 1
     while path.exists():
         path = base.with_name(f"{base.name}-{i}")
