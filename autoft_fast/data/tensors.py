@@ -103,8 +103,9 @@ def iterate_batches(
     """Yield batches of ``batch_size`` rows (the last may be shorter unless ``drop_last``).
 
     With ``shuffle``, one permutation per call (drawn from ``generator``, or torch's global
-    generator) so that every row appears exactly once per epoch; without it, batches are
-    views in file order. Example::
+    generator) so that every row appears exactly once per epoch; the split is gathered in
+    that order once (a transient copy of the split) and batches are views of it. Without
+    ``shuffle``, batches are views in file order. Example::
 
         g = torch.Generator().manual_seed(0)
         for batch in iterate_batches(bundle.splits["target_train"], 4096, shuffle=True, generator=g):
@@ -118,8 +119,9 @@ def iterate_batches(
         # The permutation is drawn where the generator lives, then moved to the data.
         gen_device = generator.device if generator is not None else torch.device("cpu")
         perm = torch.randperm(n, generator=generator, device=gen_device).to(data.label.device)
-        for start in range(0, stop, batch_size):
-            yield data.index(perm[start : start + batch_size])
-    else:
-        for start in range(0, stop, batch_size):
-            yield data.slice(start, min(start + batch_size, n))
+        # One gather of the whole split per epoch, then views: a per-batch index_select runs
+        # a parallel region per tensor per batch, and on a busy CPU each of those can stall
+        # for milliseconds (measured: 8 ms vs 0.2 ms per 4096-row batch on 2 loaded cores).
+        data = data.index(perm)
+    for start in range(0, stop, batch_size):
+        yield data.slice(start, min(start + batch_size, n))
