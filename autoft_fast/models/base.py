@@ -119,10 +119,14 @@ class BaseCTRModel(nn.Module):
 
     def pool_multihot(self, ids: torch.Tensor, weight: torch.Tensor, sparse: bool = False):
         """Mean of the non-PAD rows of ``weight`` for ids ``[B, F_multi, L]`` -> ``[B, F_multi, dim]``."""
-        rows = F.embedding(ids, weight, sparse=sparse)
-        mask = (ids != self.multihot_pad.view(1, -1, 1)).to(rows.dtype).unsqueeze(-1)
-        count = mask.sum(dim=2).clamp_min(1.0)
-        return (rows * mask).sum(dim=2) / count
+        b, f, length = ids.shape
+        mask = (ids != self.multihot_pad.view(1, -1, 1)).to(weight.dtype)
+        # The mean as a weighted sum in one embedding_bag: no [B, F, L, dim] intermediate,
+        # and PAD slots get weight 0 (an all-PAD bag gives zeros).
+        per_slot = mask / mask.sum(dim=2, keepdim=True).clamp_min(1.0)
+        pooled = F.embedding_bag(ids.reshape(b * f, length), weight, mode="sum", sparse=sparse,
+                                 per_sample_weights=per_slot.reshape(b * f, length))
+        return pooled.view(b, f, weight.shape[1])
 
     def field_vectors(self, batch, weight: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """Field vectors ``[B, F, dim]`` of ``batch`` looked up in ``weight`` ``[V, dim]``.

@@ -32,7 +32,8 @@ DeepFM's first-order weights follow their field's embedding gate: the op's retur
 mix the frozen and tuned first-order rows (the gradient reaches the logits through the
 gates' straight-through rule). Every gated layer (``mlp_<i>``, ``cross_<i>``, ``output``)
 runs both copies on the same input and mixes per instance: h = u0 * frozen(x) + u1 *
-tuned(x); with hard gates that is exactly one of the two.
+tuned(x); with hard gates that is exactly one of the two. (Computing both is the simple
+choice; a tuned batch-norm layer therefore sees the whole batch for its statistics.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ LAYER_GATED = ("autoft_layer", "autoft")
 _FORCE_MARGIN = 1.0e4
 
 # Architecture keys a pre-trained model and the model: section must agree on.
-_ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm",
+# Dropout too: the copies keep the pre-trained model's modules, so a different value in the
+# config would otherwise be silently ignored.
+_ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm", "dropout",
               "cross_layers", "structure")
 
 
@@ -338,7 +341,9 @@ class TransferModel(nn.Module):
 
     def _record(self, gates: torch.Tensor) -> None:
         if self.training:
-            self._last_tuned_fraction = gates[..., 1].mean()
+            # Only kept when it is used: it holds the batch's autograd graph until the next step.
+            self._last_tuned_fraction = gates[..., 1].mean() \
+                if self.autoft_config.tuned_penalty > 0 else None
             return
         self._last_tuned_fraction = None
         chosen = (gates[..., 1] > 0.5).sum(dim=0).to(torch.float64)
