@@ -1,0 +1,141 @@
+"""CUDA-backend details the shared backend suite does not reach (they need a GPU to run).
+
+Deterministic dense gradients, an out-of-range index that leaves the CUDA context usable, the
+vector-load and fallback paths of the row loads, and float32 grad_out with 16-bit tables.
+"""
+
+import pytest
+import torch
+
+import autoft_fast
+from autoft_fast import _extension
+from autoft_fast.ops.reference import reference_gated_embedding
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _extension.has_kernel("CUDA")),
+    reason="needs a GPU and the extension built with its CUDA kernels")
+
+fwd = torch.ops.autoft_fast.gated_embedding_fwd
+bwd = torch.ops.autoft_fast.gated_embedding_bwd
+
+
+def inputs(n, rows, dim, dtype=torch.float32, seed=0, duplicates=False):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, rows, (n,), generator=gen)
+    if duplicates:
+        idx = idx % 3
+    frozen = torch.randn(rows, dim, generator=gen).to(dtype)
+    tuned = torch.randn(rows, dim, generator=gen).to(dtype)
+    logits = torch.randn(n, 2, generator=gen)
+    grad_out = torch.randn(n, dim, generator=gen)
+    grad_gates = torch.randn(n, 2, generator=gen)
+    return idx, frozen, tuned, logits, grad_out, grad_gates
+
+
+def reference(idx, frozen, tuned, logits, grad_out, grad_gates, *, seed, tau, hard):
+    tuned64 = tuned.double().requires_grad_()
+    logits64 = logits.double().requires_grad_()
+    out, gates = reference_gated_embedding(idx, frozen.double(), tuned64, logits64, tau=tau,
+                                           hard=hard, noise=True, seed=seed)
+    ((out * grad_out.double()).sum() + (gates * grad_gates.double()).sum()).backward()
+    return out.detach(), gates.detach(), tuned64.grad, logits64.grad
+
+
+def run_cuda(idx, frozen, tuned, logits, grad_out, grad_gates, *, seed, tau, hard, sparse,
+             grad_dtype=None):
+    c = lambda t: t.cuda()  # noqa: E731
+    s = torch.tensor(seed)
+    out, gates = fwd(c(idx), c(frozen), c(tuned), c(logits), s, None, tau, hard, True, sparse)
+    g = grad_out.to(grad_dtype or tuned.dtype)
+    grad_tuned, grad_logits = bwd(c(g), c(grad_gates), c(idx), c(frozen), c(tuned), c(logits), s,
+                                  None, tau, hard, True, sparse)
+    if sparse:
+        grad_tuned = torch.zeros(tuned.shape, dtype=torch.float64).index_add_(
+            0, idx, grad_tuned.double().cpu())
+    return out.cpu(), gates.cpu(), grad_tuned.cpu(), grad_logits.cpu()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dim,dtype", [
+    (4, torch.float32),      # one lane, one 16-byte load per row
+    (8, torch.bfloat16),     # one lane, eight bf16 in one load
+    (6, torch.bfloat16),     # D not a multiple of the vector: element loads
+    (128, torch.float32),    # a full warp per lookup
+    (1000, torch.float16),   # several passes of a warp over the row
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_row_load_paths_match_reference(dim, dtype, sparse):
+    data = inputs(203, 17, dim, dtype, seed=dim)
+    for hard in (True, False):
+        got = run_cuda(*data, seed=2**33 + dim, tau=0.8, hard=hard, sparse=sparse)
+        want = reference(*data, seed=2**33 + dim, tau=0.8, hard=hard)
+        tol = TOL[dtype]
+        torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[0].double(), want[0].to(dtype).double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(got[2].double(), want[2].to(dtype).double(), rtol=tol,
+                                   atol=4 * tol * max(1.0, float(want[2].abs().max())))
+        torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-3)
+
+
+def test_misaligned_tables_fall_back_to_element_loads():
+    """A table view 4 bytes off a 16-byte boundary must not take the vector path."""
+    idx, frozen, tuned, logits, grad_out, grad_gates = inputs(64, 10, 8, seed=7)
+    store = torch.randn(10 * 8 + 1, device="cuda")
+    frozen = store[1:].view(10, 8)  # contiguous, data_ptr % 16 == 4
+    assert frozen.is_contiguous() and frozen.data_ptr() % 16 != 0
+    got = run_cuda(idx, frozen, tuned, logits, grad_out, grad_gates, seed=3, tau=1.0, hard=False,
+                   sparse=False)
+    want = reference(idx, frozen.cpu(), tuned, logits, grad_out, grad_gates, seed=3, tau=1.0,
+                     hard=False)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_grad_out_with_16bit_tables(dtype):
+    data = inputs(150, 20, 16, dtype, seed=8)
+    got = run_cuda(*data, seed=5, tau=0.5, hard=True, sparse=False, grad_dtype=torch.float32)
+    want = reference(*data, seed=5, tau=0.5, hard=True)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[2].double(), want[2].to(dtype).double(), rtol=tol,
+                               atol=4 * tol * max(1.0, float(want[2].abs().max())))
+    torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_mode_gives_bitwise_identical_gradients(dtype):
+    """torch.use_deterministic_algorithms(True): sorted segment sums instead of atomics."""
+    idx, frozen, tuned, logits, grad_out, _ = inputs(60000, 50, 32, dtype, seed=9, duplicates=True)
+    args = [t.cuda() for t in (grad_out.to(dtype), idx, frozen, tuned, logits)]
+    call = lambda: bwd(args[0], None, *args[1:], torch.tensor(4), None, 1.0, False, True, False)  # noqa: E731
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = call()[0]
+        again = [call()[0] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for g in again:
+        assert torch.equal(first, g)
+    atomic = call()[0]
+    scale = float(atomic.float().abs().max())
+    # The two summation orders round differently; bf16 tables then differ by up to an ulp.
+    rtol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(first.float(), atomic.float(), rtol=rtol, atol=rtol * scale)
+    assert first[3:].abs().max() == 0  # only rows 0..2 are hit
+
+
+def test_out_of_range_index_raises_and_keeps_the_context_usable():
+    idx, frozen, tuned, logits, _, _ = inputs(5000, 100, 16, seed=10)
+    for bad in (100, -1):
+        idx_bad = idx.clone()
+        idx_bad[4321] = bad
+        with pytest.raises(IndexError,
+                           match=rf"indices\[4321\] = {bad} is out of range for a table of 100 rows"):
+            autoft_fast.gated_embedding(idx_bad.cuda(), frozen.cuda(), tuned.cuda(), logits.cuda(),
+                                        seed=1, backend="cuda")
+    out, _ = autoft_fast.gated_embedding(idx.cuda(), frozen.cuda(), tuned.cuda(), logits.cuda(),
+                                         seed=1, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()

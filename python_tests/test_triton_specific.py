@@ -1,0 +1,120 @@
+"""Triton-backend details the shared backend suite does not reach.
+
+Runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (conftest sets it when CUDA is absent).
+"""
+
+import pytest
+import torch
+
+import autoft_fast
+from autoft_fast import _extension
+from autoft_fast.ops.reference import reference_gated_embedding
+
+kernels = _extension.load_triton()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    kernels is None or not kernels.is_available(DEVICE),
+    reason=f"Triton backend not usable on {DEVICE} here ({_extension.TRITON_ERROR})")
+
+
+def inputs(n, rows, dim, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, rows, (n,), generator=gen)
+    frozen = torch.randn(rows, dim, generator=gen).to(dtype)
+    tuned = torch.randn(rows, dim, generator=gen).to(dtype)
+    logits = torch.randn(n, 2, generator=gen)
+    grad_out = torch.randn(n, dim, generator=gen).to(dtype)
+    grad_gates = torch.randn(n, 2, generator=gen)
+    return [t.to(DEVICE) for t in (idx, frozen, tuned, logits, grad_out, grad_gates)]
+
+
+def reference(idx, frozen, tuned, logits, grad_out, grad_gates, *, seed, tau, hard):
+    """float64 oracle: out, gates, dense grad_tuned, grad_logits."""
+    tuned64 = tuned.double().cpu().requires_grad_()
+    logits64 = logits.double().cpu().requires_grad_()
+    out, gates = reference_gated_embedding(idx.cpu(), frozen.double().cpu(), tuned64, logits64,
+                                           tau=tau, hard=hard, noise=True, seed=seed)
+    ((out * grad_out.double().cpu()).sum() + (gates * grad_gates.double().cpu()).sum()).backward()
+    return out.detach(), gates.detach(), tuned64.grad, logits64.grad
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_embedding_wider_than_one_block(hard):
+    """D = 300 > BLOCK_D = 256: the kernels walk D in chunks and carry the dot products."""
+    idx, frozen, tuned, logits, grad_out, grad_gates = inputs(6, 5, 300, seed=1)
+    seed = 2**40 + 17
+    out, gates = torch.ops.autoft_fast.gated_embedding_fwd_triton(
+        idx, frozen, tuned, logits, torch.tensor(seed), None, 0.9, hard, True, False)
+    grad_tuned, grad_logits = torch.ops.autoft_fast.gated_embedding_bwd_triton(
+        grad_out, grad_gates, idx, frozen, tuned, logits, torch.tensor(seed), None, 0.9, hard,
+        True, False)
+    want = reference(idx, frozen, tuned, logits, grad_out, grad_gates, seed=seed, tau=0.9, hard=hard)
+    torch.testing.assert_close(out.double().cpu(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gates.double().cpu(), want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_tuned.double().cpu(), want[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_logits.double().cpu(), want[3], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_seed_read_on_device_matches_seed_by_value(sparse):
+    """The traced path (seed loaded from a device copy) draws the same noise as eager."""
+    from autoft_fast.kernels import gated_embedding as ge
+
+    idx, frozen, tuned, logits, grad_out, grad_gates = inputs(37, 9, 8, seed=2)
+    seed = torch.tensor(2**62 + 5)
+    args = (idx, frozen, tuned, logits, seed, None, 0.5, True, True)
+    by_value = ge._fwd_launch(*args, concrete=True)
+    by_pointer = ge._fwd_launch(*args, concrete=False)
+    for a, b in zip(by_value, by_pointer):
+        assert torch.equal(a, b)
+    bargs = (grad_out, grad_gates, idx, frozen, tuned, logits, seed, None, 0.5, True, True, sparse)
+    for a, b in zip(ge._bwd_launch(*bargs, concrete=True), ge._bwd_launch(*bargs, concrete=False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_kernel_op_checks_index_range_itself():
+    """A direct torch.ops call (no Python validation in front) still raises the contract's error."""
+    idx, frozen, tuned, logits, _, _ = inputs(8, 4, 4, seed=3)
+    idx[5] = 4
+    with pytest.raises(IndexError, match=r"indices\[5\] = 4 is out of range for a table of 4 rows"):
+        torch.ops.autoft_fast.gated_embedding_fwd_triton(
+            idx, frozen, tuned, logits, torch.tensor(1), None, 1.0, True, True, False)
+
+
+def test_kernel_op_rejects_bad_tau_and_seed():
+    idx, frozen, tuned, logits, _, _ = inputs(4, 4, 4, seed=4)
+    with pytest.raises(ValueError, match="tau"):
+        torch.ops.autoft_fast.gated_embedding_fwd_triton(
+            idx, frozen, tuned, logits, torch.tensor(1), None, 0.0, True, True, False)
+    with pytest.raises(ValueError, match="seed = -3"):
+        torch.ops.autoft_fast.gated_embedding_fwd_triton(
+            idx, frozen, tuned, logits, torch.tensor(-3), None, 1.0, True, True, False)
+
+
+def test_is_available_reports_the_device_it_serves():
+    assert kernels.is_available(DEVICE)
+    assert kernels.is_available("cpu") == kernels.interpreting()
+    assert not kernels.is_available("meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor codegen of Triton kernels needs a GPU")
+def test_inductor_compiles_through_the_triton_op():
+    """torch.compile (Inductor) sees the kernels inside the triton_op and gets eager's numbers."""
+    idx, frozen, tuned, logits, grad_out, _ = inputs(1000, 100, 32, seed=5)
+    tuned.requires_grad_()
+    logits.requires_grad_()
+
+    def step(idx, logits):
+        out, gates = autoft_fast.gated_embedding(idx, frozen, tuned, logits, tau=0.7, seed=11,
+                                                 backend="triton")
+        return (out * grad_out).sum() + gates[:, 1].sum()
+
+    eager = step(idx, logits)
+    eager.backward()
+    want = (tuned.grad.clone(), logits.grad.clone())
+    tuned.grad = logits.grad = None
+    got = torch.compile(step, fullgraph=True)(idx, logits)
+    got.backward()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tuned.grad, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, want[1], rtol=1e-5, atol=1e-5)
