@@ -141,6 +141,22 @@ class ExperimentConfig:
             return SyntheticConfig.from_dict(self.synthetic)
         return SyntheticConfig(**self.synthetic)
 
+    def validate_sections(self) -> None:
+        """Check the sections parsed by the data and model packages now, so that a typo fails
+        at start-up rather than after minutes of data generation or pre-training."""
+        from .models.config import AutoFTConfig, ModelConfig
+        try:
+            ModelConfig.from_dict(self.model)
+            AutoFTConfig.from_dict(self.autoft)
+            if self.synthetic is not None:
+                self.synthetic_config()
+            if self.data is not None:
+                self.data_config()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+
     def with_overrides(self, *, backend: str | None = None, seeds: int | None = None,
                        run_dir: str | Path | None = None,
                        strategies: list | None = None) -> "ExperimentConfig":
@@ -149,6 +165,7 @@ class ExperimentConfig:
         c = copy.deepcopy(self)
         if backend is not None:
             c.autoft = dict(c.autoft, backend=backend)
+            c.validate_sections()
         if seeds is not None:
             if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
                 raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -232,11 +249,13 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
         raise ConfigError(f"cache_dir must be a path string, got {cache_dir!r}")
     cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else run_dir / "cache"
 
-    return ExperimentConfig(name=name, base_dir=base_dir, data=data, synthetic=synthetic,
-                            model=_mapping(raw, "model"), pretrain=pretrain,
-                            pretrain_seed=pretrain_seed, finetune=finetune,
-                            autoft=_mapping(raw, "autoft"), strategies=strategies,
-                            seeds=list(seeds), run_dir=run_dir, cache_dir=cache_dir, raw=raw)
+    cfg = ExperimentConfig(name=name, base_dir=base_dir, data=data, synthetic=synthetic,
+                           model=_mapping(raw, "model"), pretrain=pretrain,
+                           pretrain_seed=pretrain_seed, finetune=finetune,
+                           autoft=_mapping(raw, "autoft"), strategies=strategies,
+                           seeds=list(seeds), run_dir=run_dir, cache_dir=cache_dir, raw=raw)
+    cfg.validate_sections()
+    return cfg
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:

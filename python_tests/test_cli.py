@@ -1,0 +1,157 @@
+"""The autoft-fast CLI end to end on a tiny config, in-process via main([...])."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoft_fast.cli import build_parser, main
+
+TINY_SYNTHETIC = {
+    "seed": 5, "n_source_rows": 3000, "n_target_rows": 1500,
+    "fields": [
+        {"name": "user_id", "cardinality": 60, "effect": "stable", "frequency": "shifted"},
+        {"name": "item_id", "cardinality": 40, "effect": "shifted"},
+        {"name": "device", "cardinality": 4},
+        {"name": "price", "kind": "numeric", "frequency": "shifted"},
+        {"name": "tags", "kind": "multihot", "cardinality": 20, "max_len": 3},
+    ],
+}
+
+
+def tiny_experiment(tmp_path: Path, data, **over) -> Path:
+    cfg = {
+        "name": "tiny",
+        "model": {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]},
+        "pretrain": {"epochs": 1, "batch_size": 256},
+        "finetune": {"epochs": 1, "batch_size": 256},
+        "autoft": {"backend": "reference"},
+        "strategies": ["finetune_all", "autoft"],
+        "seeds": [0],
+        "run_dir": str(tmp_path / "runs"),
+        **over,
+    }
+    cfg.update(data)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def last_line_run_dir(out: str) -> Path:
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("run directory: "), last
+    return Path(last[len("run directory: "):])
+
+
+def table_rows(out: str) -> list[list[str]]:
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]  # skip the header
+
+
+def test_generate_then_compare_end_to_end(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["generate", "--config", str(exp), "--out", str(tmp_path / "data")]) == 0
+    dataset = tmp_path / "data" / "dataset.yaml"
+    assert dataset.is_file()
+    capsys.readouterr()
+
+    exp = tiny_experiment(tmp_path, {"data": str(dataset)})
+    rc = main(["compare", "--config", str(exp), "--seeds", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == ["finetune_all", "autoft"]
+    assert rows[0][3] == "+0.00%"  # the baseline's gain over itself
+    for r in rows:
+        auc_mean, auc_std = (float(x) for x in r[1].split(" ± "))
+        assert 0.0 <= auc_mean <= 1.0 and auc_std >= 0.0
+
+    run_dir = last_line_run_dir(out)
+    assert run_dir.parent == tmp_path / "runs"
+    for name in ("results.csv", "runs.csv", "results.md", "auc.png", "policy_fields.png",
+                 "policy_layers.png", "log.txt", "pretrain.json", "config.yaml", "run.json"):
+        assert (run_dir / name).is_file(), name
+    with open(run_dir / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["strategy"], r["seed"]) for r in runs) == [
+        ("autoft", "0"), ("autoft", "1"), ("finetune_all", "0"), ("finetune_all", "1")]
+    with open(run_dir / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert [r["strategy"] for r in results] == ["finetune_all", "autoft"]
+    assert float(results[1]["auc_mean"]) == pytest.approx(float(rows[1][1].split(" ± ")[0]),
+                                                          abs=1e-4)
+    rec = json.loads((run_dir / "runs" / "autoft-seed0" / "result.json").read_text())
+    assert set(rec["policy_stats"]["field"]) == {"user_id", "item_id", "device", "price", "tags"}
+    assert "pretrain" in (run_dir / "log.txt").read_text()
+
+    # A second comparison reuses the cached pre-trained model.
+    assert main(["compare", "--config", str(exp), "--strategies", "source_only",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [r[0] for r in table_rows(out)] == ["source_only"]
+    assert json.loads((last_line_run_dir(out) / "pretrain.json").read_text())["reused"] is True
+
+    # finetune keeps the model; --resume of a finished run reads its result back.
+    assert main(["finetune", "--config", str(exp), "--strategy", "autoft", "--seed", "1",
+                 "--no-progress"]) == 0
+    out1 = capsys.readouterr().out
+    fdir = last_line_run_dir(out1)
+    assert (fdir / "run" / "model.pt").is_file()
+    assert main(["finetune", "--config", str(exp), "--strategy", "autoft", "--seed", "1",
+                 "--resume", "--no-progress"]) == 0
+    out2 = capsys.readouterr().out
+    assert last_line_run_dir(out2) == fdir
+    assert out1.splitlines()[0] == out2.splitlines()[0]  # same test AUC line
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"optimiser": "adam"}, "unknown top-level key 'optimiser'"),
+    ({"finetune": {"epochs": 1, "lrate": 0.1}}, "unknown key finetune.'lrate'"),
+    ({"strategies": ["autoft", "spottune"]}, "unknown strategy 'spottune'"),
+    ({"seeds": [0, 0]}, "seeds must not repeat"),
+    ({"model": {"name": "xgboost"}}, "model.name"),
+    ({"autoft": {"tau": -1}}, "autoft.tau"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, over, needle):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, **over)
+    rc = main(["compare", "--config", str(exp), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_config_and_bad_strategy_flag(tmp_path, capsys):
+    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "--config", str(exp), "--strategy", "all_of_them"]) == 2
+    assert "unknown strategy 'all_of_them'" in capsys.readouterr().err
+    assert main(["finetune", "--config", str(exp), "--strategy", "autoft", "--resume"]) == 2
+    assert "no earlier finetune run" in capsys.readouterr().err
+    assert main(["compare", "--config", str(exp), "--backend", "gpu"]) == 2
+    assert "autoft.backend" in capsys.readouterr().err
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"demo", "generate", "pretrain", "finetune", "compare", "bench"}
+    for name, p in sub.choices.items():
+        assert "example:" in (p.epilog or ""), name
+        assert "autoft-fast " + name in p.epilog, name
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--help"])
+    assert e.value.code == 0
+    assert "--seeds" in capsys.readouterr().out
+
+
+def test_embedded_demo_config_is_valid():
+    from autoft_fast.config import load_config
+    from autoft_fast.models import STRATEGIES
+    cfg = load_config(None)
+    assert cfg.strategies == list(STRATEGIES) and len(cfg.seeds) >= 2
+    assert cfg.synthetic_config() is not None
