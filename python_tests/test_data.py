@@ -336,7 +336,7 @@ def test_rows_of_other_domains_are_dropped(tmp_path):
 
 def test_empty_split(tmp_path):
     frame = make_frame(400, 3)
-    with pytest.raises(DataError, match="split 'target_valid' is empty: the target domain 't' have 3 rows"):
+    with pytest.raises(DataError, match="split 'target_valid' is empty: the target domain 't' has 3 rows"):
         prepare(tmp_path, frame, split={"target": {"valid": 0.1, "test": 0.3}})
 
 

@@ -420,6 +420,7 @@ def _preprocess(cfg: DataConfig) -> DataBundle:
 
 
 def _reason_column(reason: str, cfg: DataConfig) -> str:
+    # Every reason names its column between the first pair of quotes.
     return reason.split("'")[1]
 
 
@@ -453,16 +454,16 @@ def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, time_va
     for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test"):
         if len(rows[name]) == 0:
             if name.startswith("source"):
-                n_dom, what = len(src), f"source domains {list(cfg.source_domains)}"
+                n_dom, what = len(src), f"source domains {list(cfg.source_domains)} have"
                 frac = "data.split.source.valid" + f" = {ss.valid}"
             else:
-                n_dom, what = len(tgt), f"target domain '{cfg.target_domain}'"
+                n_dom, what = len(tgt), f"target domain '{cfg.target_domain}' has"
                 part = name.split("_")[1]
                 frac = f"data.split.target.{part} = {getattr(ts, part, None)}" if part != "train" else (
                     f"data.split.target.valid + test = {ts.valid + ts.test}"
                 )
             raise DataError(
-                f"split '{name}' is empty: the {what} have {n_dom} rows and {frac}; "
+                f"split '{name}' is empty: the {what} {n_dom} rows and {frac}; "
                 "add rows or change the fractions"
             )
     return rows
