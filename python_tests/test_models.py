@@ -428,3 +428,41 @@ def test_config_round_trip():
     assert ModelConfig.from_dict(m.to_dict()) == m
     a = AutoFTConfig.from_dict({"anneal": "exp", "policy_lr": 1e-3})
     assert AutoFTConfig.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradients_match_dense(backend, fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(9)
+        model = build_transfer_model("autoft", pre, fmap, model_cfg("deepfm"),
+                                     {"sparse": sparse, "backend": backend})
+        with torch.no_grad():  # some gates tuned, some frozen, deterministic (eval mode)
+            model.policy.out.bias.normal_(0, 1)
+            model.field_embedding.tuned_weight.add_(0.1)
+        F.binary_cross_entropy_with_logits(model.eval()(data), data.label).backward()
+        grads[sparse] = [model.field_embedding.tuned_weight.grad, model.field_linear.tuned_weight.grad]
+    for dense, coo in zip(grads[False], grads[True]):
+        assert coo.is_sparse and not dense.is_sparse
+        assert torch.allclose(coo.to_dense(), dense, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["finetune_all", "autoft"])
+def test_empty_batch(strategy, fmap, data):
+    pre = pretrained_model("dcnv2", fmap, data)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("dcnv2"), {})
+    out = model.eval()(data.index(torch.arange(0)))
+    assert out.shape == (0,)
+
+
+@pytest.mark.parametrize("strategy", ["autoft_layer", "autoft_field"])
+def test_single_policy_with_frozen_ungated_part_forced_frozen_is_pretrained(strategy, fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    torch.manual_seed(10)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), {"ungated": "freeze"})
+    train_steps(model, data, steps=3)
+    model.eval()
+    assert not torch.equal(model.force_gates("tuned") or model(data), pre(data))
+    model.force_gates("frozen")
+    assert torch.equal(model(data), pre(data))
