@@ -33,15 +33,10 @@ AUTOFT_HOST_DEVICE AUTOFT_INLINE uint32_t philox_mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Philox4x32 with 10 rounds: key = (seed lo, seed hi), counter = (offset lo, offset hi, 0, 0).
-// One call serves four lookups: lookup n uses word n % 4 of the call with offset n / 4.
-AUTOFT_HOST_DEVICE AUTOFT_INLINE Philox4 philox4x32_10(uint64_t seed, uint64_t offset) {
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(offset);
-  uint32_t c1 = static_cast<uint32_t>(offset >> 32);
-  uint32_t c2 = 0u;
-  uint32_t c3 = 0u;
+// Philox4x32 with 10 rounds on a full 128-bit counter and 64-bit key (the published
+// generator, so it can be checked against its known-answer vectors).
+AUTOFT_HOST_DEVICE AUTOFT_INLINE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                       uint32_t c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -61,6 +56,13 @@ AUTOFT_HOST_DEVICE AUTOFT_INLINE Philox4 philox4x32_10(uint64_t seed, uint64_t o
   r.w[2] = c2;
   r.w[3] = c3;
   return r;
+}
+
+// The op's stream: key = (seed lo, seed hi), counter = (offset lo, offset hi, 0, 0).
+// One call serves four lookups: lookup n uses word n % 4 of the call with offset n / 4.
+AUTOFT_HOST_DEVICE AUTOFT_INLINE Philox4 philox4x32_10(uint64_t seed, uint64_t offset) {
+  return philox4x32_10(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // Word -> uniform in [0, 1), as Triton's uint_to_uniform_float: folding the negative int32

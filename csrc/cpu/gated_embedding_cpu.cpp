@@ -9,6 +9,7 @@
 #include "../gated_common.h"
 #include "../philox.h"
 #include "gated_embedding_cpu.h"
+#include "vec4.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,11 +30,25 @@
 namespace autoft {
 namespace {
 
-// Lookups per parallel task: enough work (~32k table elements touched) to amortise the task
-// overhead; always a multiple of 4 so that no Philox call is split between two tasks.
-inline int64_t lookup_grain(int64_t D) {
-  const int64_t g = std::max<int64_t>(256, 32768 / std::max<int64_t>(D, 1));
-  return (g + 3) / 4;  // in groups of four lookups
+// Lookups are processed in blocks: first the gates of a whole block (compute, with prefetches
+// of the rows they need), then its rows (memory). A multiple of 4, so that no Philox call is
+// split between blocks, and small enough that the prefetched rows stay in L1/L2.
+constexpr int64_t kBlock = 64;
+
+// Blocks per parallel task: enough work (~32k table elements touched) to amortise the task
+// overhead.
+inline int64_t block_grain(int64_t D) {
+  return std::max<int64_t>(1, 32768 / (kBlock * std::max<int64_t>(D, 1)));
+}
+
+// Prefetch the first cache lines of a row; the hardware prefetcher follows longer rows.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = std::min<int64_t>(static_cast<int64_t>(sizeof(T)) * D, 256);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(c + off, 0, 3);
+  }
 }
 
 // Where the noise of a lookup comes from.
@@ -119,50 +134,85 @@ inline bool in_range(index_t idx, int64_t V) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// o = y0 * f + y1 * t in float32, converted to the table dtype.
+template <typename scalar_t>
+inline void mix_rows(const scalar_t* f, const scalar_t* t, float y0, float y1, int64_t D,
+                     scalar_t* o) {
+  const vec4::f32x4 w0 = vec4::splat(y0);
+  const vec4::f32x4 w1 = vec4::splat(y1);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vec4::store(o + d, w0 * vec4::load(f + d) + w1 * vec4::load(t + d));
+  }
+  for (; d < D; ++d) {
+    o[d] = static_cast<scalar_t>(y0 * to_float(f[d]) + y1 * to_float(t[d]));
+  }
+}
+
 template <typename scalar_t, typename index_t>
 void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar_t* tuned,
                     const float* logits, const NoiseSource& src, float tau, bool hard, int64_t N,
                     int64_t V, int64_t D, scalar_t* out, float* gates, BadIndex& bad) {
-  const int64_t groups = (N + 3) / 4;
-  at::parallel_for(0, groups, lookup_grain(D), [&](int64_t gbegin, int64_t gend) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
-    for (int64_t g = gbegin; g < gend; ++g) {
-      const int64_t n0 = 4 * g;
-      const int64_t count = std::min<int64_t>(4, N - n0);
-      float l[4];
-      group_noise(src, n0, count, l);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t n = n0 + i;
-        const index_t idx = indices[n];
-        if (!in_range(idx, V)) {
-          if (!seen_bad) {  // chunks are contiguous: the first bad one is the chunk's smallest
-            bad.record(n);
-            seen_bad = true;
+    const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
+    float w0[kBlock];
+    float w1[kBlock];
+    for (int64_t b = bbegin; b < bend; ++b) {
+      const int64_t n0 = b * kBlock;
+      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+      // Phase 1: gates. Compute-bound; prefetching the rows the gates choose lets their cache
+      // misses overlap this work instead of serialising behind it.
+      for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+        const int64_t count = std::min<int64_t>(4, nb - i0);
+        float l[4];
+        group_noise(src, n0 + i0, count, l);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t i = i0 + j;
+          const int64_t n = n0 + i;
+          const index_t idx = indices[n];
+          if (!in_range(idx, V)) {
+            if (!seen_bad) {  // chunks are contiguous: the first bad one is the chunk's smallest
+              bad.record(n);
+              seen_bad = true;
+            }
+            first_row[i] = nullptr;
+            continue;
           }
+          const SoftGate s = soft_gate(gate_input(logits, n, l[j], tau));
+          const int64_t row = static_cast<int64_t>(idx) * D;
+          if (hard) {
+            // The comparison is false for NaN, so a NaN gate chooses the frozen row.
+            const bool pick_tuned = s.y1 > 0.5f;
+            gates[2 * n] = pick_tuned ? 0.0f : 1.0f;
+            gates[2 * n + 1] = pick_tuned ? 1.0f : 0.0f;
+            first_row[i] = (pick_tuned ? tuned : frozen) + row;  // the other row is never read
+            prefetch_row(first_row[i], D);
+          } else {
+            // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
+            gates[2 * n] = s.y0;
+            gates[2 * n + 1] = s.y1;
+            w0[i] = s.y0;
+            w1[i] = s.y1;
+            first_row[i] = frozen + row;
+            prefetch_row(frozen + row, D);
+            prefetch_row(tuned + row, D);
+          }
+        }
+      }
+      // Phase 2: rows. A short loop of independent loads, so many misses are in flight.
+      for (int64_t i = 0; i < nb; ++i) {
+        const scalar_t* f = first_row[i];
+        if (f == nullptr) {
           continue;
         }
-        const float x = gate_input(logits, n, l[i], tau);
-        const SoftGate s = soft_gate(x);
-        const int64_t row = static_cast<int64_t>(idx) * D;
-        scalar_t* o = out + n * D;
+        scalar_t* o = out + (n0 + i) * D;
         if (hard) {
-          // The comparison is false for NaN, so a NaN gate chooses the frozen row.
-          const bool pick_tuned = s.y1 > 0.5f;
-          gates[2 * n] = pick_tuned ? 0.0f : 1.0f;
-          gates[2 * n + 1] = pick_tuned ? 1.0f : 0.0f;
           // z is exactly one-hot, so the output is the chosen row, bit for bit.
-          std::memcpy(o, (pick_tuned ? tuned : frozen) + row, sizeof(scalar_t) * D);
+          std::memcpy(o, f, sizeof(scalar_t) * D);
         } else {
-          // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
-          const float y0 = s.y0;
-          const float y1 = s.y1;
-          gates[2 * n] = y0;
-          gates[2 * n + 1] = y1;
-          const scalar_t* f = frozen + row;
-          const scalar_t* t = tuned + row;
-          for (int64_t d = 0; d < D; ++d) {
-            o[d] = static_cast<scalar_t>(y0 * to_float(f[d]) + y1 * to_float(t[d]));
-          }
+          mix_rows(f, tuned + (f - frozen), w0[i], w1[i], D, o);
         }
       }
     }
@@ -173,28 +223,53 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// <g, f> and <g, t> in float32. Eight independent partial sums let the compiler vectorise the
-// loop without reassociating (no fast-math needed).
+// <g, f> and <g, t> in float32, four lanes at a time.
 template <typename grad_t, typename scalar_t>
 inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D, float& a0,
                      float& a1) {
-  float p0[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float p1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  vec4::f32x4 p0 = vec4::splat(0.0f);
+  vec4::f32x4 p1 = vec4::splat(0.0f);
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int k = 0; k < 8; ++k) {
-      const float gv = to_float(g[d + k]);
-      p0[k] += gv * to_float(f[d + k]);
-      p1[k] += gv * to_float(t[d + k]);
-    }
+  for (; d + 4 <= D; d += 4) {
+    const vec4::f32x4 gv = vec4::load(g + d);
+    p0 += gv * vec4::load(f + d);
+    p1 += gv * vec4::load(t + d);
   }
-  for (int k = 0; d < D; ++d, ++k) {
+  float s0 = vec4::hsum(p0);
+  float s1 = vec4::hsum(p1);
+  for (; d < D; ++d) {
     const float gv = to_float(g[d]);
-    p0[k] += gv * to_float(f[d]);
-    p1[k] += gv * to_float(t[d]);
+    s0 += gv * to_float(f[d]);
+    s1 += gv * to_float(t[d]);
   }
-  a0 = ((p0[0] + p0[4]) + (p0[1] + p0[5])) + ((p0[2] + p0[6]) + (p0[3] + p0[7]));
-  a1 = ((p1[0] + p1[4]) + (p1[1] + p1[5])) + ((p1[2] + p1[6]) + (p1[3] + p1[7]));
+  a0 = s0;
+  a1 = s1;
+}
+
+// o = w * g, converted to the table dtype.
+template <typename grad_t, typename scalar_t>
+inline void scale_row(const grad_t* g, float w, int64_t D, scalar_t* o) {
+  const vec4::f32x4 wv = vec4::splat(w);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vec4::store(o + d, wv * vec4::load(g + d));
+  }
+  for (; d < D; ++d) {
+    o[d] = static_cast<scalar_t>(w * to_float(g[d]));
+  }
+}
+
+// acc += w * g (acc in float32).
+template <typename grad_t>
+inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
+  const vec4::f32x4 wv = vec4::splat(w);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vec4::store(acc + d, vec4::load(acc + d) + wv * vec4::load(g + d));
+  }
+  for (; d < D; ++d) {
+    acc[d] += w * to_float(g[d]);
+  }
 }
 
 // Pass over lookups: logit gradients, and either the sparse per-lookup gradient rows
@@ -205,48 +280,66 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
                             const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
                             int64_t D, float* grad_logits, scalar_t* sparse_rows, float* z1_out,
                             BadIndex& bad) {
-  const int64_t groups = (N + 3) / 4;
-  at::parallel_for(0, groups, lookup_grain(D), [&](int64_t gbegin, int64_t gend) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
-    for (int64_t g = gbegin; g < gend; ++g) {
-      const int64_t n0 = 4 * g;
-      const int64_t count = std::min<int64_t>(4, N - n0);
-      float l[4];
-      group_noise(src, n0, count, l);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t n = n0 + i;
-        const index_t idx = indices[n];
-        if (!in_range(idx, V)) {
-          if (!seen_bad) {
-            bad.record(n);
-            seen_bad = true;
+    int64_t rows[kBlock];
+    float z1s[kBlock];
+    float scale[kBlock];  // y0 * y1 / tau
+    for (int64_t b = bbegin; b < bend; ++b) {
+      const int64_t n0 = b * kBlock;
+      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+      // Phase 1: regenerate the gates, prefetch both rows (the straight-through gradient needs
+      // <g, f> and <g, t> even when the hard gate read only one of them).
+      for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+        const int64_t count = std::min<int64_t>(4, nb - i0);
+        float l[4];
+        group_noise(src, n0 + i0, count, l);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t i = i0 + j;
+          const int64_t n = n0 + i;
+          const index_t idx = indices[n];
+          if (!in_range(idx, V)) {
+            if (!seen_bad) {
+              bad.record(n);
+              seen_bad = true;
+            }
+            rows[i] = -1;
+            continue;
           }
+          const SoftGate s = soft_gate(gate_input(logits, n, l[j], tau));
+          z1s[i] = hard ? (s.y1 > 0.5f ? 1.0f : 0.0f) : s.y1;
+          scale[i] = s.y0y1 / tau;
+          rows[i] = static_cast<int64_t>(idx) * D;
+          prefetch_row(frozen + rows[i], D);
+          prefetch_row(tuned + rows[i], D);
+        }
+      }
+      // Phase 2: dot products and gradient rows.
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t row = rows[i];
+        if (row < 0) {
           continue;
         }
-        const float x = gate_input(logits, n, l[i], tau);
-        const SoftGate s = soft_gate(x);
-        const float z1 = hard ? (s.y1 > 0.5f ? 1.0f : 0.0f) : s.y1;
-        const int64_t row = static_cast<int64_t>(idx) * D;
+        const int64_t n = n0 + i;
         const grad_t* gr = grad_out + n * D;
-        // Straight-through: both dots are needed even when the hard gate ignored one row.
         float a0, a1;
         two_dots(gr, frozen + row, tuned + row, D, a0, a1);
         float diff = a1 - a0;
         if (grad_gates != nullptr) {
           diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
         }
-        const float gl = s.y0y1 * diff / tau;
+        const float gl = scale[i] * diff;
         grad_logits[2 * n] = -gl;
         grad_logits[2 * n + 1] = gl;
+        const float z1 = z1s[i];
         if (sparse_rows != nullptr) {
           scalar_t* o = sparse_rows + n * D;
           if (z1 == 0.0f) {
             // Nothing reaches the tuned row (also when grad_out holds inf or NaN).
             std::memset(o, 0, sizeof(scalar_t) * D);
           } else {
-            for (int64_t d = 0; d < D; ++d) {
-              o[d] = static_cast<scalar_t>(z1 * to_float(gr[d]));
-            }
+            scale_row(gr, z1, D, o);
           }
         } else {
           z1_out[n] = z1;
@@ -329,16 +422,7 @@ void dense_accumulate(const grad_t* grad_out, const index_t* indices, const floa
       for (; p < M && (k[p] >> 32) == row; ++p) {
         const int64_t n = static_cast<int64_t>(k[p] & 0xffffffffu);
         const grad_t* gr = grad_out + n * D;
-        const float w = z1[n];
-        if (hard) {
-          for (int64_t d = 0; d < D; ++d) {
-            acc[d] += to_float(gr[d]);
-          }
-        } else {
-          for (int64_t d = 0; d < D; ++d) {
-            acc[d] += w * to_float(gr[d]);
-          }
-        }
+        axpy_row(gr, z1[n], D, acc.data());
       }
       scalar_t* o = grad_tuned + static_cast<int64_t>(row) * D;
       for (int64_t d = 0; d < D; ++d) {
@@ -368,11 +452,7 @@ void dense_accumulate_large(const grad_t* grad_out, const index_t* indices, cons
     const int64_t row = static_cast<int64_t>(indices[order[p]]);
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (; p < order.size() && static_cast<int64_t>(indices[order[p]]) == row; ++p) {
-      const grad_t* gr = grad_out + order[p] * D;
-      const float w = z1[order[p]];
-      for (int64_t d = 0; d < D; ++d) {
-        acc[d] += w * to_float(gr[d]);
-      }
+      axpy_row(grad_out + order[p] * D, z1[order[p]], D, acc.data());
     }
     scalar_t* o = grad_tuned + row * D;
     for (int64_t d = 0; d < D; ++d) {
