@@ -4,7 +4,6 @@ bucketing, cache, every bad input, and batching."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np

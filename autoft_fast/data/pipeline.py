@@ -298,7 +298,7 @@ def _preprocess(cfg: DataConfig) -> DataBundle:
         for reason, m in bad.items():
             if m.any():
                 i = int(np.flatnonzero(m)[0])
-                col = _reason_column(reason, cfg)
+                col = _reason_column(reason)
                 parts.append(
                     f"{int(m.sum())} rows with {reason} (e.g. {df.at[i, col]!r} in {df.at[i, '__file__']}, "
                     f"data row {int(df.at[i, '__row__'])})"
@@ -419,7 +419,7 @@ def _preprocess(cfg: DataConfig) -> DataBundle:
     return DataBundle(feature_map=feature_map, splits=splits, vocabularies=vocabularies, stats=stats)
 
 
-def _reason_column(reason: str, cfg: DataConfig) -> str:
+def _reason_column(reason: str) -> str:
     # Every reason names its column between the first pair of quotes.
     return reason.split("'")[1]
 

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ import pyarrow.compute as pc
 import yaml
 
 from .config import DataError
+
+log = logging.getLogger("autoft_fast.data")
 
 FIELD_KINDS = ("categorical", "numeric", "multihot")
 EFFECTS = ("stable", "shifted")
@@ -558,9 +561,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path | str) -> Path:
         "domains": per_domain,
     }
     (out_dir / "ground_truth.json").write_text(json.dumps(summary, indent=2) + "\n")
-    import logging
-
-    logging.getLogger("autoft_fast.data").info(
+    log.info(
         "generated %d rows in %.1fs into %s", len(frame), time.perf_counter() - t0, out_dir
     )
     return out_dir / "dataset.yaml"
