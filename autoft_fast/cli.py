@@ -28,7 +28,8 @@ EPILOGS = {
     "compare": "example:\n  autoft-fast compare --config my.yaml --seeds 3\n"
                "  autoft-fast compare --config my.yaml --strategies finetune_all,autoft\n"
                "  autoft-fast compare --config my.yaml --resume runs/my-compare-20260101-120000",
-    "bench": "example:\n  autoft-fast bench ops --help",
+    "bench": "example:\n  autoft-fast bench ops --help\n"
+             "  autoft-fast bench train --backends reference cpu --reps 3",
 }
 
 
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted comparison: its run directory, or the latest "
                         "one of this config")
 
-    p = sub.add_parser("bench", help="benchmarks (`bench ops` times the op's backends)",
+    p = sub.add_parser("bench", help="benchmarks: `bench ops` (the op), `bench train` (training)",
                        description="Benchmarks; the arguments go to autoft_fast.bench.",
                        epilog=EPILOGS["bench"], formatter_class=fmt, add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. ops --help")
@@ -260,10 +261,15 @@ def _cmd_finetune(args) -> int:
 def _cmd_bench(args) -> int:
     rest = list(args.bench_args)
     if not rest or rest[0] in ("-h", "--help"):
-        print("usage: autoft-fast bench ops [options]   (autoft-fast bench ops --help)")
+        print("usage: autoft-fast bench {ops,train} [options]   (autoft-fast bench ops --help)\n"
+              "  ops    time the gated-embedding op per backend\n"
+              "  train  training samples/s of a strategy per backend")
         return 0 if rest else 2
+    if rest[0] == "train":
+        from .train import bench as train_bench
+        return int(train_bench.main(rest[1:]) or 0)
     if rest[0] != "ops":
-        raise _UserError(f"unknown benchmark {rest[0]!r}; available: ops")
+        raise _UserError(f"unknown benchmark {rest[0]!r}; available: ops, train")
     from . import bench  # the benchmark harness pulls in optional kernels; import on demand
     return int(bench.main(rest[1:]) or 0)
 

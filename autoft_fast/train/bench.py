@@ -1,0 +1,75 @@
+"""Training throughput of one strategy under each gated-embedding backend
+(`autoft-fast bench train`): the end-to-end number the op's speed is for."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+__all__ = ["main", "measure"]
+
+
+def measure(cfg, bundle, state: dict, strategy: str, backend: str, seed: int = 0,
+            epochs: int = 1) -> float:
+    """Samples/s of `epochs` training epochs of `strategy` on target_train with `backend`
+    (evaluation excluded), from the pre-trained `state`."""
+    from ..models import build_base_model, build_transfer_model
+    from .trainer import Trainer, TrainConfig
+    torch.manual_seed(seed)
+    pre = build_base_model(bundle.feature_map, cfg.model)
+    pre.load_state_dict(state)
+    model = build_transfer_model(strategy, pre, bundle.feature_map, cfg.model,
+                                 dict(cfg.autoft, backend=backend))
+    tcfg = TrainConfig.from_dict(dict(cfg.finetune.to_dict(), epochs=epochs,
+                                      patience=epochs + 1), "finetune")
+    fit = Trainer(model, tcfg, seed=seed, progress=False,
+                  policy_lr=cfg.autoft.get("policy_lr")).fit(
+        bundle.splits["target_train"], bundle.splits["target_valid"])
+    return fit.samples_per_s
+
+
+def main(argv=None) -> int:
+    """Print a table of training samples/s per backend and the ratio to the first one.
+
+    Example:
+        autoft-fast bench train --backends reference cpu --reps 3
+    """
+    from ..config import load_config
+    from .progress import setup_logging
+    from .runner import load_data, pretrain
+    p = argparse.ArgumentParser(prog="autoft-fast bench train", description=main.__doc__)
+    p.add_argument("--config", "-c", help="experiment YAML (default: the embedded demo)")
+    p.add_argument("--strategy", default="autoft")
+    p.add_argument("--backends", nargs="+", default=["reference", "cpu"])
+    p.add_argument("--reps", type=int, default=3, help="runs per backend, interleaved; median")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per run")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--run-dir", help="run_dir override (the data and model caches live there)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup_logging(None)
+    cfg = load_config(args.config).with_overrides(run_dir=args.run_dir,
+                                                  strategies=[args.strategy])
+    bundle = load_data(cfg)
+    state, _ = pretrain(cfg, bundle, progress=False)
+    rates: dict[str, list[float]] = {b: [] for b in args.backends}
+    for rep in range(args.reps):
+        for b in args.backends:
+            t0 = time.perf_counter()
+            rates[b].append(measure(cfg, bundle, state, args.strategy, b, epochs=args.epochs))
+            print(f"  rep {rep + 1} {b}: {rates[b][-1]:,.0f} samples/s "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    base = statistics.median(rates[args.backends[0]])
+    print(f"\n# training throughput, strategy {args.strategy}, {len(bundle.splits['target_train']):,} "
+          f"target rows, batch {cfg.finetune.batch_size}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}\n")
+    print(f"| backend | samples/s (median) | runs | vs {args.backends[0]} |")
+    print("| --- | --- | --- | --- |")
+    for b in args.backends:
+        med = statistics.median(rates[b])
+        runs = ", ".join(f"{r:,.0f}" for r in rates[b])
+        print(f"| {b} | {med:,.0f} | {runs} | {med / base:.2f}x |")
+    return 0
