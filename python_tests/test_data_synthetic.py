@@ -99,6 +99,25 @@ def test_premise_ids_common_in_the_target_are_rare_in_the_source(small):
             assert share > 0.5, (f.name, share)
 
 
+def test_premise_frequency_differs_per_instance(small):
+    # Within a frequency-shifted field some target rows still carry ids that are common in the
+    # source (reuse is right for them) and most carry ids the source rarely saw: the right
+    # choice differs per instance, not only per field.
+    frame, _, _ = small
+    src = frame[frame["domain"] != "tgt"]
+    tgt = frame[frame["domain"] == "tgt"]
+    for f in DEFAULT_FIELDS:
+        if f.kind != "categorical":
+            continue
+        src_share = (src[f.name].value_counts() / len(src)).reindex(tgt[f.name]).fillna(0).to_numpy()
+        tgt_share = (tgt[f.name].value_counts() / len(tgt)).reindex(tgt[f.name]).to_numpy()
+        covered = float((src_share >= tgt_share / 4).mean())
+        if f.frequency == "shifted":
+            assert 0.03 < covered < 0.6, (f.name, covered)
+        else:
+            assert covered > 0.9, (f.name, covered)
+
+
 def test_premise_price_moves_up_in_the_target(small):
     frame, _, _ = small
     is_t = frame["domain"] == "tgt"
