@@ -278,6 +278,30 @@ def test_several_files_are_concatenated(tmp_path):
 
 
 # ---------------------------------------------------------------------------- splits
+@pytest.mark.parametrize("method", ["random", "time"])
+def test_splits_partition_the_rows(tmp_path, method):
+    frame = make_frame()
+    frame["age"] = np.arange(len(frame), dtype=float)  # the row number, read back from dense
+    split = {"target": {"method": method, "valid": 0.2, "test": 0.3}, "source": {"valid": 0.1}}
+    if method == "time":
+        split["target"]["time_column"] = "ts"
+    b = prepare(tmp_path, frame, split=split)
+    mean, std = b.feature_map.extra["dense_mean_std"]["age"]
+    rows = {k: np.round(d.dense[:, 0].double().numpy() * std + mean).astype(int) for k, d in b.splits.items()}
+    every = np.concatenate(list(rows.values()))
+    assert sorted(every.tolist()) == list(range(len(frame)))  # each row in exactly one split
+    assert (rows["source_train"] < 400).all() and (rows["target_test"] >= 400).all()
+
+
+def test_tsv_files_are_tab_separated(tmp_path):
+    frame = make_frame()
+    frame.to_csv(tmp_path / "data.tsv", sep="\t", index=False)
+    write(tmp_path, frame)
+    a = prepare_data(DataConfig.from_dict(base_dict(files=["data.tsv"]), tmp_path))
+    b = prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
+    assert torch.equal(a.splits["target_test"].sparse, b.splits["target_test"].sparse)
+
+
 def test_random_split_is_seeded(tmp_path):
     a = prepare(tmp_path)
     b = prepare(tmp_path)
