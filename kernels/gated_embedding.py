@@ -328,9 +328,15 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
     v, d = tuned_weight.shape
     device = indices.device
     grad_logits = torch.empty((n, 2), dtype=torch.float32, device=device)
+    # Float atomics sum a repeated row in scheduling order; under
+    # torch.use_deterministic_algorithms(True) the kernel writes per-lookup float32 values and
+    # index_put_(accumulate=True), deterministic there (a sort), sums them instead.
+    deterministic = not sparse and torch.are_deterministic_algorithms_enabled()
     if sparse:
         grad_tuned = torch.empty((n, d), dtype=tuned_weight.dtype, device=device)
         accum = grad_tuned
+    elif deterministic:
+        accum = torch.empty((n, d), dtype=torch.float32, device=device)
     else:
         # Dense: float32 atomics into a zeroed table, cast once at the end for 16-bit tables.
         accum = torch.zeros((v, d), dtype=torch.float32, device=device)
@@ -347,9 +353,12 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
             uniforms if use_uniforms else logits,
             accum, grad_logits, n, d, float(tau),
             HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-            HAS_GRAD_GATES=grad_gates is not None, SPARSE=sparse,
+            HAS_GRAD_GATES=grad_gates is not None, SPARSE=sparse or deterministic,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
+    if deterministic:
+        accum = torch.zeros((v, d), dtype=torch.float32, device=device).index_put_(
+            (indices.long(),), accum, accumulate=True)
     if not sparse:
         grad_tuned = accum if tuned_weight.dtype == torch.float32 else accum.to(tuned_weight.dtype)
     return grad_tuned, grad_logits

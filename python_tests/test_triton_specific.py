@@ -118,3 +118,20 @@ def test_inductor_compiles_through_the_triton_op():
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tuned.grad, want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits.grad, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_mode_gives_bitwise_identical_dense_gradients():
+    """Under torch.use_deterministic_algorithms(True) the dense gradient avoids float atomics."""
+    idx, frozen, tuned, logits, grad_out, _ = inputs(300, 40, 16, seed=6)
+    idx = idx % 3  # a few hot rows: the case where atomics reorder sums
+    call = lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton(  # noqa: E731
+        grad_out, None, idx, frozen, tuned, logits, torch.tensor(8), None, 1.0, False, True, False)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, again = call()[0], call()[0]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(first, again)
+    assert first[3:].abs().max() == 0
+    torch.testing.assert_close(first, call()[0], rtol=1e-5, atol=1e-5)

@@ -598,7 +598,10 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
                   run(std::integral_constant<GradMode, GradMode::kAtomic>{});
               }
               if (mode == GradMode::kDeterministic) {
-                const auto sorted = at::sort(idx.to(at::kLong), /*stable=*/true, /*dim=*/0);
+                // The optional<bool> must be spelled out: a plain `true` would pick the
+                // (dim, descending) overload.
+                const auto sorted = at::sort(idx.to(at::kLong), std::optional<bool>(true),
+                                             /*dim=*/0, /*descending=*/false);
                 const at::Tensor& rows = std::get<0>(sorted);
                 const at::Tensor& order = std::get<1>(sorted);
                 const int groups_per_block = kThreads / G;
