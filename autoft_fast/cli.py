@@ -41,6 +41,8 @@ def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
                    help="gated-embedding backend for the AutoFT models: auto, reference, cpu, "
                         "cuda or triton (overrides autoft.backend)")
     p.add_argument("--run-dir", metavar="DIR", help="where run directories go (overrides run_dir)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice, usually one per core)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every epoch to the terminal")
     p.add_argument("--no-progress", action="store_true", help="never draw progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -289,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .config import ConfigError
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise _UserError(f"--threads must be >= 1, got {threads}")
+            import torch
+            torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (resume with --resume)", file=sys.stderr)

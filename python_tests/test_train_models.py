@@ -119,3 +119,15 @@ def test_run_strategy_records_metrics_and_policy_stats(setup, tmp_path):
     src = run_strategy(cfg, bundle, base.state_dict(), "source_only", 0, tmp_path / "s",
                        progress=False)
     assert src["epochs_run"] == 0 and src["policy_stats"] == {"field": {}, "layer": {}}
+
+
+def test_sparse_tuned_table_gets_sparse_adam(setup):
+    fm, base = setup
+    torch.manual_seed(0)
+    model = build_transfer_model("autoft", base, fm, MODEL, dict(AUTOFT, sparse=True))
+    tr = Trainer(model, TrainConfig(epochs=1, batch_size=64), seed=0, progress=False)
+    assert isinstance(tr.optimizers["model_sparse"], torch.optim.SparseAdam)
+    before = model.field_embedding.tuned_weight.detach().clone()
+    res = tr.fit(tiny_data(fm, 300, 5, 1), tiny_data(fm, 100, 6, 1))
+    assert res.epochs_run == 1
+    assert not torch.equal(before, model.field_embedding.tuned_weight)

@@ -210,15 +210,22 @@ class Trainer:
         groups = _trainable_groups(model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        # Tables of modules built with sparse=True get COO gradients, which Adam(W) rejects:
+        # they get SparseAdam (lazy Adam over the touched rows, no weight decay) instead.
+        sparse_ids = {id(m.tuned_weight) for m in model.modules()
+                      if getattr(m, "sparse", False) and hasattr(m, "tuned_weight")}
         for name, params in groups.items():
-            if not params:
-                continue
             if name == "policy":
                 lr = policy_lr if policy_lr is not None else cfg.lr
                 wd = policy_weight_decay if policy_weight_decay is not None else cfg.weight_decay
             else:
                 lr, wd = cfg.lr, cfg.weight_decay
-            self.optimizers[name] = opt_cls(params, lr=lr, weight_decay=wd)
+            dense = [p for p in params if id(p) not in sparse_ids]
+            sparse = [p for p in params if id(p) in sparse_ids]
+            if dense:
+                self.optimizers[name] = opt_cls(dense, lr=lr, weight_decay=wd)
+            if sparse:
+                self.optimizers[f"{name}_sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
 
     # -- helpers ---------------------------------------------------------------------------
     def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
