@@ -131,7 +131,9 @@ class AutoFTConfig:
       ``exp``: tau * (tau_min / tau) ** p, ``linear``: tau + (tau_min - tau) * p, with p in
       [0, 1] the training progress (see :func:`tau_at`). Fixed by default, as SpotTune.
     - ``hard`` (True): one-hot gates in the forward pass (straight-through backward), so
-      each instance really uses one path, as at inference.
+      each instance really uses one path, as at inference. With hard gates the forward
+      choice is tuned with probability sigmoid(logit1 - logit0) whatever ``tau``: the
+      temperature only shapes the straight-through gradient (and the soft gates).
     - ``eval_gates`` (``argmax``): deterministic gates at evaluation (reproducible metrics);
       ``sample`` draws them as in training (what SpotTune's test code does).
     - ``tuned_penalty`` (0.0): weight of the mean fraction of tuned choices added to the

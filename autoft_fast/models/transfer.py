@@ -383,7 +383,9 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
     """Build the model of one transfer strategy (see ``STRATEGIES``) on the target domain.
 
     ``pretrained`` (the source-trained base model) is copied, never modified; it may be None
-    only for ``target_only``, which builds a fresh base model from ``model_cfg``.
+    only for ``target_only``, which ignores it and builds a fresh base model from
+    ``model_cfg`` (initialised from torch's RNG: seed first). For the other strategies the
+    architecture keys of ``model_cfg`` must match the pre-trained model's.
     ``autoft_cfg`` is the ``autoft:`` section (:class:`AutoFTConfig`).
 
     Example::
