@@ -99,9 +99,12 @@ def cache_key(cfg: DataConfig) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (about 1 GB/s: small next to preprocessing)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """SHA-256 of a file's bytes (about 0.6 GB/s: small next to preprocessing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest would need Python 3.11
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- cache I/O
