@@ -478,6 +478,15 @@ def test_edited_file_is_preprocessed_again_and_bad_cache_rebuilt(tmp_path, monke
     assert calls == [1, 1]
 
 
+def test_unwritable_cache_is_a_warning(tmp_path):
+    write(tmp_path, make_frame())
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    cfg = DataConfig.from_dict(base_dict(cache=True, cache_dir="blocker"), tmp_path)
+    with pytest.warns(UserWarning, match="could not write the data cache"):
+        b = prepare_data(cfg)
+    assert len(b.splits["target_test"]) == 60
+
+
 # ---------------------------------------------------------------------------- batches
 def _toy(n: int) -> TensorData:
     return TensorData(

@@ -83,8 +83,11 @@ def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None) -> DataBu
         except Exception as exc:  # a cache is never worth failing for: rebuild it
             warnings.warn(f"ignoring unreadable data cache {path} ({exc}); preprocessing again")
     bundle = _preprocess(cfg)
-    _save_bundle(bundle, path, key)
-    log.info("cached processed data in %s", path)
+    try:
+        _save_bundle(bundle, path, key)
+        log.info("cached processed data in %s", path)
+    except OSError as exc:  # e.g. a read-only data folder: the data are fine, only uncached
+        warnings.warn(f"could not write the data cache {path} ({exc}); continuing without it")
     return bundle
 
 
