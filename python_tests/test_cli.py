@@ -155,3 +155,36 @@ def test_embedded_demo_config_is_valid():
     cfg = load_config(None)
     assert cfg.strategies == list(STRATEGIES) and len(cfg.seeds) >= 2
     assert cfg.synthetic_config() is not None
+
+
+def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, capsys, monkeypatch):
+    import autoft_fast.train.runner as runner
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},
+                          finetune={"epochs": 2, "batch_size": 256, "patience": 5},
+                          strategies=["finetune_all", "autoft"])
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    straight = last_line_run_dir(capsys.readouterr().out)
+
+    class Killed(runner.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            if self.desc.startswith("autoft"):
+                def kill(epoch, _):
+                    if epoch == 1:
+                        raise KeyboardInterrupt
+                self.on_epoch_end = kill
+
+    monkeypatch.setattr(runner, "Trainer", Killed)
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 130
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["compare", "--config", str(exp), "--resume", "--no-progress"]) == 0
+    resumed = last_line_run_dir(capsys.readouterr().out)
+    assert resumed != straight and resumed.parent == straight.parent
+
+    def records(d):
+        with open(d / "runs.csv") as f:
+            return [(r["strategy"], r["seed"], r["auc"], r["logloss"], r["best_epoch"])
+                    for r in csv.DictReader(f)]
+    assert records(resumed) == records(straight)
+    assert "resumed from" in (resumed / "log.txt").read_text()
