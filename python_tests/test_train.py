@@ -268,3 +268,21 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not be read"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_progress_bar_quiet_unless_terminal():
+    import io
+
+    from autoft_fast.train import ProgressBar
+    pipe = io.StringIO()  # isatty() is False, as for a pipe or a log file
+    bar = ProgressBar(100, "epoch 1", stream=pipe)
+    bar.update(100, loss=0.5)
+    bar.close()
+    assert pipe.getvalue() == ""
+    term = io.StringIO()
+    term.isatty = lambda: True
+    bar = ProgressBar(100, "epoch 1", stream=term, min_interval=0)
+    bar.update(100, loss=0.5)
+    bar.close()
+    assert "100/100" in term.getvalue() and "samples/s" in term.getvalue()
+    assert "loss 0.5000" in term.getvalue()

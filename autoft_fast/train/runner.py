@@ -177,9 +177,13 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
                       resume=resume and not force)
     valid = trainer.evaluate(bundle.splits["source_valid"])
     info = {"valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
+            "valid_per_domain": valid["per_domain"],
             "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
             "train_samples_per_s": fit.samples_per_s, "wall_seconds": time.perf_counter() - t0,
             "history": fit.history, "model": model_cfg, "key": key}
+    for dom, m in valid["per_domain"].items():
+        log.info("pretrain: source valid %s: AUC %.4f LogLoss %.4f (%d rows)", dom, m["auc"],
+                 m["logloss"], m["n"])
     save_atomic({"model": model.state_dict(), "info": info}, path)
     (out_dir / f"{path.stem}-last.pt").unlink(missing_ok=True)
     log.info("pretrain: %s, %d epochs, source valid AUC %.4f LogLoss %.4f, %.0f samples/s, "
