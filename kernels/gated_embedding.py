@@ -83,7 +83,9 @@ def _gate_logit(
     return d / tau
 
 
-@triton.jit
+# Random seeds and batch sizes would otherwise each pick a specialisation (int32 vs int64,
+# divisible by 16 or not) and recompile; D keeps its specialisation, it aligns the row loads.
+@triton.jit(do_not_specialize=["seed_val", "N"])
 def _fwd_kernel(
     idx_ptr, frozen_ptr, tuned_ptr, logits_ptr, seed_ptr, seed_val, uniforms_ptr,
     out_ptr, gates_ptr, N, D, tau,
@@ -126,7 +128,7 @@ def _fwd_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_val", "N"])
 def _bwd_kernel(
     grad_out_ptr, grad_gates_ptr, idx_ptr, frozen_ptr, tuned_ptr, logits_ptr,
     seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, N, D, tau,
