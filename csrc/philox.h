@@ -70,7 +70,7 @@ AUTOFT_HOST_DEVICE AUTOFT_INLINE Philox4 philox4x32_10(uint64_t seed, uint64_t o
 AUTOFT_HOST_DEVICE AUTOFT_INLINE float philox_uniform(uint32_t word) {
   int32_t x = static_cast<int32_t>(word);
   if (x < 0) {
-    x = -x - 1;
+    x = ~x;  // = -x - 1, without the signed overflow of -x at INT32_MIN
   }
   return static_cast<float>(x) * 4.6566127342e-10f;
 }

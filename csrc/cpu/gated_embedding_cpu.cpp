@@ -58,44 +58,57 @@ struct NoiseSource {
   const float* uniforms;  // overrides the seed when not null
 };
 
-// Logistic noise of the (up to) four lookups n0 .. n0 + count - 1, n0 % 4 == 0.
-inline void group_noise(const NoiseSource& src, int64_t n0, int64_t count, float l[4]) {
-  if (!src.noise) {
-    l[0] = l[1] = l[2] = l[3] = 0.0f;
-  } else if (src.uniforms != nullptr) {
-    for (int64_t i = 0; i < count; ++i) {
-      l[i] = logistic_noise(src.uniforms[n0 + i]);
-    }
-  } else {
-    const Philox4 r = philox4x32_10(src.seed, static_cast<uint64_t>(n0) >> 2);
-    for (int64_t i = 0; i < count; ++i) {
-      l[i] = logistic_noise(philox_uniform(r.w[i]));
-    }
-  }
-}
-
-// sigmoid(x) and sigmoid(x) * sigmoid(-x) from one exp of -|x|: the product is formed directly,
-// never as y * (1 - y), so it keeps its relative precision when the gate is nearly certain.
-// A NaN x gives NaN for both.
-struct SoftGate {
-  float y0;
-  float y1;
-  float y0y1;
+// Gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0), one Philox call and
+// one 4-lane pass of the logistic noise and the sigmoid:
+//   l = log(U + 1e-20) - log(1 - U),  x = (d + l) / tau,
+//   y1 = sigmoid(x), y0 = sigmoid(-x), y0y1 = y0 * y1,
+// all from one exp of -|x|. y0 * y1 is formed as a product, never as y * (1 - y), so it keeps
+// its relative precision when a gate is nearly certain. NaN in x reaches all three outputs.
+struct GateGroup {
+  vec4::f32x4 y0;
+  vec4::f32x4 y1;
+  vec4::f32x4 y0y1;
 };
 
-inline SoftGate soft_gate(float x) {
-  const float e = std::exp(-std::fabs(x));
-  const float r = 1.0f / (1.0f + e);
-  const bool positive = x >= 0.0f;  // false for NaN, which then reaches every output
-  SoftGate s;
-  s.y0 = positive ? e * r : r;
-  s.y1 = positive ? r : e * r;
-  s.y0y1 = e * r * r;
-  return s;
-}
-
-inline float gate_input(const float* logits, int64_t n, float l, float tau) {
-  return (logits[2 * n + 1] - logits[2 * n] + l) / tau;
+inline GateGroup gate_group(const NoiseSource& src, const float* logits, int64_t n0, int64_t count,
+                            float tau) {
+  using vec4::f32x4;
+  using vec4::splat;
+  f32x4 d = splat(0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    d[j] = logits[2 * (n0 + j) + 1] - logits[2 * (n0 + j)];
+  }
+  f32x4 x = d;
+  if (src.noise) {
+    f32x4 u = splat(0.5f);  // lanes past N: any value in (0, 1)
+    if (src.uniforms != nullptr) {
+      for (int64_t j = 0; j < count; ++j) {
+        u[j] = src.uniforms[n0 + j];
+      }
+    } else {
+      const Philox4 r = philox4x32_10(src.seed, static_cast<uint64_t>(n0) >> 2);
+      vec4::i32x4 w = {static_cast<int32_t>(r.w[0]), static_cast<int32_t>(r.w[1]),
+                       static_cast<int32_t>(r.w[2]), static_cast<int32_t>(r.w[3])};
+      w = w < 0 ? ~w : w;  // philox_uniform, four at a time
+      u = __builtin_convertvector(w, f32x4) * splat(4.6566127342e-10f);
+    }
+    x = d + (vec4::log(u + splat(1e-20f)) - vec4::log(splat(1.0f) - u));
+  }
+  x = x / splat(tau);
+  vec4::u32x4 abs_bits;
+  std::memcpy(&abs_bits, &x, sizeof(abs_bits));
+  abs_bits |= 0x80000000u;  // -|x|
+  f32x4 neg_abs;
+  std::memcpy(&neg_abs, &abs_bits, sizeof(neg_abs));
+  const f32x4 e = vec4::exp_nonpositive(neg_abs);
+  const f32x4 r = splat(1.0f) / (splat(1.0f) + e);
+  const f32x4 er = e * r;
+  const vec4::i32x4 positive = x >= splat(0.0f);  // false for NaN
+  GateGroup g;
+  g.y1 = positive ? r : er;
+  g.y0 = positive ? er : r;
+  g.y0y1 = er * r;
+  return g;
 }
 
 template <typename T>
@@ -134,6 +147,21 @@ inline bool in_range(index_t idx, int64_t V) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// o = f, inline: a libc memcpy call per short row costs more than the copy itself.
+template <typename scalar_t>
+inline void copy_row(const scalar_t* f, int64_t D, scalar_t* o) {
+  const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t)) * D;
+  const char* src = reinterpret_cast<const char*>(f);
+  char* dst = reinterpret_cast<char*>(o);
+  int64_t b = 0;
+  for (; b + 16 <= bytes; b += 16) {
+    std::memcpy(dst + b, src + b, 16);
+  }
+  for (; b < bytes; b += static_cast<int64_t>(sizeof(scalar_t))) {
+    std::memcpy(dst + b, src + b, sizeof(scalar_t));
+  }
+}
+
 // o = y0 * f + y1 * t in float32, converted to the table dtype.
 template <typename scalar_t>
 inline void mix_rows(const scalar_t* f, const scalar_t* t, float y0, float y1, int64_t D,
@@ -157,6 +185,7 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
     const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
+    const scalar_t* const tables[2] = {frozen, tuned};
     float w0[kBlock];
     float w1[kBlock];
     for (int64_t b = bbegin; b < bend; ++b) {
@@ -166,8 +195,14 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
       // misses overlap this work instead of serialising behind it.
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        float l[4];
-        group_noise(src, n0 + i0, count, l);
+        GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
+        // Hard choice without branches (a random gate mispredicts half the time). The
+        // comparison is false for NaN, so a NaN gate chooses the frozen row.
+        const vec4::i32x4 pick = s.y1 > vec4::splat(0.5f);  // lanes: 0 or -1
+        if (hard) {
+          s.y1 = pick ? vec4::splat(1.0f) : vec4::splat(0.0f);
+          s.y0 = vec4::splat(1.0f) - s.y1;
+        }
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
           const int64_t n = n0 + i;
@@ -180,21 +215,18 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
             first_row[i] = nullptr;
             continue;
           }
-          const SoftGate s = soft_gate(gate_input(logits, n, l[j], tau));
           const int64_t row = static_cast<int64_t>(idx) * D;
           if (hard) {
-            // The comparison is false for NaN, so a NaN gate chooses the frozen row.
-            const bool pick_tuned = s.y1 > 0.5f;
-            gates[2 * n] = pick_tuned ? 0.0f : 1.0f;
-            gates[2 * n + 1] = pick_tuned ? 1.0f : 0.0f;
-            first_row[i] = (pick_tuned ? tuned : frozen) + row;  // the other row is never read
+            gates[2 * n] = s.y0[j];
+            gates[2 * n + 1] = s.y1[j];
+            first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
             prefetch_row(first_row[i], D);
           } else {
             // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
-            gates[2 * n] = s.y0;
-            gates[2 * n + 1] = s.y1;
-            w0[i] = s.y0;
-            w1[i] = s.y1;
+            gates[2 * n] = s.y0[j];
+            gates[2 * n + 1] = s.y1[j];
+            w0[i] = s.y0[j];
+            w1[i] = s.y1[j];
             first_row[i] = frozen + row;
             prefetch_row(frozen + row, D);
             prefetch_row(tuned + row, D);
@@ -210,7 +242,7 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
         scalar_t* o = out + (n0 + i) * D;
         if (hard) {
           // z is exactly one-hot, so the output is the chosen row, bit for bit.
-          std::memcpy(o, f, sizeof(scalar_t) * D);
+          copy_row(f, D, o);
         } else {
           mix_rows(f, tuned + (f - frozen), w0[i], w1[i], D, o);
         }
@@ -246,16 +278,19 @@ inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int6
   a1 = s1;
 }
 
-// o = w * g, converted to the table dtype.
+// o = w * g, converted to the table dtype; exactly 0 where w == 0, even if g holds inf or NaN
+// (a hard gate that chose the frozen row sends nothing to the tuned row). Branch-free: w is a
+// random 0 or 1 under a hard gate.
 template <typename grad_t, typename scalar_t>
 inline void scale_row(const grad_t* g, float w, int64_t D, scalar_t* o) {
   const vec4::f32x4 wv = vec4::splat(w);
+  const vec4::i32x4 live = wv != vec4::splat(0.0f);
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
-    vec4::store(o + d, wv * vec4::load(g + d));
+    vec4::store(o + d, live ? wv * vec4::load(g + d) : vec4::splat(0.0f));
   }
   for (; d < D; ++d) {
-    o[d] = static_cast<scalar_t>(w * to_float(g[d]));
+    o[d] = static_cast<scalar_t>(w != 0.0f ? w * to_float(g[d]) : 0.0f);
   }
 }
 
@@ -293,8 +328,9 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
       // <g, f> and <g, t> even when the hard gate read only one of them).
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        float l[4];
-        group_noise(src, n0 + i0, count, l);
+        const GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
+        const vec4::f32x4 z1 =
+            hard ? (s.y1 > vec4::splat(0.5f) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
           const int64_t n = n0 + i;
@@ -307,9 +343,8 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
             rows[i] = -1;
             continue;
           }
-          const SoftGate s = soft_gate(gate_input(logits, n, l[j], tau));
-          z1s[i] = hard ? (s.y1 > 0.5f ? 1.0f : 0.0f) : s.y1;
-          scale[i] = s.y0y1 / tau;
+          z1s[i] = z1[j];
+          scale[i] = s.y0y1[j] / tau;
           rows[i] = static_cast<int64_t>(idx) * D;
           prefetch_row(frozen + rows[i], D);
           prefetch_row(tuned + rows[i], D);
@@ -334,13 +369,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
         grad_logits[2 * n + 1] = gl;
         const float z1 = z1s[i];
         if (sparse_rows != nullptr) {
-          scalar_t* o = sparse_rows + n * D;
-          if (z1 == 0.0f) {
-            // Nothing reaches the tuned row (also when grad_out holds inf or NaN).
-            std::memset(o, 0, sizeof(scalar_t) * D);
-          } else {
-            scale_row(gr, z1, D, o);
-          }
+          scale_row(gr, z1, D, sparse_rows + n * D);
         } else {
           z1_out[n] = z1;
         }

@@ -2,6 +2,7 @@
 // published known-answer vectors and against a plain 64-bit re-derivation, and the forward /
 // backward against a naive per-lookup computation written here. Run by `ctest` (CMakeLists.txt).
 #include "cpu/gated_embedding_cpu.h"
+#include "cpu/vec4.h"
 #include "philox.h"
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <algorithm>
 #include <string>
 
 namespace {
@@ -80,6 +83,45 @@ void test_philox_stream_layout() {
   check(autoft::philox_uniform(0x80000000u) == top, "uniform of word 0x80000000 folds onto 0x7fffffff");
   check(std::isfinite(autoft::logistic_noise(0.0f)) && std::isfinite(autoft::logistic_noise(top)),
         "logistic noise finite at both ends");
+}
+
+// Distance in units in the last place between two finite floats of the same sign.
+int64_t ulps(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::llabs(static_cast<int64_t>(ia) - static_cast<int64_t>(ib));
+}
+
+// The kernels' 4-lane log and exp against libm over the ranges the gates use.
+void test_vector_math() {
+  int64_t worst_log = 0, worst_exp = 0;
+  for (uint32_t word = 0; word < (1u << 31); word += 9973u) {  // every uniform magnitude
+    const float u = autoft::philox_uniform(word);
+    for (float v : {u + 1e-20f, 1.0f - u}) {
+      const float got = autoft::vec4::log(autoft::vec4::splat(v))[0];
+      const float want = static_cast<float>(std::log(static_cast<double>(v)));
+      worst_log = std::max(worst_log, std::fabs(want) < 1e-30f ? 0 : ulps(got, want));
+    }
+  }
+  for (float t = -87.0f; t <= 0.0f; t += 0.00137f) {
+    const float got = autoft::vec4::exp_nonpositive(autoft::vec4::splat(t))[0];
+    const float want = static_cast<float>(std::exp(static_cast<double>(t)));
+    worst_exp = std::max(worst_exp, ulps(got, want));
+  }
+  std::printf("vector log: worst %lld ulp, vector exp: worst %lld ulp\n", (long long)worst_log,
+              (long long)worst_exp);
+  check(worst_log <= 4, "vector log within 4 ulp");
+  check(worst_exp <= 4, "vector exp within 4 ulp");
+  const autoft::vec4::f32x4 odd = {0.0f, -1.0f, INFINITY, NAN};
+  const autoft::vec4::f32x4 logs = autoft::vec4::log(odd);
+  check(std::isinf(logs[0]) && logs[0] < 0 && std::isnan(logs[1]) && std::isinf(logs[2]) &&
+            std::isnan(logs[3]),
+        "vector log of 0, -1, inf, NaN as libm");
+  const autoft::vec4::f32x4 exps =
+      autoft::vec4::exp_nonpositive(autoft::vec4::f32x4{-INFINITY, -100.0f, 0.0f, NAN});
+  check(exps[0] == 0.0f && exps[1] == 0.0f && exps[2] == 1.0f && std::isnan(exps[3]),
+        "vector exp of -inf, -100, 0, NaN");
 }
 
 // Naive forward/backward of one configuration, compared with the kernels.
@@ -187,6 +229,7 @@ void test_bad_index() {
 int main() {
   test_philox_known_answers();
   test_philox_stream_layout();
+  test_vector_math();
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (bool hard : {true, false}) {
       test_against_naive(dtype, hard, true, false);
