@@ -467,3 +467,41 @@ def test_single_policy_with_frozen_ungated_part_forced_frozen_is_pretrained(stra
     assert not torch.equal(model(data), pre(data))
     model.force_gates("frozen")
     assert torch.equal(model(data), pre(data))
+
+
+@pytest.mark.parametrize("strategy", ["autoft_layer", "autoft_field"])
+def test_policy_learns_to_route_each_instance_to_the_better_path(strategy, fmap, data):
+    # Frozen path predicts 0, tuned path predicts 1; labels are 1 for even users only. The
+    # only good policy sends even users to the tuned path and odd users to the frozen one,
+    # which it can tell apart from the user's frozen embedding.
+    torch.manual_seed(11)
+    pre = build_base_model(fmap, model_cfg("dnn", hidden_units=[], embedding_init_std=1.0))
+    with torch.no_grad():
+        pre.layers["output"].linear.weight.zero_()
+        pre.layers["output"].linear.bias.fill_(-3.0)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("dnn", hidden_units=[]),
+                                 {"tau": 1.0, "policy_hidden_units": [16]})
+    with torch.no_grad():
+        if strategy == "autoft_layer":
+            model.net.layers["output"].linear.bias.fill_(3.0)
+        else:  # only the user field is gated towards +3 through the output weights
+            w = model.net.layers["output"].linear.weight
+            w[0, :4] = 1.0
+            model.field_embedding.frozen_weight[:9] = -0.75  # frozen user rows: logit -3 - 3
+            model.field_embedding.tuned_weight[:9] = 1.5      # tuned user rows:  logit -3 + 6
+            # The policy must still tell the users apart: it reads the frozen rows, so keep
+            # them distinct per user while their dot product with w stays -3.
+            model.field_embedding.frozen_weight[:9, 0] += torch.linspace(-1, 1, 9)
+            model.field_embedding.frozen_weight[:9, 1] -= torch.linspace(-1, 1, 9)
+    even = (data.sparse[:, 0] % 2 == 0)
+    labelled = TensorData(data.sparse, data.multihot, data.dense, even.float(), data.domain)
+    opt = torch.optim.Adam(model.parameter_groups()["policy"], lr=0.05)
+    model.train()
+    for _ in range(150):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model(labelled), labelled.label).backward()
+        opt.step()
+    model.eval()
+    model(labelled)
+    gates = model.last_gates["layer" if strategy == "autoft_layer" else "field"][:, 0, 1]
+    assert gates[even].mean() > 0.9 and gates[~even].mean() < 0.1, (gates[even].mean(), gates[~even].mean())
