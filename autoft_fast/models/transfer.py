@@ -63,6 +63,14 @@ _ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm
               "cross_layers", "structure")
 
 
+def _copy(pretrained: BaseCTRModel) -> BaseCTRModel:
+    """A deep copy without the gradients the pre-training may have left on the parameters."""
+    clone = copy.deepcopy(pretrained)
+    for p in clone.parameters():
+        p.grad = None
+    return clone
+
+
 def _freeze(module: nn.Module | None) -> None:
     if module is not None:
         for p in module.parameters():
@@ -102,7 +110,7 @@ class TransferModel(nn.Module):
         if strategy == "target_only":
             self.net = build_base_model(feature_map, model_cfg)
         else:
-            self.net = copy.deepcopy(pretrained)
+            self.net = _copy(pretrained)
             for p in self.net.parameters():
                 p.requires_grad_(True)
         net = self.net
@@ -117,7 +125,7 @@ class TransferModel(nn.Module):
         elif strategy == "freeze_dnn":
             self._freeze_stack()
         elif strategy in ("l2sp", "autoft_layer", "autoft"):
-            self.frozen_net = copy.deepcopy(pretrained)
+            self.frozen_net = _copy(pretrained)
             _freeze(self.frozen_net)
             self._fixed.append("frozen_net")
 
