@@ -505,3 +505,16 @@ def test_policy_learns_to_route_each_instance_to_the_better_path(strategy, fmap,
     model(labelled)
     gates = model.last_gates["layer" if strategy == "autoft_layer" else "field"][:, 0, 1]
     assert gates[even].mean() > 0.9 and gates[~even].mean() < 0.1, (gates[even].mean(), gates[~even].mean())
+
+
+def test_dense_only_feature_map(data):
+    fmap = FeatureMap(fields=[], single_fields=[], multihot_fields=[], multihot_max_len=0,
+                      dense_fields=["price"], domain_values=["src", "tgt"])
+    batch = TensorData(sparse=torch.zeros(len(data), 0, dtype=torch.long), multihot=None,
+                       dense=data.dense, label=data.label, domain=data.domain)
+    pre = build_base_model(fmap, model_cfg("dcnv2"))
+    assert pre(batch).shape == (len(data),)
+    model = build_transfer_model("autoft_layer", pre, fmap, model_cfg("dcnv2"), {})
+    assert model(batch).shape == (len(data),)
+    with pytest.raises(ValueError, match="no.*fields|has none"):
+        build_transfer_model("autoft_field", pre, fmap, model_cfg("dcnv2"), {})

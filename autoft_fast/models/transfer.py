@@ -409,4 +409,7 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
     acfg = autoft_cfg if isinstance(autoft_cfg, AutoFTConfig) else AutoFTConfig.from_dict(autoft_cfg)
     if strategy != "target_only":
         _check_pretrained(pretrained, feature_map, mcfg, strategy)
+        if strategy in FIELD_GATED and not pretrained.field_names:
+            raise ValueError(f"strategy = {strategy!r} gates embedding fields, but the feature "
+                             f"map has none (only dense fields {pretrained.dense_fields})")
     return TransferModel(strategy, pretrained, feature_map, mcfg, acfg)
