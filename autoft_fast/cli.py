@@ -41,6 +41,8 @@ def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
                    help="gated-embedding backend for the AutoFT models: auto, reference, cpu, "
                         "cuda or triton (overrides autoft.backend)")
     p.add_argument("--run-dir", metavar="DIR", help="where run directories go (overrides run_dir)")
+    p.add_argument("--device", metavar="DEV",
+                   help="cpu, cuda, cuda:N or auto (overrides device; auto = cuda if present)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice, usually one per core)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every epoch to the terminal")
@@ -130,7 +132,8 @@ def _load(args, default_demo: bool = False):
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     return cfg.with_overrides(backend=getattr(args, "backend", None),
                               seeds=getattr(args, "seeds", None),
-                              run_dir=getattr(args, "run_dir", None), strategies=strategies)
+                              run_dir=getattr(args, "run_dir", None), strategies=strategies,
+                              device=getattr(args, "device", None))
 
 
 def _start_run(cfg, command: str, args, extra: dict | None = None,

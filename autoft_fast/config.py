@@ -14,7 +14,8 @@ autoft: {backend: auto, tau: 1.0, ...}  # passed to build_transfer_model; see do
 strategies: all            # or a list of names from autoft_fast.models.STRATEGIES
 seeds: [0, 1]              # fine-tuning seeds; mean and std are taken over them
 run_dir: runs              # relative to the working directory
-cache_dir: null            # processed-data / generated-data cache; default <run_dir>/cache
+cache_dir: null            # generated data and pre-trained models; default <run_dir>/cache
+device: auto               # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
 ```
 
 Every unknown key is an error that names it. Example:
@@ -42,7 +43,7 @@ __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "DE
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 
 TOP_LEVEL_KEYS = ("name", "data", "synthetic", "model", "pretrain", "finetune", "autoft",
-                  "strategies", "seeds", "run_dir", "cache_dir")
+                  "strategies", "seeds", "run_dir", "cache_dir", "device")
 
 # Defaults of the two training stages. Pre-training sees a large source set, so fewer epochs
 # suffice; fine-tuning sees a small target set that over-fits fast, so early stopping
@@ -106,7 +107,18 @@ class ExperimentConfig:
     seeds: list
     run_dir: Path
     cache_dir: Path
+    device: str = "auto"
     raw: dict = field(default_factory=dict)
+
+    def torch_device(self):
+        """The torch.device of `device` ('auto': cuda when available, else cpu)."""
+        import torch
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} was asked for but CUDA is not available")
+        return dev
 
     def data_section(self) -> tuple[dict, Path]:
         """The `data:` mapping and the directory its relative paths are resolved against."""
@@ -158,8 +170,8 @@ class ExperimentConfig:
             raise ConfigError(str(e)) from None
 
     def with_overrides(self, *, backend: str | None = None, seeds: int | None = None,
-                       run_dir: str | Path | None = None,
-                       strategies: list | None = None) -> "ExperimentConfig":
+                       run_dir: str | Path | None = None, strategies: list | None = None,
+                       device: str | None = None) -> "ExperimentConfig":
         """A copy with CLI overrides applied: `backend` goes to autoft['backend']; `seeds=N`
         keeps the first N configured seeds and extends them with consecutive integers."""
         c = copy.deepcopy(self)
@@ -178,7 +190,25 @@ class ExperimentConfig:
             c.cache_dir = c.run_dir / "cache" if "cache_dir" not in c.raw else c.cache_dir
         if strategies is not None:
             c.strategies = resolve_strategies(strategies)
+        if device is not None:
+            c.device = _check_device(device, "--device")
         return c
+
+
+def _check_device(value, where: str) -> str:
+    import torch
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string such as cpu, cuda or auto, got {value!r}")
+    if value == "auto":
+        return value
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise ConfigError(f"{where} = {value!r} is not a device; use cpu, cuda, cuda:N or "
+                          "auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{where} = {value!r}: only cpu and cuda devices are supported")
+    return value
 
 
 def _mapping(raw: dict, key: str) -> dict:
@@ -253,7 +283,8 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
                            model=_mapping(raw, "model"), pretrain=pretrain,
                            pretrain_seed=pretrain_seed, finetune=finetune,
                            autoft=_mapping(raw, "autoft"), strategies=strategies,
-                           seeds=list(seeds), run_dir=run_dir, cache_dir=cache_dir, raw=raw)
+                           seeds=list(seeds), run_dir=run_dir, cache_dir=cache_dir,
+                           device=_check_device(raw.get("device", "auto"), "device"), raw=raw)
     cfg.validate_sections()
     return cfg
 

@@ -188,3 +188,12 @@ def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, cap
                     for r in csv.DictReader(f)]
     assert records(resumed) == records(straight)
     assert "resumed from" in (resumed / "log.txt").read_text()
+
+
+def test_device_option_is_checked(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["compare", "--config", str(exp), "--device", "tpu"]) == 2
+    assert "--device = 'tpu'" in capsys.readouterr().err
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, device="cuda:x")
+    assert main(["compare", "--config", str(exp)]) == 2
+    assert "device = 'cuda:x' is not a device" in capsys.readouterr().err

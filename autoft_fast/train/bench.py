@@ -24,8 +24,9 @@ def measure(cfg, bundle, state: dict, strategy: str, backend: str, seed: int = 0
                                  dict(cfg.autoft, backend=backend))
     tcfg = TrainConfig.from_dict(dict(cfg.finetune.to_dict(), epochs=epochs,
                                       patience=epochs + 1), "finetune")
-    fit = Trainer(model, tcfg, seed=seed, progress=False,
-                  policy_lr=cfg.autoft.get("policy_lr")).fit(
+    fit = Trainer(model, tcfg, seed=seed, progress=False, device=cfg.torch_device(),
+                  policy_lr=cfg.autoft.get("policy_lr"),
+                  policy_weight_decay=cfg.autoft.get("policy_weight_decay")).fit(
         bundle.splits["target_train"], bundle.splits["target_valid"])
     return fit.samples_per_s
 
@@ -47,11 +48,12 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="training epochs per run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--run-dir", help="run_dir override (the data and model caches live there)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_logging(None)
-    cfg = load_config(args.config).with_overrides(run_dir=args.run_dir,
+    cfg = load_config(args.config).with_overrides(run_dir=args.run_dir, device=args.device,
                                                   strategies=[args.strategy])
     bundle = load_data(cfg)
     state, _ = pretrain(cfg, bundle, progress=False)
@@ -64,8 +66,8 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
     base = statistics.median(rates[args.backends[0]])
     print(f"\n# training throughput, strategy {args.strategy}, {len(bundle.splits['target_train']):,} "
-          f"target rows, batch {cfg.finetune.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps}\n")
+          f"target rows, batch {cfg.finetune.batch_size}, device {cfg.torch_device()}, "
+          f"{torch.get_num_threads()} threads, median of {args.reps}\n")
     print(f"| backend | samples/s (median) | runs | vs {args.backends[0]} |")
     print("| --- | --- | --- | --- |")
     for b in args.backends:

@@ -178,7 +178,7 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
     model = build_base_model(bundle.feature_map, cfg.model)
     trainer = Trainer(model, cfg.pretrain, checkpoint_path=out_dir / f"{path.stem}-last.pt",
                       seed=cfg.pretrain_seed, domain_names=_domain_names(bundle),
-                      desc="pretrain", progress=progress)
+                      desc="pretrain", progress=progress, device=cfg.torch_device())
     t0 = time.perf_counter()
     fit = trainer.fit(bundle.splits["source_train"], bundle.splits["source_valid"],
                       resume=resume and not force)
@@ -191,7 +191,8 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
     for dom, m in valid["per_domain"].items():
         log.info("pretrain: source valid %s: AUC %.4f LogLoss %.4f (%d rows)", dom, m["auc"],
                  m["logloss"], m["n"])
-    save_atomic({"model": model.state_dict(), "info": info}, path)
+    save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "info": info},
+                path)
     (out_dir / f"{path.stem}-last.pt").unlink(missing_ok=True)
     log.info("pretrain: %s, %d epochs, source valid AUC %.4f LogLoss %.4f, %.0f samples/s, "
              "%.1f s -> %s", model_cfg["name"], fit.epochs_run, valid["auc"], valid["logloss"],
@@ -241,6 +242,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
         pretrained = build_base_model(bundle.feature_map, cfg.model)
         pretrained.load_state_dict(pretrained_state)
     model = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft)
+    device = cfg.torch_device()
+    model.to(device)
     domains = _domain_names(bundle)
     rec = {"strategy": strategy, "seed": seed, "best_epoch": None, "epochs_run": 0,
            "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": []}
@@ -250,7 +253,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                           policy_lr=cfg.autoft.get("policy_lr"),
                           policy_weight_decay=cfg.autoft.get("policy_weight_decay"),
                           domain_names=domains, desc=f"{strategy} seed {seed}",
-                          progress=progress)
+                          progress=progress, device=device)
         fit = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
                           resume=resume)
         rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
@@ -258,7 +261,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                    history=fit.history, valid_best=fit.best_metric)
     if hasattr(model, "reset_policy_stats"):
         model.reset_policy_stats()
-    test = evaluate(model, bundle.splits["target_test"], cfg.finetune.eval_batch_size, domains)
+    test = evaluate(model, bundle.splits["target_test"], cfg.finetune.eval_batch_size, domains,
+                    device=device)
     stats = model.policy_stats() if hasattr(model, "policy_stats") else {}
     rec.update(auc=test["auc"], logloss=test["logloss"], per_domain=test["per_domain"],
                policy_stats=stats, wall_seconds=time.perf_counter() - t0)

@@ -123,10 +123,19 @@ def _default_iterate(data, batch_size: int, shuffle: bool,
     return iterate_batches(data, batch_size, shuffle, generator)
 
 
+def _to_device(batch, device: torch.device | None):
+    # Data stays on the CPU (the shuffler is a CPU generator); each batch is copied over.
+    if device is None or device.type == "cpu":
+        return batch
+    return batch.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, data, batch_size: int = 8192,
-            iterate: Callable = _default_iterate) -> torch.Tensor:
-    """Logits of `model` for every row of `data` (TensorData), in eval mode, in row order.
+            iterate: Callable = _default_iterate,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Logits of `model` for every row of `data` (TensorData), in eval mode, in row order,
+    on the CPU; batches are moved to `device` (the model's device) when given.
 
     Example:
         >>> logits = predict(model, bundle.splits["target_test"])
@@ -134,7 +143,7 @@ def predict(model: torch.nn.Module, data, batch_size: int = 8192,
     was_training = model.training
     model.eval()
     try:
-        outs = [model(b).detach().float().reshape(-1).cpu()
+        outs = [model(_to_device(b, device)).detach().float().reshape(-1).cpu()
                 for b in iterate(data, batch_size, False, None)]
     finally:
         model.train(was_training)
@@ -142,14 +151,15 @@ def predict(model: torch.nn.Module, data, batch_size: int = 8192,
 
 
 def evaluate(model: torch.nn.Module, data, batch_size: int = 8192,
-             domain_names=None, iterate: Callable = _default_iterate) -> dict:
+             domain_names=None, iterate: Callable = _default_iterate,
+             device: torch.device | None = None) -> dict:
     """AUC / LogLoss of `model` on `data`, overall and per domain (see `compute_metrics`).
 
     Example:
         >>> evaluate(model, bundle.splits["target_test"])["auc"]
         0.7312...
     """
-    logits = predict(model, data, batch_size, iterate)
+    logits = predict(model, data, batch_size, iterate, device)
     domains = getattr(data, "domain", None)
     return compute_metrics(data.label, logits, domains, domain_names)
 
@@ -194,7 +204,11 @@ class Trainer:
                  domain_names=None, desc: str = "train",
                  logger: logging.Logger | None = None, progress: bool | None = None,
                  iterate: Callable = _default_iterate,
-                 on_epoch_end: Callable[[int, dict], None] | None = None):
+                 on_epoch_end: Callable[[int, dict], None] | None = None,
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None:
+            model.to(self.device)
         self.model = model
         self.cfg = cfg
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -250,7 +264,7 @@ class Trainer:
     def evaluate(self, data) -> dict:
         """Metrics of the current weights on `data` (see module function `evaluate`)."""
         return evaluate(self.model, data, self.cfg.eval_batch_size, self.domain_names,
-                        self.iterate)
+                        self.iterate, self.device)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, train, valid, resume: bool = False) -> FitResult:
@@ -301,6 +315,7 @@ class Trainer:
             loss_sum, n_seen = 0.0, 0
             t0 = time.perf_counter()
             for batch in self.iterate(train, cfg.batch_size, True, self.shuffler):
+                batch = _to_device(batch, self.device)
                 bce, total = self._loss(batch)
                 for o in self.optimizers.values():
                     o.zero_grad(set_to_none=True)
@@ -317,6 +332,10 @@ class Trainer:
             res.train_seconds += train_s
             metrics = self.evaluate(valid)
             score = metrics[cfg.monitor]
+            if math.isnan(score):
+                self.log.warning("%s epoch %d: validation %s is NaN (one class only, or NaN "
+                                 "logits); it never counts as an improvement", self.desc,
+                                 epoch + 1, cfg.monitor)
             entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1),
                      "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"],
                      "samples_per_s": n_seen / train_s if train_s > 0 else float("nan"),
