@@ -227,9 +227,11 @@ def test_tau_schedule_applied_each_epoch():
             self.seen.append(t)
 
     m = Tau()
-    make_trainer(m, cfg={"epochs": 3, "patience": 3},
-                 tau_schedule=lambda e: 5.0 - e).fit(toy_data(200), toy_data(100, seed=3))
-    assert m.seen == [5.0, 4.0, 3.0]
+    res = make_trainer(m, cfg={"epochs": 3, "patience": 3},
+                       tau_schedule=lambda e: 5.0 - e).fit(toy_data(200), toy_data(100, seed=3))
+    assert m.seen[:3] == [5.0, 4.0, 3.0]
+    # Afterwards the model keeps the temperature of the epoch whose weights were kept.
+    assert m.tau == 5.0 - (res.best_epoch - 1)
 
 
 def test_train_config_rejects_bad_values():

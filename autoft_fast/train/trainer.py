@@ -367,6 +367,11 @@ class Trainer:
                 self.on_epoch_end(epoch, entry)
         if best_state is not None:
             self.model.load_state_dict(best_state)
+        if (self.tau_schedule is not None and hasattr(self.model, "set_tau")
+                and (res.best_epoch or epoch)):
+            # The temperature the kept weights were validated with (it matters when
+            # evaluation samples its gates), also after resuming a finished run.
+            self.model.set_tau(float(self.tau_schedule((res.best_epoch or epoch) - 1)))
         res.epochs_run = epoch
         res.wall_seconds = prior_wall + time.perf_counter() - wall0
         if res.stopped_early:
