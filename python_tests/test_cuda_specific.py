@@ -1,9 +1,16 @@
-"""CUDA-backend details the shared backend suite does not reach (they need a GPU to run).
+"""CUDA-backend details the shared backend suite does not reach.
 
-Deterministic dense gradients, an out-of-range index that leaves the CUDA context usable, the
-vector-load and fallback paths of the row loads, and float32 grad_out with 16-bit tables.
+On a GPU: deterministic dense gradients, an out-of-range index that leaves the CUDA context
+usable, the vector-load and fallback paths of the row loads, float32 grad_out with 16-bit
+tables. Everywhere (no GPU needed): the CUDA kernels themselves, run on the CPU by
+csrc/cuda/emulation/emulate_kernels.cpp, against the reference.
 """
 
+import os
+import shutil
+import subprocess
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +18,8 @@ import autoft_fast
 from autoft_fast import _extension
 from autoft_fast.ops.reference import reference_gated_embedding
 
-pytestmark = pytest.mark.skipif(
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and _extension.has_kernel("CUDA")),
     reason="needs a GPU and the extension built with its CUDA kernels")
 
@@ -58,6 +66,7 @@ def run_cuda(idx, frozen, tuned, logits, grad_out, grad_gates, *, seed, tau, har
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+@needs_gpu
 @pytest.mark.parametrize("dim,dtype", [
     (4, torch.float32),      # one lane, one 16-byte load per row
     (8, torch.bfloat16),     # one lane, eight bf16 in one load
@@ -79,6 +88,7 @@ def test_row_load_paths_match_reference(dim, dtype, sparse):
         torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-3)
 
 
+@needs_gpu
 def test_misaligned_tables_fall_back_to_element_loads():
     """A table view 4 bytes off a 16-byte boundary must not take the vector path."""
     idx, frozen, tuned, logits, grad_out, grad_gates = inputs(64, 10, 8, seed=7)
@@ -92,6 +102,7 @@ def test_misaligned_tables_fall_back_to_element_loads():
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_float32_grad_out_with_16bit_tables(dtype):
     data = inputs(150, 20, 16, dtype, seed=8)
@@ -103,6 +114,7 @@ def test_float32_grad_out_with_16bit_tables(dtype):
     torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-3)
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_mode_gives_bitwise_identical_gradients(dtype):
     """torch.use_deterministic_algorithms(True): sorted segment sums instead of atomics."""
@@ -126,6 +138,7 @@ def test_deterministic_mode_gives_bitwise_identical_gradients(dtype):
     assert first[3:].abs().max() == 0  # only rows 0..2 are hit
 
 
+@needs_gpu
 def test_out_of_range_index_raises_and_keeps_the_context_usable():
     idx, frozen, tuned, logits, _, _ = inputs(5000, 100, 16, seed=10)
     for bad in (100, -1):
@@ -139,3 +152,88 @@ def test_out_of_range_index_raises_and_keeps_the_context_usable():
                                          seed=1, backend="cuda")
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA kernels on the CPU, through the launch-grid emulation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the CUDA-kernel emulation")
+    from torch.utils.cpp_extension import include_paths
+
+    exe = tmp_path_factory.mktemp("emulation") / "emulate_kernels"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT}/csrc/cuda", f"-I{ROOT}/csrc",
+           *[f"-isystem{p}" for p in include_paths()],
+           f"{ROOT}/csrc/cuda/emulation/emulate_kernels.cpp", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+def run_emulated(exe, tmp_path, *, N, V, D, dtype, idx64, grad_f32, vec1, hard, noise, mode,
+                 seed=123456789012, tau=0.8, grad_gates=True):
+    args = [N, V, D, dtype, int(idx64), int(grad_f32), int(vec1), int(hard), noise, mode, seed, tau,
+            int(grad_gates), tmp_path]
+    subprocess.run([str(exe), *map(str, args)], check=True, timeout=120)
+
+    def load(name, shape, dt=np.float32):
+        return torch.from_numpy(np.fromfile(tmp_path / name, dtype=dt).reshape(shape))
+
+    inp = dict(idx=load("idx.bin", (N,), np.int64), frozen=load("frozen.bin", (V, D)),
+               tuned=load("tuned.bin", (V, D)), logits=load("logits.bin", (N, 2)),
+               uniforms=load("uniforms.bin", (N,)), grad_out=load("go.bin", (N, D)),
+               grad_gates=load("gg.bin", (N, 2)))
+    got = dict(out=load("out.bin", (N, D)), gates=load("gates.bin", (N, 2)),
+               grad_logits=load("glog.bin", (N, 2)))
+    if mode == 1:  # sparse: per-lookup rows, summed here in float64
+        got["grad_tuned"] = torch.zeros(V, D, dtype=torch.float64).index_add_(
+            0, inp["idx"], load("gtuned.bin", (N, D)).double())
+    else:
+        got["grad_tuned"] = load("gtuned.bin", (V, D))
+    return inp, got
+
+
+EMULATED = [
+    # D, dtype, vec1, hard, noise, mode: lanes per lookup 1..32, 16-byte and element loads,
+    # several passes over a row, every gradient mode, both noise sources.
+    (4, 0, False, True, 1, 0),
+    (16, 0, False, False, 2, 1),
+    (8, 1, False, True, 1, 2),
+    (6, 1, True, False, 1, 3),
+    (128, 0, False, False, 1, 0),
+    (304, 2, False, True, 1, 1),
+    (3, 0, True, False, 0, 2),
+    (64, 1, False, False, 2, 3),
+]
+
+
+@pytest.mark.parametrize("dim,dtype,vec1,hard,noise,mode", EMULATED,
+                         ids=[f"D{c[0]}-{['f32', 'bf16', 'f16'][c[1]]}-{'elem' if c[2] else 'vec'}-"
+                              f"{'hard' if c[3] else 'soft'}-{['atomic', 'sparse', 'det', 'det_hot'][c[5]]}"
+                              for c in EMULATED])
+def test_emulated_cuda_kernels_match_reference(emulator, tmp_path, dim, dtype, vec1, hard, noise,
+                                               mode):
+    n, rows, tau = 133, 11, 0.8
+    grad_f32 = dim in (64, 304)
+    inp, got = run_emulated(emulator, tmp_path, N=n, V=rows, D=dim, dtype=dtype, idx64=dim % 2,
+                            grad_f32=grad_f32, vec1=vec1, hard=hard, noise=noise, mode=mode, tau=tau)
+    table_dtype = [torch.float32, torch.bfloat16, torch.float16][dtype]
+    tuned = inp["tuned"].double().requires_grad_()
+    logits = inp["logits"].double().requires_grad_()
+    out, gates = reference_gated_embedding(
+        inp["idx"], inp["frozen"].double(), tuned, logits, tau=tau, hard=hard, noise=noise != 0,
+        seed=123456789012, uniforms=inp["uniforms"] if noise == 2 else None)
+    ((out * inp["grad_out"].double()).sum() + (gates * inp["grad_gates"].double()).sum()).backward()
+    tol = TOL[table_dtype]
+    torch.testing.assert_close(got["gates"].double(), gates.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["out"].double(), out.detach().to(table_dtype).double(),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(got["grad_tuned"].double(), tuned.grad, rtol=tol,
+                               atol=4 * tol * max(1.0, float(tuned.grad.abs().max())))
+    torch.testing.assert_close(got["grad_logits"].double(), logits.grad, rtol=1e-4, atol=1e-3)
+    if mode == 3:
+        assert got["grad_tuned"][3:].abs().max() == 0  # the three hot rows only

@@ -1,0 +1,184 @@
+// Runs the CUDA backend's kernels (gated_embedding_kernels.cuh, unchanged) on the CPU by
+// emulating their launch grid, so that CI without a GPU tests the kernels' logic and not only
+// that they compile: one std::thread per CUDA thread, a barrier per block for __syncthreads, a
+// barrier per warp around each shuffle (a lane that skipped a shuffle its warp runs would hang
+// here, as it is undefined on the device), std::atomic_ref for atomicAdd. Blocks run one after
+// another, so a function-level static stands in for __shared__ memory.
+//
+// Driven by python_tests/test_cuda_specific.py, which builds it with the host compiler:
+//   emulate_kernels N V D dtype(0 f32, 1 bf16, 2 f16) idx64 grad_f32 vec1 hard noise(0 none,
+//                   1 seed, 2 uniforms) mode(0 atomic, 1 sparse, 2 deterministic, 3 deterministic
+//                   on three hot rows) seed tau with_grad_gates out_dir
+// It draws the inputs from a fixed xorshift stream, runs forward and backward as the host code
+// of gated_embedding_cuda.cu would launch them, and writes inputs and outputs as raw float32 /
+// int64 files for the test to compare with the reference.
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <math.h>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct dim3x { unsigned x, y, z; };
+thread_local dim3x threadIdx, blockIdx;
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+std::barrier<>* g_block_barrier;
+std::barrier<>* g_warp_barriers[8];
+float g_warp_buf[8][32];
+inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+  const int t = threadIdx.x, w = t / 32, l = t % 32;
+  g_warp_buf[w][l] = v;
+  g_warp_barriers[w]->arrive_and_wait();
+  const float r = g_warp_buf[w][l ^ off];
+  g_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+#include "gated_embedding_kernels.cuh"
+
+using namespace autoft::gated_cuda;
+
+template <typename K, typename... Args>
+void launch(unsigned blocks, K kernel, Args... args) {
+  for (unsigned b = 0; b < blocks; ++b) {
+    std::barrier<> bb(kThreads);
+    g_block_barrier = &bb;
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      wb.emplace_back(new std::barrier<>(32));
+      g_warp_barriers[w] = wb.back().get();
+    }
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < kThreads; ++t) {
+      ts.emplace_back([=] {
+        threadIdx = {t, 0, 0};
+        blockIdx = {b, 0, 0};
+        kernel(args...);
+      });
+    }
+    for (auto& t : ts) t.join();
+  }
+}
+
+static uint64_t rng = 88172645463325252ull;
+double urand() { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (rng >> 11) * (1.0 / 9007199254740992.0); }
+double nrand() { double u1 = std::max(urand(), 1e-12), u2 = urand(); return std::sqrt(-2 * std::log(u1)) * std::cos(6.283185307179586 * u2); }
+
+template <typename T> void dump(const std::string& path, const std::vector<T>& v) {
+  FILE* f = fopen(path.c_str(), "wb"); fwrite(v.data(), sizeof(T), v.size(), f); fclose(f);
+}
+template <typename T> std::vector<float> to_f(const T* p, size_t n) {
+  std::vector<float> r(n); for (size_t i = 0; i < n; ++i) r[i] = static_cast<float>(p[i]); return r;
+}
+
+// Same rule as the host code: lanes per lookup cover the row in one pass, up to a warp.
+int pick_group(int64_t D, int vec) {
+  const int64_t chunks = (D + vec - 1) / vec; int g = 1;
+  while (g < 32 && g < chunks) g <<= 1;
+  return g;
+}
+
+template <typename scalar_t, typename index_t, typename grad_t, int VEC>
+int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, uint64_t seed,
+        float tau, bool with_gg, const std::string& out) {
+  std::vector<int64_t> idx64(N);
+  for (auto& i : idx64) i = static_cast<int64_t>(urand() * V) % V;
+  if (mode == 3) for (auto& i : idx64) i %= 3;  // hot rows
+  std::vector<index_t> idx(idx64.begin(), idx64.end());
+  std::vector<scalar_t> frozen(V * D), tuned(V * D);
+  for (auto& x : frozen) x = static_cast<scalar_t>(static_cast<float>(nrand()));
+  for (auto& x : tuned) x = static_cast<scalar_t>(static_cast<float>(nrand()));
+  std::vector<float> logits(2 * N), uniforms(N), gg(2 * N);
+  for (auto& x : logits) x = static_cast<float>(nrand());
+  for (auto& x : uniforms) x = static_cast<float>(urand());
+  for (auto& x : gg) x = static_cast<float>(nrand());
+  std::vector<grad_t> go(N * D);
+  for (auto& x : go) x = static_cast<grad_t>(static_cast<float>(nrand()));
+  NoiseArgs src{noise_mode != 0, seed, noise_mode == 2 ? uniforms.data() : nullptr};
+  const int G = pick_group(D, VEC);
+  const unsigned blocks = static_cast<unsigned>((N + kLookupsPerBlock - 1) / kLookupsPerBlock);
+  std::vector<scalar_t> o(N * D);
+  std::vector<float> gates(2 * N, -7.f), glog(2 * N, -7.f), dense(V * D, 0.f), z1(N, -7.f);
+  std::vector<scalar_t> sparse(N * D);
+  launch(blocks, forward_kernel<scalar_t, index_t, VEC>, idx.data(), frozen.data(), tuned.data(),
+         logits.data(), src, tau, hard, N, D, G, o.data(), gates.data());
+  const float* ggp = with_gg ? gg.data() : nullptr;
+  if (mode == 1) {
+    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kSparse>, go.data(), ggp,
+           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+           (float*)nullptr, sparse.data(), (float*)nullptr, glog.data());
+  } else if (mode == 0) {
+    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kAtomic>, go.data(), ggp,
+           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+           dense.data(), (scalar_t*)nullptr, (float*)nullptr, glog.data());
+  } else {
+    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kDeterministic>, go.data(), ggp,
+           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+           (float*)nullptr, (scalar_t*)nullptr, z1.data(), glog.data());
+    std::vector<int64_t> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return idx64[a] < idx64[b]; });
+    std::vector<int64_t> rows(N);
+    for (int64_t q = 0; q < N; ++q) rows[q] = idx64[order[q]];
+    const int gpb = kThreads / G;
+    launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_sum_kernel<grad_t, VEC>, rows.data(),
+           order.data(), z1.data(), go.data(), N, D, G, dense.data());
+  }
+  dump(out + "/idx.bin", idx64);
+  dump(out + "/frozen.bin", to_f(frozen.data(), frozen.size()));
+  dump(out + "/tuned.bin", to_f(tuned.data(), tuned.size()));
+  dump(out + "/logits.bin", logits);
+  dump(out + "/uniforms.bin", uniforms);
+  dump(out + "/gg.bin", gg);
+  dump(out + "/go.bin", to_f(go.data(), go.size()));
+  dump(out + "/out.bin", to_f(o.data(), o.size()));
+  dump(out + "/gates.bin", gates);
+  dump(out + "/glog.bin", glog);
+  if (mode == 1) dump(out + "/gtuned.bin", to_f(sparse.data(), sparse.size()));
+  else dump(out + "/gtuned.bin", dense);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 15) {
+    fprintf(stderr, "usage: see the comment at the top of emulate_kernels.cpp\n");
+    return 2;
+  }
+  const int64_t N = atoll(argv[1]), V = atoll(argv[2]), D = atoll(argv[3]);
+  const int dt = atoi(argv[4]); const bool i64 = atoi(argv[5]), gf32 = atoi(argv[6]), vec1 = atoi(argv[7]);
+  const bool hard = atoi(argv[8]); const int noise_mode = atoi(argv[9]), mode = atoi(argv[10]);
+  const uint64_t seed = strtoull(argv[11], nullptr, 10); const float tau = atof(argv[12]);
+  const bool gg = atoi(argv[13]); const std::string out = argv[14];
+  rng ^= seed * 2654435761ull + N;
+  auto go = [&](auto table_tag, auto index_tag, auto grad_tag) {
+    using S = decltype(table_tag); using I = decltype(index_tag); using Gt = decltype(grad_tag);
+    constexpr int VV = 16 / sizeof(S);
+    if (vec1) return run<S, I, Gt, 1>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
+    if (D % VV != 0) { fprintf(stderr, "D not a multiple of the vector\n"); return 3; }
+    return run<S, I, Gt, VV>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
+  };
+  auto with_index = [&](auto t) {
+    using S = decltype(t);
+    auto with_grad = [&](auto it) { return gf32 ? go(t, it, float{}) : go(t, it, S{}); };
+    return i64 ? with_grad(int64_t{}) : with_grad(int32_t{});
+  };
+  if (dt == 0) return with_index(float{});
+  if (dt == 1) return with_index(c10::BFloat16{});
+  return with_index(c10::Half{});
+}
