@@ -265,20 +265,27 @@ class TransferModel(nn.Module):
         net, cfg = self.net, self.autoft_config
         noise = self.training or cfg.eval_gates == "sample"
         logits = self._policy_logits(batch)
-        nf = len(self.field_gate_names)
+        # Single-valued fields are gated inside the fused op; every other gate (multi-hot
+        # fields, then layers, in logit order) is drawn in one gumbel_gates call.
+        ns = len(net.single_fields) if self.field_embedding is not None else 0
+        nm = len(net.multihot_fields) if self.field_embedding is not None else 0
+        other = None
+        if logits.shape[1] > ns:
+            from .. import gumbel_gates
+
+            other = gumbel_gates(logits[:, ns:], tau=self._tau, hard=cfg.hard, noise=noise)
         gates = []
 
         if self.field_embedding is not None:
-            fields, first, field_gates = self._gated_fields(batch, logits[:, :nf], noise)
+            fields, first, field_gates = self._gated_fields(
+                batch, logits[:, :ns], other[:, :nm] if nm else None, noise)
             gates.append(field_gates)
         else:
             fields = net.field_vectors(batch, net.embedding.weight)
             first = net.field_vectors(batch, net.linear.weight) if net.linear is not None else None
 
         if self.layer_gate_names:
-            from .. import gumbel_gates
-
-            layer_gates = gumbel_gates(logits[:, nf:], tau=self._tau, hard=cfg.hard, noise=noise)
+            layer_gates = other[:, nm:]
             gates.append(layer_gates)
             apply = self._gated_apply(layer_gates)
         else:
@@ -306,20 +313,18 @@ class TransferModel(nn.Module):
         logits[..., 1] = sign * _FORCE_MARGIN
         return logits
 
-    def _gated_fields(self, batch, logits, noise: bool):
-        from .. import gumbel_gates
-
+    def _gated_fields(self, batch, single_logits, multihot_gates, noise: bool):
         net, cfg = self.net, self.autoft_config
         emb = self.field_embedding
         ns = len(net.single_fields)
         parts, gates = [], []
         if ns:
-            out, g = emb(batch.sparse, logits[:, :ns], tau=self._tau, hard=cfg.hard, noise=noise)
+            out, g = emb(batch.sparse, single_logits, tau=self._tau, hard=cfg.hard, noise=noise)
             parts.append(out)
             gates.append(g)
         if net.multihot_fields:
             # One gate per (instance, field) for a whole bag: see the module docstring.
-            g = gumbel_gates(logits[:, ns:], tau=self._tau, hard=cfg.hard, noise=noise)
+            g = multihot_gates
             frozen = net.pool_multihot(batch.multihot, emb.frozen_weight)
             tuned = net.pool_multihot(batch.multihot, emb.tuned_weight, sparse=emb.sparse)
             parts.append(g[..., 0:1] * frozen + g[..., 1:2] * tuned)
