@@ -147,6 +147,7 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
     setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
     if not resumed:
         meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
+                "training_config_hash": _training_hash(cfg),
                 "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **(extra or {})}
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
@@ -158,11 +159,29 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
     return run_dir
 
 
+def _training_hash(cfg) -> str:
+    # What a checkpoint depends on; seeds and strategies may change between resumes (a
+    # comparison can be extended), everything else may not.
+    from .config import config_hash
+    return config_hash({"data": cfg.data, "synthetic": cfg.synthetic, "model": cfg.model,
+                        "pretrain": cfg.pretrain.to_dict(), "pretrain_seed": cfg.pretrain_seed,
+                        "finetune": cfg.finetune.to_dict(), "autoft": cfg.autoft})
+
+
 def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
     if value != "latest":
         d = Path(value)
         if not (d / "run.json").is_file():
             raise _UserError(f"--resume {value!r} is not a run directory (no run.json in it)")
+        meta = json.loads((d / "run.json").read_text())
+        if meta.get("command") != command:
+            raise _UserError(f"--resume {value!r} is a {meta.get('command')!r} run, not {command!r}")
+        for k, v in match.items():
+            if meta.get(k) != v:
+                raise _UserError(f"--resume {value!r} ran {k} {meta.get(k)!r}, not {v!r}")
+        if meta.get("training_config_hash") != _training_hash(cfg):
+            raise _UserError(f"--resume {value!r}: the config's data, model, pretrain, finetune "
+                             "or autoft section changed since that run started")
         return d
     prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
     cands = [d for d in Path(cfg.run_dir).glob(f"{prefix}-*") if (d / "run.json").is_file()]
@@ -171,7 +190,8 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
             meta = json.loads((d / "run.json").read_text())
         except (OSError, ValueError):
             continue
-        if meta.get("command") == command and all(meta.get(k) == v for k, v in match.items()):
+        if (meta.get("command") == command and all(meta.get(k) == v for k, v in match.items())
+                and meta.get("training_config_hash") == _training_hash(cfg)):
             return d
     raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
 

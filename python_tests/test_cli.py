@@ -189,6 +189,15 @@ def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, cap
     assert records(resumed) == records(straight)
     assert "resumed from" in (resumed / "log.txt").read_text()
 
+    # Resuming with changed training settings is refused in one line.
+    exp2 = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},
+                           finetune={"epochs": 3, "batch_size": 256, "patience": 5},
+                           strategies=["finetune_all", "autoft"])
+    assert main(["compare", "--config", str(exp2), "--resume", str(resumed)]) == 2
+    assert "changed since that run started" in capsys.readouterr().err
+    assert main(["compare", "--config", str(exp2), "--resume"]) == 2
+    assert "no earlier compare run" in capsys.readouterr().err
+
 
 def test_device_option_is_checked(tmp_path, capsys):
     exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
