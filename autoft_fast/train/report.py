@@ -98,7 +98,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def write_runs_csv(runs: Sequence[dict], path: Path) -> Path:
-    """Per-seed rows (RUN_COLUMNS) as CSV."""
+    """Per-seed rows (RUN_COLUMNS) as CSV.
+
+    Example:
+        >>> write_runs_csv([{"strategy": "autoft", "seed": 0, "auc": 0.71}], Path("runs.csv"))
+        PosixPath('runs.csv')
+    """
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(RUN_COLUMNS), extrasaction="ignore")
         w.writeheader()
@@ -108,7 +113,12 @@ def write_runs_csv(runs: Sequence[dict], path: Path) -> Path:
 
 
 def write_results_csv(rows: Sequence[dict], path: Path) -> Path:
-    """Per-strategy summary rows (see `aggregate`) as CSV."""
+    """Per-strategy summary rows (see `aggregate`) as CSV.
+
+    Example:
+        >>> write_results_csv(aggregate(runs, STRATEGIES), Path("results.csv"))
+        PosixPath('results.csv')
+    """
     cols = ["strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
             "auc_gain_pct", "train_samples_per_s", "wall_seconds"]
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -127,7 +137,12 @@ def _pyplot():
 
 
 def plot_auc(rows: Sequence[dict], path: Path) -> Path:
-    """Bar chart of mean test AUC per strategy with ±std error bars."""
+    """Bar chart of mean test AUC per strategy with ±std error bars.
+
+    Example:
+        >>> plot_auc(aggregate(runs), Path("auc.png"))
+        PosixPath('auc.png')
+    """
     plt = _pyplot()
     names = [r["strategy"] for r in rows]
     means = np.array([r["auc_mean"] for r in rows], dtype=float)
@@ -154,7 +169,12 @@ def plot_auc(rows: Sequence[dict], path: Path) -> Path:
 def plot_policy(runs: Sequence[dict], kind: str, path: Path) -> Path | None:
     """Grouped bars: fraction of test instances that chose the tuned path, per field
     (`kind='field'`) or per layer (`kind='layer'`), one group per autoft strategy, averaged
-    over seeds. Returns None when no run has a policy of that kind."""
+    over seeds. Returns None when no run has a policy of that kind.
+
+    Example:
+        >>> plot_policy(runs, "field", Path("policy_fields.png"))
+        PosixPath('policy_fields.png')
+    """
     per_strategy: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         stats = (r.get("policy_stats") or {}).get(kind) or {}

@@ -68,7 +68,12 @@ def _write_json(obj, path: Path) -> Path:
 def generate_data(cfg, out_dir: Path | None = None) -> Path:
     """Write the `synthetic:` data set and return the dataset YAML path. Without `out_dir`
     it goes to <cache_dir>/synthetic-<hash of the synthetic section>/ and is reused when
-    already there (the generator is deterministic in its config)."""
+    already there (the generator is deterministic in its config).
+
+    Example:
+        >>> generate_data(load_config(None), Path("data/demo"))
+        PosixPath('data/demo/dataset.yaml')
+    """
     from ..data import generate_synthetic
     from ..config import ConfigError, config_hash
     scfg = cfg.synthetic_config()
@@ -103,7 +108,13 @@ def _dataset_yaml_section(path: Path) -> dict:
 
 def load_data(cfg):
     """The DataBundle of the experiment: the `data:` section if given, else the generated
-    synthetic data (generated first if needed)."""
+    synthetic data (generated first if needed).
+
+    Example:
+        >>> bundle = load_data(load_config("exp.yaml"))
+        >>> len(bundle.splits["target_train"])
+        18000
+    """
     from ..data import DataConfig, prepare_data
     if cfg.data is not None:
         data_cfg = cfg.data_config()
@@ -281,7 +292,11 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
 
 def write_outputs(run_dir: Path, runs: list[dict], order: list[str]) -> tuple[str, list[dict]]:
     """results.csv, runs.csv, results.md and the PNG plots under `run_dir`; returns the
-    markdown table and the summary rows."""
+    markdown table and the summary rows.
+
+    Example:
+        >>> table, rows = write_outputs(run_dir, runs, cfg.strategies)
+    """
     rows = aggregate(runs, order)
     table = markdown_table(rows)
     write_runs_csv(runs, run_dir / "runs.csv")
