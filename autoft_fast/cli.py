@@ -213,8 +213,8 @@ def _cmd_compare(args, demo: bool = False) -> int:
         getattr(args, "resume", None)), progress=_progress(args))
     print(table)
     print(f"\n{len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds in "
-          f"{time.perf_counter() - t0:.1f} s; results.csv, runs.csv, auc.png, "
-          f"policy_fields.png, policy_layers.png, log.txt")
+          f"{time.perf_counter() - t0:.1f} s; results.md, results.csv, runs.csv, policy.csv, "
+          f"auc.png, policy_fields.png, policy_layers.png, log.txt")
     print(f"run directory: {run_dir}")
     return 0
 

@@ -47,8 +47,15 @@ def last_line_run_dir(out: str) -> Path:
 
 
 def table_rows(out: str) -> list[list[str]]:
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]  # skip the header
+    """Body rows of the first markdown table in `out` (the strategy table)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| strategy |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
 
 
 def test_generate_then_compare_end_to_end(tmp_path, capsys):
@@ -83,6 +90,11 @@ def test_generate_then_compare_end_to_end(tmp_path, capsys):
     assert [r["strategy"] for r in results] == ["finetune_all", "autoft"]
     assert float(results[1]["auc_mean"]) == pytest.approx(float(rows[1][1].split(" ± ")[0]),
                                                           abs=1e-4)
+    assert "| field user_id |" in out and "| layer mlp_0 |" in out  # the policy table
+    with open(run_dir / "policy.csv") as f:
+        policy = list(csv.DictReader(f))
+    assert {(r["kind"], r["name"]) for r in policy} >= {("field", "tags"), ("layer", "output")}
+    assert all(0.0 <= float(r["autoft"]) <= 1.0 for r in policy)
     rec = json.loads((run_dir / "runs" / "autoft-seed0" / "result.json").read_text())
     assert set(rec["policy_stats"]["field"]) == {"user_id", "item_id", "device", "price", "tags"}
     assert "pretrain" in (run_dir / "log.txt").read_text()

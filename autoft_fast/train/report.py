@@ -9,7 +9,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = ["RUN_COLUMNS", "aggregate", "markdown_table", "write_runs_csv", "write_results_csv",
-           "plot_auc", "plot_policy", "mean_std"]
+           "plot_auc", "plot_policy", "mean_std", "policy_summary", "policy_table",
+           "write_policy_csv"]
 
 BASELINE = "finetune_all"
 
@@ -95,6 +96,67 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"{_fmt(r.get('train_samples_per_s'), ',.0f')} | "
             f"{_fmt(r.get('wall_seconds'), '.1f')} |")
     return "\n".join(lines)
+
+
+def policy_summary(runs: Iterable[dict]) -> list[dict]:
+    """Mean over seeds of the tuned-path fraction, one row per (kind, name) with one value per
+    strategy that has a policy: [{'kind': 'field', 'name': 'user_id', 'autoft': 0.31, ...}].
+
+    Example:
+        >>> policy_summary([{"strategy": "autoft", "policy_stats":
+        ...                  {"field": {"user_id": 0.25}, "layer": {}}}])
+        [{'kind': 'field', 'name': 'user_id', 'autoft': 0.25}]
+    """
+    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in runs:
+        for kind in ("field", "layer"):
+            for name, v in ((r.get("policy_stats") or {}).get(kind) or {}).items():
+                acc.setdefault((kind, name), {}).setdefault(r["strategy"], []).append(float(v))
+    return [{"kind": k, "name": n, **{s: float(np.mean(v)) for s, v in d.items()}}
+            for (k, n), d in acc.items()]
+
+
+def policy_table(runs: Iterable[dict]) -> str:
+    """The tuned-path fractions (see `policy_summary`) as markdown; '' when no policy ran.
+
+    Example:
+        >>> print(policy_table(runs))   # doctest: +SKIP
+        | tuned-path fraction | autoft_field | autoft |
+        | --- | --- | --- |
+        | field user_id | 0.31 | 0.28 |
+    """
+    rows = policy_summary(runs)
+    if not rows:
+        return ""
+    strategies: list[str] = []
+    for r in rows:
+        strategies += [k for k in r if k not in ("kind", "name") and k not in strategies]
+    lines = ["| tuned-path fraction | " + " | ".join(strategies) + " |",
+             "| --- |" + " --- |" * len(strategies)]
+    for r in rows:
+        vals = " | ".join(_fmt(r.get(s), ".3f") for s in strategies)
+        lines.append(f"| {r['kind']} {r['name']} | {vals} |")
+    return "\n".join(lines)
+
+
+def write_policy_csv(runs: Iterable[dict], path: Path) -> Path | None:
+    """`policy_summary` as CSV (kind, name, one column per strategy); None when empty.
+
+    Example:
+        >>> write_policy_csv(runs, Path("policy.csv"))
+        PosixPath('policy.csv')
+    """
+    rows = policy_summary(runs)
+    if not rows:
+        return None
+    cols = ["kind", "name"]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def write_runs_csv(runs: Sequence[dict], path: Path) -> Path:

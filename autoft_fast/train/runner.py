@@ -16,8 +16,8 @@ import yaml
 
 from .checkpoint import load_checkpoint, save_atomic
 from .progress import LOGGER_NAME
-from .report import (aggregate, markdown_table, plot_auc, plot_policy, write_results_csv,
-                     write_runs_csv)
+from .report import (aggregate, markdown_table, plot_auc, plot_policy, policy_table,
+                     write_policy_csv, write_results_csv, write_runs_csv)
 from .trainer import Trainer, evaluate
 
 __all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "run_strategy", "compare",
@@ -301,6 +301,10 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str]) -> tuple[st
     table = markdown_table(rows)
     write_runs_csv(runs, run_dir / "runs.csv")
     write_results_csv(rows, run_dir / "results.csv")
+    write_policy_csv(runs, run_dir / "policy.csv")
+    policy = policy_table(runs)
+    if policy:  # the policies' behaviour goes with the results (mean over seeds, test rows)
+        table = f"{table}\n\n{policy}"
     (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
     plot_auc(rows, run_dir / "auc.png")
     plot_policy(runs, "field", run_dir / "policy_fields.png")
