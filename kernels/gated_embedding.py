@@ -197,11 +197,17 @@ def _interpreting() -> bool:
     return isinstance(_fwd_kernel, _InterpretedFunction)
 
 
-def _block_sizes(n: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps): about 4096 elements per program, D walked in chunks."""
-    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
+def _block_sizes(n, d, concrete: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps): about 4096 elements per program, D walked in chunks.
+
+    While tracing with dynamic shapes N is symbolic: the block then ignores it (a small batch
+    only wastes lanes), so the compiled graph does not specialise on the batch size. D is
+    specialised on purpose: the block shape depends on it.
+    """
+    block_d = min(triton.next_power_of_2(max(int(d), 1)), 256)
     block_n = max(4, min(256, 4096 // block_d))
-    block_n = min(block_n, max(4, triton.next_power_of_2(max(n, 1))))
+    if concrete:
+        block_n = min(block_n, max(4, triton.next_power_of_2(max(n, 1))))
     num_warps = 8 if block_n * block_d >= 4096 else 4
     return block_n, block_d, num_warps
 
@@ -311,7 +317,7 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
     use_uniforms = noise and uniforms is not None
     seed_ptr, seed_val, seed_from_ptr = _seed_args(
         seed, noise and not use_uniforms, indices.device, concrete)
-    block_n, block_d, num_warps = _block_sizes(n, d)
+    block_n, block_d, num_warps = _block_sizes(n, d, concrete)
     kernel = _fwd_kernel if concrete else wrap_triton(_fwd_kernel)
     kernel[(triton.cdiv(n, block_n),)](
         indices, frozen_weight, tuned_weight, logits,
@@ -346,7 +352,7 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
         use_uniforms = noise and uniforms is not None
         seed_ptr, seed_val, seed_from_ptr = _seed_args(
             seed, noise and not use_uniforms, device, concrete)
-        block_n, block_d, num_warps = _block_sizes(n, d)
+        block_n, block_d, num_warps = _block_sizes(n, d, concrete)
         kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
         kernel[(triton.cdiv(n, block_n),)](
             grad_out, grad_gates if grad_gates is not None else logits,
