@@ -2,7 +2,6 @@
 validation metric with best-weights restore, atomic per-epoch checkpoints and exact resume."""
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
