@@ -1,12 +1,14 @@
 // Fused CUDA kernels of the gated embedding op (docs/op-contract.md, docs/internals.md).
 //
-// Layout of the work. A block of 256 threads owns 64 consecutive lookups and runs in two
-// stages. Stage 1: sixteen threads each draw one Philox call, which serves four lookups (the
-// contract's stream is built so), and form those lookups' gates into shared memory, writing the
-// gates output coalesced. Stage 2: the block splits into groups of G lanes (G a power of two,
-// G * VEC >= D up to a warp), one group per lookup, and each lane moves VEC consecutive elements
-// with 16-byte loads when the rows allow it, so a row is read by contiguous lanes in as few
-// transactions as it spans. A hard gate reads only the chosen row.
+// Layout of the work (kernels in gated_embedding_kernels.cuh). A block of 256 threads owns 64
+// consecutive lookups and runs in two stages. Stage 1: sixteen threads each draw one Philox
+// call, which serves four lookups (the contract's stream is built so), and form those lookups'
+// gates into shared memory, writing the gates output coalesced. Stage 2: the block splits into
+// groups of G lanes (G a power of two, G * VEC >= D up to a warp); each lane moves VEC
+// consecutive elements of a row with 16-byte loads when the rows allow it, so a row is read by
+// contiguous lanes in as few transactions as it spans. For wide rows (G >= 16) a group keeps
+// four lookups' loads in flight before it uses any (more bytes in flight per register than more
+// threads would give). A hard gate reads only the chosen row and copies it bit for bit.
 //
 // Accumulating repeated indices in the dense backward (documented choice):
 // - default: float32 atomicAdd into a zeroed [V, D] float32 table (the output itself for
@@ -75,15 +77,6 @@ void dispatch_table(at::ScalarType t, F&& f) {
   }
 }
 
-template <typename F>
-void dispatch_index(at::ScalarType t, F&& f) {
-  if (t == at::kLong) {
-    f(int64_t{});
-  } else {
-    f(int32_t{});
-  }
-}
-
 // Elements per lane: 16 bytes of the table dtype when every row pointer stays 16-byte aligned.
 int pick_vec(at::ScalarType table, int64_t D, std::initializer_list<const void*> ptrs) {
   const int v = 16 / static_cast<int>(c10::elementSize(table));
@@ -119,6 +112,22 @@ void dispatch_vec(int vec, F&& f) {
       break;
     default:
       f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Lookups in flight per group: four when each group has at least four lookups of the block to
+// walk (G >= 16, the wide rows where a lane would otherwise wait on one load at a time), else
+// one. Either way every group runs the same number of iterations.
+int pick_unroll(int G) {
+  return kLookupsPerBlock / (kThreads / G) >= 4 ? 4 : 1;
+}
+
+template <typename F>
+void dispatch_unroll(int unroll, F&& f) {
+  if (unroll == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -185,22 +194,23 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cuda(
   const int vec = pick_vec(tuned.scalar_type(), s.D,
                            {frozen.const_data_ptr(), tuned.const_data_ptr(), out.const_data_ptr()});
   const int G = pick_group(s.D, vec);
+  const bool idx64 = idx.scalar_type() == at::kLong;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_index(idx.scalar_type(), [&](auto index_tag) {
-    using index_t = decltype(index_tag);
-    dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
-      using scalar_t = decltype(table_tag);
-      dispatch_vec(vec, [&](auto vec_tag) {
-        constexpr int VEC = decltype(vec_tag)::value;
-        if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
-          forward_kernel<scalar_t, index_t, VEC><<<blocks_for(s.N), kThreads, 0, stream>>>(
-              idx.const_data_ptr<index_t>(), frozen.const_data_ptr<scalar_t>(),
+  dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
+    using scalar_t = decltype(table_tag);
+    dispatch_vec(vec, [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
+        dispatch_unroll(pick_unroll(G), [&](auto unroll_tag) {
+          constexpr int U = decltype(unroll_tag)::value;
+          forward_kernel<scalar_t, VEC, U><<<blocks_for(s.N), kThreads, 0, stream>>>(
+              idx.const_data_ptr(), idx64, frozen.const_data_ptr<scalar_t>(),
               tuned.const_data_ptr<scalar_t>(), lg.const_data_ptr<float>(), src,
               static_cast<float>(tau), hard, s.N, s.D, G, out.mutable_data_ptr<scalar_t>(),
               gates.mutable_data_ptr<float>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+        });
+      }
     });
   });
   return {out, gates};
@@ -246,62 +256,62 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
     const int G = pick_group(s.D, vec);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const float* ggp = gg.has_value() ? gg->const_data_ptr<float>() : nullptr;
-    dispatch_index(idx.scalar_type(), [&](auto index_tag) {
-      using index_t = decltype(index_tag);
-      dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
-        using scalar_t = decltype(table_tag);
-        dispatch_vec(vec, [&](auto vec_tag) {
-          constexpr int VEC = decltype(vec_tag)::value;
-          if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
-            auto launch = [&](auto grad_tag) {
-              using grad_t = decltype(grad_tag);
-              auto run = [&](auto mode_tag) {
-                constexpr GradMode M = decltype(mode_tag)::value;
-                backward_kernel<scalar_t, index_t, grad_t, VEC, M>
-                    <<<blocks_for(s.N), kThreads, 0, stream>>>(
-                        go.const_data_ptr<grad_t>(), ggp, idx.const_data_ptr<index_t>(),
-                        frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
-                        lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.D, G,
-                        M == GradMode::kAtomic ? dense_grad.mutable_data_ptr<float>() : nullptr,
-                        M == GradMode::kSparse ? sparse_grad.mutable_data_ptr<scalar_t>() : nullptr,
-                        M == GradMode::kDeterministic ? z1.mutable_data_ptr<float>() : nullptr,
-                        grad_logits.mutable_data_ptr<float>());
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-              };
+    const bool idx64 = idx.scalar_type() == at::kLong;
+    dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
+      using scalar_t = decltype(table_tag);
+      dispatch_vec(vec, [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
+          auto launch = [&](auto grad_tag) {
+            using grad_t = decltype(grad_tag);
+            auto run = [&](auto mode_tag, auto unroll_tag) {
+              constexpr GradMode M = decltype(mode_tag)::value;
+              constexpr int U = decltype(unroll_tag)::value;
+              backward_kernel<scalar_t, grad_t, VEC, U, M><<<blocks_for(s.N), kThreads, 0, stream>>>(
+                  go.const_data_ptr<grad_t>(), ggp, idx.const_data_ptr(), idx64,
+                  frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
+                  lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.D, G,
+                  M == GradMode::kAtomic ? dense_grad.mutable_data_ptr<float>() : nullptr,
+                  M == GradMode::kSparse ? sparse_grad.mutable_data_ptr<scalar_t>() : nullptr,
+                  M == GradMode::kDeterministic ? z1.mutable_data_ptr<float>() : nullptr,
+                  grad_logits.mutable_data_ptr<float>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            };
+            dispatch_unroll(pick_unroll(G), [&](auto unroll_tag) {
               switch (mode) {
                 case GradMode::kSparse:
-                  run(std::integral_constant<GradMode, GradMode::kSparse>{});
+                  run(std::integral_constant<GradMode, GradMode::kSparse>{}, unroll_tag);
                   break;
                 case GradMode::kDeterministic:
-                  run(std::integral_constant<GradMode, GradMode::kDeterministic>{});
+                  run(std::integral_constant<GradMode, GradMode::kDeterministic>{}, unroll_tag);
                   break;
                 default:
-                  run(std::integral_constant<GradMode, GradMode::kAtomic>{});
+                  run(std::integral_constant<GradMode, GradMode::kAtomic>{}, unroll_tag);
               }
-              if (mode == GradMode::kDeterministic) {
-                // The optional<bool> must be spelled out: a plain `true` would pick the
-                // (dim, descending) overload.
-                const auto sorted = at::sort(idx.to(at::kLong), std::optional<bool>(true),
-                                             /*dim=*/0, /*descending=*/false);
-                const at::Tensor& rows = std::get<0>(sorted);
-                const at::Tensor& order = std::get<1>(sorted);
-                const int groups_per_block = kThreads / G;
-                const unsigned blocks =
-                    static_cast<unsigned>((s.N + groups_per_block - 1) / groups_per_block);
-                segment_sum_kernel<grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
-                    rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-                    z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G,
-                    dense_grad.mutable_data_ptr<float>());
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-              }
-            };
-            if (go.scalar_type() == at::kFloat) {
-              launch(float{});
-            } else {
-              launch(scalar_t{});
+            });
+            if (mode == GradMode::kDeterministic) {
+              // The optional<bool> must be spelled out: a plain `true` would pick the
+              // (dim, descending) overload.
+              const auto sorted = at::sort(idx.to(at::kLong), std::optional<bool>(true),
+                                           /*dim=*/0, /*descending=*/false);
+              const at::Tensor& rows = std::get<0>(sorted);
+              const at::Tensor& order = std::get<1>(sorted);
+              const int groups_per_block = kThreads / G;
+              const unsigned blocks =
+                  static_cast<unsigned>((s.N + groups_per_block - 1) / groups_per_block);
+              segment_sum_kernel<grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
+                  rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+                  z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G,
+                  dense_grad.mutable_data_ptr<float>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
+          };
+          if (go.scalar_type() == at::kFloat) {
+            launch(float{});
+          } else {
+            launch(scalar_t{});
           }
-        });
+        }
       });
     });
   }

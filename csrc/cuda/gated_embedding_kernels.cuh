@@ -71,28 +71,57 @@ __device__ __forceinline__ void group_noise(const NoiseArgs& src, int64_t n0, in
   }
 }
 
-// VEC consecutive elements <-> floats, in 16-byte transactions when VEC fills them (the host
-// picks VEC > 1 only for 16-byte aligned rows), element by element otherwise.
+// VEC consecutive elements of a row, kept in their storage type so that a load is only issued
+// here and waited for where the values are first used: the U rows a lane fetches are then all in
+// flight at once. 16-byte transactions when VEC fills them (the host picks VEC > 1 only for
+// 16-byte aligned rows), element by element otherwise.
 template <typename T, int VEC>
-__device__ __forceinline__ void load_floats(const T* p, float (&v)[VEC]) {
-  constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
-  if constexpr (VEC >= kPer16 && VEC % kPer16 == 0) {
+struct RowChunk {
+  static constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
+  static constexpr bool kVector = VEC >= kPer16 && VEC % kPer16 == 0;
+  static constexpr int kWords = kVector ? VEC / kPer16 : 1;
+  uint4 raw[kWords];
+  T elem[kVector ? 1 : VEC];
+
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVector) {
 #pragma unroll
-    for (int c = 0; c < VEC / kPer16; ++c) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p + c * kPer16);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      for (int w = 0; w < kWords; ++w) {
+        raw[w] = reinterpret_cast<const uint4*>(p)[w];
+      }
+    } else {
 #pragma unroll
-      for (int i = 0; i < kPer16; ++i) {
-        v[c * kPer16 + i] = static_cast<float>(e[i]);
+      for (int i = 0; i < VEC; ++i) {
+        elem[i] = p[i];
       }
     }
-  } else {
+  }
+
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kVector) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      v[i] = static_cast<float>(p[i]);
+      for (int w = 0; w < kWords; ++w) {
+        reinterpret_cast<uint4*>(p)[w] = raw[w];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        p[i] = elem[i];
+      }
     }
   }
-}
+
+  __device__ __forceinline__ void to_floats(float (&v)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      if constexpr (kVector) {
+        v[i] = static_cast<float>(reinterpret_cast<const T*>(raw)[i]);
+      } else {
+        v[i] = static_cast<float>(elem[i]);
+      }
+    }
+  }
+};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_floats(T* p, const float (&v)[VEC]) {
@@ -106,7 +135,7 @@ __device__ __forceinline__ void store_floats(T* p, const float (&v)[VEC]) {
       for (int i = 0; i < kPer16; ++i) {
         e[i] = static_cast<T>(v[c * kPer16 + i]);
       }
-      *reinterpret_cast<uint4*>(p + c * kPer16) = raw;
+      reinterpret_cast<uint4*>(p)[c] = raw;
     }
   } else {
 #pragma unroll
@@ -125,16 +154,47 @@ __device__ __forceinline__ float group_sum(float v, int G) {
   return v;
 }
 
+// Indices arrive as int32 or int64; only stage 1 reads them, so a runtime switch is cheaper
+// than doubling every kernel instantiation.
+__device__ __forceinline__ int64_t read_index(const void* indices, bool idx64, int64_t n) {
+  return idx64 ? static_cast<const int64_t*>(indices)[n]
+               : static_cast<int64_t>(static_cast<const int32_t*>(indices)[n]);
+}
+
+// The U lookups a group handles together in stage 2: lookup j0 + u * groups of the block. A
+// lookup past the batch reads row 0 and lookup 0 (both exist: N > 0, and the host's range check
+// then implies V > 0) and is never stored, so that the loads stay unconditional.
+template <int U>
+struct LookupSet {
+  int64_t n[U];
+  int64_t row[U];
+  bool ok[U];
+
+  __device__ __forceinline__ LookupSet(int j0, int groups, int64_t base, int64_t N,
+                                       const int64_t* s_row) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * groups;
+      ok[u] = j < kLookupsPerBlock && base + j < N;
+      n[u] = ok[u] ? base + j : 0;
+      row[u] = ok[u] ? s_row[j] : 0;
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename index_t, int VEC>
+// U lookups in flight per group (1 or 4, chosen by the host so that every group runs the same
+// number of iterations).
+template <typename scalar_t, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const index_t* __restrict__ indices, const scalar_t* __restrict__ frozen,
-                   const scalar_t* __restrict__ tuned, const float* __restrict__ logits,
-                   NoiseArgs src, float tau, bool hard, int64_t N, int64_t D, int G,
-                   scalar_t* __restrict__ out, float* __restrict__ gates) {
+    forward_kernel(const void* __restrict__ indices, bool idx64,
+                   const scalar_t* __restrict__ frozen, const scalar_t* __restrict__ tuned,
+                   const float* __restrict__ logits, NoiseArgs src, float tau, bool hard,
+                   int64_t N, int64_t D, int G, scalar_t* __restrict__ out,
+                   float* __restrict__ gates) {
   __shared__ float s_z0[kLookupsPerBlock];
   __shared__ float s_z1[kLookupsPerBlock];
   __shared__ int64_t s_row[kLookupsPerBlock];
@@ -160,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
         gates[2 * n + 1] = z1;
         s_z0[j] = z0;
         s_z1[j] = z1;
-        s_row[j] = static_cast<int64_t>(indices[n]);
+        s_row[j] = read_index(indices, idx64, n);
       }
     }
   }
@@ -169,36 +229,52 @@ __global__ void __launch_bounds__(kThreads)
   const int group = threadIdx.x / G;
   const int lane = threadIdx.x % G;
   const int groups = kThreads / G;
-  for (int j = group; j < kLookupsPerBlock; j += groups) {
-    const int64_t n = base + j;
-    if (n >= N) {
-      break;
-    }
-    const int64_t row = s_row[j];
-    scalar_t* o = out + n * D;
-    if (hard) {
-      // Only the chosen row is read: the hard forward is a pure gather.
-      const scalar_t* src_row = (s_z1[j] > 0.5f ? tuned : frozen) + row * D;
-      for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
-        float v[VEC];
-        load_floats<scalar_t, VEC>(src_row + c, v);
-        store_floats<scalar_t, VEC>(o + c, v);
-      }
-    } else {
-      const float z0 = s_z0[j];
-      const float z1 = s_z1[j];
-      const scalar_t* f_row = frozen + row * D;
-      const scalar_t* t_row = tuned + row * D;
-      for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
-        float f[VEC];
-        float t[VEC];
-        load_floats<scalar_t, VEC>(f_row + c, f);
-        load_floats<scalar_t, VEC>(t_row + c, t);
+  for (int j0 = group; j0 < kLookupsPerBlock; j0 += groups * U) {
+    const LookupSet<U> set(j0, groups, base, N, s_row);
+    float z0[U];
+    float z1[U];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          f[i] = z0 * f[i] + z1 * t[i];
+    for (int u = 0; u < U; ++u) {
+      const int j = set.ok[u] ? j0 + u * groups : 0;
+      z0[u] = s_z0[j];
+      z1[u] = s_z1[j];
+    }
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+      if (hard) {
+        // Only the chosen row is read, and copied bit for bit: the hard forward is a gather.
+        RowChunk<scalar_t, VEC> r[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          r[u].load((z1[u] > 0.5f ? tuned : frozen) + set.row[u] * D + c);
         }
-        store_floats<scalar_t, VEC>(o + c, f);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (set.ok[u]) {
+            r[u].store(out + set.n[u] * D + c);
+          }
+        }
+      } else {
+        RowChunk<scalar_t, VEC> f[U];
+        RowChunk<scalar_t, VEC> t[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          f[u].load(frozen + set.row[u] * D + c);
+          t[u].load(tuned + set.row[u] * D + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float a[VEC];
+          float b[VEC];
+          f[u].to_floats(a);
+          t[u].to_floats(b);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            a[i] = z0[u] * a[i] + z1[u] * b[i];
+          }
+          if (set.ok[u]) {
+            store_floats<scalar_t, VEC>(out + set.n[u] * D + c, a);
+          }
+        }
       }
     }
   }
@@ -208,12 +284,13 @@ __global__ void __launch_bounds__(kThreads)
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename index_t, typename grad_t, int VEC, GradMode MODE>
+template <typename scalar_t, typename grad_t, int VEC, int U, GradMode MODE>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const grad_t* __restrict__ grad_out, const float* __restrict__ grad_gates,
-                    const index_t* __restrict__ indices, const scalar_t* __restrict__ frozen,
-                    const scalar_t* __restrict__ tuned, const float* __restrict__ logits,
-                    NoiseArgs src, float tau, bool hard, int64_t N, int64_t D, int G,
+                    const void* __restrict__ indices, bool idx64,
+                    const scalar_t* __restrict__ frozen, const scalar_t* __restrict__ tuned,
+                    const float* __restrict__ logits, NoiseArgs src, float tau, bool hard,
+                    int64_t N, int64_t D, int G,
                     float* __restrict__ dense_grad,     // kAtomic: [V, D] float32, zeroed
                     scalar_t* __restrict__ sparse_grad,  // kSparse: [N, D]
                     float* __restrict__ z1_out,          // kDeterministic: [N]
@@ -239,7 +316,7 @@ __global__ void __launch_bounds__(kThreads)
         s_y0y1[j] = s.y0y1;
         s_gate_term[j] =
             grad_gates != nullptr ? s.y0y1 * (grad_gates[2 * n + 1] - grad_gates[2 * n]) / tau : 0.0f;
-        s_row[j] = static_cast<int64_t>(indices[n]);
+        s_row[j] = read_index(indices, idx64, n);
         if constexpr (MODE == GradMode::kDeterministic) {
           z1_out[n] = z1;
         }
@@ -251,50 +328,67 @@ __global__ void __launch_bounds__(kThreads)
   const int group = threadIdx.x / G;
   const int lane = threadIdx.x % G;
   const int groups = kThreads / G;
-  // Every group runs the same number of iterations (powers of two), so the shuffles below see
-  // whole warps; lookups past N contribute zeros instead of leaving the loop.
-  for (int j = group; j < kLookupsPerBlock; j += groups) {
-    const int64_t n = base + j;
-    const bool valid = n < N;
-    float a0 = 0.0f;
-    float a1 = 0.0f;
-    if (valid) {
-      const int64_t row = s_row[j];
-      const float z1 = s_z1[j];
-      const scalar_t* f_row = frozen + row * D;
-      const scalar_t* t_row = tuned + row * D;
-      const grad_t* g_row = grad_out + n * D;
-      for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+  // Every group runs the same number of iterations (the host picks U so), so the shuffles below
+  // see whole warps; lookups past N are computed on stand-in rows and never written.
+  for (int j0 = group; j0 < kLookupsPerBlock; j0 += groups * U) {
+    const LookupSet<U> set(j0, groups, base, N, s_row);
+    float z1[U];
+    float a0[U];
+    float a1[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      z1[u] = s_z1[set.ok[u] ? j0 + u * groups : 0];
+      a0[u] = 0.0f;
+      a1[u] = 0.0f;
+    }
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+      RowChunk<grad_t, VEC> g_raw[U];
+      RowChunk<scalar_t, VEC> f_raw[U];
+      RowChunk<scalar_t, VEC> t_raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        g_raw[u].load(grad_out + set.n[u] * D + c);
+        f_raw[u].load(frozen + set.row[u] * D + c);
+        t_raw[u].load(tuned + set.row[u] * D + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
         float g[VEC];
         float f[VEC];
         float t[VEC];
-        load_floats<grad_t, VEC>(g_row + c, g);
-        load_floats<scalar_t, VEC>(f_row + c, f);
-        load_floats<scalar_t, VEC>(t_row + c, t);
+        g_raw[u].to_floats(g);
+        f_raw[u].to_floats(f);
+        t_raw[u].to_floats(t);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          a0 += g[i] * f[i];
-          a1 += g[i] * t[i];
-          g[i] *= z1;
+          a0[u] += g[i] * f[i];
+          a1[u] += g[i] * t[i];
+          g[i] *= z1[u];
         }
         if constexpr (MODE == GradMode::kSparse) {
-          store_floats<scalar_t, VEC>(sparse_grad + n * D + c, g);
+          if (set.ok[u]) {
+            store_floats<scalar_t, VEC>(sparse_grad + set.n[u] * D + c, g);
+          }
         } else if constexpr (MODE == GradMode::kAtomic) {
-          if (z1 != 0.0f) {  // a hard gate that chose the frozen row adds nothing
+          if (set.ok[u] && z1[u] != 0.0f) {  // a hard gate that chose the frozen row adds nothing
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-              atomicAdd(dense_grad + row * D + c + i, g[i]);
+              atomicAdd(dense_grad + set.row[u] * D + c + i, g[i]);
             }
           }
         }
       }
     }
-    a0 = group_sum(a0, G);
-    a1 = group_sum(a1, G);
-    if (valid && lane == 0) {
-      const float d1 = s_y0y1[j] * (a1 - a0) / tau + s_gate_term[j];
-      grad_logits[2 * n] = -d1;
-      grad_logits[2 * n + 1] = d1;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      a0[u] = group_sum(a0[u], G);
+      a1[u] = group_sum(a1[u], G);
+      if (set.ok[u] && lane == 0) {
+        const int j = j0 + u * groups;
+        const float d1 = s_y0y1[j] * (a1[u] - a0[u]) / tau + s_gate_term[j];
+        grad_logits[2 * set.n[u]] = -d1;
+        grad_logits[2 * set.n[u] + 1] = d1;
+      }
     }
   }
 }
@@ -327,8 +421,10 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t n = order[q];
       const float w = z1[n];
       if (w != 0.0f) {
+        RowChunk<grad_t, VEC> raw;
+        raw.load(grad_out + n * D + c);
         float g[VEC];
-        load_floats<grad_t, VEC>(grad_out + n * D + c, g);
+        raw.to_floats(g);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           acc[i] += w * g[i];

@@ -87,14 +87,18 @@ template <typename T> std::vector<float> to_f(const T* p, size_t n) {
   std::vector<float> r(n); for (size_t i = 0; i < n; ++i) r[i] = static_cast<float>(p[i]); return r;
 }
 
-// Same rule as the host code: lanes per lookup cover the row in one pass, up to a warp.
+// Same rules as the host code: lanes per lookup cover the row in one pass, up to a warp; four
+// lookups in flight per group when each group walks at least four.
 int pick_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec; int g = 1;
+  const int64_t chunks = (D + vec - 1) / vec;
+  int g = 1;
   while (g < 32 && g < chunks) g <<= 1;
   return g;
 }
 
-template <typename scalar_t, typename index_t, typename grad_t, int VEC>
+int pick_unroll(int G) { return kLookupsPerBlock / (kThreads / G) >= 4 ? 4 : 1; }
+
+template <typename scalar_t, typename index_t, typename grad_t, int VEC, int U>
 int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, uint64_t seed,
         float tau, bool with_gg, const std::string& out) {
   std::vector<int64_t> idx64(N);
@@ -116,20 +120,22 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
   std::vector<scalar_t> o(N * D);
   std::vector<float> gates(2 * N, -7.f), glog(2 * N, -7.f), dense(V * D, 0.f), z1(N, -7.f);
   std::vector<scalar_t> sparse(N * D);
-  launch(blocks, forward_kernel<scalar_t, index_t, VEC>, idx.data(), frozen.data(), tuned.data(),
+  const bool wide_idx = sizeof(index_t) == 8;
+  if (pick_unroll(G) != U) return 4;  // the caller instantiates the host's choice
+  launch(blocks, forward_kernel<scalar_t, VEC, U>, (const void*)idx.data(), wide_idx, frozen.data(), tuned.data(),
          logits.data(), src, tau, hard, N, D, G, o.data(), gates.data());
   const float* ggp = with_gg ? gg.data() : nullptr;
   if (mode == 1) {
-    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kSparse>, go.data(), ggp,
-           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+    launch(blocks, backward_kernel<scalar_t, grad_t, VEC, U, GradMode::kSparse>, go.data(), ggp,
+           (const void*)idx.data(), wide_idx, frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
            (float*)nullptr, sparse.data(), (float*)nullptr, glog.data());
   } else if (mode == 0) {
-    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kAtomic>, go.data(), ggp,
-           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+    launch(blocks, backward_kernel<scalar_t, grad_t, VEC, U, GradMode::kAtomic>, go.data(), ggp,
+           (const void*)idx.data(), wide_idx, frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
            dense.data(), (scalar_t*)nullptr, (float*)nullptr, glog.data());
   } else {
-    launch(blocks, backward_kernel<scalar_t, index_t, grad_t, VEC, GradMode::kDeterministic>, go.data(), ggp,
-           idx.data(), frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
+    launch(blocks, backward_kernel<scalar_t, grad_t, VEC, U, GradMode::kDeterministic>, go.data(), ggp,
+           (const void*)idx.data(), wide_idx, frozen.data(), tuned.data(), logits.data(), src, tau, hard, N, D, G,
            (float*)nullptr, (scalar_t*)nullptr, z1.data(), glog.data());
     std::vector<int64_t> order(N);
     std::iota(order.begin(), order.end(), 0);
@@ -169,9 +175,15 @@ int main(int argc, char** argv) {
   auto go = [&](auto table_tag, auto index_tag, auto grad_tag) {
     using S = decltype(table_tag); using I = decltype(index_tag); using Gt = decltype(grad_tag);
     constexpr int VV = 16 / sizeof(S);
-    if (vec1) return run<S, I, Gt, 1>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
-    if (D % VV != 0) { fprintf(stderr, "D not a multiple of the vector\n"); return 3; }
-    return run<S, I, Gt, VV>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
+    const int vec = vec1 ? 1 : VV;
+    if (D % vec != 0) { fprintf(stderr, "D not a multiple of the vector\n"); return 3; }
+    const bool u4 = pick_unroll(pick_group(D, vec)) == 4;
+    if (vec1) {
+      return u4 ? run<S, I, Gt, 1, 4>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out)
+                : run<S, I, Gt, 1, 1>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
+    }
+    return u4 ? run<S, I, Gt, VV, 4>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out)
+              : run<S, I, Gt, VV, 1>(N, V, D, hard, noise_mode, mode, seed, tau, gg, out);
   };
   auto with_index = [&](auto t) {
     using S = decltype(t);
