@@ -92,6 +92,8 @@ setup(
     packages=find_packages(include=["autoft_fast", "autoft_fast.*"]) + ["autoft_fast.kernels"],
     # The Triton kernels live in the top-level kernels/ folder and ship as autoft_fast.kernels.
     package_dir={"autoft_fast.kernels": "kernels"},
+    # Data files that a non-editable install must carry (the CLI's example configs).
+    package_data={"autoft_fast": ["configs/*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

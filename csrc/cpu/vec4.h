@@ -17,6 +17,13 @@
 // Always inlined: 16-lane vectors passed between real functions would go through memory.
 #define AUTOFT_VEC_INLINE inline __attribute__((always_inline))
 
+// Every function taking or returning a 16-lane vector is inlined, so gcc's note that such a
+// signature has a different ABI with AVX-512 does not concern us.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace autoft {
 namespace vec4 {
 
@@ -168,3 +175,7 @@ AUTOFT_VEC_INLINE f32x16 exp_nonpositive(f32x16 t) {
 
 }  // namespace vec4
 }  // namespace autoft
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
