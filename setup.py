@@ -49,7 +49,7 @@ def use_cuda(cuda_sources):
     missing = []
     if torch.version.cuda is None:
         missing.append(f"the installed torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
+    elif CUDA_HOME is None:  # torch looks for a toolkit only when it is a CUDA build itself
         missing.append("no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
     if not cuda_sources:
         missing.append("csrc/sources.txt lists no CUDA sources that exist")
