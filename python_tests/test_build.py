@@ -143,14 +143,16 @@ def test_cpu_kernel_reports_the_first_bad_index_across_threads(index_dtype):
     # Bad positions in different parallel chunks: the message names the smallest, every time.
     n = 200_000
     indices = torch.randint(0, 50, (n,), dtype=index_dtype)
-    indices[150_000] = -3
-    indices[120_001] = 50
+    # With two threads, the second chunk meets its bad index (140000) first: the first chunk's
+    # (60000) must still win.
+    indices[140_000] = -3
+    indices[60_000] = 50
     table = torch.zeros(50, 2)
     seed = torch.tensor(9, dtype=torch.int64)
     logits = torch.zeros(n, 2)
-    with pytest.raises(IndexError, match=r"indices\[120001\] = 50 is out of range for a table of 50 rows"):
+    with pytest.raises(IndexError, match=r"indices\[60000\] = 50 is out of range for a table of 50 rows"):
         torch.ops.autoft_fast.gated_embedding_fwd(indices, table, table, logits, seed, None, 1.0,
                                                   True, True, False)
-    with pytest.raises(IndexError, match=r"indices\[120001\] = 50 is out"):
+    with pytest.raises(IndexError, match=r"indices\[60000\] = 50 is out"):
         torch.ops.autoft_fast.gated_embedding_bwd(torch.zeros(n, 2), None, indices, table, table,
                                                   logits, seed, None, 1.0, True, True, False)
