@@ -200,13 +200,14 @@ def _interpreting() -> bool:
 def _block_sizes(n, d, concrete: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps): about 4096 elements per program, D walked in chunks.
 
-    While tracing with dynamic shapes N is symbolic: the block then ignores it (a small batch
-    only wastes lanes), so the compiled graph does not specialise on the batch size. D is
-    specialised on purpose: the block shape depends on it.
+    The block ignores N on a GPU (a small batch only wastes lanes, while a block size per batch
+    size would compile a kernel per batch size, and N is symbolic while tracing with dynamic
+    shapes). The interpreter runs a block as numpy arrays, so there it shrinks to small
+    batches. D is specialised on purpose: the block shape depends on it.
     """
     block_d = min(triton.next_power_of_2(max(int(d), 1)), 256)
     block_n = max(4, min(256, 4096 // block_d))
-    if concrete:
+    if concrete and _interpreting():
         block_n = min(block_n, max(4, triton.next_power_of_2(max(n, 1))))
     num_warps = 8 if block_n * block_d >= 4096 else 4
     return block_n, block_d, num_warps
