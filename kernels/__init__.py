@@ -17,7 +17,7 @@ from __future__ import annotations
 _IMPORT_ERROR: Exception | None = None
 try:
     from . import gated_embedding  # noqa: F401  (registers the ops)
-except ImportError as err:  # triton missing or too old: the package still imports
+except Exception as err:  # triton missing or unusable: the package still imports
     gated_embedding = None
     _IMPORT_ERROR = err
 

@@ -164,6 +164,12 @@ def emulator(tmp_path_factory):
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler to build the CUDA-kernel emulation")
+    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"],
+                           input="#include <barrier>\n#include <atomic>\nfloat f; "
+                                 "std::atomic_ref<float> r(f);\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:  # the emulation needs C++20 <barrier> and std::atomic_ref
+        pytest.skip(f"{cxx} lacks C++20 <barrier> / std::atomic_ref (GCC >= 11, Clang >= 15)")
     from torch.utils.cpp_extension import include_paths
 
     exe = tmp_path_factory.mktemp("emulation") / "emulate_kernels"
