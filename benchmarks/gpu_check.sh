@@ -2,7 +2,8 @@
 # One-shot GPU check for a lent CUDA machine (an H200 with torch + triton preinstalled and no
 # network): builds autoft_fast's extension with its CUDA kernels in place, runs the GPU
 # benchmark (copy bandwidth, a correctness pass, every backend on the foundation shapes and the
-# large ones) and then the GPU tests, all in under 8 minutes. Output is teed to $OUT/ when set.
+# large ones) and then the GPU tests, all in under 8 minutes. Output is teed to $OUT/ when set
+# (gpu_check.log, and the full test log gpu_tests.log plus gpu_tests.xml).
 #
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh
 #   PYTHON=python3 picks the interpreter; BUDGET_S (default 470) caps the whole run;
@@ -78,8 +79,9 @@ if [ "$left" -lt 45 ]; then left=45; fi
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   junit=()
   [ -n "${OUT:-}" ] && junit=(--junitxml "$OUT/gpu_tests.xml")
-  timeout "$left" "$PYTHON" -m pytest python_tests -q -p no:cacheprovider -k "(cuda or triton) and not emulated" \
-    --maxfail=25 -W ignore::UserWarning "${junit[@]}" 2>&1 | tail -n 60
+  timeout "$left" "$PYTHON" -m pytest python_tests -q -p no:cacheprovider --continue-on-collection-errors \
+    -k "(cuda or triton) and not emulated" \
+    --maxfail=25 -W ignore::UserWarning "${junit[@]}" 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log" | tail -n 60
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "!! tests stopped by the ${left} s time limit"
   [ "$rc" -ne 0 ] && status=1
