@@ -18,9 +18,9 @@
 #define AUTOFT_VEC_INLINE inline __attribute__((always_inline))
 
 // Every function taking or returning a 16-lane vector is inlined, so gcc's note that such a
-// signature has a different ABI with AVX-512 does not concern us.
+// signature has a different ABI with AVX-512 does not concern us (nor the files that include
+// this header, where gcc reports it at the call sites: hence no push/pop).
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -175,7 +175,3 @@ AUTOFT_VEC_INLINE f32x16 exp_nonpositive(f32x16 t) {
 
 }  // namespace vec4
 }  // namespace autoft
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
