@@ -400,38 +400,41 @@ def _check_bwd_grads(grad_out, grad_gates, indices, tuned_weight):
 # (torch.compile, opcheck, make_fx) goes through an opaque op that runs the interpreter on real
 # tensors. On a GPU the traced call launches the kernel through wrap_triton instead, which is
 # what lets Inductor see and schedule it.
-@torch.library.custom_op("autoft_fast::_gated_embedding_fwd_triton_interpreted", mutates_args=())
-def _fwd_interpreted(indices: torch.Tensor, frozen_weight: torch.Tensor,
-                     tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
-                     uniforms: Optional[torch.Tensor], tau: float, hard: bool,
-                     noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-                       tau, hard, noise, concrete=True)
+# Registered only under the interpreter: GPU users never see these two ops.
+def _register_interpreted_ops() -> None:
+    @torch.library.custom_op("autoft_fast::_gated_embedding_fwd_triton_interpreted", mutates_args=())
+    def _fwd_interpreted(indices: torch.Tensor, frozen_weight: torch.Tensor,
+                         tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
+                         uniforms: Optional[torch.Tensor], tau: float, hard: bool,
+                         noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+                           tau, hard, noise, concrete=True)
+
+    @_fwd_interpreted.register_fake
+    def _(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise):
+        n, d = indices.shape[0], tuned_weight.shape[1]
+        return (tuned_weight.new_empty((n, d)), logits.new_empty((n, 2)))
+
+    @torch.library.custom_op("autoft_fast::_gated_embedding_bwd_triton_interpreted", mutates_args=())
+    def _bwd_interpreted(grad_out: torch.Tensor, grad_gates: Optional[torch.Tensor],
+                         indices: torch.Tensor, frozen_weight: torch.Tensor,
+                         tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
+                         uniforms: Optional[torch.Tensor], tau: float, hard: bool, noise: bool,
+                         sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                           uniforms, tau, hard, noise, sparse, concrete=True)
+
+    @_bwd_interpreted.register_fake
+    def _(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
+          tau, hard, noise, sparse):
+        n = indices.shape[0]
+        v, d = tuned_weight.shape
+        rows = n if sparse else v
+        return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)))
 
 
-@_fwd_interpreted.register_fake
-def _(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise):
-    n, d = indices.shape[0], tuned_weight.shape[1]
-    return (tuned_weight.new_empty((n, d)), logits.new_empty((n, 2)))
-
-
-@torch.library.custom_op("autoft_fast::_gated_embedding_bwd_triton_interpreted", mutates_args=())
-def _bwd_interpreted(grad_out: torch.Tensor, grad_gates: Optional[torch.Tensor],
-                     indices: torch.Tensor, frozen_weight: torch.Tensor,
-                     tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
-                     uniforms: Optional[torch.Tensor], tau: float, hard: bool, noise: bool,
-                     sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
-                       uniforms, tau, hard, noise, sparse, concrete=True)
-
-
-@_bwd_interpreted.register_fake
-def _(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-      tau, hard, noise, sparse):
-    n = indices.shape[0]
-    v, d = tuned_weight.shape
-    rows = n if sparse else v
-    return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)))
+if _interpreting():
+    _register_interpreted_ops()
 
 
 # --------------------------------------------------------------------------------------------
