@@ -30,7 +30,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     if device.type == "cpu" and ext.has_kernel("CPU"):
         found.append("cpu")
     if device.type == "cuda":
-        # The CUDA C++ kernels measured at least as fast as Triton's (benchmarks/RESULTS.md).
+        # CUDA C++ first: it has no per-call JIT dispatch cost. Not yet measured against
+        # Triton on a GPU (benchmarks/gpu_check.sh does that); revisit with its numbers.
         if ext.has_kernel("CUDA"):
             found.append("cuda")
         if ext.triton_usable(device):
@@ -53,8 +54,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         chosen = usable[0]
         if chosen == "reference" and device.type == "cpu":
             ext.warn_missing_extension_once()
-        log.debug("gated_embedding: backend 'auto' picked %r for device %s (available: %s)",
-                  chosen, device, usable)
+        _log_choice_once(f"backend 'auto' picked {chosen!r} for device {device} (available: {usable})")
         return chosen
     if backend not in usable:
         served = {"cpu": "CPU tensors", "cuda": "CUDA tensors",
@@ -68,8 +68,18 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(
             f"backend = {backend!r} is not available for tensors on {device}: {why}; "
             f"available there: {usable}")
-    log.debug("gated_embedding: backend %r for device %s", backend, device)
+    _log_choice_once(f"backend {backend!r} for device {device}")
     return backend
+
+
+_logged: set[str] = set()
+
+
+def _log_choice_once(message: str) -> None:
+    # Once per distinct choice: a training loop calls the op thousands of times.
+    if message not in _logged:
+        _logged.add(message)
+        log.debug("gated_embedding: %s", message)
 
 
 def _kernel_op(backend: str):
