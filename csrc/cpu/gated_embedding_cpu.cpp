@@ -31,8 +31,8 @@ namespace autoft {
 namespace {
 
 // Lookups are processed in blocks: first the gates of a whole block (compute, with prefetches
-// of the rows they need), then its rows (memory). A multiple of 16 (the gate unit, four Philox
-// calls), and small enough that the prefetched rows stay in L1/L2.
+// of the rows they need), then its rows (memory). A multiple of 4, so that no Philox call is
+// split between blocks, and small enough that the prefetched rows stay in L1/L2.
 constexpr int64_t kBlock = 64;
 
 // Blocks per parallel task: enough work (~32k table elements touched) to amortise the task
@@ -58,59 +58,53 @@ struct NoiseSource {
   const float* uniforms;  // overrides the seed when not null
 };
 
-// Gates of the (up to) sixteen lookups n0 .. n0 + count - 1 (n0 % 16 == 0): four Philox calls
-// (independent, so they interleave) and one 16-lane pass of the logistic noise and sigmoid:
+// Gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0), one Philox call and
+// one 4-lane pass of the logistic noise and the sigmoid:
 //   l = log(U + 1e-20) - log(1 - U),  x = (d + l) / tau,
 //   y1 = sigmoid(x), y0 = sigmoid(-x), y0y1 = y0 * y1,
 // all from one exp of -|x|. y0 * y1 is formed as a product, never as y * (1 - y), so it keeps
 // its relative precision when a gate is nearly certain. NaN in x reaches all three outputs.
-constexpr int64_t kUnit = 16;
-static_assert(kBlock % kUnit == 0, "a block holds whole gate units");
-
-struct GateUnit {
-  vec4::f32x16 y0;
-  vec4::f32x16 y1;
-  vec4::f32x16 y0y1;
+struct GateGroup {
+  vec4::f32x4 y0;
+  vec4::f32x4 y1;
+  vec4::f32x4 y0y1;
 };
 
-AUTOFT_VEC_INLINE GateUnit gate_unit(const NoiseSource& src, const float* logits, int64_t n0, int64_t count,
-                          float tau) {
-  using vec4::f32x16;
-  using vec4::splat16;
-  f32x16 x = splat16(0.0f);
+inline GateGroup gate_group(const NoiseSource& src, const float* logits, int64_t n0, int64_t count,
+                            float tau) {
+  using vec4::f32x4;
+  using vec4::splat;
+  f32x4 d = splat(0.0f);
   for (int64_t j = 0; j < count; ++j) {
-    x[j] = logits[2 * (n0 + j) + 1] - logits[2 * (n0 + j)];
+    d[j] = logits[2 * (n0 + j) + 1] - logits[2 * (n0 + j)];
   }
+  f32x4 x = d;
   if (src.noise) {
+    f32x4 u = splat(0.5f);  // lanes past N: any value in (0, 1)
     if (src.uniforms != nullptr) {
-      f32x16 u = splat16(0.5f);  // lanes past N: any value in (0, 1)
       for (int64_t j = 0; j < count; ++j) {
         u[j] = src.uniforms[n0 + j];
       }
-      // Uniforms from the caller are not trusted to lie in [0, 1): checked log.
-      x += vec4::log_checked(u + splat16(1e-20f)) - vec4::log_checked(splat16(1.0f) - u);
     } else {
-      const uint64_t call0 = static_cast<uint64_t>(n0) >> 2;
-      vec4::i32x16 w;
-      for (int q = 0; q < 4; ++q) {
-        const Philox4 r = philox4x32_10(src.seed, call0 + q);
-        for (int k = 0; k < 4; ++k) {
-          w[4 * q + k] = static_cast<int32_t>(r.w[k]);
-        }
-      }
-      w = w < 0 ? ~w : w;  // philox_uniform, sixteen at a time
-      const f32x16 u = __builtin_convertvector(w, f32x16) * splat16(4.6566127342e-10f);
-      // U + 1e-20 and 1 - U are positive normal numbers for every U in [0, 1).
-      x += vec4::log_normal(u + splat16(1e-20f)) - vec4::log_normal(splat16(1.0f) - u);
+      const Philox4 r = philox4x32_10(src.seed, static_cast<uint64_t>(n0) >> 2);
+      vec4::i32x4 w = {static_cast<int32_t>(r.w[0]), static_cast<int32_t>(r.w[1]),
+                       static_cast<int32_t>(r.w[2]), static_cast<int32_t>(r.w[3])};
+      w = w < 0 ? ~w : w;  // philox_uniform, four at a time
+      u = __builtin_convertvector(w, f32x4) * splat(4.6566127342e-10f);
     }
+    x = d + (vec4::log(u + splat(1e-20f)) - vec4::log(splat(1.0f) - u));
   }
-  x = x / splat16(tau);
-  const f32x16 neg_abs = vec4::bit_cast_vec<f32x16>(vec4::bit_cast_vec<vec4::u32x16>(x) | 0x80000000u);
-  const f32x16 e = vec4::exp_nonpositive(neg_abs);
-  const f32x16 r = splat16(1.0f) / (splat16(1.0f) + e);
-  const f32x16 er = e * r;
-  const vec4::i32x16 positive = x >= splat16(0.0f);  // false for NaN
-  GateUnit g;
+  x = x / splat(tau);
+  vec4::u32x4 abs_bits;
+  std::memcpy(&abs_bits, &x, sizeof(abs_bits));
+  abs_bits |= 0x80000000u;  // -|x|
+  f32x4 neg_abs;
+  std::memcpy(&neg_abs, &abs_bits, sizeof(neg_abs));
+  const f32x4 e = vec4::exp_nonpositive(neg_abs);
+  const f32x4 r = splat(1.0f) / (splat(1.0f) + e);
+  const f32x4 er = e * r;
+  const vec4::i32x4 positive = x >= splat(0.0f);  // false for NaN
+  GateGroup g;
   g.y1 = positive ? r : er;
   g.y0 = positive ? er : r;
   g.y0y1 = er * r;
@@ -190,28 +184,24 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
+    const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
     const scalar_t* const tables[2] = {frozen, tuned};
-    // Two blocks in flight: the gates of block b + 1 are computed (and its rows prefetched)
-    // before the rows of block b are written, so the row misses overlap compute.
-    const scalar_t* first_row[2][kBlock];  // the row to copy (hard) or the frozen row (soft)
-    float w0[2][kBlock];
-    float w1[2][kBlock];
-
-    auto gates_of = [&](int64_t b) {
+    float w0[kBlock];
+    float w1[kBlock];
+    for (int64_t b = bbegin; b < bend; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
-      const scalar_t** rows = first_row[b & 1];
-      float* b0 = w0[b & 1];
-      float* b1 = w1[b & 1];
-      for (int64_t i0 = 0; i0 < nb; i0 += kUnit) {
-        const int64_t count = std::min<int64_t>(kUnit, nb - i0);
-        GateUnit s = gate_unit(src, logits, n0 + i0, count, tau);
+      // Phase 1: gates. Compute-bound; prefetching the rows the gates choose lets their cache
+      // misses overlap this work instead of serialising behind it.
+      for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+        const int64_t count = std::min<int64_t>(4, nb - i0);
+        GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
         // Hard choice without branches (a random gate mispredicts half the time). The
         // comparison is false for NaN, so a NaN gate chooses the frozen row.
-        const vec4::i32x16 pick = s.y1 > vec4::splat16(0.5f);  // lanes: 0 or -1
+        const vec4::i32x4 pick = s.y1 > vec4::splat(0.5f);  // lanes: 0 or -1
         if (hard) {
-          s.y1 = pick ? vec4::splat16(1.0f) : vec4::splat16(0.0f);
-          s.y0 = vec4::splat16(1.0f) - s.y1;
+          s.y1 = pick ? vec4::splat(1.0f) : vec4::splat(0.0f);
+          s.y0 = vec4::splat(1.0f) - s.y1;
         }
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
@@ -222,34 +212,30 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
               bad.record(n);
               seen_bad = true;
             }
-            rows[i] = nullptr;
+            first_row[i] = nullptr;
             continue;
           }
           const int64_t row = static_cast<int64_t>(idx) * D;
-          // Soft gates: sigmoid(-x) rather than 1 - y1, so the small gate keeps its relative
-          // precision.
-          gates[2 * n] = s.y0[j];
-          gates[2 * n + 1] = s.y1[j];
           if (hard) {
-            rows[i] = tables[pick[j] & 1] + row;  // the other row is never read
-            prefetch_row(rows[i], D);
+            gates[2 * n] = s.y0[j];
+            gates[2 * n + 1] = s.y1[j];
+            first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
+            prefetch_row(first_row[i], D);
           } else {
-            b0[i] = s.y0[j];
-            b1[i] = s.y1[j];
-            rows[i] = frozen + row;
+            // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
+            gates[2 * n] = s.y0[j];
+            gates[2 * n + 1] = s.y1[j];
+            w0[i] = s.y0[j];
+            w1[i] = s.y1[j];
+            first_row[i] = frozen + row;
             prefetch_row(frozen + row, D);
             prefetch_row(tuned + row, D);
           }
         }
       }
-    };
-
-    auto rows_of = [&](int64_t b) {
-      const int64_t n0 = b * kBlock;
-      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
-      const scalar_t* const* rows = first_row[b & 1];
+      // Phase 2: rows. A short loop of independent loads, so many misses are in flight.
       for (int64_t i = 0; i < nb; ++i) {
-        const scalar_t* f = rows[i];
+        const scalar_t* f = first_row[i];
         if (f == nullptr) {
           continue;
         }
@@ -258,17 +244,9 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
           // z is exactly one-hot, so the output is the chosen row, bit for bit.
           copy_row(f, D, o);
         } else {
-          mix_rows(f, tuned + (f - frozen), w0[b & 1][i], w1[b & 1][i], D, o);
+          mix_rows(f, tuned + (f - frozen), w0[i], w1[i], D, o);
         }
       }
-    };
-
-    gates_of(bbegin);
-    for (int64_t b = bbegin; b < bend; ++b) {
-      if (b + 1 < bend) {
-        gates_of(b + 1);
-      }
-      rows_of(b);
     }
   });
 }
@@ -340,25 +318,19 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
-    // Two blocks in flight, as in the forward.
-    int64_t rows[2][kBlock];
-    float z1s[2][kBlock];
-    float scale[2][kBlock];  // y0 * y1 / tau
-
-    // Regenerate the gates and prefetch both rows: the straight-through gradient needs <g, f>
-    // and <g, t> even when the hard gate read only one of them.
-    auto gates_of = [&](int64_t b) {
+    int64_t rows[kBlock];
+    float z1s[kBlock];
+    float scale[kBlock];  // y0 * y1 / tau
+    for (int64_t b = bbegin; b < bend; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
-      int64_t* r = rows[b & 1];
-      float* zb = z1s[b & 1];
-      float* sb = scale[b & 1];
-      for (int64_t i0 = 0; i0 < nb; i0 += kUnit) {
-        const int64_t count = std::min<int64_t>(kUnit, nb - i0);
-        const GateUnit s = gate_unit(src, logits, n0 + i0, count, tau);
-        const vec4::f32x16 z1 =
-            hard ? (s.y1 > vec4::splat16(0.5f) ? vec4::splat16(1.0f) : vec4::splat16(0.0f)) : s.y1;
-        const vec4::f32x16 sc = s.y0y1 / vec4::splat16(tau);
+      // Phase 1: regenerate the gates, prefetch both rows (the straight-through gradient needs
+      // <g, f> and <g, t> even when the hard gate read only one of them).
+      for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+        const int64_t count = std::min<int64_t>(4, nb - i0);
+        const GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
+        const vec4::f32x4 z1 =
+            hard ? (s.y1 > vec4::splat(0.5f) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
           const int64_t n = n0 + i;
@@ -368,25 +340,19 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
               bad.record(n);
               seen_bad = true;
             }
-            r[i] = -1;
+            rows[i] = -1;
             continue;
           }
-          zb[i] = z1[j];
-          sb[i] = sc[j];
-          r[i] = static_cast<int64_t>(idx) * D;
-          prefetch_row(frozen + r[i], D);
-          prefetch_row(tuned + r[i], D);
+          z1s[i] = z1[j];
+          scale[i] = s.y0y1[j] / tau;
+          rows[i] = static_cast<int64_t>(idx) * D;
+          prefetch_row(frozen + rows[i], D);
+          prefetch_row(tuned + rows[i], D);
         }
       }
-    };
-
-    // Dot products and gradient rows.
-    auto grads_of = [&](int64_t b) {
-      const int64_t n0 = b * kBlock;
-      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
-      const int64_t* r = rows[b & 1];
+      // Phase 2: dot products and gradient rows.
       for (int64_t i = 0; i < nb; ++i) {
-        const int64_t row = r[i];
+        const int64_t row = rows[i];
         if (row < 0) {
           continue;
         }
@@ -398,24 +364,16 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
         if (grad_gates != nullptr) {
           diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
         }
-        const float gl = scale[b & 1][i] * diff;
+        const float gl = scale[i] * diff;
         grad_logits[2 * n] = -gl;
         grad_logits[2 * n + 1] = gl;
-        const float z1 = z1s[b & 1][i];
+        const float z1 = z1s[i];
         if (sparse_rows != nullptr) {
           scale_row(gr, z1, D, sparse_rows + n * D);
         } else {
           z1_out[n] = z1;
         }
       }
-    };
-
-    gates_of(bbegin);
-    for (int64_t b = bbegin; b < bend; ++b) {
-      if (b + 1 < bend) {
-        gates_of(b + 1);
-      }
-      grads_of(b);
     }
   });
 }

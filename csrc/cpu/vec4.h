@@ -14,16 +14,6 @@
 #include <cstdint>
 #include <cstring>
 
-// Always inlined: 16-lane vectors passed between real functions would go through memory.
-#define AUTOFT_VEC_INLINE inline __attribute__((always_inline))
-
-// Every function taking or returning a 16-lane vector is inlined, so gcc's note that such a
-// signature has a different ABI with AVX-512 does not concern us (nor the files that include
-// this header, where gcc reports it at the call sites: hence no push/pop).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 namespace autoft {
 namespace vec4 {
 
@@ -96,80 +86,62 @@ inline void store<c10::Half>(c10::Half* p, f32x4 v) {
 }
 
 
-// The gate math runs on 16 lookups at once: on SSE / NEON the compiler splits every
-// operation into four independent 4-lane ones, which interleave the four dependency chains
-// (a single 4-lane chain of Philox -> log -> exp -> divide is latency-bound).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-AUTOFT_VEC_INLINE f32x16 splat16(float x) {
-  return f32x16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
-
-template <typename To, typename From>
-AUTOFT_VEC_INLINE To bit_cast_vec(From v) {
-  static_assert(sizeof(To) == sizeof(From), "same size");
-  To t;
-  std::memcpy(&t, &v, sizeof(t));
-  return t;
-}
-
-// Natural log of positive normal floats, within 2 ulp (checked in csrc/tests): x = m * 2^e
-// with m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s) with s = (m - 1) / (m + 1),
-// |s| <= 0.1716, whose series to s^9 leaves an error below 1e-9. Only for inputs known to be
-// positive normal numbers; log_checked handles the rest.
-AUTOFT_VEC_INLINE f32x16 log_normal(f32x16 x) {
-  const u32x16 bits = bit_cast_vec<u32x16>(x);
-  i32x16 e = (i32x16)(bits >> 23) - 127;
-  f32x16 m = bit_cast_vec<f32x16>((bits & 0x007fffffu) | 0x3f800000u);
-  const i32x16 big = m > splat16(1.41421356f);
-  m = big ? m * splat16(0.5f) : m;
+// Natural log of four positive normal floats, within ~2 ulp: x = m * 2^e with m in
+// [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, whose
+// series to s^9 leaves an error below 1e-9. Lanes outside the positive normal range (0, inf,
+// negative, NaN, subnormal) are handed to std::log, so every input gets the libm answer there.
+inline f32x4 log(f32x4 x) {
+  u32x4 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  i32x4 e = (i32x4)(bits >> 23) - 127;
+  const u32x4 mbits = (bits & 0x007fffffu) | 0x3f800000u;
+  f32x4 m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const i32x4 big = m > splat(1.41421356f);
+  m = big ? m * splat(0.5f) : m;
   e = e - big;  // a true mask lane is -1
-  const f32x16 s = (m - splat16(1.0f)) / (m + splat16(1.0f));
-  const f32x16 s2 = s * s;
-  const f32x16 series =
-      s2 * (splat16(1.0f / 3) +
-            s2 * (splat16(1.0f / 5) + s2 * (splat16(1.0f / 7) + s2 * splat16(1.0f / 9))));
-  const f32x16 log_m = (s + s) + (s + s) * series;
-  const f32x16 ef = __builtin_convertvector(e, f32x16);
+  const f32x4 s = (m - splat(1.0f)) / (m + splat(1.0f));
+  const f32x4 s2 = s * s;
+  const f32x4 series =
+      s2 * (splat(1.0f / 3) + s2 * (splat(1.0f / 5) + s2 * (splat(1.0f / 7) + s2 * splat(1.0f / 9))));
+  const f32x4 log_m = (s + s) + (s + s) * series;
+  const f32x4 ef = __builtin_convertvector(e, f32x4);
   // ln 2 split so that e * hi is exact: hi = 0x1.62p-1.
-  return ef * splat16(0.69140625f) + (log_m + ef * splat16(0.0017409306019544601f));
-}
-
-// log for any input: lanes outside the positive normal range (0, inf, negative, NaN,
-// subnormal) get std::log's answer.
-AUTOFT_VEC_INLINE f32x16 log_checked(f32x16 x) {
-  f32x16 r = log_normal(x);
-  const i32x16 normal = (x >= splat16(1.17549435e-38f)) & (x <= splat16(3.40282347e+38f));
-  for (int i = 0; i < 16; ++i) {
-    if (!normal[i]) {
-      r[i] = std::log(x[i]);
+  f32x4 r = ef * splat(0.69140625f) + (log_m + ef * splat(0.0017409306019544601f));
+  const i32x4 normal = (x >= splat(1.17549435e-38f)) & (x <= splat(3.40282347e+38f));
+  if (!(normal[0] & normal[1] & normal[2] & normal[3])) {
+    for (int i = 0; i < 4; ++i) {
+      if (!normal[i]) {
+        r[i] = std::log(x[i]);
+      }
     }
   }
   return r;
 }
 
-// exp(t) for t <= 0 (or NaN), within 1 ulp: t = k ln 2 + r with |r| <= ln2 / 2, exp(r) by its
+// exp(t) for t <= 0 (or NaN), within ~2 ulp: t = k ln 2 + r with |r| <= ln2 / 2, exp(r) by its
 // Taylor series to r^7 (error < 6e-9), 2^k through the exponent bits. Results below the
 // smallest normal float (t < -87) are flushed to 0; NaN stays NaN.
-AUTOFT_VEC_INLINE f32x16 exp_nonpositive(f32x16 t) {
-  const i32x16 tiny = t < splat16(-87.0f);
-  const f32x16 tc = tiny ? splat16(-87.0f) : t;
+inline f32x4 exp_nonpositive(f32x4 t) {
+  const i32x4 tiny = t < splat(-87.0f);
+  const f32x4 tc = tiny ? splat(-87.0f) : t;
   // Round to nearest integer by the 1.5 * 2^23 trick (exact for |value| < 2^22).
-  const f32x16 kf = (tc * splat16(1.44269502f) + splat16(12582912.0f)) - splat16(12582912.0f);
-  const f32x16 r = (tc - kf * splat16(0.69140625f)) - kf * splat16(0.0017409306019544601f);
-  f32x16 p = splat16(1.0f / 5040);
-  p = splat16(1.0f / 720) + r * p;
-  p = splat16(1.0f / 120) + r * p;
-  p = splat16(1.0f / 24) + r * p;
-  p = splat16(1.0f / 6) + r * p;
-  p = splat16(0.5f) + r * p;
-  p = splat16(1.0f) + r * p;
-  p = splat16(1.0f) + r * p;
-  const i32x16 k = __builtin_convertvector(kf, i32x16);
-  const f32x16 scale = bit_cast_vec<f32x16>((k + 127) << 23);
-  const f32x16 out = tiny ? splat16(0.0f) : p * scale;
+  const f32x4 kf = (tc * splat(1.44269502f) + splat(12582912.0f)) - splat(12582912.0f);
+  const f32x4 r = (tc - kf * splat(0.69140625f)) - kf * splat(0.0017409306019544601f);
+  f32x4 p = splat(1.0f / 5040);
+  p = splat(1.0f / 720) + r * p;
+  p = splat(1.0f / 120) + r * p;
+  p = splat(1.0f / 24) + r * p;
+  p = splat(1.0f / 6) + r * p;
+  p = splat(0.5f) + r * p;
+  p = splat(1.0f) + r * p;
+  p = splat(1.0f) + r * p;
+  const i32x4 k = __builtin_convertvector(kf, i32x4);
+  const i32x4 scale_bits = (k + 127) << 23;
+  f32x4 scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  f32x4 out = p * scale;
+  out = tiny ? splat(0.0f) : out;
   return t != t ? t : out;
 }
 
