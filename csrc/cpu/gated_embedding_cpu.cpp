@@ -58,29 +58,26 @@ struct NoiseSource {
   const float* uniforms;  // overrides the seed when not null
 };
 
-// Gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0), one Philox call and
-// one 4-lane pass of the logistic noise and the sigmoid:
-//   l = log(U + 1e-20) - log(1 - U),  x = (d + l) / tau,
-//   y1 = sigmoid(x), y0 = sigmoid(-x), y0y1 = y0 * y1,
-// all from one exp of -|x|. y0 * y1 is formed as a product, never as y * (1 - y), so it keeps
-// its relative precision when a gate is nearly certain. NaN in x reaches all three outputs.
-struct GateGroup {
-  vec4::f32x4 y0;
-  vec4::f32x4 y1;
-  vec4::f32x4 y0y1;
+// The inputs of the gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0), from
+// one Philox call: the logit difference d and the two terms of the logistic noise
+// l = log(a) - log(b), a = U + 1e-20, b = 1 - U (a = b = 1, l = 0, without noise).
+struct GateInputs {
+  vec4::f32x4 d;
+  vec4::f32x4 a;
+  vec4::f32x4 b;
 };
 
-inline GateGroup gate_group(const NoiseSource& src, const float* logits, int64_t n0, int64_t count,
-                            float tau) {
+inline GateInputs gate_inputs(const NoiseSource& src, const float* logits, int64_t n0,
+                              int64_t count) {
   using vec4::f32x4;
   using vec4::splat;
-  f32x4 d = splat(0.0f);
+  GateInputs in;
+  in.d = splat(0.0f);
   for (int64_t j = 0; j < count; ++j) {
-    d[j] = logits[2 * (n0 + j) + 1] - logits[2 * (n0 + j)];
+    in.d[j] = logits[2 * (n0 + j) + 1] - logits[2 * (n0 + j)];
   }
-  f32x4 x = d;
+  f32x4 u = splat(0.0f);  // also the value of lanes past N
   if (src.noise) {
-    f32x4 u = splat(0.5f);  // lanes past N: any value in (0, 1)
     if (src.uniforms != nullptr) {
       for (int64_t j = 0; j < count; ++j) {
         u[j] = src.uniforms[n0 + j];
@@ -92,15 +89,55 @@ inline GateGroup gate_group(const NoiseSource& src, const float* logits, int64_t
       w = w < 0 ? ~w : w;  // philox_uniform, four at a time
       u = __builtin_convertvector(w, f32x4) * splat(4.6566127342e-10f);
     }
-    x = d + (vec4::log(u + splat(1e-20f)) - vec4::log(splat(1.0f) - u));
+    in.a = u + splat(1e-20f);
+    in.b = splat(1.0f) - u;
+  } else {
+    in.a = splat(1.0f);
+    in.b = splat(1.0f);
+  }
+  return in;
+}
+
+// -|v|, by setting the sign bit.
+inline vec4::f32x4 neg_abs(vec4::f32x4 v) {
+  vec4::u32x4 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits |= 0x80000000u;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// The hard choice, lanes -1 (tuned) or 0 (frozen). y1 > 1/2 means x = (d + l) / tau > 0, that is
+// log(a) - log(b) > -d, that is a > b * exp(-d): one exp instead of two logs, an exp and two
+// divisions, which made the noisy hard forward compute-bound. It can differ from comparing a
+// float sigmoid with 0.5 only where x is within rounding of 0 (the contract's near-tie);
+// forward and backward both decide here, so they always agree. The comparisons are false for
+// NaN (the frozen row), and an exact tie goes to the frozen row.
+inline vec4::i32x4 hard_pick(const GateInputs& in) {
+  const vec4::f32x4 e = vec4::exp_nonpositive(neg_abs(in.d));  // exp(-|d|), no overflow
+  const vec4::i32x4 d_positive = in.d >= vec4::splat(0.0f);
+  return d_positive ? (in.a > in.b * e) : (in.a * e > in.b);
+}
+
+// The soft gates:
+//   x = (d + log(a) - log(b)) / tau,  y1 = sigmoid(x), y0 = sigmoid(-x), y0y1 = y0 * y1,
+// all from one exp of -|x|. y0 * y1 is formed as a product, never as y * (1 - y), so it keeps
+// its relative precision when a gate is nearly certain. NaN in x reaches all three outputs.
+struct GateGroup {
+  vec4::f32x4 y0;
+  vec4::f32x4 y1;
+  vec4::f32x4 y0y1;
+};
+
+inline GateGroup soft_gates(const GateInputs& in, bool noise, float tau) {
+  using vec4::f32x4;
+  using vec4::splat;
+  f32x4 x = in.d;
+  if (noise) {
+    x = x + (vec4::log(in.a) - vec4::log(in.b));
   }
   x = x / splat(tau);
-  vec4::u32x4 abs_bits;
-  std::memcpy(&abs_bits, &x, sizeof(abs_bits));
-  abs_bits |= 0x80000000u;  // -|x|
-  f32x4 neg_abs;
-  std::memcpy(&neg_abs, &abs_bits, sizeof(neg_abs));
-  const f32x4 e = vec4::exp_nonpositive(neg_abs);
+  const f32x4 e = vec4::exp_nonpositive(neg_abs(x));
   const f32x4 r = splat(1.0f) / (splat(1.0f) + e);
   const f32x4 er = e * r;
   const vec4::i32x4 positive = x >= splat(0.0f);  // false for NaN
@@ -195,13 +232,17 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
       // misses overlap this work instead of serialising behind it.
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
-        // Hard choice without branches (a random gate mispredicts half the time). The
-        // comparison is false for NaN, so a NaN gate chooses the frozen row.
-        const vec4::i32x4 pick = s.y1 > vec4::splat(0.5f);  // lanes: 0 or -1
+        const GateInputs in = gate_inputs(src, logits, n0 + i0, count);
+        // Hard: only the choice is needed, without branches (a random gate mispredicts half
+        // the time). Soft: the gates.
+        GateGroup s;
+        vec4::i32x4 pick = {0, 0, 0, 0};  // lanes: 0 or -1
         if (hard) {
+          pick = hard_pick(in);
           s.y1 = pick ? vec4::splat(1.0f) : vec4::splat(0.0f);
           s.y0 = vec4::splat(1.0f) - s.y1;
+        } else {
+          s = soft_gates(in, src.noise, tau);
         }
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
@@ -328,9 +369,11 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
       // <g, f> and <g, t> even when the hard gate read only one of them).
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        const GateGroup s = gate_group(src, logits, n0 + i0, count, tau);
+        const GateInputs in = gate_inputs(src, logits, n0 + i0, count);
+        const GateGroup s = soft_gates(in, src.noise, tau);
+        // The forward's choice, by the same rule.
         const vec4::f32x4 z1 =
-            hard ? (s.y1 > vec4::splat(0.5f) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
+            hard ? (hard_pick(in) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
         for (int64_t j = 0; j < count; ++j) {
           const int64_t i = i0 + j;
           const int64_t n = n0 + i;
