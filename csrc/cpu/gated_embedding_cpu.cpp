@@ -9,6 +9,7 @@
 #include "../gated_common.h"
 #include "../philox.h"
 #include "gated_embedding_cpu.h"
+#include "philox_x4.h"
 #include "vec4.h"
 
 #include <ATen/Parallel.h>
@@ -34,6 +35,7 @@ namespace {
 // of the rows they need), then its rows (memory). A multiple of 4, so that no Philox call is
 // split between blocks, and small enough that the prefetched rows stay in L1/L2.
 constexpr int64_t kBlock = 64;
+static_assert(kBlock % 16 == 0, "a block starts on a four-call Philox batch");
 
 // Blocks per parallel task: enough work (~32k table elements touched) to amortise the task
 // overhead.
@@ -58,9 +60,10 @@ struct NoiseSource {
   const float* uniforms;  // overrides the seed when not null
 };
 
-// The inputs of the gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0), from
-// one Philox call: the logit difference d and the two terms of the logistic noise
-// l = log(a) - log(b), a = U + 1e-20, b = 1 - U (a = b = 1, l = 0, without noise).
+// The inputs of the gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0): the
+// logit difference d and the two terms of the logistic noise l = log(a) - log(b),
+// a = U + 1e-20, b = 1 - U (a = b = 1, l = 0, without noise). `words` are the group's Philox
+// words when the seeded stream is in use (drawn four calls at a time by the caller).
 struct GateInputs {
   vec4::f32x4 d;
   vec4::f32x4 a;
@@ -68,7 +71,7 @@ struct GateInputs {
 };
 
 inline GateInputs gate_inputs(const NoiseSource& src, const float* logits, int64_t n0,
-                              int64_t count) {
+                              int64_t count, const vec4::u32x4& words) {
   using vec4::f32x4;
   using vec4::splat;
   GateInputs in;
@@ -83,9 +86,7 @@ inline GateInputs gate_inputs(const NoiseSource& src, const float* logits, int64
         u[j] = src.uniforms[n0 + j];
       }
     } else {
-      const Philox4 r = philox4x32_10(src.seed, static_cast<uint64_t>(n0) >> 2);
-      vec4::i32x4 w = {static_cast<int32_t>(r.w[0]), static_cast<int32_t>(r.w[1]),
-                       static_cast<int32_t>(r.w[2]), static_cast<int32_t>(r.w[3])};
+      vec4::i32x4 w = (vec4::i32x4)words;
       w = w < 0 ? ~w : w;  // philox_uniform, four at a time
       u = __builtin_convertvector(w, f32x4) * splat(4.6566127342e-10f);
     }
@@ -219,6 +220,7 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
                     const float* logits, const NoiseSource& src, float tau, bool hard, int64_t N,
                     int64_t V, int64_t D, scalar_t* out, float* gates, BadIndex& bad) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
+  const bool seeded = src.noise && src.uniforms == nullptr;
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
     const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
@@ -230,9 +232,13 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
       // Phase 1: gates. Compute-bound; prefetching the rows the gates choose lets their cache
       // misses overlap this work instead of serialising behind it.
+      vec4::u32x4 words[4] = {};
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        const GateInputs in = gate_inputs(src, logits, n0 + i0, count);
+        if (seeded && i0 % 16 == 0) {
+          philox4x32_10_x4(src.seed, static_cast<uint64_t>(n0 + i0) >> 2, words);
+        }
+        const GateInputs in = gate_inputs(src, logits, n0 + i0, count, words[(i0 / 4) % 4]);
         // Hard: only the choice is needed, without branches (a random gate mispredicts half
         // the time). Soft: the gates.
         GateGroup s;
@@ -357,6 +363,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
                             int64_t D, float* grad_logits, scalar_t* sparse_rows, float* z1_out,
                             BadIndex& bad) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
+  const bool seeded = src.noise && src.uniforms == nullptr;
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
     int64_t rows[kBlock];
@@ -367,9 +374,13 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
       // Phase 1: regenerate the gates, prefetch both rows (the straight-through gradient needs
       // <g, f> and <g, t> even when the hard gate read only one of them).
+      vec4::u32x4 words[4] = {};
       for (int64_t i0 = 0; i0 < nb; i0 += 4) {
         const int64_t count = std::min<int64_t>(4, nb - i0);
-        const GateInputs in = gate_inputs(src, logits, n0 + i0, count);
+        if (seeded && i0 % 16 == 0) {
+          philox4x32_10_x4(src.seed, static_cast<uint64_t>(n0 + i0) >> 2, words);
+        }
+        const GateInputs in = gate_inputs(src, logits, n0 + i0, count, words[(i0 / 4) % 4]);
         const GateGroup s = soft_gates(in, src.noise, tau);
         // The forward's choice, by the same rule.
         const vec4::f32x4 z1 =

@@ -2,6 +2,7 @@
 // published known-answer vectors and against a plain 64-bit re-derivation, and the forward /
 // backward against a naive per-lookup computation written here. Run by `ctest` (CMakeLists.txt).
 #include "cpu/gated_embedding_cpu.h"
+#include "cpu/philox_x4.h"
 #include "cpu/vec4.h"
 #include "philox.h"
 
@@ -83,6 +84,23 @@ void test_philox_stream_layout() {
   check(autoft::philox_uniform(0x80000000u) == top, "uniform of word 0x80000000 folds onto 0x7fffffff");
   check(std::isfinite(autoft::logistic_noise(0.0f)) && std::isfinite(autoft::logistic_noise(top)),
         "logistic noise finite at both ends");
+}
+
+// The four-calls-at-once generator of the CPU kernel against the scalar one, also where the
+// counter's low word wraps.
+void test_philox_x4() {
+  const uint64_t seed = (uint64_t{1} << 62) + 31337u;
+  for (uint64_t call0 : {uint64_t{0}, uint64_t{4}, uint64_t{0xfffffffe}, uint64_t{1} << 40}) {
+    autoft::vec4::u32x4 words[4];
+    autoft::philox4x32_10_x4(seed, call0, words);
+    for (int q = 0; q < 4; ++q) {
+      const autoft::Philox4 r = autoft::philox4x32_10(seed, call0 + q);
+      for (int k = 0; k < 4; ++k) {
+        check(words[q][k] == r.w[k], "philox x4 call " + std::to_string(call0 + q) + " word " +
+                                         std::to_string(k));
+      }
+    }
+  }
 }
 
 // Distance in units in the last place between two finite floats of the same sign.
@@ -229,6 +247,7 @@ void test_bad_index() {
 int main() {
   test_philox_known_answers();
   test_philox_stream_layout();
+  test_philox_x4();
   test_vector_math();
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (bool hard : {true, false}) {
