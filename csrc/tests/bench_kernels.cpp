@@ -52,6 +52,14 @@ int main(int argc, char** argv) {
   std::printf("threads=%d N=%lld D=%lld V=%lld dtype=%s\n", at::get_num_threads(), (long long)N,
               (long long)D, (long long)V, dtype == at::kFloat ? "f32" : "bf16");
   std::printf("%-34s %8.3f ms\n", "index_select x2", sel);
+  // The same into preallocated outputs: with two fresh 6 MB results per call, glibc may hand
+  // back new pages each time and the page faults then dominate the floor.
+  at::Tensor out_f = at::empty({N, D}, frozen.options()), out_t = at::empty({N, D}, tuned.options());
+  const double sel_out = best_ms([&] {
+    at::index_select_out(out_f, frozen, 0, indices);
+    at::index_select_out(out_t, tuned, 0, indices);
+  }, 30);
+  std::printf("%-34s %8.3f ms\n", "index_select_out x2 (preallocated)", sel_out);
   for (bool hard : {true, false}) {
     for (bool noise : {true, false}) {
       const double t = best_ms([&] {
