@@ -368,9 +368,15 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
     if deterministic:
         accum = torch.zeros((v, d), dtype=torch.float32, device=device).index_put_(
             (indices.long(),), accum, accumulate=True)
-    if not sparse:
+    if sparse:
+        # Per-lookup rows, uncoalesced (as nn.Embedding(sparse=True)); always a fresh tensor,
+        # since an op output must not alias an input (int64 indices would otherwise be returned
+        # as is).
+        grad_rows = indices.to(torch.int64, copy=True)
+    else:
         grad_tuned = accum if tuned_weight.dtype == torch.float32 else accum.to(tuned_weight.dtype)
-    return grad_tuned, grad_logits
+        grad_rows = torch.empty((0,), dtype=torch.int64, device=device)
+    return grad_tuned, grad_logits, grad_rows
 
 
 def _prepare_fwd(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
@@ -420,7 +426,7 @@ def _register_interpreted_ops() -> None:
                          indices: torch.Tensor, frozen_weight: torch.Tensor,
                          tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
                          uniforms: Optional[torch.Tensor], tau: float, hard: bool, noise: bool,
-                         sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
                            uniforms, tau, hard, noise, sparse, concrete=True)
 
@@ -430,7 +436,8 @@ def _register_interpreted_ops() -> None:
         n = indices.shape[0]
         v, d = tuned_weight.shape
         rows = n if sparse else v
-        return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)))
+        return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)),
+                indices.new_empty((n if sparse else 0,), dtype=torch.int64))
 
 
 if _interpreting():
@@ -491,15 +498,17 @@ def gated_embedding_bwd_triton(
     hard: bool,
     noise: bool,
     sparse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused backward (Triton): returns (grad_tuned, grad_logits [N, 2] float32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward (Triton): returns (grad_tuned, grad_logits [N, 2] float32, grad_rows).
 
-    grad_tuned is [V, D] (dense, float32 atomics then the table dtype) or, with ``sparse``,
-    the [N, D] per-lookup values z1[n] * grad_out[n] for an uncoalesced COO gradient.
+    Dense: grad_tuned is [V, D] (float32 atomics then the table dtype) and grad_rows an empty
+    int64 [0]. With ``sparse``: grad_tuned is the [N, D] per-lookup values z1[n] * grad_out[n]
+    and grad_rows the [N] int64 row of each (the indices), an uncoalesced COO gradient
+    ``(grad_rows[None], grad_tuned, (V, D))`` as nn.Embedding(sparse=True) builds.
 
     Example::
 
-        >>> gt, gl = torch.ops.autoft_fast.gated_embedding_bwd_triton(  # doctest: +SKIP
+        >>> gt, gl, rows = torch.ops.autoft_fast.gated_embedding_bwd_triton(  # doctest: +SKIP
         ...     grad_out, None, idx, frozen, tuned, logits, torch.tensor(7), None,
         ...     1.0, True, True, False)
     """

@@ -55,11 +55,16 @@ def run_cuda(idx, frozen, tuned, logits, grad_out, grad_gates, *, seed, tau, har
     s = torch.tensor(seed)
     out, gates = fwd(c(idx), c(frozen), c(tuned), c(logits), s, None, tau, hard, True, sparse)
     g = grad_out.to(grad_dtype or tuned.dtype)
-    grad_tuned, grad_logits = bwd(c(g), c(grad_gates), c(idx), c(frozen), c(tuned), c(logits), s,
-                                  None, tau, hard, True, sparse)
+    grad_tuned, grad_logits, grad_rows = bwd(c(g), c(grad_gates), c(idx), c(frozen), c(tuned),
+                                             c(logits), s, None, tau, hard, True, sparse)
+    assert grad_rows.dtype == torch.int64 and grad_rows.device.type == "cuda"
     if sparse:
-        grad_tuned = torch.zeros(tuned.shape, dtype=torch.float64).index_add_(
-            0, idx, grad_tuned.double().cpu())
+        # Uncoalesced: one row per lookup, the indices themselves.
+        assert torch.equal(grad_rows.cpu(), idx.long())
+        grad_tuned = torch.sparse_coo_tensor(grad_rows[None].cpu(), grad_tuned.double().cpu(),
+                                             tuned.shape).to_dense()
+    else:
+        assert grad_rows.shape == (0,)
     return out.cpu(), gates.cpu(), grad_tuned.cpu(), grad_logits.cpu()
 
 

@@ -47,10 +47,11 @@ def test_embedding_wider_than_one_block(hard):
     seed = 2**40 + 17
     out, gates = torch.ops.autoft_fast.gated_embedding_fwd_triton(
         idx, frozen, tuned, logits, torch.tensor(seed), None, 0.9, hard, True, False)
-    grad_tuned, grad_logits = torch.ops.autoft_fast.gated_embedding_bwd_triton(
+    grad_tuned, grad_logits, grad_rows = torch.ops.autoft_fast.gated_embedding_bwd_triton(
         grad_out, grad_gates, idx, frozen, tuned, logits, torch.tensor(seed), None, 0.9, hard,
         True, False)
     want = reference(idx, frozen, tuned, logits, grad_out, grad_gates, seed=seed, tau=0.9, hard=hard)
+    assert grad_rows.dtype == torch.int64 and grad_rows.shape == (0,)
     torch.testing.assert_close(out.double().cpu(), want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gates.double().cpu(), want[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_tuned.double().cpu(), want[2], rtol=1e-5, atol=1e-5)
@@ -70,8 +71,12 @@ def test_seed_read_on_device_matches_seed_by_value(sparse):
     for a, b in zip(by_value, by_pointer):
         assert torch.equal(a, b)
     bargs = (grad_out, grad_gates, idx, frozen, tuned, logits, seed, None, 0.5, True, True, sparse)
-    for a, b in zip(ge._bwd_launch(*bargs, concrete=True), ge._bwd_launch(*bargs, concrete=False)):
+    grads = ge._bwd_launch(*bargs, concrete=True)
+    for a, b in zip(grads, ge._bwd_launch(*bargs, concrete=False)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # grad_rows: the indices as int64 (uncoalesced COO rows) in sparse mode, empty when dense.
+    want_rows = idx.long() if sparse else torch.empty(0, dtype=torch.int64, device=idx.device)
+    assert len(grads) == 3 and torch.equal(grads[2], want_rows)
 
 
 def test_kernel_op_checks_index_range_itself():

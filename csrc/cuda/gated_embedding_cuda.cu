@@ -19,7 +19,8 @@
 //   within a row), and one group of lanes sums each row's segment in that order with no
 //   atomics. Gradients are then bit-identical from run to run. A row that takes most of the
 //   batch is summed by one group, so this mode trades speed on hot rows for reproducibility.
-// The sparse backward writes one [D] value per lookup and never accumulates.
+// The sparse backward writes one [D] value per lookup and never accumulates; its third output,
+// grad_rows, is the indices as int64 (uncoalesced COO rows, as nn.Embedding(sparse=True)).
 //
 // Index range: checked on the host before any launch (one min/max reduction and one sync) and
 // reported as the contract's IndexError; the kernels never assert on the device, which would
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cuda(
   return {out, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
@@ -316,12 +317,17 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
     });
   }
   at::Tensor grad_tuned;
+  at::Tensor grad_rows;
   if (sparse) {
+    // Uncoalesced COO rows, one per lookup (as nn.Embedding(sparse=True)). Always a copy: an op
+    // output must not alias an input, which idx.to(kLong) would for int64 indices.
     grad_tuned = sparse_grad;
+    grad_rows = idx.to(at::kLong, /*non_blocking=*/false, /*copy=*/true);
   } else {
     grad_tuned = tuned.scalar_type() == at::kFloat ? dense_grad : dense_grad.to(tuned.scalar_type());
+    grad_rows = at::empty({0}, idx.options().dtype(at::kLong));
   }
-  return {grad_tuned, grad_logits};
+  return {grad_tuned, grad_logits, grad_rows};
 }
 
 }  // namespace autoft
