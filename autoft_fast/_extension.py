@@ -42,7 +42,7 @@ def load_triton():
 
             library.register_autograd_for(
                 "autoft_fast::gated_embedding_fwd_triton",
-                torch.ops.autoft_fast.gated_embedding_bwd_triton)
+                torch.ops.autoft_fast.gated_embedding_bwd_triton, coalesced_on=())
             _triton_kernels = kernels
         except Exception as exc:  # triton missing, or a release the kernels do not support
             TRITON_ERROR = exc

@@ -40,6 +40,14 @@ def eager_gated_embedding(idx, frozen, tuned, logits, tau, sparse):
     return z[..., 0:1] * f + z[..., 1:2] * t, z
 
 
+def eager_gumbel_softmax_embedding(idx, frozen, tuned, logits, tau, sparse):
+    """The same op written with PyTorch's own ``F.gumbel_softmax`` (two Gumbels per lookup)."""
+    z = F.gumbel_softmax(logits, tau=tau, hard=True)
+    f = F.embedding(idx, frozen)
+    t = F.embedding(idx, tuned, sparse=sparse)
+    return z[..., 0:1] * f + z[..., 1:2] * t, z
+
+
 def two_gather_floor(idx, frozen, tuned):
     flat = idx.reshape(-1)
     return torch.index_select(frozen, 0, flat), torch.index_select(tuned, 0, flat)
@@ -71,20 +79,27 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     providers = {
         "eager (dense grad)": lambda: eager_gated_embedding(idx, frozen, tuned, logits, tau, False),
         "eager (sparse grad)": lambda: eager_gated_embedding(idx, frozen, tuned, logits, tau, True),
+        "eager F.gumbel_softmax (sparse grad)": lambda: eager_gumbel_softmax_embedding(
+            idx, frozen, tuned, logits, tau, True),
     }
     if compile_eager:
         compiled = torch.compile(eager_gated_embedding)
         providers["torch.compile(eager)"] = lambda: compiled(idx, frozen, tuned, logits, tau, False)
+    # As GatedEmbedding(sparse=True) does: keep the CPU backward's coalesced gradient marked.
+    # Its own Parameter, so that the hook's check never runs on the eager providers' gradients.
+    tuned_fast = torch.nn.Parameter(frozen.clone())
+    autoft_fast.keep_sparse_grad_coalesced(tuned_fast)
     for name in backends:
         for sparse in (False, True):
             providers[f"autoft_fast {name} ({'sparse' if sparse else 'dense'})"] = (
                 lambda name=name, sparse=sparse: autoft_fast.gated_embedding(
-                    idx, frozen, tuned, logits, tau=tau, sparse=sparse, backend=name))
+                    idx, frozen, tuned_fast, logits, tau=tau, sparse=sparse, backend=name))
 
-    opt_dense = torch.optim.SGD([tuned, logits], lr=1e-3)
+    opt_dense = torch.optim.SGD([tuned, tuned_fast, logits], lr=1e-3)
 
     def fwd_bwd(fn):
         tuned.grad = None
+        tuned_fast.grad = None
         logits.grad = None
         out, _ = fn()
         (out * target).sum().backward()
@@ -101,7 +116,8 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     elt = frozen.element_size()
     n = batch * fields
     fwd_bytes = n * 3 * dim * elt  # two rows read, one written per lookup
-    floor_ms = _time(lambda: two_gather_floor(idx, frozen, tuned), reps, warmup, sync)
+    with torch.no_grad():  # the floor is the bare gathers: no autograd recording
+        floor_ms = _time(lambda: two_gather_floor(idx, frozen, tuned), reps, warmup, sync)
     rows_out.append(("two-gather floor (index_select x2)", floor_ms, None, None, fwd_bytes / floor_ms / 1e6))
     for name, fn in providers.items():
         f_ms = _time(lambda: fwd(fn), reps, warmup, sync)
@@ -130,24 +146,30 @@ def format_table(rows_out):
 
 
 def targets(results, backend):
-    """The foundation issue's targets as measured ratios (D=16; V=1M and V=100k)."""
+    """The foundation issue's targets as measured ratios (D=16; V=1M and V=100k).
+
+    "eager" is the lean eager formulation (one uniform per lookup, as the contract draws it);
+    the ratios against eager written with F.gumbel_softmax follow in brackets.
+    """
     out = []
     r1m = {r[0]: r for r in results.get((16, 1_000_000), ([], 0))[0]}
     r100k = {r[0]: r for r in results.get((16, 100_000), ([], 0))[0]}
     sp, de = f"autoft_fast {backend} (sparse)", f"autoft_fast {backend} (dense)"
     if sp in r1m:
         es, ed, floor = r1m["eager (sparse grad)"], r1m["eager (dense grad)"], r1m["two-gather floor (index_select x2)"]
+        gs = r1m["eager F.gumbel_softmax (sparse grad)"]
         checks = [
-            ("sparse fwd+bwd vs eager sparse", es[2] / r1m[sp][2], ">=", 3.0),
-            ("sparse fwd+bwd vs eager dense", ed[2] / r1m[sp][2], ">=", 6.0),
-            ("sparse full step (SGD) vs eager sparse", es[3] / r1m[sp][3], ">=", 2.0),
-            ("forward / two-gather floor", r1m[sp][1] / floor[1], "<=", 1.5),
+            ("sparse fwd+bwd vs eager sparse", es[2] / r1m[sp][2], ">=", 3.0, gs[2] / r1m[sp][2]),
+            ("sparse fwd+bwd vs eager dense", ed[2] / r1m[sp][2], ">=", 6.0, None),
+            ("sparse full step (SGD) vs eager sparse", es[3] / r1m[sp][3], ">=", 2.0, gs[3] / r1m[sp][3]),
+            ("forward / two-gather floor", r1m[sp][1] / floor[1], "<=", 1.5, None),
         ]
         if sp in r100k:
-            checks.append(("sparse fwd+bwd growth V=100k -> 1M", r1m[sp][2] / r100k[sp][2], "<", 1.5))
-        for label, value, op, goal in checks:
+            checks.append(("sparse fwd+bwd growth V=100k -> 1M", r1m[sp][2] / r100k[sp][2], "<", 1.5, None))
+        for label, value, op, goal, alt in checks:
             ok = value >= goal if op == ">=" else (value <= goal if op == "<=" else value < goal)
-            out.append(f"- {label}: {value:.2f} (target {op} {goal}) {'MET' if ok else 'MISSED'}")
+            extra = "" if alt is None else f" [vs eager F.gumbel_softmax: {alt:.2f}]"
+            out.append(f"- {label}: {value:.2f} (target {op} {goal}) {'MET' if ok else 'MISSED'}{extra}")
     return out
 
 

@@ -108,7 +108,7 @@ def test_cpu_kernel_noise_is_regenerated_in_backward():
     seed_t = torch.tensor(seed, dtype=torch.int64)
     grad_gates = torch.zeros(n, 2)
     grad_gates[:, 1] = 1.0
-    _, grad_logits = torch.ops.autoft_fast.gated_embedding_bwd(
+    _, grad_logits, _ = torch.ops.autoft_fast.gated_embedding_bwd(
         torch.zeros(n, 1), grad_gates, indices, table, table, logits, seed_t, None, 1.0, False,
         True, True)
     u = contract_uniforms(seed, n).double()

@@ -98,3 +98,22 @@ def test_bad_construction():
         GatedEmbedding(3, 4, backend="gpu")
     with pytest.raises(ValueError, match="2-D"):
         GatedEmbedding.from_pretrained(torch.zeros(3))
+
+
+def test_cpu_sparse_gradient_reaches_the_optimizer_coalesced():
+    if "cpu" not in autoft_fast.available_backends("cpu"):
+        pytest.fail("the cpu backend is not built")
+    emb = GatedEmbedding.from_pretrained(torch.randn(50, 4), sparse=True, backend="cpu")
+    idx = torch.randint(0, 50, (40,))
+    out, _ = emb(idx, torch.randn(40, 2), seed=1)
+    out.sum().backward()
+    g = emb.tuned_weight.grad
+    assert g.is_sparse and g.is_coalesced()
+    rows = g._indices()[0]
+    assert torch.equal(rows, torch.unique(rows))
+    # A second backward accumulates an unsorted concatenation: no longer marked coalesced.
+    out, _ = emb(idx, torch.randn(40, 2), seed=2)
+    out.sum().backward()
+    g2 = emb.tuned_weight.grad
+    assert not g2.is_coalesced() or torch.equal(g2._indices()[0], torch.unique(g2._indices()[0]))
+    torch.testing.assert_close(g2.to_dense(), g2.coalesce().to_dense())

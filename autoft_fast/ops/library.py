@@ -20,7 +20,7 @@ FWD_SCHEMA = (
 BWD_SCHEMA = (
     "gated_embedding_bwd(Tensor grad_out, Tensor? grad_gates, Tensor indices, "
     "Tensor frozen_weight, Tensor tuned_weight, Tensor logits, Tensor seed, Tensor? uniforms, "
-    "float tau, bool hard, bool noise, bool sparse) -> (Tensor, Tensor)"
+    "float tau, bool hard, bool noise, bool sparse) -> (Tensor, Tensor, Tensor)"
 )
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -38,10 +38,16 @@ def fake_fwd(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, 
 def fake_bwd(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
              tau, hard, noise, sparse):
     n = indices.shape[0]
-    rows = n if sparse else tuned_weight.shape[0]
-    grad_tuned = tuned_weight.new_empty((rows, tuned_weight.shape[1]))
     grad_logits = logits.new_empty((n, 2), dtype=torch.float32)
-    return grad_tuned, grad_logits
+    if sparse:
+        # How many distinct rows a backend returns is data-dependent (at most n).
+        rows = torch.library.get_ctx().new_dynamic_size(max=n) if n else 0
+        grad_rows = indices.new_empty((rows,), dtype=torch.int64)
+    else:
+        rows = tuned_weight.shape[0]
+        grad_rows = indices.new_empty((0,), dtype=torch.int64)
+    grad_tuned = tuned_weight.new_empty((rows, tuned_weight.shape[1]))
+    return grad_tuned, grad_logits, grad_rows
 
 
 torch.library.register_fake(f"{NAMESPACE}::gated_embedding_fwd", fake_fwd, lib=_lib)
@@ -56,20 +62,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _make_backward(bwd_op):
+def _make_backward(bwd_op, coalesced_on: tuple[str, ...]):
     def backward(ctx, grad_out, grad_gates):
         indices, frozen_weight, tuned_weight, logits, seed, uniforms = ctx.saved_tensors
         tau, hard, noise, sparse = ctx.options
         n, dim = indices.shape[0], tuned_weight.shape[1]
         if grad_out is None:
             grad_out = tuned_weight.new_zeros((n, dim))
-        grad_tuned, grad_logits = bwd_op(
+        grad_tuned, grad_logits, grad_rows = bwd_op(
             grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
             indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise, sparse)
         if sparse:
+            # A coalesced gradient (sorted unique rows) saves the optimizer a coalesce: PyTorch's
+            # sparse SGD step on an uncoalesced one of ~100k lookups costs several ms.
             grad_tuned = torch.sparse_coo_tensor(
-                indices.reshape(1, -1).long(), grad_tuned, tuned_weight.shape,
-                check_invariants=False)  # indices were range-checked by the forward
+                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape,
+                is_coalesced=indices.device.type in coalesced_on,
+                check_invariants=False)  # rows were range-checked by the forward
         if not ctx.needs_input_grad[2]:
             grad_tuned = None
         if not ctx.needs_input_grad[3]:
@@ -79,9 +88,15 @@ def _make_backward(bwd_op):
     return backward
 
 
-def register_autograd_for(fwd_name: str, bwd_op) -> None:
-    """Give the forward op ``fwd_name`` the contract's straight-through backward via ``bwd_op``."""
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
+def register_autograd_for(fwd_name: str, bwd_op, *, coalesced_on: tuple[str, ...]) -> None:
+    """Give the forward op ``fwd_name`` the contract's straight-through backward via ``bwd_op``.
+
+    ``coalesced_on``: the device types on which ``bwd_op``'s sparse-mode rows come sorted and
+    unique (the others return one row per lookup, as nn.Embedding does).
+    """
+    torch.library.register_autograd(fwd_name, _make_backward(bwd_op, coalesced_on),
+                                    setup_context=_setup_context)
 
 
-register_autograd_for(f"{NAMESPACE}::gated_embedding_fwd", torch.ops.autoft_fast.gated_embedding_bwd)
+register_autograd_for(f"{NAMESPACE}::gated_embedding_fwd", torch.ops.autoft_fast.gated_embedding_bwd,
+                      coalesced_on=("cpu",))

@@ -325,22 +325,6 @@ inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int6
   a1 = s1;
 }
 
-// o = w * g, converted to the table dtype; exactly 0 where w == 0, even if g holds inf or NaN
-// (a hard gate that chose the frozen row sends nothing to the tuned row). Branch-free: w is a
-// random 0 or 1 under a hard gate.
-template <typename grad_t, typename scalar_t>
-inline void scale_row(const grad_t* g, float w, int64_t D, scalar_t* o) {
-  const vec4::f32x4 wv = vec4::splat(w);
-  const vec4::i32x4 live = wv != vec4::splat(0.0f);
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    vec4::store(o + d, live ? wv * vec4::load(g + d) : vec4::splat(0.0f));
-  }
-  for (; d < D; ++d) {
-    o[d] = static_cast<scalar_t>(w != 0.0f ? w * to_float(g[d]) : 0.0f);
-  }
-}
-
 // acc += w * g (acc in float32).
 template <typename grad_t>
 inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
@@ -354,14 +338,12 @@ inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
   }
 }
 
-// Pass over lookups: logit gradients, and either the sparse per-lookup gradient rows
-// (sparse_rows != nullptr) or the tuned weights z1 that the dense accumulation needs.
+// Pass over lookups: logit gradients, and the tuned weights z1 that the per-row sums need.
 template <typename scalar_t, typename grad_t, typename index_t>
 void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
                             const scalar_t* frozen, const scalar_t* tuned, const float* logits,
                             const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
-                            int64_t D, float* grad_logits, scalar_t* sparse_rows, float* z1_out,
-                            BadIndex& bad) {
+                            int64_t D, float* grad_logits, float* z1_out, BadIndex& bad) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   const bool seeded = src.noise && src.uniforms == nullptr;
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
@@ -421,12 +403,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
         const float gl = scale[i] * diff;
         grad_logits[2 * n] = -gl;
         grad_logits[2 * n + 1] = gl;
-        const float z1 = z1s[i];
-        if (sparse_rows != nullptr) {
-          scale_row(gr, z1, D, sparse_rows + n * D);
-        } else {
-          z1_out[n] = z1;
-        }
+        z1_out[n] = z1s[i];
       }
     }
   });
@@ -466,82 +443,96 @@ void radix_sort_by_row(uint64_t* keys, uint64_t* tmp, int64_t M, int row_bits) {
   }
 }
 
-// Dense tuned gradient: grad_tuned[v] = sum over lookups n of row v of z1[n] * grad_out[n].
-template <typename scalar_t, typename grad_t, typename index_t>
-void dense_accumulate(const grad_t* grad_out, const index_t* indices, const float* z1, bool hard,
-                      int64_t N, int64_t V, int64_t D, scalar_t* grad_tuned) {
-  // A hard gate that chose the frozen row contributes nothing: leave it out of the sort.
-  std::unique_ptr<uint64_t[]> keys(new uint64_t[std::max<int64_t>(N, 1)]);
+// The lookups that reach the tuned table, grouped by row (stable: lookup order within a row).
+// Position p in [0, M) names lookup lookup_at(p) of row row_at(p); segment s (one row) spans
+// positions [starts[s], starts[s + 1]).
+struct RowGroups {
+  bool packed = true;            // keys hold row << 32 | lookup (N and V below 2^32)
+  std::vector<uint64_t> keys;
+  std::vector<int64_t> order;    // otherwise: lookup numbers sorted by row
+  std::vector<int64_t> rows_of;  // ... and their rows
+  std::vector<int64_t> starts;
+
+  int64_t row_at(int64_t p) const {
+    return packed ? static_cast<int64_t>(keys[p] >> 32) : rows_of[p];
+  }
+  int64_t lookup_at(int64_t p) const {
+    return packed ? static_cast<int64_t>(keys[p] & 0xffffffffu) : order[p];
+  }
+  int64_t segments() const { return static_cast<int64_t>(starts.size()) - 1; }
+};
+
+// A hard gate that chose the frozen row contributes nothing: it is left out, so in sparse mode
+// a row that no lookup tuned is not in the gradient at all.
+template <typename index_t>
+RowGroups group_by_row(const index_t* indices, const float* z1, bool hard, int64_t N, int64_t V) {
+  RowGroups g;
+  g.packed = V <= (int64_t{1} << 32) && N <= (int64_t{1} << 32);
   int64_t M = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    if (!hard || z1[n] != 0.0f) {
-      keys[M++] = (static_cast<uint64_t>(indices[n]) << 32) | static_cast<uint64_t>(n);
-    }
-  }
-  if (M == 0) {
-    return;
-  }
-  int row_bits = 0;
-  while (row_bits < 32 && (uint64_t{1} << row_bits) < static_cast<uint64_t>(V)) {
-    ++row_bits;
-  }
-  {
-    std::unique_ptr<uint64_t[]> tmp(new uint64_t[M]);
-    radix_sort_by_row(keys.get(), tmp.get(), M, row_bits);
-  }
-  const uint64_t* k = keys.get();
-  // Each task handles the segments (runs of one row) that start in its range, to their end,
-  // so every output row is written by exactly one thread.
-  at::parallel_for(0, M, std::max<int64_t>(64, 16384 / std::max<int64_t>(D, 1)),
-                   [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    int64_t p = begin;
-    while (p > 0 && p < end && (k[p] >> 32) == (k[p - 1] >> 32)) {
-      ++p;
-    }
-    while (p < end) {
-      const uint64_t row = k[p] >> 32;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (; p < M && (k[p] >> 32) == row; ++p) {
-        const int64_t n = static_cast<int64_t>(k[p] & 0xffffffffu);
-        const grad_t* gr = grad_out + n * D;
-        axpy_row(gr, z1[n], D, acc.data());
+  if (g.packed) {
+    g.keys.resize(std::max<int64_t>(N, 1));
+    for (int64_t n = 0; n < N; ++n) {
+      if (!hard || z1[n] != 0.0f) {
+        g.keys[M++] = (static_cast<uint64_t>(indices[n]) << 32) | static_cast<uint64_t>(n);
       }
-      scalar_t* o = grad_tuned + static_cast<int64_t>(row) * D;
+    }
+    g.keys.resize(M);
+    int row_bits = 0;
+    while (row_bits < 32 && (uint64_t{1} << row_bits) < static_cast<uint64_t>(V)) {
+      ++row_bits;
+    }
+    if (M > 0) {
+      std::unique_ptr<uint64_t[]> tmp(new uint64_t[M]);
+      radix_sort_by_row(g.keys.data(), tmp.get(), M, row_bits);
+    }
+  } else {
+    for (int64_t n = 0; n < N; ++n) {
+      if (!hard || z1[n] != 0.0f) {
+        g.order.push_back(n);
+      }
+    }
+    std::stable_sort(g.order.begin(), g.order.end(),
+                     [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
+    M = static_cast<int64_t>(g.order.size());
+    g.rows_of.resize(M);
+    for (int64_t p = 0; p < M; ++p) {
+      g.rows_of[p] = static_cast<int64_t>(indices[g.order[p]]);
+    }
+  }
+  for (int64_t p = 0; p < M; ++p) {
+    if (p == 0 || g.row_at(p) != g.row_at(p - 1)) {
+      g.starts.push_back(p);
+    }
+  }
+  g.starts.push_back(M);
+  return g;
+}
+
+// Each segment summed in float32 in lookup order by one thread: exact, deterministic, no
+// atomics. Dense mode (out_rows == nullptr) writes row r of a zeroed [V, D] table; sparse mode
+// writes the s-th row of a compact [U, D] table and its row id (sorted, unique: coalesced).
+template <typename scalar_t, typename grad_t>
+void sum_segments(const RowGroups& g, const grad_t* grad_out, const float* z1, int64_t D,
+                  scalar_t* out, int64_t* out_rows) {
+  at::parallel_for(0, g.segments(), std::max<int64_t>(16, 4096 / std::max<int64_t>(D, 1)),
+                   [&](int64_t sbegin, int64_t send) {
+    std::vector<float> acc(D);
+    for (int64_t s = sbegin; s < send; ++s) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t p = g.starts[s]; p < g.starts[s + 1]; ++p) {
+        const int64_t n = g.lookup_at(p);
+        axpy_row(grad_out + n * D, z1[n], D, acc.data());
+      }
+      const int64_t row = g.row_at(g.starts[s]);
+      scalar_t* o = out + (out_rows != nullptr ? s : row) * D;
+      if (out_rows != nullptr) {
+        out_rows[s] = row;
+      }
       for (int64_t d = 0; d < D; ++d) {
         o[d] = static_cast<scalar_t>(acc[d]);
       }
     }
   });
-}
-
-// Fallback for sizes the packed 64-bit keys cannot hold (V or N >= 2^32): a stable sort of
-// lookup numbers by row, same segment sums, single-threaded accumulation.
-template <typename scalar_t, typename grad_t, typename index_t>
-void dense_accumulate_large(const grad_t* grad_out, const index_t* indices, const float* z1,
-                            bool hard, int64_t N, int64_t D, scalar_t* grad_tuned) {
-  std::vector<int64_t> order;
-  order.reserve(N);
-  for (int64_t n = 0; n < N; ++n) {
-    if (!hard || z1[n] != 0.0f) {
-      order.push_back(n);
-    }
-  }
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
-  std::vector<float> acc(D);
-  size_t p = 0;
-  while (p < order.size()) {
-    const int64_t row = static_cast<int64_t>(indices[order[p]]);
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (; p < order.size() && static_cast<int64_t>(indices[order[p]]) == row; ++p) {
-      axpy_row(grad_out + order[p] * D, z1[order[p]], D, acc.data());
-    }
-    scalar_t* o = grad_tuned + row * D;
-    for (int64_t d = 0; d < D; ++d) {
-      o[d] = static_cast<scalar_t>(acc[d]);
-    }
-  }
 }
 
 // Calls f with a value of the table's C++ type (float, c10::BFloat16 or c10::Half); the dtype
@@ -626,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
   return {out, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
@@ -647,16 +638,17 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
   const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
 
   at::Tensor grad_logits = at::empty({s.N, 2}, lg.options());
-  at::Tensor grad_tuned = sparse ? at::empty({s.N, s.D}, tuned.options())
-                                 : at::zeros({s.V, s.D}, tuned.options());
+  const auto row_options = idx.options().dtype(at::kLong);
   if (s.N == 0) {
-    return {grad_tuned, grad_logits};
+    if (sparse) {
+      return {at::empty({0, s.D}, tuned.options()), grad_logits, at::empty({0}, row_options)};
+    }
+    return {at::zeros({s.V, s.D}, tuned.options()), grad_logits, at::empty({0}, row_options)};
   }
-  // Dense mode needs the per-lookup tuned weight z1 between the two passes.
-  std::unique_ptr<float[]> z1;
-  if (!sparse) {
-    z1.reset(new float[s.N]);
-  }
+  // The per-lookup tuned weight z1, between the lookup pass and the per-row sums.
+  std::unique_ptr<float[]> z1(new float[s.N]);
+  at::Tensor grad_tuned;
+  at::Tensor grad_rows = at::empty({0}, row_options);
   BadIndex bad;
   dispatch_index(idx.scalar_type(), [&](auto index_tag) {
     using index_t = decltype(index_tag);
@@ -670,16 +662,19 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
             gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
             frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
             lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V, s.D,
-            grad_logits.mutable_data_ptr<float>(),
-            sparse ? grad_tuned.mutable_data_ptr<scalar_t>() : nullptr, z1.get(), bad);
+            grad_logits.mutable_data_ptr<float>(), z1.get(), bad);
         bad.raise_if_any(ip, s.V);
-        if (!sparse) {
-          scalar_t* out = grad_tuned.mutable_data_ptr<scalar_t>();
-          if (s.V <= (int64_t{1} << 32) && s.N <= (int64_t{1} << 32)) {
-            dense_accumulate<scalar_t, grad_t, index_t>(gp, ip, z1.get(), hard, s.N, s.V, s.D, out);
-          } else {
-            dense_accumulate_large<scalar_t, grad_t, index_t>(gp, ip, z1.get(), hard, s.N, s.D, out);
-          }
+        const RowGroups groups = group_by_row(ip, z1.get(), hard, s.N, s.V);
+        if (sparse) {
+          grad_tuned = at::empty({groups.segments(), s.D}, tuned.options());
+          grad_rows = at::empty({groups.segments()}, row_options);
+          sum_segments<scalar_t, grad_t>(groups, gp, z1.get(), s.D,
+                                         grad_tuned.mutable_data_ptr<scalar_t>(),
+                                         grad_rows.mutable_data_ptr<int64_t>());
+        } else {
+          grad_tuned = at::zeros({s.V, s.D}, tuned.options());
+          sum_segments<scalar_t, grad_t>(groups, gp, z1.get(), s.D,
+                                         grad_tuned.mutable_data_ptr<scalar_t>(), nullptr);
         }
       };
       if (go.scalar_type() == tuned.scalar_type()) {
@@ -689,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
       }
     });
   });
-  return {grad_tuned, grad_logits};
+  return {grad_tuned, grad_logits, grad_rows};
 }
 
 }  // namespace autoft

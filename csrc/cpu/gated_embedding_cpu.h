@@ -16,7 +16,8 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
     double tau, bool hard, bool noise,
     bool sparse);
 
-std::tuple<at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+// Returns (grad_tuned, grad_logits, grad_rows); see docs/internals.md for the two modes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
