@@ -58,17 +58,21 @@ def two_gather_floor(idx, frozen, tuned, out=None):
             torch.index_select(tuned, 0, flat, out=out[1]))
 
 
-def _time(fn, reps, warmup, sync):
-    for _ in range(warmup):
-        fn()
+def _time_interleaved(fns: dict, reps, warmup, sync) -> dict:
+    """Median ms of each callable, timed round-robin: one call of each per round, so that the
+    machine's slow spells (shared cores, page reclaim) fall on every provider alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compile_eager, backends,
@@ -121,18 +125,29 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     elt = frozen.element_size()
     n = batch * fields
     fwd_bytes = n * 3 * dim * elt  # two rows read, one written per lookup
-    with torch.no_grad():  # the floor is the bare gathers: no autograd recording
-        alloc_ms = _time(lambda: two_gather_floor(idx, frozen, tuned), reps, warmup, sync)
-        bufs = (frozen.new_empty(n, dim), frozen.new_empty(n, dim))
-        floor_ms = _time(lambda: two_gather_floor(idx, frozen, tuned, bufs), reps, warmup, sync)
-    rows_out.append(("two-gather floor (index_select x2)", alloc_ms, None, None, fwd_bytes / alloc_ms / 1e6))
-    rows_out.append((FLOOR, floor_ms, None, None, fwd_bytes / floor_ms / 1e6))
-    for name, fn in providers.items():
-        f_ms = _time(lambda: fwd(fn), reps, warmup, sync)
-        fb_ms = _time(lambda: fwd_bwd(fn), reps, warmup, sync)
-        s_ms = _time(lambda: step(fn), reps, warmup, sync)
-        rows_out.append((name, f_ms, fb_ms, s_ms, fwd_bytes / f_ms / 1e6))
-    return rows_out, floor_ms
+    bufs = (frozen.new_empty(n, dim), frozen.new_empty(n, dim))
+
+    def floor_alloc():
+        with torch.no_grad():  # the floor is the bare gathers: no autograd recording
+            two_gather_floor(idx, frozen, tuned)
+
+    def floor_prealloc():
+        with torch.no_grad():
+            two_gather_floor(idx, frozen, tuned, bufs)
+
+    alloc_name = "two-gather floor (index_select x2)"
+    f_ms = _time_interleaved({alloc_name: floor_alloc, FLOOR: floor_prealloc,
+                              **{k: (lambda fn=fn: fwd(fn)) for k, fn in providers.items()}},
+                             reps, warmup, sync)
+    fb_ms = _time_interleaved({k: (lambda fn=fn: fwd_bwd(fn)) for k, fn in providers.items()},
+                              reps, warmup, sync)
+    s_ms = _time_interleaved({k: (lambda fn=fn: step(fn)) for k, fn in providers.items()},
+                             reps, warmup, sync)
+    for name in (alloc_name, FLOOR):
+        rows_out.append((name, f_ms[name], None, None, fwd_bytes / f_ms[name] / 1e6))
+    for name in providers:
+        rows_out.append((name, f_ms[name], fb_ms[name], s_ms[name], fwd_bytes / f_ms[name] / 1e6))
+    return rows_out, f_ms[FLOOR]
 
 
 def format_table(rows_out):
@@ -191,7 +206,7 @@ def main(argv=None) -> int:
                    help="embedding dim and table rows per shape (default: %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backends", nargs="*", default=None,
                    help="autoft_fast backends to time (default: every compiled one for the device)")
@@ -211,7 +226,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"# gated embedding op benchmark: B={args.batch}, F={args.fields}, {args.dtype}, "
           f"device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; median of {args.reps}")
+          f"{platform.processor() or platform.machine()}; median of {args.reps} interleaved rounds")
     results = {}
     for d, v in shapes:
         rows_out, floor = bench_shape(args.batch, args.fields, d, v, device=args.device, dtype=dtype,
