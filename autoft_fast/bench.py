@@ -182,7 +182,7 @@ def targets(results, backend):
     out = []
     r1m = {r[0]: r for r in results.get((16, 1_000_000), ([], 0))[0]}
     r100k = {r[0]: r for r in results.get((16, 100_000), ([], 0))[0]}
-    sp, de = f"autoft_fast {backend} (sparse)", f"autoft_fast {backend} (dense)"
+    sp = f"autoft_fast {backend} (sparse)"
     if sp in r1m:
         es, ed, floor = r1m["eager (sparse grad)"], r1m["eager (dense grad)"], r1m[FLOOR]
         gs = r1m["eager F.gumbel_softmax (sparse grad)"]

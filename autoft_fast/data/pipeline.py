@@ -22,8 +22,6 @@ import difflib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._io import save_atomic
 from .config import FILE_SUFFIXES, DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
 from .tensors import SPLIT_NAMES, DataBundle, TensorData
@@ -121,21 +120,9 @@ def _save_bundle(bundle: DataBundle, path: Path, key: str) -> None:
         "vocabularies": bundle.vocabularies,
         "stats": bundle.stats,
     }
-    # Temp file in the same folder, then an atomic rename: a kill mid-write leaves either the
-    # old state or the complete new file, never a truncated cache that a later run trusts.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # A kill mid-write leaves either the old state or the complete new file, never a
+    # truncated cache that a later run trusts.
+    save_atomic(payload, path)
 
 
 def _load_bundle(path: Path, key: str) -> DataBundle:

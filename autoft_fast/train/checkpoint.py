@@ -4,49 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import save_atomic  # noqa: F401  (re-exported: checkpoints are written with it)
+
 __all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
-
-
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """Write `obj` with torch.save so that `path` holds either the old or the new file,
-    never a truncated one: write a temporary file in the same directory, fsync it, then
-    os.replace it over `path` (atomic on POSIX) and fsync the directory entry.
-
-    Example:
-        >>> save_atomic({"epoch": 3}, "/tmp/ckpt.pt")  # doctest: +ELLIPSIS
-        PosixPath('/tmp/ckpt.pt')
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A failed or interrupted write must not leave temp files behind either.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some filesystems refuse fsync on directories; the data is safe anyway
-        pass
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
