@@ -162,7 +162,11 @@ class BaseCTRModel(nn.Module):
         return self.layers[name](*inputs)
 
     def interact(self, fields, first_order, dense, apply) -> torch.Tensor:
-        raise NotImplementedError
+        """The interaction stack: logits from field vectors; each model class defines its own.
+
+        ``apply(name, *inputs)`` runs layer ``name`` (the transfer models pass a gated one).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define its interaction stack")
 
     def forward(self, batch) -> torch.Tensor:
         """Logits ``[B]`` (pre-sigmoid) for a batch with ``sparse``, ``multihot``, ``dense``."""
