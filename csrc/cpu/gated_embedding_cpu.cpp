@@ -325,6 +325,231 @@ inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int6
   a1 = s1;
 }
 
+// How the lookups that reach the tuned table are grouped by row. The lookup pass runs as
+// `tasks` contiguous ranges of blocks; each emits the keys (row << 32 | lookup) of its tuned
+// lookups, in lookup order, and counts them per bucket (the row's top bits). A parallel scatter
+// then puts every bucket's keys together, and each bucket is sorted on its own: keys are
+// unique, so sorting whole keys orders the rows and, within a row, the lookups. Nothing is
+// serial but two prefix sums over the buckets.
+struct KeyPlan {
+  int shift = 0;          // bucket = row >> shift
+  int64_t buckets = 1;
+  int64_t tasks = 1;
+  int64_t blocks = 0;
+  int64_t task_block(int64_t t) const { return blocks * t / tasks; }  // first block of task t
+};
+
+KeyPlan make_key_plan(int64_t N, int64_t V, int64_t D) {
+  KeyPlan p;
+  int row_bits = 0;
+  while (row_bits < 32 && (uint64_t{1} << row_bits) < static_cast<uint64_t>(V)) {
+    ++row_bits;
+  }
+  int n_bits = 0;
+  while (n_bits < 40 && (int64_t{1} << n_bits) < N) {
+    ++n_bits;
+  }
+  // About eight lookups per bucket, at most 8192 buckets (a 64 kB histogram per task).
+  const int bucket_bits = std::min(row_bits, std::clamp(n_bits - 3, 0, 13));
+  p.shift = row_bits - bucket_bits;
+  p.buckets = int64_t{1} << bucket_bits;
+  p.blocks = (N + kBlock - 1) / kBlock;
+  const int64_t grain = block_grain(D);
+  p.tasks = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (p.blocks + grain - 1) / grain));
+  return p;
+}
+
+// Where the lookup pass puts the keys; keys == nullptr when they are not wanted.
+struct KeySink {
+  uint64_t* keys;    // [N]: task t writes its keys from position task_block(t) * kBlock on
+  int64_t* hist;     // [tasks, buckets]
+  int64_t* counts;   // [tasks]
+};
+
+// Pass over lookups: logit gradients, the tuned weights z1 that the per-row sums need (soft
+// gates only: a hard gate's z1 is 0 or 1, and only the lookups with z1 = 1 are keyed), and the
+// keys of the lookups that reach the tuned table.
+template <typename scalar_t, typename grad_t, typename index_t>
+void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
+                            const scalar_t* frozen, const scalar_t* tuned, const float* logits,
+                            const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
+                            int64_t D, float* grad_logits, float* z1_out, BadIndex& bad,
+                            const KeyPlan& plan, const KeySink& sink) {
+  // z1 is needed per lookup for soft gates, or when the keys are not built.
+  const bool keep_z1 = !hard || sink.keys == nullptr;
+  const bool seeded = src.noise && src.uniforms == nullptr;
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t tbegin, int64_t tend) {
+    for (int64_t task = tbegin; task < tend; ++task) {
+      bool seen_bad = false;
+      int64_t rows[kBlock];
+      uint64_t ids[kBlock];
+      float z1s[kBlock];
+      float scale[kBlock];  // y0 * y1 / tau
+      const int64_t bbegin = plan.task_block(task);
+      const int64_t bend = plan.task_block(task + 1);
+      uint64_t* kout = sink.keys != nullptr ? sink.keys + bbegin * kBlock : nullptr;
+      int64_t* hist = sink.keys != nullptr ? sink.hist + task * plan.buckets : nullptr;
+      int64_t kc = 0;
+      if (hist != nullptr) {
+        std::fill(hist, hist + plan.buckets, int64_t{0});
+      }
+      for (int64_t b = bbegin; b < bend; ++b) {
+        const int64_t n0 = b * kBlock;
+        const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+        // Phase 1: regenerate the gates, prefetch both rows (the straight-through gradient needs
+        // <g, f> and <g, t> even when the hard gate read only one of them).
+        vec4::u32x4 words[4] = {};
+        for (int64_t i0 = 0; i0 < nb; i0 += 4) {
+          const int64_t count = std::min<int64_t>(4, nb - i0);
+          if (seeded && i0 % 16 == 0) {
+            philox4x32_10_x4(src.seed, static_cast<uint64_t>(n0 + i0) >> 2, words);
+          }
+          const GateInputs in = gate_inputs(src, logits, n0 + i0, count, words[(i0 / 4) % 4]);
+          const GateGroup s = soft_gates(in, src.noise, tau);
+          // The forward's choice, by the same rule.
+          const vec4::f32x4 z1 =
+              hard ? (hard_pick(in) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t i = i0 + j;
+            const int64_t n = n0 + i;
+            const index_t idx = indices[n];
+            if (!in_range(idx, V)) {
+              if (!seen_bad) {
+                bad.record(n);
+                seen_bad = true;
+              }
+              rows[i] = -1;
+              continue;
+            }
+            z1s[i] = z1[j];
+            scale[i] = s.y0y1[j] / tau;
+            ids[i] = static_cast<uint64_t>(idx);
+            rows[i] = static_cast<int64_t>(idx) * D;
+            prefetch_row(frozen + rows[i], D);
+            prefetch_row(tuned + rows[i], D);
+          }
+        }
+        // Phase 2: dot products and gradient rows.
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t row = rows[i];
+          if (row < 0) {
+            continue;
+          }
+          const int64_t n = n0 + i;
+          const grad_t* gr = grad_out + n * D;
+          float a0, a1;
+          two_dots(gr, frozen + row, tuned + row, D, a0, a1);
+          float diff = a1 - a0;
+          if (grad_gates != nullptr) {
+            diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
+          }
+          const float gl = scale[i] * diff;
+          grad_logits[2 * n] = -gl;
+          grad_logits[2 * n + 1] = gl;
+          if (keep_z1) {
+            z1_out[n] = z1s[i];
+          }
+          if (kout != nullptr) {
+            // Branch-free: a random hard gate would mispredict half the time.
+            const int64_t take = (!hard || z1s[i] != 0.0f) ? 1 : 0;
+            kout[kc] = (ids[i] << 32) | static_cast<uint64_t>(n);
+            kc += take;
+            hist[ids[i] >> plan.shift] += take;
+          }
+        }
+      }
+      if (sink.counts != nullptr) {
+        sink.counts[task] = kc;
+      }
+    }
+  });
+}
+
+// At least this many keys per parallel chunk of buckets.
+inline int64_t bucket_grain(int64_t buckets, int64_t M) {
+  return std::max<int64_t>(1, buckets * 2048 / std::max<int64_t>(M, 1));
+}
+
+// The keys of the tuned lookups, sorted (by row, then lookup). Bucket k spans
+// [bucket_start[k], bucket_start[k + 1]) and holds segment_start[k] .. segment_start[k + 1] - 1,
+// the ordinals of its distinct rows.
+struct SortedKeys {
+  std::unique_ptr<uint64_t[]> keys;
+  std::unique_ptr<int64_t[]> bucket_start;
+  std::unique_ptr<int64_t[]> segment_start;
+  int64_t M = 0;
+};
+
+// Scatters the lookup pass's keys by bucket (task order, then key order: stable), sorts each
+// bucket and counts its distinct rows.
+SortedKeys sort_keys(const KeyPlan& plan, const KeySink& sink) {
+  const int64_t B = plan.buckets;
+  SortedKeys out;
+  out.bucket_start.reset(new int64_t[B + 1]);
+  out.segment_start.reset(new int64_t[B + 1]);
+  int64_t run = 0;
+  for (int64_t k = 0; k < B; ++k) {
+    out.bucket_start[k] = run;
+    for (int64_t t = 0; t < plan.tasks; ++t) {
+      const int64_t c = sink.hist[t * B + k];
+      sink.hist[t * B + k] = run;
+      run += c;
+    }
+  }
+  out.bucket_start[B] = run;
+  const int64_t M = run;
+  out.M = M;
+  out.keys.reset(new uint64_t[std::max<int64_t>(M, 1)]);
+  uint64_t* sorted = out.keys.get();
+  const int shift = plan.shift;
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t tbegin, int64_t tend) {
+    for (int64_t t = tbegin; t < tend; ++t) {
+      const uint64_t* src = sink.keys + plan.task_block(t) * kBlock;
+      int64_t* pos = sink.hist + t * B;
+      for (int64_t j = 0; j < sink.counts[t]; ++j) {
+        const uint64_t key = src[j];
+        sorted[pos[(key >> 32) >> shift]++] = key;
+      }
+    }
+  });
+  int64_t* unique = out.segment_start.get() + 1;  // counts first, prefix sums below
+  at::parallel_for(0, B, bucket_grain(B, M), [&](int64_t kbegin, int64_t kend) {
+    for (int64_t k = kbegin; k < kend; ++k) {
+      uint64_t* a = sorted + out.bucket_start[k];
+      const int64_t m = out.bucket_start[k + 1] - out.bucket_start[k];
+      if (m == 0) {
+        unique[k] = 0;
+        continue;
+      }
+      if (shift > 0) {  // otherwise the bucket is one row, already in lookup order
+        if (m <= 24) {
+          for (int64_t i = 1; i < m; ++i) {
+            const uint64_t v = a[i];
+            int64_t j = i;
+            for (; j > 0 && a[j - 1] > v; --j) {
+              a[j] = a[j - 1];
+            }
+            a[j] = v;
+          }
+        } else {
+          std::sort(a, a + m);
+        }
+      }
+      int64_t u = 1;
+      for (int64_t i = 1; i < m; ++i) {
+        u += ((a[i] >> 32) != (a[i - 1] >> 32)) ? 1 : 0;
+      }
+      unique[k] = u;
+    }
+  });
+  out.segment_start[0] = 0;
+  for (int64_t k = 0; k < B; ++k) {
+    out.segment_start[k + 1] += out.segment_start[k];
+  }
+  return out;
+}
+
 // acc += w * g (acc in float32).
 template <typename grad_t>
 inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
@@ -338,201 +563,101 @@ inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
   }
 }
 
-// Pass over lookups: logit gradients, and the tuned weights z1 that the per-row sums need.
-template <typename scalar_t, typename grad_t, typename index_t>
-void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
-                            const scalar_t* frozen, const scalar_t* tuned, const float* logits,
-                            const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
-                            int64_t D, float* grad_logits, float* z1_out, BadIndex& bad) {
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  const bool seeded = src.noise && src.uniforms == nullptr;
-  at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
-    bool seen_bad = false;
-    int64_t rows[kBlock];
-    float z1s[kBlock];
-    float scale[kBlock];  // y0 * y1 / tau
-    for (int64_t b = bbegin; b < bend; ++b) {
-      const int64_t n0 = b * kBlock;
-      const int64_t nb = std::min<int64_t>(kBlock, N - n0);
-      // Phase 1: regenerate the gates, prefetch both rows (the straight-through gradient needs
-      // <g, f> and <g, t> even when the hard gate read only one of them).
-      vec4::u32x4 words[4] = {};
-      for (int64_t i0 = 0; i0 < nb; i0 += 4) {
-        const int64_t count = std::min<int64_t>(4, nb - i0);
-        if (seeded && i0 % 16 == 0) {
-          philox4x32_10_x4(src.seed, static_cast<uint64_t>(n0 + i0) >> 2, words);
-        }
-        const GateInputs in = gate_inputs(src, logits, n0 + i0, count, words[(i0 / 4) % 4]);
-        const GateGroup s = soft_gates(in, src.noise, tau);
-        // The forward's choice, by the same rule.
-        const vec4::f32x4 z1 =
-            hard ? (hard_pick(in) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
-        for (int64_t j = 0; j < count; ++j) {
-          const int64_t i = i0 + j;
-          const int64_t n = n0 + i;
-          const index_t idx = indices[n];
-          if (!in_range(idx, V)) {
-            if (!seen_bad) {
-              bad.record(n);
-              seen_bad = true;
-            }
-            rows[i] = -1;
-            continue;
-          }
-          z1s[i] = z1[j];
-          scale[i] = s.y0y1[j] / tau;
-          rows[i] = static_cast<int64_t>(idx) * D;
-          prefetch_row(frozen + rows[i], D);
-          prefetch_row(tuned + rows[i], D);
-        }
-      }
-      // Phase 2: dot products and gradient rows.
-      for (int64_t i = 0; i < nb; ++i) {
-        const int64_t row = rows[i];
-        if (row < 0) {
-          continue;
-        }
-        const int64_t n = n0 + i;
-        const grad_t* gr = grad_out + n * D;
-        float a0, a1;
-        two_dots(gr, frozen + row, tuned + row, D, a0, a1);
-        float diff = a1 - a0;
-        if (grad_gates != nullptr) {
-          diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
-        }
-        const float gl = scale[i] * diff;
-        grad_logits[2 * n] = -gl;
-        grad_logits[2 * n + 1] = gl;
-        z1_out[n] = z1s[i];
-      }
-    }
-  });
-}
-
-// Stable LSD radix sort of keys (row << 32 | lookup) on the row bits only: the lookup bits are
-// already ascending, so equal rows keep lookup order and the sums are deterministic.
-void radix_sort_by_row(uint64_t* keys, uint64_t* tmp, int64_t M, int row_bits) {
-  if (row_bits == 0 || M <= 1) {
-    return;
-  }
-  const int passes = (row_bits + 10) / 11;
-  const int bits = (row_bits + passes - 1) / passes;
-  const uint64_t mask = (uint64_t{1} << bits) - 1;
-  std::vector<int64_t> count(size_t{1} << bits);
-  uint64_t* src = keys;
-  uint64_t* dst = tmp;
-  for (int p = 0; p < passes; ++p) {
-    const int shift = 32 + p * bits;
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < M; ++i) {
-      ++count[(src[i] >> shift) & mask];
-    }
-    int64_t sum = 0;
-    for (auto& c : count) {
-      const int64_t c0 = c;
-      c = sum;
-      sum += c0;
-    }
-    for (int64_t i = 0; i < M; ++i) {
-      dst[count[(src[i] >> shift) & mask]++] = src[i];
-    }
-    std::swap(src, dst);
-  }
-  if (src != keys) {
-    std::memcpy(keys, src, sizeof(uint64_t) * M);
-  }
-}
-
-// The lookups that reach the tuned table, grouped by row (stable: lookup order within a row).
-// Position p in [0, M) names lookup lookup_at(p) of row row_at(p); segment s (one row) spans
-// positions [starts[s], starts[s + 1]).
-struct RowGroups {
-  bool packed = true;            // keys hold row << 32 | lookup (N and V below 2^32)
-  std::vector<uint64_t> keys;
-  std::vector<int64_t> order;    // otherwise: lookup numbers sorted by row
-  std::vector<int64_t> rows_of;  // ... and their rows
-  std::vector<int64_t> starts;
-
-  int64_t row_at(int64_t p) const {
-    return packed ? static_cast<int64_t>(keys[p] >> 32) : rows_of[p];
-  }
-  int64_t lookup_at(int64_t p) const {
-    return packed ? static_cast<int64_t>(keys[p] & 0xffffffffu) : order[p];
-  }
-  int64_t segments() const { return static_cast<int64_t>(starts.size()) - 1; }
-};
-
-// A hard gate that chose the frozen row contributes nothing: it is left out, so in sparse mode
-// a row that no lookup tuned is not in the gradient at all.
-template <typename index_t>
-RowGroups group_by_row(const index_t* indices, const float* z1, bool hard, int64_t N, int64_t V) {
-  RowGroups g;
-  g.packed = V <= (int64_t{1} << 32) && N <= (int64_t{1} << 32);
-  int64_t M = 0;
-  if (g.packed) {
-    g.keys.resize(std::max<int64_t>(N, 1));
-    for (int64_t n = 0; n < N; ++n) {
-      if (!hard || z1[n] != 0.0f) {
-        g.keys[M++] = (static_cast<uint64_t>(indices[n]) << 32) | static_cast<uint64_t>(n);
-      }
-    }
-    g.keys.resize(M);
-    int row_bits = 0;
-    while (row_bits < 32 && (uint64_t{1} << row_bits) < static_cast<uint64_t>(V)) {
-      ++row_bits;
-    }
-    if (M > 0) {
-      std::unique_ptr<uint64_t[]> tmp(new uint64_t[M]);
-      radix_sort_by_row(g.keys.data(), tmp.get(), M, row_bits);
-    }
-  } else {
-    for (int64_t n = 0; n < N; ++n) {
-      if (!hard || z1[n] != 0.0f) {
-        g.order.push_back(n);
-      }
-    }
-    std::stable_sort(g.order.begin(), g.order.end(),
-                     [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
-    M = static_cast<int64_t>(g.order.size());
-    g.rows_of.resize(M);
-    for (int64_t p = 0; p < M; ++p) {
-      g.rows_of[p] = static_cast<int64_t>(indices[g.order[p]]);
-    }
-  }
-  for (int64_t p = 0; p < M; ++p) {
-    if (p == 0 || g.row_at(p) != g.row_at(p - 1)) {
-      g.starts.push_back(p);
-    }
-  }
-  g.starts.push_back(M);
-  return g;
-}
-
-// Each segment summed in float32 in lookup order by one thread: exact, deterministic, no
-// atomics. Dense mode (out_rows == nullptr) writes row r of a zeroed [V, D] table; sparse mode
-// writes the s-th row of a compact [U, D] table and its row id (sorted, unique: coalesced).
+// Each row summed in float32 in lookup order by one thread: exact, deterministic, no atomics.
+// Dense mode (out_rows == nullptr) writes row r of a zeroed [V, D] table; sparse mode writes the
+// s-th distinct row to row s of a compact [U, D] table and its id to out_rows[s] (sorted,
+// unique: coalesced). z1 == nullptr: every keyed lookup has weight 1 (hard gates; 1 * g is g
+// exactly, so this is the same sum).
 template <typename scalar_t, typename grad_t>
-void sum_segments(const RowGroups& g, const grad_t* grad_out, const float* z1, int64_t D,
-                  scalar_t* out, int64_t* out_rows) {
-  at::parallel_for(0, g.segments(), std::max<int64_t>(16, 4096 / std::max<int64_t>(D, 1)),
-                   [&](int64_t sbegin, int64_t send) {
+void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out, const float* z1,
+              int64_t D, scalar_t* out, int64_t* out_rows) {
+  constexpr int64_t kAhead = 16;  // keys between a prefetch and its use
+  const uint64_t* keys = sk.keys.get();
+  at::parallel_for(0, plan.buckets, bucket_grain(plan.buckets, sk.M),
+                   [&](int64_t kbegin, int64_t kend) {
     std::vector<float> acc(D);
-    for (int64_t s = sbegin; s < send; ++s) {
+    const int64_t pend = sk.bucket_start[kend];
+    int64_t p = sk.bucket_start[kbegin];
+    int64_t s = sk.segment_start[kbegin];
+    for (int64_t q = p; q < std::min(p + kAhead, pend); ++q) {
+      prefetch_row(grad_out + static_cast<int64_t>(keys[q] & 0xffffffffu) * D, D);
+    }
+    while (p < pend) {
+      const uint64_t row = keys[p] >> 32;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = g.starts[s]; p < g.starts[s + 1]; ++p) {
-        const int64_t n = g.lookup_at(p);
-        axpy_row(grad_out + n * D, z1[n], D, acc.data());
-      }
-      const int64_t row = g.row_at(g.starts[s]);
-      scalar_t* o = out + (out_rows != nullptr ? s : row) * D;
+      do {
+        if (p + kAhead < pend) {
+          const int64_t na = static_cast<int64_t>(keys[p + kAhead] & 0xffffffffu);
+          prefetch_row(grad_out + na * D, D);
+          if (z1 != nullptr) {
+            __builtin_prefetch(z1 + na, 0, 3);
+          }
+        }
+        const int64_t n = static_cast<int64_t>(keys[p] & 0xffffffffu);
+        axpy_row(grad_out + n * D, z1 != nullptr ? z1[n] : 1.0f, D, acc.data());
+        ++p;
+      } while (p < pend && (keys[p] >> 32) == row);
+      scalar_t* o;
       if (out_rows != nullptr) {
-        out_rows[s] = row;
+        o = out + s * D;
+        out_rows[s] = static_cast<int64_t>(row);
+        ++s;
+      } else {
+        o = out + static_cast<int64_t>(row) * D;
       }
       for (int64_t d = 0; d < D; ++d) {
         o[d] = static_cast<scalar_t>(acc[d]);
       }
     }
   });
+}
+
+// The fallback when N or V does not fit the 32-bit halves of a key (N or V >= 2^32): lookup
+// numbers sorted by row with std::stable_sort, then summed as above, one row per segment.
+template <typename index_t>
+std::vector<int64_t> order_by_row(const index_t* indices, const float* z1, bool hard, int64_t N) {
+  std::vector<int64_t> order;
+  for (int64_t n = 0; n < N; ++n) {
+    if (!hard || z1[n] != 0.0f) {
+      order.push_back(n);
+    }
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
+  return order;
+}
+
+template <typename scalar_t, typename grad_t, typename index_t>
+void sum_rows_unpacked(const std::vector<int64_t>& order, const index_t* indices,
+                       const grad_t* grad_out, const float* z1, int64_t D, scalar_t* out,
+                       int64_t* out_rows) {
+  std::vector<float> acc(D);
+  const int64_t M = static_cast<int64_t>(order.size());
+  int64_t s = 0;
+  for (int64_t p = 0; p < M;) {
+    const int64_t row = static_cast<int64_t>(indices[order[p]]);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (; p < M && static_cast<int64_t>(indices[order[p]]) == row; ++p) {
+      axpy_row(grad_out + order[p] * D, z1[order[p]], D, acc.data());
+    }
+    scalar_t* o = out + (out_rows != nullptr ? s : row) * D;
+    if (out_rows != nullptr) {
+      out_rows[s] = row;
+    }
+    ++s;
+    for (int64_t d = 0; d < D; ++d) {
+      o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  }
+}
+
+template <typename index_t>
+int64_t count_rows(const std::vector<int64_t>& order, const index_t* indices) {
+  int64_t u = 0;
+  for (size_t p = 0; p < order.size(); ++p) {
+    u += (p == 0 || indices[order[p]] != indices[order[p - 1]]) ? 1 : 0;
+  }
+  return u;
 }
 
 // Calls f with a value of the table's C++ type (float, c10::BFloat16 or c10::Half); the dtype
@@ -645,8 +770,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
     }
     return {at::zeros({s.V, s.D}, tuned.options()), grad_logits, at::empty({0}, row_options)};
   }
-  // The per-lookup tuned weight z1, between the lookup pass and the per-row sums.
-  std::unique_ptr<float[]> z1(new float[s.N]);
+  // The per-lookup tuned weight z1 (soft gates, or the unpacked fallback), between the lookup
+  // pass and the per-row sums; the keys of the tuned lookups and their bucket counts.
+  const bool packed = s.V <= (int64_t{1} << 32) && s.N <= (int64_t{1} << 32);
+  std::unique_ptr<float[]> z1(new float[(hard && packed) ? 1 : s.N]);
+  const KeyPlan plan = make_key_plan(s.N, s.V, s.D);
+  std::unique_ptr<uint64_t[]> keys(packed ? new uint64_t[s.N] : nullptr);
+  std::unique_ptr<int64_t[]> hist(packed ? new int64_t[plan.tasks * plan.buckets] : nullptr);
+  std::unique_ptr<int64_t[]> counts(packed ? new int64_t[plan.tasks] : nullptr);
+  const KeySink sink{keys.get(), hist.get(), counts.get()};
   at::Tensor grad_tuned;
   at::Tensor grad_rows = at::empty({0}, row_options);
   BadIndex bad;
@@ -661,20 +793,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
         backward_lookup_kernel<scalar_t, grad_t, index_t>(
             gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
             frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
-            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V, s.D,
-            grad_logits.mutable_data_ptr<float>(), z1.get(), bad);
+            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V,
+            s.D, grad_logits.mutable_data_ptr<float>(), z1.get(), bad, plan, sink);
         bad.raise_if_any(ip, s.V);
-        const RowGroups groups = group_by_row(ip, z1.get(), hard, s.N, s.V);
+        if (!packed) {
+          const std::vector<int64_t> order = order_by_row(ip, z1.get(), hard, s.N);
+          if (sparse) {
+            const int64_t U = count_rows(order, ip);
+            grad_tuned = at::empty({U, s.D}, tuned.options());
+            grad_rows = at::empty({U}, row_options);
+            sum_rows_unpacked<scalar_t, grad_t, index_t>(order, ip, gp, z1.get(), s.D,
+                                                         grad_tuned.mutable_data_ptr<scalar_t>(),
+                                                         grad_rows.mutable_data_ptr<int64_t>());
+          } else {
+            grad_tuned = at::zeros({s.V, s.D}, tuned.options());
+            sum_rows_unpacked<scalar_t, grad_t, index_t>(
+                order, ip, gp, z1.get(), s.D, grad_tuned.mutable_data_ptr<scalar_t>(), nullptr);
+          }
+          return;
+        }
+        const SortedKeys sk = sort_keys(plan, sink);
+        const float* weights = hard ? nullptr : z1.get();
         if (sparse) {
-          grad_tuned = at::empty({groups.segments(), s.D}, tuned.options());
-          grad_rows = at::empty({groups.segments()}, row_options);
-          sum_segments<scalar_t, grad_t>(groups, gp, z1.get(), s.D,
-                                         grad_tuned.mutable_data_ptr<scalar_t>(),
-                                         grad_rows.mutable_data_ptr<int64_t>());
+          const int64_t U = sk.segment_start[plan.buckets];
+          grad_tuned = at::empty({U, s.D}, tuned.options());
+          grad_rows = at::empty({U}, row_options);
+          sum_rows<scalar_t, grad_t>(sk, plan, gp, weights, s.D,
+                                     grad_tuned.mutable_data_ptr<scalar_t>(),
+                                     grad_rows.mutable_data_ptr<int64_t>());
         } else {
           grad_tuned = at::zeros({s.V, s.D}, tuned.options());
-          sum_segments<scalar_t, grad_t>(groups, gp, z1.get(), s.D,
-                                         grad_tuned.mutable_data_ptr<scalar_t>(), nullptr);
+          sum_rows<scalar_t, grad_t>(sk, plan, gp, weights, s.D,
+                                     grad_tuned.mutable_data_ptr<scalar_t>(), nullptr);
         }
       };
       if (go.scalar_type() == tuned.scalar_type()) {
