@@ -392,8 +392,9 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
       float scale[kBlock];  // y0 * y1 / tau
       const int64_t bbegin = plan.task_block(task);
       const int64_t bend = plan.task_block(task + 1);
-      uint64_t* kout = sink.keys != nullptr ? sink.keys + bbegin * kBlock : nullptr;
-      int64_t* hist = sink.keys != nullptr ? sink.hist + task * plan.buckets : nullptr;
+      uint64_t* const kout = sink.keys != nullptr ? sink.keys + bbegin * kBlock : nullptr;
+      int64_t* const hist = sink.keys != nullptr ? sink.hist + task * plan.buckets : nullptr;
+      const int shift = plan.shift;
       int64_t kc = 0;
       if (hist != nullptr) {
         std::fill(hist, hist + plan.buckets, int64_t{0});
@@ -411,6 +412,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
           }
           const GateInputs in = gate_inputs(src, logits, n0 + i0, count, words[(i0 / 4) % 4]);
           const GateGroup s = soft_gates(in, src.noise, tau);
+          const vec4::f32x4 sc = s.y0y1 / vec4::splat(tau);  // the same IEEE division, 4 at once
           // The forward's choice, by the same rule.
           const vec4::f32x4 z1 =
               hard ? (hard_pick(in) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
@@ -427,7 +429,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
               continue;
             }
             z1s[i] = z1[j];
-            scale[i] = s.y0y1[j] / tau;
+            scale[i] = sc[j];
             ids[i] = static_cast<uint64_t>(idx);
             rows[i] = static_cast<int64_t>(idx) * D;
             prefetch_row(frozen + rows[i], D);
@@ -459,7 +461,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
             const int64_t take = (!hard || z1s[i] != 0.0f) ? 1 : 0;
             kout[kc] = (ids[i] << 32) | static_cast<uint64_t>(n);
             kc += take;
-            hist[ids[i] >> plan.shift] += take;
+            hist[ids[i] >> shift] += take;
           }
         }
       }
