@@ -626,34 +626,74 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
     for (int64_t q = p; q < std::min(p + kAhead, pend); ++q) {
       prefetch_row(grad_out + static_cast<int64_t>(keys[q] & 0xffffffffu) * D, D);
     }
-    while (p < pend) {
-      const uint64_t row = keys[p] >> 32;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      do {
-        if (p + kAhead < pend) {
-          const int64_t na = static_cast<int64_t>(keys[p + kAhead] & 0xffffffffu);
-          prefetch_row(grad_out + na * D, D);
-          if (z1 != nullptr) {
-            __builtin_prefetch(z1 + na, 0, 3);
+    // NV > 0: D = 4 * NV, the row's sum kept in NV registers (the same additions, lane by
+    // lane, as axpy_row into memory); NV = 0: any D.
+    auto walk = [&](auto nv_tag) {
+      constexpr int NV = decltype(nv_tag)::value;
+      while (p < pend) {
+        const uint64_t row = keys[p] >> 32;
+        vec4::f32x4 a[NV > 0 ? NV : 1];
+        if constexpr (NV > 0) {
+          for (int v = 0; v < NV; ++v) {
+            a[v] = vec4::splat(0.0f);
           }
+        } else {
+          std::fill(acc.begin(), acc.end(), 0.0f);
         }
-        const int64_t n = static_cast<int64_t>(keys[p] & 0xffffffffu);
-        axpy_row(grad_out + n * D, z1 != nullptr ? z1[n] : 1.0f, D, acc.data());
-        ++p;
-      } while (p < pend && (keys[p] >> 32) == row);
-      scalar_t* o;
-      if (!dense) {
-        o = out + s * D;
-        out_rows[s] = static_cast<int64_t>(row);
-        ++s;
-      } else {
-        zero_rows_to(static_cast<int64_t>(row));
-        next_row = static_cast<int64_t>(row) + 1;
-        o = out + static_cast<int64_t>(row) * D;
+        do {
+          if (p + kAhead < pend) {
+            const int64_t na = static_cast<int64_t>(keys[p + kAhead] & 0xffffffffu);
+            prefetch_row(grad_out + na * D, D);
+            if (z1 != nullptr) {
+              __builtin_prefetch(z1 + na, 0, 3);
+            }
+          }
+          const int64_t n = static_cast<int64_t>(keys[p] & 0xffffffffu);
+          const float w = z1 != nullptr ? z1[n] : 1.0f;
+          if constexpr (NV > 0) {
+            const vec4::f32x4 wv = vec4::splat(w);
+            const grad_t* g = grad_out + n * (4 * NV);
+            for (int v = 0; v < NV; ++v) {
+              a[v] = a[v] + wv * vec4::load(g + 4 * v);
+            }
+          } else {
+            axpy_row(grad_out + n * D, w, D, acc.data());
+          }
+          ++p;
+        } while (p < pend && (keys[p] >> 32) == row);
+        scalar_t* o;
+        if (!dense) {
+          o = out + s * D;
+          out_rows[s] = static_cast<int64_t>(row);
+          ++s;
+        } else {
+          zero_rows_to(static_cast<int64_t>(row));
+          next_row = static_cast<int64_t>(row) + 1;
+          o = out + static_cast<int64_t>(row) * D;
+        }
+        if constexpr (NV > 0) {
+          std::memcpy(acc.data(), a, sizeof(a));
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          o[d] = static_cast<scalar_t>(acc[d]);
+        }
       }
-      for (int64_t d = 0; d < D; ++d) {
-        o[d] = static_cast<scalar_t>(acc[d]);
-      }
+    };
+    switch (D) {
+      case 4:
+        walk(std::integral_constant<int, 1>{});
+        break;
+      case 8:
+        walk(std::integral_constant<int, 2>{});
+        break;
+      case 16:
+        walk(std::integral_constant<int, 4>{});
+        break;
+      case 32:
+        walk(std::integral_constant<int, 8>{});
+        break;
+      default:
+        walk(std::integral_constant<int, 0>{});
     }
     if (dense) {
       zero_rows_to(rend);
