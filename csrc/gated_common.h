@@ -7,7 +7,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include <cmath>
@@ -122,6 +124,35 @@ inline uint64_t read_seed(const at::Tensor& seed) {
                     " is out of range for a table of ", V, " rows");
   // TORCH_CHECK_INDEX(false, ...) always throws; this keeps [[noreturn]] honest for the compiler.
   throw std::logic_error("unreachable");
+}
+
+// Calls f with a value of the table's C++ type (float, c10::BFloat16 or c10::Half); the
+// dtype list was checked before. Shared by the CPU and CUDA host code.
+template <typename F>
+void dispatch_table(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported table dtype ", t);
+  }
+}
+
+// Calls f with a value of the index type (int64_t or int32_t; checked before).
+template <typename F>
+void dispatch_index(at::ScalarType t, F&& f) {
+  if (t == at::kLong) {
+    f(int64_t{});
+  } else {
+    f(int32_t{});
+  }
 }
 
 }  // namespace autoft

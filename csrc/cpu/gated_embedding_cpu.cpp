@@ -782,34 +782,6 @@ int64_t count_rows(const std::vector<int64_t>& order, const index_t* indices) {
   return u;
 }
 
-// Calls f with a value of the table's C++ type (float, c10::BFloat16 or c10::Half); the dtype
-// list was checked before.
-template <typename F>
-void dispatch_table(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "unsupported table dtype ", t);
-  }
-}
-
-template <typename F>
-void dispatch_index(at::ScalarType t, F&& f) {
-  if (t == at::kLong) {
-    f(int64_t{});
-  } else {
-    f(int32_t{});
-  }
-}
-
 NoiseSource make_noise_source(const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
                               bool noise, at::Tensor& uniforms_c) {
   NoiseSource src{noise, 0, nullptr};

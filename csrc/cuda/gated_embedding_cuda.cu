@@ -61,23 +61,6 @@ using namespace gated_cuda;
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-template <typename F>
-void dispatch_table(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "unsupported table dtype ", t);
-  }
-}
-
 // Elements per lane: 16 bytes of the table dtype when every row pointer stays 16-byte aligned.
 int pick_vec(at::ScalarType table, int64_t D, std::initializer_list<const void*> ptrs) {
   const int v = 16 / static_cast<int>(c10::elementSize(table));
