@@ -1,21 +1,45 @@
-"""Turn per-seed results into the comparison table (markdown + CSV) and the PNG plots."""
+"""Turn per-seed results into the comparison table (markdown + CSV), the summary over
+several target domains, and the PNG plots.
+
+Significance: a strategy's row carries the mean over seeds of its paired test-AUC difference
+against finetune_all, the combined interval and p-value of `stats.seed_paired_summary` (DeLong
+on the test rows with the seed spread folded in), and a mark: `*` significantly better, `(-)*`
+significantly worse. These need each run's test scores: a run record may hold `test_scores`
+(an array of test logits aligned with the test labels) or `test_scores_path` (a .npy file of
+them); the labels are an argument. Without scores those columns read n/a.
+"""
 from __future__ import annotations
 
 import csv
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RUN_COLUMNS", "aggregate", "markdown_table", "write_runs_csv", "write_results_csv",
-           "plot_auc", "plot_policy", "mean_std", "policy_summary", "policy_table",
+from .stats import seed_paired_summary
+
+__all__ = ["RUN_COLUMNS", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "aggregate",
+           "aggregate_by_target", "markdown_table", "write_runs_csv", "write_results_csv",
+           "summary_across_targets", "markdown_summary", "write_summary_csv",
+           "significance_mark", "load_test_scores", "auc_axis_limits", "plot_auc",
+           "plot_policy", "plot_policy_epochs", "plot_policy_by_frequency",
+           "tuned_fraction_by_frequency", "mean_std", "policy_summary", "policy_table",
            "write_policy_csv"]
 
 BASELINE = "finetune_all"
 
-RUN_COLUMNS = ("strategy", "seed", "auc", "logloss", "best_epoch", "epochs_run",
-               "train_samples_per_s", "train_seconds", "wall_seconds")
+RUN_COLUMNS = ("strategy", "seed", "auc", "logloss", "best_epoch", "epochs_run", "epoch_cap",
+               "train_samples_per_s", "train_seconds", "wall_seconds", "target")
+
+RESULT_COLUMNS = ("strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
+                  "auc_gain_pct", "train_samples_per_s", "wall_seconds", "paired_seeds",
+                  "auc_diff_mean", "auc_diff_ci_low", "auc_diff_ci_high",
+                  "auc_diff_seed_ci_low", "auc_diff_seed_ci_high", "p_value", "significant",
+                  "mark", "best_epoch_at_cap", "runs_with_cap")
+
+SUMMARY_COLUMNS = ("strategy", "targets", "mean_auc_gain_pct", "mean_auc_diff", "wins",
+                   "significant_better", "significant_worse")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -31,23 +55,117 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None) -> list[dict]:
-    """One summary row per strategy from per-seed run records.
+def load_test_scores(rec: dict) -> np.ndarray | None:
+    """A run record's test scores: `test_scores` (array-like) or the .npy at
+    `test_scores_path`; None when the record has neither.
 
-    The AUC gain is relative to finetune_all's mean AUC, in percent:
+    Example:
+        >>> load_test_scores({"strategy": "autoft", "seed": 0, "test_scores": [0.2, -1.0]})
+        array([ 0.2, -1. ])
+    """
+    if rec.get("test_scores") is not None:
+        return np.asarray(rec["test_scores"], dtype=np.float64).reshape(-1)
+    path = rec.get("test_scores_path")
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"test_scores_path of run ({rec.get('strategy')!r}, seed "
+                         f"{rec.get('seed')!r}) is not a file: {str(path)!r}")
+    return np.asarray(np.load(path), dtype=np.float64).reshape(-1)
+
+
+def _labels_for(labels, seed) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if isinstance(labels, Mapping):
+        got = labels.get(seed)
+        return None if got is None else np.asarray(got, dtype=np.float64).reshape(-1)
+    return np.asarray(labels, dtype=np.float64).reshape(-1)
+
+
+def significance_mark(diff: float | None, p_value: float | None, alpha: float = 0.05) -> str:
+    """`*` when the difference is significant (p < alpha) and positive, `(-)*` when significant
+    and negative, '' otherwise (also when unknown).
+
+    Example:
+        >>> significance_mark(0.004, 0.01), significance_mark(-0.01, 0.001), significance_mark(0.01, 0.2)
+        ('*', '(-)*', '')
+    """
+    if diff is None or p_value is None or math.isnan(diff) or math.isnan(p_value):
+        return ""
+    if p_value < alpha and diff > 0:
+        return "*"
+    if p_value < alpha and diff < 0:
+        return "(-)*"
+    return ""
+
+
+def _paired(rs: list[dict], base_rs: list[dict], labels, alpha: float) -> dict | None:
+    """`seed_paired_summary` of the strategy's runs against the baseline's, paired by seed,
+    over the seeds where both have test scores and labels are known; None when there is none."""
+    base_by_seed = {r["seed"]: r for r in base_rs}
+    per_seed = []
+    for r in rs:
+        b = base_by_seed.get(r["seed"])
+        y = _labels_for(labels, r["seed"])
+        if b is None or y is None:
+            continue
+        sa, sb = load_test_scores(r), load_test_scores(b)
+        if sa is None or sb is None:
+            continue
+        for rec, sc in ((r, sa), (b, sb)):
+            if sc.size != y.size:
+                raise ValueError(
+                    f"test scores of run ({rec['strategy']!r}, seed {rec['seed']!r}) have "
+                    f"{sc.size} values for {y.size} test labels")
+        per_seed.append({"labels": y, "scores_a": sa, "scores_b": sb, "seed": r["seed"]})
+    return seed_paired_summary(per_seed, alpha=alpha) if per_seed else None
+
+
+def _check_one_each(runs: list[dict]) -> None:
+    targets = {r.get("target") for r in runs}
+    if len(targets) > 1:
+        raise ValueError(f"runs hold several targets {sorted(map(str, targets))}; aggregate "
+                         f"one target's runs at a time (see aggregate_by_target)")
+    seen = set()
+    for r in runs:
+        key = (r["strategy"], r["seed"])
+        if key in seen:
+            raise ValueError(f"runs hold strategy {r['strategy']!r} seed {r['seed']!r} twice")
+        seen.add(key)
+
+
+def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None, *, labels=None,
+              baseline: str = BASELINE, alpha: float = 0.05) -> list[dict]:
+    """One summary row per strategy from per-seed run records (of one target).
+
+    The AUC gain is relative to the baseline's (finetune_all's) mean AUC, in percent:
     100 * (auc - auc_finetune_all) / auc_finetune_all (None when finetune_all was not run).
+
+    With `labels` (the test labels: one array when every seed is scored on the same rows, or
+    a mapping seed -> array) and test scores in the records (`test_scores` or
+    `test_scores_path`), each other strategy also gets the paired comparison against the
+    baseline over the seeds both ran (`stats.seed_paired_summary`): `auc_diff_mean`, the
+    combined interval `auc_diff_ci_low/high`, the t-interval over seeds
+    `auc_diff_seed_ci_low/high`, `p_value`, `significant` and `mark` (see
+    `significance_mark`); these are None without scores, and `mark` is 'ref' on the baseline.
+    `best_epoch_at_cap` / `runs_with_cap` count the runs whose best validation epoch was the
+    last allowed one (`best_epoch` >= `epoch_cap`) among those that record both.
 
     Example:
         >>> rows = aggregate([{"strategy": "finetune_all", "seed": 0, "auc": 0.7, "logloss": 0.5},
         ...                   {"strategy": "autoft", "seed": 0, "auc": 0.707, "logloss": 0.49}])
-        >>> round(rows[1]["auc_gain_pct"], 3)
-        1.0
+        >>> round(rows[1]["auc_gain_pct"], 3), rows[1]["p_value"]
+        (1.0, None)
     """
     runs = list(runs)
+    _check_one_each(runs)
     names = list(order) if order else []
     for r in runs:
         if r["strategy"] not in names:
             names.append(r["strategy"])
+    base_rs = [r for r in runs if r["strategy"] == baseline]
     rows = []
     for s in names:
         rs = [r for r in runs if r["strategy"] == s]
@@ -57,10 +175,28 @@ def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None) -> list[
         ll_m, ll_s = mean_std([r["logloss"] for r in rs])
         sps = mean_std([r.get("train_samples_per_s", float("nan")) for r in rs])[0]
         wall = mean_std([r.get("wall_seconds", float("nan")) for r in rs])[0]
-        rows.append({"strategy": s, "seeds": len(rs), "auc_mean": auc_m, "auc_std": auc_s,
-                     "logloss_mean": ll_m, "logloss_std": ll_s,
-                     "train_samples_per_s": sps, "wall_seconds": wall})
-    base = next((r for r in rows if r["strategy"] == BASELINE), None)
+        capped = [r for r in rs if r.get("best_epoch") is not None
+                  and r.get("epoch_cap") is not None]
+        row = {"strategy": s, "seeds": len(rs), "auc_mean": auc_m, "auc_std": auc_s,
+               "logloss_mean": ll_m, "logloss_std": ll_s,
+               "train_samples_per_s": sps, "wall_seconds": wall, "alpha": alpha,
+               "paired_seeds": 0, "auc_diff_mean": None, "auc_diff_ci_low": None,
+               "auc_diff_ci_high": None, "auc_diff_seed_ci_low": None,
+               "auc_diff_seed_ci_high": None, "p_value": None, "significant": None,
+               "mark": "ref" if s == baseline else "",
+               "best_epoch_at_cap": sum(int(r["best_epoch"]) >= int(r["epoch_cap"])
+                                        for r in capped) if capped else None,
+               "runs_with_cap": len(capped) if capped else None}
+        paired = _paired(rs, base_rs, labels, alpha) if s != baseline else None
+        if paired is not None:
+            row.update(paired_seeds=paired["k"], auc_diff_mean=paired["mean_diff"],
+                       auc_diff_ci_low=paired["ci_low"], auc_diff_ci_high=paired["ci_high"],
+                       auc_diff_seed_ci_low=_none_if_nan(paired["seed_ci_low"]),
+                       auc_diff_seed_ci_high=_none_if_nan(paired["seed_ci_high"]),
+                       p_value=paired["p_value"], significant=paired["significant"],
+                       mark=significance_mark(paired["mean_diff"], paired["p_value"], alpha))
+        rows.append(row)
+    base = next((r for r in rows if r["strategy"] == baseline), None)
     for r in rows:
         if base is None or not base["auc_mean"] or math.isnan(base["auc_mean"]):
             r["auc_gain_pct"] = None
@@ -69,33 +205,185 @@ def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None) -> list[
     return rows
 
 
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def aggregate_by_target(runs: Iterable[dict], order: Sequence[str] | None = None, *,
+                        labels: Mapping | None = None, baseline: str = BASELINE,
+                        alpha: float = 0.05) -> dict[str, list[dict]]:
+    """`aggregate` for each target domain of the records (key `target`; records without one
+    form the target None), in order of first appearance. `labels` maps target -> that
+    target's test labels (an array, or a mapping seed -> array).
+
+    Example:
+        >>> tables = aggregate_by_target(runs, cfg.strategies, labels={"books": y_books})
+        >>> print(markdown_summary(summary_across_targets(tables)))   # doctest: +SKIP
+    """
+    by_target: dict = {}
+    for r in runs:
+        by_target.setdefault(r.get("target"), []).append(r)
+    return {t: aggregate(rs, order, labels=None if labels is None else labels.get(t),
+                         baseline=baseline, alpha=alpha)
+            for t, rs in by_target.items()}
+
+
 def _fmt(x: float | None, spec: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return format(x, spec)
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
+def _diff_cell(r: dict) -> str:
+    if r.get("mark") == "ref":
+        return "ref"
+    d = r.get("auc_diff_mean")
+    if d is None:
+        return "n/a"
+    return f"{d:+.4f} [{r['auc_diff_ci_low']:+.4f}, {r['auc_diff_ci_high']:+.4f}]"
+
+
+def _p_cell(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _cap_cell(r: dict) -> str:
+    if r.get("runs_with_cap") is None:
+        return "n/a"
+    return f"{r['best_epoch_at_cap']}/{r['runs_with_cap']}"
+
+
+def markdown_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     """The comparison table as markdown: strategy, AUC and LogLoss (mean ± std over seeds),
-    relative AUC gain over finetune_all, training throughput and wall time per run.
+    relative AUC gain over finetune_all, training throughput and wall time per run, then the
+    paired test-AUC difference against finetune_all with its 95% interval, its p-value, the
+    significance mark, and how many runs had their best epoch at the epoch cap (see
+    `aggregate`). Notes under the table explain the marks and total the capped runs.
 
     Example:
         >>> print(markdown_table(aggregate([{"strategy": "finetune_all", "seed": 0,
         ...                                  "auc": 0.7, "logloss": 0.5}])).splitlines()[2])
-        | finetune_all | 0.7000 ± 0.0000 | 0.5000 ± 0.0000 | +0.00% | n/a | n/a |
+        | finetune_all | 0.7000 ± 0.0000 | 0.5000 ± 0.0000 | +0.00% | n/a | n/a | ref | n/a |  | n/a |
     """
-    head = ("| strategy | AUC | LogLoss | AUC gain vs finetune_all | train samples/s | "
-            "time per run (s) |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+    head = (f"| strategy | AUC | LogLoss | AUC gain vs {baseline} | train samples/s | "
+            f"time per run (s) | ΔAUC vs {baseline} [95% CI] | p | sig. | best epoch = cap |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         gain = r.get("auc_gain_pct")
         gain_s = "n/a" if gain is None else f"{gain:+.2f}%"
+        mark = "" if r.get("mark") == "ref" else r.get("mark", "")
         lines.append(
             f"| {r['strategy']} | {_fmt(r['auc_mean'], '.4f')} ± {_fmt(r['auc_std'], '.4f')} | "
             f"{_fmt(r['logloss_mean'], '.4f')} ± {_fmt(r['logloss_std'], '.4f')} | {gain_s} | "
             f"{_fmt(r.get('train_samples_per_s'), ',.0f')} | "
-            f"{_fmt(r.get('wall_seconds'), '.1f')} |")
+            f"{_fmt(r.get('wall_seconds'), '.1f')} | {_diff_cell(r)} | {_p_cell(r.get('p_value'))} "
+            f"| {mark} | {_cap_cell(r)} |")
+    notes = []
+    if any(r.get("auc_diff_mean") is not None for r in rows):
+        alpha = next(r.get("alpha", 0.05) for r in rows if r.get("auc_diff_mean") is not None)
+        notes.append(
+            f"ΔAUC: mean over seeds of the paired test-AUC difference against {baseline} "
+            f"(same seed); interval and p from DeLong's test on the test rows with the spread "
+            f"over seeds folded in (random effects). `*`: better than {baseline} at "
+            f"p < {alpha:g}; `(-)*`: worse at p < {alpha:g}.")
+    capped = [r for r in rows if r.get("runs_with_cap") is not None]
+    if capped:
+        k = sum(r["best_epoch_at_cap"] for r in capped)
+        n = sum(r["runs_with_cap"] for r in capped)
+        notes.append(f"runs whose best epoch was the last allowed epoch: {k}/{n}"
+                     + (" (they may still have been improving)" if k else ""))
+    return "\n".join(lines) + ("\n\n" + "\n\n".join(notes) if notes else "")
+
+
+def summary_across_targets(tables: Mapping[str, Sequence[dict]],
+                           order: Sequence[str] | None = None,
+                           baseline: str = BASELINE) -> list[dict]:
+    """One row per strategy over several target domains, from {target: aggregate rows}:
+    `targets` (how many it ran on), `mean_auc_gain_pct` (mean over targets of its relative AUC
+    gain over finetune_all), `mean_auc_diff` (mean paired ΔAUC, over the targets that have
+    it), `wins` (targets where its mean AUC is the best; a tie at the top is a win for each),
+    `significant_better` / `significant_worse` (targets with the `*` / `(-)*` mark).
+
+    Example:
+        >>> t = {"a": [{"strategy": "finetune_all", "auc_mean": 0.70, "auc_gain_pct": 0.0},
+        ...            {"strategy": "autoft", "auc_mean": 0.71, "auc_gain_pct": 1.43, "mark": "*"}]}
+        >>> [(r["strategy"], r["wins"], r["significant_better"]) for r in summary_across_targets(t)]
+        [('finetune_all', 0, 0), ('autoft', 1, 1)]
+    """
+    names = list(order) if order else []
+    for rows in tables.values():
+        names += [r["strategy"] for r in rows if r["strategy"] not in names]
+    acc = {s: {"strategy": s, "targets": 0, "gains": [], "diffs": [], "wins": 0,
+               "significant_better": 0, "significant_worse": 0} for s in names}
+    for rows in tables.values():
+        aucs = [r["auc_mean"] for r in rows
+                if r.get("auc_mean") is not None and not math.isnan(r["auc_mean"])]
+        best = max(aucs) if aucs else None
+        for r in rows:
+            a = acc[r["strategy"]]
+            a["targets"] += 1
+            if r.get("auc_gain_pct") is not None:
+                a["gains"].append(r["auc_gain_pct"])
+            if r.get("auc_diff_mean") is not None:
+                a["diffs"].append(r["auc_diff_mean"])
+            if best is not None and r.get("auc_mean") is not None \
+                    and r["auc_mean"] >= best - 1e-12:
+                a["wins"] += 1
+            a["significant_better"] += r.get("mark") == "*"
+            a["significant_worse"] += r.get("mark") == "(-)*"
+    out = []
+    for s in names:
+        a = acc[s]
+        if not a["targets"]:
+            continue
+        out.append({"strategy": s, "targets": a["targets"],
+                    "mean_auc_gain_pct": float(np.mean(a["gains"])) if a["gains"] else None,
+                    "mean_auc_diff": float(np.mean(a["diffs"])) if a["diffs"] else None,
+                    "wins": a["wins"], "significant_better": int(a["significant_better"]),
+                    "significant_worse": int(a["significant_worse"])})
+    return out
+
+
+def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
+    """The summary over targets (see `summary_across_targets`) as markdown.
+
+    Example:
+        >>> print(markdown_summary([{"strategy": "autoft", "targets": 2, "mean_auc_gain_pct": 0.8,
+        ...     "mean_auc_diff": 0.0056, "wins": 2, "significant_better": 1,
+        ...     "significant_worse": 0}]).splitlines()[2])
+        | autoft | 2 | +0.80% | +0.0056 | 2/2 | 1/2 | 0/2 |
+    """
+    lines = [f"| strategy | targets | mean AUC gain vs {baseline} | mean ΔAUC | wins | "
+             f"significantly better | significantly worse |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        n = r["targets"]
+        gain = r.get("mean_auc_gain_pct")
+        lines.append(f"| {r['strategy']} | {n} | {'n/a' if gain is None else f'{gain:+.2f}%'} | "
+                     f"{_fmt(r.get('mean_auc_diff'), '+.4f')} | {r['wins']}/{n} | "
+                     f"{r['significant_better']}/{n} | {r['significant_worse']}/{n} |")
     return "\n".join(lines)
+
+
+def write_summary_csv(rows: Sequence[dict], path: Path) -> Path:
+    """The summary over targets (see `summary_across_targets`) as CSV (SUMMARY_COLUMNS).
+
+    Example:
+        >>> write_summary_csv(summary_across_targets(tables), Path("summary.csv"))
+        PosixPath('summary.csv')
+    """
+    return _write_csv(rows, SUMMARY_COLUMNS, path)
+
+
+def _write_csv(rows: Iterable[dict], cols: Sequence[str], path: Path) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in cols})
+    return path
 
 
 def policy_summary(runs: Iterable[dict]) -> list[dict]:
@@ -166,29 +454,17 @@ def write_runs_csv(runs: Sequence[dict], path: Path) -> Path:
         >>> write_runs_csv([{"strategy": "autoft", "seed": 0, "auc": 0.71}], Path("runs.csv"))
         PosixPath('runs.csv')
     """
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(RUN_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for r in runs:
-            w.writerow({k: r.get(k) for k in RUN_COLUMNS})
-    return path
+    return _write_csv(runs, RUN_COLUMNS, path)
 
 
 def write_results_csv(rows: Sequence[dict], path: Path) -> Path:
-    """Per-strategy summary rows (see `aggregate`) as CSV.
+    """Per-strategy summary rows (see `aggregate`) as CSV (RESULT_COLUMNS).
 
     Example:
         >>> write_results_csv(aggregate(runs, STRATEGIES), Path("results.csv"))
         PosixPath('results.csv')
     """
-    cols = ["strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
-            "auc_gain_pct", "train_samples_per_s", "wall_seconds"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in cols})
-    return path
+    return _write_csv(rows, RESULT_COLUMNS, path)
 
 
 def _pyplot():
@@ -198,34 +474,246 @@ def _pyplot():
     return plt
 
 
-def plot_auc(rows: Sequence[dict], path: Path) -> Path:
-    """Bar chart of mean test AUC per strategy with ±std error bars.
+def auc_axis_limits(means: Sequence[float], spreads: Sequence[float] | None = None, *,
+                    headroom: float = 0.3, min_span: float = 0.01) -> tuple[float, float]:
+    """The AUC bar chart's y range: from a little below the lowest mean - spread to above
+    the highest mean + spread with `headroom` (a fraction of the data's span) for the
+    significance marks; never starting at 0 unless the data reach down there. The span is at
+    least `min_span`, so equal means still show a readable axis. NaN means are ignored;
+    (0, 1) when none is finite.
 
     Example:
-        >>> plot_auc(aggregate(runs), Path("auc.png"))
-        PosixPath('auc.png')
+        >>> lo, hi = auc_axis_limits([0.70, 0.72], [0.004, 0.002])
+        >>> round(lo, 4), round(hi, 4)
+        (0.6921, 0.7298)
     """
+    m = np.asarray(means, dtype=np.float64).reshape(-1)
+    sp = (np.zeros_like(m) if spreads is None
+          else np.nan_to_num(np.abs(np.asarray(spreads, dtype=np.float64).reshape(-1))))
+    if sp.shape != m.shape:
+        raise ValueError(f"spreads must have one value per mean, got {sp.size} for {m.size}")
+    ok = np.isfinite(m)
+    if not ok.any():
+        return 0.0, 1.0
+    lo_data = float((m[ok] - sp[ok]).min())
+    hi_data = float((m[ok] + sp[ok]).max())
+    span = max(hi_data - lo_data, min_span)
+    return max(0.0, lo_data - 0.15 * span), hi_data + headroom * span
+
+
+def _family_color(name: str, baseline: str) -> tuple[str, str]:
+    if name == baseline:
+        return "tab:gray", "baseline"
+    if name.startswith("autoft"):
+        return "tab:orange", "AutoFT"
+    return "tab:blue", "other strategies"
+
+
+def _auc_figure(rows: Sequence[dict], title: str | None, baseline: str):
     plt = _pyplot()
+    from matplotlib.patches import Patch
     names = [r["strategy"] for r in rows]
     means = np.array([r["auc_mean"] for r in rows], dtype=float)
     stds = np.nan_to_num(np.array([r["auc_std"] for r in rows], dtype=float))
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 3.5), 4.2))
     x = np.arange(len(names))
-    colors = ["tab:orange" if n.startswith("autoft") else "tab:blue" for n in names]
-    ax.bar(x, means, yerr=stds, capsize=4, color=colors)
-    finite = means[np.isfinite(means)]
-    if finite.size:
-        lo = float(finite.min() - 3 * max(stds.max(), 0.002))
-        hi = float(finite.max() + 3 * max(stds.max(), 0.002))
-        ax.set_ylim(max(0.0, lo), min(1.0, hi))
+    fam = [_family_color(n, baseline) for n in names]
+    ax.bar(x, means, yerr=stds, capsize=4, color=[c for c, _ in fam], zorder=2)
+    lo, hi = auc_axis_limits(means, stds)
+    ax.set_ylim(lo, hi)
+    for xi, m, sd, r in zip(x, means, stds, rows):
+        mark = r.get("mark") or ""
+        if mark and mark != "ref" and np.isfinite(m):
+            ax.text(xi, m + sd + 0.03 * (hi - lo), mark, ha="center", va="bottom",
+                    fontsize=11, fontweight="bold")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title("AUC per strategy")
+    ax.set_title(title or "AUC per strategy")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    seen: dict[str, str] = {}
+    for c, label in fam:
+        seen.setdefault(label, c)
+    handles = [Patch(color=c, label=label) for label, c in seen.items()]
+    if any((r.get("mark") or "") not in ("", "ref") for r in rows):
+        handles += [Patch(color="none", label=f"*  better than {baseline}, p < 0.05"),
+                    Patch(color="none", label=f"(-)*  worse than {baseline}, p < 0.05")]
+    # Outside the axes, so it can never cover a bar.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig, ax
+
+
+def plot_auc(rows: Sequence[dict], path: Path, *, title: str | None = None,
+             baseline: str = BASELINE) -> Path:
+    """Bar chart of mean test AUC per strategy with ±std (over seeds) error bars, the y axis
+    from `auc_axis_limits` (not from 0), each row's significance mark (see `aggregate`) above
+    its bar, and the legend outside the axes.
+
+    Example:
+        >>> plot_auc(aggregate(runs, labels=y_test), Path("auc.png"), title="target books")
+        PosixPath('auc.png')
+    """
+    fig, _ = _auc_figure(rows, title, baseline)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _line_styles(n: int):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    styles = ("-", "--", ":", "-.")
+    return [(cmap(i % 10), styles[(i // 10) % len(styles)]) for i in range(n)]
+
+
+def plot_policy_epochs(history_rows: Sequence[dict], path: Path, *, kind: str = "field",
+                       title: str | None = None) -> Path | None:
+    """The tuned-path fraction per field (`kind='field'`) or layer over the epochs, one line
+    each, from rows like [{'epoch': 1, 'field': {'user_id': 0.3, ...}}, ...]; rows with the
+    same epoch (several seeds) are averaged. Returns None when no row has that kind.
+
+    Example:
+        >>> plot_policy_epochs([{"epoch": 1, "field": {"f1": 0.9, "f2": 0.5}},
+        ...                     {"epoch": 2, "field": {"f1": 0.7, "f2": 0.4}}], Path("ep.png"))
+        PosixPath('ep.png')
+    """
+    acc: dict[str, dict[float, list[float]]] = {}
+    for i, r in enumerate(history_rows):
+        if "epoch" not in r:
+            raise ValueError(f"history_rows[{i}] has no 'epoch' key: {sorted(r)}")
+        for name, v in (r.get(kind) or {}).items():
+            acc.setdefault(name, {}).setdefault(float(r["epoch"]), []).append(float(v))
+    if not acc:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for (name, by_epoch), (color, style) in zip(acc.items(), _line_styles(len(acc))):
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], style, color=color,
+                marker="o", markersize=3, label=name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction choosing the tuned path")
+    ax.set_title(title or f"Tuned-path fraction per {kind} over the epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8,
+              ncol=max(1, math.ceil(len(acc) / 20)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_policy_by_frequency(rows: Sequence[dict], path: Path, *,
+                             bucket_order: Sequence[str] | None = None,
+                             title: str | None = None) -> Path | None:
+    """Grouped bars: per field, the tuned-path fraction of test instances split by how
+    frequent the instance's value is in the target training rows, from rows like
+    {'field': 'f1', 'bucket': 'rare', 'tuned_fraction': 0.2, 'count': 123} (see
+    `tuned_fraction_by_frequency`). Rows of the same (field, bucket), e.g. from several seeds,
+    are combined weighted by `count`. Buckets in `bucket_order` or first-seen order. Returns
+    None when `rows` is empty.
+
+    Example:
+        >>> plot_policy_by_frequency([{"field": "f1", "bucket": "rare", "tuned_fraction": 0.2,
+        ...                            "count": 10}], Path("freq.png"))
+        PosixPath('freq.png')
+    """
+    acc: dict[tuple[str, str], list[float]] = {}
+    fields: list[str] = []
+    buckets: list[str] = list(bucket_order) if bucket_order else []
+    for i, r in enumerate(rows):
+        missing = [k for k in ("field", "bucket", "tuned_fraction") if k not in r]
+        if missing:
+            raise ValueError(f"rows[{i}] lacks key(s) {missing}")
+        f, b = str(r["field"]), str(r["bucket"])
+        fields += [f] if f not in fields else []
+        buckets += [b] if b not in buckets else []
+        w = float(r.get("count", 1.0))
+        a = acc.setdefault((f, b), [0.0, 0.0])
+        a[0] += w * float(r["tuned_fraction"])
+        a[1] += w
+    if not acc:
+        return None
+    plt = _pyplot()
+    width = 0.8 / len(buckets)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(fields) * len(buckets) + 3), 4.2))
+    x = np.arange(len(fields))
+    cmap = plt.get_cmap("viridis")
+    for j, b in enumerate(buckets):
+        vals = [acc[(f, b)][0] / acc[(f, b)][1] if (f, b) in acc and acc[(f, b)][1] > 0
+                else np.nan for f in fields]
+        ax.bar(x + (j - (len(buckets) - 1) / 2) * width, vals, width, label=b,
+               color=cmap(j / max(1, len(buckets) - 1)))
+    ax.set_xticks(x)
+    ax.set_xticklabels(fields, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction choosing the tuned path")
+    ax.set_title(title or "Tuned-path fraction by the value's frequency in the target")
+    ax.legend(title="count in target train", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _bucket_names(edges: Sequence[int]) -> list[str]:
+    names = []
+    lo = 0
+    for e in edges:
+        names.append("unseen" if (lo, e) == (0, 1) else
+                     (f"{lo}" if e == lo + 1 else f"{lo}-{e - 1}"))
+        lo = e
+    names.append(f">={lo}")
+    return names
+
+
+def tuned_fraction_by_frequency(test_values: Mapping[str, Sequence[int]],
+                                tuned: Mapping[str, Sequence[float]],
+                                train_values: Mapping[str, Sequence[int]],
+                                edges: Sequence[int] = (1, 5, 50)) -> list[dict]:
+    """Rows for `plot_policy_by_frequency`: per field, the test instances bucketed by how
+    often their value occurs in the target training rows, and the mean of `tuned` (each
+    instance's tuned-path choice, 0/1 or a probability) in each bucket.
+
+    `edges` are the bucket boundaries on that count: (1, 5, 50) gives 'unseen' (0), '1-4',
+    '5-49' and '>=50'. Empty buckets are left out.
+
+    Example:
+        >>> tuned_fraction_by_frequency({"f": [1, 1, 2]}, {"f": [1, 0, 1]}, {"f": [1, 1, 1, 1, 1]},
+        ...                             edges=(1, 5))
+        [{'field': 'f', 'bucket': 'unseen', 'tuned_fraction': 1.0, 'count': 1}, {'field': 'f', 'bucket': '>=5', 'tuned_fraction': 0.5, 'count': 2}]
+    """
+    e = [int(x) for x in edges]
+    if not e or any(b <= a for a, b in zip(e, e[1:])) or e[0] < 1:
+        raise ValueError(f"edges must be increasing positive counts, got {tuple(edges)!r}")
+    names = _bucket_names(e)
+    out = []
+    for field, vals in test_values.items():
+        if field not in tuned:
+            raise ValueError(f"tuned has no entry for field {field!r}")
+        if field not in train_values:
+            raise ValueError(f"train_values has no entry for field {field!r}")
+        v = np.asarray(vals).reshape(-1)
+        t = np.asarray(tuned[field], dtype=np.float64).reshape(-1)
+        if t.size != v.size:
+            raise ValueError(f"tuned[{field!r}] has {t.size} values for {v.size} test values")
+        uniq, cnt = np.unique(np.asarray(train_values[field]).reshape(-1), return_counts=True)
+        if uniq.size:
+            pos = np.clip(np.searchsorted(uniq, v), 0, uniq.size - 1)
+            freq = np.where(uniq[pos] == v, cnt[pos], 0)
+        else:
+            freq = np.zeros(v.size, dtype=np.int64)
+        bucket = np.searchsorted(np.asarray(e), freq, side="right")
+        for j, name in enumerate(names):
+            mask = bucket == j
+            if mask.any():
+                out.append({"field": field, "bucket": name,
+                            "tuned_fraction": float(t[mask].mean()), "count": int(mask.sum())})
+    return out
 
 
 def plot_policy(runs: Sequence[dict], kind: str, path: Path) -> Path | None:
