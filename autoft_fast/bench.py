@@ -3,8 +3,8 @@
 Prints, per shape, the median milliseconds of forward, forward+backward and a full step
 (forward, backward, SGD on the tuned rows and the logits) for eager PyTorch (dense and sparse
 gradient), ``torch.compile`` of eager, the two-gather floor, and each autoft_fast backend,
-with the ratio to eager and an effective bandwidth; then the issue's targets as measured
-ratios. Speed targets live here, never in timed tests.
+with the ratio to eager and an effective bandwidth; then the project's speed targets as
+measured ratios. Speed targets live here, never in timed tests.
 
 Example::
 
@@ -174,7 +174,7 @@ def format_table(rows_out):
 
 
 def targets(results, backend):
-    """The foundation issue's targets as measured ratios (D=16; V=1M and V=100k).
+    """The op's speed targets as measured ratios (D=16; V=1M and V=100k).
 
     "eager" is the lean eager formulation (one uniform per lookup, as the contract draws it);
     the ratios against eager written with F.gumbel_softmax follow in brackets.

@@ -123,7 +123,7 @@ class _UserError(Exception):
     """Raised for wrong command-line usage; printed in one line."""
 
 
-def _load(args, default_demo: bool = False):
+def _load(args):
     from .config import load_config
     cfg = load_config(getattr(args, "config", None))
     strategies = None
@@ -150,11 +150,9 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
                 "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **(extra or {})}
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
-        snapshot = dict(cfg.raw)
-        snapshot["autoft"] = cfg.autoft
-        snapshot["seeds"] = cfg.seeds
-        snapshot["strategies"] = cfg.strategies
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
+        # The effective config: defaults filled in, backend 'auto' resolved to the one used.
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(cfg.to_dict(resolve_backend=True), sort_keys=False))
     return run_dir
 
 
@@ -162,9 +160,7 @@ def _training_hash(cfg) -> str:
     # What a checkpoint depends on; seeds and strategies may change between resumes (a
     # comparison can be extended), everything else may not.
     from .config import config_hash
-    return config_hash({"data": cfg.data, "synthetic": cfg.synthetic, "model": cfg.model,
-                        "pretrain": cfg.pretrain.to_dict(), "pretrain_seed": cfg.pretrain_seed,
-                        "finetune": cfg.finetune.to_dict(), "autoft": cfg.autoft})
+    return config_hash(cfg.training_dict())
 
 
 def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
@@ -239,12 +235,12 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .train.runner import _write_json, load_data, pretrain
+    from .train.runner import load_data, pretrain, write_json
     cfg = _load(args)
     run_dir = _start_run(cfg, "pretrain", args)
     bundle = load_data(cfg)
     _, info = pretrain(cfg, bundle, force=args.force, progress=_progress(args))
-    _write_json(info, run_dir / "pretrain.json")
+    write_json(info, run_dir / "pretrain.json")
     print(f"pre-trained {info['model']['name']}: source valid AUC {info['valid_auc']:.4f}, "
           f"LogLoss {info['valid_logloss']:.4f}")
     print(f"model: {info['path']}")
@@ -254,7 +250,7 @@ def _cmd_pretrain(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from .config import resolve_strategies
-    from .train.runner import _write_json, load_data, pretrain, run_strategy
+    from .train.runner import load_data, pretrain, run_strategy, write_json
     cfg = _load(args)
     strategy = resolve_strategies([args.strategy])[0]
     seed = cfg.seeds[0] if args.seed is None else args.seed
@@ -269,7 +265,7 @@ def _cmd_finetune(args) -> int:
     state = None
     if strategy != "target_only":
         state, info = pretrain(cfg, bundle, progress=_progress(args))
-        _write_json(info, run_dir / "pretrain.json")
+        write_json(info, run_dir / "pretrain.json")
     rec = run_strategy(cfg, bundle, state, strategy, seed, run_dir / "run",
                        resume=bool(args.resume), keep_model=True, progress=_progress(args))
     print(f"{strategy} (seed {seed}): test AUC {rec['auc']:.4f}, LogLoss {rec['logloss']:.4f}")

@@ -120,8 +120,8 @@ def test_generate_then_compare_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("over, needle", [
-    ({"optimiser": "adam"}, "unknown top-level key 'optimiser'"),
-    ({"finetune": {"epochs": 1, "lrate": 0.1}}, "unknown key finetune.'lrate'"),
+    ({"optimiser": "adam"}, "unknown key 'optimiser' in experiment config"),
+    ({"finetune": {"epochs": 1, "lrate": 0.1}}, "unknown key 'lrate' in finetune config; did you mean 'lr'?"),
     ({"strategies": ["autoft", "spottune"]}, "unknown strategy 'spottune'"),
     ({"seeds": [0, 0]}, "seeds must not repeat"),
     ({"model": {"name": "xgboost"}}, "model.name"),
@@ -166,7 +166,7 @@ def test_embedded_demo_config_is_valid():
     from autoft_fast.models import STRATEGIES
     cfg = load_config(None)
     assert cfg.strategies == list(STRATEGIES) and len(cfg.seeds) >= 2
-    assert cfg.synthetic_config() is not None
+    assert cfg.synthetic is not None and cfg.synthetic.n_target_rows > 0
 
 
 def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, capsys, monkeypatch):

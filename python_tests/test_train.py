@@ -235,7 +235,7 @@ def test_tau_schedule_applied_each_epoch():
 
 
 def test_train_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="unknown key finetune.'lrr'"):
+    with pytest.raises(ValueError, match="unknown key 'lrr' in finetune config; did you mean 'lr'"):
         TrainConfig.from_dict({"lrr": 1}, "finetune")
     with pytest.raises(ValueError, match="finetune.lr must be > 0"):
         TrainConfig.from_dict({"lr": 0}, "finetune")

@@ -73,30 +73,16 @@ class FeatureMap:
         """Embedding fields seen by an interaction layer: single + multi-hot (dense excluded)."""
         return len(self.single_fields) + len(self.multihot_fields)
 
-    @property
-    def target_domain_index(self) -> int:
-        return len(self.domain_values) - 1
-
     def field(self, name: str) -> FieldInfo:
         for f in self.fields:
             if f.name == name:
                 return f
         raise KeyError(f"no field named '{name}'; fields: {[f.name for f in self.fields]}")
 
-    def single_offsets(self) -> torch.Tensor:
-        """LongTensor [F_single]: the offset of each column of ``sparse``."""
-        return torch.tensor([self.field(n).offset for n in self.single_fields], dtype=torch.long)
-
     def multihot_pad_ids(self) -> torch.Tensor:
         """LongTensor [F_multi]: the PAD global id of each multi-hot field, for masks:
         ``valid = batch.multihot != fm.multihot_pad_ids()[None, :, None]``."""
         return torch.tensor([self.field(n).pad_id for n in self.multihot_fields], dtype=torch.long)
-
-    def field_of_row(self) -> torch.Tensor:
-        """LongTensor [num_rows]: index into ``fields`` of every global row."""
-        return torch.repeat_interleave(
-            torch.arange(len(self.fields)), torch.tensor([f.vocab_size for f in self.fields])
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-able) that :meth:`from_dict` turns back into an equal map."""

@@ -80,13 +80,12 @@ the true click probabilities: the ceiling any model can reach).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -94,186 +93,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from .config import DataError
+from ..config.synthetic import DEFAULT_FIELDS, SyntheticConfig, SyntheticField
 
 log = logging.getLogger("autoft_fast.data")
-
-FIELD_KINDS = ("categorical", "numeric", "multihot")
-EFFECTS = ("stable", "shifted")
-FREQUENCIES = ("same", "shifted")
-
-
-@dataclass(frozen=True)
-class SyntheticField:
-    """One feature column of the generator. ``cardinality``/``zipf`` apply to categorical and
-    multi-hot fields; ``max_len``/``mean_len`` to multi-hot ones (tags per row: Poisson with
-    mean ``mean_len``, cut at ``max_len``, duplicates removed). For a numeric field,
-    ``frequency: shifted`` moves the target's log-normal mean by ``SyntheticConfig.price_shift``."""
-
-    name: str
-    kind: str = "categorical"
-    cardinality: int = 100
-    zipf: float = 1.0
-    effect: str = "stable"
-    frequency: str = "same"
-    max_len: int = 6
-    mean_len: float = 2.0
-
-    def check(self) -> None:
-        where = f"synthetic.fields '{self.name}'"
-        if self.kind not in FIELD_KINDS:
-            raise DataError(f"{where}: kind must be one of {FIELD_KINDS}, got {self.kind!r}")
-        if self.effect not in EFFECTS:
-            raise DataError(f"{where}: effect must be one of {EFFECTS}, got {self.effect!r}")
-        if self.frequency not in FREQUENCIES:
-            raise DataError(f"{where}: frequency must be one of {FREQUENCIES}, got {self.frequency!r}")
-        if not isinstance(self.cardinality, int) or self.cardinality < 2:
-            raise DataError(f"{where}: cardinality must be an integer >= 2, got {self.cardinality!r}")
-        if not (isinstance(self.zipf, (int, float)) and self.zipf >= 0):
-            raise DataError(f"{where}: zipf must be a number >= 0, got {self.zipf!r}")
-        if not isinstance(self.max_len, int) or self.max_len < 1:
-            raise DataError(f"{where}: max_len must be an integer >= 1, got {self.max_len!r}")
-        if not (isinstance(self.mean_len, (int, float)) and self.mean_len >= 0):
-            raise DataError(f"{where}: mean_len must be a number >= 0, got {self.mean_len!r}")
-
-
-DEFAULT_FIELDS = (
-    SyntheticField("user_id", cardinality=4000, zipf=1.1, effect="stable", frequency="shifted"),
-    SyntheticField("item_id", cardinality=2000, zipf=1.1, effect="shifted", frequency="shifted"),
-    SyntheticField("brand", cardinality=300, zipf=1.0, effect="shifted", frequency="same"),
-    SyntheticField("category", cardinality=50, zipf=0.9, effect="stable", frequency="same"),
-    SyntheticField("site_id", cardinality=200, zipf=1.0, effect="shifted", frequency="shifted"),
-    SyntheticField("app_id", cardinality=500, zipf=1.05, effect="stable", frequency="shifted"),
-    SyntheticField("device", cardinality=8, zipf=1.2, effect="stable", frequency="same"),
-    SyntheticField("os", cardinality=4, zipf=1.0, effect="stable", frequency="same"),
-    SyntheticField("hour", cardinality=24, zipf=0.2, effect="shifted", frequency="same"),
-    SyntheticField("slot", cardinality=6, zipf=0.8, effect="stable", frequency="same"),
-    SyntheticField("region", cardinality=30, zipf=0.8, effect="shifted", frequency="same"),
-    SyntheticField("price", kind="numeric", effect="stable", frequency="shifted"),
-    SyntheticField("tags", kind="multihot", cardinality=300, zipf=1.0, effect="shifted",
-                   frequency="shifted", max_len=6, mean_len=2.0),
-)
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Parameters of the generator (the ``synthetic:`` section of an experiment YAML). The
-    module docstring and ``docs/data.md`` give the reason for each default.
-
-    Example::
-
-        path = generate_synthetic(SyntheticConfig(seed=7, n_source_rows=50_000), Path("data"))
-    """
-
-    seed: int = 2024
-    n_source_rows: int = 300_000
-    n_target_rows: int = 30_000
-    source_domains: tuple[str, ...] = ("src_a", "src_b", "src_c")
-    source_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
-    source_ctr: tuple[float, ...] = (0.10, 0.08, 0.14)
-    target_domain: str = "tgt"
-    target_ctr: float = 0.06
-    latent_dim: int = 8
-    main_effect_std: float = 0.6
-    interaction_std: float = 0.6
-    shift_corr: float = 0.3
-    source_shift_corr: float = 0.9
-    price_shift: float = 0.5
-    days: int = 14
-    fields: tuple[SyntheticField, ...] = DEFAULT_FIELDS
-    format: str = "csv"
-    # Written into dataset.yaml (the data config the demo reads).
-    target_valid: float = 0.1
-    target_test: float = 0.3
-    source_valid: float = 0.05
-    min_count: int = 2
-    num_buckets: int = 16
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "SyntheticConfig":
-        """Build from the ``synthetic:`` YAML section; unknown keys are an error naming the key.
-        ``fields``, when given, replaces the whole default field list.
-
-        Example::
-
-            SyntheticConfig.from_dict({"seed": 3, "n_target_rows": 10000})
-        """
-        d = dict(d or {})
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in known:
-                raise DataError(f"unknown key '{key}' in synthetic config; known keys: {', '.join(known)}")
-        if "fields" in d:
-            fl = d["fields"]
-            if not isinstance(fl, (list, tuple)) or not fl:
-                raise DataError(f"synthetic.fields must be a non-empty list, got {fl!r}")
-            fknown = [f.name for f in dataclasses.fields(SyntheticField)]
-            parsed = []
-            for item in fl:
-                if not isinstance(item, Mapping) or "name" not in item:
-                    raise DataError(f"synthetic.fields: each entry must be a mapping with a name, got {item!r}")
-                for key in item:
-                    if key not in fknown:
-                        raise DataError(
-                            f"unknown key '{key}' in synthetic.fields '{item['name']}'; known keys: {', '.join(fknown)}"
-                        )
-                parsed.append(SyntheticField(**item))
-            d["fields"] = tuple(parsed)
-        for key in ("source_domains", "source_weights", "source_ctr"):
-            if key in d and isinstance(d[key], list):
-                d[key] = tuple(d[key])
-        cfg = cls(**d)
-        cfg.check()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["fields"] = [dataclasses.asdict(f) for f in self.fields]
-        for key in ("source_domains", "source_weights", "source_ctr"):
-            d[key] = list(d[key])
-        return d
-
-    def check(self) -> None:
-        """Raise :class:`DataError` naming the parameter for any out-of-range value."""
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise DataError(f"synthetic.{key} must be {what}, got {getattr(self, key)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        need(is_int(self.n_source_rows) and self.n_source_rows >= 10, "n_source_rows", "an integer >= 10")
-        need(is_int(self.n_target_rows) and self.n_target_rows >= 10, "n_target_rows", "an integer >= 10")
-        k = len(self.source_domains)
-        need(k >= 1 and all(isinstance(s, str) and s for s in self.source_domains),
-             "source_domains", "a non-empty list of names")
-        need(len(self.source_weights) == k and all(w > 0 for w in self.source_weights),
-             "source_weights", f"{k} positive numbers (one per source domain)")
-        need(len(self.source_ctr) == k and all(0 < c < 1 for c in self.source_ctr),
-             "source_ctr", f"{k} numbers in (0, 1) (one per source domain)")
-        need(isinstance(self.target_domain, str) and self.target_domain
-             and self.target_domain not in self.source_domains, "target_domain", "a name not among the sources")
-        need(0 < self.target_ctr < 1, "target_ctr", "in (0, 1)")
-        need(is_int(self.latent_dim) and self.latent_dim >= 1, "latent_dim", "an integer >= 1")
-        need(self.main_effect_std >= 0, "main_effect_std", ">= 0")
-        need(self.interaction_std >= 0, "interaction_std", ">= 0")
-        need(-1 <= self.shift_corr <= 1, "shift_corr", "in [-1, 1]")
-        need(-1 <= self.source_shift_corr <= 1, "source_shift_corr", "in [-1, 1]")
-        need(is_int(self.days) and self.days >= 1, "days", "an integer >= 1")
-        need(self.format in ("csv", "parquet"), "format", "'csv' or 'parquet'")
-        need(0 < self.target_valid < 1, "target_valid", "in (0, 1)")
-        need(0 < self.target_test < 1 and self.target_valid + self.target_test < 1, "target_test",
-             "in (0, 1) with target_valid + target_test < 1")
-        need(0 < self.source_valid < 1, "source_valid", "in (0, 1)")
-        need(is_int(self.min_count) and self.min_count >= 1, "min_count", "an integer >= 1")
-        need(is_int(self.num_buckets) and self.num_buckets >= 2, "num_buckets", "an integer >= 2")
-        names = [f.name for f in self.fields]
-        need(len(names) == len(set(names)) and not {"ts", "domain", "click"} & set(names), "fields",
-             "fields with distinct names other than ts / domain / click")
-        for f in self.fields:
-            f.check()
-
 
 # ---------------------------------------------------------------------------- ground truth
 @dataclass
@@ -345,7 +167,8 @@ def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np
 
         frame, truth, p = build_synthetic(SyntheticConfig(n_source_rows=1000, n_target_rows=100))
     """
-    cfg.check()
+    # A config built in code (not from YAML) is checked here, as from_dict checks YAML.
+    cfg = SyntheticConfig.from_dict(cfg.to_dict())
     param_seq, row_seq = np.random.SeedSequence(cfg.seed).spawn(2)
     truth = _ground_truth(cfg, np.random.Generator(np.random.PCG64(param_seq)))
     rng = np.random.Generator(np.random.PCG64(row_seq))

@@ -43,24 +43,18 @@ import copy
 import torch
 from torch import nn
 
+from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
+from ..modules import GatedEmbedding
+from ..ops import gumbel_gates
 from .base import BaseCTRModel, build_base_model
-from .config import AutoFTConfig, ModelConfig
+from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
 from .policy import PolicyNetwork
 
-STRATEGIES = ("target_only", "source_only", "finetune_all", "freeze_embedding", "freeze_dnn",
-              "l2sp", "autoft_layer", "autoft_field", "autoft")
-FIELD_GATED = ("autoft_field", "autoft")
-LAYER_GATED = ("autoft_layer", "autoft")
+__all__ = ["FIELD_GATED", "LAYER_GATED", "STRATEGIES", "TransferModel", "build_transfer_model"]
 
 # A logit margin no Gumbel sample can overturn (a logistic sample from a 31-bit uniform is
 # at most ~21.5 in size), used by force_gates.
 _FORCE_MARGIN = 1.0e4
-
-# Architecture keys a pre-trained model and the model: section must agree on.
-# Dropout too: the copies keep the pre-trained model's modules, so a different value in the
-# config would otherwise be silently ignored.
-_ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm", "dropout",
-              "cross_layers", "structure")
 
 
 def _copy(pretrained: BaseCTRModel) -> BaseCTRModel:
@@ -107,31 +101,34 @@ class TransferModel(nn.Module):
         self.policy: PolicyNetwork | None = None
         self._fixed: list[str] = []  # submodules kept in eval mode (frozen functions)
 
-        if strategy == "target_only":
+        row = STRATEGY_TABLE[strategy]
+        self.strategy_row = row
+        embeddings = row.part("embeddings", cfg.ungated)
+        stack = row.part("stack", cfg.ungated)
+        if row.fresh:
             self.net = build_base_model(feature_map, model_cfg)
         else:
             self.net = _copy(pretrained)
             for p in self.net.parameters():
                 p.requires_grad_(True)
         net = self.net
-        self.field_gate_names = list(net.field_names) if strategy in FIELD_GATED else []
-        self.layer_gate_names = list(net.layer_names) if strategy in LAYER_GATED else []
+        self.field_gate_names = list(net.field_names) if embeddings == "gated" else []
+        self.layer_gate_names = list(net.layer_names) if stack == "gated" else []
 
-        if strategy == "source_only":
+        if embeddings == "frozen" and stack == "frozen":
             _freeze(net)
             self._fixed.append("net")
-        elif strategy == "freeze_embedding":
+        elif embeddings == "frozen":
             self._freeze_embeddings()
-        elif strategy == "freeze_dnn":
+        elif stack == "frozen":
             self._freeze_stack()
-        elif strategy in ("l2sp", "autoft_layer", "autoft"):
+        if row.l2sp or stack == "gated":
+            # The layer gates' frozen path, or the L2-SP penalty's anchor.
             self.frozen_net = _copy(pretrained)
             _freeze(self.frozen_net)
             self._fixed.append("frozen_net")
 
-        if strategy in FIELD_GATED:
-            from .. import GatedEmbedding  # the op API; imported here so base models need no kernels
-
+        if embeddings == "gated":
             self.field_embedding = GatedEmbedding.from_pretrained(
                 pretrained.embedding.weight, sparse=cfg.sparse, backend=cfg.backend)
             if pretrained.linear is not None:
@@ -143,20 +140,16 @@ class TransferModel(nn.Module):
             if self.frozen_net is not None:
                 self.frozen_net.embedding = None
                 self.frozen_net.linear = None
-            if strategy == "autoft_field" and cfg.ungated == "freeze":
-                self._freeze_stack()
-        if strategy == "autoft_layer":
+        elif self.frozen_net is not None and stack == "gated":
             # The policy reads the frozen embeddings; the frozen first-order table is unused.
             self.frozen_net.linear = None
-            if cfg.ungated == "freeze":
-                self._freeze_embeddings()
 
         num_gates = len(self.field_gate_names) + len(self.layer_gate_names)
         if num_gates:
             self.policy = PolicyNetwork(net.flat_dim, cfg.policy_hidden_units, num_gates)
             self.policy.to(next(net.parameters()).device)
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
-            if strategy == "l2sp" else []
+            if row.l2sp else []
         self._last_tuned_fraction: torch.Tensor | None = None
         self.last_gates: dict[str, torch.Tensor | None] = {"field": None, "layer": None}
         self.reset_policy_stats()
@@ -271,8 +264,6 @@ class TransferModel(nn.Module):
         nm = len(net.multihot_fields) if self.field_embedding is not None else 0
         other = None
         if logits.shape[1] > ns:
-            from .. import gumbel_gates
-
             other = gumbel_gates(logits[:, ns:], tau=self._tau, hard=cfg.hard, noise=noise)
         gates = []
 
@@ -298,13 +289,17 @@ class TransferModel(nn.Module):
         self._record(torch.cat(gates, dim=1) if len(gates) > 1 else gates[0])
         return out
 
+    def _frozen_input(self, batch) -> torch.Tensor:
+        # policy_input "frozen": the instance's pre-trained field vectors and dense values.
+        if self.field_embedding is not None:
+            frozen = self.net.field_vectors(batch, self.field_embedding.frozen_weight)
+        else:
+            frozen = self.frozen_net.field_vectors(batch, self.frozen_net.embedding.weight)
+        return self.net.flat_input(frozen, batch.dense)
+
     def _policy_logits(self, batch) -> torch.Tensor:
-        with torch.no_grad():
-            if self.field_embedding is not None:
-                frozen = self.net.field_vectors(batch, self.field_embedding.frozen_weight)
-            else:
-                frozen = self.frozen_net.field_vectors(batch, self.frozen_net.embedding.weight)
-            x = self.net.flat_input(frozen, batch.dense)
+        with torch.no_grad():  # detached: the policy's input does not move with the tuned copy
+            x = _POLICY_INPUTS[self.autoft_config.policy_input](self, batch)
         if self._forced is None:
             return self.policy(x)
         sign = 1.0 if self._forced == "tuned" else -1.0
@@ -369,6 +364,10 @@ class TransferModel(nn.Module):
         return f"strategy={self.strategy!r}, tau={self._tau}"
 
 
+# What the policy network reads, by autoft.policy_input (AutoFTConfig declares the choices).
+_POLICY_INPUTS = {"frozen": TransferModel._frozen_input}
+
+
 def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy: str) -> None:
     if pretrained is None:
         raise ValueError(f"strategy = {strategy!r} needs a pre-trained model, got pretrained = None")
@@ -383,7 +382,7 @@ def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy:
         raise ValueError(f"pretrained was built for fields {pretrained.field_names} (dense "
                          f"{pretrained.dense_fields}), feature_map has {names} (dense "
                          f"{list(feature_map.dense_fields or [])})")
-    diff = {k: (getattr(pretrained.config, k), getattr(model_cfg, k)) for k in _ARCH_KEYS
+    diff = {k: (getattr(pretrained.config, k), getattr(model_cfg, k)) for k in ARCH_KEYS
             if getattr(pretrained.config, k) != getattr(model_cfg, k)}
     if diff:
         raise ValueError("pretrained model and model config disagree on "
@@ -412,9 +411,9 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
         raise ValueError(f"strategy = {strategy!r} is not one of {list(STRATEGIES)}")
     mcfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
     acfg = autoft_cfg if isinstance(autoft_cfg, AutoFTConfig) else AutoFTConfig.from_dict(autoft_cfg)
-    if strategy != "target_only":
+    if STRATEGY_TABLE[strategy].needs_pretrained:
         _check_pretrained(pretrained, feature_map, mcfg, strategy)
-        if strategy in FIELD_GATED and not pretrained.field_names:
+        if STRATEGY_TABLE[strategy].field_policy and not pretrained.field_names:
             raise ValueError(f"strategy = {strategy!r} gates embedding fields, but the feature "
                              f"map has none (only dense fields {pretrained.dense_fields})")
     return TransferModel(strategy, pretrained, feature_map, mcfg, acfg)

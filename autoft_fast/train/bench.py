@@ -8,6 +8,13 @@ import time
 
 import torch
 
+from ..config import load_config
+from ..models import build_base_model, build_transfer_model
+from .checkpoint import seed_everything
+from .progress import setup_logging
+from .runner import load_data, pretrain
+from .trainer import Trainer
+
 __all__ = ["main", "measure"]
 
 
@@ -15,18 +22,14 @@ def measure(cfg, bundle, state: dict, strategy: str, backend: str, seed: int = 0
             epochs: int = 1) -> float:
     """Samples/s of `epochs` training epochs of `strategy` on target_train with `backend`
     (evaluation excluded), from the pre-trained `state`."""
-    from ..models import build_base_model, build_transfer_model
-    from .trainer import Trainer, TrainConfig
-    torch.manual_seed(seed)
+    seed_everything(seed)
     pre = build_base_model(bundle.feature_map, cfg.model)
     pre.load_state_dict(state)
     model = build_transfer_model(strategy, pre, bundle.feature_map, cfg.model,
-                                 dict(cfg.autoft, backend=backend))
-    tcfg = TrainConfig.from_dict(dict(cfg.finetune.to_dict(), epochs=epochs,
-                                      patience=epochs + 1), "finetune")
-    fit = Trainer(model, tcfg, seed=seed, progress=False, device=cfg.torch_device(),
-                  policy_lr=cfg.autoft.get("policy_lr"),
-                  policy_weight_decay=cfg.autoft.get("policy_weight_decay")).fit(
+                                 cfg.autoft.with_backend(backend))
+    fit = Trainer(model, cfg.finetune.with_epochs(epochs), seed=seed, progress=False,
+                  device=cfg.torch_device(), policy_lr=cfg.autoft.policy_lr,
+                  policy_weight_decay=cfg.autoft.policy_weight_decay).fit(
         bundle.splits["target_train"], bundle.splits["target_valid"])
     return fit.samples_per_s
 
@@ -37,9 +40,6 @@ def main(argv=None) -> int:
     Example:
         autoft-fast bench train --backends reference cpu --reps 3
     """
-    from ..config import load_config
-    from .progress import setup_logging
-    from .runner import load_data, pretrain
     p = argparse.ArgumentParser(prog="autoft-fast bench train", description=main.__doc__)
     p.add_argument("--config", "-c", help="experiment YAML (default: the embedded demo)")
     p.add_argument("--strategy", default="autoft")

@@ -11,7 +11,25 @@ import torch
 
 from .._io import save_atomic  # noqa: F401  (re-exported: checkpoints are written with it)
 
-__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+           "seed_everything"]
+
+
+def seed_everything(seed: int, shuffler: torch.Generator | None = None) -> None:
+    """Seed torch, numpy and Python's `random` (and `shuffler`, a batch-order generator)
+    with `seed`: the one seeding step of a fresh training run and of the runner.
+
+    Example:
+        >>> seed_everything(0); a = torch.rand(1); seed_everything(0)
+        >>> bool(torch.equal(a, torch.rand(1)))
+        True
+    """
+    seed = int(seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if shuffler is not None:
+        shuffler.manual_seed(seed)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

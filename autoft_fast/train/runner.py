@@ -6,22 +6,26 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
-from .checkpoint import load_checkpoint, save_atomic
+from .._io import write_text_atomic
+from ..config import ConfigError, DataConfig, config_hash, read_data_yaml
+from ..config.strategies import STRATEGY_TABLE
+from ..config.sections import tau_at
+from ..data import generate_synthetic, prepare_data
+from ..models import build_base_model, build_transfer_model
+from .checkpoint import load_checkpoint, save_atomic, seed_everything
 from .progress import LOGGER_NAME
 from .report import (aggregate, markdown_table, plot_auc, plot_policy, policy_table,
                      write_policy_csv, write_results_csv, write_runs_csv)
 from .trainer import Trainer, evaluate
 
 __all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "run_strategy", "compare",
-           "write_outputs"]
+           "write_outputs", "write_json"]
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -53,14 +57,15 @@ def _json_default(o):
     return str(o)
 
 
-def _write_json(obj, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+def write_json(obj, path: Path) -> Path:
+    """Write `obj` as indented JSON atomically (autoft_fast._io); Paths and tensors are
+    written as strings and lists.
+
+    Example:
+        >>> write_json({"auc": 0.71}, run_dir / "result.json")   # doctest: +SKIP
+    """
+    return write_text_atomic(json.dumps(obj, indent=2, default=_json_default, allow_nan=True),
+                             path)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -74,14 +79,12 @@ def generate_data(cfg, out_dir: Path | None = None) -> Path:
         >>> generate_data(load_config(None), Path("data/demo"))
         PosixPath('data/demo/dataset.yaml')
     """
-    from ..data import generate_synthetic
-    from ..config import ConfigError, config_hash
-    scfg = cfg.synthetic_config()
+    scfg = cfg.synthetic
     if scfg is None:
         raise ConfigError("the config has no synthetic: section to generate data from")
     cached = out_dir is None
     if cached:
-        out_dir = Path(cfg.cache_dir) / f"synthetic-{config_hash(cfg.synthetic)}"
+        out_dir = Path(cfg.cache_dir) / f"synthetic-{config_hash(scfg.to_dict())}"
         marker = out_dir / "generated.json"
         if marker.is_file():
             path = Path(json.loads(marker.read_text())["dataset_yaml"])
@@ -94,16 +97,8 @@ def generate_data(cfg, out_dir: Path | None = None) -> Path:
     path = Path(generate_synthetic(scfg, out_dir))
     log.info("synthetic data: generated into %s in %.1f s", out_dir, time.perf_counter() - t0)
     if cached:
-        _write_json({"dataset_yaml": str(path.resolve())}, out_dir / "generated.json")
+        write_json({"dataset_yaml": str(path.resolve())}, out_dir / "generated.json")
     return path
-
-
-def _dataset_yaml_section(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        d = yaml.safe_load(f)
-    if isinstance(d, dict) and set(d) == {"data"}:
-        d = d["data"]
-    return d
 
 
 def load_data(cfg):
@@ -115,12 +110,11 @@ def load_data(cfg):
         >>> len(bundle.splits["target_train"])
         18000
     """
-    from ..data import DataConfig, prepare_data
     if cfg.data is not None:
-        data_cfg = cfg.data_config()
+        data_cfg = cfg.data
     else:
         path = generate_data(cfg)
-        data_cfg = DataConfig.from_dict(_dataset_yaml_section(path), path.parent)
+        data_cfg = DataConfig.from_dict(read_data_yaml(path), path.parent)
         truth = path.parent / "ground_truth.json"
         if truth.is_file():  # the ceiling any model can reach: helps read the table
             doms = json.loads(truth.read_text()).get("domains", {})
@@ -148,15 +142,6 @@ def _data_fingerprint(bundle) -> str:
     return h.hexdigest()[:16]
 
 
-def _seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def _domain_names(bundle):
     return list(bundle.feature_map.domain_values)
 
@@ -173,22 +158,19 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
         >>> state, info = pretrain(cfg, bundle)
         >>> info["valid_auc"], info["path"]
     """
-    from ..config import config_hash
-    from ..models import build_base_model
-    from ..models.config import ModelConfig
-    model_cfg = ModelConfig.from_dict(cfg.model).to_dict()
+    model_cfg = cfg.model.to_dict()
     key = config_hash({"data": _data_fingerprint(bundle), "model": model_cfg,
-                       "pretrain": cfg.pretrain.to_dict(), "seed": cfg.pretrain_seed})
+                       "pretrain": cfg.pretrain.to_dict()})
     out_dir = Path(cfg.cache_dir) / "pretrained"
     path = out_dir / f"{model_cfg['name']}-{key}.pt"
     if path.is_file() and not force:
         ck = load_checkpoint(path)
         log.info("pretrain: reusing %s (source valid AUC %.4f)", path, ck["info"]["valid_auc"])
         return ck["model"], dict(ck["info"], path=str(path), reused=True)
-    _seed_all(cfg.pretrain_seed)
+    seed_everything(cfg.pretrain.seed)
     model = build_base_model(bundle.feature_map, cfg.model)
     trainer = Trainer(model, cfg.pretrain, checkpoint_path=out_dir / f"{path.stem}-last.pt",
-                      seed=cfg.pretrain_seed, domain_names=_domain_names(bundle),
+                      seed=cfg.pretrain.seed, domain_names=_domain_names(bundle),
                       desc="pretrain", progress=progress, device=cfg.torch_device())
     t0 = time.perf_counter()
     fit = trainer.fit(bundle.splits["source_train"], bundle.splits["source_valid"],
@@ -214,8 +196,7 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
 # -- one strategy ----------------------------------------------------------------------------
 
 def _tau_schedule(cfg):
-    from ..models.config import AutoFTConfig, tau_at
-    acfg = AutoFTConfig.from_dict(cfg.autoft)
+    acfg = cfg.autoft
     epochs = cfg.finetune.epochs
     # progress runs 0 -> 1 over the configured epochs, so an early-stopped run has seen the
     # same temperatures as the first epochs of a full one.
@@ -236,7 +217,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
         >>> rec = run_strategy(cfg, bundle, state, "autoft", 0, Path("runs/x/autoft-seed0"))
         >>> rec["auc"], rec["policy_stats"]["field"]
     """
-    from ..models import build_base_model, build_transfer_model
+    row = STRATEGY_TABLE[strategy]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / "result.json"
@@ -245,9 +226,9 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
         log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
         return rec
     t0 = time.perf_counter()
-    _seed_all(seed)
+    seed_everything(seed)
     pretrained = None
-    if strategy != "target_only":
+    if row.needs_pretrained:
         if pretrained_state is None:
             raise ValueError(f"strategy {strategy!r} needs a pre-trained model")
         pretrained = build_base_model(bundle.feature_map, cfg.model)
@@ -258,11 +239,11 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     domains = _domain_names(bundle)
     rec = {"strategy": strategy, "seed": seed, "best_epoch": None, "epochs_run": 0,
            "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": []}
-    if strategy != "source_only":
+    if row.trains:
         trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last.pt", seed=seed,
                           tau_schedule=_tau_schedule(cfg),
-                          policy_lr=cfg.autoft.get("policy_lr"),
-                          policy_weight_decay=cfg.autoft.get("policy_weight_decay"),
+                          policy_lr=cfg.autoft.policy_lr,
+                          policy_weight_decay=cfg.autoft.policy_weight_decay,
                           domain_names=domains, desc=f"{strategy} seed {seed}",
                           progress=progress, device=device)
         fit = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
@@ -279,7 +260,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                policy_stats=stats, wall_seconds=time.perf_counter() - t0)
     if keep_model:
         save_atomic(model.state_dict(), out_dir / "model.pt")
-    _write_json(rec, result_path)
+    write_json(rec, result_path)
     (out_dir / "last.pt").unlink(missing_ok=True)
     log.info("[seed %d] %-16s AUC %.4f  LogLoss %.4f  %s samples/s  %.1f s", seed, strategy,
              rec["auc"], rec["logloss"],
@@ -324,9 +305,9 @@ def compare(cfg, run_dir: Path, *, resume: bool = False,
     t0 = time.perf_counter()
     bundle = load_data(cfg)
     state = None
-    if any(s != "target_only" for s in cfg.strategies):
+    if any(STRATEGY_TABLE[s].needs_pretrained for s in cfg.strategies):
         state, info = pretrain(cfg, bundle, progress=progress)
-        _write_json(info, run_dir / "pretrain.json")
+        write_json(info, run_dir / "pretrain.json")
     runs = []
     for seed in cfg.seeds:
         for strategy in cfg.strategies:

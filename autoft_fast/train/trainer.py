@@ -5,97 +5,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from ..config.sections import TrainConfig
+from .checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_atomic,
+                         seed_everything)
 from .metrics import compute_metrics, is_better
 from .progress import LOGGER_NAME, ProgressBar
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "predict", "evaluate", "TrainingInterrupted"]
 
-_OPTIMIZERS = ("adam", "adamw")
-_MONITORS = ("auc", "logloss")
-
 
 class TrainingInterrupted(RuntimeError):
     """Raised by a test hook to simulate a kill right after an epoch checkpoint."""
-
-
-def _check_number(section: str, key: str, value, *, minimum=None, integer=False,
-                  allow_none=False, strict_min=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{section}.{key} must be a number, got {value!r}")
-    if integer and (not isinstance(value, int) and not float(value).is_integer()):
-        raise ValueError(f"{section}.{key} must be an integer, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{section}.{key} must be finite, got {value!r}")
-    if minimum is not None and (value <= minimum if strict_min else value < minimum):
-        rel = ">" if strict_min else ">="
-        raise ValueError(f"{section}.{key} must be {rel} {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one training stage (the `pretrain:` or `finetune:` section).
-
-    Defaults and why:
-      optimizer 'adam', lr 1e-3: the usual CTR setting (FuxiCTR's defaults);
-      weight_decay 0: embedding tables are sparse-updated and decay would shrink unseen rows;
-      batch_size 1024, eval_batch_size 8192: large batches keep the CPU kernels busy;
-      epochs 5, patience 2 on validation 'auc' (or 'logloss'): small targets over-fit fast;
-      min_delta 0: any improvement counts.
-
-    Example:
-        >>> TrainConfig.from_dict({"lr": 0.002, "epochs": 3}, "finetune").epochs
-        3
-    """
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 1024
-    eval_batch_size: int = 8192
-    epochs: int = 5
-    patience: int = 2
-    monitor: str = "auc"
-    min_delta: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: dict | None, section: str = "train") -> "TrainConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in known:
-                raise ValueError(f"unknown key {section}.{k!r}; known keys: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate(section)
-        return cfg
-
-    def validate(self, section: str = "train") -> None:
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{section}.optimizer must be one of {_OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if self.monitor not in _MONITORS:
-            raise ValueError(f"{section}.monitor must be one of {_MONITORS}, got {self.monitor!r}")
-        self.lr = _check_number(section, "lr", self.lr, minimum=0, strict_min=True)
-        self.weight_decay = _check_number(section, "weight_decay", self.weight_decay, minimum=0)
-        self.batch_size = _check_number(section, "batch_size", self.batch_size, minimum=1,
-                                        integer=True)
-        self.eval_batch_size = _check_number(section, "eval_batch_size", self.eval_batch_size,
-                                             minimum=1, integer=True)
-        self.epochs = _check_number(section, "epochs", self.epochs, minimum=0, integer=True)
-        self.patience = _check_number(section, "patience", self.patience, minimum=1, integer=True)
-        self.min_delta = _check_number(section, "min_delta", self.min_delta, minimum=0)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -306,13 +233,7 @@ class Trainer:
             self.log.info("%s: resumed from %s after epoch %d", self.desc,
                           self.checkpoint_path, start_epoch)
         else:
-            torch.manual_seed(self.seed)
-            import random
-
-            import numpy as np
-            random.seed(self.seed)
-            np.random.seed(self.seed % 2**32)
-            self.shuffler.manual_seed(self.seed)
+            seed_everything(self.seed, self.shuffler)
 
         epoch = start_epoch
         while not finished and epoch < cfg.epochs:

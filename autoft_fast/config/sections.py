@@ -1,0 +1,247 @@
+"""The ``model:``, ``autoft:``, ``pretrain:`` and ``finetune:`` sections, declared once.
+
+Each key is one :func:`~autoft_fast.config.schema.setting` line (type, default, constraint,
+doc); :meth:`from_dict` checks a YAML mapping against it and fills in the defaults.
+
+Example:
+    >>> AutoFTConfig.from_dict({"tau": 2}).tau
+    2.0
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..ops.functional import BACKENDS as OP_BACKENDS
+from .schema import ConfigError, parse_section, section_to_dict, setting
+
+__all__ = ["ModelConfig", "AutoFTConfig", "TrainConfig", "PretrainConfig", "tau_at",
+           "MODEL_NAMES", "BACKEND_CHOICES", "ARCH_KEYS"]
+
+MODEL_NAMES = ("dnn", "deepfm", "dcnv2")
+# The op's backends (autoft_fast.ops) plus "auto", which picks the fastest available one.
+BACKEND_CHOICES = ("auto", *OP_BACKENDS)
+
+# The keys of model: that define the architecture: a pre-trained model and the config must
+# agree on them. Dropout too: the copies keep the pre-trained model's modules, so a
+# different value in the config would otherwise be silently ignored.
+ARCH_KEYS = ("name", "embedding_dim", "hidden_units", "activation", "batch_norm", "dropout",
+             "cross_layers", "structure")
+
+
+def _lower(value, where, ctx):
+    return value.lower() if isinstance(value, str) else value
+
+
+class _Section:
+    """Shared ``from_dict`` / ``to_dict`` of the sections in this module."""
+
+    SECTION = "section"
+
+    @classmethod
+    def from_dict(cls, d: dict | None, section: str | None = None):
+        """Check a YAML mapping and fill in defaults; ConfigError (a ValueError) names the key.
+
+        Example:
+            >>> ModelConfig.from_dict({"name": "dcnv2"}).cross_layers
+            2
+        """
+        return parse_section(cls, d, section or cls.SECTION)
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML-safe); ``cls.from_dict(c.to_dict()) == c``."""
+        return section_to_dict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The base CTR model (``model:`` section). Defaults are small, FuxiCTR-like choices.
+
+    Example::
+
+        >>> ModelConfig.from_dict({"name": "dcnv2", "cross_layers": 3}).hidden_units
+        [64, 32]
+    """
+
+    SECTION = "model"
+
+    name: str = setting("dnn", choices=MODEL_NAMES, before=_lower, doc=(
+        "dnn (embeddings + MLP), deepfm (first-order + FM + MLP over shared embeddings) or "
+        "dcnv2 (cross network v2 + MLP)"))
+    embedding_dim: int = setting(16, minimum=1, doc=(
+        "one width for every field; the AutoFT papers' CTR setting"))
+    hidden_units: list[int] = setting([64, 32], minimum=1, doc=(
+        "the MLP widths; small enough that the demo runs in minutes on two cores. [] means no "
+        "MLP (DCN-v2 is then cross network + output layer; DNN and DeepFM only the output "
+        "layer on top of the embeddings)"))
+    activation: str = setting("relu", choices=("relu", "gelu", "tanh", "sigmoid", "leaky_relu"),
+                              doc="the MLP activation (FuxiCTR's default)")
+    dropout: float = setting(0.0, minimum=0.0, maximum=1.0, max_open=True, doc=(
+        "MLP dropout; off by default so a frozen layer and its tuned copy compute the same "
+        "function at initialisation whatever the mode"))
+    batch_norm: bool = setting(False, doc="batch norm in the MLP blocks (off, as dropout)")
+    cross_layers: int = setting(2, minimum=0, doc=(
+        "DCN-v2 cross layers (full-rank, x0 * (W x + b) + x)"))
+    structure: str = setting("parallel", choices=("parallel", "stacked"), doc=(
+        "DCN-v2 combination: parallel runs the cross network and the MLP side by side on the "
+        "embeddings (DCN-v2's default), stacked feeds the cross network into the MLP"))
+    embedding_init_std: float = setting(1e-4, minimum=0.0, doc=(
+        "normal init std of embedding rows, FuxiCTR's default"))
+
+    def check(self, section: str) -> None:
+        if self.name == "dcnv2" and self.cross_layers == 0 and not self.hidden_units:
+            raise ConfigError(f"{section}: dcnv2 needs cross_layers > 0 or a non-empty "
+                              "hidden_units")
+
+
+@dataclass(frozen=True)
+class AutoFTConfig(_Section):
+    """Transfer settings (``autoft:`` section): the AutoFT policy and the L2-SP baseline.
+
+    With hard gates the forward choice is tuned with probability sigmoid(logit1 - logit0)
+    whatever ``tau``: the temperature only shapes the straight-through gradient.
+
+    Example::
+
+        >>> AutoFTConfig.from_dict({"anneal": "exp", "tau_min": 1.0}).tau_at(1.0)
+        1.0
+    """
+
+    SECTION = "autoft"
+
+    backend: str = setting("auto", choices=BACKEND_CHOICES, doc=(
+        "the gated-embedding backend of the field gates; auto = the fastest available for "
+        "the device (the run directory's config.yaml records the one used)"))
+    sparse: bool = setting(False, doc=(
+        "sparse (COO) gradients for the tuned embedding table (the trainer then uses "
+        "SparseAdam for it)"))
+    tau: float = setting(5.0, minimum=0.0, min_open=True, doc=(
+        "Gumbel-softmax temperature; SpotTune's released code uses a fixed 5. A high "
+        "temperature keeps the straight-through gradient y0 * y1 / tau alive for confident "
+        "gates, so the policy can still change its mind late in training"))
+    tau_min: float = setting(0.5, minimum=0.0, min_open=True,
+                             doc="the temperature an annealed schedule ends at")
+    anneal: str = setting("none", choices=("none", "exp", "linear"), doc=(
+        "temperature schedule over training: exp: tau * (tau_min / tau) ** p, linear: "
+        "tau + (tau_min - tau) * p, p in [0, 1] the training progress (see tau_at)"))
+    hard: bool = setting(True, doc=(
+        "one-hot gates in the forward pass (straight-through backward), so each instance "
+        "really uses one path, as at inference"))
+    eval_gates: str = setting("argmax", choices=("argmax", "sample"), doc=(
+        "argmax: deterministic gates at evaluation; sample: drawn as in training (what "
+        "SpotTune's test code does)"))
+    tuned_penalty: float = setting(0.0, minimum=0.0, doc=(
+        "weight of the mean fraction of tuned choices added to the loss (SpotTune's "
+        "global-policy idea); 0 leaves the policy free"))
+    policy_hidden_units: list[int] = setting([64], minimum=1, doc=(
+        "the policy MLP over the instance's frozen embeddings"))
+    policy_input: str = setting("frozen", choices=("frozen",), doc=(
+        "what the policy sees: frozen = the instance's frozen (pre-trained) embeddings and "
+        "dense values, detached, so the policy's input does not move while the tuned copy "
+        "trains"))
+    ungated: str = setting("tune", choices=("tune", "freeze"), doc=(
+        "the part a single-policy strategy does not gate (embeddings in autoft_layer, "
+        "layers in autoft_field): tune fine-tunes it (SpotTune's choice), freeze keeps it "
+        "at the pre-trained values"))
+    l2sp_alpha: float = setting(0.01, minimum=0.0, doc=(
+        "the l2sp strategy's penalty alpha / 2 * ||w - w_src||^2 over every trained "
+        "parameter; 0.01 is the L2-SP paper's usual setting"))
+    policy_lr: float | None = setting(None, minimum=0.0, doc=(
+        "learning rate of the policy's own optimizer (None: finetune.lr)"))
+    policy_weight_decay: float | None = setting(None, minimum=0.0, doc=(
+        "weight decay of the policy's optimizer (None: finetune.weight_decay)"))
+
+    def tau_at(self, progress: float) -> float:
+        """The temperature at training progress ``progress`` in [0, 1] (0 = start, 1 = end).
+
+        Example::
+
+            >>> AutoFTConfig(tau=4.0, tau_min=1.0, anneal="linear").tau_at(0.5)
+            2.5
+        """
+        return tau_at(self, progress)
+
+    def with_backend(self, backend: str) -> "AutoFTConfig":
+        """A copy with another (checked) backend.
+
+        Example:
+            >>> AutoFTConfig().with_backend("reference").backend
+            'reference'
+        """
+        return AutoFTConfig.from_dict(dict(self.to_dict(), backend=backend))
+
+
+def tau_at(cfg: AutoFTConfig | dict, progress: float) -> float:
+    """Temperature of the ``autoft`` schedule at ``progress`` in [0, 1] (clamped).
+
+    The trainer calls ``model.set_tau(tau_at(cfg, p))`` with p = epoch / (epochs - 1).
+    Example::
+
+        >>> tau_at({"tau": 5.0}, 0.7)
+        5.0
+        >>> round(tau_at({"tau": 4.0, "tau_min": 1.0, "anneal": "exp"}, 0.5), 6)
+        2.0
+    """
+    if not isinstance(cfg, AutoFTConfig):
+        cfg = AutoFTConfig.from_dict(cfg)
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) \
+            or progress != progress:
+        raise ConfigError(f"tau_at: progress must be a number, got {progress!r}")
+    p = min(max(float(progress), 0.0), 1.0)
+    if cfg.anneal == "exp":
+        return cfg.tau * (cfg.tau_min / cfg.tau) ** p
+    if cfg.anneal == "linear":
+        return cfg.tau + (cfg.tau_min - cfg.tau) * p
+    return cfg.tau
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Optimisation settings of one training stage (the ``finetune:`` section; ``pretrain:``
+    is a :class:`PretrainConfig`).
+
+    Example:
+        >>> TrainConfig.from_dict({"lr": 0.002, "epochs": 3}, "finetune").epochs
+        3
+    """
+
+    SECTION = "train"
+
+    optimizer: str = setting("adam", choices=("adam", "adamw"),
+                             doc="Adam or AdamW (FuxiCTR's usual CTR setting)")
+    lr: float = setting(1e-3, minimum=0.0, min_open=True, doc="learning rate of the model")
+    weight_decay: float = setting(0.0, minimum=0.0, doc=(
+        "0: embedding tables are sparse-updated and decay would shrink unseen rows"))
+    batch_size: int = setting(1024, minimum=1, doc="large batches keep the CPU kernels busy")
+    eval_batch_size: int = setting(8192, minimum=1, doc="batch size of evaluation")
+    epochs: int = setting(5, minimum=0, doc="at most this many epochs; small targets over-fit fast")
+    patience: int = setting(2, minimum=1, doc=(
+        "stop after this many epochs without improvement of the monitored metric"))
+    monitor: str = setting("auc", choices=("auc", "logloss"),
+                           doc="the validation metric early stopping watches")
+    min_delta: float = setting(0.0, minimum=0.0, doc="the smallest change that counts as better")
+
+    def with_epochs(self, epochs: int) -> "TrainConfig":
+        """A copy that runs exactly ``epochs`` epochs (patience beyond them).
+
+        Example:
+            >>> TrainConfig().with_epochs(1).patience
+            2
+        """
+        return replace(self, epochs=int(epochs), patience=max(self.patience, int(epochs) + 1))
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """The ``pretrain:`` section: a TrainConfig with fewer epochs by default (the source
+    set is large) and the pre-training seed.
+
+    Example:
+        >>> PretrainConfig.from_dict({"seed": 3}).epochs
+        2
+    """
+
+    SECTION = "pretrain"
+
+    epochs: int = setting(2, minimum=0, doc="the source set is large: few epochs suffice")
+    patience: int = setting(1, minimum=1, doc="stop after this many epochs without improvement")
+    seed: int = setting(0, minimum=0, doc="seed of the pre-training (model init and shuffling)")

@@ -1,0 +1,130 @@
+"""The configuration layer: one validation helper for every section, typed objects parsed
+once, the effective config written to the run directory, the strategy table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoft_fast.config import (STRATEGY_TABLE, AutoFTConfig, ConfigError, DataConfig, DataError,
+                                ExperimentConfig, ModelConfig, PretrainConfig, SyntheticConfig,
+                                TrainConfig, parse_config, parse_section, setting)
+
+TINY = {"n_source_rows": 400, "n_target_rows": 200}
+
+
+@pytest.mark.parametrize("bad", ["5", True, float("nan"), float("inf"), None, [5]])
+def test_tau_must_be_a_real_number(bad):
+    with pytest.raises(ConfigError, match=r"autoft\.tau must be a finite number, got "):
+        AutoFTConfig.from_dict({"tau": bad})
+
+
+@pytest.mark.parametrize("cls, key, bad, needle", [
+    (AutoFTConfig, "hard", "False", "autoft.hard must be true or false, got 'False'"),
+    (TrainConfig, "epochs", 2.5, "train.epochs must be an integer, got 2.5"),
+    (TrainConfig, "lr", -1, "train.lr must be > 0, got -1"),
+    (ModelConfig, "dropout", 1.0, "model.dropout must be >= 0 and < 1, got 1.0"),
+    (ModelConfig, "hidden_units", [8, 0], "model.hidden_units[1] must be >= 1, got 0"),
+    (AutoFTConfig, "anneal", "cos", "autoft.anneal must be one of ['none', 'exp', 'linear'], got 'cos'"),
+])
+def test_bad_values_name_section_key_and_value(cls, key, bad, needle):
+    with pytest.raises(ConfigError) as e:
+        cls.from_dict({key: bad})
+    assert needle in str(e.value)
+
+
+def test_unknown_keys_suggest_the_close_one_and_list_the_rest():
+    with pytest.raises(ConfigError) as e:
+        AutoFTConfig.from_dict({"tua": 1.0})
+    msg = str(e.value)
+    assert msg.startswith("unknown key 'tua' in autoft config; did you mean 'tau'? known keys: ")
+    assert "policy_input" in msg and "l2sp_alpha" in msg
+    with pytest.raises(ConfigError) as e:
+        parse_config({"synthetic": {}, "modle": {}})
+    assert "did you mean 'model'?" in str(e.value)
+    with pytest.raises(DataError, match="did you mean 'n_source_rows'"):
+        SyntheticConfig.from_dict({"n_sourec_rows": 5})
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"zzz": 1})
+    assert "did you mean" not in str(e.value)
+
+
+def test_a_new_key_is_one_declaration():
+    @dataclass(frozen=True)
+    class Section:
+        policy_objective: str = setting("train", choices=("train", "heldout"),
+                                        doc="what the policy steps on")
+        policy_holdout: float = setting(0.2, minimum=0.0, maximum=1.0, max_open=True,
+                                        doc="held-out share")
+
+    assert parse_section(Section, None, "autoft") == Section()
+    assert parse_section(Section, {"policy_objective": "heldout"}, "autoft").policy_objective == "heldout"
+    with pytest.raises(ConfigError, match=r"autoft\.policy_holdout must be >= 0 and < 1, got 1"):
+        parse_section(Section, {"policy_holdout": 1}, "autoft")
+    with pytest.raises(ConfigError, match="did you mean 'policy_holdout'"):
+        parse_section(Section, {"policy_holdot": 0.1}, "autoft")
+
+
+def test_experiment_holds_parsed_sections(tmp_path):
+    cfg = parse_config({"synthetic": TINY, "model": {"name": "DeepFM"},
+                        "pretrain": {"seed": 4}, "autoft": {"tau": 2, "policy_lr": 0.01},
+                        "run_dir": str(tmp_path)})
+    assert isinstance(cfg, ExperimentConfig)
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.name == "deepfm"
+    assert isinstance(cfg.autoft, AutoFTConfig) and cfg.autoft.policy_lr == 0.01
+    assert isinstance(cfg.pretrain, PretrainConfig) and cfg.pretrain.seed == 4
+    assert cfg.pretrain.epochs == 2 and cfg.finetune.epochs == 5  # the stages' own defaults
+    assert isinstance(cfg.synthetic, SyntheticConfig) and cfg.synthetic.n_target_rows == 200
+    assert cfg.data is None
+    # The effective config reads back to an equal config.
+    again = parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict())), cfg.base_dir, cfg.name)
+    assert again == cfg
+    over = cfg.with_overrides(backend="reference", seeds=3, run_dir=tmp_path / "other")
+    assert over.autoft.backend == "reference" and over.seeds == [0, 1, 2]
+    assert over.cache_dir == (tmp_path / "other" / "cache").resolve()
+    assert cfg.autoft.backend == "auto"  # the original is untouched
+    with pytest.raises(ConfigError, match="autoft.backend must be one of"):
+        cfg.with_overrides(backend="gpu")
+
+
+def test_data_path_is_parsed_once_at_load(tmp_path):
+    (tmp_path / "clicks.csv").write_text("click,u,d\n1,a,s\n")
+    (tmp_path / "dataset.yaml").write_text(yaml.safe_dump({"data": {
+        "files": ["clicks.csv"], "label": "click", "categorical": ["u"],
+        "domain": {"column": "d", "source": ["s"], "target": "t"}}}))
+    cfg = parse_config({"data": "dataset.yaml"}, tmp_path)
+    assert isinstance(cfg.data, DataConfig) and cfg.data.files == (tmp_path / "clicks.csv",)
+    with pytest.raises(DataError, match="does not exist"):
+        parse_config({"data": "missing.yaml"}, tmp_path)
+
+
+def test_run_directory_holds_the_effective_config(tmp_path, capsys):
+    import autoft_fast
+    from autoft_fast.cli import main
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({
+        "synthetic": {**TINY, "seed": 1}, "model": {"hidden_units": [8], "embedding_dim": 4},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1}, "strategies": ["finetune_all"],
+        "seeds": [0], "run_dir": str(tmp_path / "runs"), "device": "cpu"}))
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["autoft"]["backend"] == autoft_fast.available_backends("cpu")[0]
+    assert written["autoft"]["tau"] == 5.0 and written["finetune"]["patience"] == 2  # defaults
+    assert written["model"]["hidden_units"] == [8]
+    assert parse_config(written, tmp_path).autoft.backend == written["autoft"]["backend"]
+
+
+def test_strategy_table_rows():
+    t = STRATEGY_TABLE
+    assert t["target_only"].fresh and not t["target_only"].needs_pretrained
+    assert not t["source_only"].trains
+    assert t["freeze_dnn"].part("stack", "tune") == "frozen"
+    assert t["autoft_layer"].part("embeddings", "tune") == "tuned"
+    assert t["autoft_layer"].part("embeddings", "freeze") == "frozen"
+    assert t["autoft"].field_policy and t["autoft"].layer_policy
+    assert t["l2sp"].l2sp and not any(t[s].l2sp for s in t if s != "l2sp")
+    with pytest.raises(ValueError, match="embeddings = 'melted'"):
+        type(t["autoft"])("x", "melted", "tuned")
