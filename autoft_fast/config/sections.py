@@ -134,10 +134,35 @@ class AutoFTConfig(_Section):
         "global-policy idea); 0 leaves the policy free"))
     policy_hidden_units: list[int] = setting([64], minimum=1, doc=(
         "the policy MLP over the instance's frozen embeddings"))
-    policy_input: str = setting("frozen", choices=("frozen",), doc=(
+    policy_input: str = setting("frozen", choices=("frozen", "frozen+freq", "freq"), doc=(
         "what the policy sees: frozen = the instance's frozen (pre-trained) embeddings and "
         "dense values, detached, so the policy's input does not move while the tuned copy "
-        "trains"))
+        "trains; freq = per field, the log-frequency of the instance's value in the source "
+        "and in the target training rows (the signal the method's premise says decides reuse "
+        "against re-learning); frozen+freq = both"))
+    policy_objective: str = setting("train", choices=("train", "heldout"), doc=(
+        "what the policy's steps minimise: train = the training loss on the same batches as "
+        "the model (SpotTune's way; on those rows the tuned path is never worse, so it tends "
+        "to learn 'always tuned'); heldout = first-order bi-level training as DARTS (Liu et "
+        "al., 2019) trains its architecture weights: a seeded policy_holdout slice of the "
+        "target training rows is never used for model weights, and the policy steps on its "
+        "batches, alternating with the model's steps on the rest"))
+    policy_holdout: float = setting(0.2, minimum=0.0, maximum=1.0, min_open=True,
+                                    max_open=True, doc=(
+        "with policy_objective: heldout, the fraction of target training rows kept for the "
+        "policy's steps"))
+    policy_warmup: int = setting(0, minimum=0, doc=(
+        "epochs at the start in which the policy does not step: its last layer starts at "
+        "zero, so the gates are fair coins and both paths are trained before it chooses "
+        "(with policy_warmup_gates: tuned, every gate is forced tuned instead)"))
+    policy_warmup_gates: str = setting("random", choices=("random", "tuned"), doc=(
+        "the gates during the warm-up: random (50/50 Gumbel draws) or tuned (forced)"))
+    tuned_budget: float | None = setting(None, minimum=0.0, maximum=1.0, doc=(
+        "a target for the fraction of tuned choices (SpotTune's global-policy idea as a "
+        "budget): the loss gets tuned_budget_weight * max(0, fraction - tuned_budget); "
+        "None: no budget"))
+    tuned_budget_weight: float = setting(1.0, minimum=0.0, doc=(
+        "weight of the penalty on the tuned fraction above tuned_budget"))
     ungated: str = setting("tune", choices=("tune", "freeze"), doc=(
         "the part a single-policy strategy does not gate (embeddings in autoft_layer, "
         "layers in autoft_field): tune fine-tunes it (SpotTune's choice), freeze keeps it "

@@ -48,6 +48,7 @@ from ..modules import GatedEmbedding
 from ..ops import gumbel_gates
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
+from .frequency import ValueFrequencies
 from .policy import PolicyNetwork
 
 __all__ = ["FIELD_GATED", "LAYER_GATED", "STRATEGIES", "TransferModel", "build_transfer_model"]
@@ -89,7 +90,7 @@ class TransferModel(nn.Module):
     """
 
     def __init__(self, strategy: str, pretrained: BaseCTRModel | None, feature_map,
-                 model_cfg: ModelConfig, cfg: AutoFTConfig):
+                 model_cfg: ModelConfig, cfg: AutoFTConfig, value_counts=None):
         super().__init__()
         self.strategy = strategy
         self.autoft_config = cfg
@@ -145,8 +146,17 @@ class TransferModel(nn.Module):
             self.frozen_net.linear = None
 
         num_gates = len(self.field_gate_names) + len(self.layer_gate_names)
+        self.value_frequencies: ValueFrequencies | None = None
+        if num_gates and "freq" in cfg.policy_input:
+            if value_counts is None:
+                raise ValueError(f"autoft.policy_input = {cfg.policy_input!r} needs the value "
+                                 "counts of the source and target training rows: pass "
+                                 "value_counts=(source_counts, target_counts) (see "
+                                 "autoft_fast.models.frequency.count_rows)")
+            self.value_frequencies = ValueFrequencies(*value_counts)
         if num_gates:
-            self.policy = PolicyNetwork(net.flat_dim, cfg.policy_hidden_units, num_gates)
+            width = _POLICY_INPUT_WIDTH[cfg.policy_input](net)
+            self.policy = PolicyNetwork(width, cfg.policy_hidden_units, num_gates)
             self.policy.to(next(net.parameters()).device)
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
             if row.l2sp else []
@@ -222,8 +232,11 @@ class TransferModel(nn.Module):
                 w = self.net.get_parameter(name)
                 sq = sq + (w - self.frozen_net.get_parameter(name)).pow(2).sum()
             total = total + 0.5 * self.autoft_config.l2sp_alpha * sq
-        if self._last_tuned_fraction is not None and self.autoft_config.tuned_penalty > 0:
-            total = total + self.autoft_config.tuned_penalty * self._last_tuned_fraction
+        frac, cfg = self._last_tuned_fraction, self.autoft_config
+        if frac is not None and cfg.tuned_penalty > 0:
+            total = total + cfg.tuned_penalty * frac
+        if frac is not None and cfg.tuned_budget is not None and cfg.tuned_budget_weight > 0:
+            total = total + cfg.tuned_budget_weight * torch.relu(frac - cfg.tuned_budget)
         return total
 
     def reset_policy_stats(self) -> None:
@@ -350,8 +363,9 @@ class TransferModel(nn.Module):
     def _record(self, gates: torch.Tensor) -> None:
         if self.training:
             # Only kept when it is used: it holds the batch's autograd graph until the next step.
-            self._last_tuned_fraction = gates[..., 1].mean() \
-                if self.autoft_config.tuned_penalty > 0 else None
+            cfg = self.autoft_config
+            wanted = cfg.tuned_penalty > 0 or cfg.tuned_budget is not None
+            self._last_tuned_fraction = gates[..., 1].mean() if wanted else None
             return
         self._last_tuned_fraction = None
         chosen = (gates[..., 1] > 0.5).sum(dim=0).to(torch.float64)
@@ -364,8 +378,23 @@ class TransferModel(nn.Module):
         return f"strategy={self.strategy!r}, tau={self._tau}"
 
 
-# What the policy network reads, by autoft.policy_input (AutoFTConfig declares the choices).
-_POLICY_INPUTS = {"frozen": TransferModel._frozen_input}
+def _freq_input(model: TransferModel, batch) -> torch.Tensor:
+    return model.value_frequencies(batch, model.net)
+
+
+# What the policy network reads, by autoft.policy_input (AutoFTConfig declares the choices),
+# and how wide that input is for a base model.
+_POLICY_INPUTS = {
+    "frozen": TransferModel._frozen_input,
+    "freq": _freq_input,
+    "frozen+freq": lambda m, b: torch.cat((TransferModel._frozen_input(m, b),
+                                           _freq_input(m, b)), dim=1),
+}
+_POLICY_INPUT_WIDTH = {
+    "frozen": lambda net: net.flat_dim,
+    "freq": lambda net: ValueFrequencies.width(net.num_fields),
+    "frozen+freq": lambda net: net.flat_dim + ValueFrequencies.width(net.num_fields),
+}
 
 
 def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy: str) -> None:
@@ -391,14 +420,18 @@ def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy:
 
 def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature_map,
                          model_cfg: dict | ModelConfig | None,
-                         autoft_cfg: dict | AutoFTConfig | None = None) -> TransferModel:
+                         autoft_cfg: dict | AutoFTConfig | None = None, *,
+                         value_counts=None) -> TransferModel:
     """Build the model of one transfer strategy (see ``STRATEGIES``) on the target domain.
 
     ``pretrained`` (the source-trained base model) is copied, never modified; it may be None
     only for ``target_only``, which ignores it and builds a fresh base model from
     ``model_cfg`` (initialised from torch's RNG: seed first). For the other strategies the
     architecture keys of ``model_cfg`` must match the pre-trained model's.
-    ``autoft_cfg`` is the ``autoft:`` section (:class:`AutoFTConfig`).
+    ``autoft_cfg`` is the ``autoft:`` section (:class:`AutoFTConfig`). ``value_counts`` =
+    ``(source_counts, target_counts)``, each ``[num_rows]`` (see
+    :func:`~autoft_fast.models.frequency.count_rows`), is needed when ``policy_input``
+    includes ``freq``.
 
     Example::
 
@@ -416,4 +449,4 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
         if STRATEGY_TABLE[strategy].field_policy and not pretrained.field_names:
             raise ValueError(f"strategy = {strategy!r} gates embedding fields, but the feature "
                              f"map has none (only dense fields {pretrained.dense_fields})")
-    return TransferModel(strategy, pretrained, feature_map, mcfg, acfg)
+    return TransferModel(strategy, pretrained, feature_map, mcfg, acfg, value_counts)

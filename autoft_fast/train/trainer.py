@@ -37,6 +37,7 @@ class FitResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     stopped_early: bool = False
+    best_at_cap: bool = False
 
     @property
     def samples_per_s(self) -> float:
@@ -126,6 +127,17 @@ class Trainer:
     - The 'policy' parameter group (TransferModel.parameter_groups) gets its own optimizer
       with `policy_lr` / `policy_weight_decay` (None: the model group's values).
     - `seed` seeds torch, numpy and Python and the batch shuffler at the start of a fresh fit.
+    - `policy_data`: rows for the policy's steps (``autoft.policy_objective: heldout``). The
+      model's optimizers then step on `train` only, and after each of their steps the policy
+      optimizer takes one step on the next batch of `policy_data` (cycled, reshuffled each
+      pass), so the policy is judged on rows the tuned copy is not fitted to. Without it the
+      policy steps on the training batches together with the model.
+    - `policy_warmup`: the first N epochs leave the policy untouched (its last layer starts
+      at zero, so the gates are fair coins) or, with `policy_warmup_gates="tuned"`, force
+      every gate tuned; these epochs never become the best epoch nor count toward patience,
+      since their validation score is not that of a policy that chooses.
+    - The validation pass of every epoch also records the policy's tuned fractions
+      (``history[i]["policy"]``), so the choices can be followed over the epochs.
 
     Example:
         >>> tr = Trainer(model, TrainConfig(epochs=3), checkpoint_path=run / "last.pt", seed=0)
@@ -141,7 +153,8 @@ class Trainer:
                  logger: logging.Logger | None = None, progress: bool | None = None,
                  iterate: Callable = _default_iterate,
                  on_epoch_end: Callable[[int, dict], None] | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, policy_data=None,
+                 policy_warmup: int = 0, policy_warmup_gates: str = "random"):
         self.device = torch.device(device) if device is not None else None
         if self.device is not None:
             model.to(self.device)
@@ -157,6 +170,16 @@ class Trainer:
         self.iterate = iterate
         self.on_epoch_end = on_epoch_end
         self.shuffler = torch.Generator()
+        self.policy_data = policy_data
+        self.policy_shuffler = torch.Generator()
+        if isinstance(policy_warmup, bool) or not isinstance(policy_warmup, int) \
+                or policy_warmup < 0:
+            raise ValueError(f"policy_warmup = {policy_warmup!r} must be an integer >= 0")
+        if policy_warmup_gates not in ("random", "tuned"):
+            raise ValueError(f"policy_warmup_gates = {policy_warmup_gates!r} is not one of "
+                             "'random', 'tuned'")
+        self.policy_warmup = policy_warmup
+        self.policy_warmup_gates = policy_warmup_gates
         groups = _trainable_groups(model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -187,13 +210,29 @@ class Trainer:
             total = total + self.model.penalty()
         return bce, total
 
+    def _step(self, batch, names: list[str]) -> torch.Tensor:
+        """One optimisation step of the optimizers `names` on `batch`; returns the BCE."""
+        bce, total = self._loss(batch)
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        total.backward()
+        for name in names:
+            self.optimizers[name].step()
+        return bce
+
+    def _policy_batches(self, batch_size: int) -> Iterator:
+        """Batches of `policy_data` without end: one shuffled pass after another."""
+        while True:
+            yield from self.iterate(self.policy_data, batch_size, True, self.policy_shuffler)
+
     def _save(self, state: dict) -> None:
         if self.checkpoint_path is None:
             return
         state = dict(state)
         state["model"] = self.model.state_dict()
         state["optimizers"] = {k: o.state_dict() for k, o in self.optimizers.items()}
-        state["rng"] = capture_rng_state({"shuffler": self.shuffler})
+        state["rng"] = capture_rng_state({"shuffler": self.shuffler,
+                                          "policy_shuffler": self.policy_shuffler})
         state["train_config"] = self.cfg.to_dict()
         save_atomic(state, self.checkpoint_path)
 
@@ -218,7 +257,8 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             for k, o in self.optimizers.items():
                 o.load_state_dict(ck["optimizers"][k])
-            restore_rng_state(ck["rng"], {"shuffler": self.shuffler})
+            restore_rng_state(ck["rng"], {"shuffler": self.shuffler,
+                                          "policy_shuffler": self.policy_shuffler})
             start_epoch = int(ck["epoch"])
             bad_epochs = int(ck["bad_epochs"])
             best_state = ck["best_state"]
@@ -234,9 +274,21 @@ class Trainer:
                           self.checkpoint_path, start_epoch)
         else:
             seed_everything(self.seed, self.shuffler)
+            self.policy_shuffler.manual_seed(self.seed + 1)
 
+        model_opts = [k for k in self.optimizers if not k.startswith("policy")]
+        policy_opts = [k for k in self.optimizers if k.startswith("policy")]
+        heldout = self.policy_data is not None and bool(policy_opts)
+        if heldout and len(self.policy_data) == 0:
+            raise ValueError(f"{self.desc}: policy_data has no rows")
         epoch = start_epoch
         while not finished and epoch < cfg.epochs:
+            warming = epoch < self.policy_warmup and bool(policy_opts)
+            forced = warming and self.policy_warmup_gates == "tuned"
+            if forced:
+                self.model.force_gates("tuned")
+            # Each epoch's held-out batches come from a fresh cycle, so resume stays exact.
+            policy_batches = self._policy_batches(cfg.batch_size) if heldout else None
             if self.tau_schedule is not None and hasattr(self.model, "set_tau"):
                 self.model.set_tau(float(self.tau_schedule(epoch)))
             self.model.train()
@@ -246,12 +298,12 @@ class Trainer:
             t0 = time.perf_counter()
             for batch in self.iterate(train, cfg.batch_size, True, self.shuffler):
                 batch = _to_device(batch, self.device)
-                bce, total = self._loss(batch)
-                for o in self.optimizers.values():
-                    o.zero_grad(set_to_none=True)
-                total.backward()
-                for o in self.optimizers.values():
-                    o.step()
+                if heldout or warming:
+                    bce = self._step(batch, model_opts)
+                else:
+                    bce = self._step(batch, model_opts + policy_opts)
+                if heldout and not warming:
+                    self._step(_to_device(next(policy_batches), self.device), policy_opts)
                 b = len(batch)
                 loss_sum += float(bce.detach()) * b
                 n_seen += b
@@ -260,6 +312,10 @@ class Trainer:
             bar.close()
             res.train_samples += n_seen
             res.train_seconds += train_s
+            if forced:
+                self.model.force_gates(None)
+            if hasattr(self.model, "reset_policy_stats"):
+                self.model.reset_policy_stats()
             metrics = self.evaluate(valid)
             score = metrics[cfg.monitor]
             if math.isnan(score):
@@ -270,8 +326,14 @@ class Trainer:
                      "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"],
                      "samples_per_s": n_seen / train_s if train_s > 0 else float("nan"),
                      "tau": float(self.model.tau) if hasattr(self.model, "tau") else None}
+            if hasattr(self.model, "policy_stats"):
+                entry["policy"] = self.model.policy_stats()
+            if warming:
+                entry["warmup"] = True
             res.history.append(entry)
-            if is_better(cfg.monitor, score, res.best_metric, cfg.min_delta):
+            if warming:
+                pass  # a warm-up epoch is neither best nor bad: the policy has not chosen yet
+            elif is_better(cfg.monitor, score, res.best_metric, cfg.min_delta):
                 res.best_metric, res.best_epoch = float(score), epoch + 1
                 best_state = _clone_state(self.model)
                 bad_epochs = 0
@@ -303,6 +365,11 @@ class Trainer:
             # evaluation samples its gates), also after resuming a finished run.
             self.model.set_tau(float(self.tau_schedule((res.best_epoch or epoch) - 1)))
         res.epochs_run = epoch
+        res.best_at_cap = res.best_epoch is not None and res.best_epoch >= cfg.epochs
+        if res.best_at_cap:
+            self.log.warning("%s: the best validation epoch was the last allowed one (%d): "
+                             "training stopped while still improving; raise epochs", self.desc,
+                             cfg.epochs)
         res.wall_seconds = prior_wall + time.perf_counter() - wall0
         if res.stopped_early:
             self.log.debug("%s: early stop after epoch %d, best epoch %s", self.desc, epoch,

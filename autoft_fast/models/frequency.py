@@ -1,0 +1,83 @@
+"""How often an instance's feature values occur in the source and in the target training rows.
+
+The method's premise is that this decides reuse against re-learning: a row seen often in the
+source is well estimated by pre-training, a row seen often in the target can be re-learnt from
+the target, and a row rare in both is best left alone. The policy network can see it as an
+extra input (``autoft.policy_input: frozen+freq`` or ``freq``): per field, log(1 + count)
+scaled to [0, 1] by the largest count of that split, once for the source and once for the
+target training rows, so two numbers per field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ValueFrequencies", "count_rows"]
+
+
+def count_rows(data, num_rows: int) -> torch.Tensor:
+    """How often each global id occurs in ``data`` (a TensorData): float64 ``[num_rows]``.
+
+    Multi-hot slots count once per token; padding slots are counted too (their rows are the
+    fields' PAD ids, whose frequency the policy may as well see).
+
+    Example::
+
+        >>> counts = count_rows(bundle.splits["source_train"], bundle.feature_map.num_rows)
+    """
+    counts = torch.zeros(num_rows, dtype=torch.float64)
+    for ids in (data.sparse, data.multihot):
+        if ids is not None and ids.numel():
+            flat = ids.reshape(-1).to(torch.long)
+            counts.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64))
+    return counts
+
+
+def _scaled_log(counts: torch.Tensor) -> torch.Tensor:
+    top = float(counts.max()) if counts.numel() else 0.0
+    return (torch.log1p(counts) / math.log1p(max(top, 1.0))).to(torch.float32)
+
+
+class ValueFrequencies(nn.Module):
+    """Per-field log-frequency features of an instance: ``[B, 2 * F]`` (source, then target).
+
+    Built from the id counts of the source and the target training rows (see
+    :func:`count_rows`); kept as buffers, so they move with the model and are saved in its
+    state_dict (a saved model predicts with the frequencies it was trained with).
+
+    Example::
+
+        >>> freq = ValueFrequencies(count_rows(src, V), count_rows(tgt, V))
+        >>> freq(batch, net).shape              # [B, 2 * num_fields]
+    """
+
+    def __init__(self, source_counts: torch.Tensor, target_counts: torch.Tensor):
+        super().__init__()
+        if source_counts.shape != target_counts.shape or source_counts.dim() != 1:
+            raise ValueError(f"source_counts and target_counts must be 1-D of one length, got "
+                             f"{tuple(source_counts.shape)} and {tuple(target_counts.shape)}")
+        self.register_buffer("table", torch.stack(
+            (_scaled_log(source_counts), _scaled_log(target_counts)), dim=1))
+
+    @staticmethod
+    def width(num_fields: int) -> int:
+        """Input features added for ``num_fields`` fields."""
+        return 2 * num_fields
+
+    def forward(self, batch, net) -> torch.Tensor:
+        parts = []
+        if net.single_fields:
+            parts.append(self.table[batch.sparse])                       # [B, Fs, 2]
+        if net.multihot_fields:
+            ids = batch.multihot                                          # [B, Fm, L]
+            mask = (ids != net.multihot_pad.view(1, -1, 1)).to(self.table.dtype)
+            vals = self.table[ids] * mask.unsqueeze(-1)
+            parts.append(vals.sum(2) / mask.sum(2, keepdim=True).clamp_min(1.0))
+        if not parts:
+            return self.table.new_zeros(batch.label.shape[0], 0)
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        # Source features of every field first, then target ones.
+        return torch.cat((x[..., 0], x[..., 1]), dim=1)
