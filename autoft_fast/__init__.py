@@ -9,11 +9,12 @@ Example::
     torch.Size([4, 3, 16])
 """
 
-from . import _extension  # noqa: F401  (loads the kernels before anything uses the op)
 from .modules import GatedEmbedding, keep_sparse_grad_coalesced
-from .ops import available_backends, gated_embedding, gumbel_gates, reference_gated_embedding
+from .ops import (available_backends, backend_names, check_backend_name, gated_embedding,
+                  gumbel_gates, reference_gated_embedding)
 
 __version__ = "0.1.0"
 
-__all__ = ["GatedEmbedding", "available_backends", "keep_sparse_grad_coalesced", "gated_embedding", "gumbel_gates",
+__all__ = ["GatedEmbedding", "available_backends", "backend_names", "check_backend_name",
+           "keep_sparse_grad_coalesced", "gated_embedding", "gumbel_gates",
            "reference_gated_embedding", "__version__"]

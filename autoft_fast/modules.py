@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.functional import BACKENDS, gated_embedding
+from .ops.functional import gated_embedding
+from .ops.registry import check_backend_name
 
 
 def keep_sparse_grad_coalesced(param: nn.Parameter) -> None:
@@ -61,8 +62,7 @@ class GatedEmbedding(nn.Module):
         if num_embeddings <= 0 or embedding_dim <= 0:
             raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
                              f"{embedding_dim} must both be positive")
-        if backend not in BACKENDS + ("auto",):
-            raise ValueError(f"backend = {backend!r} is not one of {('auto',) + BACKENDS}")
+        check_backend_name(backend)
         weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
         nn.init.normal_(weight)
         self.register_buffer("frozen_weight", weight)

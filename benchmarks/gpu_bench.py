@@ -6,7 +6,8 @@ out-of-range index that leaves the context usable), then, per shape and per prov
 (eager PyTorch, torch.compile of eager, autoft_fast's triton and cuda backends), forward and
 full-step times, effective bandwidth on the minimal bytes, the fraction of the copy bandwidth
 and the ratios to eager and to torch.compile; the fused kernels' own device time comes from
-the profiler. Ends with the issue's targets as measured numbers.
+the profiler. Ends with the project's GPU targets (forward and backward against a copy of the
+same bytes) as measured numbers.
 
 Byte model (minimal bytes; indices, logits and gates are left out, they are < 3% at D=16):
 
@@ -20,7 +21,7 @@ Example::
 
     python benchmarks/gpu_bench.py --dry-run                     # plan only, any machine
     python benchmarks/gpu_bench.py --device cpu --shapes 64:4:16:1000 --no-compile  # CPU smoke
-    python benchmarks/gpu_bench.py                                # the issue's shapes on a GPU
+    python benchmarks/gpu_bench.py                                # the target shapes on a GPU
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ def n_rows_bytes(fwd_bytes: int, rows: int) -> float:
 
 
 def print_targets(all_results, backends, copy_gbs):
-    print("\n## targets (issue 4), large shapes\n")
+    print("\n## GPU targets, large shapes\n")
     for shape, (results, kernels, fwd_bytes, step_bytes) in all_results.items():
         if shape[0] < 65536:
             continue

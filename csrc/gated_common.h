@@ -6,6 +6,8 @@
 // the argument and the bad value. Host-only (never included from device code).
 #pragma once
 
+#include "philox.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -117,6 +119,22 @@ inline uint64_t read_seed(const at::Tensor& seed) {
   const int64_t value = seed.item<int64_t>();
   TORCH_CHECK_VALUE(value >= 0, "seed must be a non-negative 63-bit integer, got seed = ", value);
   return static_cast<uint64_t>(value);
+}
+
+// The noise source of a call: the seed is read only when the kernel draws noise, and
+// `uniforms_c` keeps a contiguous copy of the uniforms alive for as long as the kernel runs.
+inline NoiseSource make_noise_source(const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+                                     bool noise, at::Tensor& uniforms_c) {
+  NoiseSource src{noise, 0, nullptr};
+  if (noise) {
+    if (uniforms.has_value()) {
+      uniforms_c = uniforms->contiguous();
+      src.uniforms = uniforms_c.const_data_ptr<float>();
+    } else {
+      src.seed = read_seed(seed);
+    }
+  }
+  return src;
 }
 
 [[noreturn]] inline void throw_index_out_of_range(int64_t position, int64_t value, int64_t V) {

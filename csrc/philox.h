@@ -19,6 +19,16 @@
 
 namespace autoft {
 
+// Largest int32 magnitude maps just below 1.0: float(2**31 - 1) * kUniformScale < 1.
+constexpr float kUniformScale = 4.6566127342e-10f;
+
+// Where the noise of a lookup comes from (plain data: passed by value to CUDA kernels too).
+struct NoiseSource {
+  bool noise;
+  uint64_t seed;
+  const float* uniforms;  // overrides the seed when not null
+};
+
 struct Philox4 {
   uint32_t w[4];
 };
@@ -72,7 +82,7 @@ AUTOFT_HOST_DEVICE AUTOFT_INLINE float philox_uniform(uint32_t word) {
   if (x < 0) {
     x = ~x;  // = -x - 1, without the signed overflow of -x at INT32_MIN
   }
-  return static_cast<float>(x) * 4.6566127342e-10f;
+  return static_cast<float>(x) * kUniformScale;
 }
 
 // Standard logistic sample from one uniform: the difference of two Gumbel(0, 1) samples,

@@ -26,28 +26,28 @@ Example::
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from autoft_fast.ops import library, registry, validate
+from autoft_fast.ops.interface import BWD, FWD, NAMESPACE, BwdArgs, FwdArgs, with_signature
+
 try:  # TRITON_INTERPRET=1 turns @triton.jit functions into InterpretedFunction objects.
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # pragma: no cover - very old triton
     _InterpretedFunction = ()
 
-_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_MAX_SEED = 2**63 - 1
-
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+# The uniform scale of docs/op-contract.md (csrc/philox.h: kUniformScale).
+UNIFORM_SCALE: tl.constexpr = tl.constexpr(4.6566127342e-10)
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _gate_logit(
             w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
             x = w.to(tl.int32, bitcast=True)
             x = tl.where(x < 0, -x - 1, x)
-            u = x.to(tl.float32) * 4.6566127342e-10
+            u = x.to(tl.float32) * UNIFORM_SCALE
         d = d + (tl.log(u + 1e-20) - tl.log(1.0 - u))
     return d / tau
 
@@ -100,8 +100,8 @@ def _fwd_kernel(
                     NOISE, USE_UNIFORMS, SEED_FROM_PTR)
     y1 = 1.0 / (1.0 + tl.exp(-x))
     if HARD:
-        # NaN compares false, so a NaN logit picks the frozen row (contract).
-        pick_tuned = y1 > 0.5
+        # The contract's rule x > 0; NaN compares false, so a NaN logit picks the frozen row.
+        pick_tuned = x > 0.0
         z1 = tl.where(pick_tuned, 1.0, 0.0)
     else:
         z1 = y1
@@ -146,7 +146,7 @@ def _bwd_kernel(
     # y0 * y1 as a product of two sigmoids: 1 - y1 would cancel when the gate is nearly sure.
     y0y1 = y1 * (1.0 / (1.0 + tl.exp(x)))
     if HARD:
-        z1 = tl.where(y1 > 0.5, 1.0, 0.0)
+        z1 = tl.where(x > 0.0, 1.0, 0.0)
     else:
         z1 = y1
 
@@ -214,81 +214,26 @@ def _block_sizes(n, d, concrete: bool) -> tuple[int, int, int]:
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cuda":
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
         return
-    if t.device.type == "cpu" and _interpreting():
-        return
-    raise ValueError(
-        f"backend 'triton' does not serve {name} on device {t.device}: it needs CUDA tensors "
-        "(CPU tensors only under TRITON_INTERPRET=1)"
-    )
+    registry.check_serves("triton", t, name)  # raises the registry's wording
 
 
 def _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
-    """The contract's input checks at kernel level (a user may call torch.ops directly)."""
-    if indices.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"indices must be int32 or int64, got dtype {indices.dtype}")
-    if indices.dim() != 1:
-        raise ValueError(f"indices must be 1-D at kernel level, got shape {tuple(indices.shape)}")
-    for name, w in (("frozen_weight", frozen_weight), ("tuned_weight", tuned_weight)):
-        if w.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [V, D], got shape {tuple(w.shape)}")
-        if w.dtype not in _TABLE_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {w.dtype}")
-    if frozen_weight.shape != tuned_weight.shape:
-        raise ValueError(
-            f"frozen_weight shape {tuple(frozen_weight.shape)} and tuned_weight shape "
-            f"{tuple(tuned_weight.shape)} differ"
-        )
-    if frozen_weight.dtype != tuned_weight.dtype:
-        raise TypeError(
-            f"frozen_weight dtype {frozen_weight.dtype} and tuned_weight dtype "
-            f"{tuned_weight.dtype} differ"
-        )
-    if logits.dtype != torch.float32:
-        raise TypeError(f"logits must be float32, got dtype {logits.dtype}")
-    if tuple(logits.shape) != (indices.shape[0], 2):
-        raise ValueError(
-            f"logits must have shape {(indices.shape[0], 2)} (indices.shape + (2,)), "
-            f"got {tuple(logits.shape)}"
-        )
-    if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-        raise TypeError(
-            f"seed must be a 0-dim int64 CPU tensor, got shape {tuple(seed.shape)}, "
-            f"dtype {seed.dtype}, device {seed.device}"
-        )
-    if uniforms is not None:
-        if uniforms.dtype != torch.float32:
-            raise TypeError(f"uniforms must be float32, got dtype {uniforms.dtype}")
-        if tuple(uniforms.shape) != (indices.shape[0],):
-            raise ValueError(
-                f"uniforms must have shape {(indices.shape[0],)}, got {tuple(uniforms.shape)}"
-            )
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0, got tau = {tau}")
+    """The contract's input checks (ops/validate.py) for direct callers of the kernel ops."""
+    validate.check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
     for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
                     ("tuned_weight", tuned_weight), ("logits", logits), ("uniforms", uniforms)):
-        if t is None:
-            continue
-        _check_device(t, name)
-        if t.device != indices.device:
-            raise ValueError(
-                f"{name} is on {t.device} but indices is on {indices.device}: "
-                "all tensors must be on one device"
-            )
+        if t is not None:
+            _check_device(t, name)
 
 
-def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
-    """Host-side range check (one min/max reduction, one sync): never a device-side assert."""
-    if indices.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
-    if lo >= 0 and hi < num_rows:
-        return
-    bad = ((indices < 0) | (indices >= num_rows)).nonzero()[0, 0].item()
-    raise IndexError(
-        f"indices[{bad}] = {int(indices[bad])} is out of range for a table of {num_rows} rows"
-    )
+def _range_checked(indices: torch.Tensor, num_rows: int, concrete: bool) -> torch.Tensor:
+    """The indices the kernel may read: range-checked eagerly, or by an op in a traced graph."""
+    if concrete:
+        validate.check_index_range(indices, num_rows)
+        return indices
+    return torch.ops.autoft_fast.checked_indices(indices, num_rows)
 
 
 def _seed_args(seed: torch.Tensor, uses_seed: bool, device: torch.device, concrete: bool):
@@ -300,10 +245,7 @@ def _seed_args(seed: torch.Tensor, uses_seed: bool, device: torch.device, concre
     if not uses_seed:
         return None, 0, False
     if concrete:
-        value = int(seed.item())
-        if not 0 <= value <= _MAX_SEED:
-            raise ValueError(f"seed = {value} must be a 63-bit non-negative integer")
-        return None, value, False
+        return None, validate.check_seed_value(seed.item()), False
     return seed.to(device), 0, True
 
 
@@ -315,6 +257,7 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
     gates = torch.empty((n, 2), dtype=torch.float32, device=indices.device)
     if n == 0:
         return out, gates
+    indices = _range_checked(indices, tuned_weight.shape[0], concrete)
     use_uniforms = noise and uniforms is not None
     seed_ptr, seed_val, seed_from_ptr = _seed_args(
         seed, noise and not use_uniforms, indices.device, concrete)
@@ -341,10 +284,10 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
     # torch.use_deterministic_algorithms(True) the kernel writes per-lookup float32 values and
     # index_put_(accumulate=True), deterministic there (a sort), sums them instead.
     deterministic = not sparse and torch.are_deterministic_algorithms_enabled()
-    if sparse:
-        grad_tuned = torch.empty((n, d), dtype=tuned_weight.dtype, device=device)
-        accum = grad_tuned
-    elif deterministic:
+    if n > 0:
+        indices = _range_checked(indices, v, concrete)
+    if sparse or deterministic:
+        # Per-lookup float32 values; repeated rows are summed below, in float32.
         accum = torch.empty((n, d), dtype=torch.float32, device=device)
     else:
         # Dense: float32 atomics into a zeroed table, cast once at the end for 16-bit tables.
@@ -369,10 +312,11 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
         accum = torch.zeros((v, d), dtype=torch.float32, device=device).index_put_(
             (indices.long(),), accum, accumulate=True)
     if sparse:
-        # Per-lookup rows, uncoalesced (as nn.Embedding(sparse=True)); always a fresh tensor,
-        # since an op output must not alias an input (int64 indices would otherwise be returned
-        # as is).
-        grad_rows = indices.to(torch.int64, copy=True)
+        # Coalesced: sorted unique rows, each the float32 sum of its lookups cast once (a
+        # 16-bit running sum would stall: 4096 unit gradients sum to 256 in bfloat16).
+        grad_rows, inverse = torch.unique(indices.to(torch.int64), return_inverse=True)
+        grad_tuned = torch.zeros((grad_rows.shape[0], d), dtype=torch.float32, device=device)
+        grad_tuned = grad_tuned.index_add_(0, inverse, accum).to(tuned_weight.dtype)
     else:
         grad_tuned = accum if tuned_weight.dtype == torch.float32 else accum.to(tuned_weight.dtype)
         grad_rows = torch.empty((0,), dtype=torch.int64, device=device)
@@ -385,59 +329,30 @@ def _prepare_fwd(indices, frozen_weight, tuned_weight, logits, seed, uniforms, t
             logits.contiguous(), None if uniforms is None else uniforms.contiguous())
 
 
-def _check_bwd_grads(grad_out, grad_gates, indices, tuned_weight):
-    n, d = indices.shape[0], tuned_weight.shape[1]
-    if tuple(grad_out.shape) != (n, d):
-        raise ValueError(f"grad_out must have shape {(n, d)}, got {tuple(grad_out.shape)}")
-    if grad_out.dtype not in (tuned_weight.dtype, torch.float32):
-        raise TypeError(
-            f"grad_out must be {tuned_weight.dtype} or float32, got dtype {grad_out.dtype}")
-    if grad_gates is not None:
-        if tuple(grad_gates.shape) != (n, 2) or grad_gates.dtype != torch.float32:
-            raise ValueError(
-                f"grad_gates must be float32 of shape {(n, 2)}, got {grad_gates.dtype} "
-                f"{tuple(grad_gates.shape)}")
-    for name, t in (("grad_out", grad_out), ("grad_gates", grad_gates)):
-        if t is not None and t.device != indices.device:
-            raise ValueError(f"{name} is on {t.device} but indices is on {indices.device}")
-
-
 # Under TRITON_INTERPRET=1 a kernel cannot run on fake or functional tensors, so a traced call
 # (torch.compile, opcheck, make_fx) goes through an opaque op that runs the interpreter on real
 # tensors. On a GPU the traced call launches the kernel through wrap_triton instead, which is
 # what lets Inductor see and schedule it.
 # Registered only under the interpreter: GPU users never see these two ops.
 def _register_interpreted_ops() -> None:
-    @torch.library.custom_op("autoft_fast::_gated_embedding_fwd_triton_interpreted", mutates_args=())
-    def _fwd_interpreted(indices: torch.Tensor, frozen_weight: torch.Tensor,
-                         tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
-                         uniforms: Optional[torch.Tensor], tau: float, hard: bool,
-                         noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-                           tau, hard, noise, concrete=True)
+    fwd_name = f"{NAMESPACE}::_gated_embedding_fwd_triton_interpreted"
+    bwd_name = f"{NAMESPACE}::_gated_embedding_bwd_triton_interpreted"
 
-    @_fwd_interpreted.register_fake
-    def _(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise):
-        n, d = indices.shape[0], tuned_weight.shape[1]
-        return (tuned_weight.new_empty((n, d)), logits.new_empty((n, 2)))
+    @with_signature(FWD)
+    def _fwd_interpreted(*args):
+        a = FwdArgs(*args)
+        return _fwd_launch(a.indices, a.frozen_weight, a.tuned_weight, a.logits, a.seed,
+                           a.uniforms, a.tau, a.hard, a.noise, concrete=True)
 
-    @torch.library.custom_op("autoft_fast::_gated_embedding_bwd_triton_interpreted", mutates_args=())
-    def _bwd_interpreted(grad_out: torch.Tensor, grad_gates: Optional[torch.Tensor],
-                         indices: torch.Tensor, frozen_weight: torch.Tensor,
-                         tuned_weight: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor,
-                         uniforms: Optional[torch.Tensor], tau: float, hard: bool, noise: bool,
-                         sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
-                           uniforms, tau, hard, noise, sparse, concrete=True)
+    @with_signature(BWD)
+    def _bwd_interpreted(*args):
+        a = BwdArgs(*args)
+        return _bwd_launch(a.grad_out, a.grad_gates, a.indices, a.frozen_weight, a.tuned_weight,
+                           a.logits, a.seed, a.uniforms, a.tau, a.hard, a.noise, a.sparse,
+                           concrete=True)
 
-    @_bwd_interpreted.register_fake
-    def _(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-          tau, hard, noise, sparse):
-        n = indices.shape[0]
-        v, d = tuned_weight.shape
-        rows = n if sparse else v
-        return (tuned_weight.new_empty((rows, d)), logits.new_empty((n, 2)),
-                indices.new_empty((n if sparse else 0,), dtype=torch.int64))
+    torch.library.custom_op(fwd_name, _fwd_interpreted, mutates_args=()).register_fake(library.fake_fwd)
+    torch.library.custom_op(bwd_name, _bwd_interpreted, mutates_args=()).register_fake(library.fake_bwd)
 
 
 if _interpreting():
@@ -449,62 +364,40 @@ if _interpreting():
 # --------------------------------------------------------------------------------------------
 
 
-@triton_op("autoft_fast::gated_embedding_fwd_triton", mutates_args=())
-def gated_embedding_fwd_triton(
-    indices: torch.Tensor,
-    frozen_weight: torch.Tensor,
-    tuned_weight: torch.Tensor,
-    logits: torch.Tensor,
-    seed: torch.Tensor,
-    uniforms: Optional[torch.Tensor],
-    tau: float,
-    hard: bool,
-    noise: bool,
-    sparse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@triton_op(f"{NAMESPACE}::gated_embedding_fwd_triton", mutates_args=())
+@with_signature(FWD)
+def gated_embedding_fwd_triton(*args) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward of the gated embedding (Triton): returns (out [N, D], gates [N, 2]).
 
-    ``sparse`` only tells the autograd formula which gradient layout to build; the forward
-    ignores it.
+    Arguments: those of ``autoft_fast.ops.interface.FWD``. ``sparse`` only tells the autograd
+    formula which gradient layout to build; the forward ignores it.
 
     Example::
 
         >>> out, gates = torch.ops.autoft_fast.gated_embedding_fwd_triton(  # doctest: +SKIP
         ...     idx, frozen, tuned, logits, torch.tensor(7), None, 1.0, True, True, False)
     """
+    a = FwdArgs(*args)
     indices, frozen_weight, tuned_weight, logits, uniforms = _prepare_fwd(
-        indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
-    concrete = _is_concrete(indices, frozen_weight, tuned_weight, logits, seed, uniforms)
-    if concrete:
-        _check_index_range(indices, tuned_weight.shape[0])
-    elif _interpreting():
+        a.indices, a.frozen_weight, a.tuned_weight, a.logits, a.seed, a.uniforms, a.tau)
+    concrete = _is_concrete(indices, frozen_weight, tuned_weight, logits, a.seed, uniforms)
+    if not concrete and _interpreting():
         return torch.ops.autoft_fast._gated_embedding_fwd_triton_interpreted(
-            indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise)
-    return _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-                       tau, hard, noise, concrete)
+            indices, frozen_weight, tuned_weight, logits, a.seed, uniforms, *a[6:])
+    return _fwd_launch(indices, frozen_weight, tuned_weight, logits, a.seed, uniforms,
+                       a.tau, a.hard, a.noise, concrete)
 
 
-@triton_op("autoft_fast::gated_embedding_bwd_triton", mutates_args=())
-def gated_embedding_bwd_triton(
-    grad_out: torch.Tensor,
-    grad_gates: Optional[torch.Tensor],
-    indices: torch.Tensor,
-    frozen_weight: torch.Tensor,
-    tuned_weight: torch.Tensor,
-    logits: torch.Tensor,
-    seed: torch.Tensor,
-    uniforms: Optional[torch.Tensor],
-    tau: float,
-    hard: bool,
-    noise: bool,
-    sparse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@triton_op(f"{NAMESPACE}::gated_embedding_bwd_triton", mutates_args=())
+@with_signature(BWD)
+def gated_embedding_bwd_triton(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward (Triton): returns (grad_tuned, grad_logits [N, 2] float32, grad_rows).
 
-    Dense: grad_tuned is [V, D] (float32 atomics then the table dtype) and grad_rows an empty
-    int64 [0]. With ``sparse``: grad_tuned is the [N, D] per-lookup values z1[n] * grad_out[n]
-    and grad_rows the [N] int64 row of each (the indices), an uncoalesced COO gradient
-    ``(grad_rows[None], grad_tuned, (V, D))`` as nn.Embedding(sparse=True) builds.
+    Arguments: those of ``autoft_fast.ops.interface.BWD``. Dense: grad_tuned is [V, D] (float32
+    atomics then the table dtype) and grad_rows an empty int64 [0]. With ``sparse``: grad_rows
+    are the sorted unique rows looked up (int64) and grad_tuned [len(grad_rows), D] their
+    gradients, summed in float32 and cast once: a coalesced COO gradient
+    ``(grad_rows[None], grad_tuned, (V, D))``.
 
     Example::
 
@@ -512,18 +405,17 @@ def gated_embedding_bwd_triton(
         ...     grad_out, None, idx, frozen, tuned, logits, torch.tensor(7), None,
         ...     1.0, True, True, False)
     """
+    a = BwdArgs(*args)
     indices, frozen_weight, tuned_weight, logits, uniforms = _prepare_fwd(
-        indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
-    _check_bwd_grads(grad_out, grad_gates, indices, tuned_weight)
-    grad_out = grad_out.contiguous()
-    grad_gates = None if grad_gates is None else grad_gates.contiguous()
+        a.indices, a.frozen_weight, a.tuned_weight, a.logits, a.seed, a.uniforms, a.tau)
+    validate.check_grads(a.grad_out, a.grad_gates, indices, tuned_weight)
+    grad_out = a.grad_out.contiguous()
+    grad_gates = None if a.grad_gates is None else a.grad_gates.contiguous()
     concrete = _is_concrete(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits,
-                            seed, uniforms)
-    if concrete:
-        _check_index_range(indices, tuned_weight.shape[0])
-    elif _interpreting():
+                            a.seed, uniforms)
+    if not concrete and _interpreting():
         return torch.ops.autoft_fast._gated_embedding_bwd_triton_interpreted(
-            grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
-            uniforms, tau, hard, noise, sparse)
-    return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
-                       uniforms, tau, hard, noise, sparse, concrete)
+            grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, a.seed,
+            uniforms, *a[8:])
+    return _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, a.seed,
+                       uniforms, a.tau, a.hard, a.noise, a.sparse, concrete)

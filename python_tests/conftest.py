@@ -16,14 +16,15 @@ import autoft_fast  # noqa: E402
 
 
 def kernel_backends():
-    """(backend, device) pairs of every kernel backend usable on this machine."""
-    pairs = []
-    for name in autoft_fast.available_backends("cpu"):
-        if name != "reference":
-            pairs.append((name, "cpu"))
+    """(backend, device) pairs of the registry's backends usable on this machine: the kernel
+    backends on the CPU, and every backend on a GPU (the reference too: it is compared with
+    its own float64 CPU run there)."""
+    from autoft_fast.ops import registry
+
+    pairs = [(name, "cpu") for name in autoft_fast.available_backends("cpu")
+             if not registry.REGISTRY[name].is_reference]
     if torch.cuda.is_available():
-        for name in autoft_fast.available_backends("cuda"):
-            pairs.append((name, "cuda"))
+        pairs += [(name, "cuda") for name in autoft_fast.available_backends("cuda")]
     return pairs
 
 

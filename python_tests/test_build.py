@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import autoft_fast
-from autoft_fast import _extension
+from autoft_fast.ops import _extension
 
 OPS = ("autoft_fast::gated_embedding_fwd", "autoft_fast::gated_embedding_bwd")
 M32 = 0xFFFFFFFF

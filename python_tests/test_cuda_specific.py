@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import autoft_fast
-from autoft_fast import _extension
+from autoft_fast.ops import _extension
 from autoft_fast.ops.reference import reference_gated_embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import autoft_fast
+from autoft_fast.ops import registry
 from conftest import KERNEL_BACKENDS
 
 BACKENDS = [("reference", "cpu")] + KERNEL_BACKENDS
@@ -110,8 +111,7 @@ def test_mixed_devices():
 def test_kernel_ops_check_inputs_themselves(backend_device):
     """Direct callers of torch.ops.autoft_fast.* get the contract's errors, not a crash."""
     backend, device = backend_device
-    op = (torch.ops.autoft_fast.gated_embedding_fwd_triton if backend == "triton"
-          else torch.ops.autoft_fast.gated_embedding_fwd)
+    op = registry.REGISTRY[backend].ops()[0]
     kw = good(device)
     seed = torch.zeros((), dtype=torch.int64)
     idx = kw["indices"].clone()

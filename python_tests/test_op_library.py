@@ -6,12 +6,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autoft_fast
+from autoft_fast.ops import registry
 from op_helpers import assert_matches, make_inputs, oracle, run
 
 
 def fwd_op(backend):
-    return (torch.ops.autoft_fast.gated_embedding_fwd_triton if backend == "triton"
-            else torch.ops.autoft_fast.gated_embedding_fwd)
+    return registry.REGISTRY[backend].ops()[0]
 
 
 @pytest.mark.parametrize("hard,sparse", [(True, False), (False, False), (True, True)])
@@ -32,8 +32,7 @@ def test_opcheck(backend_device, hard, sparse):
 
 def test_opcheck_backward_op(backend_device):
     backend, device = backend_device
-    bwd = (torch.ops.autoft_fast.gated_embedding_bwd_triton if backend == "triton"
-           else torch.ops.autoft_fast.gated_embedding_bwd)
+    bwd = registry.REGISTRY[backend].ops()[1]
     inp = make_inputs((6,), 9, 3)
     for sparse in (False, True):
         args = (inp["grad_out"].to(device), inp["grad_gates"].to(device), inp["indices"].to(device),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autoft_fast
-from autoft_fast import _extension
+from autoft_fast.ops import _extension
 from autoft_fast.ops.reference import reference_gated_embedding
 
 kernels = _extension.load_triton()
@@ -74,8 +74,10 @@ def test_seed_read_on_device_matches_seed_by_value(sparse):
     grads = ge._bwd_launch(*bargs, concrete=True)
     for a, b in zip(grads, ge._bwd_launch(*bargs, concrete=False)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    # grad_rows: the indices as int64 (uncoalesced COO rows) in sparse mode, empty when dense.
-    want_rows = idx.long() if sparse else torch.empty(0, dtype=torch.int64, device=idx.device)
+    # grad_rows: the sorted unique indices as int64 (coalesced COO rows, each summed in
+    # float32) in sparse mode, empty when dense.
+    want_rows = (torch.unique(idx.long()) if sparse
+                 else torch.empty(0, dtype=torch.int64, device=idx.device))
     assert len(grads) == 3 and torch.equal(grads[2], want_rows)
 
 

@@ -1,6 +1,13 @@
-"""The gated embedding op: schemas, reference, validation and the public function."""
+"""The gated embedding op: interface, backend registry, reference, validation, public function.
 
-from .functional import available_backends, gated_embedding, gumbel_gates
+Importing it loads the compiled kernels if they are built (``ops._extension``); the Triton
+kernels load on first need.
+"""
+
+from . import _extension  # noqa: F401  (loads the kernels before anything uses the op)
+from .functional import gated_embedding, gumbel_gates
 from .reference import reference_gated_embedding
+from .registry import available_backends, backend_names, check_backend_name
 
-__all__ = ["available_backends", "gated_embedding", "gumbel_gates", "reference_gated_embedding"]
+__all__ = ["available_backends", "backend_names", "check_backend_name", "gated_embedding",
+           "gumbel_gates", "reference_gated_embedding"]

@@ -2,95 +2,41 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from . import validate
+from . import registry, validate
+from .registry import available_backends  # noqa: F401  (re-exported)
 from .reference import reference_gated_embedding, straight_through_gates
 
-log = logging.getLogger("autoft_fast")
-
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-
-
-def available_backends(device: str | torch.device | None = None) -> list[str]:
-    """Backends usable for tensors on ``device`` (default: the CPU), fastest first.
-
-    ``backend="auto"`` picks the first one. Example::
-
-        >>> import autoft_fast
-        >>> autoft_fast.available_backends("cpu")[-1]
-        'reference'
-    """
-    from .. import _extension as ext
-
-    device = torch.device("cpu" if device is None else device)
-    found = []
-    if device.type == "cpu" and ext.has_kernel("CPU"):
-        found.append("cpu")
-    if device.type == "cuda":
-        # CUDA C++ first: it has no per-call JIT dispatch cost. Not yet measured against
-        # Triton on a GPU (benchmarks/gpu_check.sh does that); revisit with its numbers.
-        if ext.has_kernel("CUDA"):
-            found.append("cuda")
-        if ext.triton_usable(device):
-            found.append("triton")
-    if device.type == "cpu" and ext.triton_usable(device):
-        found.append("triton")  # interpreter only: correct but slow, never preferred
-    found.append("reference")
-    return found
 
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to run; a compiled graph treats the answer as a constant (no graph break)."""
-    from .. import _extension as ext
-
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend = {backend!r} is not one of {('auto',) + BACKENDS}")
-    usable = available_backends(device)
-    if backend == "auto":
-        chosen = usable[0]
-        if chosen == "reference" and device.type == "cpu":
-            ext.warn_missing_extension_once()
-        _log_choice_once(f"backend 'auto' picked {chosen!r} for device {device} (available: {usable})")
-        return chosen
-    if backend not in usable:
-        served = {"cpu": "CPU tensors", "cuda": "CUDA tensors",
-                  "triton": "CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"}
-        if backend in ("cpu", "cuda") and ext._C is None:
-            why = f"the compiled extension is not built ({ext.BUILD_HINT})"
-        elif backend == "triton" and ext.load_triton() is None:
-            why = f"the Triton kernels could not be loaded ({ext.TRITON_ERROR})"
-        else:
-            why = f"it serves {served[backend]}"
-        raise ValueError(
-            f"backend = {backend!r} is not available for tensors on {device}: {why}; "
-            f"available there: {usable}")
-    _log_choice_once(f"backend {backend!r} for device {device}")
-    return backend
+    return registry.resolve(backend, device).name
 
 
-_logged: set[str] = set()
+class _DenseGradThroughView(torch.autograd.Function):
+    """A contiguous copy of a non-contiguous table whose gradient flows back dense.
 
+    A sparse COO gradient cannot pass back through an arbitrary view (a transpose of a hybrid
+    COO tensor fails inside PyTorch), so a strided tuned table gets its gradient densified.
+    """
 
-def _log_choice_once(message: str) -> None:
-    # Once per distinct choice: a training loop calls the op thousands of times.
-    if message not in _logged:
-        _logged.add(message)
-        log.debug("gated_embedding: %s", message)
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.contiguous()
 
-
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return torch.ops.autoft_fast.gated_embedding_fwd_triton
-    return torch.ops.autoft_fast.gated_embedding_fwd
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
 
 
 def _seed_tensor(seed: int | None, noise: bool, uniforms) -> torch.Tensor:
     if not noise or uniforms is not None:
         return torch.zeros((), dtype=torch.int64)  # unused; drawing would move the user's RNG
+    if isinstance(seed, torch.Tensor):
+        return seed
     if seed is None:
         # From torch's default CPU generator, so torch.manual_seed makes a run reproducible;
         # kept as a tensor (no .item()) so that torch.compile does not break the graph here.
@@ -120,36 +66,39 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         (torch.Size([32, 8, 16]), torch.Size([32, 8, 2]))
         >>> out.sum().backward()
     """
-    want_reference = backend == "reference"
+    row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
-                          reference=want_reference)
+                          reference=row is not None and row.is_reference)
     tau = validate.check_tau(tau)
     seed = validate.check_seed(seed)
-    hard, noise, sparse = bool(hard), bool(noise), bool(sparse)
+    hard = validate.check_flag("hard", hard)
+    noise = validate.check_flag("noise", noise)
+    sparse = validate.check_flag("sparse", sparse)
     if uniforms is not None and noise:
         validate.check_uniform_range(uniforms)
-    chosen = _resolve_backend(backend, indices.device)
-    if chosen != "reference" and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
+    row = registry.REGISTRY[_resolve_backend(backend, indices.device)]
+    if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
         raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
-                        f"not {chosen!r}")
+                        f"not {row.name!r}")
+    if sparse and not tuned_weight.is_contiguous() and tuned_weight.requires_grad:
+        tuned_weight = _DenseGradThroughView.apply(tuned_weight)
+    seed_t = _seed_tensor(seed, noise, uniforms)
 
-    if chosen == "reference":
+    if row.is_reference:
         validate.check_index_range(indices, frozen_weight.shape[0])
-        if noise and uniforms is None and seed is None:
-            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
         return reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, tau=tau,
-                                         hard=hard, noise=noise, seed=seed, uniforms=uniforms,
+                                         hard=hard, noise=noise, seed=seed_t, uniforms=uniforms,
                                          sparse=sparse)
 
     shape = indices.shape
     dim = tuned_weight.shape[1]
     flat_uniforms = None if (uniforms is None or not noise) else uniforms.reshape(-1).contiguous()
-    out, gates = _kernel_op(chosen)(
+    out, gates = row.ops()[0](
         indices.reshape(-1).contiguous(),
         frozen_weight.detach().contiguous(),
         tuned_weight.contiguous(),
         logits.reshape(-1, 2).contiguous(),
-        _seed_tensor(seed, noise, flat_uniforms),
+        seed_t,
         flat_uniforms,
         tau, hard, noise, sparse,
     )
@@ -177,13 +126,14 @@ def gumbel_gates(logits, *, tau=1.0, hard=True, noise=True, seed=None, uniforms=
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     tau = validate.check_tau(tau)
     seed = validate.check_seed(seed)
+    hard = validate.check_flag("hard", hard)
+    noise = validate.check_flag("noise", noise)
     if uniforms is not None:
         if tuple(uniforms.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"uniforms must have shape {tuple(logits.shape[:-1])}, got {tuple(uniforms.shape)}")
+            raise ValueError(f"uniforms must have the shape of indices {tuple(logits.shape[:-1])}, "
+                             f"got {tuple(uniforms.shape)}")
         validate.check_uniform_range(uniforms)
-    if noise and uniforms is None and seed is None:
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = straight_through_gates(logits.to(compute), tau=tau, hard=bool(hard), noise=bool(noise),
-                               seed=seed, uniforms=uniforms)
+    z = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
+                               seed=_seed_tensor(seed, noise, uniforms), uniforms=uniforms)
     return z

@@ -1,102 +1,154 @@
 """The op's torch.library schemas, fake kernels and autograd formula: declared once, here.
 
-The C++ CPU and CUDA kernels only register implementations for these schemas
-(``TORCH_LIBRARY_IMPL(autoft_fast, CPU/CUDA, m)``); the Triton pair is declared by
-``torch.library.triton_op`` in ``autoft_fast.kernels`` with the same signature, and gets the
-same autograd formula through :func:`register_autograd_for`.
+The schemas are derived from :mod:`autoft_fast.ops.interface`. The C++ CPU and CUDA kernels
+only register implementations for them (``TORCH_LIBRARY_IMPL(autoft_fast, CPU/CUDA, m)``); the
+Triton pair is declared by ``torch.library.triton_op`` in ``autoft_fast.kernels`` with the same
+derived signature. Every backend's forward op gets the same autograd formula through
+:func:`register_autograd_for`, which the backend registry calls.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-NAMESPACE = "autoft_fast"
-
-FWD_SCHEMA = (
-    "gated_embedding_fwd(Tensor indices, Tensor frozen_weight, Tensor tuned_weight, "
-    "Tensor logits, Tensor seed, Tensor? uniforms, float tau, bool hard, bool noise, "
-    "bool sparse) -> (Tensor, Tensor)"
-)
-BWD_SCHEMA = (
-    "gated_embedding_bwd(Tensor grad_out, Tensor? grad_gates, Tensor indices, "
-    "Tensor frozen_weight, Tensor tuned_weight, Tensor logits, Tensor seed, Tensor? uniforms, "
-    "float tau, bool hard, bool noise, bool sparse) -> (Tensor, Tensor, Tensor)"
-)
+from .interface import BWD, FWD, NAMESPACE, BwdArgs, FwdArgs, schema
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define(FWD_SCHEMA)
-_lib.define(BWD_SCHEMA)
+_lib.define(schema(FWD))
+_lib.define(schema(BWD))
 
 
-def fake_fwd(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise, sparse):
-    n = indices.shape[0]
-    out = tuned_weight.new_empty((n, tuned_weight.shape[1]))
-    gates = logits.new_empty((n, 2), dtype=torch.float32)
+def fake_fwd(*args):
+    """Output shapes of the forward (any backend): out [N, D] in the table dtype, gates [N, 2]."""
+    a = FwdArgs(*args)
+    n = a.indices.shape[0]
+    out = a.tuned_weight.new_empty((n, a.tuned_weight.shape[1]))
+    gates = a.logits.new_empty((n, 2), dtype=torch.float32)
     return out, gates
 
 
-def fake_bwd(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed, uniforms,
-             tau, hard, noise, sparse):
-    n = indices.shape[0]
-    grad_logits = logits.new_empty((n, 2), dtype=torch.float32)
-    if sparse:
-        # How many distinct rows a backend returns is data-dependent (at most n).
-        rows = torch.library.get_ctx().new_dynamic_size(max=n) if n else 0
-        grad_rows = indices.new_empty((rows,), dtype=torch.int64)
+def fake_bwd(*args):
+    """Output shapes of the backward (any backend); sparse mode has a data-dependent row count."""
+    a = BwdArgs(*args)
+    n = a.indices.shape[0]
+    grad_logits = a.logits.new_empty((n, 2), dtype=torch.float32)
+    if a.sparse:
+        # How many rows a backend returns is data-dependent (at most n). An upper bound is only
+        # given when n is a plain int: a symbolic n (dynamic batch size) cannot bound it.
+        ctx = torch.library.get_ctx()
+        rows = ctx.new_dynamic_size(max=n) if isinstance(n, int) else ctx.new_dynamic_size()
+        grad_rows = a.indices.new_empty((rows,), dtype=torch.int64)
     else:
-        rows = tuned_weight.shape[0]
-        grad_rows = indices.new_empty((0,), dtype=torch.int64)
-    grad_tuned = tuned_weight.new_empty((rows, tuned_weight.shape[1]))
+        rows = a.tuned_weight.shape[0]
+        grad_rows = a.indices.new_empty((0,), dtype=torch.int64)
+    grad_tuned = a.tuned_weight.new_empty((rows, a.tuned_weight.shape[1]))
     return grad_tuned, grad_logits, grad_rows
 
 
-torch.library.register_fake(f"{NAMESPACE}::gated_embedding_fwd", fake_fwd, lib=_lib)
-torch.library.register_fake(f"{NAMESPACE}::gated_embedding_bwd", fake_bwd, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::{FWD.name}", fake_fwd, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::{BWD.name}", fake_bwd, lib=_lib)
+
+@torch.library.custom_op(f"{NAMESPACE}::checked_indices", mutates_args=())
+def checked_indices(indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A copy of ``indices`` after the contract's range check (IndexError naming the position).
+
+    A traced graph (torch.compile) keeps this op and runs it at run time, so a kernel launched
+    from the graph reads only checked indices; the copy is what ties the kernel to the check.
+
+    Example::
+
+        >>> import torch
+        >>> torch.ops.autoft_fast.checked_indices(torch.tensor([0, 2]), 3).tolist()
+        [0, 2]
+    """
+    from .validate import check_index_range
+
+    check_index_range(indices, num_rows)
+    return indices.clone()
+
+
+@checked_indices.register_fake
+def _(indices, num_rows):
+    return torch.empty_like(indices)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "gated_embedding: backend {backend!r} has no double backward (the fused kernels give "
+    "first-order gradients only); use backend='reference' for create_graph=True / "
+    "higher-order gradients")
+
+_SAVED = ("indices", "frozen_weight", "tuned_weight", "logits", "seed", "uniforms")
+_OPTIONS = ("tau", "hard", "noise", "sparse")
 
 
 def _setup_context(ctx, inputs, output):
-    indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise, sparse = inputs
+    a = FwdArgs(*inputs)
     # Nothing of the forward is kept but its inputs: the backward regenerates the noise.
-    ctx.save_for_backward(indices, frozen_weight, tuned_weight, logits, seed, uniforms)
-    ctx.options = (tau, hard, noise, sparse)
+    ctx.save_for_backward(*(getattr(a, k) for k in _SAVED))
+    ctx.options = tuple(getattr(a, k) for k in _OPTIONS)
     ctx.set_materialize_grads(False)
 
 
-def _make_backward(bwd_op, coalesced_on: tuple[str, ...]):
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a first-order gradient through; differentiating it again raises the one error."""
+
+    @staticmethod
+    def forward(ctx, backend, value, *anchors):
+        ctx.backend = backend
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR.format(backend=ctx.backend))
+
+
+def _refuse_double_backward(outputs, backend: str, anchors):
+    """Tie each gradient to the tensors it depends on through a node that refuses to differentiate."""
+    return [None if t is None else _NoDoubleBackward.apply(backend, t, *anchors) for t in outputs]
+
+
+def _make_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
     def backward(ctx, grad_out, grad_gates):
-        indices, frozen_weight, tuned_weight, logits, seed, uniforms = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        indices, frozen_weight, tuned_weight, logits, seed, uniforms = saved
         tau, hard, noise, sparse = ctx.options
+        name, coalesced = backend_of(indices.device.type)
         n, dim = indices.shape[0], tuned_weight.shape[1]
         if grad_out is None:
             grad_out = tuned_weight.new_zeros((n, dim))
-        grad_tuned, grad_logits, grad_rows = bwd_op(
-            grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
-            indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise, sparse)
+        anchors = [t for t in (grad_out, grad_gates, tuned_weight, logits)
+                   if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        with torch.no_grad():
+            grad_tuned, grad_logits, grad_rows = bwd_op(
+                grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
+                indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise,
+                sparse)
+        if anchors:  # create_graph=True: the gradients would be differentiated again
+            grad_tuned, grad_logits = _refuse_double_backward((grad_tuned, grad_logits), name, anchors)
         if sparse:
             # A coalesced gradient (sorted unique rows) saves the optimizer a coalesce: PyTorch's
             # sparse SGD step on an uncoalesced one of ~100k lookups costs several ms.
             grad_tuned = torch.sparse_coo_tensor(
-                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape,
-                is_coalesced=indices.device.type in coalesced_on,
+                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape, is_coalesced=coalesced,
                 check_invariants=False)  # rows were range-checked by the forward
         if not ctx.needs_input_grad[2]:
             grad_tuned = None
         if not ctx.needs_input_grad[3]:
             grad_logits = None
-        return None, None, grad_tuned, grad_logits, None, None, None, None, None, None
+        grads = [None] * len(FWD.args)
+        grads[2], grads[3] = grad_tuned, grad_logits
+        return tuple(grads)
 
     return backward
 
 
-def register_autograd_for(fwd_name: str, bwd_op, *, coalesced_on: tuple[str, ...]) -> None:
+def register_autograd_for(fwd_name: str, bwd_op, backend_of: Callable[[str], tuple[str, bool]]) -> None:
     """Give the forward op ``fwd_name`` the contract's straight-through backward via ``bwd_op``.
 
-    ``coalesced_on``: the device types on which ``bwd_op``'s sparse-mode rows come sorted and
-    unique (the others return one row per lookup, as nn.Embedding does).
+    ``backend_of(device_type)`` -> (backend name, whether its sparse-mode rows come sorted and
+    unique); one op may serve several backends (the C++ op serves 'cpu' and 'cuda').
     """
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op, coalesced_on),
+    torch.library.register_autograd(fwd_name, _make_backward(bwd_op, backend_of),
                                     setup_context=_setup_context)
-
-
-register_autograd_for(f"{NAMESPACE}::gated_embedding_fwd", torch.ops.autoft_fast.gated_embedding_bwd,
-                      coalesced_on=("cpu",))

@@ -18,14 +18,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-_ROUND_A = np.uint64(0xD2511F53)
-_ROUND_B = np.uint64(0xCD9E8D57)
-_KEY_A = np.uint64(0x9E3779B9)
-_KEY_B = np.uint64(0xBB67AE85)
-_SHIFT = np.uint64(32)
+# Plain ints (torch.compile traces the torch path with them as constants), numpy copies below.
+ROUND_A, ROUND_B, KEY_A, KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 # Largest int32 magnitude maps just below 1.0: float32(2**31 - 1) * this < 1.
-UNIFORM_SCALE = np.float32(4.6566127342e-10)
+UNIFORM_SCALE_VALUE = 4.6566127342e-10
+_MASK32 = np.uint64(0xFFFFFFFF)
+_ROUND_A = np.uint64(ROUND_A)
+_ROUND_B = np.uint64(ROUND_B)
+_KEY_A = np.uint64(KEY_A)
+_KEY_B = np.uint64(KEY_B)
+_SHIFT = np.uint64(32)
+UNIFORM_SCALE = np.float32(UNIFORM_SCALE_VALUE)
 MAX_SEED = 2**63 - 1
 
 
@@ -73,11 +76,45 @@ def philox_uniforms(seed: int, n: int, start: int = 0) -> np.ndarray:
     return words_to_uniforms(words[lo : lo + n])
 
 
-def uniforms_tensor(seed: int, shape, device=None) -> torch.Tensor:
-    """The contract's uniforms for a lookup tensor of ``shape`` (row-major), float32."""
-    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-    u = torch.from_numpy(philox_uniforms(seed, n)).reshape(shape)
-    return u.to(device) if device is not None else u
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for a, b < 2**32, in int64 without overflow."""
+    p_lo = a * (b & 0xFFFF)          # < 2**48
+    p_hi = a * (b >> 16)             # < 2**48
+    low_sum = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    return (p_hi >> 16) + (low_sum >> 32), low_sum & 0xFFFFFFFF
+
+
+def uniforms_tensor(seed, shape, device=None) -> torch.Tensor:
+    """The contract's uniforms for a lookup tensor of ``shape`` (row-major), float32.
+
+    Plain torch integer ops (no numpy, no ``.item()``), so ``torch.compile`` traces it and the
+    ``seed`` may be a 0-dim int64 tensor; bit-identical to :func:`philox_uniforms`.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.philox import philox_uniforms, uniforms_tensor
+        >>> bool((uniforms_tensor(7, (3, 2)).reshape(-1) == torch.from_numpy(philox_uniforms(7, 6))).all())
+        True
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    calls = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c0, c1 = calls & 0xFFFFFFFF, calls >> 32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + KEY_A) & 0xFFFFFFFF
+        k1 = (k1 + KEY_B) & 0xFFFFFFFF
+    words = torch.stack((c0, c1, c2, c3), dim=1).reshape(-1)[:n]  # word n % 4 of call n // 4
+    x = torch.where(words >= 2**31, 2**32 - 1 - words, words)  # int32 view, x < 0 -> -x - 1
+    u = x.to(torch.float32) * torch.tensor(UNIFORM_SCALE_VALUE, dtype=torch.float32, device=device)
+    return u.reshape(shape)
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:

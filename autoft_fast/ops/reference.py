@@ -3,9 +3,10 @@
 It is the oracle of every test, so it favours obviousness over speed: two gathers, the gate
 as an explicit autograd function (so that the logit gradient carries y0 * y1 computed as a
 product, as the contract asks, and not torch.sigmoid's y * (1 - y)), and a float32 (or, for
-float64 tables, float64) mix. It runs on any device and supports both gradient modes: the
-tuned rows are gathered with ``F.embedding(sparse=...)``, which yields exactly
-nn.Embedding's COO gradient in sparse mode.
+float64 tables, float64) mix. It runs on any device (meta included) and supports both gradient modes; the
+tuned-table gradient sums repeated rows in float32 (float64 for float64 tables) and casts once,
+dense or as a coalesced COO tensor, so 16-bit tables lose nothing to a 16-bit running sum.
+Its backward is differentiable: the reference also gives second-order gradients.
 """
 
 from __future__ import annotations
@@ -25,21 +26,53 @@ class _StraightThroughGate(torch.autograd.Function):
         y1 = torch.sigmoid(x)
         y0 = torch.sigmoid(-x)
         if hard:
-            # A tie (y1 == 0.5) and NaN both pick the frozen row: the comparison is false.
-            pick = (y1 > 0.5).to(logits.dtype)
+            # The contract's rule x > 0 (y1 > 0.5 in exact arithmetic; a float sigmoid rounds to
+            # 0.5 for 0 < x < 3e-8). A tie and NaN both pick the frozen row: the comparison is false.
+            pick = (x > 0).to(logits.dtype)
             z = torch.stack((1 - pick, pick), dim=-1)
         else:
             z = torch.stack((y0, y1), dim=-1)
-        ctx.save_for_backward(y0 * y1)
+        ctx.save_for_backward(logits, noise)
         ctx.tau = tau
         ctx.mark_non_differentiable(y1)
         return z, y1
 
     @staticmethod
     def backward(ctx, grad_z, _grad_y1):
-        (y0y1,) = ctx.saved_tensors
+        # y0 * y1 recomputed from the inputs, so that a double backward differentiates it too.
+        logits, noise = ctx.saved_tensors
+        x = (logits[..., 1] - logits[..., 0] + noise) / ctx.tau
+        y0y1 = torch.sigmoid(x) * torch.sigmoid(-x)
         s = y0y1 * (grad_z[..., 1] - grad_z[..., 0]) / ctx.tau
         return torch.stack((-s, s), dim=-1), None, None, None
+
+
+class _TunedRows(torch.autograd.Function):
+    """tuned_weight[idx] in ``compute``; the gradient sums repeated rows in ``compute`` precision."""
+
+    @staticmethod
+    def forward(ctx, weight, idx, sparse, compute):
+        ctx.save_for_backward(idx)
+        ctx.table = (weight.shape, weight.dtype)
+        ctx.sparse = sparse
+        flat = idx.reshape(-1)
+        return weight.index_select(0, flat).reshape(*idx.shape, weight.shape[1]).to(compute)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        (rows, dim), dtype = ctx.table
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        g = grad.reshape(-1, dim).to(acc)
+        flat = idx.reshape(-1)
+        if ctx.sparse:
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            values = g.new_zeros((unique.shape[0], dim)).index_add(0, inverse, g).to(dtype)
+            out = torch.sparse_coo_tensor(unique.reshape(1, -1), values, (rows, dim),
+                                          is_coalesced=True, check_invariants=False)
+        else:
+            out = g.new_zeros((rows, dim)).index_add(0, flat, g).to(dtype)
+        return out, None, None, None
 
 
 def gate_noise(shape, *, noise: bool, seed: int | None, uniforms, device, dtype) -> torch.Tensor:
@@ -65,13 +98,24 @@ def reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, *, t
     """out, gates of the contract in plain PyTorch (inputs already validated).
 
     Computes in float64 when the tables are float64 (the tests' oracle), else in float32.
+    ``seed`` is an int or a 0-dim int64 tensor (traceable by torch.compile).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.reference import reference_gated_embedding
+        >>> f = torch.randn(5, 3)
+        >>> out, gates = reference_gated_embedding(torch.tensor([1, 4]), f, f + 1,
+        ...                                        torch.zeros(2, 2), seed=3)
+        >>> out.shape, gates.shape
+        (torch.Size([2, 3]), torch.Size([2, 2]))
     """
     compute = torch.float64 if tuned_weight.dtype == torch.float64 else torch.float32
     gates = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
                                    seed=seed, uniforms=uniforms)
     idx = indices.long()
     frozen_rows = F.embedding(idx, frozen_weight.detach()).to(compute)
-    tuned_rows = F.embedding(idx, tuned_weight, sparse=sparse).to(compute)
+    tuned_rows = _TunedRows.apply(tuned_weight, idx, sparse, compute)
     out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
     gate_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.to(tuned_weight.dtype), gates.to(gate_dtype)

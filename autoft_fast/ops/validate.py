@@ -1,7 +1,9 @@
 """Every user-input check of the op contract, in one place and one message style.
 
-Kernels repeat the cheap checks for callers of ``torch.ops.autoft_fast.*``; the public
-function runs these first so that every backend raises the same exception with the same words.
+The public function runs these first so that every backend raises the same exception with
+the same words; the Triton host code runs them too for direct callers of its
+``torch.ops.autoft_fast.*`` ops (:func:`check_kernel_inputs`). The C++ kernels repeat the cheap
+checks in csrc/gated_common.h with the same wording.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ def _names(dtypes) -> str:
 
 
 def check_tau(tau) -> float:
-    try:
-        value = float(tau)
-    except (TypeError, ValueError):
-        raise TypeError(f"tau must be a positive finite number, got {tau!r}") from None
+    """``tau`` as a float: a real number (not a string or bool), positive and finite."""
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.dtype.is_floating_point:
+        tau = float(tau)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a positive finite number, got {tau!r} ({type(tau).__name__})")
+    value = float(tau)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"tau = {tau!r} must be a positive finite number")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool option (``hard``, ``noise``, ``sparse``): a bool, never a string or a number."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -45,7 +56,15 @@ def check_seed(seed) -> int | None:
 
 
 def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, reference: bool) -> None:
-    """Shapes, dtypes and devices of the op's tensors (not the index range: see check_index_range)."""
+    """Shapes, dtypes and devices of the op's tensors (not the index range: see check_index_range).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.validate import check_inputs
+        >>> f = torch.zeros(4, 2)
+        >>> check_inputs(torch.tensor([1]), f, f, torch.zeros(1, 2), None, reference=False)
+    """
     for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
                     ("tuned_weight", tuned_weight), ("logits", logits)):
         if not isinstance(t, torch.Tensor):
@@ -91,9 +110,14 @@ def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, refe
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
+def _no_data(t: torch.Tensor) -> bool:
+    """True where a data-dependent check cannot run: while compiling, or on meta tensors."""
+    return torch.compiler.is_compiling() or t.device.type == "meta"
+
+
 def check_uniform_range(uniforms: torch.Tensor) -> None:
     # A data-dependent check would break a torch.compile graph: compiled code skips it.
-    if torch.compiler.is_compiling():
+    if _no_data(uniforms):
         return
     if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
         bad = torch.nonzero(~((uniforms.reshape(-1) >= 0) & (uniforms.reshape(-1) < 1)))[0, 0].item()
@@ -106,10 +130,55 @@ def index_error(position: int, value: int, num_rows: int) -> IndexError:
 
 def check_index_range(indices: torch.Tensor, num_rows: int) -> None:
     """Raise the contract's IndexError naming the first bad flat position."""
-    if indices.numel() == 0 or torch.compiler.is_compiling():
-        return  # compiled reference code relies on F.embedding's own bounds check
+    if indices.numel() == 0 or _no_data(indices):
+        return  # compiled reference code relies on the gather's own bounds check
     flat = indices.reshape(-1)
     bad = (flat < 0) | (flat >= num_rows)
     if bool(bad.any()):
         pos = int(torch.nonzero(bad)[0, 0].item())
         raise index_error(pos, int(flat[pos].item()), num_rows)
+
+
+def check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau) -> None:
+    """The kernel-level form (flat [N] indices, a 0-dim int64 CPU seed tensor) of the checks.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.validate import check_kernel_inputs
+        >>> f = torch.zeros(4, 2)
+        >>> check_kernel_inputs(torch.tensor([1]), f, f, torch.zeros(1, 2), torch.tensor(0), None, 1.0)
+    """
+    if isinstance(indices, torch.Tensor) and indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D (N lookups) for the kernel op, got shape {tuple(indices.shape)}")
+    check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, reference=False)
+    if not (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64
+            and seed.device.type == "cpu"):
+        got = (f"shape {tuple(seed.shape)}, dtype {seed.dtype}, device {seed.device}"
+               if isinstance(seed, torch.Tensor) else type(seed).__name__)
+        raise TypeError(f"seed must be a 0-dim int64 CPU tensor, got {got}")
+    check_tau(tau)
+
+
+def check_grads(grad_out, grad_gates, indices, tuned_weight) -> None:
+    """The backward's incoming gradients at kernel level: grad_out [N, D], grad_gates [N, 2]."""
+    n, d = indices.shape[0], tuned_weight.shape[1]
+    if tuple(grad_out.shape) != (n, d):
+        raise ValueError(f"grad_out must have shape [{n}, {d}], got shape {tuple(grad_out.shape)}")
+    if grad_out.dtype not in (tuned_weight.dtype, torch.float32):
+        raise TypeError(f"grad_out must have the dtype of tuned_weight ({tuned_weight.dtype}) or "
+                        f"float32, got dtype {grad_out.dtype}")
+    if grad_gates is not None:
+        if tuple(grad_gates.shape) != (n, 2):
+            raise ValueError(f"grad_gates must have shape [{n}, 2], got shape {tuple(grad_gates.shape)}")
+        if grad_gates.dtype != torch.float32:
+            raise TypeError(f"grad_gates must be float32, got dtype {grad_gates.dtype}")
+    for name, t in (("grad_out", grad_out), ("grad_gates", grad_gates)):
+        if t is not None and t.device != indices.device:
+            raise ValueError(f"all tensors must be on one device, got {name} on {t.device}, "
+                             f"indices on {indices.device}")
+
+
+def check_seed_value(value: int) -> int:
+    """A seed read from its tensor: the 63-bit range of :func:`check_seed`."""
+    return check_seed(int(value))

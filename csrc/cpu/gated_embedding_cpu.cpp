@@ -4,8 +4,9 @@
 // the gate and write the output row; a hard gate copies the chosen row and never loads the
 // other one. Backward: regenerate the same noise from (seed, n), so the forward saves nothing
 // but its inputs, then compute the logit gradients and the tuned-table gradient in one pass;
-// the dense table gradient groups lookups by row (a stable radix sort), so repeated rows are
-// summed in float32 by exactly one thread each, in lookup order, with no atomics.
+// the table gradient groups the lookups by row (keys row << 32 | lookup, scattered into buckets
+// by the row's top bits, each bucket then sorted on its own), so repeated rows are summed in
+// float32 by exactly one thread each, in lookup order, with no atomics.
 #include "../gated_common.h"
 #include "../philox.h"
 #include "gated_embedding_cpu.h"
@@ -57,13 +58,6 @@ inline void prefetch_row(const T* p, int64_t D) {
   }
 }
 
-// Where the noise of a lookup comes from.
-struct NoiseSource {
-  bool noise;
-  uint64_t seed;
-  const float* uniforms;  // overrides the seed when not null
-};
-
 // The inputs of the gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0): the
 // logit difference d and the two terms of the logistic noise l = log(a) - log(b),
 // a = U + 1e-20, b = 1 - U (a = b = 1, l = 0, without noise). `words` are the group's Philox
@@ -92,7 +86,7 @@ inline GateInputs gate_inputs(const NoiseSource& src, const float* logits, int64
     } else {
       vec4::i32x4 w = (vec4::i32x4)words;
       w = w < 0 ? ~w : w;  // philox_uniform, four at a time
-      u = __builtin_convertvector(w, f32x4) * splat(4.6566127342e-10f);
+      u = __builtin_convertvector(w, f32x4) * splat(kUniformScale);
     }
     in.a = u + splat(1e-20f);
     in.b = splat(1.0f) - u;
@@ -112,16 +106,32 @@ inline vec4::f32x4 neg_abs(vec4::f32x4 v) {
   return v;
 }
 
-// The hard choice, lanes -1 (tuned) or 0 (frozen). y1 > 1/2 means x = (d + l) / tau > 0, that is
-// log(a) - log(b) > -d, that is a > b * exp(-d): one exp instead of two logs, an exp and two
-// divisions, which made the noisy hard forward compute-bound. It can differ from comparing a
-// float sigmoid with 0.5 only where x is within rounding of 0 (the contract's near-tie);
-// forward and backward both decide here, so they always agree. The comparisons are false for
-// NaN (the frozen row), and an exact tie goes to the frozen row.
-inline vec4::i32x4 hard_pick(const GateInputs& in) {
+// The hard choice, lanes -1 (tuned) or 0 (frozen): the contract's rule x = (d + l) / tau > 0.
+// Fast path: x > 0 means log(a) - log(b) > -d, that is a > b * exp(-d): one exp instead of two
+// logs, an exp and two divisions, which made the noisy hard forward compute-bound. Where the
+// two sides of that comparison are within rounding of each other (exp(-d) rounds to 1 for
+// |d| < 6e-8, yet d / tau can be far from 0 at a small tau), x is formed as soft_gates forms
+// it and its sign decides. Forward and backward both decide here, so they always agree. NaN
+// compares false (the frozen row), and an exact tie goes to the frozen row.
+inline vec4::i32x4 hard_pick(const GateInputs& in, bool noise, float tau) {
+  using vec4::splat;
   const vec4::f32x4 e = vec4::exp_nonpositive(neg_abs(in.d));  // exp(-|d|), no overflow
-  const vec4::i32x4 d_positive = in.d >= vec4::splat(0.0f);
-  return d_positive ? (in.a > in.b * e) : (in.a * e > in.b);
+  const vec4::i32x4 d_positive = in.d >= splat(0.0f);
+  const vec4::f32x4 lhs = d_positive ? in.a : in.a * e;
+  const vec4::f32x4 rhs = d_positive ? in.b * e : in.b;
+  const vec4::i32x4 fast = lhs > rhs;
+  const vec4::f32x4 gap = lhs - rhs;
+  const vec4::f32x4 tol = splat(1e-6f) * (lhs > rhs ? lhs : rhs);
+  const vec4::i32x4 near = (gap <= tol) & (gap >= -tol);
+  if (!(near[0] | near[1] | near[2] | near[3])) {
+    return fast;
+  }
+  vec4::f32x4 x = in.d;
+  if (noise) {
+    x = x + (vec4::log(in.a) - vec4::log(in.b));
+  }
+  x = x / splat(tau);
+  return near ? (x > splat(0.0f)) : fast;
 }
 
 // The soft gates:
@@ -248,7 +258,7 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
         GateGroup s;
         vec4::i32x4 pick = {0, 0, 0, 0};  // lanes: 0 or -1
         if (hard) {
-          pick = hard_pick(in);
+          pick = hard_pick(in, src.noise, tau);
           s.y1 = pick ? vec4::splat(1.0f) : vec4::splat(0.0f);
           s.y0 = vec4::splat(1.0f) - s.y1;
         } else {
@@ -448,7 +458,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
           const vec4::f32x4 sc = s.y0y1 / vec4::splat(tau);  // the same IEEE division, 4 at once
           // The forward's choice, by the same rule.
           const vec4::f32x4 z1 =
-              hard ? (hard_pick(in) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
+              hard ? (hard_pick(in, src.noise, tau) ? vec4::splat(1.0f) : vec4::splat(0.0f)) : s.y1;
           for (int64_t j = 0; j < count; ++j) {
             const int64_t i = i0 + j;
             const int64_t n = n0 + i;
@@ -782,19 +792,6 @@ int64_t count_rows(const std::vector<int64_t>& order, const index_t* indices) {
   return u;
 }
 
-NoiseSource make_noise_source(const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
-                              bool noise, at::Tensor& uniforms_c) {
-  NoiseSource src{noise, 0, nullptr};
-  if (noise) {
-    if (uniforms.has_value()) {
-      uniforms_c = uniforms->contiguous();
-      src.uniforms = uniforms_c.const_data_ptr<float>();
-    } else {
-      src.seed = read_seed(seed);
-    }
-  }
-  return src;
-}
 
 }  // namespace
 

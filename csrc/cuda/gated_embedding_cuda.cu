@@ -133,20 +133,6 @@ void check_index_range(const at::Tensor& idx, int64_t V) {
   throw_index_out_of_range(pos, value, V);
 }
 
-NoiseArgs make_noise(const at::Tensor& seed, const std::optional<at::Tensor>& uniforms, bool noise,
-                     at::Tensor& uniforms_c) {
-  NoiseArgs src{noise, 0, nullptr};
-  if (noise) {
-    if (uniforms.has_value()) {
-      uniforms_c = uniforms->contiguous();
-      src.uniforms = uniforms_c.const_data_ptr<float>();
-    } else {
-      src.seed = read_seed(seed);
-    }
-  }
-  return src;
-}
-
 unsigned blocks_for(int64_t N) {
   return static_cast<unsigned>((N + kLookupsPerBlock - 1) / kLookupsPerBlock);
 }
@@ -168,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cuda(
   const at::Tensor lg = logits.contiguous();
   check_index_range(idx, s.V);
   at::Tensor uniforms_c;
-  const NoiseArgs src = make_noise(seed, uniforms, noise, uniforms_c);
+  const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
 
   at::Tensor out = at::empty({s.N, s.D}, tuned.options());
   at::Tensor gates = at::empty({s.N, 2}, lg.options());
@@ -218,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
       grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->contiguous()) : std::nullopt;
   check_index_range(idx, s.V);
   at::Tensor uniforms_c;
-  const NoiseArgs src = make_noise(seed, uniforms, noise, uniforms_c);
+  const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
 
   const bool deterministic = !sparse && at::globalContext().deterministicAlgorithms();
   const GradMode mode =

@@ -42,14 +42,8 @@ __device__ __forceinline__ SoftGate soft_gate(float x) {
   return s;
 }
 
-struct NoiseArgs {
-  bool noise;
-  uint64_t seed;
-  const float* uniforms;  // overrides the seed when not null
-};
-
 // Logistic noise of lookups n0 .. n0 + 3 (n0 % 4 == 0); entries past N are left 0.
-__device__ __forceinline__ void group_noise(const NoiseArgs& src, int64_t n0, int64_t N,
+__device__ __forceinline__ void group_noise(const NoiseSource& src, int64_t n0, int64_t N,
                                             float l[4]) {
   l[0] = l[1] = l[2] = l[3] = 0.0f;
   if (!src.noise) {
@@ -67,6 +61,33 @@ __device__ __forceinline__ void group_noise(const NoiseArgs& src, int64_t n0, in
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       l[k] = logistic_noise(philox_uniform(r.w[k]));
+    }
+  }
+}
+
+// The gate stage of both kernels, written once: the first kGateThreads threads of a block each
+// take four consecutive lookups (one Philox call), form x = (d + l) / tau and its soft gates,
+// and the hard choice by the contract's rule x > 0 (NaN and an exact tie pick the frozen row).
+// `visit(j, n, z0, z1, y0y1)` stores what a kernel keeps of lookup n (slot j of the block).
+template <typename Visit>
+__device__ __forceinline__ void gate_stage(const NoiseSource& src, const float* __restrict__ logits,
+                                           float tau, bool hard, int64_t base, int64_t N,
+                                           Visit&& visit) {
+  if (threadIdx.x >= kGateThreads) {
+    return;
+  }
+  const int64_t n0 = base + 4 * threadIdx.x;
+  float l[4];
+  group_noise(src, n0, N, l);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t n = n0 + k;
+    if (n < N) {
+      const float x = (logits[2 * n + 1] - logits[2 * n] + l[k]) / tau;
+      const SoftGate s = soft_gate(x);
+      const float z1 = hard ? (x > 0.0f ? 1.0f : 0.0f) : s.y1;
+      const float z0 = hard ? 1.0f - z1 : s.y0;
+      visit(4 * static_cast<int>(threadIdx.x) + k, n, z0, z1, s.y0y1);
     }
   }
 }
@@ -192,7 +213,7 @@ template <typename scalar_t, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const void* __restrict__ indices, bool idx64,
                    const scalar_t* __restrict__ frozen, const scalar_t* __restrict__ tuned,
-                   const float* __restrict__ logits, NoiseArgs src, float tau, bool hard,
+                   const float* __restrict__ logits, NoiseSource src, float tau, bool hard,
                    int64_t N, int64_t D, int G, scalar_t* __restrict__ out,
                    float* __restrict__ gates) {
   __shared__ float s_z0[kLookupsPerBlock];
@@ -200,30 +221,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int64_t s_row[kLookupsPerBlock];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kLookupsPerBlock;
 
-  if (threadIdx.x < kGateThreads) {
-    const int64_t n0 = base + 4 * threadIdx.x;
-    float l[4];
-    group_noise(src, n0, N, l);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t n = n0 + k;
-      const int j = 4 * threadIdx.x + k;
-      if (n < N) {
-        const SoftGate s = soft_gate((logits[2 * n + 1] - logits[2 * n] + l[k]) / tau);
-        float z0 = s.y0;
-        float z1 = s.y1;
-        if (hard) {
-          z1 = s.y1 > 0.5f ? 1.0f : 0.0f;
-          z0 = 1.0f - z1;
-        }
-        gates[2 * n] = z0;
-        gates[2 * n + 1] = z1;
-        s_z0[j] = z0;
-        s_z1[j] = z1;
-        s_row[j] = read_index(indices, idx64, n);
-      }
-    }
-  }
+  gate_stage(src, logits, tau, hard, base, N, [&](int j, int64_t n, float z0, float z1, float) {
+    gates[2 * n] = z0;
+    gates[2 * n + 1] = z1;
+    s_z0[j] = z0;
+    s_z1[j] = z1;
+    s_row[j] = read_index(indices, idx64, n);
+  });
   __syncthreads();
 
   const int group = threadIdx.x / G;
@@ -289,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const grad_t* __restrict__ grad_out, const float* __restrict__ grad_gates,
                     const void* __restrict__ indices, bool idx64,
                     const scalar_t* __restrict__ frozen, const scalar_t* __restrict__ tuned,
-                    const float* __restrict__ logits, NoiseArgs src, float tau, bool hard,
+                    const float* __restrict__ logits, NoiseSource src, float tau, bool hard,
                     int64_t N, int64_t D, int G,
                     float* __restrict__ dense_grad,     // kAtomic: [V, D] float32, zeroed
                     scalar_t* __restrict__ sparse_grad,  // kSparse: [N, D]
@@ -301,28 +305,16 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int64_t s_row[kLookupsPerBlock];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kLookupsPerBlock;
 
-  if (threadIdx.x < kGateThreads) {
-    const int64_t n0 = base + 4 * threadIdx.x;
-    float l[4];
-    group_noise(src, n0, N, l);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t n = n0 + k;
-      const int j = 4 * threadIdx.x + k;
-      if (n < N) {
-        const SoftGate s = soft_gate((logits[2 * n + 1] - logits[2 * n] + l[k]) / tau);
-        const float z1 = hard ? (s.y1 > 0.5f ? 1.0f : 0.0f) : s.y1;
-        s_z1[j] = z1;
-        s_y0y1[j] = s.y0y1;
-        s_gate_term[j] =
-            grad_gates != nullptr ? s.y0y1 * (grad_gates[2 * n + 1] - grad_gates[2 * n]) / tau : 0.0f;
-        s_row[j] = read_index(indices, idx64, n);
-        if constexpr (MODE == GradMode::kDeterministic) {
-          z1_out[n] = z1;
-        }
-      }
+  gate_stage(src, logits, tau, hard, base, N, [&](int j, int64_t n, float, float z1, float y0y1) {
+    s_z1[j] = z1;
+    s_y0y1[j] = y0y1;
+    s_gate_term[j] =
+        grad_gates != nullptr ? y0y1 * (grad_gates[2 * n + 1] - grad_gates[2 * n]) / tau : 0.0f;
+    s_row[j] = read_index(indices, idx64, n);
+    if constexpr (MODE == GradMode::kDeterministic) {
+      z1_out[n] = z1;
     }
-  }
+  });
   __syncthreads();
 
   const int group = threadIdx.x / G;

@@ -1,4 +1,4 @@
-// Timing loop of the CPU kernels at the size (B=4096 x F=24 lookups, D=16, V=1M),
+// Timing loop of the CPU kernels at the benchmark size (B=4096 x F=24 lookups, D=16, V=1M),
 // next to two at::index_select of the rows, the floor any fused forward competes with.
 // Usage: autoft_fast_bench [threads] [dtype: f32|bf16]
 // Prints the fastest of the repetitions: on a shared machine the median mostly measures the

@@ -114,7 +114,7 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
   for (auto& x : gg) x = static_cast<float>(nrand());
   std::vector<grad_t> go(N * D);
   for (auto& x : go) x = static_cast<grad_t>(static_cast<float>(nrand()));
-  NoiseArgs src{noise_mode != 0, seed, noise_mode == 2 ? uniforms.data() : nullptr};
+  autoft::NoiseSource src{noise_mode != 0, seed, noise_mode == 2 ? uniforms.data() : nullptr};
   const int G = pick_group(D, VEC);
   const unsigned blocks = static_cast<unsigned>((N + kLookupsPerBlock - 1) / kLookupsPerBlock);
   std::vector<scalar_t> o(N * D);

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .ops import library  # noqa: F401  (declares the schemas before any kernel registers)
+from . import library  # noqa: F401  (declares the schemas before any kernel registers)
 
 BUILD_HINT = (
     "autoft_fast's compiled kernels are not built, so the op runs on the slow 'reference' "
@@ -20,7 +20,7 @@ BUILD_HINT = (
 )
 
 try:
-    from . import _C  # noqa: F401
+    from .. import _C  # noqa: F401
 
     EXTENSION_ERROR: Exception | None = None
 except ImportError as exc:  # not built, or built against another torch
@@ -38,11 +38,10 @@ def load_triton():
     if not _triton_tried:
         _triton_tried = True
         try:
-            from . import kernels
+            from .. import kernels
 
-            library.register_autograd_for(
-                "autoft_fast::gated_embedding_fwd_triton",
-                torch.ops.autoft_fast.gated_embedding_bwd_triton, coalesced_on=())
+            if kernels.gated_embedding is None:
+                raise kernels.import_error()
             _triton_kernels = kernels
         except Exception as exc:  # triton missing, or a release the kernels do not support
             TRITON_ERROR = exc

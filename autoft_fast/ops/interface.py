@@ -1,0 +1,108 @@
+"""The op's kernel-level interface, declared once: argument names, types and order.
+
+The torch.library schema strings, the fake kernels, the autograd wiring and the Triton
+``triton_op`` signatures are all derived from :data:`FWD_ARGS` / :data:`BWD_ARGS`; the C++
+kernels register implementations whose C++ signatures the dispatcher checks against the
+schema at import. Adding an argument means adding a row here and handling it in each kernel.
+
+Example::
+
+    >>> from autoft_fast.ops.interface import FWD, schema
+    >>> schema(FWD).startswith("gated_embedding_fwd(Tensor indices, ")
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+NAMESPACE = "autoft_fast"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One positional argument of a kernel-level op: its name and type."""
+
+    name: str
+    schema_type: str  # as torch.library writes it: "Tensor", "Tensor?", "float", "bool"
+
+    @property
+    def annotation(self):
+        return {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor],
+                "float": float, "bool": bool}[self.schema_type]
+
+
+@dataclass(frozen=True)
+class OpInterface:
+    """An op's name, arguments and number of returned tensors."""
+
+    name: str
+    args: tuple[Arg, ...]
+    returns: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+
+_INPUTS = (
+    Arg("indices", "Tensor"),        # [N] int32 / int64
+    Arg("frozen_weight", "Tensor"),  # [V, D]
+    Arg("tuned_weight", "Tensor"),   # [V, D]
+    Arg("logits", "Tensor"),         # [N, 2] float32
+    Arg("seed", "Tensor"),           # 0-dim int64 CPU tensor
+    Arg("uniforms", "Tensor?"),      # [N] float32, overrides the seed
+    Arg("tau", "float"),
+    Arg("hard", "bool"),
+    Arg("noise", "bool"),
+    # The forward ignores it; it is an input so that the autograd formula knows which
+    # gradient layout to ask the backward for.
+    Arg("sparse", "bool"),
+)
+
+FWD = OpInterface("gated_embedding_fwd", _INPUTS, returns=2)  # (out [N, D], gates [N, 2])
+# (grad_tuned, grad_logits [N, 2], grad_rows): see docs/internals.md for the two layouts.
+BWD = OpInterface("gated_embedding_bwd", (Arg("grad_out", "Tensor"), Arg("grad_gates", "Tensor?"))
+                  + _INPUTS, returns=3)
+
+FwdArgs = namedtuple("FwdArgs", FWD.names)
+BwdArgs = namedtuple("BwdArgs", BWD.names)
+
+
+def schema(op: OpInterface, name: str | None = None) -> str:
+    """The torch.library schema string of ``op`` (optionally under another op ``name``)."""
+    params = ", ".join(f"{a.schema_type} {a.name}" for a in op.args)
+    rets = ", ".join(["Tensor"] * op.returns)
+    return f"{name or op.name}({params}) -> ({rets})"
+
+
+def signature(op: OpInterface) -> inspect.Signature:
+    """A Python signature with ``op``'s arguments, for ops declared from Python functions."""
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=a.annotation) for a in op.args]
+    return inspect.Signature(params, return_annotation=tuple[(torch.Tensor,) * op.returns])
+
+
+def with_signature(op: OpInterface):
+    """Decorator: give a ``fn(*args)`` the signature of ``op`` (so infer_schema derives it).
+
+    Example::
+
+        >>> from autoft_fast.ops.interface import FWD, with_signature
+        >>> f = with_signature(FWD)(lambda *args: args)
+        >>> list(__import__("inspect").signature(f).parameters)[:2]
+        ['indices', 'frozen_weight']
+    """
+    def wrap(fn):
+        sig = signature(op)
+        fn.__signature__ = sig
+        fn.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+        fn.__annotations__["return"] = sig.return_annotation
+        return fn
+
+    return wrap

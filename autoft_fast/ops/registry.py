@@ -1,0 +1,232 @@
+"""The backends of the gated embedding op, one row each: the only list of them.
+
+``available_backends``, ``backend="auto"``, ``GatedEmbedding``'s check, the error messages and
+the tests' parametrisation all read :data:`REGISTRY`. A backend is a :class:`Backend` row: the
+device types it serves, a probe that says whether it can run there now, and its forward and
+backward ops (kernel-level, with the schemas of :mod:`autoft_fast.ops.interface`). Rows are
+kept in order of preference: ``auto`` picks the first available row for the tensors' device.
+
+Example::
+
+    >>> from autoft_fast.ops import registry
+    >>> registry.backend_names()[0], "reference" in registry.backend_names()
+    ('auto', True)
+    >>> registry.check_backend_name("cpu")
+    'cpu'
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import _extension as ext
+from . import library
+
+log = logging.getLogger("autoft_fast")
+
+AUTO = "auto"
+AUTO_MEANS = "the first backend available for the tensors' device, in the registry's order"
+
+
+@dataclass
+class Backend:
+    """One backend of the op.
+
+    ``probe(device)`` says whether it can run on ``device`` now (only asked for the device types
+    in ``devices``); ``unavailable(device)`` says why not, in words. ``forward`` / ``backward``
+    return the kernel-level op handles (``None`` for ``forward`` means the plain-PyTorch
+    reference path); they are looked up once, on first use. ``coalesced``: whether the sparse
+    gradient of ``backward`` comes back with sorted unique rows.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    probe: Callable[[torch.device], bool]
+    forward: Optional[Callable[[], object]] = None
+    backward: Optional[Callable[[], object]] = None
+    coalesced: bool = False
+    unavailable: Callable[[torch.device], str] = lambda device: "it is not available"
+    notes: str = ""
+    double_backward: bool = False
+    _ops: Optional[tuple] = field(default=None, repr=False)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.forward is None
+
+    def ops(self):
+        """(forward op, backward op), resolved once; the forward gets the autograd formula."""
+        if self._ops is None:
+            fwd, bwd = self.forward(), self.backward()
+            _attach_autograd(self, fwd, bwd)
+            self._ops = (fwd, bwd)
+        return self._ops
+
+    def serves(self, device: torch.device) -> bool:
+        return device.type in self.devices
+
+
+REGISTRY: dict[str, Backend] = {}
+# Per forward op: device type -> (backend name, coalesced) of the rows that op serves (the C++
+# op serves both 'cpu' and 'cuda'); read by the op's backward.
+_OP_ROWS: dict[str, dict[str, tuple[str, bool]]] = {}
+
+
+def _attach_autograd(row: Backend, fwd, bwd) -> None:
+    name = fwd._qualified_op_name if hasattr(fwd, "_qualified_op_name") else str(fwd)
+    rows = _OP_ROWS.get(name)
+    if rows is None:
+        rows = _OP_ROWS[name] = {}
+        library.register_autograd_for(name, bwd, rows.__getitem__)
+    for dev in row.devices:
+        rows[dev] = (row.name, row.coalesced)
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend row (or replace the row of that name) and forget cached choices.
+
+    Example::
+
+        >>> from autoft_fast.ops import registry
+        >>> row = registry.REGISTRY["reference"]
+        >>> registry.register(row) is row
+        True
+    """
+    if backend.name == AUTO:
+        raise ValueError(f"backend name {AUTO!r} is reserved: it means {AUTO_MEANS}")
+    REGISTRY[backend.name] = backend
+    _cache.clear()
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a backend row (tests that add one take it away again)."""
+    REGISTRY.pop(name, None)
+    _cache.clear()
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every value ``backend=`` accepts: 'auto' (see :data:`AUTO_MEANS`), then each row.
+
+    Example::
+
+        >>> from autoft_fast.ops.registry import backend_names
+        >>> backend_names()[:2]
+        ('auto', 'cpu')
+    """
+    return (AUTO,) + tuple(REGISTRY)
+
+
+def check_backend_name(name) -> str:
+    """``name`` if it is a known backend or 'auto', else a ValueError naming it and the choices.
+
+    Example::
+
+        >>> from autoft_fast.ops.registry import check_backend_name
+        >>> check_backend_name("auto")
+        'auto'
+    """
+    if not isinstance(name, str) or (name != AUTO and name not in REGISTRY):
+        raise ValueError(f"backend = {name!r} is not one of {backend_names()} "
+                         f"('{AUTO}' = {AUTO_MEANS})")
+    return name
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (default: the CPU), fastest first.
+
+    ``backend="auto"`` picks the first one. Example::
+
+        >>> import autoft_fast
+        >>> autoft_fast.available_backends("cpu")[-1]
+        'reference'
+    """
+    device = torch.device("cpu" if device is None else device)
+    return [row.name for row in REGISTRY.values() if row.serves(device) and row.probe(device)]
+
+
+_cache: dict[tuple[str, str], Backend] = {}
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The row to run for ``backend`` on ``device`` (cached: a dict read after the first call)."""
+    key = (backend, str(device))
+    row = _cache.get(key)
+    if row is None:
+        row = _cache[key] = _resolve_uncached(backend, device)
+    return row
+
+
+def _resolve_uncached(backend: str, device: torch.device) -> Backend:
+    check_backend_name(backend)
+    usable = available_backends(device)
+    if backend == AUTO:
+        chosen = usable[0]
+        if REGISTRY[chosen].is_reference and device.type == "cpu":
+            ext.warn_missing_extension_once()
+        log.debug("gated_embedding: backend 'auto' picked %r for device %s (available: %s)",
+                  chosen, device, usable)
+        return REGISTRY[chosen]
+    if backend not in usable:
+        row = REGISTRY[backend]
+        why = row.unavailable(device) if row.serves(device) else f"it serves {_served(row)}"
+        raise ValueError(f"backend = {backend!r} is not available for tensors on {device}: "
+                         f"{why}; available there: {usable}")
+    log.debug("gated_embedding: backend %r for device %s", backend, device)
+    return REGISTRY[backend]
+
+
+def _served(row: Backend) -> str:
+    return " and ".join(f"{d.upper()} tensors" for d in row.devices) + (
+        f" ({row.notes})" if row.notes else "")
+
+
+def check_serves(backend: str, tensor: torch.Tensor, name: str) -> None:
+    """ValueError unless backend ``backend`` serves ``tensor``'s device (for kernel-level calls)."""
+    row = REGISTRY[backend]
+    if not (row.serves(tensor.device) and row.probe(tensor.device)):
+        raise ValueError(f"backend {backend!r} does not serve {name} on device {tensor.device}: "
+                         f"it serves {_served(row)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows
+# ---------------------------------------------------------------------------------------------
+
+def _not_built(device) -> str:
+    return f"the compiled extension is not built ({ext.BUILD_HINT})"
+
+
+def _triton_missing(device) -> str:
+    if ext.load_triton() is None:
+        return f"the Triton kernels could not be loaded ({ext.TRITON_ERROR})"
+    return "Triton serves CPU tensors only under TRITON_INTERPRET=1"
+
+
+register(Backend(
+    name="cpu", devices=("cpu",), probe=lambda device: ext.has_kernel("CPU"),
+    forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
+    backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
+    coalesced=True, unavailable=_not_built,
+    notes="C++ extension, OpenMP, vectorised"))
+register(Backend(
+    # CUDA C++ before Triton: it has no per-call JIT dispatch cost. Not yet measured against
+    # Triton on a GPU (benchmarks/gpu_check.sh does that); revisit with its numbers.
+    name="cuda", devices=("cuda",), probe=lambda device: ext.has_kernel("CUDA"),
+    forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
+    backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
+    coalesced=False, unavailable=_not_built, notes="C++/CUDA extension"))
+register(Backend(
+    # On the CPU only the interpreter (correct but slow), so it never beats 'cpu' there.
+    name="triton", devices=("cuda", "cpu"), probe=ext.triton_usable,
+    forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd_triton,
+    backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton,
+    coalesced=True, unavailable=_triton_missing,
+    notes="CPU tensors only under TRITON_INTERPRET=1"))
+register(Backend(
+    name="reference", devices=("cpu", "cuda", "meta"), probe=lambda device: True,
+    double_backward=True, notes="plain PyTorch, the oracle of the tests"))
