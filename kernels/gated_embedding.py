@@ -32,7 +32,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from autoft_fast.ops import library, registry, validate
+from autoft_fast.ops import library, validate
 from autoft_fast.ops.interface import BWD, FWD, NAMESPACE, BwdArgs, FwdArgs, with_signature
 
 try:  # TRITON_INTERPRET=1 turns @triton.jit functions into InterpretedFunction objects.
@@ -216,7 +216,11 @@ def _block_sizes(n, d, concrete: bool) -> tuple[int, int, int]:
 def _check_device(t: torch.Tensor, name: str) -> None:
     if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
         return
-    registry.check_serves("triton", t, name)  # raises the registry's wording
+    # What the registry's triton row says it serves (the kernels cannot import the registry:
+    # it loads them).
+    raise validate.device_not_served("triton", name, t.device,
+                                     "CUDA tensors and CPU tensors (CPU tensors only "
+                                     "under TRITON_INTERPRET=1)")
 
 
 def _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):

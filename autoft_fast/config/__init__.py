@@ -16,12 +16,12 @@ from .data import (DataConfig, DataError, DomainSpec, MultiHotColumn, NumericCol
 from .experiment import (DEMO_CONFIG, TOP_LEVEL_KEYS, ExperimentConfig, config_hash, load_config,
                          parse_config, resolve_strategies)
 from .schema import ConfigError, field_docs, parse_section, section_to_dict, setting
-from .sections import (ARCH_KEYS, BACKEND_CHOICES, MODEL_NAMES, AutoFTConfig, ModelConfig,
+from .sections import (ARCH_KEYS, MODEL_NAMES, AutoFTConfig, ModelConfig,
                        PretrainConfig, TrainConfig, tau_at)
 from .strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE, Strategy
 from .synthetic import DEFAULT_FIELDS, SyntheticConfig, SyntheticField
 
-__all__ = ["ARCH_KEYS", "AutoFTConfig", "BACKEND_CHOICES", "ConfigError", "DEFAULT_FIELDS",
+__all__ = ["ARCH_KEYS", "AutoFTConfig", "ConfigError", "DEFAULT_FIELDS",
            "DEMO_CONFIG", "DataConfig", "DataError", "DomainSpec", "ExperimentConfig",
            "FIELD_GATED", "LAYER_GATED", "MODEL_NAMES", "ModelConfig", "MultiHotColumn",
            "NumericColumn", "PretrainConfig", "STRATEGIES", "STRATEGY_TABLE", "SourceSplit",

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..ops.functional import BACKENDS as OP_BACKENDS
+from ..ops.registry import backend_names, check_backend_name
 from .schema import ConfigError, parse_section, section_to_dict, setting
 
 __all__ = ["ModelConfig", "AutoFTConfig", "TrainConfig", "PretrainConfig", "tau_at",
-           "MODEL_NAMES", "BACKEND_CHOICES", "ARCH_KEYS"]
+           "MODEL_NAMES", "ARCH_KEYS"]
 
 MODEL_NAMES = ("dnn", "deepfm", "dcnv2")
-# The op's backends (autoft_fast.ops) plus "auto", which picks the fastest available one.
-BACKEND_CHOICES = ("auto", *OP_BACKENDS)
+
+
+def _backend(value, where, ctx):
+    # The op's registry is the one list of backends (a backend registered later is valid too).
+    try:
+        return check_backend_name(value)
+    except ValueError:
+        raise ConfigError(f"{where} must be one of {list(backend_names())}, got {value!r}") from None
 
 # The keys of model: that define the architecture: a pre-trained model and the config must
 # agree on them. Dropout too: the copies keep the pre-trained model's modules, so a
@@ -108,7 +114,7 @@ class AutoFTConfig(_Section):
 
     SECTION = "autoft"
 
-    backend: str = setting("auto", choices=BACKEND_CHOICES, doc=(
+    backend: str = setting("auto", after=_backend, doc=(
         "the gated-embedding backend of the field gates; auto = the fastest available for "
         "the device (the run directory's config.yaml records the one used)"))
     sparse: bool = setting(False, doc=(

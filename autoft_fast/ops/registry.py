@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _extension as ext
-from . import library
+from . import library, validate
 
 log = logging.getLogger("autoft_fast")
 
@@ -189,8 +189,7 @@ def check_serves(backend: str, tensor: torch.Tensor, name: str) -> None:
     """ValueError unless backend ``backend`` serves ``tensor``'s device (for kernel-level calls)."""
     row = REGISTRY[backend]
     if not (row.serves(tensor.device) and row.probe(tensor.device)):
-        raise ValueError(f"backend {backend!r} does not serve {name} on device {tensor.device}: "
-                         f"it serves {_served(row)}")
+        raise validate.device_not_served(backend, name, tensor.device, _served(row))
 
 
 # ---------------------------------------------------------------------------------------------

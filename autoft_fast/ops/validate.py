@@ -182,3 +182,9 @@ def check_grads(grad_out, grad_gates, indices, tuned_weight) -> None:
 def check_seed_value(value: int) -> int:
     """A seed read from its tensor: the 63-bit range of :func:`check_seed`."""
     return check_seed(int(value))
+
+
+def device_not_served(backend: str, name: str, device, served: str) -> ValueError:
+    """The one wording for a backend asked to run on a device it does not serve."""
+    return ValueError(f"backend {backend!r} does not serve {name} on device {device}: "
+                      f"it serves {served}")
