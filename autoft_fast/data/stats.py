@@ -253,4 +253,4 @@ def power_of_two_above(x: float) -> float:
     if not x > 1.0:
         return 1.0
     m, e = math.frexp(x)
-    return math.ldexp(1.0, e) if m != 0.5 else x
+    return math.ldexp(1.0, min(e, 1023)) if m != 0.5 else x  # 2^1023: the largest power
