@@ -431,7 +431,9 @@ def test_cache_hit_skips_preprocessing(tmp_path, monkeypatch):
     cfg = DataConfig.from_dict(base_dict(cache=True), tmp_path)
     first = prepare_data(cfg)
     files = list((tmp_path / ".autoft_cache").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".pt"  # no temp file left behind
+    # one complete cache folder, no temp folder left behind
+    assert len(files) == 1 and files[0].name == f"data-{cache_key(cfg)[:20]}" and files[0].is_dir()
+    assert (files[0] / "meta.json").is_file() and (files[0] / "target_test" / "sparse.npy").is_file()
 
     def boom(*a, **k):
         raise AssertionError("preprocessing ran on a cache hit")
@@ -464,13 +466,13 @@ def test_edited_file_is_preprocessed_again_and_bad_cache_rebuilt(tmp_path, monke
     prepare_data(cfg)
     calls = []
     real = pipeline._preprocess
-    monkeypatch.setattr(pipeline, "_preprocess", lambda c: calls.append(1) or real(c))
+    monkeypatch.setattr(pipeline, "_preprocess", lambda *a: calls.append(1) or real(*a))
     frame.loc[0, "user"] = "brand_new"
     write(tmp_path, frame)
     prepare_data(cfg)
     assert calls == [1]
-    cache_file = tmp_path / ".autoft_cache" / f"data-{cache_key(cfg)[:20]}.pt"
-    cache_file.write_bytes(b"not a torch file")
+    cache_file = tmp_path / ".autoft_cache" / f"data-{cache_key(cfg)[:20]}" / "meta.json"
+    cache_file.write_bytes(b"not a json file")
     with pytest.warns(UserWarning, match="ignoring unreadable data cache"):
         prepare_data(cfg)
     assert calls == [1, 1]

@@ -1,60 +1,83 @@
-"""From CSV / Parquet files to cached tensors: read, check, split, build the vocabulary, encode.
+"""From CSV / Parquet files to cached tensors, in bounded memory: read, check, split, build
+the vocabulary, encode.
 
-The steps, in order (``docs/data.md`` explains each rule):
+The files are read in chunks (``reading.py``) three times, and no pass holds more than one
+chunk of text; what stays in memory between passes is a few bytes per row (domain, bad-row
+flag, label, split and position) and the vocabularies. ``docs/data.md`` explains each rule.
 
-1. read every file as text (so ``"007"`` stays ``"007"`` and CSV and Parquet agree), check that
-   every configured column exists;
-2. keep the rows of the configured domains, check that each domain value matches rows;
-3. find bad rows (malformed CSV lines, a missing or non-numeric label, a non-numeric value in a
-   numeric column, an unparseable time), then skip them with a warning or fail, as
-   ``on_bad_rows`` says; then check that every label is 0 or 1;
-4. split: source -> train / valid at random, target -> train / valid / test at random or by time;
-5. fit the vocabulary (and the numeric bucket edges, and the dense means) on the training rows
-   of source and target only, so nothing is learnt from validation or test rows;
-6. encode every row into global ids of the one shared table, and cut the splits.
+1. :func:`_scan` reads every chunk's domain, label, numeric and time columns: which rows
+   belong to a configured domain, which are bad (malformed CSV lines, a missing or
+   non-numeric label, a non-numeric value in a numeric column, an unparseable time), the
+   target rows' times, and each dense column's largest value;
+2. :func:`_check_rows` fails on bad rows or skips them with a warning, as ``on_bad_rows``
+   says, then checks that every label is 0 or 1;
+3. :func:`_assign_splits`: source -> train / valid at random, target -> train / valid /
+   test at random or by time; each kept row gets its split and its place in it;
+4. :func:`_fit` (second read) counts the vocabulary and gathers the numeric bucket
+   quantiles and the dense means on the training rows of source and target only, so nothing
+   is learnt from validation or test rows;
+5. :func:`_encode` (third read) turns every kept row into global ids of the one shared table
+   and writes it at its place in its split's ``.npy`` files (``store.py``), which training
+   memory-maps.
 
-The result is cached on disk, keyed by the config and the input files' contents.
+The result is cached on disk as a folder, keyed by the config and the input files' contents.
+Peak memory depends on the chunk size and the vocabulary, not on the file size.
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .._io import save_atomic
-from .config import FILE_SUFFIXES, DataConfig, DataError
+from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
-from .tensors import SPLIT_NAMES, DataBundle, TensorData
+from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks
+from .stats import MeanStd, QuantileSketch, ValueCounter, fit_vocab, power_of_two_above, quantile_edges
+from .store import SplitWriter, id_dtype, load_store, write_meta
+from .tensors import SPLIT_NAMES, DataBundle
 
 log = logging.getLogger("autoft_fast.data")
 
-# Bump when the processing rules change, so that old cache files are not reused.
-PIPELINE_VERSION = 1
+# Bump when the processing rules or the cache layout change, so old caches are not reused.
+PIPELINE_VERSION = 2
 
 # Text that means "no value" in a numeric, label or time column (compared lower-cased,
 # stripped). Categorical columns keep such text as an ordinary value (it may be a real one,
 # e.g. "NA" for North America).
 MISSING_TEXT = ("", "na", "n/a", "nan", "null", "none")
 
+# Malformed-line descriptions kept in bundle.stats (all are counted).
+MAX_MALFORMED_KEPT = 100
+
+_TRAIN_CODES = (SPLIT_NAMES.index("source_train"), SPLIT_NAMES.index("target_train"))
+
 
 # ---------------------------------------------------------------------------- public entry
-def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None) -> DataBundle:
+def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None, *,
+                 chunk_rows: int | None = None) -> DataBundle:
     """Read, check, split and encode the data that ``cfg`` describes; cached on disk.
 
     ``cache_dir`` overrides the config's ``cache_dir``; when both are absent (or the config
-    says ``cache: false`` and no ``cache_dir`` is passed) nothing is cached. The cache file is
-    ``<cache_dir>/<name>-<key>.pt`` where ``key`` hashes the processing config and the SHA-256
+    says ``cache: false`` and no ``cache_dir`` is passed) nothing is kept (the encoded splits
+    go to a temporary folder that is removed once they are mapped). The cache is the folder
+    ``<cache_dir>/<name>-<key>`` where ``key`` hashes the processing config and the SHA-256
     of every input file's content, so editing a file or the config rebuilds, and moving or
-    touching a file does not.
+    touching a file does not. The bundle's tensors are memory-mapped from that folder.
+
+    ``chunk_rows`` (default ``reading.CHUNK_ROWS``) is how many rows are parsed at a time:
+    peak memory grows with it, the tensors do not depend on it.
 
     Example::
 
@@ -64,30 +87,76 @@ def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None) -> DataBu
     """
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"prepare_data: cfg must be a DataConfig, got {type(cfg).__name__}")
+    if chunk_rows is None:
+        chunk_rows = CHUNK_ROWS
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"prepare_data: chunk_rows must be a positive integer, got {chunk_rows!r}")
     for path in cfg.files:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
     if cache_dir is None and cfg.cache:
         cache_dir = cfg.cache_dir
     if cache_dir is None:
-        return _preprocess(cfg)
+        tmp = Path(tempfile.mkdtemp(prefix="autoft-data-"))
+        try:
+            _preprocess(cfg, tmp, chunk_rows)
+            # The maps stay valid after the files are unlinked; the space is freed with them.
+            return load_store(tmp, None, PIPELINE_VERSION)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     key = cache_key(cfg)
-    path = Path(cache_dir) / f"{cfg.name}-{key[:20]}.pt"
-    if path.is_file():
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"{cfg.name}-{key[:20]}"
+    if final.exists():
         try:
-            bundle = _load_bundle(path, key)
-            log.info("loaded processed data from cache %s", path)
+            bundle = load_store(final, key, PIPELINE_VERSION)
+            log.info("loaded processed data from cache %s", final)
             return bundle
         except Exception as exc:  # a cache is never worth failing for: rebuild it
-            warnings.warn(f"ignoring unreadable data cache {path} ({exc}); preprocessing again")
-    bundle = _preprocess(cfg)
+            warnings.warn(f"ignoring unreadable data cache {final} ({exc}); preprocessing again")
+            _remove(final)
+    _remove_stale_builds(cache_dir, final.name)
     try:
-        _save_bundle(bundle, path, key)
-        log.info("cached processed data in %s", path)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=cache_dir))
     except OSError as exc:  # e.g. a read-only data folder: the data are fine, only uncached
-        warnings.warn(f"could not write the data cache {path} ({exc}); continuing without it")
-    return bundle
+        warnings.warn(f"could not write the data cache {final} ({exc}); continuing without it")
+        return prepare_data(dataclasses.replace(cfg, cache=False), chunk_rows=chunk_rows)
+    try:
+        _preprocess(cfg, build, chunk_rows, key)
+        try:
+            os.rename(build, final)  # atomic: a folder named `final` is always complete
+        except OSError:
+            if not final.exists():
+                raise
+            _remove(build)  # another process finished the same cache first: use theirs
+    except BaseException:
+        _remove(build)
+        raise
+    log.info("cached processed data in %s", final)
+    return load_store(final, key, PIPELINE_VERSION)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _remove_stale_builds(cache_dir: Path, name: str) -> None:
+    """Delete the half-built folders that a killed run left for the same cache entry."""
+    if not cache_dir.is_dir():
+        return
+    for p in cache_dir.glob(f".{name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f".{name}.tmp-"):].split("-")[0])
+            os.kill(pid, 0)  # still running: leave it
+        except (ValueError, ProcessLookupError):
+            _remove(p)
+        except PermissionError:
+            pass
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -109,106 +178,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------- cache I/O
-def _save_bundle(bundle: DataBundle, path: Path, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "version": PIPELINE_VERSION,
-        "key": key,
-        "feature_map": bundle.feature_map.to_dict(),
-        "splits": {name: data.to_dict() for name, data in bundle.splits.items()},
-        "vocabularies": bundle.vocabularies,
-        "stats": bundle.stats,
-    }
-    # A kill mid-write leaves either the old state or the complete new file, never a
-    # truncated cache that a later run trusts.
-    save_atomic(payload, path)
-
-
-def _load_bundle(path: Path, key: str) -> DataBundle:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("version") != PIPELINE_VERSION or payload.get("key") != key:
-        raise ValueError("cache key or version mismatch")
-    return DataBundle(
-        feature_map=FeatureMap.from_dict(payload["feature_map"]),
-        splits={name: TensorData.from_dict(payload["splits"][name]) for name in SPLIT_NAMES},
-        vocabularies=payload["vocabularies"],
-        stats=payload["stats"],
-    )
-
-
-# ---------------------------------------------------------------------------- reading
-def _read_file(path: Path, cfg: DataConfig, stats: dict) -> pd.DataFrame:
-    """One file -> a frame of the required columns as text (missing = NaN)."""
-    fmt = FILE_SUFFIXES[path.suffix.lower()]
-    required = cfg.required_columns()
-    if fmt == "csv":
-        sep = "\t" if path.suffix.lower() == ".tsv" else cfg.csv_sep
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", pd.errors.ParserWarning)
-            try:
-                # No usecols: with usecols pandas stops reporting lines with too many fields.
-                df = pd.read_csv(
-                    path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                    on_bad_lines="warn", engine="c",
-                )
-            except pd.errors.EmptyDataError:
-                raise DataError(f"data file {path} is empty (no header line)") from None
-            except pd.errors.ParserError as exc:
-                raise DataError(f"cannot parse {path} as CSV (sep={sep!r}): {exc}") from None
-        lines = []
-        for w in caught:
-            if issubclass(w.category, pd.errors.ParserWarning):
-                lines += [m.strip() for m in str(w.message).split("\n") if m.strip()]
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if lines:
-            stats.setdefault("malformed_lines", []).extend(f"{path.name}: {m}" for m in lines)
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            present = pq.read_schema(path).names
-        except Exception as exc:
-            raise DataError(f"cannot read {path} as Parquet: {exc}") from None
-        _check_columns(required, present, path)
-        df = pd.read_parquet(path, columns=list(dict.fromkeys(c for c, _ in required)))
-    _check_columns(required, list(df.columns), path)
-    out = pd.DataFrame({c: _as_text(df[c]) for c in dict.fromkeys(c for c, _ in required)})
-    out["__file__"] = path.name
-    out["__row__"] = np.arange(len(out))
-    return out
-
-
-def _check_columns(required: list[tuple[str, str]], present: list[str], path: Path) -> None:
-    for col, role in required:
-        if col not in present:
-            hint = difflib.get_close_matches(col, [str(p) for p in present], n=1)
-            shown = ", ".join(map(str, present[:30])) + (" ..." if len(present) > 30 else "")
-            raise DataError(
-                f"column '{col}' ({role}) not found in {path.name}"
-                + (f"; did you mean '{hint[0]}'?" if hint else "")
-                + f" Columns present: {shown}"
-            )
-
-
-def _as_text(s: pd.Series) -> pd.Series:
-    """Any column -> text with NaN for missing; integral floats print as integers so that a
-    Parquet ``1.0`` and a CSV ``1`` are the same value."""
-    if pd.api.types.is_string_dtype(s) and not pd.api.types.is_object_dtype(s):
-        return s
-    if pd.api.types.is_float_dtype(s):
-        vals = s.to_numpy(dtype=np.float64, na_value=np.nan)
-        finite = np.isfinite(vals)
-        if np.all(vals[finite] == np.round(vals[finite])) and np.all(np.abs(vals[finite]) < 2**62):
-            s = pd.Series(vals, index=s.index).astype("Int64")
-    missing = s.isna().to_numpy()
-    text = s.astype(str)
-    if missing.any():
-        text = text.mask(missing)
-    return text.astype("str")
-
-
+# ---------------------------------------------------------------------------- parsing helpers
 def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Text -> float64 values (NaN when missing) and a mask of unparseable (bad) entries."""
     vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -220,196 +190,438 @@ def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return vals, bad
 
 
-def _parse_times(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Text -> sortable float64 (numbers as they are, dates as nanoseconds) and a bad mask
-    (missing or unparseable: a row without a time cannot be placed in a time split)."""
-    vals, bad = _parse_numbers(text)
-    present = text.notna().to_numpy()
-    if present.any() and np.all(bad[present]):
-        # Not numbers at all: dates ("2024-01-31 12:00:00").
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dt = pd.to_datetime(text, errors="coerce", format="mixed")
-        vals = dt.to_numpy(dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
-        vals[dt.isna().to_numpy()] = np.nan
-    return vals, np.isnan(vals)
+def _parse_dates(text: pd.Series) -> np.ndarray:
+    """Text -> nanoseconds as float64 (NaN when missing or unparseable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dt = pd.to_datetime(text, errors="coerce", format="mixed")
+    vals = dt.to_numpy(dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
+    vals[dt.isna().to_numpy()] = np.nan
+    return vals
 
 
-# ---------------------------------------------------------------------------- the pipeline
-def _preprocess(cfg: DataConfig) -> DataBundle:
-    t0 = time.perf_counter()
-    stats: dict = {}
-    frames = [_read_file(p, cfg, stats) for p in cfg.files]
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    stats["rows_read"] = int(len(df))
+def _chunks(infos: list[FileInfo], cfg: DataConfig, chunk_rows: int, malformed=None):
+    """(file index, file name, first row of the chunk within its file, frame) in read order."""
+    for k, info in enumerate(infos):
+        r0 = 0
+        try:
+            for df in iter_chunks(info, cfg, chunk_rows, malformed):
+                yield k, info.path.name, r0, df
+                r0 += len(df)
+        except _ShortLine:
+            raise _ShortLine(k) from None
 
-    # --- domains
+
+# ---------------------------------------------------------------------------- 1. scan
+@dataclass
+class _Scan:
+    """What the first read learns; a few bytes per row read."""
+
+    infos: list[FileInfo]
+    n_read: int = 0
+    dom_idx: np.ndarray = None            # int16 [n_read], -1 = another domain
+    bad: np.ndarray = None                # bool  [n_read]
+    label: np.ndarray = None              # int8  [n_read], -1 unless 0 / 1
+    tgt_rows: np.ndarray = None           # int64: read rows of the target domain
+    tgt_times: np.ndarray | None = None   # float64, aligned with tgt_rows (time split only)
+    domain_counts: pd.Series = None       # value -> rows, for the "matches no rows" message
+    reasons: dict = field(default_factory=dict)   # reason -> [count, example (value, file, row)]
+    malformed: list = field(default_factory=list)
+    dense_scale: dict = field(default_factory=dict)
+
+
+def _scan(cfg: DataConfig, chunk_rows: int) -> _Scan:
+    infos = [inspect_file(p, cfg, chunk_rows) for p in cfg.files]
+    while True:
+        try:
+            return _scan_once(cfg, infos, chunk_rows)
+        except _ShortLine as exc:
+            # pandas' reader gives such a line empty values: read that file with it.
+            infos[exc.args[0]].engine = "pandas"
+
+
+def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int) -> _Scan:
+    sc = _Scan(infos)
     domain_values = [*cfg.source_domains, cfg.target_domain]
-    dom_text = df[cfg.domain_column]
-    dom_idx = pd.Index(domain_values).get_indexer(dom_text.fillna(""))
-    counts = np.bincount(dom_idx[dom_idx >= 0], minlength=len(domain_values))
+    target_index = len(domain_values) - 1
+    dom_index = pd.Index(domain_values)
+    dom_counter = ValueCounter()
+    numeric = [c.name for c in cfg.numeric]
+    dense = [c.name for c in cfg.numeric if c.mode == "dense"]
+    max_abs = {c: 0.0 for c in dense}
+    time_col = cfg.target_split.time_column if cfg.target_split.method == "time" else None
+    time_reason = f"time column '{time_col}' missing or unparseable (target rows)"
+    label_reason = f"label '{cfg.label}' missing or not a number"
+    reasons = [label_reason] + [f"numeric column '{c}' not a number" for c in numeric]
+    if time_col is not None:
+        reasons.append(time_reason)
+    sc.reasons = {r: [0, None] for r in reasons}
+    dom_parts, bad_parts, label_parts, tgt_parts, tnum_parts, tdate_parts = [], [], [], [], [], []
+    time_any_number = False
+    g0 = 0
+    for k, fname, r0, df in _chunks(infos, cfg, chunk_rows, sc.malformed):
+        n = len(df)
+        dom_text = df[cfg.domain_column]
+        dom_counter.add(dom_text.dropna())
+        dom = dom_index.get_indexer(dom_text.fillna(""))
+        keep = dom >= 0
+        masks = {}
+        label, label_bad = _parse_numbers(df[cfg.label])
+        masks[label_reason] = (label_bad | np.isnan(label)) & keep
+        for c in numeric:
+            vals, b = _parse_numbers(df[c])
+            masks[f"numeric column '{c}' not a number"] = b & keep
+            if c in max_abs:
+                v = np.abs(vals[keep & ~b])
+                v = v[np.isfinite(v)]
+                if v.size:
+                    max_abs[c] = max(max_abs[c], float(v.max()))
+        tgt = np.flatnonzero(dom == target_index)
+        if time_col is not None:
+            text = df[time_col]
+            tvals, tbad = _parse_numbers(text)
+            present = text.notna().to_numpy()
+            # Numbers as they are, or dates when no kept row's time is a number at all.
+            time_any_number |= bool((present & ~tbad & keep).any())
+            tnum_parts.append(tvals[tgt])
+            tdate_parts.append(_parse_dates(text.iloc[tgt]) if not time_any_number else np.zeros(0))
+        any_bad = np.zeros(n, dtype=bool)
+        for reason, m in masks.items():
+            _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
+            any_bad |= m
+        ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
+        dom_parts.append(dom.astype(np.int16))
+        bad_parts.append(any_bad)
+        label_parts.append(ok_label)
+        tgt_parts.append(tgt + g0)
+        g0 += n
+    sc.n_read = g0
+    sc.dom_idx = np.concatenate(dom_parts) if dom_parts else np.zeros(0, np.int16)
+    sc.bad = np.concatenate(bad_parts) if bad_parts else np.zeros(0, bool)
+    sc.label = np.concatenate(label_parts) if label_parts else np.zeros(0, np.int8)
+    sc.tgt_rows = np.concatenate(tgt_parts) if tgt_parts else np.zeros(0, np.int64)
+    sc.domain_counts = dom_counter.counts()
+    if time_col is not None:
+        if time_any_number:
+            times = np.concatenate(tnum_parts) if tnum_parts else np.zeros(0)
+        else:
+            times = np.concatenate(tdate_parts) if tdate_parts else np.zeros(0)
+        sc.tgt_times = times
+        # A target row without a usable time cannot be placed in a time split.
+        bad_t = np.isnan(times)
+        _count_rows(sc.reasons[time_reason], sc.tgt_rows[bad_t])
+        sc.bad[sc.tgt_rows[bad_t]] = True
+    sc.dense_scale = {c: power_of_two_above(v) for c, v in max_abs.items()}
+    return sc
+
+
+def _count(slot: list, mask: np.ndarray, df: pd.DataFrame, col: str, fname: str, r0: int) -> None:
+    """Add the rows of ``mask`` to a [count, example] slot; the example is the first one."""
+    hits = np.flatnonzero(mask)
+    if hits.size:
+        if slot[1] is None:
+            i = int(hits[0])
+            slot[1] = (df[col].iloc[i], fname, r0 + i)
+        slot[0] += int(hits.size)
+
+
+def _count_rows(slot: list, rows: np.ndarray) -> None:
+    # Time-split problems are found after the scan: the example row is described later.
+    slot[0] += int(rows.size)
+    if rows.size and slot[1] is None:
+        slot[1] = ("row", int(rows[0]))
+
+
+# ---------------------------------------------------------------------------- 2. check
+def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
+    """Raise or warn about bad rows and labels; the read rows that are kept, in read order."""
+    domain_values = [*cfg.source_domains, cfg.target_domain]
+    counts = np.bincount(sc.dom_idx[sc.dom_idx >= 0], minlength=len(domain_values))
     for value, n in zip(domain_values, counts):
         if n == 0:
             role = "target" if value == cfg.target_domain else "source"
-            seen = dom_text.dropna().value_counts().index[:10].tolist()
+            seen = sc.domain_counts.sort_values(ascending=False, kind="stable").index[:10].tolist()
+            where = (f"most common values there: {', '.join(map(repr, seen))}" if seen
+                     else "the files have no data rows")
             raise DataError(
-                f"{role} domain value '{value}' matches no rows of column '{cfg.domain_column}'; "
-                f"most common values there: {', '.join(map(repr, seen))}"
+                f"{role} domain value '{value}' matches no rows of column '{cfg.domain_column}'; {where}"
             )
-    keep = dom_idx >= 0
+    keep = sc.dom_idx >= 0
     stats["rows_other_domains"] = int((~keep).sum())
     if not keep.all():
         log.info("dropping %d rows whose %s is not a configured domain", (~keep).sum(), cfg.domain_column)
-        df = df.loc[keep].reset_index(drop=True)
-        dom_idx = dom_idx[keep]
-    target_index = len(domain_values) - 1
-
-    # --- bad rows
-    bad: dict[str, np.ndarray] = {}
-    label_text = df[cfg.label]
-    label, label_bad = _parse_numbers(label_text)
-    bad[f"label '{cfg.label}' missing or not a number"] = label_bad | np.isnan(label)
-    numeric_vals = {}
-    for col in cfg.numeric:
-        numeric_vals[col.name], b = _parse_numbers(df[col.name])
-        bad[f"numeric column '{col.name}' not a number"] = b
-    time_vals = None
-    if cfg.target_split.method == "time":
-        time_vals, b = _parse_times(df[cfg.target_split.time_column])
-        # Only the target is split by time; a source row without a time is fine.
-        bad[f"time column '{cfg.target_split.time_column}' missing or unparseable (target rows)"] = b & (
-            dom_idx == target_index
-        )
-    malformed = stats.get("malformed_lines", [])
-    any_bad = np.zeros(len(df), dtype=bool)
-    for m in bad.values():
-        any_bad |= m
-    if malformed or any_bad.any():
+    for reason, slot in sc.reasons.items():
+        if slot[0] and slot[1][0] == "row":
+            slot[1] = _describe_row(cfg, sc, slot[1][1], _reason_column(reason))
+    n_malformed = len(sc.malformed)
+    if n_malformed or any(slot[0] for slot in sc.reasons.values()):
         parts = []
-        if malformed:
-            parts.append(f"{len(malformed)} malformed CSV lines (wrong number of fields, e.g. {malformed[0]})")
-        for reason, m in bad.items():
-            if m.any():
-                i = int(np.flatnonzero(m)[0])
-                col = _reason_column(reason)
-                parts.append(
-                    f"{int(m.sum())} rows with {reason} (e.g. {df.at[i, col]!r} in {df.at[i, '__file__']}, "
-                    f"data row {int(df.at[i, '__row__'])})"
-                )
+        if n_malformed:
+            parts.append(f"{n_malformed} malformed CSV lines (wrong number of fields, e.g. {sc.malformed[0]})")
+        for reason, (count, ex) in sc.reasons.items():
+            if count:
+                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, data row {ex[2]})")
         msg = "; ".join(parts)
         if cfg.on_bad_rows == "fail":
             raise DataError(f"bad rows in the data: {msg}. Fix them, or set data.on_bad_rows: skip")
-        warnings.warn(f"skipping bad rows: {msg}", stacklevel=2)
-        stats["bad_rows_skipped"] = int(any_bad.sum()) + len(malformed)
-        if any_bad.any():
-            good = ~any_bad
-            df = df.loc[good].reset_index(drop=True)
-            dom_idx, label = dom_idx[good], label[good]
-            numeric_vals = {k: v[good] for k, v in numeric_vals.items()}
-            time_vals = None if time_vals is None else time_vals[good]
-
-    not01 = (label != 0) & (label != 1)
-    if not01.any():
-        i = int(np.flatnonzero(not01)[0])
+        warnings.warn(f"skipping bad rows: {msg}", stacklevel=3)
+        stats["bad_rows_skipped"] = int((sc.bad & keep).sum()) + n_malformed
+    stats["malformed_lines"] = sc.malformed[:MAX_MALFORMED_KEPT]
+    not01 = np.flatnonzero(keep & ~sc.bad & (sc.label < 0))
+    if not01.size:
+        count, ex = int(not01.size), _describe_row(cfg, sc, int(not01[0]), cfg.label)
         raise DataError(
-            f"label column '{cfg.label}' must hold 0 or 1, but {int(not01.sum())} rows hold other values "
-            f"(e.g. {df.at[i, cfg.label]!r} in {df.at[i, '__file__']}, data row {int(df.at[i, '__row__'])})"
+            f"label column '{cfg.label}' must hold 0 or 1, but {count} rows hold other values "
+            f"(e.g. {ex[0]!r} in {ex[1]}, data row {ex[2]})"
         )
+    return np.flatnonzero(keep & ~sc.bad)
 
-    # --- splits
-    rows = _split_rows(cfg, dom_idx, target_index, time_vals)
-    fit = np.zeros(len(df), dtype=bool)
-    fit[rows["source_train"]] = True
-    fit[rows["target_train"]] = True
 
-    # --- vocabulary and encoding
-    n = len(df)
+def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:
+    """(value of ``col``, file name, data row) of read row ``row``: one more read of the
+    chunk that holds it (only for an error message)."""
+    g0 = 0
+    for _, fname, r0, df in _chunks(sc.infos, cfg, CHUNK_ROWS):
+        if row < g0 + len(df):
+            return df[col].iloc[row - g0], fname, r0 + row - g0
+        g0 += len(df)
+    return None, "?", row
+
+
+# ---------------------------------------------------------------------------- 3. splits
+def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per read row: its split's index in SPLIT_NAMES (-1 = dropped) and its place there."""
+    target_index = len(cfg.source_domains)
+    dom = sc.dom_idx[kept]
+    times = None
+    if sc.tgt_times is not None:
+        good = ~sc.bad[sc.tgt_rows]
+        times = sc.tgt_times[good]  # aligned with the kept target rows, in read order
+    rows = _split_rows(cfg, dom, target_index, times)
+    code = np.full(sc.n_read, -1, dtype=np.int8)
+    pos_dtype = np.int32 if sc.n_read < 2**31 else np.int64
+    pos = np.zeros(sc.n_read, dtype=pos_dtype)
+    for k, name in enumerate(SPLIT_NAMES):
+        r = kept[rows[name]]
+        code[r] = k
+        pos[r] = np.arange(len(r), dtype=pos_dtype)
+    return code, pos, {name: len(r) for name, r in rows.items()}
+
+
+
+# ---------------------------------------------------------------------------- 4. fit
+@dataclass
+class _Fitted:
+    feature_map: FeatureMap
+    vocabularies: dict
+    lookups: dict          # field -> pd.Index of its vocabulary (categorical, multi-hot)
+    edges: dict            # bucket field -> edges
+    dense: dict            # dense field -> (MeanStd, mean, std)
+
+
+def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitted:
+    counters = {c: ValueCounter() for c in [*cfg.categorical, *(m.name for m in cfg.multihot)]}
+    sketches = {c.name: QuantileSketch() for c in cfg.numeric if c.mode == "bucket"}
+    moments = {c.name: MeanStd(sc.dense_scale[c.name]) for c in cfg.numeric if c.mode == "dense"}
+    g0 = 0
+    for _, _, _, df in _chunks(sc.infos, cfg, chunk_rows):
+        fit = np.isin(code[g0: g0 + len(df)], _TRAIN_CODES)
+        g0 += len(df)
+        if not fit.any():
+            continue
+        part = df.loc[fit]
+        for c in cfg.categorical:
+            counters[c].add(part[c].fillna(""))
+        for c in cfg.numeric:
+            vals, _ = _parse_numbers(part[c.name])
+            (sketches if c.mode == "bucket" else moments)[c.name].add(vals)
+        for m in cfg.multihot:
+            tok, _, _ = _tokens(part[m.name], m.sep)
+            counters[m.name].add(tok)
+
     fields: list[FieldInfo] = []
     vocabularies: dict[str, list[str]] = {}
-    single_cols: list[np.ndarray] = []
+    lookups: dict[str, pd.Index] = {}
+    edges_of: dict[str, np.ndarray] = {}
+    dense: dict = {}
     offset = 0
-    for col in cfg.categorical:
-        local, vocab = _encode_categorical(df[col], fit, cfg.min_count)
-        fields.append(FieldInfo(col, "categorical", len(vocab) + 2, offset))
-        vocabularies[col] = vocab
-        single_cols.append(local + offset)
+    for c in cfg.categorical:
+        vocab = fit_vocab(counters[c].counts(), cfg.min_count)
+        fields.append(FieldInfo(c, "categorical", len(vocab) + 2, offset))
+        vocabularies[c], lookups[c] = vocab, pd.Index(vocab, dtype=object)
         offset += len(vocab) + 2
-    bucket_edges: dict[str, list[float]] = {}
-    dense_cols: list[np.ndarray] = []
-    dense_stats: dict[str, list[float]] = {}
-    for col in cfg.numeric:
-        vals = numeric_vals[col.name]
-        if col.mode == "bucket":
-            local, edges = _bucketise(vals, fit, cfg.num_buckets)
+    for c in cfg.numeric:
+        if c.mode == "bucket":
+            edges = quantile_edges(sketches[c.name], cfg.num_buckets)
             size = len(edges) + 4  # PAD, missing, len(edges)+1 buckets, OOV
-            fields.append(FieldInfo(col.name, "numeric_bucket", size, offset))
-            bucket_edges[col.name] = edges.tolist()
-            vocabularies[col.name] = _bucket_names(edges)
-            single_cols.append(local + offset)
+            fields.append(FieldInfo(c.name, "numeric_bucket", size, offset))
+            edges_of[c.name] = edges
+            vocabularies[c.name] = _bucket_names(edges)
             offset += size
         else:
-            z, mean, std = _standardise(vals, fit)
-            dense_cols.append(z)
-            dense_stats[col.name] = [mean, std]
-    multihot_cols: list[np.ndarray] = []
-    for col in cfg.multihot:
-        local, vocab, truncated = _encode_multihot(df[col.name], col.sep, col.max_len, fit, cfg.min_count)
-        fields.append(FieldInfo(col.name, "multihot", len(vocab) + 2, offset))
-        vocabularies[col.name] = vocab
-        multihot_cols.append(local + offset)
-        stats.setdefault("multihot_rows_truncated", {})[col.name] = int(truncated)
+            mean, std = moments[c.name].mean_std(c.name)
+            dense[c.name] = (moments[c.name], mean, std)
+    for m in cfg.multihot:
+        vocab = fit_vocab(counters[m.name].counts(), cfg.min_count)
+        fields.append(FieldInfo(m.name, "multihot", len(vocab) + 2, offset))
+        vocabularies[m.name], lookups[m.name] = vocab, pd.Index(vocab, dtype=object)
         offset += len(vocab) + 2
 
-    single_fields = [*cfg.categorical, *(c.name for c in cfg.numeric if c.mode == "bucket")]
-    dense_fields = [c.name for c in cfg.numeric if c.mode == "dense"]
-    multihot_fields = [c.name for c in cfg.multihot]
-    max_len = max((c.max_len for c in cfg.multihot), default=0)
     feature_map = FeatureMap(
         fields=fields,
-        single_fields=single_fields,
-        multihot_fields=multihot_fields,
-        multihot_max_len=max_len,
-        dense_fields=dense_fields,
-        domain_values=domain_values,
+        single_fields=[*cfg.categorical, *(c.name for c in cfg.numeric if c.mode == "bucket")],
+        multihot_fields=[c.name for c in cfg.multihot],
+        multihot_max_len=max((c.max_len for c in cfg.multihot), default=0),
+        dense_fields=[c.name for c in cfg.numeric if c.mode == "dense"],
+        domain_values=[*cfg.source_domains, cfg.target_domain],
         extra={
             "source_domains": list(cfg.source_domains),
             "target_domain": cfg.target_domain,
             "min_count": cfg.min_count,
-            "bucket_edges": bucket_edges,
-            "dense_mean_std": dense_stats,
+            "bucket_edges": {k: v.tolist() for k, v in edges_of.items()},
+            "dense_mean_std": {k: [v[1], v[2]] for k, v in dense.items()},
         },
     )
     feature_map.check()
+    return _Fitted(feature_map, vocabularies, lookups, edges_of, dense)
 
-    sparse_all = np.stack(single_cols, axis=1) if single_cols else np.zeros((n, 0), dtype=np.int64)
-    multihot_all = None
-    if multihot_cols:
-        # Fields with a shorter max_len are padded with their own PAD id up to the longest.
-        multihot_all = np.empty((n, len(multihot_cols), max_len), dtype=np.int64)
-        for j, (m, f) in enumerate(zip(multihot_cols, fields[len(single_fields):])):
-            multihot_all[:, j, :] = f.pad_id
-            multihot_all[:, j, : m.shape[1]] = m
-    dense_all = np.stack(dense_cols, axis=1).astype(np.float32) if dense_cols else None
-    label_all = label.astype(np.float32)
-    dom_all = dom_idx.astype(np.int64)
 
-    splits = {}
+def _tokens(text: pd.Series, sep: str) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """A multi-hot column's non-empty tokens, the row of each and its position in the row.
+    Arrow's split does the string work, so there is no per-row Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.split_pattern(pa.array(text.fillna("").to_numpy(dtype=object), type=pa.string()), sep)
+    flat = pc.list_flatten(lists)
+    row = pc.list_parent_indices(lists).to_numpy()
+    keep_tok = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    row = row[keep_tok]
+    tok = pd.Series(flat.filter(pa.array(keep_tok)).to_numpy(zero_copy_only=False), dtype=object)
+    # Position within its row: rows come in order, so it is the distance to the row's first token.
+    pos = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    return tok, row, pos
+
+
+def _bucket_names(edges: np.ndarray) -> list[str]:
+    bounds = [-np.inf, *edges.tolist(), np.inf]
+    return ["<missing>"] + [f"[{lo:g}, {hi:g})" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+# ---------------------------------------------------------------------------- 5. encode
+def _encode(cfg: DataConfig, sc: _Scan, code: np.ndarray, pos: np.ndarray, sizes: dict,
+            fitted: _Fitted, out: Path, chunk_rows: int, stats: dict) -> None:
+    fm = fitted.feature_map
+    ids = id_dtype(fm.num_rows)
+    by_name = {f.name: f for f in fm.fields}
+    n_single, n_multi, n_dense = len(fm.single_fields), len(fm.multihot_fields), len(fm.dense_fields)
+    max_len = fm.multihot_max_len
+    writers = {}
+    for k, name in enumerate(SPLIT_NAMES):
+        n = sizes[name]
+        shapes = {"sparse": ((n, n_single), ids), "label": ((n,), np.float32), "domain": ((n,), np.int64)}
+        if n_multi:
+            shapes["multihot"] = ((n, n_multi, max_len), ids)
+        if n_dense:
+            shapes["dense"] = ((n, n_dense), np.float32)
+        writers[k] = SplitWriter(out / name, shapes)
+    truncated = {m.name: 0 for m in cfg.multihot}
+    try:
+        g0 = 0
+        for _, _, _, df in _chunks(sc.infos, cfg, chunk_rows):
+            c = code[g0: g0 + len(df)]
+            p = pos[g0: g0 + len(df)]
+            lab = sc.label[g0: g0 + len(df)]
+            dom = sc.dom_idx[g0: g0 + len(df)]
+            g0 += len(df)
+            sel = np.flatnonzero(c >= 0)
+            if sel.size == 0:
+                continue
+            part = df.iloc[sel]
+            c, p = c[sel], p[sel]
+            n = len(part)
+            sparse = np.empty((n, n_single), dtype=ids)
+            for j, f in enumerate(cfg.categorical):
+                codes = fitted.lookups[f].get_indexer(part[f].fillna("")) if len(fitted.lookups[f]) else np.full(n, -1)
+                info = by_name[f]
+                sparse[:, j] = np.where(codes >= 0, codes + 1, info.vocab_size - 1) + info.offset
+            j = len(cfg.categorical)
+            dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
+            jd = 0
+            for col in cfg.numeric:
+                vals, _ = _parse_numbers(part[col.name])
+                if col.mode == "bucket":
+                    bucket = np.searchsorted(fitted.edges[col.name], vals, side="right")
+                    sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
+                    j += 1
+                else:
+                    ms, mean, std = fitted.dense[col.name]
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        z = (vals - mean) / std
+                    overflow = ~np.isfinite(z) & np.isfinite(vals)
+                    if overflow.any():  # huge values: the same formula on scaled numbers
+                        z[overflow] = ms.standardise(vals[overflow], mean, std)
+                    z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
+                    dense[:, jd] = z
+                    jd += 1
+            multihot = None
+            if n_multi:
+                multihot = np.empty((n, n_multi, max_len), dtype=ids)
+                for jm, m in enumerate(cfg.multihot):
+                    info = by_name[m.name]
+                    multihot[:, jm, :] = info.pad_id
+                    tok, row, tpos = _tokens(part[m.name], m.sep)
+                    truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
+                    lk = fitted.lookups[m.name]
+                    codes = lk.get_indexer(tok) if len(lk) else np.full(len(tok), -1)
+                    local = np.where(codes >= 0, codes + 1, info.vocab_size - 1)
+                    keep = tpos < m.max_len
+                    multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
+            label = lab[sel].astype(np.float32)
+            domain = dom[sel].astype(np.int64)
+            for k, w in writers.items():
+                m = c == k
+                if not m.any():
+                    continue
+                at = p[m]
+                w.write("sparse", at, sparse[m])
+                w.write("label", at, label[m])
+                w.write("domain", at, domain[m])
+                if multihot is not None:
+                    w.write("multihot", at, multihot[m])
+                if dense is not None:
+                    w.write("dense", at, dense[m])
+    finally:
+        for w in writers.values():
+            w.close()
+    if cfg.multihot:
+        stats["multihot_rows_truncated"] = truncated
+
+
+# ---------------------------------------------------------------------------- the stages
+def _preprocess(cfg: DataConfig, out: Path, chunk_rows: int = CHUNK_ROWS, key: str | None = None) -> None:
+    """Run the five stages (module docstring) and write the store folder ``out``."""
+    t0 = time.perf_counter()
+    stats: dict = {}
+    sc = _scan(cfg, chunk_rows)
+    stats["rows_read"] = int(sc.n_read)
+    kept = _check_rows(cfg, sc, stats)
+    code, pos, sizes = _assign_splits(cfg, sc, kept)
+    del kept
+    fitted = _fit(cfg, sc, code, chunk_rows)
+    _encode(cfg, sc, code, pos, sizes, fitted, out, chunk_rows, stats)
     for name in SPLIT_NAMES:
-        r = rows[name]
-        splits[name] = TensorData(
-            sparse=torch.from_numpy(np.ascontiguousarray(sparse_all[r])),
-            multihot=None if multihot_all is None else torch.from_numpy(np.ascontiguousarray(multihot_all[r])),
-            dense=None if dense_all is None else torch.from_numpy(np.ascontiguousarray(dense_all[r])),
-            label=torch.from_numpy(label_all[r]),
-            domain=torch.from_numpy(dom_all[r]),
-        )
-        stats[f"rows_{name}"] = int(len(r))
+        stats[f"rows_{name}"] = int(sizes[name])
     stats["seconds"] = round(time.perf_counter() - t0, 3)
-    log.info(
-        "preprocessed %d rows in %.1fs: %s", n, stats["seconds"],
-        ", ".join(f"{k}={len(v)}" for k, v in rows.items()),
-    )
-    return DataBundle(feature_map=feature_map, splits=splits, vocabularies=vocabularies, stats=stats)
+    log.info("preprocessed %d rows in %.1fs: %s", sum(sizes.values()), stats["seconds"],
+             ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    write_meta(out, {
+        "version": PIPELINE_VERSION,
+        "key": key,
+        "feature_map": fitted.feature_map.to_dict(),
+        "vocabularies": fitted.vocabularies,
+        "stats": stats,
+    })
 
 
 def _reason_column(reason: str) -> str:
@@ -417,7 +629,9 @@ def _reason_column(reason: str) -> str:
     return reason.split("'")[1]
 
 
-def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, time_vals: np.ndarray | None) -> dict:
+def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, tgt_times: np.ndarray | None) -> dict:
+    """Indices into the kept rows of each split; `tgt_times` are the target rows' times in
+    row order (time split only)."""
     src = np.flatnonzero(dom_idx != target_index)
     tgt = np.flatnonzero(dom_idx == target_index)
     rows: dict[str, np.ndarray] = {}
@@ -439,7 +653,7 @@ def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, time_va
         rows["target_test"] = np.sort(tgt[perm[:n_test]])
     else:
         # Stable: rows with equal times keep file order.
-        ordered = tgt[np.argsort(time_vals[tgt], kind="stable")]
+        ordered = tgt[np.argsort(tgt_times, kind="stable")]
         rows["target_train"] = ordered[:n_train]
         rows["target_valid"] = ordered[n_train: n_train + n_valid]
         rows["target_test"] = ordered[n_train + n_valid:]
@@ -462,76 +676,3 @@ def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, time_va
     return rows
 
 
-def _encode_categorical(text: pd.Series, fit: np.ndarray, min_count: int) -> tuple[np.ndarray, list[str]]:
-    """Local ids (1..K for kept values, K+1 = OOV) and the kept values in id order."""
-    tokens = text.fillna("")
-    vocab = _fit_vocab(tokens[fit], min_count)
-    codes = pd.Index(vocab, dtype=object).get_indexer(tokens) if vocab else np.full(len(tokens), -1)
-    local = np.where(codes >= 0, codes + 1, len(vocab) + 1).astype(np.int64)
-    return local, vocab
-
-
-def _fit_vocab(tokens: pd.Series, min_count: int) -> list[str]:
-    counts = tokens.value_counts()
-    counts = counts[counts >= min_count]
-    # Most frequent first, ties by value: ids are deterministic and stable across runs.
-    frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
-    frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="stable")
-    return frame["value"].tolist()
-
-
-def _encode_multihot(
-    text: pd.Series, sep: str, max_len: int, fit: np.ndarray, min_count: int
-) -> tuple[np.ndarray, list[str], int]:
-    """[N, max_len] local ids (0 = PAD in empty slots), the vocabulary, and how many rows had
-    more than max_len tokens (only the first max_len are kept). Empty tokens ("a||b") are
-    dropped. Arrow's split does the string work, so there is no per-row Python."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    n = len(text)
-    lists = pc.split_pattern(pa.array(text.fillna("").to_numpy(dtype=object), type=pa.string()), sep)
-    flat = pc.list_flatten(lists)
-    row = pc.list_parent_indices(lists).to_numpy()
-    keep_tok = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-    row = row[keep_tok]
-    tok = pd.Series(flat.filter(pa.array(keep_tok)).to_numpy(zero_copy_only=False), dtype=object)
-    # Position within its row: rows come in order, so it is the distance to the row's first token.
-    pos = np.arange(len(row)) - np.searchsorted(row, row, side="left")
-    truncated = int(np.unique(row[pos >= max_len]).size)
-    vocab = _fit_vocab(tok[fit[row]], min_count)
-    codes = pd.Index(vocab, dtype=object).get_indexer(tok) if vocab else np.full(len(tok), -1)
-    local_tok = np.where(codes >= 0, codes + 1, len(vocab) + 1)
-    out = np.zeros((n, max_len), dtype=np.int64)
-    keep = pos < max_len
-    out[row[keep], pos[keep]] = local_tok[keep]
-    return out, vocab, truncated
-
-
-def _bucketise(vals: np.ndarray, fit: np.ndarray, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Local ids: 1 = missing, 2.. = quantile buckets of the training rows (see docs/data.md)."""
-    train = vals[fit]
-    train = train[np.isfinite(train)]
-    if train.size:
-        edges = np.unique(np.quantile(train, np.linspace(0.0, 1.0, num_buckets + 1)[1:-1]))
-    else:
-        edges = np.zeros(0)
-    bucket = np.searchsorted(edges, vals, side="right")
-    local = np.where(np.isnan(vals), 1, bucket + 2).astype(np.int64)
-    return local, edges
-
-
-def _bucket_names(edges: np.ndarray) -> list[str]:
-    bounds = [-np.inf, *edges.tolist(), np.inf]
-    return ["<missing>"] + [f"[{lo:g}, {hi:g})" for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def _standardise(vals: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, float, float]:
-    train = vals[fit]
-    train = train[np.isfinite(train)]
-    mean = float(train.mean()) if train.size else 0.0
-    std = float(train.std()) if train.size else 1.0
-    std = std if std > 0 else 1.0
-    z = (vals - mean) / std
-    z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
-    return z, mean, std

@@ -1,0 +1,267 @@
+"""Reading the data files in chunks, as text, with the malformed lines counted.
+
+Why pyarrow: its streaming CSV reader (``pyarrow.csv.open_csv``) parses one block of
+``block_size`` bytes at a time in C++, checks every line's field count even for the columns
+it does not convert (so only the used columns are materialised and malformed lines are still
+found), and ``ParquetFile.iter_batches`` does the same for Parquet. Both are already
+dependencies; an out-of-core engine (DuckDB, Polars) would add a large dependency for what
+three streaming passes do here.
+
+One rule pyarrow does not share with pandas, which read the files before: a CSV line with
+*fewer* fields than the header gets empty values (pandas), where pyarrow can only skip it.
+A file with such a line is read with pandas' chunked reader instead (same rules, slower),
+so the tensors do not depend on which reader ran.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .config import FILE_SUFFIXES, DataConfig, DataError
+
+# Rows per chunk: peak memory grows with it (a few hundred bytes per row and used column).
+CHUNK_ROWS = 1 << 18
+
+
+@dataclass
+class FileInfo:
+    """What the first read of a file found out, reused by the later passes: which reader
+    to use, and for Parquet float columns whether every value is integral (a Parquet
+    ``1.0`` is then the text ``1``, as the same file as CSV would say)."""
+
+    path: Path
+    engine: str                      # "arrow" or "pandas" (CSV) or "parquet"
+    integral: dict[str, bool] = field(default_factory=dict)
+    list_seps: dict[str, str] = field(default_factory=dict)   # list column -> multi-hot sep
+
+
+class _ShortLine(Exception):
+    """A CSV line with fewer fields than the header: pandas' reader has to take over."""
+
+
+def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
+    """Check the file's columns and decide how to read it (see :class:`FileInfo`)."""
+    fmt = FILE_SUFFIXES[path.suffix.lower()]
+    required = cfg.required_columns()
+    if fmt == "csv":
+        present = _csv_header(path, cfg)
+        check_columns(required, present, path)
+        return FileInfo(path, "arrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise DataError(f"cannot read {path} as Parquet: {exc}") from None
+    schema = pf.schema_arrow
+    check_columns(required, schema.names, path)
+    roles = dict(reversed(required))
+    seps = {c.name: c.sep for c in cfg.multihot}
+    lists = {}
+    for col in dict.fromkeys(c for c, _ in required):
+        t = schema.field(col).type
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            if roles[col] != "multihot":
+                raise DataError(
+                    f"column '{col}' ({roles[col]}) in {path.name} is a Parquet list column; "
+                    "only multihot columns may hold lists"
+                )
+            lists[col] = seps[col]
+    floats = [c for c in dict.fromkeys(c for c, _ in required)
+              if pa.types.is_floating(schema.field(c).type)]
+    integral = {c: True for c in floats}
+    if floats:
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=floats):
+            for c in floats:
+                if integral[c]:
+                    v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                    v = v[np.isfinite(v)]
+                    integral[c] = bool(np.all(v == np.round(v)) and np.all(np.abs(v) < 2**62))
+    return FileInfo(path, "parquet", integral, lists)
+
+
+def _csv_sep(path: Path, cfg: DataConfig) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else cfg.csv_sep
+
+
+def _csv_header(path: Path, cfg: DataConfig) -> list[str]:
+    try:
+        head = pd.read_csv(path, sep=_csv_sep(path, cfg), dtype=str, nrows=0, engine="c")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {path} is empty (no header line)") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
+    return [str(c) for c in head.columns]
+
+
+def check_columns(required: list[tuple[str, str]], present: list[str], path: Path) -> None:
+    """Every required column is there, or an error naming it with the closest match."""
+    for col, role in required:
+        if col not in present:
+            hint = difflib.get_close_matches(col, [str(p) for p in present], n=1)
+            shown = ", ".join(map(str, present[:30])) + (" ..." if len(present) > 30 else "")
+            raise DataError(
+                f"column '{col}' ({role}) not found in {path.name}"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" Columns present: {shown}"
+            )
+
+
+def iter_chunks(info: FileInfo, cfg: DataConfig, chunk_rows: int,
+                malformed: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """Frames of the required columns as text (missing = NaN), ``chunk_rows`` rows or so
+    each, in file order. Malformed CSV lines are skipped and described in ``malformed``.
+    Raises ``_ShortLine`` (arrow engine only) when a line has too few fields."""
+    cols = list(dict.fromkeys(c for c, _ in cfg.required_columns()))
+    if info.engine == "parquet":
+        yield from _parquet_chunks(info, cols, chunk_rows)
+    elif info.engine == "arrow":
+        yield from _arrow_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
+    else:
+        yield from _pandas_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
+
+
+def _block_bytes(path: Path, chunk_rows: int) -> int:
+    # Arrow cuts blocks by bytes: estimate bytes per row from the file's start; a block must
+    # hold the longest line, hence the generous floor.
+    with open(path, "rb") as f:
+        sample = f.read(1 << 16)
+    lines = sample.count(b"\n") or 1
+    longest = max((len(x) for x in sample.split(b"\n")), default=0)
+    return int(max(chunk_rows * len(sample) / lines, 4 * longest, 1 << 12))
+
+
+def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.DataFrame]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    found: list[str] = []
+    short = []
+
+    def on_invalid(row) -> str:
+        if row.actual_columns < row.expected_columns:
+            short.append(row)
+            return "error"
+        where = f"line {row.number}" if row.number is not None else "a line"
+        # pandas' wording, which the messages used before
+        found.append(f"{path.name}: Skipping {where}: expected {row.expected_columns} fields, saw {row.actual_columns}")
+        return "skip"
+
+    try:
+        reader = _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid)
+    except pa.ArrowInvalid as exc:  # the first block is parsed on opening
+        if short:
+            raise _ShortLine() from None
+        raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowInvalid as exc:
+            if short:
+                raise _ShortLine() from None
+            raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
+        if malformed is not None:
+            malformed.extend(found)
+        found.clear()
+        yield pd.DataFrame({c: as_text(batch.column(c).to_pandas()) for c in cols})
+
+
+def _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    return pcsv.open_csv(
+        path,
+        read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows), use_threads=False),
+        parse_options=pcsv.ParseOptions(delimiter=_csv_sep(path, cfg), invalid_row_handler=on_invalid),
+        convert_options=pcsv.ConvertOptions(
+            include_columns=cols, column_types={c: pa.string() for c in cols},
+            strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True,
+        ),
+    )
+
+
+def _pandas_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.DataFrame]:
+    sep = _csv_sep(path, cfg)
+    # No usecols: with usecols pandas stops reporting lines with too many fields.
+    reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                         on_bad_lines="warn", engine="c", chunksize=chunk_rows)
+    while True:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            try:
+                df = next(reader)
+            except StopIteration:
+                break
+            except pd.errors.ParserError as exc:
+                raise DataError(f"cannot parse {path} as CSV (sep={sep!r}): {exc}") from None
+        for w in caught:
+            if issubclass(w.category, pd.errors.ParserWarning):
+                if malformed is not None:
+                    malformed.extend(f"{path.name}: {m.strip()}" for m in str(w.message).split("\n") if m.strip())
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        yield pd.DataFrame({c: as_text(df[c]) for c in cols})
+
+
+def _parquet_chunks(info: FileInfo, cols, chunk_rows) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(info.path)
+    for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
+        out = {}
+        for c in cols:
+            arr = batch.column(c)
+            if c in info.list_seps:
+                out[c] = _list_as_text(arr, info.list_seps[c], c, info.path)
+            else:
+                out[c] = as_text(arr.to_pandas(), info.integral.get(c))
+        yield pd.DataFrame(out)
+
+
+def _list_as_text(arr, sep: str, col: str, path: Path) -> pd.Series:
+    """A Parquet list column -> the multi-hot text form (tokens joined by ``sep``); a token
+    that itself contains ``sep`` would be split, so it is an error naming the column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    flat = pc.cast(pc.list_flatten(arr), pa.string())
+    if len(flat) and pc.any(pc.match_substring(flat, sep)).as_py():
+        raise DataError(
+            f"multihot column '{col}' in {path.name} is a list column whose values contain "
+            f"its separator {sep!r}; pick another data.multihot sep"
+        )
+    lists = pc.cast(arr, pa.list_(pa.string()))
+    joined = pc.binary_join(lists, sep)
+    return pd.Series(joined.to_numpy(zero_copy_only=False), dtype=object).where(
+        pd.Series(joined.is_valid().to_numpy(zero_copy_only=False)), np.nan)
+
+
+def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
+    """Any column -> text with NaN for missing; integral floats print as integers so that a
+    Parquet ``1.0`` and a CSV ``1`` are the same value. ``integral`` says whether the whole
+    file's column is integral (decided once per file, so chunks agree); None decides from ``s``."""
+    if pd.api.types.is_string_dtype(s) and not pd.api.types.is_object_dtype(s):
+        return s
+    if pd.api.types.is_float_dtype(s):
+        vals = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        if integral is None:
+            finite = np.isfinite(vals)
+            integral = bool(np.all(vals[finite] == np.round(vals[finite])) and np.all(np.abs(vals[finite]) < 2**62))
+        if integral:
+            s = pd.Series(vals, index=s.index).astype("Int64")
+    missing = s.isna().to_numpy()
+    text = s.astype(str)
+    if missing.any():
+        text = text.mask(missing)
+    return text.astype("str")

@@ -1,0 +1,123 @@
+"""The shipped dataset configs (autoft_fast/configs/datasets/*.yaml) on small generated files
+with the same columns: each one parses, preprocesses, and runs a tiny pretrain + fine-tune,
+so that a config cannot drift from the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import autoft_fast
+from autoft_fast.cli import main
+from autoft_fast.data import load_data_config, prepare_data
+from autoft_fast.data.movielens import join_movielens_1m
+
+DATASETS = Path(autoft_fast.__file__).parent / "configs" / "datasets"
+N = 2000
+
+
+def _hex(rng, n, k, prefix=""):
+    return [f"{prefix}{v:08x}" for v in rng.integers(0, k, n) * 2654435761 % (1 << 32)]
+
+
+def _criteo(tmp: Path, dom: dict) -> None:
+    rng = np.random.default_rng(0)
+    cols = {"label": rng.integers(0, 2, N)}
+    for i in range(1, 14):
+        v = rng.poisson(3, N).astype(object)
+        v[rng.random(N) < 0.1] = ""  # Criteo has many empty counts
+        cols[f"I{i}"] = v
+    for i in range(1, 27):
+        cols[f"C{i}"] = _hex(rng, N, 30)
+    cols["C20"] = rng.choice([*dom["source"], dom["target"]], N)
+    pd.DataFrame(cols).to_csv(tmp / "criteo.tsv", sep="\t", index=False)
+
+
+def _avazu(tmp: Path, dom: dict) -> None:
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"id": np.arange(N), "click": rng.integers(0, 2, N),
+                       "hour": 14102100 + rng.integers(0, 10, N) * 100 + rng.integers(0, 24, N)})
+    for c in ["C1", "banner_pos", "device_type", "device_conn_type", "C15", "C16", "C18"]:
+        df[c] = rng.integers(0, 5, N)
+    for c in ["site_id", "site_domain", "app_id", "app_domain", "app_category", "device_id",
+              "device_ip", "device_model"]:
+        df[c] = _hex(rng, N, 40)
+    for c in ["C14", "C17", "C19", "C20", "C21"]:
+        df[c] = rng.integers(0, 200, N)
+    df["site_category"] = rng.choice([*dom["source"], dom["target"]], N)
+    order = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category",
+             "app_id", "app_domain", "app_category", "device_id", "device_ip", "device_model",
+             "device_type", "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+    df[order].to_csv(tmp / "train.csv", index=False)
+
+
+def _movielens(tmp: Path, dom: dict) -> None:
+    # The three GroupLens tables, then the documented join.
+    rng = np.random.default_rng(2)
+    n_users, n_movies = 210, 80
+    codes = [int(v) for v in [*dom["source"], dom["target"]]]
+    occ = [codes[u % len(codes)] for u in range(n_users)]  # every configured domain has users
+    users = [f"{u + 1}::{rng.choice(['M', 'F'])}::{rng.choice([1, 18, 25, 35])}::{occ[u]}::{rng.integers(10000, 10100)}"
+             for u in range(n_users)]
+    genres = ["Action", "Comedy", "Drama", "Children's", "Sci-Fi"]
+    movies = [f"{m + 1}::Title {m} (1995)::{'|'.join(rng.choice(genres, rng.integers(1, 4), replace=False))}"
+              for m in range(n_movies)]
+    ratings = [f"{rng.integers(1, n_users + 1)}::{rng.integers(1, n_movies + 1)}::{rng.integers(1, 6)}::{978300000 + i}"
+               for i in range(N)]
+    for name, lines in (("users.dat", users), ("movies.dat", movies), ("ratings.dat", ratings)):
+        (tmp / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+    join_movielens_1m(tmp, tmp / "ml1m.csv")
+
+
+MAKERS = {"criteo": _criteo, "avazu": _avazu, "movielens1m": _movielens}
+
+
+def test_every_shipped_dataset_config_is_tested():
+    assert sorted(p.stem for p in DATASETS.glob("*.yaml")) == sorted(MAKERS)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_dataset_config_on_a_generated_file(tmp_path, name, capsys):
+    doc = yaml.safe_load((DATASETS / f"{name}.yaml").read_text())
+    MAKERS[name](tmp_path, doc["data"]["domain"])
+    doc["data"]["cache"] = False
+    doc["data"]["min_count"] = 2  # 2,000 rows: keep the ids a real file's min_count would keep
+    cfg_path = tmp_path / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))   # beside the data, as the YAML's comments say
+    cfg = load_data_config(cfg_path)
+    bundle = prepare_data(cfg)
+    fm = bundle.feature_map
+    assert fm.domain_values[-1] == str(doc["data"]["domain"]["target"])
+    assert all(len(bundle.splits[s]) > 0 for s in bundle.splits)
+    for f in fm.fields:  # every feature has real values, not only PAD / OOV
+        assert f.vocab_size > 2, f.name
+    assert sum(len(d) for d in bundle.splits.values()) == bundle.stats["rows_read"] - bundle.stats["rows_other_domains"]
+
+    exp = {
+        "name": f"tiny-{name}", "data": str(cfg_path),
+        "model": {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]},
+        "pretrain": {"epochs": 1, "batch_size": 256}, "finetune": {"epochs": 1, "batch_size": 256},
+        "autoft": {"backend": "reference"}, "strategies": ["finetune_all", "autoft"], "seeds": [0],
+        "run_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    capsys.readouterr()
+    assert main(["compare", "--config", str(tmp_path / "exp.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| finetune_all |" in out and "| autoft |" in out
+
+
+def test_movielens_join_keeps_every_rating_and_derives_the_label(tmp_path):
+    _movielens(tmp_path, yaml.safe_load((DATASETS / "movielens1m.yaml").read_text())["data"]["domain"])
+    df = pd.read_csv(tmp_path / "ml1m.csv", dtype=str)
+    ratings = pd.read_csv(tmp_path / "ratings.dat", sep="::", engine="python", header=None, dtype=str)
+    assert len(df) == len(ratings) and df["genres"].notna().all() and df["occupation"].notna().all()
+    assert (df["click"].astype(int) == (ratings[2].astype(int) >= 4).astype(int)).all()
+    assert list(df["timestamp"]) == list(ratings[3])
+    with pytest.raises(FileNotFoundError, match="users.dat"):
+        (tmp_path / "users.dat").unlink()
+        join_movielens_1m(tmp_path, tmp_path / "x.csv")
