@@ -93,7 +93,7 @@ setup(
     # The Triton kernels live in the top-level kernels/ folder and ship as autoft_fast.kernels.
     package_dir={"autoft_fast.kernels": "kernels"},
     # Data files that a non-editable install must carry (the CLI's example configs).
-    package_data={"autoft_fast": ["configs/*.yaml"]},
+    package_data={"autoft_fast": ["configs/*.yaml", "configs/datasets/*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )
