@@ -75,7 +75,7 @@ def test_experiment_holds_parsed_sections(tmp_path):
     assert isinstance(cfg.model, ModelConfig) and cfg.model.name == "deepfm"
     assert isinstance(cfg.autoft, AutoFTConfig) and cfg.autoft.policy_lr == 0.01
     assert isinstance(cfg.pretrain, PretrainConfig) and cfg.pretrain.seed == 4
-    assert cfg.pretrain.epochs == 2 and cfg.finetune.epochs == 5  # the stages' own defaults
+    assert cfg.pretrain.epochs == 10 and cfg.finetune.epochs == 50  # the stages' own defaults
     assert isinstance(cfg.synthetic, SyntheticConfig) and cfg.synthetic.n_target_rows == 200
     assert cfg.data is None
     # The effective config reads back to an equal config.
@@ -112,7 +112,7 @@ def test_run_directory_holds_the_effective_config(tmp_path, capsys):
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["autoft"]["backend"] == autoft_fast.available_backends("cpu")[0]
-    assert written["autoft"]["tau"] == 5.0 and written["finetune"]["patience"] == 2  # defaults
+    assert written["autoft"]["tau"] == 5.0 and written["finetune"]["patience"] == 3  # defaults
     assert written["model"]["hidden_units"] == [8]
     assert parse_config(written, tmp_path).autoft.backend == written["autoft"]["backend"]
 

@@ -13,6 +13,8 @@ finetune: {epochs: 5, lr: 0.001, patience: 2, ...}                 # TrainConfig
 autoft: {backend: auto, tau: 5.0, policy_lr: 0.001, ...}           # AutoFTConfig
 strategies: all            # or a list of names from autoft_fast.config.STRATEGIES
 seeds: [0, 1]              # fine-tuning seeds; mean and std are taken over them
+targets: null              # or a list of domain values: each in turn the target, the other
+                           # listed domains (and the data's own source and target) the source
 run_dir: runs              # relative to the working directory
 cache_dir: null            # generated data and pre-trained models; default <run_dir>/cache
 device: auto               # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
@@ -48,7 +50,7 @@ __all__ = ["ExperimentConfig", "load_config", "parse_config", "DEMO_CONFIG",
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 TOP_LEVEL_KEYS = ("name", "data", "synthetic", "model", "pretrain", "finetune", "autoft",
-                  "strategies", "seeds", "run_dir", "cache_dir", "device")
+                  "strategies", "seeds", "targets", "run_dir", "cache_dir", "device")
 
 
 def config_hash(obj: Any) -> str:
@@ -125,7 +127,7 @@ class ExperimentConfig:
     Example:
         >>> cfg = parse_config({"synthetic": {}, "autoft": {"tau": 2}})
         >>> cfg.autoft.tau, cfg.pretrain.seed, cfg.finetune.epochs
-        (2.0, 0, 5)
+        (2.0, 0, 50)
     """
     name: str
     base_dir: Path
@@ -140,6 +142,7 @@ class ExperimentConfig:
     run_dir: Path
     cache_dir: Path
     device: str = "auto"
+    targets: list | None = None
     cache_dir_given: bool = False  # False: cache_dir follows run_dir (<run_dir>/cache)
 
     def torch_device(self):
@@ -184,6 +187,7 @@ class ExperimentConfig:
                 "model": self.model.to_dict(), "pretrain": self.pretrain.to_dict(),
                 "finetune": self.finetune.to_dict(), "autoft": autoft,
                 "strategies": list(self.strategies), "seeds": list(self.seeds),
+                "targets": list(self.targets) if self.targets else None,
                 "run_dir": str(self.run_dir),
                 "cache_dir": str(self.cache_dir) if self.cache_dir_given else None,
                 "device": self.device}
@@ -201,7 +205,8 @@ class ExperimentConfig:
 
     def with_overrides(self, *, backend: str | None = None, seeds: int | None = None,
                        run_dir: str | Path | None = None, strategies: list | None = None,
-                       device: str | None = None) -> "ExperimentConfig":
+                       device: str | None = None,
+                       targets: list | None = None) -> "ExperimentConfig":
         """A copy with CLI overrides applied: `backend` replaces autoft.backend; `seeds=N`
         keeps the first N configured seeds and extends them with consecutive integers.
 
@@ -227,7 +232,33 @@ class ExperimentConfig:
             changes["strategies"] = resolve_strategies(strategies)
         if device is not None:
             changes["device"] = _check_device(device, "--device")
+        if targets is not None:
+            changes["targets"] = _targets(targets, "--targets")
         return dataclasses.replace(self, **changes)
+
+    def target_domains(self) -> list[str | None]:
+        """The targets a comparison runs over: ``targets`` or, without it, ``[None]`` (the
+        data's own target).
+
+        Example:
+            >>> parse_config({"synthetic": {}, "targets": ["a", "b"]}).target_domains()
+            ['a', 'b']
+        """
+        return list(self.targets) if self.targets else [None]
+
+
+def _targets(value, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in value)):
+        raise ConfigError(f"{where} must be a non-empty list of domain values, got {value!r}")
+    out = [str(v) for v in value]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{where} lists a domain twice: {out}")
+    return out
 
 
 def _section(cls, raw: dict, key: str):
@@ -285,6 +316,7 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
         strategies=resolve_strategies(raw.get("strategies", "all")),
         seeds=_seeds(raw.get("seeds", [0, 1])), run_dir=run_dir, cache_dir=cache_dir,
         device=_check_device(raw.get("device", "auto"), "device"),
+        targets=_targets(raw.get("targets"), "targets"),
         cache_dir_given=cache_raw is not None)
 
 

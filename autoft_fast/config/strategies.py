@@ -69,6 +69,11 @@ class Strategy:
         return self.stack == "gated"
 
     @property
+    def has_policy(self) -> bool:
+        """Whether the strategy has a policy network (field or layer gates)."""
+        return self.field_policy or self.layer_policy
+
+    @property
     def needs_pretrained(self) -> bool:
         """Every strategy but a fresh one starts from the pre-trained model."""
         return not self.fresh

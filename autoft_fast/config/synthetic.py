@@ -79,6 +79,10 @@ class SyntheticConfig:
                                             doc="click rate per source domain")
     target_domain: str = setting("tgt", doc="the target domain's name")
     target_ctr: float = setting(0.06, **_UNIT, doc="the target's click rate")
+    extra_targets: tuple[str, ...] = setting((), doc=(
+        "more small target domains, each with n_target_rows rows, target_ctr, shift_corr and "
+        "a frequency permutation of its own (for comparisons over several targets: the "
+        "experiment's targets: key)"))
     latent_dim: int = setting(8, minimum=1, doc="width of the interaction vectors")
     main_effect_std: float = setting(0.6, minimum=0.0, doc="std of the main-effect logit sum")
     interaction_std: float = setting(0.6, minimum=0.0, doc="std of the interaction logit sum")
@@ -125,6 +129,9 @@ class SyntheticConfig:
              f"{k} numbers in (0, 1) (one per source domain)")
         need(bool(self.target_domain) and self.target_domain not in self.source_domains,
              "target_domain", "a name not among the sources")
+        names = [*self.source_domains, self.target_domain, *self.extra_targets]
+        need(len(set(names)) == len(names), "extra_targets",
+             "names distinct from each other, the sources and target_domain")
         need(self.target_valid + self.target_test < 1, "target_test",
              "in (0, 1) with target_valid + target_test < 1")
         names = [f.name for f in self.fields]

@@ -120,8 +120,9 @@ def _mix(base: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _ground_truth(cfg: SyntheticConfig, rng: np.random.Generator) -> GroundTruth:
-    domains = [*cfg.source_domains, cfg.target_domain]
+    domains = [*cfg.source_domains, cfg.target_domain, *cfg.extra_targets]
     n_src = len(cfg.source_domains)
+    n_tgt = len(domains) - n_src
     k = cfg.latent_dim
     main, latent, rank_to_id = {}, {}, {}
     for f in cfg.fields:
@@ -141,8 +142,10 @@ def _ground_truth(cfg: SyntheticConfig, rng: np.random.Generator) -> GroundTruth
                 vs.append(_mix(v0, rho, rng))
         main[f.name], latent[f.name] = ws, vs
         identity = np.arange(c)
-        perm = rng.permutation(c) if (f.frequency == "shifted" and f.kind != "numeric") else identity
-        rank_to_id[f.name] = [identity] * n_src + [perm]
+        shifted = f.frequency == "shifted" and f.kind != "numeric"
+        # Each target domain draws its own popularity order (one permutation per target).
+        rank_to_id[f.name] = [identity] * n_src + [
+            rng.permutation(c) if shifted else identity for _ in range(n_tgt)]
     return GroundTruth(domains=domains, main=main, latent=latent, rank_to_id=rank_to_id)
 
 
@@ -156,7 +159,7 @@ def _domain_sizes(cfg: SyntheticConfig) -> list[int]:
     w = np.asarray(cfg.source_weights, dtype=np.float64)
     sizes = np.floor(cfg.n_source_rows * w / w.sum()).astype(int)
     sizes[0] += cfg.n_source_rows - sizes.sum()
-    return [*sizes.tolist(), cfg.n_target_rows]
+    return [*sizes.tolist(), *[cfg.n_target_rows] * (1 + len(cfg.extra_targets))]
 
 
 def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np.ndarray]:
@@ -179,7 +182,7 @@ def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np
     # they are put in time order at the end.
     ends = np.cumsum(sizes)
     blocks = [slice(int(e - s), int(e)) for s, e in zip(sizes, ends)]
-    target = len(sizes) - 1
+    n_src = len(cfg.source_domains)
     k = cfg.latent_dim
 
     main = np.zeros(n)
@@ -188,7 +191,7 @@ def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np
     columns: dict[str, Any] = {}
     for f in cfg.fields:
         if f.kind == "numeric":
-            mu = np.where(dom == target, 3.0 + (cfg.price_shift if f.frequency == "shifted" else 0.0), 3.0)
+            mu = np.where(dom >= n_src, 3.0 + (cfg.price_shift if f.frequency == "shifted" else 0.0), 3.0)
             price = np.round(np.exp(mu + 0.8 * rng.standard_normal(n)), 2)
             price = np.maximum(price, 0.01)
             g = np.tanh((np.log(price) - 3.0) / 0.8)
@@ -238,13 +241,13 @@ def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np
             columns[f.name] = _join_tags(tags, valid)
 
     inter = 0.5 * ((vsum * vsum).sum(1) - vsq)
-    src = dom != target
+    src = dom < n_src
     # Scales from the source rows, applied to every domain: the target's spread then reflects
     # its own (shifted) parameters rather than being forced equal.
     truth.scale_main = float(cfg.main_effect_std / max(main[src].std(), 1e-12))
     truth.scale_interaction = float(cfg.interaction_std / max(inter[src].std(), 1e-12))
     logit = truth.scale_main * main + truth.scale_interaction * inter
-    ctrs = [*cfg.source_ctr, cfg.target_ctr]
+    ctrs = [*cfg.source_ctr, *[cfg.target_ctr] * (1 + len(cfg.extra_targets))]
     truth.bias = [_solve_bias(logit[dom == d], ctrs[d]) for d in range(len(sizes))]
     logit = logit + np.asarray(truth.bias)[dom]
     prob = 1.0 / (1.0 + np.exp(-logit))

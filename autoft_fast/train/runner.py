@@ -2,6 +2,7 @@
 -> test metrics, policy statistics and throughput, written under one run directory."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -10,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._io import write_text_atomic
@@ -17,12 +19,18 @@ from ..config import ConfigError, DataConfig, config_hash, read_data_yaml
 from ..config.strategies import STRATEGY_TABLE
 from ..config.sections import tau_at
 from ..data import generate_synthetic, prepare_data
+from ..data import iterate_batches
 from ..models import build_base_model, build_transfer_model
+from ..models.frequency import count_rows
+from .holdout import split_holdout
+from .metrics import compute_metrics
 from .checkpoint import load_checkpoint, save_atomic, seed_everything
 from .progress import LOGGER_NAME
-from .report import (aggregate, markdown_table, plot_auc, plot_policy, policy_table,
-                     write_policy_csv, write_results_csv, write_runs_csv)
-from .trainer import Trainer, evaluate
+from .report import (aggregate, markdown_summary, markdown_table, plot_auc, plot_policy,
+                     plot_policy_by_frequency, plot_policy_epochs, policy_table,
+                     summary_across_targets, tuned_fraction_by_frequency, write_policy_csv,
+                     write_results_csv, write_runs_csv, write_summary_csv)
+from .trainer import Trainer, evaluate, predict
 
 __all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "run_strategy", "compare",
            "write_outputs", "write_json"]
@@ -101,9 +109,26 @@ def generate_data(cfg, out_dir: Path | None = None) -> Path:
     return path
 
 
-def load_data(cfg):
+def retarget(data_cfg, target: str | None):
+    """``data_cfg`` with ``target`` as its target domain and every other domain it names
+    (its sources, its own target) plus the experiment's other ``targets`` as the source.
+
+    Example:
+        >>> retarget(data_cfg, "tgt_b").domain.target
+        'tgt_b'
+    """
+    if target is None:
+        return data_cfg
+    return dataclasses.replace(data_cfg, domain=dataclasses.replace(
+        data_cfg.domain, target=target,
+        source=tuple(d for d in (*data_cfg.domain.source, data_cfg.domain.target)
+                     if d != target)))
+
+
+def load_data(cfg, target: str | None = None):
     """The DataBundle of the experiment: the `data:` section if given, else the generated
-    synthetic data (generated first if needed).
+    synthetic data (generated first if needed). With `target`, that domain is the target
+    and the experiment's other `targets` join the source domains (see `retarget`).
 
     Example:
         >>> bundle = load_data(load_config("exp.yaml"))
@@ -122,6 +147,12 @@ def load_data(cfg):
                 if "oracle_auc" in d:
                     log.info("synthetic ground truth, domain %s: oracle AUC %.4f, LogLoss %.4f",
                              name, d["oracle_auc"], d.get("oracle_logloss", float("nan")))
+    if target is not None:
+        data_cfg = retarget(data_cfg, target)
+        others = [t for t in (cfg.targets or []) if t not in (target, *data_cfg.domain.source)]
+        if others:
+            data_cfg = dataclasses.replace(data_cfg, domain=dataclasses.replace(
+                data_cfg.domain, source=(*data_cfg.domain.source, *others)))
     t0 = time.perf_counter()
     bundle = prepare_data(data_cfg)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in bundle.splits.items())
@@ -203,6 +234,30 @@ def _tau_schedule(cfg):
     return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
 
 
+@torch.no_grad()
+def _policy_by_frequency(model, test, train, cfg, device) -> list[dict]:
+    """The field policy's test choices split by how often each instance's value occurs in
+    the target training rows the model was fitted to (single-valued fields)."""
+    names = list(model.net.single_fields)
+    if not names:
+        return []
+    was = model.training
+    model.eval()
+    chosen = []
+    try:
+        for b in iterate_batches(test, cfg.finetune.eval_batch_size, False):
+            b = b if device.type == "cpu" else b.to(device)
+            model(b)
+            chosen.append(model.last_gates["field"][:, :len(names), 1].float().cpu())
+    finally:
+        model.train(was)
+    tuned = torch.cat(chosen).numpy() if chosen else np.zeros((0, len(names)))
+    return tuned_fraction_by_frequency(
+        {n: test.sparse[:, i].numpy() for i, n in enumerate(names)},
+        {n: tuned[:, i] for i, n in enumerate(names)},
+        {n: train.sparse[:, i].numpy() for i, n in enumerate(names)})
+
+
 def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed: int,
                  out_dir: Path, *, resume: bool = False, keep_model: bool = False,
                  progress: bool | None = None) -> dict:
@@ -233,7 +288,19 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
             raise ValueError(f"strategy {strategy!r} needs a pre-trained model")
         pretrained = build_base_model(bundle.feature_map, cfg.model)
         pretrained.load_state_dict(pretrained_state)
-    model = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft)
+    acfg = cfg.autoft
+    train = bundle.splits["target_train"]
+    policy_data = None
+    if row.has_policy and acfg.policy_objective == "heldout":
+        # The policy's rows are never used for model weights (see train/holdout.py).
+        train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
+    value_counts = None
+    if row.has_policy and "freq" in acfg.policy_input:
+        num_rows = bundle.feature_map.num_rows
+        value_counts = (count_rows(bundle.splits["source_train"], num_rows),
+                        count_rows(train, num_rows))
+    model = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, acfg,
+                                 value_counts=value_counts)
     device = cfg.torch_device()
     model.to(device)
     domains = _domain_names(bundle)
@@ -245,19 +312,29 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                           policy_lr=cfg.autoft.policy_lr,
                           policy_weight_decay=cfg.autoft.policy_weight_decay,
                           domain_names=domains, desc=f"{strategy} seed {seed}",
-                          progress=progress, device=device)
-        fit = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
-                          resume=resume)
+                          progress=progress, device=device, policy_data=policy_data,
+                          policy_warmup=acfg.policy_warmup,
+                          policy_warmup_gates=acfg.policy_warmup_gates)
+        fit = trainer.fit(train, bundle.splits["target_valid"], resume=resume)
         rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
+                   best_at_cap=fit.best_at_cap,
                    train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
                    history=fit.history, valid_best=fit.best_metric)
+    rec["epoch_cap"] = cfg.finetune.epochs
+    rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):
         model.reset_policy_stats()
-    test = evaluate(model, bundle.splits["target_test"], cfg.finetune.eval_batch_size, domains,
-                    device=device)
+    test_data = bundle.splits["target_test"]
+    logits = predict(model, test_data, cfg.finetune.eval_batch_size, device=device)
+    test = compute_metrics(test_data.label, logits, getattr(test_data, "domain", None), domains)
     stats = model.policy_stats() if hasattr(model, "policy_stats") else {}
+    # The test logits, for the paired significance tests of the report.
+    np.save(out_dir / "test_scores.npy", logits.numpy().astype(np.float64))
     rec.update(auc=test["auc"], logloss=test["logloss"], per_domain=test["per_domain"],
-               policy_stats=stats, wall_seconds=time.perf_counter() - t0)
+               policy_stats=stats, wall_seconds=time.perf_counter() - t0,
+               test_scores_path=str(out_dir / "test_scores.npy"))
+    if getattr(model, "field_gate_names", None):
+        rec["policy_by_frequency"] = _policy_by_frequency(model, test_data, train, cfg, device)
     if keep_model:
         save_atomic(model.state_dict(), out_dir / "model.pt")
     write_json(rec, result_path)
@@ -271,14 +348,18 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
 
 # -- the comparison ----------------------------------------------------------------------------
 
-def write_outputs(run_dir: Path, runs: list[dict], order: list[str]) -> tuple[str, list[dict]]:
+def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=None,
+                  title: str | None = None) -> tuple[str, list[dict]]:
     """results.csv, runs.csv, results.md and the PNG plots under `run_dir`; returns the
-    markdown table and the summary rows.
+    markdown table and the summary rows. `labels` (the target's test labels) turns on the
+    paired significance columns (the runs' saved test scores against finetune_all's).
 
     Example:
-        >>> table, rows = write_outputs(run_dir, runs, cfg.strategies)
+        >>> table, rows = write_outputs(run_dir, runs, cfg.strategies, labels=test_labels)
     """
-    rows = aggregate(runs, order)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(runs, order, labels=labels)
     table = markdown_table(rows)
     write_runs_csv(runs, run_dir / "runs.csv")
     write_results_csv(rows, run_dir / "results.csv")
@@ -287,35 +368,70 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str]) -> tuple[st
     if policy:  # the policies' behaviour goes with the results (mean over seeds, test rows)
         table = f"{table}\n\n{policy}"
     (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-    plot_auc(rows, run_dir / "auc.png")
+    plot_auc(rows, run_dir / "auc.png", title=title)
     plot_policy(runs, "field", run_dir / "policy_fields.png")
     plot_policy(runs, "layer", run_dir / "policy_layers.png")
+    # Per-instance behaviour of the first run that has a field policy: its tuned fraction per
+    # field over the epochs (validation rows) and by the value's frequency in the target.
+    gated = next((r for r in runs if r.get("policy_by_frequency")), None)
+    if gated is not None:
+        epochs = [{"epoch": h["epoch"], **h["policy"]} for h in gated.get("history", [])
+                  if h.get("policy") and h["policy"].get("field")]
+        if epochs:
+            plot_policy_epochs(epochs, run_dir / "policy_epochs.png")
+        plot_policy_by_frequency(gated["policy_by_frequency"],
+                                 run_dir / "policy_by_frequency.png")
     return table, rows
 
 
 def compare(cfg, run_dir: Path, *, resume: bool = False,
             progress: bool | None = None) -> tuple[str, list[dict], list[dict]]:
-    """Pre-train once, then run every configured strategy for every seed and write the
-    outputs. Returns (markdown table, summary rows, per-seed run records).
+    """Pre-train once per target, then run every configured strategy for every seed and
+    write the outputs. With several `targets`, each target's outputs go to
+    run_dir/<target>/ and run_dir holds the summary across targets (summary.md/.csv).
+    Returns (markdown table, summary rows, per-seed run records).
 
     Example:
         >>> table, rows, runs = compare(load_config("exp.yaml"), make_run_dir(cfg, "compare"))
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    bundle = load_data(cfg)
-    state = None
-    if any(STRATEGY_TABLE[s].needs_pretrained for s in cfg.strategies):
-        state, info = pretrain(cfg, bundle, progress=progress)
-        write_json(info, run_dir / "pretrain.json")
-    runs = []
-    for seed in cfg.seeds:
-        for strategy in cfg.strategies:
-            rec = run_strategy(cfg, bundle, state, strategy, seed,
-                               run_dir / "runs" / f"{strategy}-seed{seed}", resume=resume,
-                               progress=progress)
-            runs.append(rec)
-            write_runs_csv(runs, run_dir / "runs.csv")  # partial results survive a kill
-    table, rows = write_outputs(run_dir, runs, cfg.strategies)
+    targets = cfg.target_domains()
+    many = len(targets) > 1
+    runs, tables, texts, labels_of = [], {}, [], {}
+    for target in targets:
+        out = run_dir / target if many else run_dir
+        bundle = load_data(cfg, target)
+        name = bundle.feature_map.domain_values[-1]
+        state = None
+        if any(STRATEGY_TABLE[s].needs_pretrained for s in cfg.strategies):
+            state, info = pretrain(cfg, bundle, progress=progress)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(info, out / "pretrain.json")
+        these = []
+        for seed in cfg.seeds:
+            for strategy in cfg.strategies:
+                rec = run_strategy(cfg, bundle, state, strategy, seed,
+                                   out / "runs" / f"{strategy}-seed{seed}", resume=resume,
+                                   progress=progress)
+                these.append(rec)
+                write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
+        runs += these
+        labels = bundle.splits["target_test"].label.numpy()
+        labels_of[name] = labels
+        table, rows = write_outputs(out, these, cfg.strategies, labels=labels,
+                                    title=f"target {name}" if many else None)
+        tables[name] = rows
+        texts.append(f"### target {name}\n\n{table}" if many else table)
+    if many:
+        summary = summary_across_targets(tables)
+        text = markdown_summary(summary)
+        write_summary_csv(summary, run_dir / "summary.csv")
+        write_runs_csv(runs, run_dir / "runs.csv")
+        full = "\n\n".join(texts + [f"### across {len(targets)} targets\n\n{text}"])
+        (run_dir / "summary.md").write_text(full + "\n", encoding="utf-8")
+        table, rows = full, summary
+    else:
+        table, rows = texts[0], tables[next(iter(tables))]
     log.info("compare: %d runs in %.1f s", len(runs), time.perf_counter() - t0)
     return table, rows, runs
