@@ -1,0 +1,560 @@
+"""Drop-in AutoFT: turn an existing pre-trained PyTorch CTR model into an AutoFT model.
+
+``autoft(model)`` returns a wrapper ``nn.Module`` whose ``forward`` takes the same arguments
+and returns the same output as ``model``. Inside it, every ``nn.Embedding`` and
+``nn.EmbeddingBag`` (also inside ``nn.ModuleDict`` / ``nn.ModuleList``, one per field as
+FuxiCTR and DeepCTR-Torch hold them) is replaced by a frozen pre-trained table plus a tuned
+copy, and the interaction layers named by ``layers`` get a frozen and a tuned copy, mixed per
+instance by a policy network. See docs/dropin.md for the design, its cost and a worked example.
+
+How the policy gets its per-instance input without changing the user's ``forward``: the
+wrapper runs the model twice per call on the same arguments.
+
+1. Collect pass (``torch.no_grad()``, every module in eval mode, so no dropout draw and no
+   BatchNorm statistics update): every embedding module returns its frozen rows and records
+   them; gated layers run their frozen copy.
+2. The policy input is, per embedding module, the mean of its frozen rows over all lookups of
+   the instance in this call (for a bag: its frozen pooled vector), concatenated over the
+   modules (detached). The policy returns two logits per instance for every gated embedding
+   module ("field") and every gated layer.
+3. Real pass: every gated module reads its logits. An embedding module's ``[B, 2]`` logits
+   are broadcast over all its lookups of the instance (each lookup draws its own gate in
+   training); hold one table per field to get one gate per field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.policy import PolicyNetwork
+from .modules import GatedEmbedding
+from .ops import gumbel_gates, validate
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a strategy does with the embedding modules and with the listed layers.
+
+    Each of ``embeddings`` / ``layers`` is ``"gate"`` (frozen and tuned copy mixed by the
+    policy), ``"tune"`` (trained) or ``"freeze"`` (kept at the pre-trained values).
+    """
+
+    embeddings: str
+    layers: str
+    l2sp: bool = False
+
+    @property
+    def has_policy(self) -> bool:
+        return "gate" in (self.embeddings, self.layers)
+
+
+#: The strategies ``autoft`` accepts (the same names and meaning as ``autoft_fast.models``).
+#: Parameters that are neither an embedding nor a listed layer are trained in every strategy.
+STRATEGIES: dict[str, Strategy] = {
+    "finetune_all": Strategy("tune", "tune"),
+    "freeze_embedding": Strategy("freeze", "tune"),
+    "freeze_dnn": Strategy("tune", "freeze"),
+    "l2sp": Strategy("tune", "tune", l2sp=True),
+    "autoft_layer": Strategy("tune", "gate"),
+    "autoft_field": Strategy("gate", "tune"),
+    "autoft": Strategy("gate", "gate"),
+}
+
+FORCE_CHOICES = (None, "frozen", "tuned")
+# Logit difference that decides a hard gate whatever the Gumbel noise (|noise| < 47).
+_FORCE_MARGIN = 1e4
+
+
+class _CallState:
+    """What one wrapper ``forward`` call shares with its gated modules (not saved)."""
+
+    def __init__(self, tau: float):
+        self.tau = tau
+        self.collecting = False
+        self.rows: dict[int, list[torch.Tensor]] = {}
+        self.batch: int | None = None
+        self.first: str | None = None
+        self.logits: torch.Tensor | None = None
+        self.gates: dict[str, torch.Tensor] = {}
+
+    def check_batch(self, size: int, where: str) -> None:
+        if self.batch is None:
+            self.batch, self.first = size, where
+        elif size != self.batch:
+            raise ValueError(f"{where} sees a batch of {size} instances but {self.first} saw "
+                             f"{self.batch}; every embedding module must be looked up with the "
+                             f"batch as its first axis")
+
+    def record(self, slot: int, rows: torch.Tensor, batch: int, where: str) -> None:
+        self.check_batch(batch, where)
+        self.rows.setdefault(slot, []).append(rows.reshape(batch, -1, rows.shape[-1]))
+
+    def logits_for(self, gate: int, where: str) -> torch.Tensor:
+        if self.logits is None:
+            raise RuntimeError(f"{where} was called outside the AutoFT wrapper's forward; "
+                               f"call the wrapper returned by autoft(), not the inner model")
+        return self.logits[:, gate]
+
+
+class _Gated(nn.Module):
+    """Common part of the modules that replace an embedding module or a layer."""
+
+    def __init__(self, name: str, mode: str, state: _CallState):
+        super().__init__()
+        self.name, self.mode = name, mode
+        self.gate = -1  # column of the policy output; set by the wrapper when gated
+        self.slot = -1  # position in the policy input; embedding modules only
+        object.__setattr__(self, "_state", state)  # shared, not a submodule, not saved
+
+
+def _check_embedding_options(name: str, module: nn.Module) -> None:
+    if module.max_norm is not None:
+        raise NotImplementedError(f"{name}: nn.Embedding max_norm = {module.max_norm} renormalises "
+                                  f"the table in place and is not supported by autoft()")
+    if module.scale_grad_by_freq:
+        raise NotImplementedError(f"{name}: scale_grad_by_freq=True is not supported by autoft()")
+
+
+def _padding_hook(padding_idx: int):
+    # Keep the original module's rule: the padding row never gets a gradient.
+    def hook(grad):
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            keep = (grad.indices()[0] != padding_idx).to(grad.dtype).unsqueeze(-1)
+            return torch.sparse_coo_tensor(grad.indices(), grad.values() * keep, grad.shape)
+        grad = grad.clone()
+        grad[padding_idx] = 0
+        return grad
+    return hook
+
+
+class GatedEmbeddingSlot(_Gated):
+    """Stands in for an ``nn.Embedding``: same call ``(input) -> rows``, frozen and tuned table.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.dropin import autoft
+        >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4)), strategy="autoft_field")
+        >>> type(net.model[0]).__name__
+        'GatedEmbeddingSlot'
+    """
+
+    def __init__(self, name, module: nn.Embedding, mode, state, backend="auto"):
+        super().__init__(name, mode, state)
+        _check_embedding_options(name, module)
+        self.table = GatedEmbedding.from_pretrained(module.weight, sparse=module.sparse, backend=backend)
+        self.padding_idx = module.padding_idx
+        if mode == "freeze":
+            self.table.tuned_weight.requires_grad_(False)
+        elif self.padding_idx is not None:
+            self.table.tuned_weight.register_hook(_padding_hook(self.padding_idx))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.embedding_dim
+
+    def forward(self, input):
+        state, table = self._state, self.table
+        if state.collecting:
+            if input.dim() == 0:
+                raise ValueError(f"{self.name}: a 0-d index has no batch axis; look embeddings "
+                                 f"up with the batch as the first axis")
+            rows = F.embedding(input, table.frozen_weight)
+            state.record(self.slot, rows, input.shape[0], self.name)
+            return rows
+        if self.mode == "freeze":
+            return F.embedding(input, table.frozen_weight)
+        if self.mode == "tune":
+            return F.embedding(input, table.tuned_weight, sparse=table.sparse)
+        logits = state.logits_for(self.gate, self.name)
+        logits = logits.reshape(logits.shape[0], *([1] * (input.dim() - 1)), 2).expand(*input.shape, 2)
+        out, gates = table(input, logits, tau=state.tau)
+        state.gates[self.name] = gates.detach()
+        return out
+
+
+class GatedEmbeddingBagSlot(_Gated):
+    """Stands in for an ``nn.EmbeddingBag``: same call ``(input, offsets, per_sample_weights)``.
+
+    Until the fused op pools bags, the frozen and the tuned table are pooled separately with
+    ``F.embedding_bag`` (the module's ``mode``, offsets and per-sample weights as given) and
+    the two pooled vectors are mixed with one straight-through Gumbel gate per bag.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.dropin import autoft
+        >>> net = autoft(torch.nn.Sequential(torch.nn.EmbeddingBag(10, 4)), strategy="autoft_field")
+        >>> net(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, name, module: nn.EmbeddingBag, mode, state, backend="auto"):
+        super().__init__(name, mode, state)
+        _check_embedding_options(name, module)
+        weight = module.weight.detach()
+        self.register_buffer("frozen_weight", weight.clone())
+        self.tuned_weight = nn.Parameter(weight.clone(), requires_grad=(mode != "freeze"))
+        self.bag_mode = module.mode
+        self.padding_idx = module.padding_idx
+        self.include_last_offset = module.include_last_offset
+        self.sparse = module.sparse
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.frozen_weight.shape[1]
+
+    def _pool(self, weight, input, offsets, per_sample_weights):
+        return F.embedding_bag(input, weight, offsets, mode=self.bag_mode, sparse=self.sparse,
+                               per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        state = self._state
+        frozen = self._pool(self.frozen_weight, input, offsets, per_sample_weights)
+        if state.collecting:
+            state.record(self.slot, frozen, frozen.shape[0], self.name)
+            return frozen
+        if self.mode == "freeze":
+            return frozen
+        tuned = self._pool(self.tuned_weight, input, offsets, per_sample_weights)
+        if self.mode == "tune":
+            return tuned
+        z = gumbel_gates(state.logits_for(self.gate, self.name), tau=state.tau, hard=True,
+                         noise=self.training).to(tuned.dtype)
+        state.gates[self.name] = z.detach()
+        return z[:, :1] * frozen + z[:, 1:] * tuned
+
+
+class GatedLayer(_Gated):
+    """Stands in for an interaction layer: a frozen copy and a tuned copy of it.
+
+    In ``gate`` mode both copies run on the same input and their outputs are mixed per
+    instance by a straight-through Gumbel gate (hard in training, argmax in eval). The
+    frozen copy always runs in eval mode (no dropout, no BatchNorm statistics update), so it
+    stays the pre-trained function.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.dropin import autoft
+        >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)))
+        >>> type(net.model[1]).__name__
+        'GatedLayer'
+    """
+
+    def __init__(self, name, module: nn.Module, mode, state):
+        super().__init__(name, mode, state)
+        self.frozen = copy.deepcopy(module).requires_grad_(False).eval()
+        self.tuned = module
+        if mode == "freeze":
+            self.tuned.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        state = self._state
+        if state.collecting or self.mode == "freeze":
+            return self.frozen(*args, **kwargs)
+        if self.mode == "tune":
+            return self.tuned(*args, **kwargs)
+        frozen, tuned = self.frozen(*args, **kwargs), self.tuned(*args, **kwargs)
+        logits = state.logits_for(self.gate, self.name)
+        if not isinstance(tuned, torch.Tensor) or tuned.dim() == 0 or tuned.shape[0] != logits.shape[0]:
+            shape = tuple(tuned.shape) if isinstance(tuned, torch.Tensor) else type(tuned).__name__
+            raise ValueError(f"layer {self.name!r} returned {shape}; a gated layer must return a "
+                             f"tensor with the batch of {logits.shape[0]} instances as its first axis")
+        z = gumbel_gates(logits, tau=state.tau, hard=True, noise=self.training).to(tuned.dtype)
+        state.gates[self.name] = z.detach()
+        z = z.reshape(z.shape[0], *([1] * (tuned.dim() - 1)), 2)
+        return z[..., 0] * frozen + z[..., 1] * tuned
+
+
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _locations(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) that holds each submodule, shared modules included."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in root.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                found.setdefault(id(child), []).append((parent, attr))
+    return found
+
+
+def _replace(root, module, new, where) -> None:
+    for parent, attr in where[id(module)]:
+        setattr(parent, attr, new)
+
+
+class AutoFTModel(nn.Module):
+    """The model returned by :func:`autoft`; call it exactly as the original model.
+
+    Attributes: ``model`` (the copy of the user's model with its modules replaced),
+    ``policy`` (a :class:`PolicyNetwork`, ``None`` for strategies without gates),
+    ``gate_names`` (the gated embedding modules and layers, in the policy's output order).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.dropin import autoft
+        >>> base = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+        >>> net = autoft(base, strategy="autoft")
+        >>> net.gate_names
+        ['0', '2']
+        >>> net(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2, 1])
+    """
+
+    def __init__(self, model: nn.Module, *, strategy: str = "autoft", layers=None,
+                 policy_hidden=(64,), tau: float = 5.0, l2sp_weight: float = 1e-3,
+                 backend: str = "auto"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy = {strategy!r} is not one of {list(STRATEGIES)}")
+        self.strategy = strategy
+        plan = STRATEGIES[strategy]
+        self.tau = validate.check_tau(tau)
+        self.l2sp_weight = float(l2sp_weight)
+        self._force = None
+        state = _CallState(self.tau)
+        object.__setattr__(self, "_state", state)
+
+        self.model = copy.deepcopy(model)
+        named = dict(self.model.named_modules())
+        embeddings = [(n, m) for n, m in named.items() if isinstance(m, _EMBEDDING_TYPES)]
+        if not embeddings:
+            raise ValueError(f"model {type(model).__name__} has no nn.Embedding or nn.EmbeddingBag "
+                             f"module; autoft() gates embedding tables, so there is nothing to wrap")
+        layer_names = self._layer_names(named, layers)
+        where = _locations(self.model)
+
+        self.gate_names: list[str] = []
+        slots: list[_Gated] = []
+        if plan.has_policy:
+            for name, module in embeddings:
+                cls = GatedEmbeddingSlot if isinstance(module, nn.Embedding) else GatedEmbeddingBagSlot
+                kwargs = {"backend": backend} if cls is GatedEmbeddingSlot else {}
+                slot = cls(name, module, plan.embeddings, state, **kwargs)
+                slot.slot = len(slots)
+                if plan.embeddings == "gate":
+                    slot.gate = len(self.gate_names)
+                    self.gate_names.append(name)
+                _replace(self.model, module, slot, where)
+                slots.append(slot)
+        elif plan.embeddings == "freeze":
+            for _, module in embeddings:
+                module.requires_grad_(False)
+        if plan.layers != "tune":
+            for name in layer_names:
+                layer = GatedLayer(name, named[name], plan.layers, state)
+                if plan.layers == "gate":
+                    layer.gate = len(self.gate_names)
+                    self.gate_names.append(name)
+                _replace(self.model, named[name], layer, where)
+        self.layer_names = layer_names
+
+        self.policy = None
+        if plan.has_policy:
+            if not self.gate_names:
+                raise ValueError(f"strategy {strategy!r} gates layers but layers = {layers!r} names none")
+            in_dim = sum(s.embedding_dim for s in slots)
+            self.policy = PolicyNetwork(in_dim, list(policy_hidden), len(self.gate_names))
+            self.policy.to(embeddings[0][1].weight.device)
+            self._slot_dims = [s.embedding_dim for s in slots]
+        self.l2sp_source = None
+        if plan.l2sp:
+            self.l2sp_source = nn.Module()
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    self.l2sp_source.register_buffer(name.replace(".", "__"), p.detach().clone())
+
+    @staticmethod
+    def _layer_names(named: dict[str, nn.Module], layers) -> list[str]:
+        if layers is None:
+            return [n for n, m in named.items() if isinstance(m, nn.Linear)]
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"layers must be a list of submodule names, got {layers!r}")
+        layers = list(layers)
+        for n in layers:
+            if n not in named or n == "":
+                choices = [k for k, m in named.items() if isinstance(m, (nn.Linear, nn.Sequential)) and k]
+                raise ValueError(f"layers: {n!r} is not a submodule of the model; its nn.Linear and "
+                                 f"nn.Sequential submodules are {choices}")
+            if any(isinstance(m, _EMBEDDING_TYPES) for m in named[n].modules()):
+                raise ValueError(f"layers: {n!r} is or holds an embedding module; list interaction "
+                                 f"layers only (the embeddings are gated per field)")
+        for a in layers:
+            for b in layers:
+                if a != b and b.startswith(a + "."):
+                    raise ValueError(f"layers: {b!r} lies inside {a!r}; list each layer once")
+        return layers
+
+    # -- the user's side -------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        """Run the model as the original ``forward(*args, **kwargs)`` does (two passes if gated)."""
+        if self.policy is None:
+            return self.model(*args, **kwargs)
+        state = self._state
+        try:
+            logits = self._policy_logits(args, kwargs)
+            state.collecting, state.logits, state.gates = False, logits, {}
+            return self.model(*args, **kwargs)
+        finally:
+            state.logits, state.rows, state.batch, state.collecting = None, {}, None, False
+
+    def _policy_logits(self, args, kwargs) -> torch.Tensor:
+        state = self._state
+        state.collecting, state.rows, state.batch = True, {}, None
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            for m, was in modes:
+                m.training = was
+            state.collecting = False
+        if state.batch is None:
+            raise RuntimeError("the model's forward looked up no embedding module, so the policy "
+                               "has no input; autoft() needs the embeddings to be used in forward")
+        parts = []
+        device = next(self.policy.parameters()).device
+        for slot, dim in enumerate(self._slot_dims):
+            rows = state.rows.get(slot)
+            if rows is None:  # a module this call did not use
+                parts.append(torch.zeros(state.batch, dim, device=device))
+            else:
+                parts.append(torch.cat(rows, dim=1).float().mean(dim=1))
+        logits = self.policy(torch.cat(parts, dim=1).detach())
+        if self._force is not None:
+            sign = 1.0 if self._force == "tuned" else -1.0
+            forced = torch.tensor([-sign, sign], device=logits.device) * (_FORCE_MARGIN / 2)
+            logits = logits * 0 + forced  # keeps the graph, so a backward still runs
+        return logits
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters: ``{"model": [...], "policy": [...]}`` for the user's optimizer.
+
+        Frozen tables and frozen layers are left out (they never get a gradient). Give the
+        policy its own learning rate (a second param group) or its own optimizer.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.dropin import autoft
+            >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1)))
+            >>> groups = net.parameter_groups()
+            >>> opt = torch.optim.Adam([{"params": groups["model"], "lr": 1e-3},
+            ...                         {"params": groups["policy"], "lr": 1e-2}])
+        """
+        model = [p for p in self.model.parameters() if p.requires_grad]
+        policy = [] if self.policy is None else list(self.policy.parameters())
+        return {"model": model, "policy": policy}
+
+    def penalty(self) -> torch.Tensor:
+        """The L2-SP term ``l2sp_weight * sum ||w - w_source||^2`` (0 for other strategies).
+
+        Add it to the loss in every strategy; it is a zero tensor unless ``strategy="l2sp"``.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.dropin import autoft
+            >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4)), strategy="l2sp")
+            >>> float(net.penalty().detach())
+            0.0
+        """
+        device = next(self.model.parameters()).device
+        total = torch.zeros((), device=device)
+        if self.l2sp_source is None:
+            return total
+        for name, p in self.model.named_parameters():
+            source = getattr(self.l2sp_source, name.replace(".", "__"), None)
+            if source is not None:
+                total = total + (p - source).pow(2).sum()
+        return self.l2sp_weight * total
+
+    def force_gates(self, choice: str | None) -> None:
+        """Force every gate to ``"frozen"`` or ``"tuned"`` (``None``: the policy decides).
+
+        The forced choice goes through the same gated path, so with ``"frozen"`` the model
+        predicts exactly what the pre-trained model does.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.dropin import autoft
+            >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4)), strategy="autoft_field")
+            >>> net.force_gates("frozen")
+        """
+        if choice not in FORCE_CHOICES:
+            raise ValueError(f"force_gates: choice = {choice!r} is not one of {list(FORCE_CHOICES)}")
+        self._force = choice
+
+    def tuned_fraction(self) -> dict[str, float]:
+        """The fraction of tuned choices per gated module in the last forward call.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.dropin import autoft
+            >>> net = autoft(torch.nn.Sequential(torch.nn.Embedding(10, 4)), strategy="autoft_field").eval()
+            >>> _ = net(torch.tensor([1, 2]))
+            >>> net.tuned_fraction()
+            {'0': 0.0}
+        """
+        return {name: float(g[..., 1].float().mean()) for name, g in self._state.gates.items()}
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, tau={self.tau}, gates={len(self.gate_names)}"
+
+
+def autoft(model: nn.Module, *, strategy: str = "autoft", layers=None, policy_hidden=(64,),
+           tau: float = 5.0, l2sp_weight: float = 1e-3, backend: str = "auto") -> AutoFTModel:
+    """Wrap a pre-trained CTR model as an AutoFT model with the same ``forward`` signature.
+
+    ``model`` is copied (the caller's weights are never changed). ``strategy`` is one of
+    ``STRATEGIES``; ``layers`` names the interaction layers (submodule names as in
+    ``model.named_modules()``, e.g. ``["mlp.0", "mlp.3"]`` or ``["mlp"]``) that get layer
+    gates (``autoft_layer``, ``autoft``) or stay frozen (``freeze_dnn``); the default is
+    every ``nn.Linear``. ``policy_hidden`` and ``tau`` set the policy MLP and the Gumbel
+    temperature; ``l2sp_weight`` weighs :meth:`AutoFTModel.penalty`; ``backend`` is the
+    gated-embedding op's backend.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.dropin import autoft
+        >>> class Tiny(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb = torch.nn.ModuleDict({"user": torch.nn.Embedding(50, 4),
+        ...                                         "item": torch.nn.Embedding(80, 4)})
+        ...         self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        ...     def forward(self, x):
+        ...         e = torch.cat([self.emb["user"](x[:, 0]), self.emb["item"](x[:, 1])], dim=1)
+        ...         return self.mlp(e).squeeze(1)
+        >>> net = autoft(Tiny(), strategy="autoft")
+        >>> net.gate_names
+        ['emb.user', 'emb.item', 'mlp.0', 'mlp.2']
+        >>> opt = torch.optim.Adam([{"params": net.parameter_groups()["model"], "lr": 1e-3},
+        ...                         {"params": net.parameter_groups()["policy"], "lr": 1e-2}])
+        >>> loss = net(torch.tensor([[1, 2], [3, 4]])).sum() + net.penalty()
+        >>> loss.backward(); opt.step()
+    """
+    return AutoFTModel(model, strategy=strategy, layers=layers, policy_hidden=policy_hidden,
+                       tau=tau, l2sp_weight=l2sp_weight, backend=backend)
