@@ -23,7 +23,7 @@ LAYERS = {
     f"{PKG}.kernels": 0, f"{PKG}._io": 0,
     f"{PKG}.config": 1,
     f"{PKG}.data": 2,
-    f"{PKG}.models": 3,
+    f"{PKG}.models": 3, f"{PKG}.dropin": 3,
     f"{PKG}.train": 4,
     f"{PKG}.cli": 5, f"{PKG}.bench": 5, f"{PKG}.__main__": 5,
 }
