@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the config's)")
     p.add_argument("--strategies", metavar="A,B,...",
                    help="comma-separated strategies (default: the config's)")
+    p.add_argument("--targets", metavar="A,B,...",
+                   help="comma-separated target domains, each in turn the target with the "
+                        "other listed domains joining the source; prints each target's table "
+                        "and a summary across targets (default: the config's targets)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted comparison: its run directory, or the latest "
                         "one of this config")
@@ -132,7 +136,8 @@ def _load(args):
     return cfg.with_overrides(backend=getattr(args, "backend", None),
                               seeds=getattr(args, "seeds", None),
                               run_dir=getattr(args, "run_dir", None), strategies=strategies,
-                              device=getattr(args, "device", None))
+                              device=getattr(args, "device", None),
+                              targets=getattr(args, "targets", None))
 
 
 def _start_run(cfg, command: str, args, extra: dict | None = None,

@@ -1,0 +1,205 @@
+"""Policy-learning options of the autoft: section: held-out policy steps, warm-up, the tuned
+budget, value-frequency policy inputs, and the comparison over several targets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from autoft_fast.config import AutoFTConfig, ConfigError, parse_config
+from autoft_fast.models.frequency import ValueFrequencies, count_rows
+from autoft_fast.train.holdout import split_holdout
+from autoft_fast.train.trainer import Trainer
+from autoft_fast.config import TrainConfig
+
+from test_train import Toy, ToyModel, toy_data, toy_iterate
+
+
+class Recorder(ToyModel):
+    """A toy model with a policy group that records which rows each forward saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.policy = torch.nn.Linear(8, 1)
+        self.seen: list[tuple[bool, torch.Tensor]] = []
+
+    def parameter_groups(self):
+        return {"model": list(self.net.parameters()), "policy": list(self.policy.parameters())}
+
+    def forward(self, b):
+        if self.training:
+            self.seen.append(b.x[:, 0].clone())
+        return super().forward(b) + self.policy(b.x).squeeze(-1)
+
+
+def _trainer(model, **kw):
+    cfg = TrainConfig(epochs=kw.pop("epochs", 2), batch_size=50, lr=1e-2, patience=5)
+    return Trainer(model, cfg, iterate=toy_iterate, progress=False, seed=0, **kw)
+
+
+def test_heldout_policy_steps_only_on_policy_rows_and_model_never_sees_them():
+    data = toy_data(600)
+    fit, hold = Toy(data.x[:400], data.label[:400], data.domain[:400]), \
+        Toy(data.x[400:], data.label[400:], data.domain[400:])
+    model = Recorder()
+    seen_by_opt = {"model": [], "policy": []}
+    tr = _trainer(model, policy_data=hold)
+    for name, opt in tr.optimizers.items():
+        orig = opt.step
+
+        def step(*a, _orig=orig, _name=name, **k):
+            seen_by_opt[_name].append(model.seen[-1])
+            return _orig(*a, **k)
+        opt.step = step
+    tr.fit(fit, toy_data(100, seed=1))
+    fit_keys = set(fit.x[:, 0].tolist())
+    hold_keys = set(hold.x[:, 0].tolist())
+    model_rows = set(torch.cat(seen_by_opt["model"]).tolist())
+    policy_rows = set(torch.cat(seen_by_opt["policy"]).tolist())
+    assert model_rows <= fit_keys and not model_rows & hold_keys
+    assert policy_rows <= hold_keys and not policy_rows & fit_keys
+    # one policy step per model step
+    assert len(seen_by_opt["policy"]) == len(seen_by_opt["model"]) == 2 * 8
+
+
+def test_warmup_leaves_the_policy_untouched_and_is_never_the_best_epoch():
+    model = Recorder()
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    tr = _trainer(model, epochs=2, policy_warmup=2)
+    res = tr.fit(toy_data(300), toy_data(100, seed=1))
+    for a, b in zip(before, model.policy.parameters()):
+        assert torch.equal(a, b)
+    assert res.best_epoch is None and all(h.get("warmup") for h in res.history)
+    model2 = Recorder()
+    res2 = _trainer(model2, epochs=3, policy_warmup=1).fit(toy_data(300), toy_data(100, seed=1))
+    assert res2.best_epoch in (2, 3) and res2.history[0]["warmup"]
+    assert not torch.equal(before[0], model2.policy.weight)
+
+
+def test_trainer_rejects_bad_warmup():
+    with pytest.raises(ValueError, match="policy_warmup = -1"):
+        _trainer(Recorder(), policy_warmup=-1)
+    with pytest.raises(ValueError, match="policy_warmup_gates = 'half'"):
+        _trainer(Recorder(), policy_warmup_gates="half")
+
+
+def test_best_epoch_at_cap_is_flagged(caplog):
+    res = _trainer(ToyModel(), epochs=1).fit(toy_data(300), toy_data(100, seed=1))
+    assert res.best_epoch == 1 and res.best_at_cap
+    assert "last allowed one" in caplog.text
+
+
+def test_split_holdout_is_seeded_disjoint_and_complete():
+    from autoft_fast.data.tensors import TensorData
+    n = 101
+    d = TensorData(torch.arange(n).view(-1, 1), None, None, torch.zeros(n), torch.zeros(n, dtype=torch.long))
+    fit, hold = split_holdout(d, 0.2, seed=3)
+    assert len(hold) == 20 and len(fit) == 81
+    assert sorted(fit.sparse[:, 0].tolist() + hold.sparse[:, 0].tolist()) == list(range(n))
+    fit2, hold2 = split_holdout(d, 0.2, seed=3)
+    assert torch.equal(hold.sparse, hold2.sparse)
+    assert not torch.equal(split_holdout(d, 0.2, seed=4)[1].sparse, hold.sparse)
+    with pytest.raises(ValueError, match="policy_holdout = 1.5"):
+        split_holdout(d, 1.5, seed=0)
+
+
+def test_value_frequencies_are_scaled_log_counts_per_field():
+    from autoft_fast.data.tensors import TensorData
+
+    class Net:
+        single_fields = ["a", "b"]
+        multihot_fields: list = []
+        num_fields = 2
+    ids = torch.tensor([[0, 3], [0, 4], [1, 3]])
+    d = TensorData(ids, None, None, torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    src = count_rows(d, 6)
+    assert src.tolist() == [2, 1, 0, 2, 1, 0]
+    tgt = torch.tensor([0., 0, 0, 0, 9, 0])
+    vf = ValueFrequencies(src, tgt)
+    x = vf(d, Net())
+    assert x.shape == (3, 4)
+    import math
+    # source features of field a, b then target features of field a, b
+    assert x[0, 0].item() == pytest.approx(math.log1p(2) / math.log1p(2))
+    assert x[1, 1].item() == pytest.approx(math.log1p(1) / math.log1p(2))
+    assert x[1, 3].item() == pytest.approx(1.0) and x[0, 3].item() == 0.0
+
+
+def test_autoft_keys_are_declared_and_checked():
+    cfg = AutoFTConfig.from_dict({"policy_objective": "heldout", "policy_holdout": 0.3,
+                                  "policy_input": "frozen+freq", "tuned_budget": 0.4,
+                                  "policy_warmup": 2})
+    assert cfg.policy_objective == "heldout" and cfg.tuned_budget == 0.4
+    with pytest.raises(ConfigError, match="policy_objective"):
+        AutoFTConfig.from_dict({"policy_objective": "valid"})
+    with pytest.raises(ConfigError, match="policy_holdout"):
+        AutoFTConfig.from_dict({"policy_holdout": 1.0})
+    with pytest.raises(ConfigError, match="tuned_budget"):
+        AutoFTConfig.from_dict({"tuned_budget": 1.5})
+
+
+TINY = {"n_source_rows": 3000, "n_target_rows": 600, "extra_targets": ["tgt_b"]}
+
+
+def _exp(tmp_path, **over):
+    raw = {"synthetic": TINY, "model": {"name": "deepfm", "hidden_units": [8], "embedding_dim": 4},
+           "pretrain": {"epochs": 1}, "finetune": {"epochs": 2, "batch_size": 128},
+           "strategies": ["finetune_all", "autoft"], "seeds": [0, 1],
+           "run_dir": str(tmp_path / "runs"), "device": "cpu",
+           "autoft": {"policy_objective": "heldout", "policy_input": "frozen+freq",
+                      "tuned_budget": 0.5, "policy_warmup": 1}}
+    raw.update(over)
+    return parse_config(raw, tmp_path)
+
+
+def test_budget_penalises_only_the_excess_tuned_fraction(tmp_path):
+    from autoft_fast.train.runner import load_data, pretrain, run_strategy
+    cfg = _exp(tmp_path)
+    bundle = load_data(cfg)
+    state, _ = pretrain(cfg, bundle, progress=False)
+    from autoft_fast.models import build_base_model, build_transfer_model
+    pre = build_base_model(bundle.feature_map, cfg.model)
+    pre.load_state_dict(state)
+    counts = (count_rows(bundle.splits["source_train"], bundle.feature_map.num_rows),) * 2
+    m = build_transfer_model("autoft", pre, bundle.feature_map, cfg.model, cfg.autoft,
+                             value_counts=counts)
+    batch = bundle.splits["target_train"].slice(0, 64)
+    m.force_gates("tuned")
+    m(batch)
+    assert m.penalty().item() == pytest.approx(0.5)  # weight 1 * (1.0 - 0.5)
+    m.force_gates("frozen")
+    m(batch)
+    assert m.penalty().item() == 0.0
+    with pytest.raises(ValueError, match="needs the value counts"):
+        build_transfer_model("autoft", pre, bundle.feature_map, cfg.model, cfg.autoft)
+    rec = run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / "one")
+    assert rec["epoch_cap"] == 2 and "best_at_cap" in rec
+    assert Path(rec["test_scores_path"]).is_file()
+    assert rec["policy_by_frequency"] and all(0.0 <= r["tuned_fraction"] <= 1.0
+                                              for r in rec["policy_by_frequency"])
+    assert any("policy" in h for h in rec["history"])
+
+
+def test_compare_over_two_targets_writes_each_table_and_a_summary(tmp_path):
+    from autoft_fast.train.runner import compare
+    cfg = _exp(tmp_path, targets=["tgt", "tgt_b"])
+    run_dir = tmp_path / "out"
+    table, rows, runs = compare(cfg, run_dir, progress=False)
+    assert {r["target"] for r in runs} == {"tgt", "tgt_b"} and len(runs) == 8
+    for t in ("tgt", "tgt_b"):
+        assert (run_dir / t / "results.md").is_file() and (run_dir / t / "auc.png").is_file()
+    assert (run_dir / "summary.md").is_file() and (run_dir / "summary.csv").is_file()
+    assert "across 2 targets" in table and {r["strategy"] for r in rows} == {"finetune_all", "autoft"}
+    # each target's model was pre-trained on the other target plus the sources
+    info = json.loads((run_dir / "tgt" / "pretrain.json").read_text())
+    assert info["valid_auc"] == info["valid_auc"]
+
+
+def test_targets_key_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="targets lists a domain twice"):
+        _exp(tmp_path, targets=["a", "a"])
+    cfg = _exp(tmp_path).with_overrides(targets="tgt,tgt_b")
+    assert cfg.target_domains() == ["tgt", "tgt_b"]
