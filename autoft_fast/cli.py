@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the config's)")
     p.add_argument("--strategies", metavar="A,B,...",
                    help="comma-separated strategies (default: the config's)")
+    p.add_argument("--tune", action="store_true",
+                   help="give every strategy the same small grid of its own hyper-parameters "
+                        "(the search: section: learning rate for all, l2sp_alpha, the policy's "
+                        "learning rate and tuned budget), pick each on validation AUC and report "
+                        "the test metrics of the picks (grid.csv, picks.json)")
     p.add_argument("--targets", metavar="A,B,...",
                    help="comma-separated target domains, each in turn the target with the "
                         "other listed domains joining the source; prints each target's table "
@@ -210,11 +215,13 @@ def _cmd_compare(args, demo: bool = False) -> int:
     run_dir = _start_run(cfg, command, args, run_dir=run_dir)
     t0 = time.perf_counter()
     table, rows, runs = compare(cfg, run_dir, resume=run_dir is not None and bool(
-        getattr(args, "resume", None)), progress=_progress(args))
+        getattr(args, "resume", None)), tune=bool(getattr(args, "tune", False)),
+        progress=_progress(args))
     print(table)
-    print(f"\n{len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds in "
-          f"{time.perf_counter() - t0:.1f} s; results.md, results.csv, runs.csv, policy.csv, "
-          f"auc.png, policy_fields.png, policy_layers.png, log.txt")
+    targets = f" x {len(cfg.targets)} targets" if cfg.targets and len(cfg.targets) > 1 else ""
+    written = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.is_file()))
+    print(f"\n{len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds{targets} in "
+          f"{time.perf_counter() - t0:.1f} s; {written}")
     print(f"run directory: {run_dir}")
     return 0
 

@@ -203,3 +203,24 @@ def test_targets_key_is_checked(tmp_path):
         _exp(tmp_path, targets=["a", "a"])
     cfg = _exp(tmp_path).with_overrides(targets="tgt,tgt_b")
     assert cfg.target_domains() == ["tgt", "tgt_b"]
+
+
+def test_search_grid_and_tune_pick_on_validation(tmp_path):
+    from autoft_fast.train.runner import compare, search_grid
+    cfg = _exp(tmp_path, search={"lr": [1e-3, 3e-3], "l2sp_alpha": [0.01], "policy_lr": [0.01],
+                                 "tuned_budget": [1.0, 0.5]},
+               strategies=["source_only", "l2sp", "autoft"], seeds=[0])
+    assert len(search_grid(cfg, "l2sp")) == 2 and len(search_grid(cfg, "autoft")) == 4
+    assert search_grid(cfg, "source_only") == [{"finetune": {}, "autoft": {}}]
+    assert {g["autoft"]["tuned_budget"] for g in search_grid(cfg, "autoft")} == {None, 0.5}
+    run_dir = tmp_path / "tuned"
+    table, rows, runs = compare(cfg, run_dir, tune=True, progress=False)
+    import csv
+    grid = list(csv.DictReader(open(run_dir / "grid.csv")))
+    assert len(grid) == 1 + 2 + 4
+    picks = json.loads((run_dir / "picks.json").read_text())
+    for strategy in ("l2sp", "autoft"):
+        mine = [g for g in grid if g["strategy"] == strategy]
+        best = max(mine, key=lambda g: float(g["valid_auc"]))
+        assert best["picked"] == "True" and picks[strategy] == best["setting"]
+        assert {r["setting"] for r in runs if r["strategy"] == strategy} == {best["setting"]}

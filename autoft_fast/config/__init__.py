@@ -17,14 +17,14 @@ from .experiment import (DEMO_CONFIG, TOP_LEVEL_KEYS, ExperimentConfig, config_h
                          parse_config, resolve_strategies)
 from .schema import ConfigError, field_docs, parse_section, section_to_dict, setting
 from .sections import (ARCH_KEYS, MODEL_NAMES, AutoFTConfig, ModelConfig,
-                       PretrainConfig, TrainConfig, tau_at)
+                       PretrainConfig, SearchConfig, TrainConfig, tau_at)
 from .strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE, Strategy
 from .synthetic import DEFAULT_FIELDS, SyntheticConfig, SyntheticField
 
 __all__ = ["ARCH_KEYS", "AutoFTConfig", "ConfigError", "DEFAULT_FIELDS",
            "DEMO_CONFIG", "DataConfig", "DataError", "DomainSpec", "ExperimentConfig",
            "FIELD_GATED", "LAYER_GATED", "MODEL_NAMES", "ModelConfig", "MultiHotColumn",
-           "NumericColumn", "PretrainConfig", "STRATEGIES", "STRATEGY_TABLE", "SourceSplit",
+           "NumericColumn", "PretrainConfig", "SearchConfig", "STRATEGIES", "STRATEGY_TABLE", "SourceSplit",
            "SplitSpec", "Strategy", "SyntheticConfig", "SyntheticField", "TOP_LEVEL_KEYS",
            "TargetSplit", "TrainConfig", "config_hash", "field_docs", "load_config",
            "load_data_config", "parse_config", "parse_section", "read_data_yaml",

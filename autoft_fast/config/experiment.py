@@ -13,6 +13,7 @@ finetune: {epochs: 5, lr: 0.001, patience: 2, ...}                 # TrainConfig
 autoft: {backend: auto, tau: 5.0, policy_lr: 0.001, ...}           # AutoFTConfig
 strategies: all            # or a list of names from autoft_fast.config.STRATEGIES
 seeds: [0, 1]              # fine-tuning seeds; mean and std are taken over them
+search: {lr: [...], ...}   # the grid of `compare --tune` (autoft_fast.config.SearchConfig)
 targets: null              # or a list of domain values: each in turn the target, the other
                            # listed domains (and the data's own source and target) the source
 run_dir: runs              # relative to the working directory
@@ -40,7 +41,7 @@ import yaml
 
 from .data import DataConfig, read_data_yaml
 from .schema import ConfigError, reject_unknown
-from .sections import AutoFTConfig, ModelConfig, PretrainConfig, TrainConfig
+from .sections import AutoFTConfig, ModelConfig, PretrainConfig, SearchConfig, TrainConfig
 from .strategies import STRATEGIES
 from .synthetic import SyntheticConfig
 
@@ -50,7 +51,7 @@ __all__ = ["ExperimentConfig", "load_config", "parse_config", "DEMO_CONFIG",
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 TOP_LEVEL_KEYS = ("name", "data", "synthetic", "model", "pretrain", "finetune", "autoft",
-                  "strategies", "seeds", "targets", "run_dir", "cache_dir", "device")
+                  "strategies", "seeds", "targets", "search", "run_dir", "cache_dir", "device")
 
 
 def config_hash(obj: Any) -> str:
@@ -143,6 +144,7 @@ class ExperimentConfig:
     cache_dir: Path
     device: str = "auto"
     targets: list | None = None
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     cache_dir_given: bool = False  # False: cache_dir follows run_dir (<run_dir>/cache)
 
     def torch_device(self):
@@ -188,6 +190,7 @@ class ExperimentConfig:
                 "finetune": self.finetune.to_dict(), "autoft": autoft,
                 "strategies": list(self.strategies), "seeds": list(self.seeds),
                 "targets": list(self.targets) if self.targets else None,
+                "search": self.search.to_dict(),
                 "run_dir": str(self.run_dir),
                 "cache_dir": str(self.cache_dir) if self.cache_dir_given else None,
                 "device": self.device}
@@ -317,6 +320,7 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
         seeds=_seeds(raw.get("seeds", [0, 1])), run_dir=run_dir, cache_dir=cache_dir,
         device=_check_device(raw.get("device", "auto"), "device"),
         targets=_targets(raw.get("targets"), "targets"),
+        search=_section(SearchConfig, raw, "search"),
         cache_dir_given=cache_raw is not None)
 
 

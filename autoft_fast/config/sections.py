@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from ..ops.registry import backend_names, check_backend_name
 from .schema import ConfigError, parse_section, section_to_dict, setting
 
-__all__ = ["ModelConfig", "AutoFTConfig", "TrainConfig", "PretrainConfig", "tau_at",
+__all__ = ["ModelConfig", "AutoFTConfig", "TrainConfig", "PretrainConfig", "SearchConfig", "tau_at",
            "MODEL_NAMES", "ARCH_KEYS"]
 
 MODEL_NAMES = ("dnn", "deepfm", "dcnv2")
@@ -280,3 +280,36 @@ class PretrainConfig(TrainConfig):
         "the source set is large: few epochs suffice, and early stopping decides"))
     patience: int = setting(1, minimum=1, doc="stop after this many epochs without improvement")
     seed: int = setting(0, minimum=0, doc="seed of the pre-training (model init and shuffling)")
+
+
+@dataclass(frozen=True)
+class SearchConfig(_Section):
+    """The ``search:`` section: the small grid ``compare --tune`` gives every strategy.
+
+    Each strategy is run for every combination of the grids that apply to it (``lr`` for all
+    that train; ``l2sp_alpha`` for l2sp; ``policy_lr`` and ``tuned_budget`` for the autoft
+    strategies), every seed; the setting with the best mean validation AUC over the seeds is
+    picked, and the table reports the test metrics of the picked setting's runs. The same
+    budget of choices for every strategy, so that no strategy wins by being tuned alone.
+
+    Example::
+
+        >>> SearchConfig.from_dict({"lr": [0.001, 0.003]}).lr
+        [0.001, 0.003]
+    """
+
+    SECTION = "search"
+
+    lr: list[float] = setting([3e-4, 1e-3, 3e-3], minimum=0.0, min_open=True, doc=(
+        "fine-tuning learning rates tried for every strategy that trains"))
+    l2sp_alpha: list[float] = setting([1e-3, 1e-2, 1e-1], minimum=0.0, doc=(
+        "L2-SP penalty weights tried for l2sp"))
+    policy_lr: list[float] = setting([1e-3, 1e-2], minimum=0.0, min_open=True, doc=(
+        "policy learning rates tried for the autoft strategies"))
+    tuned_budget: list[float] = setting([1.0, 0.5], minimum=0.0, maximum=1.0, doc=(
+        "tuned-fraction budgets tried for the autoft strategies (1.0: no budget)"))
+
+    def check(self, section: str) -> None:
+        for name in ("lr", "l2sp_alpha", "policy_lr", "tuned_budget"):
+            if not getattr(self, name):
+                raise ConfigError(f"{section}.{name} must list at least one value")

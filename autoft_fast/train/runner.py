@@ -234,6 +234,19 @@ def _tau_schedule(cfg):
     return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
 
 
+def _write_grid(out: Path, grid: list[dict]) -> None:
+    import csv
+    keys = sorted({k for r in grid for k in r}, key=lambda k: (k not in (
+        "strategy", "setting", "valid_auc", "test_auc", "picked"), k))
+    tmp = out / ".grid.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(grid)
+    tmp.replace(out / "grid.csv")
+    write_json({r["strategy"]: r["setting"] for r in grid if r["picked"]}, out / "picks.json")
+
+
 @torch.no_grad()
 def _policy_by_frequency(model, test, train, cfg, device) -> list[dict]:
     """The field policy's test choices split by how often each instance's value occurs in
@@ -384,11 +397,81 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=N
     return table, rows
 
 
-def compare(cfg, run_dir: Path, *, resume: bool = False,
+def search_grid(cfg, strategy: str) -> list[dict]:
+    """The settings ``compare --tune`` tries for ``strategy`` (from the ``search:`` section):
+    a list of ``{"finetune": {...}, "autoft": {...}}`` overrides, one per combination.
+
+    Example:
+        >>> len(search_grid(cfg, "l2sp"))     # 3 learning rates x 3 alphas
+        9
+    """
+    row = STRATEGY_TABLE[strategy]
+    if not row.trains:
+        return [{"finetune": {}, "autoft": {}}]
+    grid = [{"finetune": {"lr": lr}, "autoft": {}} for lr in cfg.search.lr]
+    extra = []
+    if row.l2sp:
+        extra = [{"l2sp_alpha": a} for a in cfg.search.l2sp_alpha]
+    elif row.has_policy:
+        extra = [{"policy_lr": p, "tuned_budget": None if b >= 1.0 else b}
+                 for p in cfg.search.policy_lr for b in cfg.search.tuned_budget]
+    if extra:
+        grid = [{"finetune": g["finetune"], "autoft": e} for g in grid for e in extra]
+    return grid
+
+
+def _with_setting(cfg, setting: dict):
+    from ..config import AutoFTConfig, TrainConfig
+    return dataclasses.replace(
+        cfg, finetune=TrainConfig.from_dict({**cfg.finetune.to_dict(), **setting["finetune"]},
+                                            "finetune"),
+        autoft=AutoFTConfig.from_dict({**cfg.autoft.to_dict(), **setting["autoft"]}))
+
+
+def _setting_name(setting: dict) -> str:
+    parts = [f"{k}={v}" for sec in ("finetune", "autoft") for k, v in setting[sec].items()]
+    return ",".join(parts) or "default"
+
+
+def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool = False,
+                  progress: bool | None = None) -> tuple[list[dict], list[dict]]:
+    """Run ``strategy`` for every setting of its search grid and every seed; pick the setting
+    with the best mean validation AUC. Returns (the picked setting's run records, one row per
+    setting with its validation and test means).
+
+    Example:
+        >>> picked, grid = tune_strategy(cfg, bundle, state, "l2sp", run_dir / "search")
+    """
+    rows, by_setting = [], []
+    for i, setting in enumerate(search_grid(cfg, strategy)):
+        c = _with_setting(cfg, setting)
+        recs = [run_strategy(c, bundle, state, strategy, seed,
+                             out / strategy / f"setting{i}-seed{seed}", resume=resume,
+                             progress=progress) for seed in cfg.seeds]
+        valid = [r.get("valid_best") for r in recs]
+        valid = [v for v in valid if v is not None and not math.isnan(v)]
+        rows.append({"strategy": strategy, "setting": _setting_name(setting),
+                     "valid_auc": float(np.mean(valid)) if valid else float("nan"),
+                     "test_auc": float(np.mean([r["auc"] for r in recs])), "picked": False,
+                     **{f"{sec}.{k}": v for sec in ("finetune", "autoft")
+                        for k, v in setting[sec].items()}})
+        by_setting.append(recs)
+    scores = [r["valid_auc"] for r in rows]
+    best = int(np.nanargmax(scores)) if not all(math.isnan(x) for x in scores) else 0
+    rows[best]["picked"] = True
+    picked = [dict(r, setting=rows[best]["setting"]) for r in by_setting[best]]
+    log.info("tune: %s picked %s (valid AUC %.4f)", strategy, rows[best]["setting"],
+             rows[best]["valid_auc"])
+    return picked, rows
+
+
+def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
             progress: bool | None = None) -> tuple[str, list[dict], list[dict]]:
     """Pre-train once per target, then run every configured strategy for every seed and
     write the outputs. With several `targets`, each target's outputs go to
-    run_dir/<target>/ and run_dir holds the summary across targets (summary.md/.csv).
+    run_dir/<target>/ and run_dir holds the summary across targets (summary.md/.csv). With
+    `tune`, every strategy is run over its `search:` grid and the table shows the setting
+    picked on validation AUC (grid.csv and picks.json beside the table).
     Returns (markdown table, summary rows, per-seed run records).
 
     Example:
@@ -408,14 +491,20 @@ def compare(cfg, run_dir: Path, *, resume: bool = False,
             state, info = pretrain(cfg, bundle, progress=progress)
             out.mkdir(parents=True, exist_ok=True)
             write_json(info, out / "pretrain.json")
-        these = []
-        for seed in cfg.seeds:
-            for strategy in cfg.strategies:
-                rec = run_strategy(cfg, bundle, state, strategy, seed,
-                                   out / "runs" / f"{strategy}-seed{seed}", resume=resume,
-                                   progress=progress)
-                these.append(rec)
-                write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
+        these, grid = [], []
+        for strategy in cfg.strategies:
+            if tune:
+                picked, rows_ = tune_strategy(cfg, bundle, state, strategy, out / "search",
+                                              resume=resume, progress=progress)
+                these += picked
+                grid += rows_
+                _write_grid(out, grid)
+            else:
+                for seed in cfg.seeds:
+                    these.append(run_strategy(cfg, bundle, state, strategy, seed,
+                                              out / "runs" / f"{strategy}-seed{seed}",
+                                              resume=resume, progress=progress))
+            write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
         runs += these
         labels = bundle.splits["target_test"].label.numpy()
         labels_of[name] = labels
