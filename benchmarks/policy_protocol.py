@@ -54,6 +54,13 @@ CANDIDATES = {
                                "tuned_budget": 0.5},
     "heldout+freq+plr0.01": {"policy_objective": "heldout", "policy_input": "frozen+freq",
                              "policy_lr": 0.01},
+    # Warm-up with 50/50 gates trains the tuned copy under random mixing with the frozen one
+    # (a regulariser in the spirit of Mixout, Lee et al. 2020) before the policy chooses.
+    "train+warmup2": {"policy_warmup": 2},
+    "train+warmup4": {"policy_warmup": 4},
+    "train+freq+warmup2": {"policy_input": "frozen+freq", "policy_warmup": 2},
+    "heldout+freq+warmup4": {"policy_objective": "heldout", "policy_input": "frozen+freq",
+                             "policy_warmup": 4},
 }
 
 
