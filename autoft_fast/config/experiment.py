@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import yaml
 
 from .data import DataConfig, read_data_yaml
+from .fuxictr import FuxiCTRWarning, expand_fuxictr, looks_like_fuxictr
 from .schema import ConfigError, reject_unknown
 from .sections import AutoFTConfig, ModelConfig, PretrainConfig, TrainConfig
 from .strategies import STRATEGIES
@@ -321,7 +323,9 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML; `None` loads the embedded demo config.
+    """Read and validate an experiment YAML; `None` loads the embedded demo config. A file
+    with a ``fuxictr:`` section imports a FuxiCTR dataset/model config pair
+    (:mod:`autoft_fast.config.fuxictr`; each key not applied is a FuxiCTRWarning).
 
     Example:
         >>> load_config(None).name
@@ -338,5 +342,13 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
                           f"{str(e).splitlines()[0]}") from None
     if raw is None:
         raise ConfigError(f"config file {str(path)!r} is empty")
+    kind = looks_like_fuxictr(raw)
+    if kind is not None:
+        raise ConfigError(f"config file {str(path)!r} is a FuxiCTR {kind}; name it in the "
+                          "fuxictr: section of an experiment file, with the domain split "
+                          "(docs/fuxictr.md)")
+    raw, notes = expand_fuxictr(raw, path.parent)  # a fuxictr: section -> our sections
+    for msg in notes:
+        warnings.warn(msg, FuxiCTRWarning, stacklevel=2)
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.stem
     return parse_config(raw, path.parent, name=stem)
