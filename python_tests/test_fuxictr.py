@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from autoft_fast.config import ConfigError, load_config, parse_config
-from autoft_fast.config.fuxictr import (FuxiCTRWarning, fuxictr_to_experiment, load_fuxictr,
-                                        looks_like_fuxictr, read_feature_map, read_model_config)
+from autoft_fast.config.experiment import load_fuxictr
+from autoft_fast.config.fuxictr import (FuxiCTRWarning, fuxictr_to_experiment, looks_like_fuxictr,
+                                        read_feature_map, read_model_config)
 
 DOMAIN = {"column": "site", "source": ["s1", "s2"], "target": "t"}
 N = 1500

@@ -40,13 +40,14 @@ from typing import Any
 import yaml
 
 from .data import DataConfig, read_data_yaml
-from .fuxictr import FuxiCTRWarning, expand_fuxictr, looks_like_fuxictr
+from .fuxictr import (FuxiCTRImport, FuxiCTRWarning, expand_fuxictr, fuxictr_to_experiment,
+                      looks_like_fuxictr)
 from .schema import ConfigError, reject_unknown
 from .sections import AutoFTConfig, ModelConfig, PretrainConfig, TrainConfig
 from .strategies import STRATEGIES
 from .synthetic import SyntheticConfig
 
-__all__ = ["ExperimentConfig", "load_config", "parse_config", "DEMO_CONFIG",
+__all__ = ["ExperimentConfig", "load_config", "load_fuxictr", "parse_config", "DEMO_CONFIG",
            "resolve_strategies", "config_hash", "TOP_LEVEL_KEYS"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -352,3 +353,22 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
         warnings.warn(msg, FuxiCTRWarning, stacklevel=2)
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.stem
     return parse_config(raw, path.parent, name=stem)
+
+
+def load_fuxictr(dataset_config: str | Path, model_config: str | Path, experiment_id: str,
+                 domain: dict, **kwargs) -> FuxiCTRImport:
+    """A FuxiCTR dataset_config / model_config pair as a parsed experiment: ``.config`` (an
+    ExperimentConfig), ``.experiment`` (its mapping) and ``.warnings`` (every key not
+    applied). Keyword arguments (feature_map, root, overrides, warn) are those of
+    :func:`autoft_fast.config.fuxictr.fuxictr_to_experiment`.
+
+    Example::
+
+        imp = load_fuxictr("config", "config", "DeepFM_test",
+                           {"column": "pid", "source": ["a"], "target": "b"})
+        imp.config.model.name          # 'deepfm'
+    """
+    imp = fuxictr_to_experiment(dataset_config, model_config, experiment_id, domain, **kwargs)
+    imp.config = parse_config(imp.experiment, Path.cwd(),
+                              name=str(imp.experiment.get("name", experiment_id)))
+    return imp

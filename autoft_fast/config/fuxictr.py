@@ -15,6 +15,7 @@ format this package does not have) is a :class:`ConfigError` naming it.
 
 Example::
 
+    from autoft_fast.config.experiment import load_fuxictr
     imp = load_fuxictr("config/dataset_config.yaml", "config/model_config.yaml", "DeepFM_test",
                        domain={"column": "pid", "source": ["430548_1007"], "target": "430539_1007"})
     imp.config.model.name, imp.warnings[:1]
@@ -43,7 +44,7 @@ from .data import FILE_SUFFIXES, DomainSpec
 from .schema import ConfigError, parse_section, setting
 
 __all__ = ["FUXICTR_KEY", "FUXICTR_MODELS", "FuxiCTRImport", "FuxiCTRSection", "FuxiCTRWarning",
-           "expand_fuxictr", "fuxictr_to_experiment", "load_fuxictr", "looks_like_fuxictr",
+           "expand_fuxictr", "fuxictr_to_experiment", "looks_like_fuxictr",
            "read_dataset_config", "read_feature_map", "read_model_config"]
 
 FUXICTR_KEY = "fuxictr"
@@ -131,7 +132,8 @@ class FuxiCTRSection:
 @dataclass
 class FuxiCTRImport:
     """The result of reading a FuxiCTR pair: our experiment mapping (YAML-able, what
-    ``parse_config`` reads), the parsed config and every warning about a key not applied.
+    ``parse_config`` reads), every warning about a key not applied and, from
+    :func:`~autoft_fast.config.experiment.load_fuxictr`, the parsed config.
 
     Example::
 
@@ -626,14 +628,19 @@ def _convert_model(mc: dict, experiment_id: str, root: Path, rep: _Report) -> di
 def fuxictr_to_experiment(dataset_config: Path | str, model_config: Path | str,
                           experiment_id: str, domain: Mapping, *,
                           feature_map: Path | str | None = None,
-                          root: Path | str | None = None) -> FuxiCTRImport:
+                          root: Path | str | None = None, overrides: Mapping | None = None,
+                          warn: bool = False) -> FuxiCTRImport:
     """Convert a FuxiCTR pair into an experiment mapping of this package (``experiment``,
     which :func:`~autoft_fast.config.parse_config` reads) and the list of ``warnings`` about
     keys not applied. Raises :class:`ConfigError` for what cannot be ignored.
 
     ``domain`` is ``{column, source: [...], target}``; ``root`` is where FuxiCTR's relative
     data paths start (default: the current working directory); ``feature_map`` defaults to
-    ``<data_root>/<dataset_id>/feature_map.json`` when that file exists.
+    ``<data_root>/<dataset_id>/feature_map.json`` when that file exists. ``overrides`` are
+    sections of our experiment file laid over the import (a mapping is merged key by key,
+    e.g. ``{"finetune": {"epochs": 3}, "strategies": ["finetune_all", "autoft"]}``); ``warn``
+    also issues each warning as a :class:`FuxiCTRWarning`.
+    :func:`autoft_fast.config.experiment.load_fuxictr` parses the result as well.
 
     Example::
 
@@ -659,38 +666,12 @@ def fuxictr_to_experiment(dataset_config: Path | str, model_config: Path | str,
     exp = _convert_model(mc, experiment_id, root, rep)
     exp["data"] = _convert_data(ds, str(dataset_id), domain, root, fmap,
                                 exp["model"].get("embedding_dim", 16), rep)
-    exp = {"name": experiment_id, **exp}
-    return FuxiCTRImport(experiment=exp, warnings=rep.done())
-
-
-def load_fuxictr(dataset_config: Path | str, model_config: Path | str, experiment_id: str,
-                 domain: Mapping, *, feature_map: Path | str | None = None,
-                 root: Path | str | None = None, overrides: Mapping | None = None,
-                 warn: bool = False) -> FuxiCTRImport:
-    """Read a FuxiCTR pair into a parsed :class:`~autoft_fast.config.ExperimentConfig`
-    (``.config``), with the experiment mapping (``.experiment``) and the warnings
-    (``.warnings``). ``overrides`` are sections of our experiment file laid over the import
-    (a section given as a mapping is merged key by key, e.g. ``{"finetune": {"epochs": 3},
-    "strategies": ["finetune_all", "autoft"]}``); ``warn`` also issues each warning as a
-    :class:`FuxiCTRWarning`.
-
-    Example::
-
-        imp = load_fuxictr("config/dataset_config.yaml", "config/model_config.yaml",
-                           "DeepFM_test", {"column": "pid", "source": ["a"], "target": "b"})
-        compare(imp.config, make_run_dir(imp.config, "compare"))
-    """
-    from .experiment import parse_config
-
-    imp = fuxictr_to_experiment(dataset_config, model_config, experiment_id, domain,
-                                feature_map=feature_map, root=root)
-    raw = _overlay(imp.experiment, overrides or {})
+    exp = _overlay({"name": experiment_id, **exp}, overrides or {})
+    notes = rep.done()
     if warn:
-        for msg in imp.warnings:
+        for msg in notes:
             warnings.warn(msg, FuxiCTRWarning, stacklevel=2)
-    imp.experiment = raw
-    imp.config = parse_config(raw, Path.cwd(), name=str(raw.get("name", experiment_id)))
-    return imp
+    return FuxiCTRImport(experiment=exp, warnings=notes)
 
 
 def _overlay(base: dict, over: Mapping) -> dict:
