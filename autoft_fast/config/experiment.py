@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,14 @@ from typing import Any
 import yaml
 
 from .data import DataConfig, read_data_yaml
+from .fuxictr import (FuxiCTRImport, FuxiCTRWarning, expand_fuxictr, fuxictr_to_experiment,
+                      looks_like_fuxictr)
 from .schema import ConfigError, reject_unknown
 from .sections import AutoFTConfig, ModelConfig, PretrainConfig, SearchConfig, TrainConfig
 from .strategies import STRATEGIES
 from .synthetic import SyntheticConfig
 
-__all__ = ["ExperimentConfig", "load_config", "parse_config", "DEMO_CONFIG",
+__all__ = ["ExperimentConfig", "load_config", "load_fuxictr", "parse_config", "DEMO_CONFIG",
            "resolve_strategies", "config_hash", "TOP_LEVEL_KEYS"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -325,7 +328,9 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML; `None` loads the embedded demo config.
+    """Read and validate an experiment YAML; `None` loads the embedded demo config. A file
+    with a ``fuxictr:`` section imports a FuxiCTR dataset/model config pair
+    (:mod:`autoft_fast.config.fuxictr`; each key not applied is a FuxiCTRWarning).
 
     Example:
         >>> load_config(None).name
@@ -342,5 +347,32 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
                           f"{str(e).splitlines()[0]}") from None
     if raw is None:
         raise ConfigError(f"config file {str(path)!r} is empty")
+    kind = looks_like_fuxictr(raw)
+    if kind is not None:
+        raise ConfigError(f"config file {str(path)!r} is a FuxiCTR {kind}; name it in the "
+                          "fuxictr: section of an experiment file, with the domain split "
+                          "(docs/fuxictr.md)")
+    raw, notes = expand_fuxictr(raw, path.parent)  # a fuxictr: section -> our sections
+    for msg in notes:
+        warnings.warn(msg, FuxiCTRWarning, stacklevel=2)
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.stem
     return parse_config(raw, path.parent, name=stem)
+
+
+def load_fuxictr(dataset_config: str | Path, model_config: str | Path, experiment_id: str,
+                 domain: dict, **kwargs) -> FuxiCTRImport:
+    """A FuxiCTR dataset_config / model_config pair as a parsed experiment: ``.config`` (an
+    ExperimentConfig), ``.experiment`` (its mapping) and ``.warnings`` (every key not
+    applied). Keyword arguments (feature_map, root, overrides, warn) are those of
+    :func:`autoft_fast.config.fuxictr.fuxictr_to_experiment`.
+
+    Example::
+
+        imp = load_fuxictr("config", "config", "DeepFM_test",
+                           {"column": "pid", "source": ["a"], "target": "b"})
+        imp.config.model.name          # 'deepfm'
+    """
+    imp = fuxictr_to_experiment(dataset_config, model_config, experiment_id, domain, **kwargs)
+    imp.config = parse_config(imp.experiment, Path.cwd(),
+                              name=str(imp.experiment.get("name", experiment_id)))
+    return imp
