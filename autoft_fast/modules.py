@@ -37,6 +37,37 @@ def _mark_coalesced_if_sorted(param) -> None:
         g._coalesced_(True)
 
 
+EMBEDDING_OPTIMIZERS = ("dense", "fused_sgd", "fused_rowwise_adagrad", "fused_adam")
+
+
+def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: float) -> list:
+    """Give every trained ``GatedEmbedding`` of ``model`` the fused rule ``embedding_optimizer``.
+
+    ``embedding_optimizer`` is one of :data:`EMBEDDING_OPTIMIZERS`; "dense" changes nothing
+    (the tables keep ordinary gradients for the trainer's optimizer). Returns the modules
+    that now update themselves in the backward.
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> from autoft_fast.modules import attach_fused_optimizers
+        >>> model = torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4)})
+        >>> len(attach_fused_optimizers(model, "fused_adam", lr=1e-3))
+        1
+    """
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"embedding_optimizer = {embedding_optimizer!r} is not one of "
+                         f"{list(EMBEDDING_OPTIMIZERS)}")
+    if embedding_optimizer == "dense":
+        return []
+    kind = embedding_optimizer[len("fused_"):]
+    mods = [m for m in model.modules()
+            if isinstance(m, GatedEmbedding) and m.tuned_weight.requires_grad]
+    for m in mods:
+        m.use_fused_optimizer(kind, lr=lr)
+    return mods
+
+
 class GatedEmbedding(nn.Module):
     """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
 
@@ -86,12 +117,26 @@ class GatedEmbedding(nn.Module):
         self.backend = backend
         self.fused_optimizer = None
         if optimizer is not None:
-            check_kind(optimizer)
-            if lr is None:
-                raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
-            self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
-            for name, t in self.fused_optimizer.new_state(weight).items():
-                self.register_buffer(f"optimizer_{name}", t)
+            self.use_fused_optimizer(optimizer, lr=lr, eps=eps, betas=betas)
+
+    def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,
+                            betas=(0.9, 0.999)) -> None:
+        """Let the backward update the tuned rows with ``optimizer``; its state starts at zero.
+
+        Example::
+
+            >>> import autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4)
+            >>> emb.use_fused_optimizer("rowwise_adagrad", lr=0.1)
+            >>> tuple(emb.optimizer_sum.shape)
+            (10,)
+        """
+        check_kind(optimizer)
+        if lr is None:
+            raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
+        self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
+        for name, t in self.fused_optimizer.new_state(self.tuned_weight.detach()).items():
+            self.register_buffer(f"optimizer_{name}", t)
 
     def optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """The fused optimizer's state tensors (the module's buffers), or None without one."""

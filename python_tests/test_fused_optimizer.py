@@ -186,3 +186,61 @@ def test_bad_optimizer_settings_are_named():
     with pytest.raises(TypeError, match="optimizer must be a FusedOptimizer"):
         autoft_fast.gated_embedding(torch.tensor([1]), torch.zeros(10, 2), w, torch.zeros(1, 2),
                                     optimizer="adam", optimizer_state={})
+
+
+class _GatedToy(torch.nn.Module):
+    """A toy CTR model with one gated table, asking the Trainer for a fused table optimizer."""
+
+    embedding_optimizer = "fused_adam"
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(50, 4, generator=gen))
+        self.policy = torch.nn.Parameter(torch.zeros(2))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, b):
+        logits = self.policy.expand(*b.x.shape, 2)
+        out, _ = self.emb(b.x, logits, seed=int(b.x.sum()))
+        return self.head(out.sum(1)).squeeze(-1)
+
+
+def _toy_ids(n, seed):
+    from test_train import Toy
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 3), generator=g)
+    y = ((x % 2).sum(1) > 1).float()
+    return Toy(x, y, torch.zeros(n, dtype=torch.long))
+
+
+def test_trainer_uses_fused_optimizer_and_resume_is_exact(tmp_path):
+    from test_train import TrainingInterrupted, make_trainer
+    train, valid = _toy_ids(600, 1), _toy_ids(200, 2)
+    cfg = {"epochs": 3, "patience": 5}
+    torch.manual_seed(0)
+    straight = _GatedToy()
+    make_trainer(straight, tmp_path / "a", cfg=cfg, seed=7).fit(train, valid)
+    assert straight.emb.fused_optimizer.kind == "adam"
+    assert straight.emb.tuned_weight.grad is None
+    assert int(straight.emb.optimizer_step) > 0
+    assert not torch.equal(straight.emb.tuned_weight, straight.emb.frozen_weight)
+
+    def kill(epoch, _):
+        if epoch == 1:
+            raise TrainingInterrupted("simulated kill")
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(_GatedToy(), tmp_path / "b", cfg=cfg, seed=7, on_epoch_end=kill).fit(
+            train, valid)
+    resumed = _GatedToy()
+    make_trainer(resumed, tmp_path / "b", cfg=cfg, seed=7).fit(train, valid, resume=True)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_attach_fused_optimizers_rejects_unknown_name():
+    from autoft_fast.modules import attach_fused_optimizers
+    with pytest.raises(ValueError, match="embedding_optimizer = 'fused_lamb'"):
+        attach_fused_optimizers(torch.nn.Linear(2, 2), "fused_lamb", lr=0.1)
