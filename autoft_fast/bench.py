@@ -2,7 +2,9 @@
 
 Prints, per shape, the median milliseconds of forward, forward+backward and a full step
 (forward, backward, SGD on the tuned rows and the logits) for eager PyTorch (dense and sparse
-gradient), ``torch.compile`` of eager, the two-gather floor, and each autoft_fast backend,
+gradient), ``torch.compile`` of eager, the two-gather floor, and each autoft_fast backend
+(dense and sparse gradient, the optimizer fused into the backward, the evaluation forward
+with hard gates and no noise, and the training forward with gradients recorded),
 with the ratio to eager and an effective bandwidth; then the project's speed targets as
 measured ratios. Speed targets live here, never in timed tests.
 
@@ -23,9 +25,12 @@ import torch
 import torch.nn.functional as F
 
 import autoft_fast
+from autoft_fast.ops.fused_optim import FusedOptimizer
 
 DEFAULT_SHAPES = ["16:1000000", "64:1000000", "16:100000"]
 FLOOR = "two-gather floor (index_select x2, preallocated out)"
+TRAIN_FWD = "training forward (noise, gradients recorded), backend"
+FUSED_KINDS = ("sgd", "adam")
 
 
 def eager_gated_embedding(idx, frozen, tuned, logits, tau, sparse):
@@ -109,6 +114,22 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
                 lambda name=name, sparse=sparse: autoft_fast.gated_embedding(
                     idx, frozen, tuned_fast, logits, tau=tau, sparse=sparse, backend=name))
 
+    # The optimizer fused into the backward: its own table (and state) per rule; its forward
+    # row is timed without gradients, i.e. the evaluation path when noise is off.
+    for name in backends:
+        for kind in FUSED_KINDS:
+            opt = FusedOptimizer(kind, lr=1e-3)
+            t_fused = torch.nn.Parameter(frozen.clone())
+            state = opt.new_state(t_fused)
+            key = f"autoft_fast {name} (fused {kind})"
+            providers[key] = (lambda name=name, opt=opt, t=t_fused, state=state:
+                              autoft_fast.gated_embedding(idx, frozen, t, logits, tau=tau,
+                                                          backend=name, optimizer=opt,
+                                                          optimizer_state=state))
+        providers[f"autoft_fast {name} (eval: hard, no noise)"] = (
+            lambda name=name: autoft_fast.gated_embedding(idx, frozen, tuned_fast, logits, tau=tau,
+                                                          noise=False, backend=name))
+
     opt_dense = torch.optim.SGD([tuned, tuned_fast, logits], lr=1e-3)
 
     def fwd_bwd(fn):
@@ -125,6 +146,11 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     def fwd(fn):
         with torch.no_grad():
             fn()
+
+    def train_fwd(fn):
+        # The training forward: gradients recorded, as in a training step.
+        out, _ = fn()
+        del out
 
     rows_out = []
     elt = frozen.element_size()
@@ -144,14 +170,20 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     f_ms = _time_blocks({alloc_name: floor_alloc, FLOOR: floor_prealloc,
                               **{k: (lambda fn=fn: fwd(fn)) for k, fn in providers.items()}},
                              reps, warmup, sync)
-    fb_ms = _time_blocks({k: (lambda fn=fn: fwd_bwd(fn)) for k, fn in providers.items()},
+    trained = {k: fn for k, fn in providers.items() if "(eval" not in k}  # eval: forward only
+    fb_ms = _time_blocks({k: (lambda fn=fn: fwd_bwd(fn)) for k, fn in trained.items()},
                               reps, warmup, sync)
-    s_ms = _time_blocks({k: (lambda fn=fn: step(fn)) for k, fn in providers.items()},
+    s_ms = _time_blocks({k: (lambda fn=fn: step(fn)) for k, fn in trained.items()},
                              reps, warmup, sync)
-    for name in (alloc_name, FLOOR):
-        rows_out.append((name, f_ms[name], None, None, fwd_bytes / f_ms[name] / 1e6))
+    train_ms = _time_blocks({f"{TRAIN_FWD} {name}": (
+        lambda name=name: train_fwd(providers[f"autoft_fast {name} (sparse)"])) for name in backends},
+        reps, warmup, sync)
+    for name in (alloc_name, FLOOR) + tuple(train_ms):
+        ms = f_ms.get(name, train_ms.get(name))
+        rows_out.append((name, ms, None, None, fwd_bytes / ms / 1e6))
     for name in providers:
-        rows_out.append((name, f_ms[name], fb_ms[name], s_ms[name], fwd_bytes / f_ms[name] / 1e6))
+        rows_out.append((name, f_ms[name], fb_ms.get(name), s_ms.get(name),
+                         fwd_bytes / f_ms[name] / 1e6))
     return rows_out, f_ms[FLOOR]
 
 
@@ -192,6 +224,17 @@ def targets(results, backend):
             ("sparse full step (SGD) vs eager sparse", es[3] / r1m[sp][3], ">=", 2.0, gs[3] / r1m[sp][3]),
             ("forward / two-gather floor (preallocated)", r1m[sp][1] / floor[1], "<=", 1.5, None),
         ]
+        for kind in FUSED_KINDS:
+            fz = r1m.get(f"autoft_fast {backend} (fused {kind})")
+            if fz is not None:
+                checks.append((f"fused {kind} full step / two-gather floor", fz[3] / floor[1], "<=",
+                               2.5, None))
+                checks.append((f"fused {kind} full step vs eager sparse", es[3] / fz[3], ">=",
+                               6.0, gs[3] / fz[3]))
+        ev = r1m.get(f"autoft_fast {backend} (eval: hard, no noise)")
+        tr = r1m.get(f"{TRAIN_FWD} {backend}")
+        if ev is not None and tr is not None:
+            checks.append(("eval forward / training forward", ev[1] / tr[1], "<=", 0.65, None))
         if sp in r100k:
             checks.append(("sparse fwd+bwd growth V=100k -> 1M", r1m[sp][2] / r100k[sp][2], "<", 1.5, None))
         for label, value, op, goal, alt in checks:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .ops.functional import gated_embedding
+from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
 
 
@@ -36,6 +37,37 @@ def _mark_coalesced_if_sorted(param) -> None:
         g._coalesced_(True)
 
 
+EMBEDDING_OPTIMIZERS = ("dense", "fused_sgd", "fused_rowwise_adagrad", "fused_adam")
+
+
+def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: float) -> list:
+    """Give every trained ``GatedEmbedding`` of ``model`` the fused rule ``embedding_optimizer``.
+
+    ``embedding_optimizer`` is one of :data:`EMBEDDING_OPTIMIZERS`; "dense" changes nothing
+    (the tables keep ordinary gradients for the trainer's optimizer). Returns the modules
+    that now update themselves in the backward.
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> from autoft_fast.modules import attach_fused_optimizers
+        >>> model = torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4)})
+        >>> len(attach_fused_optimizers(model, "fused_adam", lr=1e-3))
+        1
+    """
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"embedding_optimizer = {embedding_optimizer!r} is not one of "
+                         f"{list(EMBEDDING_OPTIMIZERS)}")
+    if embedding_optimizer == "dense":
+        return []
+    kind = embedding_optimizer[len("fused_"):]
+    mods = [m for m in model.modules()
+            if isinstance(m, GatedEmbedding) and m.tuned_weight.requires_grad]
+    for m in mods:
+        m.use_fused_optimizer(kind, lr=lr)
+    return mods
+
+
 class GatedEmbedding(nn.Module):
     """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
 
@@ -54,10 +86,22 @@ class GatedEmbedding(nn.Module):
         >>> out, gates = emb(idx, logits, tau=1.0)
         >>> out.shape
         torch.Size([32, 8, 16])
+
+    With ``optimizer`` ("sgd", "rowwise_adagrad" or "adam") and ``lr`` the backward updates
+    the touched tuned rows itself (see ``autoft_fast.ops.fused_optim``): ``tuned_weight`` then
+    never gets a ``.grad``, so a general optimizer over ``parameters()`` skips it, and the
+    optimizer state (``optimizer_*`` buffers, ``optimizer_step``) is in the state_dict::
+
+        >>> emb = autoft_fast.GatedEmbedding(1000, 16, optimizer="adam", lr=1e-3)
+        >>> out, gates = emb(idx, logits)
+        >>> out.sum().backward()
+        >>> int(emb.optimizer_step), emb.tuned_weight.grad is None
+        (1, True)
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, sparse: bool = False,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", device=None, dtype=None, optimizer: str | None = None,
+                 lr: float | None = None, eps: float | None = None, betas=(0.9, 0.999)):
         super().__init__()
         if num_embeddings <= 0 or embedding_dim <= 0:
             raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
@@ -71,13 +115,43 @@ class GatedEmbedding(nn.Module):
         if self.sparse:
             keep_sparse_grad_coalesced(self.tuned_weight)
         self.backend = backend
+        self.fused_optimizer = None
+        if optimizer is not None:
+            self.use_fused_optimizer(optimizer, lr=lr, eps=eps, betas=betas)
+
+    def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,
+                            betas=(0.9, 0.999)) -> None:
+        """Let the backward update the tuned rows with ``optimizer``; its state starts at zero.
+
+        Example::
+
+            >>> import autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4)
+            >>> emb.use_fused_optimizer("rowwise_adagrad", lr=0.1)
+            >>> tuple(emb.optimizer_sum.shape)
+            (10,)
+        """
+        check_kind(optimizer)
+        if lr is None:
+            raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
+        self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
+        for name, t in self.fused_optimizer.new_state(self.tuned_weight.detach()).items():
+            self.register_buffer(f"optimizer_{name}", t)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        """The fused optimizer's state tensors (the module's buffers), or None without one."""
+        if self.fused_optimizer is None:
+            return None
+        names = (STEP,) + tuple(self.fused_optimizer.rule.state)
+        return {n: getattr(self, f"optimizer_{n}") for n in names}
 
     @classmethod
-    def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto"):
+    def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto", **optimizer):
         """Build from a pre-trained ``[V, D]`` tensor or ``nn.Embedding``; both copies start equal.
 
         The pre-trained tensor is copied, never aliased: training the tuned copy cannot
-        change the caller's weights.
+        change the caller's weights. Keyword ``optimizer``, ``lr``, ``eps``, ``betas``: the
+        fused optimizer, as in the constructor.
 
         Example::
 
@@ -93,7 +167,7 @@ class GatedEmbedding(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D [V, D] table, got shape {tuple(weight.shape)}")
         module = cls(weight.shape[0], weight.shape[1], sparse=sparse, backend=backend,
-                     device=weight.device, dtype=weight.dtype)
+                     device=weight.device, dtype=weight.dtype, **optimizer)
         with torch.no_grad():
             module.frozen_weight.copy_(weight.detach())
             module.tuned_weight.copy_(weight.detach())
@@ -117,8 +191,12 @@ class GatedEmbedding(nn.Module):
             noise = self.training
         return gated_embedding(indices, self.frozen_weight, self.tuned_weight, logits, tau=tau,
                                hard=hard, noise=noise, seed=seed, uniforms=uniforms,
-                               sparse=self.sparse, backend=self.backend)
+                               sparse=self.sparse, backend=self.backend,
+                               optimizer=self.fused_optimizer,
+                               optimizer_state=self.optimizer_state())
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.frozen_weight.dtype}, "
-                f"sparse={self.sparse}, backend={self.backend!r}")
+                f"sparse={self.sparse}, backend={self.backend!r}" +
+                (f", optimizer={self.fused_optimizer.kind!r}, lr={self.fused_optimizer.lr}"
+                 if self.fused_optimizer is not None else ""))

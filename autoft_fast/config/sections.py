@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..modules import EMBEDDING_OPTIMIZERS
 from ..ops.registry import backend_names, check_backend_name
 from .schema import ConfigError, parse_section, section_to_dict, setting
 
@@ -120,6 +121,11 @@ class AutoFTConfig(_Section):
     sparse: bool = setting(False, doc=(
         "sparse (COO) gradients for the tuned embedding table (the trainer then uses "
         "SparseAdam for it)"))
+    embedding_optimizer: str = setting("dense", choices=EMBEDDING_OPTIMIZERS, doc=(
+        "how the tuned embedding tables are trained: dense = by the trainer's optimizer "
+        "(with `sparse`, SparseAdam); fused_adam / fused_rowwise_adagrad / fused_sgd = "
+        "updated inside the op's backward (touched rows only, lazy state kept in the "
+        "model's state_dict) with the training lr"))
     tau: float = setting(5.0, minimum=0.0, min_open=True, doc=(
         "Gumbel-softmax temperature; SpotTune's released code uses a fixed 5. A high "
         "temperature keeps the straight-through gradient y0 * y1 / tau alive for confident "

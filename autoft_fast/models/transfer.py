@@ -95,6 +95,7 @@ class TransferModel(nn.Module):
         self.strategy = strategy
         self.autoft_config = cfg
         self._tau = float(cfg.tau)
+        self.embedding_optimizer = cfg.embedding_optimizer  # read by the Trainer
         self._forced: str | None = None
         self.frozen_net: BaseCTRModel | None = None
         self.field_embedding = None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import registry, validate
+from . import fused_optim, registry, validate
 from .registry import available_backends  # noqa: F401  (re-exported)
 from .reference import reference_gated_embedding, straight_through_gates
-
 
 
 @torch.compiler.assume_constant_result
@@ -44,8 +43,87 @@ def _seed_tensor(seed: int | None, noise: bool, uniforms) -> torch.Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
+class _FusedStep(torch.autograd.Function):
+    """The op whose backward updates the tuned rows in place (see ``ops/fused_optim.py``).
+
+    ``tuned_weight`` is an input so that the backward runs even when the logits need no
+    gradient; its gradient is always None (the update took its place).
+    """
+
+    @staticmethod
+    def forward(ctx, tuned_weight, logits, row, optimizer, state, inputs):
+        indices, frozen_weight, seed, uniforms, tau, hard, noise = inputs
+        ctx.row, ctx.optimizer, ctx.state, ctx.inputs = row, optimizer, state, inputs
+        ctx.tuned_weight = tuned_weight
+        ctx.logits_shape = logits.shape
+        if row.is_reference:
+            with torch.enable_grad():
+                t_leaf = tuned_weight.detach().requires_grad_()
+                l_leaf = logits.detach().requires_grad_()
+                out, gates = reference_gated_embedding(
+                    indices, frozen_weight, t_leaf, l_leaf, tau=tau, hard=hard, noise=noise,
+                    seed=seed, uniforms=uniforms, sparse=True)
+            ctx.graph = (out, gates, t_leaf, l_leaf)
+            ctx.gates = gates.detach()
+            return out.detach(), gates.detach()
+        ctx.logits2d = logits.detach().reshape(-1, 2).contiguous()
+        out, gates = row.ops()[0](indices, frozen_weight, tuned_weight.detach(), ctx.logits2d,
+                                  seed, uniforms, tau, hard, noise, True)
+        ctx.gates = gates
+        return out, gates
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_gates):
+        indices, frozen_weight, seed, uniforms, tau, hard, noise = ctx.inputs
+        row, weight = ctx.row, ctx.tuned_weight
+        if row.is_reference:
+            out, gates, t_leaf, l_leaf = ctx.graph
+            g_t, g_l = torch.autograd.grad(
+                (out, gates), (t_leaf, l_leaf),
+                (torch.zeros_like(out) if grad_out is None else grad_out,
+                 torch.zeros_like(gates) if grad_gates is None else grad_gates))
+            rows, values = g_t._indices()[0], g_t._values()
+        else:
+            n, dim = indices.shape[0], weight.shape[1]
+            grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
+            values, g_l, rows = row.ops()[1](
+                grad_out.reshape(n, dim).contiguous(),
+                None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
+                hard, noise, True)
+        opt = ctx.optimizer
+        if not row.coalesced:
+            rows, values = fused_optim.combine_rows(rows, values, deterministic=opt.deterministic)
+        if hard and not row.touched_only:
+            keep = fused_optim.touched_rows_mask(rows, indices, ctx.gates)
+            rows, values = rows[keep], values[keep]
+        if not fused_optim.updates_paused():
+            with torch.no_grad():
+                opt.apply(weight.detach(), rows, values, ctx.state)
+        grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
+        return None, grad_logits, None, None, None, None
+
+
+def _eval_rows(indices, frozen_weight, tuned_weight, logits, tau):
+    """Hard gates without noise and without gradients: read only each lookup's chosen row."""
+    pick = (logits[..., 1] - logits[..., 0]) / tau > 0  # the contract's x > 0; NaN -> frozen
+    flat_pick = pick.reshape(-1)
+    flat = indices.reshape(-1)
+    dim = tuned_weight.shape[1]
+    out = tuned_weight.new_empty((flat.shape[0], dim))
+    out[flat_pick] = tuned_weight.index_select(0, flat[flat_pick])
+    out[~flat_pick] = frozen_weight.index_select(0, flat[~flat_pick])
+    gates = torch.stack((~pick, pick), dim=-1).to(torch.float32)
+    return out.reshape(*indices.shape, dim), gates
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, hard=True,
-                    noise=True, seed=None, uniforms=None, sparse=False, backend="auto"):
+                    noise=True, seed=None, uniforms=None, sparse=False, backend="auto",
+                    optimizer=None, optimizer_state=None):
     """Mix frozen and tuned embedding rows per lookup with a Gumbel-softmax gate.
 
     Returns ``(out, gates)``: ``out`` of shape ``indices.shape + (D,)`` in the tuned table's
@@ -53,6 +131,13 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     Gradients reach ``tuned_weight`` (dense, or a COO tensor when ``sparse=True``) and
     ``logits`` (straight-through when ``hard``); ``frozen_weight`` never gets one.
     See docs/op-contract.md for the exact semantics.
+
+    ``optimizer`` (a :class:`~autoft_fast.ops.fused_optim.FusedOptimizer`) with its
+    ``optimizer_state`` (``optimizer.new_state(tuned_weight)``) fuses the optimizer into the
+    backward: the backward updates the touched rows of ``tuned_weight`` in place and gives it
+    no gradient (``sparse`` is then ignored); the logits get their ordinary gradient.
+    Without gradients (``torch.no_grad()``, or nothing requiring one), hard gates and no
+    noise read only the chosen row of each lookup and save nothing for a backward.
 
     Example::
 
@@ -84,6 +169,12 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         tuned_weight = _DenseGradThroughView.apply(tuned_weight)
     seed_t = _seed_tensor(seed, noise, uniforms)
 
+    if optimizer is not None:
+        return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau,
+                      hard, noise, optimizer, optimizer_state)
+    if row.is_reference and hard and not noise and not _needs_grad(tuned_weight, logits):
+        validate.check_index_range(indices, frozen_weight.shape[0])
+        return _eval_rows(indices, frozen_weight, tuned_weight, logits, tau)
     if row.is_reference:
         validate.check_index_range(indices, frozen_weight.shape[0])
         return reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, tau=tau,
@@ -102,6 +193,26 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         flat_uniforms,
         tau, hard, noise, sparse,
     )
+    return out.reshape(*shape, dim), gates.reshape(*shape, 2)
+
+
+def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau, hard,
+           noise, optimizer, state):
+    if not isinstance(optimizer, fused_optim.FusedOptimizer):
+        raise TypeError(f"optimizer must be a FusedOptimizer or None, got {type(optimizer).__name__}")
+    optimizer.check_state(tuned_weight, state)
+    if not tuned_weight.is_contiguous():
+        raise ValueError("tuned_weight must be contiguous when optimizer is given (the backward "
+                         f"updates its rows in place), got strides {tuned_weight.stride()}")
+    if row.is_reference:
+        validate.check_index_range(indices, frozen_weight.shape[0])
+        inputs = (indices, frozen_weight.detach(), seed_t, uniforms, tau, hard, noise)
+        return _FusedStep.apply(tuned_weight, logits, row, optimizer, state, inputs)
+    shape, dim = indices.shape, tuned_weight.shape[1]
+    flat_uniforms = None if (uniforms is None or not noise) else uniforms.reshape(-1).contiguous()
+    inputs = (indices.reshape(-1).contiguous(), frozen_weight.detach().contiguous(), seed_t,
+              flat_uniforms, tau, hard, noise)
+    out, gates = _FusedStep.apply(tuned_weight, logits, row, optimizer, state, inputs)
     return out.reshape(*shape, dim), gates.reshape(*shape, 2)
 
 

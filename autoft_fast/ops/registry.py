@@ -40,7 +40,8 @@ class Backend:
     in ``devices``); ``unavailable(device)`` says why not, in words. ``forward`` / ``backward``
     return the kernel-level op handles (``None`` for ``forward`` means the plain-PyTorch
     reference path); they are looked up once, on first use. ``coalesced``: whether the sparse
-    gradient of ``backward`` comes back with sorted unique rows.
+    gradient of ``backward`` comes back with sorted unique rows; ``touched_only``: whether those
+    rows leave out the rows that no lookup's gate gave a nonzero weight.
     """
 
     name: str
@@ -52,6 +53,9 @@ class Backend:
     unavailable: Callable[[torch.device], str] = lambda device: "it is not available"
     notes: str = ""
     double_backward: bool = False
+    # Whether the sparse-mode rows leave out the rows whose every hard gate chose the frozen
+    # row (the fused optimizer then need not filter them itself).
+    touched_only: bool = False
     _ops: Optional[tuple] = field(default=None, repr=False)
 
     @property
@@ -210,7 +214,7 @@ register(Backend(
     name="cpu", devices=("cpu",), probe=lambda device: ext.has_kernel("CPU"),
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
-    coalesced=True, unavailable=_not_built,
+    coalesced=True, touched_only=True, unavailable=_not_built,
     notes="C++ extension, OpenMP, vectorised"))
 register(Backend(
     # CUDA C++ before Triton: it has no per-call JIT dispatch cost. Not yet measured against

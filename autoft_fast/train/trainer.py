@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config.sections import TrainConfig
+from ..modules import attach_fused_optimizers
+from ..ops.fused_optim import fused_updates_paused
 from .checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_atomic,
                          seed_everything)
 from .metrics import compute_metrics, is_better
@@ -180,6 +182,9 @@ class Trainer:
                              "'random', 'tuned'")
         self.policy_warmup = policy_warmup
         self.policy_warmup_gates = policy_warmup_gates
+        # Tables the backward updates itself (autoft.embedding_optimizer = fused_*): they never
+        # get a .grad, so the optimizers below skip them.
+        attach_fused_optimizers(model, getattr(model, "embedding_optimizer", "dense"), cfg.lr)
         groups = _trainable_groups(model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -303,7 +308,8 @@ class Trainer:
                 else:
                     bce = self._step(batch, model_opts + policy_opts)
                 if heldout and not warming:
-                    self._step(_to_device(next(policy_batches), self.device), policy_opts)
+                    with fused_updates_paused():  # the policy's step trains the policy only
+                        self._step(_to_device(next(policy_batches), self.device), policy_opts)
                 b = len(batch)
                 loss_sum += float(bce.detach()) * b
                 n_seen += b

@@ -1,0 +1,237 @@
+"""The optimizer fused into the op's backward: the tuned rows are updated where their gradient is made.
+
+With a :class:`FusedOptimizer` the op's backward never hands a tuned-table gradient to autograd.
+It asks the backend's backward for the sparse-mode row sums (sorted unique rows, each the
+float32 sum of its lookups' contributions: the sorted segments of the repeated indices), keeps
+the rows that were *touched* (at least one lookup whose forward gate gave the tuned row a
+nonzero weight) and applies the update to those rows of the table, in place. The logits still
+get their ordinary gradient. No [V, D] tensor is ever made; the [U, D] row sums are the only
+gradient values, and they are consumed at once.
+
+The update rules, one row each in :data:`RULES` (state is lazy: only touched rows change):
+
+- ``sgd``: w -= lr * g (torch.optim.SGD without momentum or weight decay);
+- ``rowwise_adagrad``: s[v] += mean(g * g); w -= lr * g / (sqrt(s[v]) + eps) (one float32
+  accumulator per row, as FBGEMM's row-wise Adagrad; with D = 1 it is torch.optim.Adagrad);
+- ``adam``: lazy Adam, exactly torch.optim.SparseAdam's formula (one step count per table,
+  moments of the touched rows only).
+
+Example::
+
+    >>> import torch, autoft_fast
+    >>> from autoft_fast.ops.fused_optim import FusedOptimizer
+    >>> opt = FusedOptimizer("sgd", lr=0.1)
+    >>> w = torch.zeros(10, 4, requires_grad=True)
+    >>> state = opt.new_state(w)
+    >>> out, _ = autoft_fast.gated_embedding(torch.tensor([3, 3]), torch.zeros(10, 4), w,
+    ...                                      torch.tensor([[0., 9.], [0., 9.]]), noise=False,
+    ...                                      optimizer=opt, optimizer_state=state)
+    >>> out.sum().backward()
+    >>> w[3].tolist()   # two lookups of row 3, gradient 1 each: 0 - 0.1 * 2
+    [-0.20000000298023224, -0.20000000298023224, -0.20000000298023224, -0.20000000298023224]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+STEP = "step"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One fused update rule: its state tensors and its row update.
+
+    ``state``: name -> "row" (one float32 per table row) or "element" (float32 [V, D]).
+    ``update(opt, w, g, state_rows, step)`` gets the touched rows ``w`` and their gradient sums
+    ``g`` (float32 [U, D]) and the rows of each state tensor (float32), and returns the new
+    rows of ``w`` and of each state tensor.
+    """
+
+    state: dict
+    update: Callable
+    doc: str
+
+
+def _sgd(opt, w, g, s, step):
+    return w.add(g, alpha=-opt.lr), {}
+
+
+def _rowwise_adagrad(opt, w, g, s, step):
+    acc = s["sum"] + (g * g).mean(dim=1)
+    return w - opt.lr * g / (acc.sqrt() + opt.eps).unsqueeze(1), {"sum": acc}
+
+
+def _adam(opt, w, g, s, step):
+    beta1, beta2 = opt.betas
+    m_old, v_old = s["exp_avg"], s["exp_avg_sq"]
+    m_delta = (g - m_old).mul_(1 - beta1)
+    v_delta = (g * g - v_old).mul_(1 - beta2)
+    m = m_old + m_delta
+    v = v_old + v_delta
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    step_size = opt.lr * math.sqrt(bc2) / bc1
+    return w + (-step_size) * (m / (v.sqrt() + opt.eps)), {"exp_avg": m, "exp_avg_sq": v}
+
+
+RULES: dict[str, Rule] = {
+    "sgd": Rule({}, _sgd, "w -= lr * g"),
+    "rowwise_adagrad": Rule({"sum": "row"}, _rowwise_adagrad,
+                            "s += mean(g^2) per row; w -= lr * g / (sqrt(s) + eps)"),
+    "adam": Rule({"exp_avg": "element", "exp_avg_sq": "element"}, _adam,
+                 "lazy Adam (torch.optim.SparseAdam's formula) on the touched rows"),
+}
+
+_DEFAULT_EPS = {"sgd": 0.0, "rowwise_adagrad": 1e-10, "adam": 1e-8}
+
+
+def check_kind(kind) -> str:
+    """``kind`` if it names a fused rule, else a ValueError naming it and the choices."""
+    if not isinstance(kind, str) or kind not in RULES:
+        raise ValueError(f"optimizer = {kind!r} is not one of {sorted(RULES)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class FusedOptimizer:
+    """Which rule the op's backward applies to the tuned rows, and its hyperparameters.
+
+    ``deterministic``: combine repeated rows in a fixed order on every backend (a sorted,
+    segment-by-segment sum), so that a run is bit-identical to the next; the ``cpu`` and
+    ``triton`` backends always do, the ``cuda`` backend's uncoalesced rows are then summed by a
+    sort instead of atomics.
+
+    Example::
+
+        >>> from autoft_fast.ops.fused_optim import FusedOptimizer
+        >>> FusedOptimizer("adam", lr=1e-3).betas
+        (0.9, 0.999)
+    """
+
+    kind: str
+    lr: float
+    eps: float | None = None
+    betas: tuple = (0.9, 0.999)
+    deterministic: bool = True
+    _eps: float = field(init=False, repr=False, default=0.0)
+
+    def __post_init__(self):
+        check_kind(self.kind)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) \
+                or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr = {self.lr!r} must be a positive finite number")
+        eps = _DEFAULT_EPS[self.kind] if self.eps is None else self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps = {self.eps!r} must be a number >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas = {self.betas!r} must be two numbers in [0, 1)")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"deterministic must be True or False, got {self.deterministic!r}")
+        object.__setattr__(self, "_eps", float(eps))
+
+    @property
+    def rule(self) -> Rule:
+        return RULES[self.kind]
+
+    def new_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero state for a [V, D] table: the rule's tensors and a 0-dim int64 step count."""
+        v, d = weight.shape
+        state = {STEP: torch.zeros((), dtype=torch.int64, device=weight.device)}
+        for name, kind in self.rule.state.items():
+            shape = (v,) if kind == "row" else (v, d)
+            state[name] = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        return state
+
+    def check_state(self, weight: torch.Tensor, state) -> None:
+        """ValueError naming the key when ``state`` is not :meth:`new_state`'s layout."""
+        if not isinstance(state, dict):
+            raise TypeError(f"optimizer_state must be a dict of tensors, got {type(state).__name__}")
+        want = self.new_state(weight.new_empty((0, weight.shape[1])))
+        for name in want:
+            if name not in state:
+                raise ValueError(f"optimizer_state lacks {name!r} (a {self.kind} state has "
+                                 f"{sorted(want)})")
+        for name, kind in self.rule.state.items():
+            shape = (weight.shape[0],) if kind == "row" else tuple(weight.shape)
+            if tuple(state[name].shape) != shape or state[name].dtype != torch.float32:
+                raise ValueError(f"optimizer_state[{name!r}] must be float32 of shape {shape}, got "
+                                 f"{state[name].dtype} {tuple(state[name].shape)}")
+
+    def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
+              state: dict[str, torch.Tensor]) -> None:
+        """Update ``weight[rows]`` (sorted unique) and the state in place from ``grad`` [U, D]."""
+        step_t = state[STEP]
+        step_t.add_(1)
+        if rows.numel() == 0:
+            return
+        step = int(step_t.item())
+        rows = rows.to(device=weight.device, dtype=torch.int64)
+        w_rows = weight.index_select(0, rows).float()
+        s_rows = {k: state[k].index_select(0, rows) for k in self.rule.state}
+        rule_opt = _Hyper(self.lr, self._eps, self.betas)
+        new_w, new_s = self.rule.update(rule_opt, w_rows, grad.float(), s_rows, step)
+        weight.index_copy_(0, rows, new_w.to(weight.dtype))
+        for k, v in new_s.items():
+            state[k].index_copy_(0, rows, v)
+
+
+@dataclass(frozen=True)
+class _Hyper:
+    lr: float
+    eps: float
+    betas: tuple
+
+
+_paused = [0]
+
+
+@contextlib.contextmanager
+def fused_updates_paused():
+    """Inside this block, backward passes through the op compute the logit gradients only.
+
+    For steps that train something else (a held-out policy step) on a model whose tables
+    update themselves in the backward.
+
+    Example::
+
+        >>> from autoft_fast.ops.fused_optim import fused_updates_paused
+        >>> with fused_updates_paused():
+        ...     pass
+    """
+    _paused[0] += 1
+    try:
+        yield
+    finally:
+        _paused[0] -= 1
+
+
+def updates_paused() -> bool:
+    return _paused[0] > 0
+
+
+def combine_rows(rows: torch.Tensor, values: torch.Tensor, *, deterministic: bool):
+    """Sorted unique rows and their float32 sums from one value row per lookup (uncoalesced)."""
+    values = values.float()
+    if rows.numel() == 0:
+        return rows.to(torch.int64), values
+    if deterministic:
+        order = torch.argsort(rows, stable=True)
+        rows_sorted = rows[order]
+        unique, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
+        sums = torch.segment_reduce(values[order], "sum", lengths=counts)
+        return unique.to(torch.int64), sums
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    sums = values.new_zeros((unique.shape[0], values.shape[1])).index_add_(0, inverse, values)
+    return unique.to(torch.int64), sums
+
+
+def touched_rows_mask(rows: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Which of the sorted unique ``rows`` had a lookup whose forward gate z1 was nonzero."""
+    used = indices.reshape(-1)[gates.reshape(-1, 2)[:, 1] != 0].to(torch.int64)
+    return torch.isin(rows, used)

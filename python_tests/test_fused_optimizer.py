@@ -1,0 +1,246 @@
+"""The optimizer fused into the backward: equal to the plain optimizer on the dense gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoft_fast
+from autoft_fast.ops.fused_optim import RULES, FusedOptimizer, fused_updates_paused
+
+from op_helpers import case_generator, make_inputs
+
+BACKENDS = [b for b in autoft_fast.available_backends("cpu")]
+
+
+def _loss(out, gates, inp):
+    return (out.double() * inp["grad_out"].double()).sum() + \
+        (gates.double() * inp["grad_gates"].double()).sum()
+
+
+def _dense_step(inp, backend="reference"):
+    """The reference op's dense gradients, the touched rows and the logit gradient."""
+    tuned = inp["tuned"].clone().requires_grad_()
+    logits = inp["logits"].clone().requires_grad_()
+    out, gates = autoft_fast.gated_embedding(inp["indices"], inp["frozen"], tuned, logits,
+                                             seed=inp["seed"], backend=backend)
+    _loss(out, gates, inp).backward()
+    used = inp["indices"].reshape(-1)[gates.detach().reshape(-1, 2)[:, 1] != 0]
+    return tuned.grad, torch.unique(used.long()), logits.grad, out.detach()
+
+
+def _fused_step(inp, opt, state, tuned, backend):
+    logits = inp["logits"].clone().requires_grad_()
+    out, gates = autoft_fast.gated_embedding(inp["indices"], inp["frozen"], tuned, logits,
+                                             seed=inp["seed"], backend=backend, optimizer=opt,
+                                             optimizer_state=state)
+    _loss(out, gates, inp).backward()
+    return logits.grad, out.detach()
+
+
+def _plain_optimizer(kind, param, lr):
+    if kind == "sgd":
+        return torch.optim.SGD([param], lr=lr, foreach=False)
+    if kind == "adam":
+        return torch.optim.SparseAdam([param], lr=lr)
+    return None
+
+
+def _rowwise_adagrad_dense(weight, acc, grad, lr, eps=1e-10):
+    # Written out on the dense gradient: rows with a zero gradient change nothing.
+    acc += (grad * grad).mean(dim=1)
+    weight -= lr * grad / (acc.sqrt() + eps).unsqueeze(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(RULES))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dim,duplicates", [(1, False), (3, True), (16, False), (17, False)])
+def test_fused_step_equals_plain_optimizer_on_dense_gradient(backend, kind, index_dtype, dim,
+                                                             duplicates):
+    lr = 0.05
+    gen = case_generator("fused", backend, kind, index_dtype, dim, duplicates)
+    opt = FusedOptimizer(kind, lr=lr)
+    tuned = make_inputs((8, 5), 40, dim, gen=gen)["tuned"].clone().requires_grad_()
+    state = opt.new_state(tuned)
+    ref_param = torch.nn.Parameter(tuned.detach().clone())
+    plain = _plain_optimizer(kind, ref_param, lr)
+    acc = torch.zeros(40)
+    for step in range(3):  # several steps: the lazy state must carry over
+        inp = make_inputs((8, 5), 40, dim, gen=gen, index_dtype=index_dtype,
+                          duplicates=duplicates, seed=100 + step)
+        inp["tuned"] = ref_param.detach()
+        grad, touched, want_glogits, want_out = _dense_step(inp)
+        got_glogits, got_out = _fused_step(inp, opt, state, tuned, backend)
+        if kind == "rowwise_adagrad":
+            with torch.no_grad():
+                _rowwise_adagrad_dense(ref_param, acc, grad, lr)
+        else:
+            ref_param.grad = grad if kind == "sgd" else torch.sparse_coo_tensor(
+                touched[None], grad[touched], grad.shape)
+            plain.step()
+        assert tuned.grad is None  # the update took the gradient's place
+        torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_glogits, want_glogits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tuned.detach(), ref_param.detach(), rtol=1e-5, atol=1e-6)
+    assert int(state["step"]) == 3
+    if kind == "adam":
+        exp_avg = plain.state[ref_param]["exp_avg"]
+        torch.testing.assert_close(state["exp_avg"], exp_avg, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_adam_first_step_equals_dense_adam():
+    inp = make_inputs((16, 4), 30, 8, gen=case_generator("adam-dense"))
+    grad, _, _, _ = _dense_step(inp)
+    p = torch.nn.Parameter(inp["tuned"].clone())
+    p.grad = grad
+    torch.optim.Adam([p], lr=0.01).step()
+    opt = FusedOptimizer("adam", lr=0.01)
+    tuned = inp["tuned"].clone().requires_grad_()
+    _fused_step(inp, opt, opt.new_state(tuned), tuned, "reference")
+    torch.testing.assert_close(tuned.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_rowwise_adagrad_at_d1_is_torch_adagrad():
+    inp = make_inputs((32,), 10, 1, gen=case_generator("adagrad-d1"))
+    grad, _, _, _ = _dense_step(inp)
+    p = torch.nn.Parameter(inp["tuned"].clone())
+    p.grad = grad
+    torch.optim.Adagrad([p], lr=0.1, eps=1e-10).step()
+    opt = FusedOptimizer("rowwise_adagrad", lr=0.1)
+    tuned = inp["tuned"].clone().requires_grad_()
+    _fused_step(inp, opt, opt.new_state(tuned), tuned, "cpu" if "cpu" in BACKENDS else "reference")
+    torch.testing.assert_close(tuned.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_step_is_bit_identical_run_to_run(backend):
+    results = []
+    for _ in range(2):
+        gen = case_generator("determinism", backend)
+        opt = FusedOptimizer("adam", lr=0.01, deterministic=True)
+        inp = make_inputs((64, 6), 50, 7, gen=gen)
+        tuned = inp["tuned"].clone().requires_grad_()
+        state = opt.new_state(tuned)
+        for step in range(2):
+            _fused_step(dict(inp, seed=step), opt, state, tuned, backend)
+        results.append((tuned.detach().clone(), state["exp_avg_sq"].clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_paused_updates_leave_table_and_state_alone():
+    inp = make_inputs((8, 3), 20, 4, gen=case_generator("paused"))
+    opt = FusedOptimizer("adam", lr=0.1)
+    tuned = inp["tuned"].clone().requires_grad_()
+    state = opt.new_state(tuned)
+    with fused_updates_paused():
+        glogits, _ = _fused_step(inp, opt, state, tuned, "reference")
+    assert torch.equal(tuned.detach(), inp["tuned"])
+    assert not state["exp_avg"].any()
+    assert glogits.abs().sum() > 0  # the logits still got their gradient
+
+
+def test_module_fused_state_in_state_dict_and_resume_is_exact():
+    gen = case_generator("module-resume")
+    table = torch.randn(30, 5, generator=gen)
+    batches = [(torch.randint(0, 30, (12, 3), generator=gen),
+                torch.randn(12, 3, 2, generator=gen)) for _ in range(4)]
+
+    def train(emb, steps):
+        for idx, lg in steps:
+            out, gates = emb(idx, lg.clone().requires_grad_(), seed=7)
+            (out.square().sum() + gates[..., 1].sum()).backward()
+
+    whole = autoft_fast.GatedEmbedding.from_pretrained(table, optimizer="adam", lr=0.05)
+    train(whole, batches)
+    first = autoft_fast.GatedEmbedding.from_pretrained(table, optimizer="adam", lr=0.05)
+    train(first, batches[:2])
+    sd = first.state_dict()
+    assert {"optimizer_exp_avg", "optimizer_exp_avg_sq", "optimizer_step"} <= set(sd)
+    assert int(sd["optimizer_step"]) == 2
+    resumed = autoft_fast.GatedEmbedding.from_pretrained(table, optimizer="adam", lr=0.05)
+    resumed.load_state_dict(sd)
+    train(resumed, batches[2:])
+    assert torch.equal(resumed.tuned_weight, whole.tuned_weight)
+    assert torch.equal(resumed.optimizer_exp_avg, whole.optimizer_exp_avg)
+    assert not torch.equal(whole.tuned_weight, whole.frozen_weight)
+
+
+def test_bad_optimizer_settings_are_named():
+    with pytest.raises(ValueError, match="optimizer = 'lamb'"):
+        FusedOptimizer("lamb", lr=0.1)
+    with pytest.raises(ValueError, match="lr = -1"):
+        FusedOptimizer("sgd", lr=-1)
+    with pytest.raises(ValueError, match="optimizer = 'lamb'"):
+        autoft_fast.GatedEmbedding(10, 2, optimizer="lamb")
+    with pytest.raises(ValueError, match="lr"):
+        autoft_fast.GatedEmbedding(10, 2, optimizer="sgd")
+    opt = FusedOptimizer("adam", lr=0.1)
+    w = torch.zeros(10, 2, requires_grad=True)
+    state = opt.new_state(w)
+    del state["exp_avg"]
+    with pytest.raises(ValueError, match="'exp_avg'"):
+        autoft_fast.gated_embedding(torch.tensor([1]), torch.zeros(10, 2), w, torch.zeros(1, 2),
+                                    optimizer=opt, optimizer_state=state)
+    with pytest.raises(TypeError, match="optimizer must be a FusedOptimizer"):
+        autoft_fast.gated_embedding(torch.tensor([1]), torch.zeros(10, 2), w, torch.zeros(1, 2),
+                                    optimizer="adam", optimizer_state={})
+
+
+class _GatedToy(torch.nn.Module):
+    """A toy CTR model with one gated table, asking the Trainer for a fused table optimizer."""
+
+    embedding_optimizer = "fused_adam"
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(50, 4, generator=gen))
+        self.policy = torch.nn.Parameter(torch.zeros(2))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, b):
+        logits = self.policy.expand(*b.x.shape, 2)
+        out, _ = self.emb(b.x, logits, seed=int(b.x.sum()))
+        return self.head(out.sum(1)).squeeze(-1)
+
+
+def _toy_ids(n, seed):
+    from test_train import Toy
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 3), generator=g)
+    y = ((x % 2).sum(1) > 1).float()
+    return Toy(x, y, torch.zeros(n, dtype=torch.long))
+
+
+def test_trainer_uses_fused_optimizer_and_resume_is_exact(tmp_path):
+    from test_train import TrainingInterrupted, make_trainer
+    train, valid = _toy_ids(600, 1), _toy_ids(200, 2)
+    cfg = {"epochs": 3, "patience": 5}
+    torch.manual_seed(0)
+    straight = _GatedToy()
+    make_trainer(straight, tmp_path / "a", cfg=cfg, seed=7).fit(train, valid)
+    assert straight.emb.fused_optimizer.kind == "adam"
+    assert straight.emb.tuned_weight.grad is None
+    assert int(straight.emb.optimizer_step) > 0
+    assert not torch.equal(straight.emb.tuned_weight, straight.emb.frozen_weight)
+
+    def kill(epoch, _):
+        if epoch == 1:
+            raise TrainingInterrupted("simulated kill")
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(_GatedToy(), tmp_path / "b", cfg=cfg, seed=7, on_epoch_end=kill).fit(
+            train, valid)
+    resumed = _GatedToy()
+    make_trainer(resumed, tmp_path / "b", cfg=cfg, seed=7).fit(train, valid, resume=True)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_attach_fused_optimizers_rejects_unknown_name():
+    from autoft_fast.modules import attach_fused_optimizers
+    with pytest.raises(ValueError, match="embedding_optimizer = 'fused_lamb'"):
+        attach_fused_optimizers(torch.nn.Linear(2, 2), "fused_lamb", lr=0.1)
