@@ -224,3 +224,33 @@ def test_search_grid_and_tune_pick_on_validation(tmp_path):
         best = max(mine, key=lambda g: float(g["valid_auc"]))
         assert best["picked"] == "True" and picks[strategy] == best["setting"]
         assert {r["setting"] for r in runs if r["strategy"] == strategy} == {best["setting"]}
+
+
+def test_start_best_keeps_the_given_weights_unless_beaten():
+    model = ToyModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = _trainer(model, epochs=2, start_best=1.0).fit(toy_data(300), toy_data(100, seed=1))
+    assert res.best_epoch == 0 and res.best_metric == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    res = _trainer(ToyModel(), epochs=2, start_best=0.0).fit(toy_data(300), toy_data(100, seed=1))
+    assert res.best_epoch in (1, 2)
+
+
+def test_refit_trains_the_model_on_all_rows_with_the_policy_frozen(tmp_path):
+    from autoft_fast.train.runner import load_data, pretrain, run_strategy
+    cfg = _exp(tmp_path, autoft={"policy_objective": "heldout", "policy_refit": True})
+    bundle = load_data(cfg)
+    state, _ = pretrain(cfg, bundle, progress=False)
+    rec = run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / "refit", keep_model=True)
+    stages = [h.get("stage") for h in rec["history"]]
+    assert "refit" in stages and stages[0] is None
+    assert rec["refit_best_epoch"] is not None and rec["valid_best"] >= max(
+        h["valid_auc"] for h in rec["history"] if h.get("stage") is None and not h.get("warmup"))
+
+
+def test_models_doc_lists_every_autoft_key():
+    import dataclasses
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    missing = [f.name for f in dataclasses.fields(AutoFTConfig) if f"| `{f.name}` |" not in text]
+    assert not missing, f"docs/models.md lacks rows for {missing}"

@@ -163,6 +163,11 @@ class AutoFTConfig(_Section):
                                     max_open=True, doc=(
         "with policy_objective: heldout, the fraction of target training rows kept for the "
         "policy's steps"))
+    policy_refit: bool = setting(False, doc=(
+        "with policy_objective: heldout, once early stopping ends the alternating training, "
+        "freeze the policy and continue training the model on all target training rows "
+        "(the held-out slice included), keeping the result only where validation improves; "
+        "so the slice the policy was judged on is not lost to the model"))
     policy_warmup: int = setting(0, minimum=0, doc=(
         "epochs at the start in which the policy does not step: its last layer starts at "
         "zero, so the gates are fair coins and both paths are trained before it chooses "

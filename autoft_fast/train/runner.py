@@ -234,6 +234,26 @@ def _tau_schedule(cfg):
     return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
 
 
+def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume, progress,
+           device) -> dict:
+    """autoft.policy_refit: the policy frozen, the model trained on on all target training
+    rows from the stage-one best, kept only where validation improves."""
+    for p in model.policy.parameters():
+        p.requires_grad_(False)
+    trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last_refit.pt",
+                      seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
+                      desc=f"{strategy} seed {seed} refit", progress=progress, device=device,
+                      start_best=fit.best_metric)
+    again = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
+                        resume=resume)
+    (out_dir / "last_refit.pt").unlink(missing_ok=True)
+    history = fit.history + [dict(h, stage="refit") for h in again.history]
+    return {"refit_best_epoch": again.best_epoch, "epochs_run": fit.epochs_run + again.epochs_run,
+            "best_at_cap": fit.best_at_cap or again.best_at_cap, "history": history,
+            "valid_best": again.best_metric,
+            "train_seconds": fit.train_seconds + again.train_seconds}
+
+
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
     keys = sorted({k for r in grid for k in r}, key=lambda k: (k not in (
@@ -333,6 +353,9 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                    best_at_cap=fit.best_at_cap,
                    train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
                    history=fit.history, valid_best=fit.best_metric)
+        if policy_data is not None and acfg.policy_refit:
+            rec.update(_refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy,
+                              resume=resume, progress=progress, device=device))
     rec["epoch_cap"] = cfg.finetune.epochs
     rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):

@@ -138,6 +138,8 @@ class Trainer:
       at zero, so the gates are fair coins) or, with `policy_warmup_gates="tuned"`, force
       every gate tuned; these epochs never become the best epoch nor count toward patience,
       since their validation score is not that of a policy that chooses.
+    - `start_best`: the validation score the given weights already have; the fit then
+      keeps them (best_epoch 0) unless an epoch beats it (a continued fit).
     - The validation pass of every epoch also records the policy's tuned fractions
       (``history[i]["policy"]``), so the choices can be followed over the epochs.
 
@@ -156,7 +158,8 @@ class Trainer:
                  iterate: Callable = _default_iterate,
                  on_epoch_end: Callable[[int, dict], None] | None = None,
                  device: str | torch.device | None = None, policy_data=None,
-                 policy_warmup: int = 0, policy_warmup_gates: str = "random"):
+                 policy_warmup: int = 0, policy_warmup_gates: str = "random",
+                 start_best: float | None = None):
         self.device = torch.device(device) if device is not None else None
         if self.device is not None:
             model.to(self.device)
@@ -181,6 +184,9 @@ class Trainer:
             raise ValueError(f"policy_warmup_gates = {policy_warmup_gates!r} is not one of "
                              "'random', 'tuned'")
         self.policy_warmup = policy_warmup
+        # A score the current weights already reached (a continued fit keeps them unless
+        # it beats it; best_epoch 0 then means "as given").
+        self.start_best = start_best
         self.policy_warmup_gates = policy_warmup_gates
         # Tables the backward updates itself (autoft.embedding_optimizer = fused_*): they never
         # get a .grad, so the optimizers below skip them.
@@ -280,6 +286,9 @@ class Trainer:
         else:
             seed_everything(self.seed, self.shuffler)
             self.policy_shuffler.manual_seed(self.seed + 1)
+            if self.start_best is not None:
+                res.best_metric, res.best_epoch = float(self.start_best), 0
+                best_state = _clone_state(self.model)
 
         model_opts = [k for k in self.optimizers if not k.startswith("policy")]
         policy_opts = [k for k in self.optimizers if k.startswith("policy")]
