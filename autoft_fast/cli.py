@@ -337,12 +337,13 @@ def _cmd_pretrain(args) -> int:
     setup_logging(None, verbose=getattr(args, "verbose", False))
     bundle = load_data(cfg)
     if not args.force:
-        cached = load_pretrained(pretrained_path(cfg, bundle))
+        path = pretrained_path(cfg, bundle)
+        cached = load_pretrained(path)
         if cached is not None:  # nothing is trained, so no run directory is made
             info = cached["info"]
             print(f"pre-trained {info['model']['name']} already cached: source valid AUC "
                   f"{info['valid_auc']:.4f}, LogLoss {info['valid_logloss']:.4f}")
-            print(f"model: {pretrained_path(cfg, bundle)}")
+            print(f"model: {path}")
             print("no new run directory (nothing was trained); --force retrains")
             return 0
     run_dir = _start_run(cfg, "pretrain", args)
@@ -408,8 +409,6 @@ def _cmd_predict(args) -> int:
     if args.threads_line:
         log.info("%s", args.threads_line)
     out = Path(args.out)
-    if out.exists() and not args.force:  # before loading anything
-        raise _UserError(f"--out {args.out!r} exists; pass --force to overwrite it")
     keep = None
     if args.keep is not None:
         keep = [c.strip() for c in args.keep.split(",") if c.strip()]

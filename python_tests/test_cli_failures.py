@@ -280,3 +280,30 @@ def test_progress_bar_redraws_without_stale_text_and_shows_the_metric():
     rate = bar.rate()
     time.sleep(0.05)
     assert bar.rate() == rate  # frozen at the last sample: evaluation does not lower it
+
+
+def test_cli_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import sys; sys.argv[0] = 'autoft-fast'; import autoft_fast, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout
+    assert out.strip() == "PASSIVE"
+    # a library user's process is left alone
+    out = subprocess.run([sys.executable, "-c", "import autoft_fast, os; "
+                          "print(os.environ.get('OMP_WAIT_POLICY'))"], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert out.strip() == "None"
+    # a user's own setting wins
+    res = subprocess.run([sys.executable, "-m", "autoft_fast.cli", "predict", "--run",
+                          str(tmp_path / "nowhere"), "--data", "x.csv", "--out", "y.csv"],
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 2 and "OpenMP wait policy active" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "autoft_fast.cli", "predict", "--run",
+                          str(tmp_path / "nowhere"), "--data", "x.csv", "--out", "y.csv"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert "OpenMP wait policy passive" in res.stderr
+    assert "does not exist" in res.stderr.strip().splitlines()[-1]

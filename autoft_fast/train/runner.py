@@ -278,7 +278,9 @@ def load_pretrained(path: Path) -> dict | None:
         return None
     try:
         ck = load_checkpoint(path)
-        ck["model"], float(ck["info"]["valid_auc"])
+        if not isinstance(ck.get("model"), dict):
+            raise KeyError("model")
+        float(ck["info"]["valid_auc"])  # a checkpoint of something else fails here
         return ck
     except (CheckpointError, KeyError, TypeError, ValueError) as e:
         msg = (f"the cached pre-trained model {str(path)!r} is damaged ({type(e).__name__}); "
