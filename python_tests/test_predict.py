@@ -219,6 +219,19 @@ def test_compare_keep_models_and_choosing_one(tmp_path, capsys):
                                rtol=0, atol=1e-6)
 
 
+def test_predict_backend_option(finetuned, tmp_path, capsys):
+    _, run_dir = finetuned
+    frame = pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(20)
+    ref = load_run(run_dir, backend="reference").predict(frame).to_numpy()
+    np.testing.assert_allclose(load_run(run_dir).predict(frame).to_numpy(), ref,
+                               rtol=0, atol=1e-6)  # auto: the fastest backend, same numbers
+    frame.to_csv(tmp_path / "n.csv", index=False)
+    assert main(["predict", "--run", str(run_dir), "--data", str(tmp_path / "n.csv"),
+                 "--out", str(tmp_path / "p.csv"), "--backend", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "autoft.backend" in err and "could not be read" not in err
+
+
 def test_run_without_saved_model_says_so(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved model.*--keep-models"):

@@ -238,12 +238,14 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         fm = FeatureMap.from_dict(info["feature_map"])
         data_cfg = DataConfig.from_dict(info["data"], folder)
         mcfg = ModelConfig.from_dict(info["model"])
-        acfg = AutoFTConfig.from_dict({**info["autoft"], "backend": backend or "auto"})
+        acfg = AutoFTConfig.from_dict({**info["autoft"], "backend": "auto"})
         strategy = info["strategy"]
         row = STRATEGY_TABLE[strategy]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"saved model {str(info_path)!r} could not be read ({e}); "
                          "fine-tune the run again") from None
+    if backend is not None:  # outside the try: a bad --backend is the user's, not the file's
+        acfg = acfg.with_backend(backend)
     encoder = RowEncoder(data_cfg, fm, info["vocabularies"])
     pretrained = build_base_model(fm, mcfg) if row.needs_pretrained else None
     value_counts = None
