@@ -1,4 +1,5 @@
-"""File writes that a kill can never leave half-done (shared by the data cache and the trainer)."""
+"""File writes that a kill can never leave half-done (shared by the data cache and the trainer),
+and the one YAML reader of the package (duplicate keys are an error, not a silent overwrite)."""
 from __future__ import annotations
 
 import os
@@ -6,8 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
-__all__ = ["save_atomic", "write_text_atomic"]
+__all__ = ["save_atomic", "write_text_atomic", "load_yaml", "DuplicateKeyError",
+           "remove_stale_temps"]
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
@@ -59,3 +62,69 @@ def _write_atomic(path, mode: str, write) -> Path:
     except OSError:  # some filesystems refuse fsync on directories; the data is safe anyway
         pass
     return path
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping names the same key twice (YAML itself would keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(
+                        None, None,
+                        f"key {key!r} is given twice (lines {first + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream):
+    """Parse YAML text or an open file like yaml.safe_load, but a key given twice in one
+    mapping raises DuplicateKeyError (a yaml.YAMLError) naming the key and its lines.
+
+    Example:
+        >>> load_yaml("a: 1\nb: 2")
+        {'a': 1, 'b': 2}
+        >>> load_yaml("a: 1\na: 2")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        DuplicateKeyError: key 'a' is given twice (lines 1 and 2); keep one
+    """
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str, older_than: float = 0.0) -> int:
+    """Delete the temporary files that a killed :func:`save_atomic` of ``folder/name`` left
+    (``.name.*.tmp``) and that were last written more than ``older_than`` seconds ago;
+    returns how many were removed. Where other processes may be writing ``name`` at the
+    same moment (a shared cache), pass an age no live write takes.
+
+    Example:
+        >>> remove_stale_temps("runs/x/run", "last.pt")
+        0
+    """
+    import time
+
+    removed = 0
+    now = time.time()
+    for p in Path(folder).glob(f".{name}.*.tmp"):
+        try:
+            if older_than and now - p.stat().st_mtime < older_than:
+                continue
+            p.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

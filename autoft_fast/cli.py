@@ -1,13 +1,16 @@
-"""The `autoft-fast` command: demo, generate, pretrain, finetune, compare, bench.
+"""The `autoft-fast` command: demo, generate, pretrain, finetune, compare, predict, bench.
 
 Example:
     $ autoft-fast demo
     $ autoft-fast compare --config my.yaml --seeds 3
+    $ autoft-fast predict --run runs/my-finetune-20260101-120000 --data new.csv --out preds.csv
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,10 @@ EPILOGS = {
     "compare": "example:\n  autoft-fast compare --config my.yaml --seeds 3\n"
                "  autoft-fast compare --config my.yaml --strategies finetune_all,autoft\n"
                "  autoft-fast compare --config my.yaml --resume runs/my-compare-20260101-120000",
+    "predict": "example:\n  autoft-fast predict --run runs/my-finetune-20260101-120000 "
+               "--data new.csv --out preds.csv\n"
+               "  autoft-fast predict --run runs/x/run --data new.parquet --out p.csv "
+               "--keep row_id,user",
     "bench": "example:\n  autoft-fast bench ops --help\n"
              "  autoft-fast bench train --backends reference cpu --reps 3",
 }
@@ -43,7 +50,8 @@ def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--device", metavar="DEV",
                    help="cpu, cuda, cuda:N or auto (overrides device; auto = cuda if present)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch CPU threads (default: torch's choice, usually one per core)")
+                   help="torch CPU threads (default: the cores not busy with other work, "
+                        "cores minus the load average, at least 1)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every epoch to the terminal")
     p.add_argument("--no-progress", action="store_true", help="never draw progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -75,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", metavar="YAML",
                    help="experiment YAML with a synthetic: section (default: the embedded demo)")
     p.add_argument("--out", "-o", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the data set files already in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     p = sub.add_parser("pretrain", help="pre-train the base model on the source domains",
@@ -120,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted comparison: its run directory, or the latest "
                         "one of this config")
+    p.add_argument("--keep-models", action="store_true",
+                   help="save every run's model (model.pt, model.json) for `predict`")
+
+    p = sub.add_parser("predict", help="probabilities for new rows with a saved model",
+                       description="Score new rows with a fine-tuned model: the rows are "
+                                   "encoded with the run's saved feature map (unseen values -> "
+                                   "OOV, the trained bucket edges), and --out gets the --keep "
+                                   "columns and one 'probability' per input row. No experiment "
+                                   "YAML is needed: the run directory is self-contained.",
+                       epilog=EPILOGS["predict"], formatter_class=fmt)
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="a finetune run directory (or a model folder of a compare run made "
+                        "with --keep-models)")
+    p.add_argument("--data", required=True, metavar="FILE", help="CSV, TSV or Parquet rows")
+    p.add_argument("--out", "-o", required=True, metavar="CSV", help="the predictions file")
+    p.add_argument("--keep", metavar="A,B,...",
+                   help="input columns copied to --out (default: every column that is not a "
+                        "feature or the label); --keep '' keeps none")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--backend", metavar="NAME",
+                   help="gated-embedding backend (default: auto, the fastest on the device)")
+    p.add_argument("--device", metavar="DEV", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: cores minus the load average, at least 1)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     p = sub.add_parser("bench", help="benchmarks: `bench ops` (the op), `bench train` (training)",
                        description="Benchmarks; the arguments go to autoft_fast.bench.",
@@ -132,17 +167,53 @@ class _UserError(Exception):
     """Raised for wrong command-line usage; printed in one line."""
 
 
+def default_threads() -> tuple[int, str]:
+    """(threads, why): the cores this process may use minus the 1-minute load average
+    (rounded), at least 1, so that a busy machine is not oversubscribed (on 2 cores with
+    one busy process, torch's default of one thread per core ran the demo 10x slower
+    than 1 thread).
+
+    Example:
+        >>> default_threads()   # doctest: +SKIP
+        (1, '2 cores, load average 1.2')
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return cores, f"{cores} cores"
+    return max(1, cores - round(load)), f"{cores} cores, load average {load:.1f}"
+
+
+def _set_threads(args) -> str | None:
+    """Apply --threads or the default; returns the line logged at the start of a run."""
+    import torch
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise _UserError(f"--threads must be >= 1, got {threads}")
+        why = "--threads"
+    else:
+        threads, why = default_threads()
+    torch.set_num_threads(threads)
+    return (f"threads: {threads} ({why}; OpenMP wait policy "
+            f"{os.environ.get('OMP_WAIT_POLICY', 'default').lower()})")
+
+
 def _load(args):
     from .config import load_config
     cfg = load_config(getattr(args, "config", None))
     strategies = None
     if getattr(args, "strategies", None):
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    return cfg.with_overrides(backend=getattr(args, "backend", None),
-                              seeds=getattr(args, "seeds", None),
-                              run_dir=getattr(args, "run_dir", None), strategies=strategies,
-                              device=getattr(args, "device", None),
-                              targets=getattr(args, "targets", None))
+    cfg = cfg.with_overrides(backend=getattr(args, "backend", None),
+                             seeds=getattr(args, "seeds", None),
+                             run_dir=getattr(args, "run_dir", None), strategies=strategies,
+                             device=getattr(args, "device", None),
+                             targets=getattr(args, "targets", None))
+    cfg.torch_device()  # an unavailable device fails now, before any data is read
+    return cfg
 
 
 def _start_run(cfg, command: str, args, extra: dict | None = None,
@@ -153,7 +224,15 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
     from .train.runner import make_run_dir
     resumed = run_dir is not None
     run_dir = run_dir or make_run_dir(cfg, command)
-    setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
+    try:
+        setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
+    except OSError as e:
+        raise _UserError(f"cannot write {str(run_dir / 'log.txt')!r} ({e.strerror or e}); "
+                         "choose a writable folder with --run-dir") from None
+    log = logging.getLogger("autoft_fast")
+    if getattr(args, "threads_line", None):
+        log.info("%s", args.threads_line)
+    log.info("backend: %s on %s", cfg.resolved_backend(), cfg.torch_device())
     if not resumed:
         meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
                 "training_config_hash": _training_hash(cfg),
@@ -216,7 +295,7 @@ def _cmd_compare(args, demo: bool = False) -> int:
     t0 = time.perf_counter()
     table, rows, runs = compare(cfg, run_dir, resume=run_dir is not None and bool(
         getattr(args, "resume", None)), tune=bool(getattr(args, "tune", False)),
-        progress=_progress(args))
+        progress=_progress(args), keep_models=getattr(args, "keep_models", False))
     print(table)
     targets = f" x {len(cfg.targets)} targets" if cfg.targets and len(cfg.targets) > 1 else ""
     written = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.is_file()))
@@ -240,17 +319,40 @@ def _cmd_generate(args) -> int:
     cfg = load_config(args.config)
     setup_logging(None)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _UserError(f"--out {args.out!r} is a file; give a directory")
+    taken = sorted(p.name for p in out.glob("*")
+                   if p.name in GENERATED_FILES) if out.is_dir() else []
+    if taken and not args.force:
+        raise _UserError(f"--out {args.out!r} already holds {', '.join(taken)}; pass --force "
+                         "to overwrite them, or choose another directory")
     path = generate_data(cfg, out)
     print(f"dataset YAML: {path}")
     print(f"output directory: {out.resolve()}")
     return 0
 
 
+# What `generate` writes into --out (checked before anything is overwritten).
+GENERATED_FILES = ("synthetic.csv", "synthetic.parquet", "dataset.yaml", "ground_truth.json")
+
+
 def _cmd_pretrain(args) -> int:
-    from .train.runner import load_data, pretrain, write_json
+    from .train.progress import setup_logging
+    from .train.runner import load_data, load_pretrained, pretrain, pretrained_path, write_json
     cfg = _load(args)
-    run_dir = _start_run(cfg, "pretrain", args)
+    setup_logging(None, verbose=getattr(args, "verbose", False))
     bundle = load_data(cfg)
+    if not args.force:
+        path = pretrained_path(cfg, bundle)
+        cached = load_pretrained(path)
+        if cached is not None:  # nothing is trained, so no run directory is made
+            info = cached["info"]
+            print(f"pre-trained {info['model']['name']} already cached: source valid AUC "
+                  f"{info['valid_auc']:.4f}, LogLoss {info['valid_logloss']:.4f}")
+            print(f"model: {path}")
+            print("no new run directory (nothing was trained); --force retrains")
+            return 0
+    run_dir = _start_run(cfg, "pretrain", args)
     _, info = pretrain(cfg, bundle, force=args.force, progress=_progress(args))
     write_json(info, run_dir / "pretrain.json")
     print(f"pre-trained {info['model']['name']}: source valid AUC {info['valid_auc']:.4f}, "
@@ -306,8 +408,30 @@ def _cmd_bench(args) -> int:
     return int(bench.main(rest[1:]) or 0)
 
 
+def _cmd_predict(args) -> int:
+    from .train.predict import load_run
+    from .train.progress import setup_logging
+    log = setup_logging(None)
+    if args.threads_line:
+        log.info("%s", args.threads_line)
+    out = Path(args.out)
+    keep = None
+    if args.keep is not None:
+        keep = [c.strip() for c in args.keep.split(",") if c.strip()]
+    t0 = time.perf_counter()
+    run = load_run(args.run, device=args.device, backend=args.backend)
+    log.info("model: %s (%s) from %s", run.strategy, run.info["model"]["name"], run.path)
+    n = run.predict_file(args.data, out, keep, force=args.force)
+    print(f"{n:,} rows scored in {time.perf_counter() - t0:.1f} s -> {out}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "generate": _cmd_generate, "pretrain": _cmd_pretrain,
-            "finetune": _cmd_finetune, "compare": _cmd_compare, "bench": _cmd_bench}
+            "finetune": _cmd_finetune, "compare": _cmd_compare, "predict": _cmd_predict,
+            "bench": _cmd_bench}
+
+# Commands whose thread count is set (and printed) by main; bench chooses its own.
+THREADED = ("demo", "pretrain", "finetune", "compare", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,26 +442,33 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` (--help included) is bench's
+        args = argparse.Namespace(command="bench", bench_args=argv[1:], debug=False)
+    else:
+        args = parser.parse_args(argv)
     from .config import ConfigError
+    from .train.checkpoint import CheckpointError
+    from .train.progress import log_to_file, setup_logging
+    setup_logging(None, verbose=getattr(args, "verbose", False))  # no earlier run's log file
     try:
-        threads = getattr(args, "threads", None)
-        if threads is not None:
-            if threads < 1:
-                raise _UserError(f"--threads must be >= 1, got {threads}")
-            import torch
-            torch.set_num_threads(threads)
+        args.threads_line = _set_threads(args) if args.command in THREADED else None
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
+        log_to_file(logging.ERROR, "interrupted")
         print(f"{PROG}: interrupted (resume with --resume)", file=sys.stderr)
         return 130
-    except (ConfigError, _UserError, ValueError, FileNotFoundError, NotADirectoryError,
-            PermissionError) as e:
+    except (ConfigError, _UserError, ValueError, CheckpointError, OSError) as e:
+        # FileNotFoundError, PermissionError, a read-only disk: all OSErrors.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log_to_file(logging.ERROR, "error: %s", msg, exc_info=e)
         if getattr(args, "debug", False):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
+    except BaseException as e:  # a bug: the traceback goes to log.txt and the terminal
+        log_to_file(logging.ERROR, "failed: %s", e, exc_info=e)
+        raise
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def test_missing_config_and_bad_strategy_flag(tmp_path, capsys):
 def test_every_command_has_help_with_an_example(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"demo", "generate", "pretrain", "finetune", "compare", "bench"}
+    assert set(sub.choices) == {"demo", "generate", "pretrain", "finetune", "compare", "predict",
+                                "bench"}
     for name, p in sub.choices.items():
         assert "example:" in (p.epilog or ""), name
         assert "autoft-fast " + name in p.epilog, name

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -360,7 +361,8 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             parts.append(f"{n_malformed} malformed CSV lines (wrong number of fields, e.g. {sc.malformed[0]})")
         for reason, (count, ex) in sc.reasons.items():
             if count:
-                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, data row {ex[2]})")
+                row = _file_row(sc.malformed, ex[1], ex[2])
+                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, data row {row})")
         msg = "; ".join(parts)
         if cfg.on_bad_rows == "fail":
             raise DataError(f"bad rows in the data: {msg}. Fix them, or set data.on_bad_rows: skip")
@@ -372,9 +374,21 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
         count, ex = int(not01.size), _describe_row(cfg, sc, int(not01[0]), cfg.label)
         raise DataError(
             f"label column '{cfg.label}' must hold 0 or 1, but {count} rows hold other values "
-            f"(e.g. {ex[0]!r} in {ex[1]}, data row {ex[2]})"
+            f"(e.g. {ex[0]!r} in {ex[1]}, data row {_file_row(sc.malformed, ex[1], ex[2])})"
         )
     return np.flatnonzero(keep & ~sc.bad)
+
+
+def _file_row(malformed: list[str], fname: str, row: int) -> int:
+    """The 0-based data row of the file ``fname`` that its ``row``-th parsed row is: the
+    malformed lines skipped before it count too (both readers describe them as
+    "<file>: Skipping line N: ...", N 1-based with the header as line 1)."""
+    skipped = sorted(int(m.group(1)) - 2 for m in (
+        re.match(rf"{re.escape(fname)}: Skipping line (\d+)", d) for d in malformed) if m)
+    for s in skipped:
+        if s <= row:
+            row += 1
+    return row
 
 
 def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:

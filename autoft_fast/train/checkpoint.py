@@ -11,7 +11,7 @@ import torch
 
 from .._io import save_atomic  # noqa: F401  (re-exported: checkpoints are written with it)
 
-__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+__all__ = ["save_atomic", "load_checkpoint", "CheckpointError", "capture_rng_state", "restore_rng_state",
            "seed_everything"]
 
 
@@ -32,11 +32,23 @@ def seed_everything(seed: int, shuffler: torch.Generator | None = None) -> None:
         shuffler.manual_seed(seed)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, garbage, foreign); ``path`` names it."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        self.path = Path(path)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"checkpoint {str(path)!r} could not be read (damaged or not a "
+                         f"checkpoint); delete it to start that run from its beginning "
+                         f"[{first[:200]}]")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by `save_atomic` onto the CPU.
 
     Only tensors and plain Python containers are accepted (torch's weights_only loader), so
-    loading a checkpoint never runs arbitrary pickled code.
+    loading a checkpoint never runs arbitrary pickled code. A file that cannot be read
+    raises CheckpointError (a RuntimeError) naming it and what to do.
 
     Example:
         >>> load_checkpoint("/tmp/ckpt.pt")["epoch"]
@@ -48,7 +60,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file: say which one
-        raise RuntimeError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+        raise CheckpointError(path, e) from e
 
 
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:

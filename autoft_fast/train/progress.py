@@ -1,4 +1,5 @@
-"""A dependency-free progress bar (loss and samples/s) and the run's file logger."""
+"""The training progress bar (tqdm: loss, samples/s, the validation metric at each epoch's
+end) and the run's file logger."""
 from __future__ import annotations
 
 import logging
@@ -7,25 +8,30 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["ProgressBar", "setup_logging", "LOGGER_NAME"]
+__all__ = ["ProgressBar", "setup_logging", "log_to_file", "LOGGER_NAME"]
 
 LOGGER_NAME = "autoft_fast"
 
 
 class ProgressBar:
-    """One-line progress display redrawn at most every `min_interval` seconds.
+    """One epoch's progress line, drawn by tqdm at most every `min_interval` seconds.
 
     It draws only when `stream` is a terminal (or `enabled=True` forces it), so logs and
-    pipes stay clean.
+    pipes stay clean. tqdm pads each redraw to the previous line's length, so a shorter
+    line leaves no stale characters. The samples/s shown stop counting when the last sample
+    is done, so evaluating before `close` does not lower them; `close(**metrics)` puts the
+    epoch's validation metric on the final line.
 
     Example:
         >>> bar = ProgressBar(total=100, desc="epoch 1")
-        >>> bar.update(10, loss=0.52)   # 10 more samples done
-        >>> bar.close()
+        >>> bar.update(100, loss=0.52)   # 100 more samples done
+        >>> bar.close(valid_auc=0.7312)
     """
 
     def __init__(self, total: int, desc: str = "", stream: TextIO | None = None,
                  enabled: bool | None = None, min_interval: float = 0.2):
+        from tqdm import tqdm
+
         self.total = int(total)
         self.desc = desc
         self.stream = stream if stream is not None else sys.stdout
@@ -33,44 +39,44 @@ class ProgressBar:
             isatty = getattr(self.stream, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = enabled
-        self.min_interval = min_interval
         self.done = 0
         self.start = time.perf_counter()
-        self._last_draw = 0.0
+        self._end: float | None = None
         self.postfix: dict = {}
+        self._bar = None
+        if enabled:
+            self._bar = tqdm(total=self.total, desc=desc, file=self.stream, leave=True,
+                             mininterval=min_interval, miniters=1, ncols=None,
+                             bar_format="{desc} {percentage:3.0f}%|{bar:24}| "
+                                        "{n_fmt}/{total_fmt} [{elapsed}] {postfix}")
 
     def update(self, n: int, **postfix) -> None:
+        """`n` more samples done; `postfix` (name=value) is shown after the bar."""
         self.done += int(n)
+        if self.done >= self.total and self._end is None:
+            self._end = time.perf_counter()
         self.postfix.update(postfix)
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self._last_draw >= self.min_interval or self.done >= self.total:
-            self._last_draw = now
-            self._draw(now)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix_text(), refresh=False)
+            self._bar.update(int(n))
 
     def rate(self) -> float:
-        """Samples per second since the bar was created."""
-        elapsed = time.perf_counter() - self.start
+        """Samples per second from the bar's creation to the last sample (or to now)."""
+        elapsed = (self._end or time.perf_counter()) - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def _draw(self, now: float) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        width = 24
-        filled = int(round(width * min(frac, 1.0)))
-        bar = "#" * filled + "-" * (width - filled)
+    def _postfix_text(self) -> str:
         extras = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in self.postfix.items())
-        line = (f"\r{self.desc} [{bar}] {self.done}/{self.total} "
-                f"{self.rate():,.0f} samples/s {extras}")
-        self.stream.write(line[:160].ljust(80))
-        self.stream.flush()
+        return f"{self.rate():,.0f} samples/s {extras}".rstrip()
 
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
+    def close(self, **postfix) -> None:
+        """Draw the final line (with `postfix`, e.g. the validation metric) and end it."""
+        self.postfix.update(postfix)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix_text(), refresh=False)
+            self._bar.close()
+            self._bar = None
 
 
 def _own_debug_only(record: logging.LogRecord) -> bool:
@@ -110,3 +116,19 @@ def setup_logging(log_file: Path | None, verbose: bool = False,
         sh.addFilter(_own_debug_only)
         logger.addHandler(sh)
     return logger
+
+
+def log_to_file(level: int, msg: str, *args, exc_info=None) -> None:
+    """Write a record to the run's log file only (not the terminal): the error of a failed
+    run goes to its log.txt while the terminal gets the one-line message.
+
+    Example:
+        >>> log_to_file(logging.ERROR, "run failed: %s", "disk full")
+    """
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    logger = logging.getLogger(LOGGER_NAME)
+    record = logger.makeRecord(LOGGER_NAME, level, __file__, 0, msg, args, exc_info)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import write_text_atomic
+from .._io import remove_stale_temps, write_text_atomic
 from ..config import ConfigError, DataConfig, config_hash, read_data_yaml
 from ..config.strategies import STRATEGY_TABLE
 from ..config.sections import tau_at
@@ -24,23 +24,32 @@ from ..models import build_base_model, build_transfer_model
 from ..models.frequency import count_rows
 from .holdout import split_holdout
 from .metrics import compute_metrics
-from .checkpoint import load_checkpoint, save_atomic, seed_everything
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic, seed_everything
 from .progress import LOGGER_NAME
 from .report import (aggregate, markdown_summary, markdown_table, plot_auc, plot_policy,
                      plot_policy_by_frequency, plot_policy_epochs, policy_table,
                      summary_across_targets, tuned_fraction_by_frequency, write_policy_csv,
                      write_results_csv, write_runs_csv, write_summary_csv)
+from .predict import save_model
 from .trainer import Trainer, evaluate, predict
 
-__all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "run_strategy", "compare",
-           "write_outputs", "write_json"]
+__all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "pretrained_path",
+           "run_strategy", "compare", "write_outputs", "write_json", "RunDirError"]
 
 log = logging.getLogger(LOGGER_NAME)
 
 
+class RunDirError(OSError):
+    """The run directory cannot be made or written; the message names it and what to do."""
+
+
 def make_run_dir(cfg, command: str) -> Path:
-    """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed if taken;
-    just <name>-<timestamp> when the name is the command, as for the demo).
+    """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed -1, -2, ...
+    if taken; just <name>-<timestamp> when the name is the command, as for the demo).
+
+    The name is claimed by mkdir itself (no exists() check first), so runs started in the
+    same second each get their own directory. A run_dir that cannot be written raises
+    RunDirError naming it.
 
     Example:
         >>> make_run_dir(cfg, "compare")   # doctest: +SKIP
@@ -48,13 +57,21 @@ def make_run_dir(cfg, command: str) -> Path:
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
-    base = Path(cfg.run_dir) / f"{prefix}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    path.mkdir(parents=True)
-    return path
+    root = Path(cfg.run_dir)
+    base = root / f"{prefix}-{stamp}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(10_000):
+            path = base if i == 0 else base.with_name(f"{base.name}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise RunDirError(f"cannot create a run directory under {str(root)!r} "
+                          f"({e.strerror or e}); choose a writable folder with --run-dir") from None
+    raise RunDirError(f"no free run directory name {base.name}-N under {str(root)!r}")
 
 
 def _json_default(o):
@@ -155,6 +172,7 @@ def load_data(cfg, target: str | None = None):
                 data_cfg.domain, source=(*data_cfg.domain.source, *others)))
     t0 = time.perf_counter()
     bundle = prepare_data(data_cfg)
+    bundle.data_config = data_cfg  # a saved model keeps the column roles (train/predict.py)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in bundle.splits.items())
     log.info("data ready in %.1f s: %s; %d fields, %d embedding rows", time.perf_counter() - t0,
              sizes, len(bundle.feature_map.fields), bundle.feature_map.num_rows)
@@ -190,17 +208,29 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
         >>> info["valid_auc"], info["path"]
     """
     model_cfg = cfg.model.to_dict()
-    key = config_hash({"data": _data_fingerprint(bundle), "model": model_cfg,
-                       "pretrain": cfg.pretrain.to_dict()})
-    out_dir = Path(cfg.cache_dir) / "pretrained"
-    path = out_dir / f"{model_cfg['name']}-{key}.pt"
-    if path.is_file() and not force:
-        ck = load_checkpoint(path)
-        log.info("pretrain: reusing %s (source valid AUC %.4f)", path, ck["info"]["valid_auc"])
-        return ck["model"], dict(ck["info"], path=str(path), reused=True)
+    path = pretrained_path(cfg, bundle)
+    key = path.stem[len(model_cfg["name"]) + 1:]
+    out_dir = path.parent
+    if not force:
+        cached = load_pretrained(path)
+        if cached is not None:
+            log.info("pretrain: reusing %s (source valid AUC %.4f)", path,
+                     cached["info"]["valid_auc"])
+            return cached["model"], dict(cached["info"], path=str(path), reused=True)
     seed_everything(cfg.pretrain.seed)
     model = build_base_model(bundle.feature_map, cfg.model)
-    trainer = Trainer(model, cfg.pretrain, checkpoint_path=out_dir / f"{path.stem}-last.pt",
+    last = out_dir / f"{path.stem}-last.pt"
+    # Temp files of checkpoint writes that a kill interrupted (a live writer's is seconds old).
+    remove_stale_temps(out_dir, last.name, older_than=600)
+    remove_stale_temps(out_dir, path.name, older_than=600)
+    if resume and not force and last.is_file():
+        try:
+            load_checkpoint(last)
+        except CheckpointError:  # the cache's own checkpoint: nothing of the user's is lost
+            msg = f"pretrain: {str(last)!r} is damaged; deleted it, training from the start"
+            log.warning(msg)
+            last.unlink(missing_ok=True)
+    trainer = Trainer(model, cfg.pretrain, checkpoint_path=last,
                       seed=cfg.pretrain.seed, domain_names=_domain_names(bundle),
                       desc="pretrain", progress=progress, device=cfg.torch_device())
     t0 = time.perf_counter()
@@ -222,6 +252,42 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
              "%.1f s -> %s", model_cfg["name"], fit.epochs_run, valid["auc"], valid["logloss"],
              fit.samples_per_s, info["wall_seconds"], path)
     return model.state_dict(), dict(info, path=str(path), reused=False)
+
+
+def pretrained_path(cfg, bundle) -> Path:
+    """Where `pretrain` caches the base model of (data, model config, pretrain config):
+    <cache_dir>/pretrained/<model>-<key>.pt.
+
+    Example:
+        >>> pretrained_path(cfg, bundle).is_file()     # True: `pretrain` would reuse it
+    """
+    model_cfg = cfg.model.to_dict()
+    key = config_hash({"data": _data_fingerprint(bundle), "model": model_cfg,
+                       "pretrain": cfg.pretrain.to_dict()})
+    return Path(cfg.cache_dir) / "pretrained" / f"{model_cfg['name']}-{key}.pt"
+
+
+def load_pretrained(path: Path) -> dict | None:
+    """The cached pre-trained checkpoint at `path`, or None when there is none; a damaged
+    one (truncated, garbage, missing keys) is deleted with a warning, so it is trained again.
+
+    Example:
+        >>> load_pretrained(pretrained_path(cfg, bundle))["info"]["valid_auc"]
+    """
+    if not Path(path).is_file():
+        return None
+    try:
+        ck = load_checkpoint(path)
+        if not isinstance(ck.get("model"), dict):
+            raise KeyError("model")
+        float(ck["info"]["valid_auc"])  # a checkpoint of something else fails here
+        return ck
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        msg = (f"the cached pre-trained model {str(path)!r} is damaged ({type(e).__name__}); "
+               "deleted it, pre-training again")
+        log.warning(msg)
+        Path(path).unlink(missing_ok=True)
+        return None
 
 
 # -- one strategy ----------------------------------------------------------------------------
@@ -308,6 +374,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     row = STRATEGY_TABLE[strategy]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir, "last.pt")  # left by a kill during a checkpoint write
     result_path = out_dir / "result.json"
     if resume and result_path.is_file():
         rec = json.loads(result_path.read_text())
@@ -371,8 +438,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                test_scores_path=str(out_dir / "test_scores.npy"))
     if getattr(model, "field_gate_names", None):
         rec["policy_by_frequency"] = _policy_by_frequency(model, test_data, train, cfg, device)
-    if keep_model:
-        save_atomic(model.state_dict(), out_dir / "model.pt")
+    if keep_model:  # model.pt and model.json: what `autoft-fast predict` loads
+        save_model(out_dir, model, cfg, bundle, strategy, seed)
     write_json(rec, result_path)
     (out_dir / "last.pt").unlink(missing_ok=True)
     log.info("[seed %d] %-16s AUC %.4f  LogLoss %.4f  %s samples/s  %.1f s", seed, strategy,
@@ -457,7 +524,8 @@ def _setting_name(setting: dict) -> str:
 
 
 def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool = False,
-                  progress: bool | None = None) -> tuple[list[dict], list[dict]]:
+                  progress: bool | None = None,
+                  keep_models: bool = False) -> tuple[list[dict], list[dict]]:
     """Run ``strategy`` for every setting of its search grid and every seed; pick the setting
     with the best mean validation AUC. Returns (the picked setting's run records, one row per
     setting with its validation and test means).
@@ -470,7 +538,7 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
         c = _with_setting(cfg, setting)
         recs = [run_strategy(c, bundle, state, strategy, seed,
                              out / strategy / f"setting{i}-seed{seed}", resume=resume,
-                             progress=progress) for seed in cfg.seeds]
+                             progress=progress, keep_model=keep_models) for seed in cfg.seeds]
         valid = [r.get("valid_best") for r in recs]
         valid = [v for v in valid if v is not None and not math.isnan(v)]
         rows.append({"strategy": strategy, "setting": _setting_name(setting),
@@ -489,13 +557,15 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
 
 
 def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
-            progress: bool | None = None) -> tuple[str, list[dict], list[dict]]:
+            progress: bool | None = None,
+            keep_models: bool = False) -> tuple[str, list[dict], list[dict]]:
     """Pre-train once per target, then run every configured strategy for every seed and
     write the outputs. With several `targets`, each target's outputs go to
     run_dir/<target>/ and run_dir holds the summary across targets (summary.md/.csv). With
     `tune`, every strategy is run over its `search:` grid and the table shows the setting
     picked on validation AUC (grid.csv and picks.json beside the table).
-    Returns (markdown table, summary rows, per-seed run records).
+    Returns (markdown table, summary rows, per-seed run records). With `keep_models`, every
+    run folder keeps its model for `autoft-fast predict` (model.pt, model.json).
 
     Example:
         >>> table, rows, runs = compare(load_config("exp.yaml"), make_run_dir(cfg, "compare"))
@@ -518,7 +588,8 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
         for strategy in cfg.strategies:
             if tune:
                 picked, rows_ = tune_strategy(cfg, bundle, state, strategy, out / "search",
-                                              resume=resume, progress=progress)
+                                              resume=resume, progress=progress,
+                                              keep_models=keep_models)
                 these += picked
                 grid += rows_
                 _write_grid(out, grid)
@@ -526,7 +597,8 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                 for seed in cfg.seeds:
                     these.append(run_strategy(cfg, bundle, state, strategy, seed,
                                               out / "runs" / f"{strategy}-seed{seed}",
-                                              resume=resume, progress=progress))
+                                              resume=resume, progress=progress,
+                                              keep_model=keep_models))
             write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
         runs += these
         labels = bundle.splits["target_test"].label.numpy()

@@ -324,7 +324,6 @@ class Trainer:
                 n_seen += b
                 bar.update(b, loss=loss_sum / n_seen)
             train_s = time.perf_counter() - t0
-            bar.close()
             res.train_samples += n_seen
             res.train_seconds += train_s
             if forced:
@@ -333,6 +332,7 @@ class Trainer:
                 self.model.reset_policy_stats()
             metrics = self.evaluate(valid)
             score = metrics[cfg.monitor]
+            bar.close(**{f"valid {cfg.monitor}": float(score)})
             if math.isnan(score):
                 self.log.warning("%s epoch %d: validation %s is NaN (one class only, or NaN "
                                  "logits); it never counts as an improvement", self.desc,

@@ -1,0 +1,148 @@
+"""Encoding new rows with a feature map fitted earlier: the same rules as the pipeline's
+encode stage (``pipeline._encode``), applied to rows that were never part of the training
+data (a predict path).
+
+Values unseen in the training rows (or rarer than ``min_count`` there) map to their field's
+OOV id, numeric columns fall into the trained bucket edges, dense columns are standardised
+with the trained mean and std. The columns are read as text by the pipeline's own rules
+(``reading.as_text``), so a value means the same here as it did when the map was fitted.
+
+Example::
+
+    enc = RowEncoder(data_cfg, bundle.feature_map, bundle.vocabularies)
+    batch = enc.encode(pd.read_csv("new.csv", dtype=str))   # a TensorData, label 0 if absent
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import DataConfig, DataError
+from .feature_map import FeatureMap
+from .pipeline import _parse_numbers, _tokens
+from .reading import as_text
+from .stats import power_of_two_above
+from .store import id_dtype
+from .tensors import TensorData
+
+__all__ = ["RowEncoder", "feature_columns"]
+
+
+def feature_columns(cfg: DataConfig) -> list[str]:
+    """The columns a model reads (categorical, numeric, multi-hot), in config order.
+
+    Example::
+
+        feature_columns(cfg)   # ['user', 'item', 'price', 'tags']
+    """
+    return [*cfg.categorical, *(c.name for c in cfg.numeric), *(m.name for m in cfg.multihot)]
+
+
+class RowEncoder:
+    """Turns frames of new rows into :class:`TensorData` with a fitted feature map.
+
+    ``cfg`` gives the columns' roles (and multi-hot separators and lengths),
+    ``feature_map`` and ``vocabularies`` are a DataBundle's (``bundle.feature_map``,
+    ``bundle.vocabularies``) or what a saved run holds.
+
+    Example::
+
+        enc = RowEncoder(cfg, bundle.feature_map, bundle.vocabularies)
+        data = enc.encode(frame)           # frame: the feature columns, any dtype
+    """
+
+    def __init__(self, cfg: DataConfig, feature_map: FeatureMap, vocabularies: dict):
+        self.cfg = cfg
+        self.fm = feature_map
+        missing = [f for f in feature_map.single_fields + feature_map.multihot_fields
+                   if f not in vocabularies]
+        if missing:
+            raise DataError(f"the vocabularies lack the fields {missing} of the feature map")
+        self.lookups = {c: pd.Index(vocabularies[c], dtype=object)
+                        for c in [*cfg.categorical, *(m.name for m in cfg.multihot)]}
+        extra = feature_map.extra
+        self.edges = {k: np.asarray(v, dtype=np.float64)
+                      for k, v in extra.get("bucket_edges", {}).items()}
+        self.dense = {k: (float(v[0]), float(v[1]))
+                      for k, v in extra.get("dense_mean_std", {}).items()}
+        self.ids = id_dtype(feature_map.num_rows)
+
+    def encode(self, frame: pd.DataFrame) -> TensorData:
+        """The rows of ``frame`` as TensorData (label from the label column when the frame
+        has it, else 0; domain: the target's index). Raises DataError naming a missing
+        feature column or a non-numeric value of a numeric column (with its row).
+
+        Example::
+
+            enc.encode(pd.DataFrame({"user": ["u1"], "item": ["i9"], "price": ["3.5"]}))
+        """
+        cfg, fm = self.cfg, self.fm
+        missing = [c for c in feature_columns(cfg) if c not in frame.columns]
+        if missing:
+            raise DataError(f"the new rows lack the feature column(s) {missing}; columns "
+                            f"present: {[str(c) for c in frame.columns][:30]}")
+        n = len(frame)
+        by_name = {f.name: f for f in fm.fields}
+        sparse = np.empty((n, len(fm.single_fields)), dtype=self.ids)
+        for j, c in enumerate(cfg.categorical):
+            text = as_text(frame[c]).fillna("")
+            lk = self.lookups[c]
+            codes = lk.get_indexer(text) if len(lk) else np.full(n, -1)
+            info = by_name[c]
+            sparse[:, j] = np.where(codes >= 0, codes + 1, info.vocab_size - 1) + info.offset
+        j = len(cfg.categorical)
+        dense = np.empty((n, len(fm.dense_fields)), dtype=np.float32) if fm.dense_fields else None
+        jd = 0
+        for col in cfg.numeric:
+            vals, bad = _parse_numbers(as_text(frame[col.name]))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(f"numeric column '{col.name}' holds {int(bad.sum())} values that "
+                                f"are not numbers (e.g. {frame[col.name].iloc[i]!r} in row {i})")
+            if col.mode == "bucket":
+                bucket = np.searchsorted(self.edges[col.name], vals, side="right")
+                sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
+                j += 1
+            else:
+                dense[:, jd] = _standardise(vals, *self.dense[col.name])
+                jd += 1
+        multihot = None
+        if fm.multihot_fields:
+            multihot = np.empty((n, len(fm.multihot_fields), fm.multihot_max_len), dtype=self.ids)
+            for jm, m in enumerate(cfg.multihot):
+                info = by_name[m.name]
+                multihot[:, jm, :] = info.pad_id
+                tok, row, tpos = _tokens(as_text(frame[m.name]), m.sep)
+                lk = self.lookups[m.name]
+                codes = lk.get_indexer(tok) if len(lk) else np.full(len(tok), -1)
+                local = np.where(codes >= 0, codes + 1, info.vocab_size - 1)
+                keep = tpos < m.max_len
+                multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
+        label = np.zeros(n, dtype=np.float32)
+        if cfg.label in frame.columns:
+            lab, _ = _parse_numbers(as_text(frame[cfg.label]))
+            ok = (lab == 0) | (lab == 1)
+            label[ok] = lab[ok]
+        domain = np.full(n, len(fm.domain_values) - 1, dtype=np.int64)
+        return TensorData(
+            sparse=torch.from_numpy(sparse.astype(np.int64, copy=False)),
+            multihot=None if multihot is None else torch.from_numpy(multihot.astype(np.int64, copy=False)),
+            dense=None if dense is None else torch.from_numpy(dense),
+            label=torch.from_numpy(label), domain=torch.from_numpy(domain))
+
+
+def _standardise(vals: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """``(x - mean) / std`` as the pipeline computes it: where that overflows, the same
+    formula on values divided by a power of two (exact, so the finite results agree);
+    missing and infinite -> 0 (the training mean)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (vals - mean) / std
+        overflow = ~np.isfinite(z) & np.isfinite(vals)
+        if overflow.any():
+            big = float(np.abs(vals[overflow]).max())
+            s = power_of_two_above(max(big, abs(mean), std))
+            z[overflow] = (vals[overflow] / s - mean / s) / (std / s)
+    z[~np.isfinite(z)] = 0.0
+    return z

@@ -1,0 +1,345 @@
+"""Predicting with a saved run: the model directory holds everything it needs.
+
+A fine-tuned model is saved (``save_model``) as two files side by side:
+
+    model.pt     the model's state_dict (frozen and tuned tables, policy, buffers)
+    model.json   strategy, seed, temperature, the model and autoft config sections, the
+                 data config's column roles, the feature map and the vocabularies
+
+so :func:`load_run` rebuilds the model and encodes new rows without the experiment YAML
+or the training data. New rows are encoded by :class:`autoft_fast.data.encode.RowEncoder`
+(the training pipeline's rules: unseen values -> OOV, the trained bucket edges and dense
+moments) and read in chunks, so predicting a file needs memory for one chunk.
+
+Example:
+    >>> run = load_run("runs/demo-finetune-20260101-120000")
+    >>> probs = run.predict("new.csv")            # a pandas Series, one value per row
+    >>> run.predict_file("new.csv", "preds.csv", keep=["row_id"])
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._io import save_atomic, write_text_atomic
+from ..config import AutoFTConfig, DataConfig, ModelConfig
+from ..config.data import FILE_SUFFIXES
+from ..config.strategies import STRATEGY_TABLE
+from ..data import FeatureMap
+from ..data.config import DataError
+from ..data.encode import RowEncoder, feature_columns
+from ..models import build_base_model, build_transfer_model
+from .checkpoint import load_checkpoint
+from .trainer import predict as predict_logits
+
+__all__ = ["save_model", "load_run", "SavedRun", "find_model_dir", "MODEL_FILE", "INFO_FILE",
+           "PREDICT_CHUNK_ROWS"]
+
+MODEL_FILE = "model.pt"
+INFO_FILE = "model.json"
+INFO_FORMAT = 1
+# Rows read, encoded and scored at a time: memory grows with it, results do not.
+PREDICT_CHUNK_ROWS = 1 << 18
+PROBABILITY_COLUMN = "probability"
+
+
+def save_model(out_dir: Path, model: torch.nn.Module, cfg, bundle, strategy: str,
+               seed: int) -> Path:
+    """Write ``model.pt`` (the weights) and ``model.json`` (what rebuilding and encoding
+    need) into ``out_dir``; returns out_dir. ``cfg`` is the run's ExperimentConfig and
+    ``bundle`` its DataBundle (feature map, vocabularies).
+
+    Example:
+        >>> save_model(Path("runs/x/run"), model, cfg, bundle, "autoft", 0)
+        PosixPath('runs/x/run')
+    """
+    out_dir = Path(out_dir)
+    data_cfg = bundle_data_config(cfg, bundle)
+    info = {
+        "format": INFO_FORMAT,
+        "strategy": strategy,
+        "seed": int(seed),
+        "tau": float(model.tau) if hasattr(model, "tau") else None,
+        "model": cfg.model.to_dict(),
+        "autoft": cfg.autoft.to_dict(),
+        "data": data_cfg.to_dict(),  # column roles (and the files it was trained on)
+        "feature_map": bundle.feature_map.to_dict(),
+        "vocabularies": bundle.vocabularies,
+    }
+    save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / MODEL_FILE)
+    write_text_atomic(json.dumps(info), out_dir / INFO_FILE)
+    return out_dir
+
+
+def bundle_data_config(cfg, bundle) -> DataConfig:
+    """The DataConfig that produced ``bundle`` (kept on it by the runner's load_data)."""
+    data_cfg = getattr(bundle, "data_config", None) or cfg.data
+    if data_cfg is None:
+        raise ValueError("save_model: the bundle carries no data config (load it with "
+                         "autoft_fast.train.runner.load_data)")
+    return data_cfg
+
+
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """The folder holding model.json under ``path``: ``path`` itself, or the one model
+    folder below it (a finetune run's ``run/``). Several (a compare run with saved models)
+    is an error listing them.
+
+    Example:
+        >>> find_model_dir("runs/demo-finetune-20260101-120000")
+        PosixPath('runs/demo-finetune-20260101-120000/run')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--run {str(path)!r} does not exist")
+    if path.is_file():
+        path = path.parent
+    if (path / INFO_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(INFO_FILE))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        hint = (" (it has model.pt but no model.json: a run saved before models were "
+                "self-contained; fine-tune it again)" if any(path.rglob(MODEL_FILE)) else "")
+        raise FileNotFoundError(f"--run {str(path)!r} holds no saved model ({INFO_FILE}){hint}; "
+                                "finetune saves one, compare with --keep-models")
+    shown = ", ".join(str(p.relative_to(path)) for p in found[:8])
+    raise ValueError(f"--run {str(path)!r} holds {len(found)} saved models ({shown}"
+                     f"{' ...' if len(found) > 8 else ''}); name one of those folders")
+
+
+class SavedRun:
+    """A loaded model with its feature map: ``predict`` scores new rows.
+
+    Example:
+        >>> run = load_run("runs/x")
+        >>> run.strategy, run.predict(frame)[:3].tolist()
+    """
+
+    def __init__(self, model, encoder: RowEncoder, info: dict, path: Path,
+                 device: torch.device, batch_size: int):
+        self.model = model
+        self.encoder = encoder
+        self.info = info
+        self.path = path
+        self.device = device
+        self.batch_size = batch_size
+
+    @property
+    def strategy(self) -> str:
+        """The transfer strategy the model was trained with."""
+        return self.info["strategy"]
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """The input columns the model reads."""
+        return feature_columns(self.encoder.cfg)
+
+    def predict(self, data) -> pd.Series:
+        """Click probabilities of the rows of ``data`` (a CSV / TSV / Parquet path or a
+        pandas DataFrame), one per row in row order, as a float64 Series named
+        'probability' (index: the frame's, or 0..N-1 for a file).
+
+        Example:
+            >>> load_run("runs/x").predict(pd.DataFrame({"user": ["u1"], "item": ["i2"]}))
+        """
+        if isinstance(data, pd.DataFrame):
+            probs = self.score_frame(data)
+            return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
+        parts = [self.score_frame(f) for f in self.read_frames(data)]
+        probs = np.concatenate(parts) if parts else np.zeros(0)
+        return pd.Series(probs, name=PROBABILITY_COLUMN)
+
+    def score_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        """float64 probabilities of the rows of one frame."""
+        batch = self.encoder.encode(frame)
+        logits = predict_logits(self.model, batch, self.batch_size, device=self.device)
+        return torch.sigmoid(logits.double()).numpy()
+
+    def read_frames(self, path, columns: list[str] | None = None, chunk_rows: int | None = None):
+        """Frames of ``path`` (every column as text, or ``columns``), ``chunk_rows`` at a
+        time."""
+        cfg = self.encoder.cfg
+        return _read_frames(Path(path), cfg.csv_sep, columns, chunk_rows or PREDICT_CHUNK_ROWS,
+                            {m.name: m.sep for m in cfg.multihot})
+
+    def predict_file(self, data, out, keep: list[str] | None = None, *,
+                     force: bool = False) -> int:
+        """Write ``out`` (CSV): the ``keep`` columns of ``data`` (default: every column
+        that is not a feature) then 'probability', one line per input row; returns the
+        number of rows. An existing ``out`` is kept unless ``force``.
+
+        Example:
+            >>> load_run("runs/x").predict_file("new.csv", "preds.csv", keep=["row_id"])
+            1000000
+        """
+        data, out = Path(data), Path(out)
+        if out.exists() and not force:
+            raise FileExistsError(f"--out {str(out)!r} exists; pass --force to overwrite it")
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
+        header = _header(data, self.encoder.cfg.csv_sep)
+        features = set(self.feature_columns)
+        if keep is None:
+            keep = [c for c in header if c not in features and c != self.encoder.cfg.label]
+        unknown = [c for c in keep if c not in header]
+        if unknown:
+            raise DataError(f"--keep column(s) {unknown} not in {data.name}; columns: "
+                            f"{header[:30]}")
+        if PROBABILITY_COLUMN in keep:
+            raise DataError(f"--keep: the column name {PROBABILITY_COLUMN!r} is the output's")
+        needed = list(dict.fromkeys([*self.feature_columns, *keep]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        n = 0
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                for frame in self.read_frames(data, needed):
+                    res = frame[keep].copy() if keep else pd.DataFrame(index=frame.index)
+                    res[PROBABILITY_COLUMN] = self.score_frame(frame)
+                    res.to_csv(f, index=False, header=n == 0, float_format="%.9g")
+                    n += len(frame)
+                if n == 0:
+                    pd.DataFrame(columns=[*keep, PROBABILITY_COLUMN]).to_csv(f, index=False)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return n
+
+
+def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+             backend: str | None = None, batch_size: int = 8192) -> SavedRun:
+    """Load a saved model (a run directory, or its model folder) for prediction: rebuild
+    the strategy's model from model.json, load model.pt, and set up the encoder of new
+    rows. ``backend`` overrides the gated-embedding backend ('auto' by default: the
+    fastest one on ``device``). No experiment YAML or training data is read.
+
+    Example:
+        >>> run = load_run("runs/demo-finetune-20260101-120000")
+        >>> run.predict("new.csv").head()
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    folder = find_model_dir(path)
+    info_path, weights_path = folder / INFO_FILE, folder / MODEL_FILE
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("format") != INFO_FORMAT:
+            raise ValueError(f"format {info.get('format')!r}, expected {INFO_FORMAT}")
+        fm = FeatureMap.from_dict(info["feature_map"])
+        data_cfg = DataConfig.from_dict(info["data"], folder)
+        mcfg = ModelConfig.from_dict(info["model"])
+        acfg = AutoFTConfig.from_dict({**info["autoft"], "backend": "auto"})
+        strategy = info["strategy"]
+        row = STRATEGY_TABLE[strategy]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"saved model {str(info_path)!r} could not be read ({e}); "
+                         "fine-tune the run again") from None
+    if backend is not None:  # outside the try: a bad --backend is the user's, not the file's
+        acfg = acfg.with_backend(backend)
+    encoder = RowEncoder(data_cfg, fm, info["vocabularies"])
+    pretrained = build_base_model(fm, mcfg) if row.needs_pretrained else None
+    value_counts = None
+    if row.has_policy and "freq" in acfg.policy_input:
+        # Placeholders: the trained frequency table is a buffer of model.pt.
+        zeros = torch.zeros(fm.num_rows)
+        value_counts = (zeros, zeros)
+    model = build_transfer_model(strategy, pretrained, fm, mcfg, acfg, value_counts=value_counts)
+    try:
+        state = load_checkpoint(weights_path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"{str(e).splitlines()[0]}; fine-tune the run again") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"weights {str(weights_path)!r} do not fit the model in "
+                         f"{INFO_FILE}: {str(e).splitlines()[0]}") from None
+    if info.get("tau") is not None and hasattr(model, "set_tau"):
+        model.set_tau(float(info["tau"]))
+    model.to(device)
+    model.eval()
+    return SavedRun(model, encoder, info, folder, device, batch_size)
+
+
+def _header(path: Path, sep: str) -> list[str]:
+    fmt = _format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    try:
+        head = pd.read_csv(path, sep=_sep(path, sep), dtype=str, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {path} is empty (no header line)") from None
+    return [str(c) for c in head.columns]
+
+
+def _format(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {str(path)!r} does not exist"
+                                + (" (it is a directory)" if path.is_dir() else ""))
+    fmt = FILE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"--data {str(path)!r}: unknown file type {path.suffix!r}; one of "
+                        f"{sorted(FILE_SUFFIXES)}")
+    return fmt
+
+
+def _sep(path: Path, sep: str) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else sep
+
+
+def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict):
+    """The file's rows as frames (CSV: text columns, missing = NaN), chunk by chunk;
+    Parquet list columns of multi-hot fields are joined by their separator."""
+    import pyarrow as pa
+
+    fmt = _format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
+            yield _as_frame(batch, list_seps, path)
+        return
+    import pyarrow.csv as pcsv
+    from ..data.reading import _block_bytes
+
+    header = _header(path, sep)
+    cols = columns or header
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows)),
+            parse_options=pcsv.ParseOptions(delimiter=_sep(path, sep)),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=cols, column_types={c: pa.string() for c in cols},
+                strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True))
+        for batch in reader:
+            yield _as_frame(batch, {}, path)
+    except pa.ArrowInvalid as e:
+        raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
+
+
+def _as_frame(batch, list_seps: dict, path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+
+    from ..data.reading import _list_as_text
+
+    out = {}
+    for name, col in zip(batch.schema.names, batch.columns):
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            if name not in list_seps:
+                raise DataError(f"column '{name}' in {path.name} is a Parquet list column; "
+                                "only multihot columns may hold lists")
+            out[name] = _list_as_text(col, list_seps[name], name, path)
+        else:
+            out[name] = col.to_pandas()
+    return pd.DataFrame(out)

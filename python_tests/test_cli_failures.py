@@ -1,0 +1,309 @@
+"""The command line never loses a user's work or hides a failure: one case per probe."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from autoft_fast.cli import default_threads, main
+from test_cli import TINY_SYNTHETIC, last_line_run_dir, tiny_experiment
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("autoft-fast: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def test_generate_refuses_to_overwrite_without_force(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    out = tmp_path / "data"
+    assert main(["generate", "--config", str(exp), "--out", str(out)]) == 0
+    (out / "synthetic.csv").write_text("my,own\n1,2\n")
+    capsys.readouterr()
+    assert main(["generate", "--config", str(exp), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "synthetic.csv" in line and "--force" in line
+    assert (out / "synthetic.csv").read_text() == "my,own\n1,2\n"
+    assert main(["generate", "--config", str(exp), "--out", str(out), "--force"]) == 0
+    assert (out / "synthetic.csv").read_text() != "my,own\n1,2\n"
+
+
+def test_dense_column_with_a_huge_value_keeps_its_spread(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    out = tmp_path / "data"
+    assert main(["generate", "--config", str(exp), "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "synthetic.csv", dtype=str)
+    frame.loc[3, "price"] = "1e200"
+    frame.to_csv(out / "synthetic.csv", index=False)
+    doc = yaml.safe_load((out / "dataset.yaml").read_text())
+    doc["data"]["numeric"] = [{"name": "price", "mode": "dense"}]
+    (out / "dataset.yaml").write_text(yaml.safe_dump(doc))
+    exp = tiny_experiment(tmp_path, {"data": str(out / "dataset.yaml")})
+    assert main(["finetune", "--config", str(exp), "--strategy", "target_only",
+                 "--no-progress"]) == 0
+    from autoft_fast.config import load_config
+    from autoft_fast.train.runner import load_data
+    dense = load_data(load_config(exp)).splits["source_train"].dense
+    assert torch.isfinite(dense).all() and dense[:, 0].std() > 0
+
+
+@pytest.fixture()
+def finetuned(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},
+                          finetune={"epochs": 2, "batch_size": 256})
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
+                 "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+    return exp, run_dir
+
+
+def test_damaged_checkpoint_is_one_line_and_logged(finetuned, capsys):
+    exp, run_dir = finetuned
+    (run_dir / "run" / "result.json").unlink()  # as if killed before the end
+    (run_dir / "run" / "last.pt").write_bytes(b"\x00garbage")
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "last.pt" in line and "could not be read" in line and "delete it" in line
+    # the failed run's log has the error
+    assert "could not be read" in (run_dir / "log.txt").read_text()
+
+
+def test_damaged_pretrained_cache_is_rebuilt_with_a_warning(finetuned, capsys):
+    exp, run_dir = finetuned
+    cached = list((run_dir.parent / "cache" / "pretrained").glob("*.pt"))
+    assert len(cached) == 1
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # truncated
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "is damaged" in captured.err and "pre-training again" in captured.err
+    from autoft_fast.train.checkpoint import load_checkpoint
+    assert "valid_auc" in load_checkpoint(cached[0])["info"]  # rebuilt
+    new_run = last_line_run_dir(captured.out)
+    assert "is damaged" in (new_run / "log.txt").read_text()
+
+
+def test_stale_checkpoint_temp_files_are_removed(finetuned, capsys):
+    exp, run_dir = finetuned
+    (run_dir / "run" / "result.json").unlink()
+    stale = run_dir / "run" / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"")
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 0
+    assert not stale.exists()
+
+
+def test_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if str(self).startswith(str(tmp_path / "runs")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
+                 "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "Read-only file system" in line and "--run-dir" in line
+
+
+def test_make_run_dir_is_atomic_under_a_race(tmp_path):
+    from autoft_fast.config import load_config
+    from autoft_fast.train.runner import make_run_dir
+    cfg = load_config(tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}))
+    made, errors = [], []
+    start = threading.Barrier(12)
+
+    def one():
+        start.wait()
+        try:
+            made.append(make_run_dir(cfg, "compare"))
+        except Exception as e:  # pragma: no cover - the failure being tested
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(made)) == 12 and all(p.is_dir() for p in made)
+
+
+def test_failed_run_logs_its_error(tmp_path, capsys, monkeypatch):
+    import autoft_fast.train.runner as runner
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+
+    def broken(*a, **k):
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.setattr(runner, "run_strategy", broken)
+    with pytest.raises(RuntimeError):
+        main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--no-progress"])
+    log = next((tmp_path / "runs").glob("tiny-finetune-*")) / "log.txt"
+    text = log.read_text()
+    assert "the disk caught fire" in text and "Traceback" in text
+
+
+def test_pretrain_cache_hit_makes_no_run_directory(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["pretrain", "--config", str(exp), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    runs = sorted((tmp_path / "runs").glob("tiny-pretrain-*"))
+    assert len(runs) == 1 and last_line_run_dir(first) == runs[0]
+    assert main(["pretrain", "--config", str(exp), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already cached" in out and "no new run directory" in out
+    assert sorted((tmp_path / "runs").glob("tiny-pretrain-*")) == runs
+
+
+def test_backend_and_threads_are_printed_once(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "--config", str(exp), "--strategy", "target_only",
+                 "--no-progress", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("threads: 1 (--threads") == 1
+    assert captured.err.count("backend: reference on cpu") == 1
+    run_dir = last_line_run_dir(captured.out)
+    assert "backend: reference on cpu" in (run_dir / "log.txt").read_text()
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert default_threads() == (1, "4 cores, load average 2.6")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert default_threads()[0] == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert default_threads()[0] == 1
+
+
+def test_bench_help_works(capsys):
+    assert main(["bench", "--help"]) == 0
+    assert "bench ops --help" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_is_rejected_before_data_loads(tmp_path, capsys, monkeypatch):
+    import autoft_fast.train.runner as runner
+
+    def no_data(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("data were loaded")
+
+    monkeypatch.setattr(runner, "load_data", no_data)
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "--config", str(exp), "--strategy", "autoft",
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("tiny-*"))
+
+
+def test_duplicate_yaml_key_names_the_key(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    exp.write_text(exp.read_text() + "seeds: [3]\n")
+    assert main(["compare", "--config", str(exp)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "key 'seeds' is given twice" in line
+    data = tmp_path / "d.yaml"
+    data.write_text("data:\n  label: y\n  label: z\n")
+    from autoft_fast.config import DataError, read_data_yaml
+    with pytest.raises(DataError, match="key 'label' is given twice"):
+        read_data_yaml(data)
+
+
+def test_config_directory_says_it_is_a_directory(tmp_path, capsys):
+    assert main(["compare", "--config", str(tmp_path)]) == 2
+    assert "is a directory" in _one_error_line(capsys.readouterr().err)
+
+
+def test_header_only_file_message(tmp_path):
+    from autoft_fast.data import DataConfig, DataError, prepare_data
+    (tmp_path / "h.csv").write_text("d,y,a\n")
+    cfg = DataConfig.from_dict({"files": ["h.csv"], "label": "y", "categorical": ["a"],
+                                "domain": {"column": "d", "source": ["s"], "target": "t"},
+                                "cache": False}, tmp_path)
+    with pytest.raises(DataError, match="the files have no data rows$"):
+        prepare_data(cfg)
+
+
+def test_bad_row_number_counts_the_malformed_lines_before_it(tmp_path):
+    from autoft_fast.data import DataConfig, DataError, prepare_data
+    lines = ["d,y,a"] + [f"{'s' if i % 2 else 't'},{i % 2},v{i % 3}" for i in range(40)]
+    lines[3] = "s,1,v1,EXTRA"  # file line 4: malformed (too many fields)
+    lines[10] = "t,x,v1"       # file line 11 = data row 9 (0-based, after the header)
+    (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig.from_dict({"files": ["b.csv"], "label": "y", "categorical": ["a"],
+                                "domain": {"column": "d", "source": ["s"], "target": "t"},
+                                "cache": False}, tmp_path)
+    with pytest.raises(DataError, match=r"'x' in b.csv, data row 9\)"):
+        prepare_data(cfg)
+
+
+def test_parquet_list_column_outside_multihot_is_refused(tmp_path):
+    from autoft_fast.data import DataConfig, DataError, prepare_data
+    pd.DataFrame({"d": ["s", "t"] * 5, "y": [0, 1] * 5,
+                  "a": [[1, 2]] * 10}).to_parquet(tmp_path / "l.parquet")
+    cfg = DataConfig.from_dict({"files": ["l.parquet"], "label": "y", "categorical": ["a"],
+                                "domain": {"column": "d", "source": ["s"], "target": "t"},
+                                "cache": False}, tmp_path)
+    with pytest.raises(DataError, match="Parquet list column"):
+        prepare_data(cfg)
+
+
+def test_progress_bar_redraws_without_stale_text_and_shows_the_metric():
+    from autoft_fast.train import ProgressBar
+    term = io.StringIO()
+    term.isatty = lambda: True
+    bar = ProgressBar(100, "epoch 1", stream=term, min_interval=0)
+    bar.update(50, loss=0.5, note="a long note that makes the line wide")
+    bar.update(50, loss=0.25, note="short")
+    bar.close(**{"valid auc": 0.7312})
+    text = term.getvalue()
+    assert text.endswith("\n")
+    draws = text.rstrip("\n").split("\r")[1:]
+    for before, after in zip(draws, draws[1:]):
+        assert len(after) >= len(before.rstrip())  # a shorter line is padded over the old
+    assert "valid auc 0.7312" in draws[-1] and "100/100" in draws[-1]
+    rate = bar.rate()
+    time.sleep(0.05)
+    assert bar.rate() == rate  # frozen at the last sample: evaluation does not lower it
+
+
+def test_cli_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import sys; sys.argv[0] = 'autoft-fast'; import autoft_fast, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout
+    assert out.strip() == "PASSIVE"
+    # a library user's process is left alone
+    out = subprocess.run([sys.executable, "-c", "import autoft_fast, os; "
+                          "print(os.environ.get('OMP_WAIT_POLICY'))"], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert out.strip() == "None"
+    # a user's own setting wins
+    res = subprocess.run([sys.executable, "-m", "autoft_fast.cli", "predict", "--run",
+                          str(tmp_path / "nowhere"), "--data", "x.csv", "--out", "y.csv"],
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 2 and "OpenMP wait policy active" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "autoft_fast.cli", "predict", "--run",
+                          str(tmp_path / "nowhere"), "--data", "x.csv", "--out", "y.csv"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert "OpenMP wait policy passive" in res.stderr
+    assert "does not exist" in res.stderr.strip().splitlines()[-1]
