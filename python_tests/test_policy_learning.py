@@ -239,7 +239,8 @@ def test_start_best_keeps_the_given_weights_unless_beaten():
 
 def test_refit_trains_the_model_on_all_rows_with_the_policy_frozen(tmp_path):
     from autoft_fast.train.runner import load_data, pretrain, run_strategy
-    cfg = _exp(tmp_path, autoft={"policy_objective": "heldout", "policy_refit": True})
+    cfg = _exp(tmp_path, autoft={"policy_objective": "heldout", "policy_refit": True,
+                                 "policy_warmup": 0})
     bundle = load_data(cfg)
     state, _ = pretrain(cfg, bundle, progress=False)
     rec = run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / "refit", keep_model=True)
