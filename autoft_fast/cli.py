@@ -149,12 +149,15 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
                run_dir: Path | None = None) -> Path:
     import yaml
 
+    from .train.distributed import is_main_process
     from .train.progress import setup_logging
     from .train.runner import make_run_dir
     resumed = run_dir is not None
     run_dir = run_dir or make_run_dir(cfg, command)
-    setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
-    if not resumed:
+    main = is_main_process()  # torchrun: rank 0 alone writes the log and the run's files
+    setup_logging(run_dir / "log.txt" if main else None,
+                  verbose=getattr(args, "verbose", False), console=main)
+    if not resumed and main:
         meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
                 "training_config_hash": _training_hash(cfg),
                 "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
