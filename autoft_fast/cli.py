@@ -220,12 +220,15 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
                run_dir: Path | None = None) -> Path:
     import yaml
 
+    from .train.distributed import is_main_process
     from .train.progress import setup_logging
     from .train.runner import make_run_dir
     resumed = run_dir is not None
     run_dir = run_dir or make_run_dir(cfg, command)
+    main = is_main_process()  # torchrun: rank 0 alone writes the log and the run's files
     try:
-        setup_logging(run_dir / "log.txt", verbose=getattr(args, "verbose", False))
+        setup_logging(run_dir / "log.txt" if main else None,
+                      verbose=getattr(args, "verbose", False), console=main)
     except OSError as e:
         raise _UserError(f"cannot write {str(run_dir / 'log.txt')!r} ({e.strerror or e}); "
                          "choose a writable folder with --run-dir") from None
@@ -233,7 +236,7 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
     if getattr(args, "threads_line", None):
         log.info("%s", args.threads_line)
     log.info("backend: %s on %s", cfg.resolved_backend(), cfg.torch_device())
-    if not resumed:
+    if not resumed and main:
         meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
                 "training_config_hash": _training_hash(cfg),
                 "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

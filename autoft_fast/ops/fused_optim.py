@@ -165,7 +165,19 @@ class FusedOptimizer:
 
     def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
               state: dict[str, torch.Tensor]) -> None:
-        """Update ``weight[rows]`` (sorted unique) and the state in place from ``grad`` [U, D]."""
+        """Update ``weight[rows]`` (sorted unique) and the state in place from ``grad`` [U, D].
+
+        Inside :func:`updates_redirected` the update is handed to the redirect instead (the
+        data-parallel trainer combines every rank's rows there, then calls :meth:`apply_now`).
+        """
+        if _redirects:
+            _redirects[-1](self, weight, rows, grad, state)
+            return
+        self.apply_now(weight, rows, grad, state)
+
+    def apply_now(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
+                  state: dict[str, torch.Tensor]) -> None:
+        """:meth:`apply` without looking at any redirect."""
         step_t = state[STEP]
         step_t.add_(1)
         if rows.numel() == 0:
@@ -213,6 +225,31 @@ def fused_updates_paused():
 
 def updates_paused() -> bool:
     return _paused[0] > 0
+
+
+_redirects: list = []
+
+
+@contextlib.contextmanager
+def updates_redirected(fn: Callable):
+    """Inside this block, every fused update goes to ``fn(optimizer, weight, rows, grad, state)``.
+
+    ``rows``/``grad`` are one backward's sorted unique touched rows and their float32 sums;
+    nothing is applied unless ``fn`` calls ``optimizer.apply_now``. Used to defer the update
+    until the row gradients of every data-parallel rank are combined.
+
+    Example::
+
+        >>> from autoft_fast.ops.fused_optim import updates_redirected
+        >>> pending = []
+        >>> with updates_redirected(lambda *update: pending.append(update)):
+        ...     pass
+    """
+    _redirects.append(fn)
+    try:
+        yield
+    finally:
+        _redirects.pop()
 
 
 def combine_rows(rows: torch.Tensor, values: torch.Tensor, *, deterministic: bool):

@@ -22,6 +22,7 @@ from ..data import generate_synthetic, prepare_data
 from ..data import iterate_batches
 from ..models import build_base_model, build_transfer_model
 from ..models.frequency import count_rows
+from . import distributed
 from .holdout import split_holdout
 from .metrics import compute_metrics
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic, seed_everything
@@ -43,6 +44,7 @@ class RunDirError(OSError):
     """The run directory cannot be made or written; the message names it and what to do."""
 
 
+@distributed.main_then_broadcast  # torchrun: rank 0 makes it, every rank gets its path
 def make_run_dir(cfg, command: str) -> Path:
     """A fresh directory run_dir/<name>-<command>-<UTC timestamp>/ (suffixed -1, -2, ...
     if taken; just <name>-<timestamp> when the name is the command, as for the demo).
@@ -89,12 +91,15 @@ def write_json(obj, path: Path) -> Path:
     Example:
         >>> write_json({"auc": 0.71}, run_dir / "result.json")   # doctest: +SKIP
     """
+    if not distributed.is_main_process():  # torchrun: only rank 0 writes files
+        return Path(path)
     return write_text_atomic(json.dumps(obj, indent=2, default=_json_default, allow_nan=True),
                              path)
 
 
 # -- data --------------------------------------------------------------------------------
 
+@distributed.main_then_broadcast  # torchrun: rank 0 writes the data
 def generate_data(cfg, out_dir: Path | None = None) -> Path:
     """Write the `synthetic:` data set and return the dataset YAML path. Without `out_dir`
     it goes to <cache_dir>/synthetic-<hash of the synthetic section>/ and is reused when
@@ -142,6 +147,7 @@ def retarget(data_cfg, target: str | None):
                      if d != target)))
 
 
+@distributed.main_first  # torchrun: rank 0 fills the data cache, the others then read it
 def load_data(cfg, target: str | None = None):
     """The DataBundle of the experiment: the `data:` section if given, else the generated
     synthetic data (generated first if needed). With `target`, that domain is the target
@@ -211,7 +217,7 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
     path = pretrained_path(cfg, bundle)
     key = path.stem[len(model_cfg["name"]) + 1:]
     out_dir = path.parent
-    if not force:
+    if not force and distributed.broadcast_object(path.is_file()):  # rank 0's view
         cached = load_pretrained(path)
         if cached is not None:
             log.info("pretrain: reusing %s (source valid AUC %.4f)", path,
@@ -245,9 +251,11 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
     for dom, m in valid["per_domain"].items():
         log.info("pretrain: source valid %s: AUC %.4f LogLoss %.4f (%d rows)", dom, m["auc"],
                  m["logloss"], m["n"])
-    save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "info": info},
-                path)
-    (out_dir / f"{path.stem}-last.pt").unlink(missing_ok=True)
+    if distributed.is_main_process():  # torchrun: only rank 0 writes files
+        save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "info": info}, path)
+        (out_dir / f"{path.stem}-last.pt").unlink(missing_ok=True)
+    distributed.barrier()
     log.info("pretrain: %s, %d epochs, source valid AUC %.4f LogLoss %.4f, %.0f samples/s, "
              "%.1f s -> %s", model_cfg["name"], fit.epochs_run, valid["auc"], valid["logloss"],
              fit.samples_per_s, info["wall_seconds"], path)
@@ -320,6 +328,7 @@ def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume,
             "train_seconds": fit.train_seconds + again.train_seconds}
 
 
+@distributed.main_then_broadcast  # torchrun: only rank 0 writes files
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
     keys = sorted({k for r in grid for k in r}, key=lambda k: (k not in (
@@ -432,16 +441,20 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     test = compute_metrics(test_data.label, logits, getattr(test_data, "domain", None), domains)
     stats = model.policy_stats() if hasattr(model, "policy_stats") else {}
     # The test logits, for the paired significance tests of the report.
-    np.save(out_dir / "test_scores.npy", logits.numpy().astype(np.float64))
+    main = distributed.is_main_process()  # torchrun: only rank 0 writes files
+    if main:
+        np.save(out_dir / "test_scores.npy", logits.numpy().astype(np.float64))
     rec.update(auc=test["auc"], logloss=test["logloss"], per_domain=test["per_domain"],
                policy_stats=stats, wall_seconds=time.perf_counter() - t0,
                test_scores_path=str(out_dir / "test_scores.npy"))
     if getattr(model, "field_gate_names", None):
         rec["policy_by_frequency"] = _policy_by_frequency(model, test_data, train, cfg, device)
-    if keep_model:  # model.pt and model.json: what `autoft-fast predict` loads
+    if keep_model and main:  # model.pt and model.json: what `autoft-fast predict` loads
         save_model(out_dir, model, cfg, bundle, strategy, seed)
     write_json(rec, result_path)
-    (out_dir / "last.pt").unlink(missing_ok=True)
+    if main:
+        (out_dir / "last.pt").unlink(missing_ok=True)
+    distributed.barrier()
     log.info("[seed %d] %-16s AUC %.4f  LogLoss %.4f  %s samples/s  %.1f s", seed, strategy,
              rec["auc"], rec["logloss"],
              "n/a" if math.isnan(rec["train_samples_per_s"])
@@ -451,6 +464,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
 
 # -- the comparison ----------------------------------------------------------------------------
 
+@distributed.main_then_broadcast  # torchrun: rank 0 writes, every rank gets the tables
 def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=None,
                   title: str | None = None) -> tuple[str, list[dict]]:
     """results.csv, runs.csv, results.md and the PNG plots under `run_dir`; returns the
@@ -599,7 +613,8 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                                               out / "runs" / f"{strategy}-seed{seed}",
                                               resume=resume, progress=progress,
                                               keep_model=keep_models))
-            write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
+            if distributed.is_main_process():  # torchrun: only rank 0 writes files
+                write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
         runs += these
         labels = bundle.splits["target_test"].label.numpy()
         labels_of[name] = labels
@@ -610,10 +625,11 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
     if many:
         summary = summary_across_targets(tables)
         text = markdown_summary(summary)
-        write_summary_csv(summary, run_dir / "summary.csv")
-        write_runs_csv(runs, run_dir / "runs.csv")
         full = "\n\n".join(texts + [f"### across {len(targets)} targets\n\n{text}"])
-        (run_dir / "summary.md").write_text(full + "\n", encoding="utf-8")
+        if distributed.is_main_process():  # torchrun: only rank 0 writes files
+            write_summary_csv(summary, run_dir / "summary.csv")
+            write_runs_csv(runs, run_dir / "runs.csv")
+            (run_dir / "summary.md").write_text(full + "\n", encoding="utf-8")
         table, rows = full, summary
     else:
         table, rows = texts[0], tables[next(iter(tables))]

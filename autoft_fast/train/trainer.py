@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..config.sections import TrainConfig
 from ..modules import attach_fused_optimizers
 from ..ops.fused_optim import fused_updates_paused
+from . import distributed
 from .checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_atomic,
                          seed_everything)
 from .metrics import compute_metrics, is_better
@@ -161,6 +162,9 @@ class Trainer:
                  policy_warmup: int = 0, policy_warmup_gates: str = "random",
                  start_best: float | None = None):
         self.device = torch.device(device) if device is not None else None
+        # torchrun with several processes: data-parallel (see train/distributed.py).
+        if distributed.is_distributed():
+            self.device = distributed.DataParallel.device_for(self.device)
         if self.device is not None:
             model.to(self.device)
         self.model = model
@@ -210,6 +214,12 @@ class Trainer:
                 self.optimizers[name] = _make_adam(opt_cls, dense, lr, wd)
             if sparse:
                 self.optimizers[f"{name}_sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
+        # -- data-parallel (torchrun): sharded batches, combined gradients, rank-0 files --
+        self.dp = distributed.DataParallel.create(model, self.device)
+        if self.dp is not None:
+            self.iterate = distributed.ShardedBatches(iterate, self.dp.rank, self.dp.size)
+            if self.dp.rank != 0:
+                self.progress = False
 
     # -- helpers ---------------------------------------------------------------------------
     def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +233,21 @@ class Trainer:
 
     def _step(self, batch, names: list[str]) -> torch.Tensor:
         """One optimisation step of the optimizers `names` on `batch`; returns the BCE."""
-        bce, total = self._loss(batch)
-        for o in self.optimizers.values():
-            o.zero_grad(set_to_none=True)
-        total.backward()
+        if self.dp is None:
+            bce, total = self._loss(batch)
+            for o in self.optimizers.values():
+                o.zero_grad(set_to_none=True)
+            total.backward()
+        else:  # data-parallel: combine every rank's gradients before the step
+            for o in self.optimizers.values():
+                o.zero_grad(set_to_none=True)
+            bce = torch.zeros(())
+            if len(batch):  # a rank whose shard is empty only joins the exchange
+                bce, total = self._loss(batch)
+                with self.dp.sync.backward_context():
+                    total.backward()
+            self.dp.sync.sync([p for n in names for g in self.optimizers[n].param_groups
+                               for p in g["params"]], self.iterate.weight)
         for name in names:
             self.optimizers[name].step()
         return bce
@@ -245,6 +266,13 @@ class Trainer:
         state["rng"] = capture_rng_state({"shuffler": self.shuffler,
                                           "policy_shuffler": self.policy_shuffler})
         state["train_config"] = self.cfg.to_dict()
+        if self.dp is not None:  # every rank's random state; only rank 0 writes
+            state["rng_ranks"] = distributed.gather_objects(state["rng"])
+            state["world_size"] = self.dp.size
+            if self.dp.rank == 0:
+                save_atomic(state, self.checkpoint_path)
+            distributed.barrier()
+            return
         save_atomic(state, self.checkpoint_path)
 
     def evaluate(self, data) -> dict:
@@ -265,6 +293,9 @@ class Trainer:
         prior_wall = 0.0
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             ck = load_checkpoint(self.checkpoint_path)
+            distributed.check_resume(ck, self.checkpoint_path)
+            if self.dp is not None:
+                ck["rng"] = ck["rng_ranks"][self.dp.rank]
             self.model.load_state_dict(ck["model"])
             for k, o in self.optimizers.items():
                 o.load_state_dict(ck["optimizers"][k])
@@ -289,6 +320,8 @@ class Trainer:
             if self.start_best is not None:
                 res.best_metric, res.best_epoch = float(self.start_best), 0
                 best_state = _clone_state(self.model)
+            if self.dp is not None:
+                self.dp.seed_rank(self.seed)
 
         model_opts = [k for k in self.optimizers if not k.startswith("policy")]
         policy_opts = [k for k in self.optimizers if k.startswith("policy")]
@@ -324,6 +357,9 @@ class Trainer:
                 n_seen += b
                 bar.update(b, loss=loss_sum / n_seen)
             train_s = time.perf_counter() - t0
+            if self.dp is not None:  # the epoch's rows and loss over every rank
+                loss_sum, n_seen = self.dp.sum_numbers(loss_sum, n_seen)
+                n_seen = int(n_seen)
             res.train_samples += n_seen
             res.train_seconds += train_s
             if forced:
@@ -331,6 +367,8 @@ class Trainer:
             if hasattr(self.model, "reset_policy_stats"):
                 self.model.reset_policy_stats()
             metrics = self.evaluate(valid)
+            if self.dp is not None:  # rank 0's numbers make every rank's decisions
+                metrics = distributed.broadcast_object(metrics)
             score = metrics[cfg.monitor]
             bar.close(**{f"valid {cfg.monitor}": float(score)})
             if math.isnan(score):
