@@ -105,6 +105,28 @@ def load_yaml(stream):
     return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def read_yaml_file(path: str | os.PathLike, label: str, error=ValueError):
+    """Parse the YAML file ``path`` (duplicate keys refused, see :func:`load_yaml`); every
+    problem is one ``error`` naming the file as ``label`` ('config file', 'data: file').
+
+    Example:
+        >>> read_yaml_file("exp.yaml", "config file")  # doctest: +SKIP
+        {'synthetic': {}, 'seeds': [0]}
+    """
+    from pathlib import Path
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{label} {str(path)!r} is a directory; give the YAML file in it")
+    if not path.is_file():
+        raise error(f"{label} {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return load_yaml(f)
+    except yaml.YAMLError as e:
+        raise error(f"{label} {str(path)!r} is not valid YAML: "
+                    f"{str(e).splitlines()[0]}") from None
+
+
 def remove_stale_temps(folder: str | os.PathLike, name: str, older_than: float = 0.0) -> int:
     """Delete the temporary files that a killed :func:`save_atomic` of ``folder/name`` left
     (``.name.*.tmp``) and that were last written more than ``older_than`` seconds ago;

@@ -327,19 +327,9 @@ def read_data_yaml(path: Path | str) -> dict:
 
         read_data_yaml("runs/cache/synthetic-1234/dataset.yaml")["label"]   # 'click'
     """
-    import yaml
+    from .._io import read_yaml_file
 
-    from .._io import load_yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data: file {str(path)!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = load_yaml(f)
-    except yaml.YAMLError as e:
-        raise DataError(f"data: file {str(path)!r} is not valid YAML: "
-                        f"{str(e).splitlines()[0]}") from None
+    doc = read_yaml_file(path, "data: file", DataError)
     if isinstance(doc, Mapping) and "data" in doc and isinstance(doc["data"], Mapping):
         doc = doc["data"]
     if not isinstance(doc, Mapping):

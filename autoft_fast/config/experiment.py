@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .._io import load_yaml
+from .._io import read_yaml_file
 from .data import DataConfig, read_data_yaml
 from .fuxictr import (FuxiCTRImport, FuxiCTRWarning, expand_fuxictr, fuxictr_to_experiment,
                       looks_like_fuxictr)
@@ -338,17 +337,7 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
         'demo'
     """
     path = Path(path) if path is not None else DEMO_CONFIG
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a directory; give the experiment "
-                          "YAML file (e.g. its my.yaml)")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = load_yaml(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: "
-                          f"{str(e).splitlines()[0]}") from None
+    raw = read_yaml_file(path, "config file", ConfigError)
     if raw is None:
         raise ConfigError(f"config file {str(path)!r} is empty")
     kind = looks_like_fuxictr(raw)

@@ -141,7 +141,6 @@ def _block_bytes(path: Path, chunk_rows: int) -> int:
 
 def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.DataFrame]:
     import pyarrow as pa
-    import pyarrow.csv as pcsv
 
     found: list[str] = []
     short = []

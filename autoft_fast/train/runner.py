@@ -32,7 +32,7 @@ from .report import (aggregate, markdown_summary, markdown_table, plot_auc, plot
                      summary_across_targets, tuned_fraction_by_frequency, write_policy_csv,
                      write_results_csv, write_runs_csv, write_summary_csv)
 from .predict import save_model
-from .trainer import Trainer, evaluate, predict
+from .trainer import Trainer, predict
 
 __all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "pretrained_path",
            "run_strategy", "compare", "write_outputs", "write_json", "RunDirError"]
