@@ -225,7 +225,8 @@ def _check_device(t: torch.Tensor, name: str) -> None:
 
 def _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
     """The contract's input checks (ops/validate.py) for direct callers of the kernel ops."""
-    validate.check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
+    validate.check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau,
+                                 backend="triton")
     for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
                     ("tuned_weight", tuned_weight), ("logits", logits), ("uniforms", uniforms)):
         if t is not None:

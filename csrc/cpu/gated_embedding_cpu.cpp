@@ -168,6 +168,69 @@ inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// Frozen rows. A frozen table is either of the tuned dtype, of a lower-precision float dtype
+// (widened as it is read), or int8 row-quantised: D int8 values, then the row's float16 scale
+// (ops/quant.py), each value read as float(q) * scale, exactly the dequantised table's value.
+template <typename frozen_t>
+constexpr bool kQuantised = std::is_same_v<frozen_t, int8_t>;
+
+// Elements per stored frozen row.
+template <typename frozen_t>
+inline int64_t frozen_stride(int64_t D) {
+  return kQuantised<frozen_t> ? D + kInt8ExtraBytes : D;
+}
+
+// The row's scale (1 for float rows; the memcpy reads it at any alignment, D may be odd).
+template <typename frozen_t>
+inline float frozen_scale(const frozen_t* row, int64_t D) {
+  if constexpr (kQuantised<frozen_t>) {
+    c10::Half h;
+    std::memcpy(&h, row + D, sizeof(h));
+    return static_cast<float>(h);
+  } else {
+    (void)row;
+    (void)D;
+    return 1.0f;
+  }
+}
+
+// Four frozen values as float32.
+template <typename frozen_t>
+inline vec4::f32x4 load_frozen(const frozen_t* p, float scale) {
+  if constexpr (kQuantised<frozen_t>) {
+    typedef int8_t i8x4 __attribute__((vector_size(4)));
+    i8x4 q;
+    std::memcpy(&q, p, sizeof(q));
+    return __builtin_convertvector(q, vec4::f32x4) * vec4::splat(scale);
+  } else {
+    (void)scale;
+    return vec4::load(p);
+  }
+}
+
+template <typename frozen_t>
+inline float frozen_value(const frozen_t* p, float scale) {
+  if constexpr (kQuantised<frozen_t>) {
+    return static_cast<float>(*p) * scale;
+  } else {
+    (void)scale;
+    return to_float(*p);
+  }
+}
+
+// o = the frozen row, in the tuned dtype.
+template <typename frozen_t, typename scalar_t>
+inline void widen_row(const frozen_t* f, int64_t D, scalar_t* o) {
+  const float scale = frozen_scale(f, D);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vec4::store(o + d, load_frozen(f + d, scale));
+  }
+  for (; d < D; ++d) {
+    o[d] = static_cast<scalar_t>(frozen_value(f + d, scale));
+  }
+}
+
 // Keeps the smallest out-of-range position seen by any thread; the error is raised after the
 // parallel loop (throwing inside it would lose the position order).
 class BadIndex {
@@ -215,30 +278,35 @@ inline void copy_row(const scalar_t* f, int64_t D, scalar_t* o) {
 }
 
 // o = y0 * f + y1 * t in float32, converted to the table dtype.
-template <typename scalar_t>
-inline void mix_rows(const scalar_t* f, const scalar_t* t, float y0, float y1, int64_t D,
+template <typename frozen_t, typename scalar_t>
+inline void mix_rows(const frozen_t* f, const scalar_t* t, float y0, float y1, int64_t D,
                      scalar_t* o) {
   const vec4::f32x4 w0 = vec4::splat(y0);
   const vec4::f32x4 w1 = vec4::splat(y1);
+  const float scale = frozen_scale(f, D);
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
-    vec4::store(o + d, w0 * vec4::load(f + d) + w1 * vec4::load(t + d));
+    vec4::store(o + d, w0 * load_frozen(f + d, scale) + w1 * vec4::load(t + d));
   }
   for (; d < D; ++d) {
-    o[d] = static_cast<scalar_t>(y0 * to_float(f[d]) + y1 * to_float(t[d]));
+    o[d] = static_cast<scalar_t>(y0 * frozen_value(f + d, scale) + y1 * to_float(t[d]));
   }
 }
 
-template <typename scalar_t, typename index_t>
-void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar_t* tuned,
+template <typename scalar_t, typename frozen_t, typename index_t>
+void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar_t* tuned,
                     const float* logits, const NoiseSource& src, float tau, bool hard, int64_t N,
                     int64_t V, int64_t D, scalar_t* out, float* gates, BadIndex& bad) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   const bool seeded = src.noise && src.uniforms == nullptr;
+  // Tables of one dtype: a hard gate's row is a copy from either table (branch-free choice).
+  constexpr bool kSameType = std::is_same_v<frozen_t, scalar_t>;
+  const int64_t FS = frozen_stride<frozen_t>(D);
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
-    const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
-    const scalar_t* const tables[2] = {frozen, tuned};
+    const void* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
+    bool from_tuned[kBlock];         // hard, tables of two dtypes: which table first_row is in
+    const scalar_t* const tables[2] = {reinterpret_cast<const scalar_t*>(frozen), tuned};
     float w0[kBlock];
     float w1[kBlock];
     for (int64_t b = bbegin; b < bend; ++b) {
@@ -277,35 +345,55 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
             continue;
           }
           const int64_t row = static_cast<int64_t>(idx) * D;
+          const frozen_t* frow = frozen + static_cast<int64_t>(idx) * FS;
           if (hard) {
             gates[2 * n] = s.y0[j];
             gates[2 * n + 1] = s.y1[j];
-            first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
-            prefetch_row(first_row[i], D);
+            if constexpr (kSameType) {
+              first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
+              prefetch_row(static_cast<const scalar_t*>(first_row[i]), D);
+            } else {
+              from_tuned[i] = pick[j] != 0;
+              if (from_tuned[i]) {
+                first_row[i] = tuned + row;
+                prefetch_row(tuned + row, D);
+              } else {
+                first_row[i] = frow;
+                prefetch_row(frow, FS);
+              }
+            }
           } else {
             // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
             gates[2 * n] = s.y0[j];
             gates[2 * n + 1] = s.y1[j];
             w0[i] = s.y0[j];
             w1[i] = s.y1[j];
-            first_row[i] = frozen + row;
-            prefetch_row(frozen + row, D);
+            first_row[i] = frow;
+            prefetch_row(frow, FS);
             prefetch_row(tuned + row, D);
           }
         }
       }
       // Phase 2: rows. A short loop of independent loads, so many misses are in flight.
       for (int64_t i = 0; i < nb; ++i) {
-        const scalar_t* f = first_row[i];
+        const void* f = first_row[i];
         if (f == nullptr) {
           continue;
         }
         scalar_t* o = out + (n0 + i) * D;
+        const frozen_t* frow = static_cast<const frozen_t*>(f);
         if (hard) {
-          // z is exactly one-hot, so the output is the chosen row, bit for bit.
-          copy_row(f, D, o);
+          // z is exactly one-hot, so the output is the chosen row, bit for bit (a frozen row
+          // of another dtype: its value widened to the tuned dtype).
+          if constexpr (kSameType) {
+            copy_row(static_cast<const scalar_t*>(f), D, o);
+          } else if (from_tuned[i]) {
+            copy_row(static_cast<const scalar_t*>(f), D, o);
+          } else {
+            widen_row(frow, D, o);
+          }
         } else {
-          mix_rows(f, tuned + (f - frozen), w0[i], w1[i], D, o);
+          mix_rows(frow, tuned + ((frow - frozen) / FS) * D, w0[i], w1[i], D, o);
         }
       }
     }
@@ -317,22 +405,23 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
 // ---------------------------------------------------------------------------------------------
 
 // <g, f> and <g, t> in float32, four lanes at a time.
-template <typename grad_t, typename scalar_t>
-inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D, float& a0,
+template <typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots(const grad_t* g, const frozen_t* f, const scalar_t* t, int64_t D, float& a0,
                      float& a1) {
   vec4::f32x4 p0 = vec4::splat(0.0f);
   vec4::f32x4 p1 = vec4::splat(0.0f);
+  const float scale = frozen_scale(f, D);
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
     const vec4::f32x4 gv = vec4::load(g + d);
-    p0 += gv * vec4::load(f + d);
+    p0 += gv * load_frozen(f + d, scale);
     p1 += gv * vec4::load(t + d);
   }
   float s0 = vec4::hsum(p0);
   float s1 = vec4::hsum(p1);
   for (; d < D; ++d) {
     const float gv = to_float(g[d]);
-    s0 += gv * to_float(f[d]);
+    s0 += gv * frozen_value(f + d, scale);
     s1 += gv * to_float(t[d]);
   }
   a0 = s0;
@@ -340,22 +429,23 @@ inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int6
 }
 
 // two_dots for D = 4 * NV, unrolled: the same lane-wise products and sums in the same order.
-template <int NV, typename grad_t, typename scalar_t>
-inline void two_dots_fixed(const grad_t* g, const scalar_t* f, const scalar_t* t, float& a0,
+template <int NV, typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots_fixed(const grad_t* g, const frozen_t* f, const scalar_t* t, float& a0,
                            float& a1) {
   vec4::f32x4 p0 = vec4::splat(0.0f);
   vec4::f32x4 p1 = vec4::splat(0.0f);
+  const float scale = frozen_scale(f, 4 * NV);
   for (int v = 0; v < NV; ++v) {
     const vec4::f32x4 gv = vec4::load(g + 4 * v);
-    p0 += gv * vec4::load(f + 4 * v);
+    p0 += gv * load_frozen(f + 4 * v, scale);
     p1 += gv * vec4::load(t + 4 * v);
   }
   a0 = vec4::hsum(p0);
   a1 = vec4::hsum(p1);
 }
 
-template <typename grad_t, typename scalar_t>
-inline void two_dots_any(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D,
+template <typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots_any(const grad_t* g, const frozen_t* f, const scalar_t* t, int64_t D,
                          float& a0, float& a1) {
   switch (D) {
     case 8:
@@ -417,15 +507,16 @@ struct KeySink {
 // Pass over lookups: logit gradients, the tuned weights z1 that the per-row sums need (soft
 // gates only: a hard gate's z1 is 0 or 1, and only the lookups with z1 = 1 are keyed), and the
 // keys of the lookups that reach the tuned table.
-template <typename scalar_t, typename grad_t, typename index_t>
+template <typename scalar_t, typename frozen_t, typename grad_t, typename index_t>
 void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
-                            const scalar_t* frozen, const scalar_t* tuned, const float* logits,
+                            const frozen_t* frozen, const scalar_t* tuned, const float* logits,
                             const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
                             int64_t D, float* grad_logits, float* z1_out, BadIndex& bad,
                             const KeyPlan& plan, const KeySink& sink) {
   // z1 is needed per lookup for soft gates, or when the keys are not built.
   const bool keep_z1 = !hard || sink.keys == nullptr;
   const bool seeded = src.noise && src.uniforms == nullptr;
+  const int64_t FS = frozen_stride<frozen_t>(D);
   at::parallel_for(0, plan.tasks, 1, [&](int64_t tbegin, int64_t tend) {
     for (int64_t task = tbegin; task < tend; ++task) {
       bool seen_bad = false;
@@ -475,7 +566,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
             scale[i] = sc[j];
             ids[i] = static_cast<uint64_t>(idx);
             rows[i] = static_cast<int64_t>(idx) * D;
-            prefetch_row(frozen + rows[i], D);
+            prefetch_row(frozen + static_cast<int64_t>(idx) * FS, FS);
             prefetch_row(tuned + rows[i], D);
           }
         }
@@ -488,7 +579,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
           const int64_t n = n0 + i;
           const grad_t* gr = grad_out + n * D;
           float a0, a1;
-          two_dots_any(gr, frozen + row, tuned + row, D, a0, a1);
+          two_dots_any(gr, frozen + static_cast<int64_t>(ids[i]) * FS, tuned + row, D, a0, a1);
           float diff = a1 - a0;
           if (grad_gates != nullptr) {
             diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
@@ -793,6 +884,27 @@ int64_t count_rows(const std::vector<int64_t>& order, const index_t* indices) {
 }
 
 
+// Calls f with a value of the frozen table's C++ type for a tuned table of type scalar_t: the
+// tuned type, int8_t (row-quantised), or c10::BFloat16 / c10::Half under a float32 tuned table
+// (checked before by check_gated_inputs).
+template <typename scalar_t, typename F>
+void dispatch_frozen(at::ScalarType frozen, F&& f) {
+  if (frozen == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else if (frozen == at::kChar) {
+    f(int8_t{});
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (frozen == at::kBFloat16) {
+      f(c10::BFloat16{});
+    } else {
+      TORCH_CHECK_TYPE(frozen == at::kHalf, "unsupported frozen table dtype ", frozen);
+      f(c10::Half{});
+    }
+  } else {
+    TORCH_CHECK_TYPE(false, "unsupported frozen table dtype ", frozen);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
@@ -803,7 +915,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
   // `sparse` only tells the autograd formula which gradient layout to ask the backward for.
   (void)sparse;
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
-                                          tau, c10::DeviceType::CPU);
+                                          tau, c10::DeviceType::CPU, /*low_precision_frozen=*/true);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor frozen = frozen_weight.contiguous();
   const at::Tensor tuned = tuned_weight.contiguous();
@@ -822,11 +934,13 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
     const index_t* ip = idx.const_data_ptr<index_t>();
     dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
       using scalar_t = decltype(table_tag);
-      forward_kernel<scalar_t, index_t>(ip, frozen.const_data_ptr<scalar_t>(),
-                                        tuned.const_data_ptr<scalar_t>(), lg.const_data_ptr<float>(),
-                                        src, static_cast<float>(tau), hard, s.N, s.V, s.D,
-                                        out.mutable_data_ptr<scalar_t>(),
-                                        gates.mutable_data_ptr<float>(), bad);
+      dispatch_frozen<scalar_t>(frozen.scalar_type(), [&](auto frozen_tag) {
+        using frozen_t = decltype(frozen_tag);
+        forward_kernel<scalar_t, frozen_t, index_t>(
+            ip, frozen.const_data_ptr<frozen_t>(), tuned.const_data_ptr<scalar_t>(),
+            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V, s.D,
+            out.mutable_data_ptr<scalar_t>(), gates.mutable_data_ptr<float>(), bad);
+      });
     });
     bad.raise_if_any(ip, s.V);
   });
@@ -839,7 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
     double tau, bool hard, bool noise, bool sparse) {
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
-                                          tau, c10::DeviceType::CPU);
+                                          tau, c10::DeviceType::CPU, /*low_precision_frozen=*/true);
   check_grad_inputs(grad_out, grad_gates, indices, tuned_weight, s, c10::DeviceType::CPU);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor frozen = frozen_weight.contiguous();
@@ -881,11 +995,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
       auto run = [&](auto grad_tag) {
         using grad_t = decltype(grad_tag);
         const grad_t* gp = go.const_data_ptr<grad_t>();
-        backward_lookup_kernel<scalar_t, grad_t, index_t>(
-            gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
-            frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
-            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V,
-            s.D, grad_logits.mutable_data_ptr<float>(), z1.get(), bad, plan, sink);
+        dispatch_frozen<scalar_t>(frozen.scalar_type(), [&](auto frozen_tag) {
+          using frozen_t = decltype(frozen_tag);
+          backward_lookup_kernel<scalar_t, frozen_t, grad_t, index_t>(
+              gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
+              frozen.const_data_ptr<frozen_t>(), tuned.const_data_ptr<scalar_t>(),
+              lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V,
+              s.D, grad_logits.mutable_data_ptr<float>(), z1.get(), bad, plan, sink);
+        });
         bad.raise_if_any(ip, s.V);
         if (!packed) {
           const std::vector<int64_t> order = order_by_row(ip, z1.get(), hard, s.N);
