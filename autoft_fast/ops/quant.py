@@ -120,8 +120,8 @@ def dequantize(frozen_weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor
 
         >>> import torch
         >>> from autoft_fast.ops.quant import dequantize, quantize_int8
-        >>> dequantize(quantize_int8(torch.tensor([[2.0, -1.0]]))).tolist()
-        [[2.0, -1.0]]
+        >>> dequantize(quantize_int8(torch.tensor([[127.0, -2.0]]))).tolist()
+        [[127.0, -2.0]]
     """
     if not is_quantised(frozen_weight):
         return frozen_weight.to(dtype)
