@@ -83,6 +83,25 @@ class _FusedStep(torch.autograd.Function):
                 (torch.zeros_like(out) if grad_out is None else grad_out,
                  torch.zeros_like(gates) if grad_gates is None else grad_gates))
             rows, values = g_t._indices()[0], g_t._values()
+        elif row.fused_backward is not None and weight.device.type in row.update_devices:
+            # The kernel updates the touched rows itself; no gradient rows leave it.
+            n, dim = indices.shape[0], weight.shape[1]
+            grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
+            opt = ctx.optimizer
+            if fused_optim.updates_paused():
+                g_l = row.ops()[1](
+                    grad_out.reshape(n, dim).contiguous(),
+                    None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                    indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
+                    hard, noise, True)[1]
+            else:
+                g_l = row.fused_backward()(
+                    grad_out.reshape(n, dim).contiguous(),
+                    None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                    indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
+                    hard, noise, *opt.kernel_args(weight, ctx.state))
+            grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
+            return None, grad_logits, None, None, None, None
         else:
             n, dim = indices.shape[0], weight.shape[1]
             grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out

@@ -59,6 +59,11 @@ class Backend:
     # Whether its kernels read a frozen table stored in another dtype than the tuned one
     # (bfloat16 / float16 / int8 row-quantised, ops/quant.py), dequantising as they load.
     low_precision_frozen: bool = False
+    # The backward that applies the fused optimizer's row update itself (the
+    # gated_embedding_bwd_update op of ops/interface.py), served on ``update_devices``;
+    # without it the update is applied with torch ops to the backward's sparse row sums.
+    fused_backward: Optional[Callable[[], object]] = None
+    update_devices: tuple[str, ...] = ()
     _ops: Optional[tuple] = field(default=None, repr=False)
 
     @property
@@ -247,6 +252,7 @@ register(Backend(
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
     coalesced=True, touched_only=True, low_precision_frozen=True, unavailable=_not_built,
+    fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update, update_devices=("cpu",),
     notes="C++ extension, OpenMP, vectorised"))
 register(Backend(
     # CUDA C++ before Triton: it has no per-call JIT dispatch cost. Not yet measured against

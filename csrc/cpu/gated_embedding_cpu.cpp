@@ -715,6 +715,48 @@ SortedKeys sort_keys(const KeyPlan& plan, const KeySink& sink) {
   return out;
 }
 
+// The fused optimizer's row update (autoft_fast/ops/fused_optim.py RULES, the same formulas in
+// the same float32 operations): applied to a touched row as soon as its gradient sum is made,
+// so no gradient row is ever stored. Rules by index in RULES: 0 sgd, 1 rowwise_adagrad, 2 adam.
+struct RowUpdate {
+  int64_t rule;
+  float lr, eps, one_minus_beta1, one_minus_beta2, neg_step_size;  // adam: -lr sqrt(bc2) / bc1
+  void* weight;                                                   // [V, D] tuned table
+  float* state_a;  // adagrad: sum [V]; adam: exp_avg [V, D]
+  float* state_b;  // adam: exp_avg_sq [V, D]
+};
+
+template <typename scalar_t>
+inline void apply_row_update(const RowUpdate& u, int64_t row, const float* g, int64_t D) {
+  scalar_t* w = static_cast<scalar_t*>(u.weight) + row * D;
+  if (u.rule == 0) {
+    for (int64_t d = 0; d < D; ++d) {
+      w[d] = static_cast<scalar_t>(to_float(w[d]) + (-u.lr) * g[d]);
+    }
+  } else if (u.rule == 1) {
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      sq += g[d] * g[d];
+    }
+    const float acc = u.state_a[row] + sq / static_cast<float>(D);
+    u.state_a[row] = acc;
+    const float denom = std::sqrt(acc) + u.eps;
+    for (int64_t d = 0; d < D; ++d) {
+      w[d] = static_cast<scalar_t>(to_float(w[d]) - (u.lr * g[d]) / denom);
+    }
+  } else {
+    float* m = u.state_a + row * D;
+    float* v = u.state_b + row * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float mn = m[d] + (g[d] - m[d]) * u.one_minus_beta1;
+      const float vn = v[d] + (g[d] * g[d] - v[d]) * u.one_minus_beta2;
+      m[d] = mn;
+      v[d] = vn;
+      w[d] = static_cast<scalar_t>(to_float(w[d]) + u.neg_step_size * (mn / (std::sqrt(vn) + u.eps)));
+    }
+  }
+}
+
 // acc += w * g (acc in float32).
 template <typename grad_t>
 inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
@@ -733,9 +775,12 @@ inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
 // chunk of buckets owns a range of rows); sparse mode writes the s-th distinct row to row s of a
 // compact [U, D] table and its id to out_rows[s] (sorted, unique: coalesced). z1 == nullptr: every keyed lookup has weight 1 (hard gates; 1 * g is g
 // exactly, so this is the same sum).
+// update != nullptr (sparse mode only): each row's sum updates the tuned row in place instead
+// of being written out (out, out_rows unused).
 template <typename scalar_t, typename grad_t>
 void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out, const float* z1,
-              int64_t V, int64_t D, bool dense, scalar_t* out, int64_t* out_rows) {
+              int64_t V, int64_t D, bool dense, scalar_t* out, int64_t* out_rows,
+              const RowUpdate* update = nullptr) {
   constexpr int64_t kAhead = 16;  // keys between a prefetch and its use
   const uint64_t* keys = sk.keys.get();
   // Dense mode also zero-fills the rows between the summed ones (counted as one key per 32
@@ -795,6 +840,13 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
           }
           ++p;
         } while (p < pend && (keys[p] >> 32) == row);
+        if constexpr (NV > 0) {
+          std::memcpy(acc.data(), a, sizeof(a));
+        }
+        if (update != nullptr) {
+          apply_row_update<scalar_t>(*update, static_cast<int64_t>(row), acc.data(), D);
+          continue;
+        }
         scalar_t* o;
         if (!dense) {
           o = out + s * D;
@@ -804,9 +856,6 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
           zero_rows_to(static_cast<int64_t>(row));
           next_row = static_cast<int64_t>(row) + 1;
           o = out + static_cast<int64_t>(row) * D;
-        }
-        if constexpr (NV > 0) {
-          std::memcpy(acc.data(), a, sizeof(a));
         }
         for (int64_t d = 0; d < D; ++d) {
           o[d] = static_cast<scalar_t>(acc[d]);
@@ -947,11 +996,15 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
   return {out, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+namespace {
+
+// The backward; with `update` (sparse mode) the touched tuned rows are updated in place and no
+// gradient rows are returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
-    double tau, bool hard, bool noise, bool sparse) {
+    double tau, bool hard, bool noise, bool sparse, const RowUpdate* update) {
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
                                           tau, c10::DeviceType::CPU, /*low_precision_frozen=*/true);
   check_grad_inputs(grad_out, grad_gates, indices, tuned_weight, s, c10::DeviceType::CPU);
@@ -1006,7 +1059,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
         bad.raise_if_any(ip, s.V);
         if (!packed) {
           const std::vector<int64_t> order = order_by_row(ip, z1.get(), hard, s.N);
-          if (sparse) {
+          if (update != nullptr) {
+            // Rare (N or V >= 2^32): the row sums are made first, then applied.
+            const int64_t U = count_rows(order, ip);
+            at::Tensor sums = at::empty({U, s.D}, tuned.options().dtype(at::kFloat));
+            at::Tensor rows = at::empty({U}, row_options);
+            sum_rows_unpacked<float, grad_t, index_t>(order, ip, gp, z1.get(), s.D,
+                                                      sums.mutable_data_ptr<float>(),
+                                                      rows.mutable_data_ptr<int64_t>());
+            for (int64_t u = 0; u < U; ++u) {
+              apply_row_update<scalar_t>(*update, rows.const_data_ptr<int64_t>()[u],
+                                         sums.const_data_ptr<float>() + u * s.D, s.D);
+            }
+          } else if (sparse) {
             const int64_t U = count_rows(order, ip);
             grad_tuned = at::empty({U, s.D}, tuned.options());
             grad_rows = at::empty({U}, row_options);
@@ -1022,7 +1087,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
         }
         const SortedKeys sk = sort_keys(plan, sink);
         const float* weights = hard ? nullptr : z1.get();
-        if (sparse) {
+        if (update != nullptr) {
+          sum_rows<scalar_t, grad_t>(sk, plan, gp, weights, s.V, s.D, /*dense=*/false, nullptr,
+                                     nullptr, update);
+        } else if (sparse) {
           const int64_t U = sk.segment_start[plan.buckets];
           grad_tuned = at::empty({U, s.D}, tuned.options());
           grad_rows = at::empty({U}, row_options);
@@ -1047,9 +1115,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
   return {grad_tuned, grad_logits, grad_rows};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, bool sparse) {
+  return backward_cpu(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                      uniforms, tau, hard, noise, sparse, nullptr);
+}
+
+at::Tensor gated_embedding_bwd_update_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
+    double lr, double eps, double beta1, double beta2, int64_t step) {
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule must be 0 (sgd), 1 (rowwise_adagrad) or 2 (adam), got rule = ", rule);
+  TORCH_CHECK_VALUE(tuned_weight.is_contiguous(), "tuned_weight must be contiguous (its rows are updated in place)");
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step count after this step), got step = ", step);
+  const int64_t V = tuned_weight.dim() == 2 ? tuned_weight.size(0) : 0;
+  const int64_t D = tuned_weight.dim() == 2 ? tuned_weight.size(1) : 0;
+  auto check_state = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got dtype ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
+                      " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
+                      ", got shape ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  };
+  if (rule == 1) {
+    check_state(state_a, "state_a", {V});
+  } else if (rule == 2) {
+    check_state(state_a, "state_a", {V, D});
+    check_state(state_b, "state_b", {V, D});
+  }
+  RowUpdate u;
+  u.rule = rule;
+  u.lr = static_cast<float>(lr);
+  u.eps = static_cast<float>(eps);
+  u.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  u.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  u.neg_step_size = static_cast<float>(-(lr * std::sqrt(bc2) / bc1));
+  u.weight = tuned_weight.mutable_data_ptr();
+  u.state_a = rule >= 1 ? state_a.mutable_data_ptr<float>() : nullptr;
+  u.state_b = rule == 2 ? state_b.mutable_data_ptr<float>() : nullptr;
+  auto result = backward_cpu(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits,
+                             seed, uniforms, tau, hard, noise, /*sparse=*/true, &u);
+  return std::get<1>(result);
+}
+
 }  // namespace autoft
 
 TORCH_LIBRARY_IMPL(autoft_fast, CPU, m) {
   m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cpu);
   m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cpu);
+  m.impl("gated_embedding_bwd_update", &autoft::gated_embedding_bwd_update_cpu);
 }
