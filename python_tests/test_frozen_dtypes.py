@@ -209,19 +209,47 @@ def test_low_precision_pairs_that_are_refused():
                                     inp["logits"])
 
 
-@pytest.mark.parametrize("backend", OTHER_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
-    reason="every backend here reads low-precision frozen tables"))])
-def test_backend_without_low_precision_names_the_dtypes(backend):
+@pytest.fixture
+def backend_without_low_precision():
+    """A backend row that does not read low-precision frozen tables (running the plain-PyTorch
+    path: a row sharing a kernel op would take over that op's autograd mapping)."""
+    fake = registry.register(registry.Backend(
+        name="same_dtype_only", devices=("cpu",), probe=lambda device: True))
+    yield fake.name
+    registry.unregister(fake.name)
+
+
+def test_backend_without_low_precision_names_the_dtypes(backend_without_low_precision):
+    backend = backend_without_low_precision
     inp = make_inputs((8,), 10, 4)
     low = quant.quantize_int8(inp["frozen"])
     with pytest.raises(TypeError, match=rf"backend '{backend}' does not read a frozen_weight of "
-                                        r"dtype int8 with a tuned_weight of dtype float32"):
+                                        r"dtype int8 with a tuned_weight of dtype float32; "
+                                        r"backends that do: \['cpu'"):
         autoft_fast.gated_embedding(inp["indices"], low, inp["tuned"], inp["logits"], backend=backend)
-    # Its kernel op refuses it too, for direct callers.
-    op = registry.REGISTRY[backend].ops()[0]
-    with pytest.raises(TypeError, match="int8|Char"):
-        op(inp["indices"], low, inp["tuned"], inp["logits"], torch.tensor(0), None, 1.0, True,
-           True, False)
+    # The same tables of one dtype are served.
+    out, _ = autoft_fast.gated_embedding(inp["indices"], inp["frozen"], inp["tuned"], inp["logits"],
+                                         backend=backend)
+    assert out.shape == (8, 4)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="every backend available here reads low-precision frozen tables"))])
+def test_available_backend_without_low_precision_refuses(backend):
+    inp = make_inputs((8,), 10, 4)
+    low = quant.quantize_int8(inp["frozen"])
+    with pytest.raises(TypeError, match=rf"backend '{backend}' does not read a frozen_weight"):
+        autoft_fast.gated_embedding(inp["indices"], low, inp["tuned"], inp["logits"], backend=backend)
+
+
+def test_triton_host_code_refuses_what_its_caller_does_not_allow():
+    from autoft_fast.ops import validate
+
+    inp = make_inputs((8,), 10, 4)
+    low = quant.quantize_int8(inp["frozen"])
+    with pytest.raises(TypeError, match="backend 'x' does not read a frozen_weight of dtype int8"):
+        validate.check_kernel_inputs(inp["indices"], low, inp["tuned"], inp["logits"],
+                                     torch.tensor(0), None, 1.0, backend="x")
 
 
 def test_auto_picks_a_backend_that_reads_the_table():

@@ -266,7 +266,7 @@ register(Backend(
     name="triton", devices=("cuda", "cpu"), probe=ext.triton_usable,
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd_triton,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton,
-    coalesced=True, unavailable=_triton_missing,
+    coalesced=True, low_precision_frozen=True, unavailable=_triton_missing,
     notes="CPU tensors only under TRITON_INTERPRET=1"))
 register(Backend(
     name="reference", devices=("cpu", "cuda", "meta"), probe=lambda device: True,
