@@ -115,3 +115,16 @@ def test_update_op_checks_its_arguments():
     assert torch.equal(w, inp["tuned"])  # nothing was updated by the refused calls
     g = op(*args, empty, empty, 0, 0.1, 0.0, 0.9, 0.999, 1)
     assert tuple(g.shape) == (6, 2) and not torch.equal(w, inp["tuned"])
+
+
+@pytest.mark.parametrize("kind", sorted(RULES))
+def test_opcheck_update_op(kind):
+    """The schema declares what the op mutates (tuned_weight, the state), and its fake agrees."""
+    inp = make_inputs((12,), 9, 5, gen=case_generator("opcheck-update", kind))
+    opt = FusedOptimizer(kind, lr=0.1)
+    w = inp["tuned"].clone()
+    state = opt.new_state(w)
+    args = (inp["grad_out"], inp["grad_gates"], inp["indices"], inp["frozen"], w, inp["logits"],
+            torch.tensor(3), None, 1.0, True, True, *opt.kernel_args(w, state))
+    torch.library.opcheck(torch.ops.autoft_fast.gated_embedding_bwd_update, args,
+                          test_utils=("test_schema", "test_faketensor"))
