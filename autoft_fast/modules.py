@@ -9,6 +9,7 @@ from .ops import quant
 from .ops.functional import gated_embedding
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
+from .ops.validate import frozen_dtypes_for
 
 
 def keep_sparse_grad_coalesced(param: nn.Parameter) -> None:
@@ -128,6 +129,11 @@ class GatedEmbedding(nn.Module):
     def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
         if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:
             return weight.detach().clone()
+        allowed = frozen_dtypes_for(weight.dtype)
+        if quant.check_frozen_dtype(frozen_dtype) not in allowed:
+            names = [n for n, d in quant.FROZEN_DTYPES.items() if d in allowed]
+            raise ValueError(f"frozen_dtype = {frozen_dtype!r} is not a precision the op reads "
+                             f"under a {weight.dtype} tuned table; choose one of {names}")
         return quant.to_frozen_dtype(weight, frozen_dtype)
 
     def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,

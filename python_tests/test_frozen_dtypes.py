@@ -297,6 +297,14 @@ def test_module_from_pretrained_and_state_dict(frozen_dtype):
 def test_module_bad_frozen_dtype():
     with pytest.raises(ValueError, match="frozen_dtype = 'float8' is not one of"):
         autoft_fast.GatedEmbedding.from_pretrained(torch.zeros(3, 2), frozen_dtype="float8")
+    with pytest.raises(ValueError, match=r"frozen_dtype = 'float32' is not a precision the op "
+                                         r"reads under a torch.bfloat16 tuned table; choose one "
+                                         r"of \['bfloat16', 'int8'\]"):
+        autoft_fast.GatedEmbedding.from_pretrained(torch.zeros(3, 2, dtype=torch.bfloat16),
+                                                   frozen_dtype="float32")
+    emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(3, 2, dtype=torch.bfloat16),
+                                                     frozen_dtype="int8")
+    assert emb.frozen_weight.dtype == torch.int8 and emb.tuned_weight.dtype == torch.bfloat16
 
 
 def test_config_key():
