@@ -3,9 +3,11 @@
 Prints, per shape, the median milliseconds of forward, forward+backward and a full step
 (forward, backward, SGD on the tuned rows and the logits) for eager PyTorch (dense and sparse
 gradient), ``torch.compile`` of eager, the two-gather floor, and each autoft_fast backend
-(dense and sparse gradient, the optimizer fused into the backward, the evaluation forward
-with hard gates and no noise, and the training forward with gradients recorded),
-with the ratio to eager and an effective bandwidth; then the project's speed targets as
+(dense and sparse gradient, the optimizer fused into the backward, an int8 row-quantised
+frozen table on the backends that read one, the evaluation forward with hard gates and no
+noise, and the training forward with gradients recorded), with the ratio to eager and an
+effective bandwidth, and the frozen table's bytes in the benchmark dtype and in int8; then
+the project's speed targets as
 measured ratios. Speed targets live here, never in timed tests.
 
 Example::
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import autoft_fast
+from autoft_fast.ops import quant, registry
 from autoft_fast.ops.fused_optim import FusedOptimizer
 
 DEFAULT_SHAPES = ["16:1000000", "64:1000000", "16:100000"]
@@ -108,6 +111,7 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     # Its own Parameter, so that the hook's check never runs on the eager providers' gradients.
     tuned_fast = torch.nn.Parameter(frozen.clone())
     autoft_fast.keep_sparse_grad_coalesced(tuned_fast)
+    frozen_int8 = quant.quantize_int8(frozen)
     for name in backends:
         for sparse in (False, True):
             providers[f"autoft_fast {name} ({'sparse' if sparse else 'dense'})"] = (
@@ -126,6 +130,11 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
                               autoft_fast.gated_embedding(idx, frozen, t, logits, tau=tau,
                                                           backend=name, optimizer=opt,
                                                           optimizer_state=state))
+        if registry.REGISTRY[name].low_precision_frozen:
+            # The frozen table row-quantised to int8 (dequantised inside the kernels).
+            providers[f"autoft_fast {name} (int8 frozen, sparse)"] = (
+                lambda name=name: autoft_fast.gated_embedding(
+                    idx, frozen_int8, tuned_fast, logits, tau=tau, sparse=True, backend=name))
         providers[f"autoft_fast {name} (eval: hard, no noise)"] = (
             lambda name=name: autoft_fast.gated_embedding(idx, frozen, tuned_fast, logits, tau=tau,
                                                           noise=False, backend=name))
@@ -184,7 +193,7 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     for name in providers:
         rows_out.append((name, f_ms[name], fb_ms.get(name), s_ms.get(name),
                          fwd_bytes / f_ms[name] / 1e6))
-    return rows_out, f_ms[FLOOR]
+    return rows_out, f_ms[FLOOR], (frozen.nbytes, frozen_int8.nbytes)
 
 
 def format_table(rows_out):
@@ -277,12 +286,14 @@ def main(argv=None) -> int:
           f"{platform.processor() or platform.machine()}; lower of two medians of {args.reps}")
     results = {}
     for d, v in shapes:
-        rows_out, floor = bench_shape(args.batch, args.fields, d, v, device=args.device, dtype=dtype,
-                                      reps=args.reps, warmup=args.warmup,
-                                      compile_eager=not args.no_compile, backends=backends)
+        rows_out, floor, (table_bytes, int8_bytes) = bench_shape(
+            args.batch, args.fields, d, v, device=args.device, dtype=dtype, reps=args.reps,
+            warmup=args.warmup, compile_eager=not args.no_compile, backends=backends)
         results[(d, v)] = (rows_out, floor)
         print(f"\n## D={d}, V={v}\n")
-        print(format_table(rows_out), flush=True)
+        print(format_table(rows_out))
+        print(f"\nfrozen table: {args.dtype} {table_bytes:,} bytes, int8 row-quantised "
+              f"{int8_bytes:,} bytes ({int8_bytes / table_bytes:.3f}x)", flush=True)
     for b in backends:
         lines = targets(results, b)
         if lines:

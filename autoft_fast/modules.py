@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops import quant
 from .ops.functional import gated_embedding
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
+from .ops.validate import frozen_dtypes_for
 
 
 def keep_sparse_grad_coalesced(param: nn.Parameter) -> None:
@@ -72,7 +74,11 @@ class GatedEmbedding(nn.Module):
     """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
 
     The frozen copy is a buffer (saved in the state_dict, never trained); the tuned copy is a
-    Parameter initialised from it. In train mode the gates are sampled with Gumbel noise; in
+    Parameter initialised from it. ``frozen_dtype`` ("float32", "bfloat16", "float16" or
+    "int8"; default: the tuned table's dtype) stores the frozen copy in lower precision: int8
+    is row-wise quantised (``autoft_fast.ops.quant``, 18 bytes a row at D = 16 instead of 64)
+    and the kernels dequantise it as they read it; the tuned copy starts from the full-precision
+    weights. In train mode the gates are sampled with Gumbel noise; in
     eval mode they are the deterministic argmax of the logits (pass ``noise=True`` to
     ``forward`` to sample at evaluation too).
 
@@ -101,7 +107,8 @@ class GatedEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, sparse: bool = False,
                  backend: str = "auto", device=None, dtype=None, optimizer: str | None = None,
-                 lr: float | None = None, eps: float | None = None, betas=(0.9, 0.999)):
+                 lr: float | None = None, eps: float | None = None, betas=(0.9, 0.999),
+                 frozen_dtype=None):
         super().__init__()
         if num_embeddings <= 0 or embedding_dim <= 0:
             raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
@@ -109,8 +116,8 @@ class GatedEmbedding(nn.Module):
         check_backend_name(backend)
         weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
         nn.init.normal_(weight)
-        self.register_buffer("frozen_weight", weight)
         self.tuned_weight = nn.Parameter(weight.clone())
+        self.register_buffer("frozen_weight", self._store_frozen(weight, frozen_dtype))
         self.sparse = bool(sparse)
         if self.sparse:
             keep_sparse_grad_coalesced(self.tuned_weight)
@@ -118,6 +125,16 @@ class GatedEmbedding(nn.Module):
         self.fused_optimizer = None
         if optimizer is not None:
             self.use_fused_optimizer(optimizer, lr=lr, eps=eps, betas=betas)
+
+    def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
+        if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:
+            return weight.detach().clone()
+        allowed = frozen_dtypes_for(weight.dtype)
+        if quant.check_frozen_dtype(frozen_dtype) not in allowed:
+            names = [n for n, d in quant.FROZEN_DTYPES.items() if d in allowed]
+            raise ValueError(f"frozen_dtype = {frozen_dtype!r} is not a precision the op reads "
+                             f"under a {weight.dtype} tuned table; choose one of {names}")
+        return quant.to_frozen_dtype(weight, frozen_dtype)
 
     def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,
                             betas=(0.9, 0.999)) -> None:
@@ -146,12 +163,14 @@ class GatedEmbedding(nn.Module):
         return {n: getattr(self, f"optimizer_{n}") for n in names}
 
     @classmethod
-    def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto", **optimizer):
+    def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto",
+                        frozen_dtype=None, **optimizer):
         """Build from a pre-trained ``[V, D]`` tensor or ``nn.Embedding``; both copies start equal.
 
         The pre-trained tensor is copied, never aliased: training the tuned copy cannot
-        change the caller's weights. Keyword ``optimizer``, ``lr``, ``eps``, ``betas``: the
-        fused optimizer, as in the constructor.
+        change the caller's weights. ``frozen_dtype``: the frozen copy's storage (see the
+        class docstring; the tuned copy keeps ``weight``'s dtype). Keyword ``optimizer``,
+        ``lr``, ``eps``, ``betas``: the fused optimizer, as in the constructor.
 
         Example::
 
@@ -159,6 +178,10 @@ class GatedEmbedding(nn.Module):
             >>> emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(100, 8))
             >>> torch.equal(emb.frozen_weight, emb.tuned_weight)
             True
+            >>> emb8 = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(100, 16),
+            ...                                                   frozen_dtype="int8")
+            >>> emb8.frozen_weight.dtype, emb8.frozen_weight.nbytes / emb8.tuned_weight.nbytes
+            (torch.int8, 0.28125)
         """
         if isinstance(weight, nn.Embedding):
             weight = weight.weight
@@ -167,11 +190,41 @@ class GatedEmbedding(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D [V, D] table, got shape {tuple(weight.shape)}")
         module = cls(weight.shape[0], weight.shape[1], sparse=sparse, backend=backend,
-                     device=weight.device, dtype=weight.dtype, **optimizer)
+                     device=weight.device, dtype=weight.dtype, frozen_dtype=frozen_dtype,
+                     **optimizer)
         with torch.no_grad():
-            module.frozen_weight.copy_(weight.detach())
+            module.frozen_weight = module._store_frozen(weight, frozen_dtype)
             module.tuned_weight.copy_(weight.detach())
         return module
+
+    def frozen_dense_weight(self) -> torch.Tensor:
+        """The frozen table as the op reads it, ``[V, D]`` in the tuned dtype.
+
+        The buffer itself when it has the tuned dtype; otherwise a dequantised copy of the
+        whole table (made on each call: prefer :meth:`frozen_rows` for a few rows).
+
+        Example::
+
+            >>> import torch, autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4, frozen_dtype="int8")
+            >>> emb.frozen_dense_weight().shape
+            torch.Size([10, 4])
+        """
+        if self.frozen_weight.dtype == self.tuned_weight.dtype:
+            return self.frozen_weight
+        return quant.dequantize(self.frozen_weight, self.tuned_weight.dtype)
+
+    def frozen_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The frozen rows at ``indices`` (any shape) as the op reads them, in the tuned dtype.
+
+        Example::
+
+            >>> import torch, autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4, frozen_dtype="bfloat16")
+            >>> emb.frozen_rows(torch.tensor([[1, 2]])).shape
+            torch.Size([1, 2, 4])
+        """
+        return quant.frozen_rows(self.frozen_weight, indices, self.tuned_weight.dtype)
 
     @property
     def num_embeddings(self) -> int:
@@ -179,7 +232,7 @@ class GatedEmbedding(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.frozen_weight.shape[1]
+        return self.tuned_weight.shape[1]
 
     def forward(self, indices, logits, tau: float = 1.0, hard: bool = True, noise=None,
                 seed=None, uniforms=None):
@@ -196,7 +249,9 @@ class GatedEmbedding(nn.Module):
                                optimizer_state=self.optimizer_state())
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.frozen_weight.dtype}, "
+        frozen = ("" if self.frozen_weight.dtype == self.tuned_weight.dtype
+                  else f", frozen_dtype={self.frozen_weight.dtype}")
+        return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.tuned_weight.dtype}{frozen}, "
                 f"sparse={self.sparse}, backend={self.backend!r}" +
                 (f", optimizer={self.fused_optimizer.kind!r}, lr={self.fused_optimizer.lr}"
                  if self.fused_optimizer is not None else ""))

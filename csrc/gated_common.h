@@ -44,28 +44,61 @@ inline void check_tau(double tau) {
                     "tau must be a positive finite temperature, got tau = ", tau);
 }
 
+// An int8 frozen table stores D + 2 bytes per row: the D quantised values, then the row's
+// float16 scale (autoft_fast/ops/quant.py).
+constexpr int64_t kInt8ExtraBytes = 2;
+
+// Whether a frozen table of dtype `frozen` may be paired with a tuned table of dtype `tuned`
+// by a kernel that reads lower-precision frozen tables (ops/validate.py frozen_dtypes_for).
+inline bool is_frozen_dtype_for(at::ScalarType frozen, at::ScalarType tuned) {
+  return frozen == tuned || frozen == at::kChar ||
+         (tuned == at::kFloat && (frozen == at::kBFloat16 || frozen == at::kHalf));
+}
+
 // The forward inputs (also the saved inputs of the backward). Returns the sizes.
+// `low_precision_frozen`: the kernel also reads frozen tables of lower precision than the tuned
+// one (bfloat16 / float16 / int8 row-quantised); otherwise both tables share one dtype.
 inline GatedSizes check_gated_inputs(const at::Tensor& indices, const at::Tensor& frozen_weight,
                                      const at::Tensor& tuned_weight, const at::Tensor& logits,
                                      const std::optional<at::Tensor>& uniforms, double tau,
-                                     c10::DeviceType expected) {
+                                     c10::DeviceType expected, bool low_precision_frozen = false) {
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
                    "indices must be int32 or int64, got dtype ", indices.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D (N lookups) for the kernel op, got shape ",
                     indices.sizes());
-  TORCH_CHECK_TYPE(is_table_dtype(frozen_weight.scalar_type()),
-                   "frozen_weight must be float32, bfloat16 or float16, got dtype ",
-                   frozen_weight.scalar_type());
-  TORCH_CHECK_TYPE(tuned_weight.scalar_type() == frozen_weight.scalar_type(),
-                   "tuned_weight must have the dtype of frozen_weight (", frozen_weight.scalar_type(),
-                   "), got dtype ", tuned_weight.scalar_type());
+  if (low_precision_frozen) {
+    TORCH_CHECK_TYPE(is_table_dtype(frozen_weight.scalar_type()) || frozen_weight.scalar_type() == at::kChar,
+                     "frozen_weight must be float32, bfloat16, float16 or int8, got dtype ",
+                     frozen_weight.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(is_table_dtype(frozen_weight.scalar_type()),
+                     "frozen_weight must be float32, bfloat16 or float16, got dtype ",
+                     frozen_weight.scalar_type());
+  }
+  TORCH_CHECK_TYPE(is_table_dtype(tuned_weight.scalar_type()),
+                   "tuned_weight must be float32, bfloat16 or float16, got dtype ",
+                   tuned_weight.scalar_type());
+  if (low_precision_frozen) {
+    TORCH_CHECK_TYPE(is_frozen_dtype_for(frozen_weight.scalar_type(), tuned_weight.scalar_type()),
+                     "frozen_weight must have the dtype of tuned_weight (", tuned_weight.scalar_type(),
+                     ") or a lower precision (int8; bfloat16 or float16 under a float32 "
+                     "tuned_weight), got dtype ", frozen_weight.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(tuned_weight.scalar_type() == frozen_weight.scalar_type(),
+                     "tuned_weight must have the dtype of frozen_weight (", frozen_weight.scalar_type(),
+                     "), got dtype ", tuned_weight.scalar_type(),
+                     " (this kernel reads no lower-precision frozen table)");
+  }
   TORCH_CHECK_VALUE(frozen_weight.dim() == 2, "frozen_weight must be a 2-D [V, D] table, got shape ",
                     frozen_weight.sizes());
   TORCH_CHECK_VALUE(tuned_weight.dim() == 2, "tuned_weight must be a 2-D [V, D] table, got shape ",
                     tuned_weight.sizes());
-  TORCH_CHECK_VALUE(tuned_weight.sizes() == frozen_weight.sizes(), "tuned_weight has shape ",
-                    tuned_weight.sizes(), " but frozen_weight has shape ", frozen_weight.sizes(),
-                    "; the two tables must have the same [V, D] shape");
+  const int64_t extra = frozen_weight.scalar_type() == at::kChar ? kInt8ExtraBytes : 0;
+  TORCH_CHECK_VALUE(tuned_weight.size(0) == frozen_weight.size(0) &&
+                        tuned_weight.size(1) + extra == frozen_weight.size(1),
+                    "tuned_weight has shape ", tuned_weight.sizes(), " but frozen_weight has shape ",
+                    frozen_weight.sizes(), "; the two tables must have the same [V, D] shape",
+                    extra ? " (an int8 frozen table stores [V, D + 2]: D values, then the row's float16 scale)" : "");
   const int64_t N = indices.size(0);
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "logits must be float32, got dtype ",
                    logits.scalar_type());
@@ -86,7 +119,7 @@ inline GatedSizes check_gated_inputs(const at::Tensor& indices, const at::Tensor
   if (uniforms.has_value()) {
     check_same_device(*uniforms, "uniforms", indices, expected);
   }
-  return GatedSizes{N, frozen_weight.size(0), frozen_weight.size(1)};
+  return GatedSizes{N, tuned_weight.size(0), tuned_weight.size(1)};
 }
 
 // The extra inputs of the backward.

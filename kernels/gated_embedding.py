@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from autoft_fast.ops import library, validate
+from autoft_fast.ops import library, quant, validate
 from autoft_fast.ops.interface import BWD, FWD, NAMESPACE, BwdArgs, FwdArgs, with_signature
 
 try:  # TRITON_INTERPRET=1 turns @triton.jit functions into InterpretedFunction objects.
@@ -85,14 +85,27 @@ def _gate_logit(
     return d / tau
 
 
+@triton.jit
+def _frozen_scale(frozen_ptr, frow_off, nmask, D, QUANT: tl.constexpr):
+    """The rows' int8 scales (the float16 in the last two bytes of each row), or 1."""
+    if QUANT:
+        lo = tl.load(frozen_ptr + frow_off + D, mask=nmask, other=0).to(tl.int32) & 0xFF
+        hi = tl.load(frozen_ptr + frow_off + D + 1, mask=nmask, other=0).to(tl.int32) & 0xFF
+        bits = (lo | (hi << 8)).to(tl.int16)
+        return bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return tl.full(frow_off.shape, 1.0, tl.float32)
+
+
 # Random seeds and batch sizes would otherwise each pick a specialisation (int32 vs int64,
 # divisible by 16 or not) and recompile; D keeps its specialisation, it aligns the row loads.
 @triton.jit(do_not_specialize=["seed_val", "N"])
 def _fwd_kernel(
     idx_ptr, frozen_ptr, tuned_ptr, logits_ptr, seed_ptr, seed_val, uniforms_ptr,
-    out_ptr, gates_ptr, N, D, tau,
+    out_ptr, gates_ptr, N, D, FS, tau,
     HARD: tl.constexpr, NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr,
-    SEED_FROM_PTR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr, QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,19 +125,31 @@ def _fwd_kernel(
     tl.store(gates_ptr + 2 * n + 1, z1, mask=nmask)
 
     row_off = row * D
+    # A frozen row is FS elements: D, or D + 2 for int8 (values, then the float16 scale).
+    # Float rows use D, whose specialisation (divisible by 16) keeps the loads vectorised.
+    if QUANT:
+        frow_off = row * FS
+    else:
+        frow_off = row_off
+    scale = _frozen_scale(frozen_ptr, frow_off, nmask, D, QUANT)
     out_off = n * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m2 = nmask[:, None] & (cols < D)[None, :]
         src = row_off[:, None] + cols[None, :]
+        fsrc = frow_off[:, None] + cols[None, :]
         if HARD:
             # Read only the chosen row: half the table traffic of a soft mix.
             t = tl.load(tuned_ptr + src, mask=m2 & pick_tuned[:, None], other=0.0)
-            f = tl.load(frozen_ptr + src, mask=m2 & (~pick_tuned)[:, None], other=0.0)
-            o = f.to(tl.float32) + t.to(tl.float32)
+            f = tl.load(frozen_ptr + fsrc, mask=m2 & (~pick_tuned)[:, None], other=0).to(tl.float32)
+            if QUANT:
+                f = f * scale[:, None]
+            o = f + t.to(tl.float32)
         else:
             t = tl.load(tuned_ptr + src, mask=m2, other=0.0).to(tl.float32)
-            f = tl.load(frozen_ptr + src, mask=m2, other=0.0).to(tl.float32)
+            f = tl.load(frozen_ptr + fsrc, mask=m2, other=0).to(tl.float32)
+            if QUANT:
+                f = f * scale[:, None]
             o = z0[:, None] * f + z1[:, None] * t
         tl.store(out_ptr + out_off[:, None] + cols[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m2)
@@ -133,10 +158,10 @@ def _fwd_kernel(
 @triton.jit(do_not_specialize=["seed_val", "N"])
 def _bwd_kernel(
     grad_out_ptr, grad_gates_ptr, idx_ptr, frozen_ptr, tuned_ptr, logits_ptr,
-    seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, N, D, tau,
+    seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, N, D, FS, tau,
     HARD: tl.constexpr, NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, HAS_GRAD_GATES: tl.constexpr, SPARSE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,6 +180,11 @@ def _bwd_kernel(
     a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     a1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_off = row * D
+    if QUANT:
+        frow_off = row * FS
+    else:
+        frow_off = row_off
+    scale = _frozen_scale(frozen_ptr, frow_off, nmask, D, QUANT)
     lookup_off = n * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -162,7 +192,9 @@ def _bwd_kernel(
         src = row_off[:, None] + cols[None, :]
         mine = lookup_off[:, None] + cols[None, :]
         g = tl.load(grad_out_ptr + mine, mask=m2, other=0.0).to(tl.float32)
-        f = tl.load(frozen_ptr + src, mask=m2, other=0.0).to(tl.float32)
+        f = tl.load(frozen_ptr + frow_off[:, None] + cols[None, :], mask=m2, other=0).to(tl.float32)
+        if QUANT:
+            f = f * scale[:, None]
         t = tl.load(tuned_ptr + src, mask=m2, other=0.0).to(tl.float32)
         a0 += tl.sum(g * f, axis=1)
         a1 += tl.sum(g * t, axis=1)
@@ -227,7 +259,8 @@ def _check_device(t: torch.Tensor, name: str) -> None:
 
 def _check_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau):
     """The contract's input checks (ops/validate.py) for direct callers of the kernel ops."""
-    validate.check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau)
+    validate.check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau,
+                                 backend="triton", low_precision_frozen=True)
     for name, t in (("indices", indices), ("frozen_weight", frozen_weight),
                     ("tuned_weight", tuned_weight), ("logits", logits), ("uniforms", uniforms)):
         if t is not None:
@@ -273,8 +306,9 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
         indices, frozen_weight, tuned_weight, logits,
         seed_ptr if seed_from_ptr else logits, seed_val,
         uniforms if use_uniforms else logits,
-        out, gates, n, d, float(tau),
+        out, gates, n, d, frozen_weight.shape[1], float(tau),
         HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+        QUANT=quant.is_quantised(frozen_weight),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out, gates
@@ -309,9 +343,10 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
             indices, frozen_weight, tuned_weight, logits,
             seed_ptr if seed_from_ptr else logits, seed_val,
             uniforms if use_uniforms else logits,
-            accum, grad_logits, n, d, float(tau),
+            accum, grad_logits, n, d, frozen_weight.shape[1], float(tau),
             HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
             HAS_GRAD_GATES=grad_gates is not None, SPARSE=sparse or deterministic,
+            QUANT=quant.is_quantised(frozen_weight),
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
     if deterministic:

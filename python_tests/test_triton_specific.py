@@ -166,22 +166,25 @@ def compile_kernel(kernel, types, constexprs):
     return triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
 
 
-for table, hard, from_ptr in (("fp32", True, False), ("bf16", False, True), ("fp16", True, False)):
-    t = "*" + table
+# (tuned table, frozen table, hard, seed from a pointer); int8: row-quantised frozen table.
+for table, frozen, hard, from_ptr in (("fp32", "fp32", True, False), ("bf16", "bf16", False, True),
+                                      ("fp16", "fp16", True, False), ("fp32", "i8", True, False),
+                                      ("fp32", "i8", False, True), ("fp32", "bf16", True, False)):
+    t, f, quant = "*" + table, "*" + frozen, frozen == "i8"
     ptx = compile_kernel(ge._fwd_kernel, dict(
-        idx_ptr="*i64", frozen_ptr=t, tuned_ptr=t, logits_ptr="*fp32", seed_ptr="*i64",
+        idx_ptr="*i64", frozen_ptr=f, tuned_ptr=t, logits_ptr="*fp32", seed_ptr="*i64",
         seed_val="i64", uniforms_ptr="*fp32", out_ptr=t, gates_ptr="*fp32", N="i32", D="i32",
-        tau="fp32"), dict(HARD=hard, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=from_ptr,
-                          BLOCK_N=64, BLOCK_D=64))
+        FS="i32", tau="fp32"), dict(HARD=hard, NOISE=True, USE_UNIFORMS=False,
+                                    SEED_FROM_PTR=from_ptr, QUANT=quant, BLOCK_N=64, BLOCK_D=64))
     assert "ld.global.v4" in ptx, "forward row loads are not 16-byte vector loads"
     for sparse in (False, True):
         ptx = compile_kernel(ge._bwd_kernel, dict(
-            grad_out_ptr="*fp32", grad_gates_ptr="*fp32", idx_ptr="*i32", frozen_ptr=t,
+            grad_out_ptr="*fp32", grad_gates_ptr="*fp32", idx_ptr="*i32", frozen_ptr=f,
             tuned_ptr=t, logits_ptr="*fp32", seed_ptr="*i64", seed_val="i64",
             uniforms_ptr="*fp32", grad_tuned_ptr=t if sparse else "*fp32",
-            grad_logits_ptr="*fp32", N="i32", D="i32", tau="fp32"),
+            grad_logits_ptr="*fp32", N="i32", D="i32", FS="i32", tau="fp32"),
             dict(HARD=hard, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=from_ptr,
-                 HAS_GRAD_GATES=True, SPARSE=sparse, BLOCK_N=64, BLOCK_D=64))
+                 HAS_GRAD_GATES=True, SPARSE=sparse, QUANT=quant, BLOCK_N=64, BLOCK_D=64))
         assert ("red.global" in ptx or "atom.global" in ptx) == (not sparse)
 print("compiled")
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..modules import EMBEDDING_OPTIMIZERS
+from ..ops.quant import FROZEN_DTYPES
 from ..ops.registry import backend_names, check_backend_name
 from .schema import ConfigError, parse_section, section_to_dict, setting
 
@@ -126,6 +127,10 @@ class AutoFTConfig(_Section):
         "(with `sparse`, SparseAdam); fused_adam / fused_rowwise_adagrad / fused_sgd = "
         "updated inside the op's backward (touched rows only, lazy state kept in the "
         "model's state_dict) with the training lr"))
+    frozen_dtype: str = setting("float32", choices=tuple(FROZEN_DTYPES), doc=(
+        "storage of the gated field table's frozen copy: float32, bfloat16, float16, or int8 "
+        "(row-wise symmetric quantisation with a float16 scale per row, 0.28x the bytes at "
+        "D = 16; dequantised inside the op's kernels); the tuned copy stays float32"))
     tau: float = setting(5.0, minimum=0.0, min_open=True, doc=(
         "Gumbel-softmax temperature; SpotTune's released code uses a fixed 5. A high "
         "temperature keeps the straight-through gradient y0 * y1 / tau alive for confident "

@@ -132,7 +132,8 @@ class TransferModel(nn.Module):
 
         if embeddings == "gated":
             self.field_embedding = GatedEmbedding.from_pretrained(
-                pretrained.embedding.weight, sparse=cfg.sparse, backend=cfg.backend)
+                pretrained.embedding.weight, sparse=cfg.sparse, backend=cfg.backend,
+                frozen_dtype=cfg.frozen_dtype)
             if pretrained.linear is not None:
                 self.field_linear = GatedEmbedding.from_pretrained(
                     pretrained.linear.weight, sparse=cfg.sparse, backend=cfg.backend)
@@ -306,7 +307,7 @@ class TransferModel(nn.Module):
     def _frozen_input(self, batch) -> torch.Tensor:
         # policy_input "frozen": the instance's pre-trained field vectors and dense values.
         if self.field_embedding is not None:
-            frozen = self.net.field_vectors(batch, self.field_embedding.frozen_weight)
+            frozen = self.net.field_vectors(batch, self.field_embedding.frozen_dense_weight())
         else:
             frozen = self.frozen_net.field_vectors(batch, self.frozen_net.embedding.weight)
         return self.net.flat_input(frozen, batch.dense)
@@ -334,7 +335,7 @@ class TransferModel(nn.Module):
         if net.multihot_fields:
             # One gate per (instance, field) for a whole bag: see the module docstring.
             g = multihot_gates
-            frozen = net.pool_multihot(batch.multihot, emb.frozen_weight)
+            frozen = net.pool_multihot(batch.multihot, emb.frozen_dense_weight())
             tuned = net.pool_multihot(batch.multihot, emb.tuned_weight, sparse=emb.sparse)
             parts.append(g[..., 0:1] * frozen + g[..., 1:2] * tuned)
             gates.append(g)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from . import fused_optim, registry, validate
+from . import fused_optim, quant, registry, validate
 from .registry import available_backends  # noqa: F401  (re-exported)
 from .reference import reference_gated_embedding, straight_through_gates
 
 
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, low_precision: bool) -> str:
     """The backend to run; a compiled graph treats the answer as a constant (no graph break)."""
-    return registry.resolve(backend, device).name
+    return registry.resolve(backend, device, low_precision).name
 
 
 class _DenseGradThroughView(torch.autograd.Function):
@@ -83,6 +83,25 @@ class _FusedStep(torch.autograd.Function):
                 (torch.zeros_like(out) if grad_out is None else grad_out,
                  torch.zeros_like(gates) if grad_gates is None else grad_gates))
             rows, values = g_t._indices()[0], g_t._values()
+        elif row.fused_backward is not None and weight.device.type in row.update_devices:
+            # The kernel updates the touched rows itself; no gradient rows leave it.
+            n, dim = indices.shape[0], weight.shape[1]
+            grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
+            opt = ctx.optimizer
+            if fused_optim.updates_paused():
+                g_l = row.ops()[1](
+                    grad_out.reshape(n, dim).contiguous(),
+                    None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                    indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
+                    hard, noise, True)[1]
+            else:
+                g_l = row.fused_backward()(
+                    grad_out.reshape(n, dim).contiguous(),
+                    None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                    indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
+                    hard, noise, *opt.kernel_args(weight, ctx.state))
+            grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
+            return None, grad_logits, None, None, None, None
         else:
             n, dim = indices.shape[0], weight.shape[1]
             grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
@@ -112,7 +131,7 @@ def _eval_rows(indices, frozen_weight, tuned_weight, logits, tau):
     dim = tuned_weight.shape[1]
     out = tuned_weight.new_empty((flat.shape[0], dim))
     out[flat_pick] = tuned_weight.index_select(0, flat[flat_pick])
-    out[~flat_pick] = frozen_weight.index_select(0, flat[~flat_pick])
+    out[~flat_pick] = quant.frozen_rows(frozen_weight, flat[~flat_pick], tuned_weight.dtype)
     gates = torch.stack((~pick, pick), dim=-1).to(torch.float32)
     return out.reshape(*indices.shape, dim), gates
 
@@ -128,6 +147,10 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
 
     Returns ``(out, gates)``: ``out`` of shape ``indices.shape + (D,)`` in the tuned table's
     dtype, ``gates`` of shape ``indices.shape + (2,)`` (float32; one-hot when ``hard``).
+    ``frozen_weight`` may be stored in lower precision than ``tuned_weight``: bfloat16 /
+    float16 under a float32 tuned table, or an int8 row-quantised table ``[V, D + 2]``
+    (:func:`autoft_fast.ops.quant.quantize_int8`); the result is then that of the float32
+    table :func:`autoft_fast.ops.quant.dequantize` gives back.
     Gradients reach ``tuned_weight`` (dense, or a COO tensor when ``sparse=True``) and
     ``logits`` (straight-through when ``hard``); ``frozen_weight`` never gets one.
     See docs/op-contract.md for the exact semantics.
@@ -161,7 +184,12 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     sparse = validate.check_flag("sparse", sparse)
     if uniforms is not None and noise:
         validate.check_uniform_range(uniforms)
-    row = registry.REGISTRY[_resolve_backend(backend, indices.device)]
+    low_precision = validate.is_low_precision_frozen(frozen_weight, tuned_weight)
+    try:
+        row = registry.REGISTRY[_resolve_backend(backend, indices.device, low_precision)]
+    except registry.LowPrecisionNotServed as exc:
+        raise validate.low_precision_not_served(exc.backend, frozen_weight, tuned_weight,
+                                                exc.served) from None
     if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
         raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
                         f"not {row.name!r}")

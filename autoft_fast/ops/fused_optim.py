@@ -163,6 +163,31 @@ class FusedOptimizer:
                 raise ValueError(f"optimizer_state[{name!r}] must be float32 of shape {shape}, got "
                                  f"{state[name].dtype} {tuple(state[name].shape)}")
 
+    def kernel_args(self, weight: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple:
+        """Counts this step and returns the trailing arguments of a kernel that updates in place.
+
+        (state_a, state_b, rule, lr, eps, beta1, beta2, step) of the
+        ``gated_embedding_bwd_update`` op (ops/interface.py): the rule's state tensors in
+        :data:`RULES` order (empty tensors where it has fewer), the rule's index in
+        :data:`RULES`, and the step count after this step.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.ops.fused_optim import FusedOptimizer
+            >>> opt = FusedOptimizer("rowwise_adagrad", lr=0.1)
+            >>> w = torch.zeros(3, 2)
+            >>> args = opt.kernel_args(w, opt.new_state(w))
+            >>> tuple(args[0].shape), args[2:4], args[-1]
+            ((3,), (1, 0.1), 1)
+        """
+        step_t = state[STEP]
+        step_t.add_(1)
+        tensors = [state[name] for name in self.rule.state]
+        tensors += [torch.empty(0, dtype=torch.float32, device=weight.device)] * (2 - len(tensors))
+        return (*tensors, list(RULES).index(self.kind), float(self.lr), self._eps,
+                float(self.betas[0]), float(self.betas[1]), int(step_t.item()))
+
     def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
               state: dict[str, torch.Tensor]) -> None:
         """Update ``weight[rows]`` (sorted unique) and the state in place from ``grad`` [U, D].

@@ -29,12 +29,14 @@ class Arg:
     """One positional argument of a kernel-level op: its name and type."""
 
     name: str
-    schema_type: str  # as torch.library writes it: "Tensor", "Tensor?", "float", "bool"
+    schema_type: str  # as torch.library writes it: "Tensor", "Tensor?", "Tensor(a!)", "float", "bool", "int"
 
     @property
     def annotation(self):
+        if self.schema_type.startswith("Tensor("):  # mutated in place
+            return torch.Tensor
         return {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor],
-                "float": float, "bool": bool}[self.schema_type]
+                "float": float, "bool": bool, "int": int}[self.schema_type]
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,23 @@ FWD = OpInterface("gated_embedding_fwd", _INPUTS, returns=2)  # (out [N, D], gat
 BWD = OpInterface("gated_embedding_bwd", (Arg("grad_out", "Tensor"), Arg("grad_gates", "Tensor?"))
                   + _INPUTS, returns=3)
 
+# The backward with the fused optimizer's row update inside it (CPU kernel): the touched tuned
+# rows and the rule's state rows are updated in place, no tuned-table gradient leaves the
+# kernel; returns grad_logits [N, 2]. ``rule``: the index of the rule in fused_optim.RULES;
+# ``state_a`` / ``state_b``: the rule's state tensors in RULES order (empty when it has fewer);
+# ``step``: the step count after this step. See docs/internals.md.
+BWD_UPDATE = OpInterface(
+    "gated_embedding_bwd_update",
+    (Arg("grad_out", "Tensor"), Arg("grad_gates", "Tensor?"))
+    + tuple(Arg(a.name, "Tensor(a!)") if a.name == "tuned_weight" else a
+            for a in _INPUTS if a.name != "sparse")
+    + (Arg("state_a", "Tensor(b!)"), Arg("state_b", "Tensor(c!)"), Arg("rule", "int"),
+       Arg("lr", "float"), Arg("eps", "float"), Arg("beta1", "float"), Arg("beta2", "float"),
+       Arg("step", "int")),
+    returns=1)
+
 FwdArgs = namedtuple("FwdArgs", FWD.names)
+BwdUpdateArgs = namedtuple("BwdUpdateArgs", BWD_UPDATE.names)
 BwdArgs = namedtuple("BwdArgs", BWD.names)
 
 

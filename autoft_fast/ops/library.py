@@ -13,11 +13,12 @@ from typing import Callable
 
 import torch
 
-from .interface import BWD, FWD, NAMESPACE, BwdArgs, FwdArgs, schema
+from .interface import BWD, BWD_UPDATE, FWD, NAMESPACE, BwdArgs, BwdUpdateArgs, FwdArgs, schema
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(schema(FWD))
 _lib.define(schema(BWD))
+_lib.define(schema(BWD_UPDATE))
 
 
 def fake_fwd(*args):
@@ -47,6 +48,13 @@ def fake_bwd(*args):
     return grad_tuned, grad_logits, grad_rows
 
 
+def fake_bwd_update(*args):
+    """Output shape of the updating backward: grad_logits [N, 2] (the tables change in place)."""
+    a = BwdUpdateArgs(*args)
+    return a.logits.new_empty((a.indices.shape[0], 2), dtype=torch.float32)
+
+
+torch.library.register_fake(f"{NAMESPACE}::{BWD_UPDATE.name}", fake_bwd_update, lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::{FWD.name}", fake_fwd, lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::{BWD.name}", fake_bwd, lib=_lib)
 

@@ -12,9 +12,9 @@ Its backward is differentiable: the reference also gives second-order gradients.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .philox import logistic_noise, uniforms_tensor
+from .quant import frozen_rows as _frozen_rows
 
 
 class _StraightThroughGate(torch.autograd.Function):
@@ -114,7 +114,8 @@ def reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, *, t
     gates = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
                                    seed=seed, uniforms=uniforms)
     idx = indices.long()
-    frozen_rows = F.embedding(idx, frozen_weight.detach()).to(compute)
+    # A low-precision frozen table is widened (int8: dequantised) row by row, as the kernels do.
+    frozen_rows = _frozen_rows(frozen_weight.detach(), idx, compute)
     tuned_rows = _TunedRows.apply(tuned_weight, idx, sparse, compute)
     out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
     gate_dtype = torch.float64 if compute == torch.float64 else torch.float32

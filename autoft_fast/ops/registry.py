@@ -56,6 +56,14 @@ class Backend:
     # Whether the sparse-mode rows leave out the rows whose every hard gate chose the frozen
     # row (the fused optimizer then need not filter them itself).
     touched_only: bool = False
+    # Whether its kernels read a frozen table stored in another dtype than the tuned one
+    # (bfloat16 / float16 / int8 row-quantised, ops/quant.py), dequantising as they load.
+    low_precision_frozen: bool = False
+    # The backward that applies the fused optimizer's row update itself (the
+    # gated_embedding_bwd_update op of ops/interface.py), served on ``update_devices``;
+    # without it the update is applied with torch ops to the backward's sparse row sums.
+    fused_backward: Optional[Callable[[], object]] = None
+    update_devices: tuple[str, ...] = ()
     _ops: Optional[tuple] = field(default=None, repr=False)
 
     @property
@@ -153,21 +161,42 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [row.name for row in REGISTRY.values() if row.serves(device) and row.probe(device)]
 
 
-_cache: dict[tuple[str, str], Backend] = {}
+_cache: dict[tuple[str, str, bool], Backend] = {}
 
 
-def resolve(backend: str, device: torch.device) -> Backend:
-    """The row to run for ``backend`` on ``device`` (cached: a dict read after the first call)."""
-    key = (backend, str(device))
+def resolve(backend: str, device: torch.device, low_precision: bool = False) -> Backend:
+    """The row to run for ``backend`` on ``device`` (cached: a dict read after the first call).
+
+    ``low_precision``: the frozen table is stored in another dtype than the tuned one, so only
+    rows with ``low_precision_frozen`` qualify (``auto`` skips the others).
+    """
+    key = (backend, str(device), low_precision)
     row = _cache.get(key)
     if row is None:
-        row = _cache[key] = _resolve_uncached(backend, device)
+        row = _cache[key] = _resolve_uncached(backend, device, low_precision)
     return row
 
 
-def _resolve_uncached(backend: str, device: torch.device) -> Backend:
+def low_precision_backends(device: torch.device | str | None = None) -> list[str]:
+    """The available backends that read a low-precision frozen table on ``device``.
+
+    Example::
+
+        >>> from autoft_fast.ops.registry import low_precision_backends
+        >>> low_precision_backends("cpu")[-1]
+        'reference'
+    """
+    return [n for n in available_backends(device) if REGISTRY[n].low_precision_frozen]
+
+
+def _resolve_uncached(backend: str, device: torch.device, low_precision: bool) -> Backend:
     check_backend_name(backend)
     usable = available_backends(device)
+    if low_precision and backend != AUTO and backend in usable \
+            and not REGISTRY[backend].low_precision_frozen:
+        raise LowPrecisionNotServed(backend, low_precision_backends(device))
+    if low_precision:
+        usable = [n for n in usable if REGISTRY[n].low_precision_frozen]
     if backend == AUTO:
         chosen = usable[0]
         if REGISTRY[chosen].is_reference and device.type == "cpu":
@@ -182,6 +211,14 @@ def _resolve_uncached(backend: str, device: torch.device) -> Backend:
                          f"{why}; available there: {usable}")
     log.debug("gated_embedding: backend %r for device %s", backend, device)
     return REGISTRY[backend]
+
+
+class LowPrecisionNotServed(Exception):
+    """Raised by :func:`resolve`; the caller words it with the tensors' dtypes."""
+
+    def __init__(self, backend, served):
+        super().__init__(backend, served)
+        self.backend, self.served = backend, served
 
 
 def _served(row: Backend) -> str:
@@ -214,7 +251,8 @@ register(Backend(
     name="cpu", devices=("cpu",), probe=lambda device: ext.has_kernel("CPU"),
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
-    coalesced=True, touched_only=True, unavailable=_not_built,
+    coalesced=True, touched_only=True, low_precision_frozen=True, unavailable=_not_built,
+    fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update, update_devices=("cpu",),
     notes="C++ extension, OpenMP, vectorised"))
 register(Backend(
     # CUDA C++ before Triton: it has no per-call JIT dispatch cost. Not yet measured against
@@ -228,8 +266,8 @@ register(Backend(
     name="triton", devices=("cuda", "cpu"), probe=ext.triton_usable,
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd_triton,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton,
-    coalesced=True, unavailable=_triton_missing,
+    coalesced=True, low_precision_frozen=True, unavailable=_triton_missing,
     notes="CPU tensors only under TRITON_INTERPRET=1"))
 register(Backend(
     name="reference", devices=("cpu", "cuda", "meta"), probe=lambda device: True,
-    double_backward=True, notes="plain PyTorch, the oracle of the tests"))
+    double_backward=True, low_precision_frozen=True, notes="plain PyTorch, the oracle of the tests"))

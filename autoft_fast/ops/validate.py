@@ -12,10 +12,43 @@ import math
 
 import torch
 
+from .quant import INT8_EXTRA_BYTES, frozen_dim, is_quantised
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The reference also computes in float64: it is the oracle of the tests and of gradcheck.
 REFERENCE_TABLE_DTYPES = TABLE_DTYPES + (torch.float64,)
+
+
+def frozen_dtypes_for(tuned_dtype: torch.dtype) -> tuple:
+    """The frozen-table dtypes a tuned table of ``tuned_dtype`` can be paired with.
+
+    The tuned dtype itself, int8 row-quantised tables (ops/quant.py), and bfloat16 / float16
+    under a float32 tuned table. Which backends read the lower-precision ones: the registry's
+    ``low_precision_frozen`` column.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.validate import frozen_dtypes_for
+        >>> frozen_dtypes_for(torch.bfloat16)
+        (torch.bfloat16, torch.int8)
+    """
+    lower = (torch.bfloat16, torch.float16) if tuned_dtype == torch.float32 else ()
+    return (tuned_dtype,) + lower + (torch.int8,)
+
+
+def is_low_precision_frozen(frozen_weight: torch.Tensor, tuned_weight: torch.Tensor) -> bool:
+    """Whether the frozen table is stored in another dtype than the tuned one."""
+    return frozen_weight.dtype != tuned_weight.dtype
+
+
+def low_precision_not_served(backend: str, frozen_weight, tuned_weight, served=None) -> TypeError:
+    """The one wording for a backend asked to read a frozen table of another dtype than the tuned one."""
+    which = f"backends that do: {served}" if served is not None else "backend='auto' picks one that does"
+    return TypeError(f"backend {backend!r} does not read a frozen_weight of dtype "
+                     f"{_names([frozen_weight.dtype])} with a tuned_weight of dtype "
+                     f"{_names([tuned_weight.dtype])}; {which}")
 
 
 def _names(dtypes) -> str:
@@ -75,18 +108,22 @@ def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, refe
     for name, t in (("frozen_weight", frozen_weight), ("tuned_weight", tuned_weight)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D [V, D] table, got shape {tuple(t.shape)}")
-        if t.dtype not in table_dtypes:
-            raise TypeError(f"{name} must be one of {_names(table_dtypes)}, got {t.dtype}")
         if t.is_sparse:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if frozen_weight.shape != tuned_weight.shape:
+    if tuned_weight.dtype not in table_dtypes:
+        raise TypeError(f"tuned_weight must be one of {_names(table_dtypes)}, got {tuned_weight.dtype}")
+    frozen_ok = frozen_dtypes_for(tuned_weight.dtype)
+    if frozen_weight.dtype not in frozen_ok:
+        raise TypeError(
+            f"frozen_weight must be one of {_names(frozen_ok)} (the same dtype as tuned_weight, "
+            f"{_names([tuned_weight.dtype])}, or a lower precision), got {frozen_weight.dtype}")
+    dim = frozen_dim(frozen_weight)
+    if (frozen_weight.shape[0], dim) != tuple(tuned_weight.shape):
+        layout = (f" (an int8 table stores [V, D + {INT8_EXTRA_BYTES}]: D values, then the "
+                  f"float16 row scale)" if is_quantised(frozen_weight) else "")
         raise ValueError(
             f"frozen_weight and tuned_weight must have the same [V, D] shape, got "
-            f"{tuple(frozen_weight.shape)} and {tuple(tuned_weight.shape)}")
-    if frozen_weight.dtype != tuned_weight.dtype:
-        raise TypeError(
-            f"frozen_weight and tuned_weight must have the same dtype, got "
-            f"{frozen_weight.dtype} and {tuned_weight.dtype}")
+            f"{tuple(frozen_weight.shape)} and {tuple(tuned_weight.shape)}{layout}")
     expected = tuple(indices.shape) + (2,)
     if tuple(logits.shape) != expected:
         raise ValueError(f"logits must have shape indices.shape + (2,) = {expected}, got {tuple(logits.shape)}")
@@ -139,7 +176,8 @@ def check_index_range(indices: torch.Tensor, num_rows: int) -> None:
         raise index_error(pos, int(flat[pos].item()), num_rows)
 
 
-def check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau) -> None:
+def check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, *,
+                        backend: str, low_precision_frozen: bool = False) -> None:
     """The kernel-level form (flat [N] indices, a 0-dim int64 CPU seed tensor) of the checks.
 
     Example::
@@ -147,11 +185,14 @@ def check_kernel_inputs(indices, frozen_weight, tuned_weight, logits, seed, unif
         >>> import torch
         >>> from autoft_fast.ops.validate import check_kernel_inputs
         >>> f = torch.zeros(4, 2)
-        >>> check_kernel_inputs(torch.tensor([1]), f, f, torch.zeros(1, 2), torch.tensor(0), None, 1.0)
+        >>> check_kernel_inputs(torch.tensor([1]), f, f, torch.zeros(1, 2), torch.tensor(0), None, 1.0,
+        ...                     backend="triton")
     """
     if isinstance(indices, torch.Tensor) and indices.dim() != 1:
         raise ValueError(f"indices must be 1-D (N lookups) for the kernel op, got shape {tuple(indices.shape)}")
     check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, reference=False)
+    if not low_precision_frozen and is_low_precision_frozen(frozen_weight, tuned_weight):
+        raise low_precision_not_served(backend, frozen_weight, tuned_weight)
     if not (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64
             and seed.device.type == "cpu"):
         got = (f"shape {tuple(seed.shape)}, dtype {seed.dtype}, device {seed.device}"

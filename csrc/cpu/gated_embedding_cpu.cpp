@@ -168,6 +168,69 @@ inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// Frozen rows. A frozen table is either of the tuned dtype, of a lower-precision float dtype
+// (widened as it is read), or int8 row-quantised: D int8 values, then the row's float16 scale
+// (ops/quant.py), each value read as float(q) * scale, exactly the dequantised table's value.
+template <typename frozen_t>
+constexpr bool kQuantised = std::is_same_v<frozen_t, int8_t>;
+
+// Elements per stored frozen row.
+template <typename frozen_t>
+inline int64_t frozen_stride(int64_t D) {
+  return kQuantised<frozen_t> ? D + kInt8ExtraBytes : D;
+}
+
+// The row's scale (1 for float rows; the memcpy reads it at any alignment, D may be odd).
+template <typename frozen_t>
+inline float frozen_scale(const frozen_t* row, int64_t D) {
+  if constexpr (kQuantised<frozen_t>) {
+    c10::Half h;
+    std::memcpy(&h, row + D, sizeof(h));
+    return static_cast<float>(h);
+  } else {
+    (void)row;
+    (void)D;
+    return 1.0f;
+  }
+}
+
+// Four frozen values as float32.
+template <typename frozen_t>
+inline vec4::f32x4 load_frozen(const frozen_t* p, float scale) {
+  if constexpr (kQuantised<frozen_t>) {
+    typedef int8_t i8x4 __attribute__((vector_size(4)));
+    i8x4 q;
+    std::memcpy(&q, p, sizeof(q));
+    return __builtin_convertvector(q, vec4::f32x4) * vec4::splat(scale);
+  } else {
+    (void)scale;
+    return vec4::load(p);
+  }
+}
+
+template <typename frozen_t>
+inline float frozen_value(const frozen_t* p, float scale) {
+  if constexpr (kQuantised<frozen_t>) {
+    return static_cast<float>(*p) * scale;
+  } else {
+    (void)scale;
+    return to_float(*p);
+  }
+}
+
+// o = the frozen row, in the tuned dtype.
+template <typename frozen_t, typename scalar_t>
+inline void widen_row(const frozen_t* f, int64_t D, scalar_t* o) {
+  const float scale = frozen_scale(f, D);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vec4::store(o + d, load_frozen(f + d, scale));
+  }
+  for (; d < D; ++d) {
+    o[d] = static_cast<scalar_t>(frozen_value(f + d, scale));
+  }
+}
+
 // Keeps the smallest out-of-range position seen by any thread; the error is raised after the
 // parallel loop (throwing inside it would lose the position order).
 class BadIndex {
@@ -215,30 +278,35 @@ inline void copy_row(const scalar_t* f, int64_t D, scalar_t* o) {
 }
 
 // o = y0 * f + y1 * t in float32, converted to the table dtype.
-template <typename scalar_t>
-inline void mix_rows(const scalar_t* f, const scalar_t* t, float y0, float y1, int64_t D,
+template <typename frozen_t, typename scalar_t>
+inline void mix_rows(const frozen_t* f, const scalar_t* t, float y0, float y1, int64_t D,
                      scalar_t* o) {
   const vec4::f32x4 w0 = vec4::splat(y0);
   const vec4::f32x4 w1 = vec4::splat(y1);
+  const float scale = frozen_scale(f, D);
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
-    vec4::store(o + d, w0 * vec4::load(f + d) + w1 * vec4::load(t + d));
+    vec4::store(o + d, w0 * load_frozen(f + d, scale) + w1 * vec4::load(t + d));
   }
   for (; d < D; ++d) {
-    o[d] = static_cast<scalar_t>(y0 * to_float(f[d]) + y1 * to_float(t[d]));
+    o[d] = static_cast<scalar_t>(y0 * frozen_value(f + d, scale) + y1 * to_float(t[d]));
   }
 }
 
-template <typename scalar_t, typename index_t>
-void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar_t* tuned,
+template <typename scalar_t, typename frozen_t, typename index_t>
+void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar_t* tuned,
                     const float* logits, const NoiseSource& src, float tau, bool hard, int64_t N,
                     int64_t V, int64_t D, scalar_t* out, float* gates, BadIndex& bad) {
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   const bool seeded = src.noise && src.uniforms == nullptr;
+  // Tables of one dtype: a hard gate's row is a copy from either table (branch-free choice).
+  constexpr bool kSameType = std::is_same_v<frozen_t, scalar_t>;
+  const int64_t FS = frozen_stride<frozen_t>(D);
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
-    const scalar_t* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
-    const scalar_t* const tables[2] = {frozen, tuned};
+    const void* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
+    bool from_tuned[kBlock];         // hard, tables of two dtypes: which table first_row is in
+    const scalar_t* const tables[2] = {reinterpret_cast<const scalar_t*>(frozen), tuned};
     float w0[kBlock];
     float w1[kBlock];
     for (int64_t b = bbegin; b < bend; ++b) {
@@ -277,35 +345,55 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
             continue;
           }
           const int64_t row = static_cast<int64_t>(idx) * D;
+          const frozen_t* frow = frozen + static_cast<int64_t>(idx) * FS;
           if (hard) {
             gates[2 * n] = s.y0[j];
             gates[2 * n + 1] = s.y1[j];
-            first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
-            prefetch_row(first_row[i], D);
+            if constexpr (kSameType) {
+              first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
+              prefetch_row(static_cast<const scalar_t*>(first_row[i]), D);
+            } else {
+              from_tuned[i] = pick[j] != 0;
+              if (from_tuned[i]) {
+                first_row[i] = tuned + row;
+                prefetch_row(tuned + row, D);
+              } else {
+                first_row[i] = frow;
+                prefetch_row(frow, FS);
+              }
+            }
           } else {
             // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
             gates[2 * n] = s.y0[j];
             gates[2 * n + 1] = s.y1[j];
             w0[i] = s.y0[j];
             w1[i] = s.y1[j];
-            first_row[i] = frozen + row;
-            prefetch_row(frozen + row, D);
+            first_row[i] = frow;
+            prefetch_row(frow, FS);
             prefetch_row(tuned + row, D);
           }
         }
       }
       // Phase 2: rows. A short loop of independent loads, so many misses are in flight.
       for (int64_t i = 0; i < nb; ++i) {
-        const scalar_t* f = first_row[i];
+        const void* f = first_row[i];
         if (f == nullptr) {
           continue;
         }
         scalar_t* o = out + (n0 + i) * D;
+        const frozen_t* frow = static_cast<const frozen_t*>(f);
         if (hard) {
-          // z is exactly one-hot, so the output is the chosen row, bit for bit.
-          copy_row(f, D, o);
+          // z is exactly one-hot, so the output is the chosen row, bit for bit (a frozen row
+          // of another dtype: its value widened to the tuned dtype).
+          if constexpr (kSameType) {
+            copy_row(static_cast<const scalar_t*>(f), D, o);
+          } else if (from_tuned[i]) {
+            copy_row(static_cast<const scalar_t*>(f), D, o);
+          } else {
+            widen_row(frow, D, o);
+          }
         } else {
-          mix_rows(f, tuned + (f - frozen), w0[i], w1[i], D, o);
+          mix_rows(frow, tuned + ((frow - frozen) / FS) * D, w0[i], w1[i], D, o);
         }
       }
     }
@@ -317,22 +405,23 @@ void forward_kernel(const index_t* indices, const scalar_t* frozen, const scalar
 // ---------------------------------------------------------------------------------------------
 
 // <g, f> and <g, t> in float32, four lanes at a time.
-template <typename grad_t, typename scalar_t>
-inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D, float& a0,
+template <typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots(const grad_t* g, const frozen_t* f, const scalar_t* t, int64_t D, float& a0,
                      float& a1) {
   vec4::f32x4 p0 = vec4::splat(0.0f);
   vec4::f32x4 p1 = vec4::splat(0.0f);
+  const float scale = frozen_scale(f, D);
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
     const vec4::f32x4 gv = vec4::load(g + d);
-    p0 += gv * vec4::load(f + d);
+    p0 += gv * load_frozen(f + d, scale);
     p1 += gv * vec4::load(t + d);
   }
   float s0 = vec4::hsum(p0);
   float s1 = vec4::hsum(p1);
   for (; d < D; ++d) {
     const float gv = to_float(g[d]);
-    s0 += gv * to_float(f[d]);
+    s0 += gv * frozen_value(f + d, scale);
     s1 += gv * to_float(t[d]);
   }
   a0 = s0;
@@ -340,22 +429,23 @@ inline void two_dots(const grad_t* g, const scalar_t* f, const scalar_t* t, int6
 }
 
 // two_dots for D = 4 * NV, unrolled: the same lane-wise products and sums in the same order.
-template <int NV, typename grad_t, typename scalar_t>
-inline void two_dots_fixed(const grad_t* g, const scalar_t* f, const scalar_t* t, float& a0,
+template <int NV, typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots_fixed(const grad_t* g, const frozen_t* f, const scalar_t* t, float& a0,
                            float& a1) {
   vec4::f32x4 p0 = vec4::splat(0.0f);
   vec4::f32x4 p1 = vec4::splat(0.0f);
+  const float scale = frozen_scale(f, 4 * NV);
   for (int v = 0; v < NV; ++v) {
     const vec4::f32x4 gv = vec4::load(g + 4 * v);
-    p0 += gv * vec4::load(f + 4 * v);
+    p0 += gv * load_frozen(f + 4 * v, scale);
     p1 += gv * vec4::load(t + 4 * v);
   }
   a0 = vec4::hsum(p0);
   a1 = vec4::hsum(p1);
 }
 
-template <typename grad_t, typename scalar_t>
-inline void two_dots_any(const grad_t* g, const scalar_t* f, const scalar_t* t, int64_t D,
+template <typename grad_t, typename frozen_t, typename scalar_t>
+inline void two_dots_any(const grad_t* g, const frozen_t* f, const scalar_t* t, int64_t D,
                          float& a0, float& a1) {
   switch (D) {
     case 8:
@@ -417,15 +507,16 @@ struct KeySink {
 // Pass over lookups: logit gradients, the tuned weights z1 that the per-row sums need (soft
 // gates only: a hard gate's z1 is 0 or 1, and only the lookups with z1 = 1 are keyed), and the
 // keys of the lookups that reach the tuned table.
-template <typename scalar_t, typename grad_t, typename index_t>
+template <typename scalar_t, typename frozen_t, typename grad_t, typename index_t>
 void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, const index_t* indices,
-                            const scalar_t* frozen, const scalar_t* tuned, const float* logits,
+                            const frozen_t* frozen, const scalar_t* tuned, const float* logits,
                             const NoiseSource& src, float tau, bool hard, int64_t N, int64_t V,
                             int64_t D, float* grad_logits, float* z1_out, BadIndex& bad,
                             const KeyPlan& plan, const KeySink& sink) {
   // z1 is needed per lookup for soft gates, or when the keys are not built.
   const bool keep_z1 = !hard || sink.keys == nullptr;
   const bool seeded = src.noise && src.uniforms == nullptr;
+  const int64_t FS = frozen_stride<frozen_t>(D);
   at::parallel_for(0, plan.tasks, 1, [&](int64_t tbegin, int64_t tend) {
     for (int64_t task = tbegin; task < tend; ++task) {
       bool seen_bad = false;
@@ -475,7 +566,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
             scale[i] = sc[j];
             ids[i] = static_cast<uint64_t>(idx);
             rows[i] = static_cast<int64_t>(idx) * D;
-            prefetch_row(frozen + rows[i], D);
+            prefetch_row(frozen + static_cast<int64_t>(idx) * FS, FS);
             prefetch_row(tuned + rows[i], D);
           }
         }
@@ -488,7 +579,7 @@ void backward_lookup_kernel(const grad_t* grad_out, const float* grad_gates, con
           const int64_t n = n0 + i;
           const grad_t* gr = grad_out + n * D;
           float a0, a1;
-          two_dots_any(gr, frozen + row, tuned + row, D, a0, a1);
+          two_dots_any(gr, frozen + static_cast<int64_t>(ids[i]) * FS, tuned + row, D, a0, a1);
           float diff = a1 - a0;
           if (grad_gates != nullptr) {
             diff += grad_gates[2 * n + 1] - grad_gates[2 * n];
@@ -624,6 +715,48 @@ SortedKeys sort_keys(const KeyPlan& plan, const KeySink& sink) {
   return out;
 }
 
+// The fused optimizer's row update (autoft_fast/ops/fused_optim.py RULES, the same formulas in
+// the same float32 operations): applied to a touched row as soon as its gradient sum is made,
+// so no gradient row is ever stored. Rules by index in RULES: 0 sgd, 1 rowwise_adagrad, 2 adam.
+struct RowUpdate {
+  int64_t rule;
+  float lr, eps, one_minus_beta1, one_minus_beta2, neg_step_size;  // adam: -lr sqrt(bc2) / bc1
+  void* weight;                                                   // [V, D] tuned table
+  float* state_a;  // adagrad: sum [V]; adam: exp_avg [V, D]
+  float* state_b;  // adam: exp_avg_sq [V, D]
+};
+
+template <typename scalar_t>
+inline void apply_row_update(const RowUpdate& u, int64_t row, const float* g, int64_t D) {
+  scalar_t* w = static_cast<scalar_t*>(u.weight) + row * D;
+  if (u.rule == 0) {
+    for (int64_t d = 0; d < D; ++d) {
+      w[d] = static_cast<scalar_t>(to_float(w[d]) + (-u.lr) * g[d]);
+    }
+  } else if (u.rule == 1) {
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      sq += g[d] * g[d];
+    }
+    const float acc = u.state_a[row] + sq / static_cast<float>(D);
+    u.state_a[row] = acc;
+    const float denom = std::sqrt(acc) + u.eps;
+    for (int64_t d = 0; d < D; ++d) {
+      w[d] = static_cast<scalar_t>(to_float(w[d]) - (u.lr * g[d]) / denom);
+    }
+  } else {
+    float* m = u.state_a + row * D;
+    float* v = u.state_b + row * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float mn = m[d] + (g[d] - m[d]) * u.one_minus_beta1;
+      const float vn = v[d] + (g[d] * g[d] - v[d]) * u.one_minus_beta2;
+      m[d] = mn;
+      v[d] = vn;
+      w[d] = static_cast<scalar_t>(to_float(w[d]) + u.neg_step_size * (mn / (std::sqrt(vn) + u.eps)));
+    }
+  }
+}
+
 // acc += w * g (acc in float32).
 template <typename grad_t>
 inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
@@ -642,9 +775,12 @@ inline void axpy_row(const grad_t* g, float w, int64_t D, float* acc) {
 // chunk of buckets owns a range of rows); sparse mode writes the s-th distinct row to row s of a
 // compact [U, D] table and its id to out_rows[s] (sorted, unique: coalesced). z1 == nullptr: every keyed lookup has weight 1 (hard gates; 1 * g is g
 // exactly, so this is the same sum).
+// update != nullptr (sparse mode only): each row's sum updates the tuned row in place instead
+// of being written out (out, out_rows unused).
 template <typename scalar_t, typename grad_t>
 void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out, const float* z1,
-              int64_t V, int64_t D, bool dense, scalar_t* out, int64_t* out_rows) {
+              int64_t V, int64_t D, bool dense, scalar_t* out, int64_t* out_rows,
+              const RowUpdate* update = nullptr) {
   constexpr int64_t kAhead = 16;  // keys between a prefetch and its use
   const uint64_t* keys = sk.keys.get();
   // Dense mode also zero-fills the rows between the summed ones (counted as one key per 32
@@ -704,6 +840,13 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
           }
           ++p;
         } while (p < pend && (keys[p] >> 32) == row);
+        if constexpr (NV > 0) {
+          std::memcpy(acc.data(), a, sizeof(a));
+        }
+        if (update != nullptr) {
+          apply_row_update<scalar_t>(*update, static_cast<int64_t>(row), acc.data(), D);
+          continue;
+        }
         scalar_t* o;
         if (!dense) {
           o = out + s * D;
@@ -713,9 +856,6 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
           zero_rows_to(static_cast<int64_t>(row));
           next_row = static_cast<int64_t>(row) + 1;
           o = out + static_cast<int64_t>(row) * D;
-        }
-        if constexpr (NV > 0) {
-          std::memcpy(acc.data(), a, sizeof(a));
         }
         for (int64_t d = 0; d < D; ++d) {
           o[d] = static_cast<scalar_t>(acc[d]);
@@ -793,6 +933,27 @@ int64_t count_rows(const std::vector<int64_t>& order, const index_t* indices) {
 }
 
 
+// Calls f with a value of the frozen table's C++ type for a tuned table of type scalar_t: the
+// tuned type, int8_t (row-quantised), or c10::BFloat16 / c10::Half under a float32 tuned table
+// (checked before by check_gated_inputs).
+template <typename scalar_t, typename F>
+void dispatch_frozen(at::ScalarType frozen, F&& f) {
+  if (frozen == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else if (frozen == at::kChar) {
+    f(int8_t{});
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (frozen == at::kBFloat16) {
+      f(c10::BFloat16{});
+    } else {
+      TORCH_CHECK_TYPE(frozen == at::kHalf, "unsupported frozen table dtype ", frozen);
+      f(c10::Half{});
+    }
+  } else {
+    TORCH_CHECK_TYPE(false, "unsupported frozen table dtype ", frozen);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
@@ -803,7 +964,7 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
   // `sparse` only tells the autograd formula which gradient layout to ask the backward for.
   (void)sparse;
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
-                                          tau, c10::DeviceType::CPU);
+                                          tau, c10::DeviceType::CPU, /*low_precision_frozen=*/true);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor frozen = frozen_weight.contiguous();
   const at::Tensor tuned = tuned_weight.contiguous();
@@ -822,24 +983,30 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cpu(
     const index_t* ip = idx.const_data_ptr<index_t>();
     dispatch_table(tuned.scalar_type(), [&](auto table_tag) {
       using scalar_t = decltype(table_tag);
-      forward_kernel<scalar_t, index_t>(ip, frozen.const_data_ptr<scalar_t>(),
-                                        tuned.const_data_ptr<scalar_t>(), lg.const_data_ptr<float>(),
-                                        src, static_cast<float>(tau), hard, s.N, s.V, s.D,
-                                        out.mutable_data_ptr<scalar_t>(),
-                                        gates.mutable_data_ptr<float>(), bad);
+      dispatch_frozen<scalar_t>(frozen.scalar_type(), [&](auto frozen_tag) {
+        using frozen_t = decltype(frozen_tag);
+        forward_kernel<scalar_t, frozen_t, index_t>(
+            ip, frozen.const_data_ptr<frozen_t>(), tuned.const_data_ptr<scalar_t>(),
+            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V, s.D,
+            out.mutable_data_ptr<scalar_t>(), gates.mutable_data_ptr<float>(), bad);
+      });
     });
     bad.raise_if_any(ip, s.V);
   });
   return {out, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+namespace {
+
+// The backward; with `update` (sparse mode) the touched tuned rows are updated in place and no
+// gradient rows are returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
-    double tau, bool hard, bool noise, bool sparse) {
+    double tau, bool hard, bool noise, bool sparse, const RowUpdate* update) {
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
-                                          tau, c10::DeviceType::CPU);
+                                          tau, c10::DeviceType::CPU, /*low_precision_frozen=*/true);
   check_grad_inputs(grad_out, grad_gates, indices, tuned_weight, s, c10::DeviceType::CPU);
   const at::Tensor idx = indices.contiguous();
   const at::Tensor frozen = frozen_weight.contiguous();
@@ -881,15 +1048,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
       auto run = [&](auto grad_tag) {
         using grad_t = decltype(grad_tag);
         const grad_t* gp = go.const_data_ptr<grad_t>();
-        backward_lookup_kernel<scalar_t, grad_t, index_t>(
-            gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
-            frozen.const_data_ptr<scalar_t>(), tuned.const_data_ptr<scalar_t>(),
-            lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V,
-            s.D, grad_logits.mutable_data_ptr<float>(), z1.get(), bad, plan, sink);
+        dispatch_frozen<scalar_t>(frozen.scalar_type(), [&](auto frozen_tag) {
+          using frozen_t = decltype(frozen_tag);
+          backward_lookup_kernel<scalar_t, frozen_t, grad_t, index_t>(
+              gp, gg.defined() ? gg.const_data_ptr<float>() : nullptr, ip,
+              frozen.const_data_ptr<frozen_t>(), tuned.const_data_ptr<scalar_t>(),
+              lg.const_data_ptr<float>(), src, static_cast<float>(tau), hard, s.N, s.V,
+              s.D, grad_logits.mutable_data_ptr<float>(), z1.get(), bad, plan, sink);
+        });
         bad.raise_if_any(ip, s.V);
         if (!packed) {
           const std::vector<int64_t> order = order_by_row(ip, z1.get(), hard, s.N);
-          if (sparse) {
+          if (update != nullptr) {
+            // Rare (N or V >= 2^32): the row sums are made first, then applied.
+            const int64_t U = count_rows(order, ip);
+            at::Tensor sums = at::empty({U, s.D}, tuned.options().dtype(at::kFloat));
+            at::Tensor rows = at::empty({U}, row_options);
+            sum_rows_unpacked<float, grad_t, index_t>(order, ip, gp, z1.get(), s.D,
+                                                      sums.mutable_data_ptr<float>(),
+                                                      rows.mutable_data_ptr<int64_t>());
+            for (int64_t u = 0; u < U; ++u) {
+              apply_row_update<scalar_t>(*update, rows.const_data_ptr<int64_t>()[u],
+                                         sums.const_data_ptr<float>() + u * s.D, s.D);
+            }
+          } else if (sparse) {
             const int64_t U = count_rows(order, ip);
             grad_tuned = at::empty({U, s.D}, tuned.options());
             grad_rows = at::empty({U}, row_options);
@@ -905,7 +1087,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
         }
         const SortedKeys sk = sort_keys(plan, sink);
         const float* weights = hard ? nullptr : z1.get();
-        if (sparse) {
+        if (update != nullptr) {
+          sum_rows<scalar_t, grad_t>(sk, plan, gp, weights, s.V, s.D, /*dense=*/false, nullptr,
+                                     nullptr, update);
+        } else if (sparse) {
           const int64_t U = sk.segment_start[plan.buckets];
           grad_tuned = at::empty({U, s.D}, tuned.options());
           grad_rows = at::empty({U}, row_options);
@@ -930,9 +1115,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
   return {grad_tuned, grad_logits, grad_rows};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, bool sparse) {
+  return backward_cpu(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                      uniforms, tau, hard, noise, sparse, nullptr);
+}
+
+at::Tensor gated_embedding_bwd_update_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
+    double lr, double eps, double beta1, double beta2, int64_t step) {
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule must be 0 (sgd), 1 (rowwise_adagrad) or 2 (adam), got rule = ", rule);
+  TORCH_CHECK_VALUE(tuned_weight.is_contiguous(), "tuned_weight must be contiguous (its rows are updated in place)");
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step count after this step), got step = ", step);
+  const int64_t V = tuned_weight.dim() == 2 ? tuned_weight.size(0) : 0;
+  const int64_t D = tuned_weight.dim() == 2 ? tuned_weight.size(1) : 0;
+  auto check_state = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got dtype ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
+                      " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
+                      ", got shape ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  };
+  if (rule == 1) {
+    check_state(state_a, "state_a", {V});
+  } else if (rule == 2) {
+    check_state(state_a, "state_a", {V, D});
+    check_state(state_b, "state_b", {V, D});
+  }
+  RowUpdate u;
+  u.rule = rule;
+  u.lr = static_cast<float>(lr);
+  u.eps = static_cast<float>(eps);
+  u.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  u.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  u.neg_step_size = static_cast<float>(-(lr * std::sqrt(bc2) / bc1));
+  u.weight = tuned_weight.mutable_data_ptr();
+  u.state_a = rule >= 1 ? state_a.mutable_data_ptr<float>() : nullptr;
+  u.state_b = rule == 2 ? state_b.mutable_data_ptr<float>() : nullptr;
+  auto result = backward_cpu(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits,
+                             seed, uniforms, tau, hard, noise, /*sparse=*/true, &u);
+  return std::get<1>(result);
+}
+
 }  // namespace autoft
 
 TORCH_LIBRARY_IMPL(autoft_fast, CPU, m) {
   m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cpu);
   m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cpu);
+  m.impl("gated_embedding_bwd_update", &autoft::gated_embedding_bwd_update_cpu);
 }

@@ -23,4 +23,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
     double tau, bool hard, bool noise, bool sparse);
 
+// The backward with the fused optimizer's update of the touched tuned rows (in place, with the
+// rule's state); returns grad_logits. See docs/internals.md.
+at::Tensor gated_embedding_bwd_update_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
+    double lr, double eps, double beta1, double beta2, int64_t step);
+
 }  // namespace autoft
