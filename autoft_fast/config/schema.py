@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = ["ConfigError", "setting", "parse_section", "section_to_dict", "reject_unknown",
+           "markdown_table",
            "field_docs"]
 
 _META = "autoft_setting"
@@ -282,3 +283,29 @@ def field_docs(cls) -> dict[str, str]:
         True
     """
     return {_yaml_key(f): _rule(f).doc for f in dataclasses.fields(cls) if f.init}
+
+
+def markdown_table(cls) -> str:
+    """The keys of a section as a markdown table (key, default, doc): what docs/models.md
+    holds for ``autoft:``, so the docs are made from the one declaration.
+
+    Example:
+        >>> from autoft_fast.config import AutoFTConfig
+        >>> markdown_table(AutoFTConfig).splitlines()[0]
+        '| key | default | what and why |'
+    """
+    docs = field_docs(cls)
+    rows = ["| key | default | what and why |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        v = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        if v is None:
+            v = "null"
+        elif isinstance(v, bool):
+            v = str(v).lower()
+        elif isinstance(v, str):
+            v = f"`{v}`"
+        rows.append(f"| `{_yaml_key(f)}` | {v} | {docs[_yaml_key(f)]} |")
+    return "\n".join(rows)

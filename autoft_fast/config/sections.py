@@ -173,13 +173,13 @@ class AutoFTConfig(_Section):
         "freeze the policy and continue training the model on all target training rows "
         "(the held-out slice included), keeping the result only where validation improves; "
         "so the slice the policy was judged on is not lost to the model"))
-    policy_warmup: int = setting(4, minimum=0, doc=(
+    policy_warmup: int = setting(0, minimum=0, doc=(
         "epochs at the start in which the policy does not step: its last layer starts at "
         "zero, so the gates are fair coins and the tuned copy trains under random mixing with "
         "the frozen one (a regulariser in the spirit of Mixout, Lee et al. 2020) before the "
         "policy chooses (with policy_warmup_gates: tuned, every gate is forced tuned instead); "
-        "warm-up epochs are never the best epoch. 4: chosen on validation AUC over three "
-        "synthetic settings (benchmarks/RESULTS.md, 'Policy learning defaults')"))
+        "warm-up epochs are never the best epoch. 0 (no warm-up): chosen on validation AUC "
+        "over four synthetic settings (benchmarks/RESULTS.md, 'Policy learning defaults')"))
     policy_warmup_gates: str = setting("random", choices=("random", "tuned"), doc=(
         "the gates during the warm-up: random (50/50 Gumbel draws) or tuned (forced)"))
     tuned_budget: float | None = setting(None, minimum=0.0, maximum=1.0, doc=(
