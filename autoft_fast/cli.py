@@ -20,7 +20,7 @@ __all__ = ["main", "build_parser"]
 PROG = "autoft-fast"
 
 EPILOGS = {
-    "demo": "example:\n  autoft-fast demo                       # all nine strategies, 2 seeds\n"
+    "demo": "example:\n  autoft-fast demo                       # nine strategies, 3 seeds, 2 targets\n"
             "  autoft-fast demo --run-dir /tmp/runs --backend reference",
     "generate": "example:\n  autoft-fast generate --config my.yaml --out data/synth\n"
                 "  autoft-fast generate --out data/demo   # the embedded demo's generator",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare every strategy over the configured seeds.",
                        epilog=EPILOGS["demo"], formatter_class=fmt)
     _add_common(p, config=False)
-    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: 2)")
+    p.add_argument("--seeds", type=int, metavar="N", help="number of seeds (default: the demo config's 3)")
 
     p = sub.add_parser("generate", help="write the synthetic data set of a config",
                        description="Generate the synthetic: section's data set (CSV files and "
