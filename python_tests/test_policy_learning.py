@@ -257,3 +257,32 @@ def test_models_doc_holds_the_autoft_table_made_from_the_declarations():
         "docs/models.md's autoft: table is stale; regenerate it with "
         "python -c 'from autoft_fast.config import AutoFTConfig; from autoft_fast.config.schema "
         "import markdown_table; print(markdown_table(AutoFTConfig))'")
+
+
+def test_rotating_holdout_gives_the_policy_a_fresh_slice_each_epoch():
+    data = toy_data(500)
+    model = Recorder()
+    seen = {"model": [], "policy": []}
+    tr = _trainer(model, epochs=3, policy_rotating=0.2)
+    for name, opt in tr.optimizers.items():
+        orig = opt.step
+
+        def step(*a, _orig=orig, _name=name, **k):
+            seen[_name].append(model.seen[-1])
+            return _orig(*a, **k)
+        opt.step = step
+    tr.fit(data, toy_data(100, seed=1))
+    per_epoch = len(seen["model"]) // 3
+    keys = set(data.x[:, 0].tolist())
+    model_epochs = [set(torch.cat(seen["model"][e * per_epoch:(e + 1) * per_epoch]).tolist())
+                    for e in range(3)]
+    policy_epochs = [set(torch.cat(seen["policy"][e * per_epoch:(e + 1) * per_epoch]).tolist())
+                     for e in range(3)]
+    for m, p in zip(model_epochs, policy_epochs):
+        assert len(m) == 400 and not m & p and p <= keys
+    # over the epochs the model sees nearly every row (a row is held out of all three epochs
+    # with probability 0.2 ** 3), unlike a fixed slice, which it never sees
+    assert len(set().union(*model_epochs)) >= 0.97 * len(keys)
+    assert policy_epochs[0] != policy_epochs[1]
+    with pytest.raises(ValueError, match="policy_rotating = 1.5"):
+        _trainer(Recorder(), policy_rotating=1.5)

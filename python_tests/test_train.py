@@ -82,6 +82,9 @@ class Toy:
     def __len__(self):
         return self.label.shape[0]
 
+    def index(self, idx):
+        return Toy(self.x[idx], self.label[idx], self.domain[idx])
+
 
 def toy_iterate(data, batch_size, shuffle, generator):
     n = len(data)

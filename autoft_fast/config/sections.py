@@ -168,8 +168,14 @@ class AutoFTConfig(_Section):
                                     max_open=True, doc=(
         "with policy_objective: heldout, the fraction of target training rows kept for the "
         "policy's steps"))
+    policy_holdout_mode: str = setting("fixed", choices=("fixed", "rotating"), doc=(
+        "with policy_objective: heldout, fixed = one seeded slice for the whole training "
+        "(never used for model weights); rotating = a fresh slice every epoch, so the model "
+        "sees every row over the epochs and the policy is judged on rows that epoch's "
+        "model steps did not fit (a cheaper cousin of cross-fitting)"))
     policy_refit: bool = setting(False, doc=(
-        "with policy_objective: heldout, once early stopping ends the alternating training, "
+        "with policy_objective: heldout and the fixed slice, once early stopping ends the "
+        "alternating training, "
         "freeze the policy and continue training the model on all target training rows "
         "(the held-out slice included), keeping the result only where validation improves; "
         "so the slice the policy was judged on is not lost to the model"))

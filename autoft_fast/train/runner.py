@@ -400,9 +400,13 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     acfg = cfg.autoft
     train = bundle.splits["target_train"]
     policy_data = None
+    rotating = None
     if row.has_policy and acfg.policy_objective == "heldout":
-        # The policy's rows are never used for model weights (see train/holdout.py).
-        train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
+        if acfg.policy_holdout_mode == "rotating":
+            rotating = acfg.policy_holdout  # a fresh slice each epoch (Trainer)
+        else:
+            # The policy's rows are never used for model weights (see train/holdout.py).
+            train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
     value_counts = None
     if row.has_policy and "freq" in acfg.policy_input:
         num_rows = bundle.feature_map.num_rows
@@ -423,7 +427,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                           domain_names=domains, desc=f"{strategy} seed {seed}",
                           progress=progress, device=device, policy_data=policy_data,
                           policy_warmup=acfg.policy_warmup,
-                          policy_warmup_gates=acfg.policy_warmup_gates)
+                          policy_warmup_gates=acfg.policy_warmup_gates,
+                          policy_rotating=rotating)
         fit = trainer.fit(train, bundle.splits["target_valid"], resume=resume)
         rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
                    best_at_cap=fit.best_at_cap,

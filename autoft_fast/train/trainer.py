@@ -139,6 +139,10 @@ class Trainer:
       at zero, so the gates are fair coins) or, with `policy_warmup_gates="tuned"`, force
       every gate tuned; these epochs never become the best epoch nor count toward patience,
       since their validation score is not that of a policy that chooses.
+    - `policy_rotating`: instead of a fixed `policy_data` slice, every epoch holds a fresh
+      random fraction of `train` out of the model's steps and gives it to the policy's (so
+      the model sees every row over the epochs, and the policy is judged on rows this
+      epoch's steps did not fit).
     - `start_best`: the validation score the given weights already have; the fit then
       keeps them (best_epoch 0) unless an epoch beats it (a continued fit).
     - The validation pass of every epoch also records the policy's tuned fractions
@@ -160,7 +164,7 @@ class Trainer:
                  on_epoch_end: Callable[[int, dict], None] | None = None,
                  device: str | torch.device | None = None, policy_data=None,
                  policy_warmup: int = 0, policy_warmup_gates: str = "random",
-                 start_best: float | None = None):
+                 start_best: float | None = None, policy_rotating: float | None = None):
         self.device = torch.device(device) if device is not None else None
         # torchrun with several processes: data-parallel (see train/distributed.py).
         if distributed.is_distributed():
@@ -191,6 +195,11 @@ class Trainer:
         # A score the current weights already reached (a continued fit keeps them unless
         # it beats it; best_epoch 0 then means "as given").
         self.start_best = start_best
+        if policy_rotating is not None and not 0.0 < float(policy_rotating) < 1.0:
+            raise ValueError(f"policy_rotating = {policy_rotating!r} must be a fraction in (0, 1)")
+        if policy_rotating is not None and policy_data is not None:
+            raise ValueError("give policy_data (a fixed slice) or policy_rotating, not both")
+        self.policy_rotating = policy_rotating
         self.policy_warmup_gates = policy_warmup_gates
         # Tables the backward updates itself (autoft.embedding_optimizer = fused_*): they never
         # get a .grad, so the optimizers below skip them.
@@ -252,10 +261,18 @@ class Trainer:
             self.optimizers[name].step()
         return bce
 
-    def _policy_batches(self, batch_size: int) -> Iterator:
-        """Batches of `policy_data` without end: one shuffled pass after another."""
+    def _policy_batches(self, batch_size: int, data=None) -> Iterator:
+        """Batches of `data` (default `policy_data`) without end: shuffled pass after pass."""
+        data = self.policy_data if data is None else data
         while True:
-            yield from self.iterate(self.policy_data, batch_size, True, self.policy_shuffler)
+            yield from self.iterate(data, batch_size, True, self.policy_shuffler)
+
+    def _rotate(self, train):
+        """(model rows, policy rows) of this epoch: a fresh random `policy_rotating` slice."""
+        n = len(train)
+        k = min(max(int(round(self.policy_rotating * n)), 1), n - 1)
+        perm = torch.randperm(n, generator=self.policy_shuffler)
+        return train.index(perm[k:]), train.index(perm[:k])
 
     def _save(self, state: dict) -> None:
         if self.checkpoint_path is None:
@@ -325,8 +342,9 @@ class Trainer:
 
         model_opts = [k for k in self.optimizers if not k.startswith("policy")]
         policy_opts = [k for k in self.optimizers if k.startswith("policy")]
-        heldout = self.policy_data is not None and bool(policy_opts)
-        if heldout and len(self.policy_data) == 0:
+        rotating = self.policy_rotating is not None and bool(policy_opts)
+        heldout = (self.policy_data is not None or rotating) and bool(policy_opts)
+        if self.policy_data is not None and heldout and len(self.policy_data) == 0:
             raise ValueError(f"{self.desc}: policy_data has no rows")
         epoch = start_epoch
         while not finished and epoch < cfg.epochs:
@@ -335,7 +353,11 @@ class Trainer:
             if forced:
                 self.model.force_gates("tuned")
             # Each epoch's held-out batches come from a fresh cycle, so resume stays exact.
-            policy_batches = self._policy_batches(cfg.batch_size) if heldout else None
+            epoch_train, epoch_policy = train, None
+            if rotating:
+                epoch_train, epoch_policy = self._rotate(train)
+            policy_batches = (self._policy_batches(cfg.batch_size, epoch_policy)
+                              if heldout else None)
             if self.tau_schedule is not None and hasattr(self.model, "set_tau"):
                 self.model.set_tau(float(self.tau_schedule(epoch)))
             self.model.train()
@@ -343,7 +365,7 @@ class Trainer:
                               enabled=self.progress)
             loss_sum, n_seen = 0.0, 0
             t0 = time.perf_counter()
-            for batch in self.iterate(train, cfg.batch_size, True, self.shuffler):
+            for batch in self.iterate(epoch_train, cfg.batch_size, True, self.shuffler):
                 batch = _to_device(batch, self.device)
                 if heldout or warming:
                     bce = self._step(batch, model_opts)
