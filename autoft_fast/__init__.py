@@ -27,10 +27,10 @@ if _started_as_cli():
 
 from .modules import GatedEmbedding, keep_sparse_grad_coalesced
 from .ops import (available_backends, backend_names, check_backend_name, gated_embedding,
-                  gumbel_gates, reference_gated_embedding)
+                  gated_embedding_bag, gumbel_gates, reference_gated_embedding)
 
 __version__ = "0.1.0"
 
 __all__ = ["GatedEmbedding", "available_backends", "backend_names", "check_backend_name",
-           "keep_sparse_grad_coalesced", "gated_embedding", "gumbel_gates",
+           "keep_sparse_grad_coalesced", "gated_embedding", "gated_embedding_bag", "gumbel_gates",
            "reference_gated_embedding", "__version__"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .ops import quant
-from .ops.functional import gated_embedding
+from .ops.functional import gated_embedding, gated_embedding_bag
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
 from .ops.validate import frozen_dtypes_for
@@ -247,6 +247,32 @@ class GatedEmbedding(nn.Module):
                                sparse=self.sparse, backend=self.backend,
                                optimizer=self.fused_optimizer,
                                optimizer_state=self.optimizer_state())
+
+    def bag(self, values, offsets, logits, mode: str = "mean", tau: float = 1.0, hard: bool = True,
+            noise=None, seed=None, uniforms=None, per_sample_weights=None):
+        """Return ``(out [B, D], gates [B, 2])`` for bags ``values[offsets[b]:offsets[b + 1]]``.
+
+        One gate per bag from ``logits`` [B, 2]; the bag's frozen and tuned rows are pooled
+        by ``mode`` ("sum" or "mean") and mixed (``autoft_fast.gated_embedding_bag``). The
+        tuned table gets an ordinary gradient (dense, or COO when ``sparse``); a module with a
+        fused optimizer refuses, since the bag op does not fuse one.
+
+        Example::
+
+            >>> import torch, autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(100, 8)
+            >>> out, gates = emb.bag(torch.tensor([1, 2, 2]), torch.tensor([0, 1, 3]),
+            ...                      torch.zeros(2, 2), mode="mean")
+            >>> out.shape
+            torch.Size([2, 8])
+        """
+        if noise is None:
+            noise = self.training
+        return gated_embedding_bag(values, offsets, self.frozen_weight, self.tuned_weight, logits,
+                                   per_sample_weights=per_sample_weights, mode=mode, tau=tau,
+                                   hard=hard, noise=noise, seed=seed, uniforms=uniforms,
+                                   sparse=self.sparse, backend=self.backend,
+                                   optimizer=self.fused_optimizer)
 
     def extra_repr(self) -> str:
         frozen = ("" if self.frozen_weight.dtype == self.tuned_weight.dtype

@@ -6,7 +6,8 @@ import torch
 
 from . import fused_optim, quant, registry, validate
 from .registry import available_backends  # noqa: F401  (re-exported)
-from .reference import reference_gated_embedding, straight_through_gates
+from .reference import (reference_gated_embedding, reference_gated_embedding_bag,
+                        straight_through_gates)
 
 
 @torch.compiler.assume_constant_result
@@ -276,3 +277,77 @@ def gumbel_gates(logits, *, tau=1.0, hard=True, noise=True, seed=None, uniforms=
     z = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
                                seed=_seed_tensor(seed, noise, uniforms), uniforms=uniforms)
     return z
+
+
+@torch.compiler.assume_constant_result
+def _resolve_bag_backend(backend: str, device: torch.device, low_precision: bool) -> str:
+    return registry.resolve_bag(backend, device, low_precision).name
+
+
+def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
+                        per_sample_weights=None, mode="mean", tau=1.0, hard=True, noise=True,
+                        seed=None, uniforms=None, sparse=False, backend="auto", optimizer=None):
+    """Gate whole bags of lookups (multi-hot fields): one gate per bag, pooled rows mixed.
+
+    Bag b is ``values[offsets[b]:offsets[b + 1]]`` (``offsets``: B + 1 non-decreasing entries
+    from 0 to ``len(values)``). Its frozen rows and its tuned rows are pooled separately, by
+    ``mode`` "sum" or "mean" (the mean divides by the bag's length; an empty bag pools to
+    zeros), optionally weighted by ``per_sample_weights`` (one float32 per value), and mixed by
+    one gate drawn from ``logits[b]`` as :func:`gated_embedding` draws a lookup's (the noise
+    stream indexed by bag): ``out[b] = z0 * pool(frozen) + z1 * pool(tuned)``.
+    Returns ``(out [B, D], gates [B, 2])``. Gradients reach ``tuned_weight`` (dense, or COO
+    with ``sparse=True``) and ``logits``, straight-through when ``hard``.
+    See docs/op-contract.md, "Bags". ``optimizer`` (the fused optimizer) is not served by the
+    bag op: passing one raises a ValueError.
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> frozen = torch.randn(100, 8)
+        >>> tuned = frozen.clone().requires_grad_()
+        >>> values, offsets = torch.tensor([3, 7, 7, 42]), torch.tensor([0, 3, 3, 4])
+        >>> logits = torch.zeros(3, 2, requires_grad=True)
+        >>> out, gates = autoft_fast.gated_embedding_bag(values, offsets, frozen, tuned, logits,
+        ...                                               mode="mean", seed=0)
+        >>> out.shape, bool(out[1].eq(0).all())
+        (torch.Size([3, 8]), True)
+        >>> out.sum().backward()
+    """
+    if optimizer is not None:
+        raise ValueError("gated_embedding_bag does not fuse an optimizer into its backward "
+                         "(optimizer must be None): give tuned_weight an ordinary gradient")
+    row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
+    validate.check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_weight,
+                              logits, uniforms, reference=row is not None and row.is_reference)
+    mode_index = validate.check_bag_mode(mode)
+    tau = validate.check_tau(tau)
+    seed = validate.check_seed(seed)
+    hard = validate.check_flag("hard", hard)
+    noise = validate.check_flag("noise", noise)
+    sparse = validate.check_flag("sparse", sparse)
+    if uniforms is not None and noise:
+        validate.check_uniform_range(uniforms)
+    low_precision = validate.is_low_precision_frozen(frozen_weight, tuned_weight)
+    try:
+        row = registry.REGISTRY[_resolve_bag_backend(backend, values.device, low_precision)]
+    except registry.LowPrecisionNotServed as exc:
+        raise validate.low_precision_not_served(exc.backend, frozen_weight, tuned_weight,
+                                                exc.served) from None
+    if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
+        raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
+                        f"not {row.name!r}")
+    if sparse and not tuned_weight.is_contiguous() and tuned_weight.requires_grad:
+        tuned_weight = _DenseGradThroughView.apply(tuned_weight)
+    seed_t = _seed_tensor(seed, noise, uniforms)
+    if row.is_reference:
+        validate.check_bag_data(values, offsets, frozen_weight.shape[0])
+        return reference_gated_embedding_bag(
+            values, offsets, frozen_weight, tuned_weight, logits,
+            per_sample_weights=per_sample_weights, mode=mode, tau=tau, hard=hard, noise=noise,
+            seed=seed_t, uniforms=uniforms, sparse=sparse)
+    return row.bag_ops()[0](
+        values.contiguous(), offsets.contiguous(),
+        None if per_sample_weights is None else per_sample_weights.contiguous(),
+        frozen_weight.detach().contiguous(), tuned_weight.contiguous(), logits.contiguous(),
+        seed_t, None if (uniforms is None or not noise) else uniforms.contiguous(),
+        tau, hard, noise, mode_index, sparse)

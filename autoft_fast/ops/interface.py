@@ -124,3 +124,33 @@ def with_signature(op: OpInterface):
         return fn
 
     return wrap
+
+
+# The bag op (multi-hot fields): bag b is values[offsets[b]:offsets[b + 1]], pooled by sum or
+# mean (``mode``: the index in BAG_MODES), one gate per bag. See docs/op-contract.md, "Bags".
+BAG_MODES = ("sum", "mean")
+
+_BAG_INPUTS = (
+    Arg("values", "Tensor"),               # [L] int32 / int64, the bags' row ids back to back
+    Arg("offsets", "Tensor"),              # [B + 1] int32 / int64, non-decreasing, 0 .. L
+    Arg("per_sample_weights", "Tensor?"),  # [L] float32, one weight per value
+    Arg("frozen_weight", "Tensor"),        # [V, D]
+    Arg("tuned_weight", "Tensor"),         # [V, D]
+    Arg("logits", "Tensor"),               # [B, 2] float32
+    Arg("seed", "Tensor"),                 # 0-dim int64 CPU tensor
+    Arg("uniforms", "Tensor?"),            # [B] float32, overrides the seed
+    Arg("tau", "float"),
+    Arg("hard", "bool"),
+    Arg("noise", "bool"),
+    Arg("mode", "int"),
+    Arg("sparse", "bool"),
+)
+
+BAG_FWD = OpInterface("gated_embedding_bag_fwd", _BAG_INPUTS, returns=2)  # (out [B, D], gates [B, 2])
+# (grad_tuned, grad_logits [B, 2], grad_rows): the two layouts of BWD.
+BAG_BWD = OpInterface("gated_embedding_bag_bwd",
+                      (Arg("grad_out", "Tensor"), Arg("grad_gates", "Tensor?")) + _BAG_INPUTS,
+                      returns=3)
+
+BagFwdArgs = namedtuple("BagFwdArgs", BAG_FWD.names)
+BagBwdArgs = namedtuple("BagBwdArgs", BAG_BWD.names)

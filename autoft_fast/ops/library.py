@@ -13,12 +13,15 @@ from typing import Callable
 
 import torch
 
-from .interface import BWD, BWD_UPDATE, FWD, NAMESPACE, BwdArgs, BwdUpdateArgs, FwdArgs, schema
+from .interface import (BAG_BWD, BAG_FWD, BWD, BWD_UPDATE, FWD, NAMESPACE, BagBwdArgs, BagFwdArgs,
+                        BwdArgs, BwdUpdateArgs, FwdArgs, schema)
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(schema(FWD))
 _lib.define(schema(BWD))
 _lib.define(schema(BWD_UPDATE))
+_lib.define(schema(BAG_FWD))
+_lib.define(schema(BAG_BWD))
 
 
 def fake_fwd(*args):
@@ -160,3 +163,81 @@ def register_autograd_for(fwd_name: str, bwd_op, backend_of: Callable[[str], tup
     """
     torch.library.register_autograd(fwd_name, _make_backward(bwd_op, backend_of),
                                     setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bags (multi-hot fields)
+# ---------------------------------------------------------------------------------------------
+
+def fake_bag_fwd(*args):
+    """Output shapes of the bag forward: out [B, D] in the tuned dtype, gates [B, 2]."""
+    a = BagFwdArgs(*args)
+    b = a.logits.shape[0]
+    return (a.tuned_weight.new_empty((b, a.tuned_weight.shape[1])),
+            a.logits.new_empty((b, 2), dtype=torch.float32))
+
+
+def fake_bag_bwd(*args):
+    """Output shapes of the bag backward; sparse mode has a data-dependent row count (<= L)."""
+    a = BagBwdArgs(*args)
+    b, length = a.logits.shape[0], a.values.shape[0]
+    grad_logits = a.logits.new_empty((b, 2), dtype=torch.float32)
+    if a.sparse:
+        ctx = torch.library.get_ctx()
+        rows = ctx.new_dynamic_size(max=length) if isinstance(length, int) else ctx.new_dynamic_size()
+        grad_rows = a.values.new_empty((rows,), dtype=torch.int64)
+    else:
+        rows = a.tuned_weight.shape[0]
+        grad_rows = a.values.new_empty((0,), dtype=torch.int64)
+    return a.tuned_weight.new_empty((rows, a.tuned_weight.shape[1])), grad_logits, grad_rows
+
+
+torch.library.register_fake(f"{NAMESPACE}::{BAG_FWD.name}", fake_bag_fwd, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::{BAG_BWD.name}", fake_bag_bwd, lib=_lib)
+
+_BAG_SAVED = ("values", "offsets", "per_sample_weights", "frozen_weight", "tuned_weight",
+              "logits", "seed", "uniforms")
+_BAG_OPTIONS = ("tau", "hard", "noise", "mode", "sparse")
+_BAG_TUNED, _BAG_LOGITS = BAG_FWD.names.index("tuned_weight"), BAG_FWD.names.index("logits")
+
+
+def _bag_setup_context(ctx, inputs, output):
+    a = BagFwdArgs(*inputs)
+    ctx.save_for_backward(*(getattr(a, k) for k in _BAG_SAVED))
+    ctx.options = tuple(getattr(a, k) for k in _BAG_OPTIONS)
+    ctx.set_materialize_grads(False)
+
+
+def _make_bag_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
+    def backward(ctx, grad_out, grad_gates):
+        values, offsets, weights, frozen_weight, tuned_weight, logits, seed, uniforms = ctx.saved_tensors
+        tau, hard, noise, mode, sparse = ctx.options
+        name, coalesced = backend_of(values.device.type)
+        bags, dim = logits.shape[0], tuned_weight.shape[1]
+        if grad_out is None:
+            grad_out = tuned_weight.new_zeros((bags, dim))
+        anchors = [t for t in (grad_out, grad_gates, tuned_weight, logits)
+                   if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        with torch.no_grad():
+            grad_tuned, grad_logits, grad_rows = bwd_op(
+                grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
+                values, offsets, weights, frozen_weight, tuned_weight, logits, seed, uniforms,
+                tau, hard, noise, mode, sparse)
+        if anchors:
+            grad_tuned, grad_logits = _refuse_double_backward((grad_tuned, grad_logits), name, anchors)
+        if sparse:
+            grad_tuned = torch.sparse_coo_tensor(
+                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape, is_coalesced=coalesced,
+                check_invariants=False)
+        grads = [None] * len(BAG_FWD.args)
+        grads[_BAG_TUNED] = grad_tuned if ctx.needs_input_grad[_BAG_TUNED] else None
+        grads[_BAG_LOGITS] = grad_logits if ctx.needs_input_grad[_BAG_LOGITS] else None
+        return tuple(grads)
+
+    return backward
+
+
+def register_bag_autograd_for(fwd_name: str, bwd_op, backend_of: Callable[[str], tuple[str, bool]]) -> None:
+    """Give the bag forward op ``fwd_name`` the straight-through backward via ``bwd_op``."""
+    torch.library.register_autograd(fwd_name, _make_bag_backward(bwd_op, backend_of),
+                                    setup_context=_bag_setup_context)

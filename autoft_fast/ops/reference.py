@@ -120,3 +120,49 @@ def reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, *, t
     out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
     gate_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.to(tuned_weight.dtype), gates.to(gate_dtype)
+
+
+def bag_segments(offsets: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bag id of each value [L], values per bag [B]) of ``offsets`` [B + 1]."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    bag_ids = torch.repeat_interleave(torch.arange(counts.shape[0], device=offsets.device), counts,
+                                      output_size=length)
+    return bag_ids, counts
+
+
+def reference_gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
+                                  per_sample_weights=None, mode="mean", tau=1.0, hard=True,
+                                  noise=True, seed=None, uniforms=None, sparse=False):
+    """out [B, D], gates [B, 2] of the contract's bag op in plain PyTorch (inputs validated).
+
+    Bag b is ``values[offsets[b]:offsets[b + 1]]``; its frozen and tuned rows are pooled
+    separately (weighted by ``per_sample_weights``; ``mode="mean"`` divides by the bag's
+    length, an empty bag pools to zeros) and mixed by one gate drawn from ``logits[b]``.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.reference import reference_gated_embedding_bag
+        >>> f = torch.randn(5, 3)
+        >>> out, gates = reference_gated_embedding_bag(torch.tensor([1, 4, 2]), torch.tensor([0, 2, 3]),
+        ...                                            f, f + 1, torch.zeros(2, 2), seed=3)
+        >>> out.shape, gates.shape
+        (torch.Size([2, 3]), torch.Size([2, 2]))
+    """
+    compute = torch.float64 if tuned_weight.dtype == torch.float64 else torch.float32
+    gates = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
+                                   seed=seed, uniforms=uniforms)
+    idx = values.long()
+    bags, dim = logits.shape[0], tuned_weight.shape[1]
+    bag_ids, counts = bag_segments(offsets, idx.shape[0])
+    w = torch.ones(idx.shape[0], dtype=compute, device=idx.device) if per_sample_weights is None \
+        else per_sample_weights.to(compute)
+    if mode == "mean":
+        w = w / counts.clamp_min(1).to(compute)[bag_ids]
+    frozen_rows = _frozen_rows(frozen_weight.detach(), idx, compute)
+    tuned_rows = _TunedRows.apply(tuned_weight, idx, sparse, compute)
+    zeros = torch.zeros((bags, dim), dtype=compute, device=idx.device)
+    pooled_frozen = zeros.index_add(0, bag_ids, frozen_rows * w[:, None])
+    pooled_tuned = zeros.index_add(0, bag_ids, tuned_rows * w[:, None])
+    out = gates[:, 0:1] * pooled_frozen + gates[:, 1:2] * pooled_tuned
+    return out.to(tuned_weight.dtype), gates.to(compute)

@@ -64,7 +64,12 @@ class Backend:
     # without it the update is applied with torch ops to the backward's sparse row sums.
     fused_backward: Optional[Callable[[], object]] = None
     update_devices: tuple[str, ...] = ()
+    # The bag ops (multi-hot fields: gated_embedding_bag_fwd / _bwd of ops/interface.py); a
+    # row without them does not serve bags (the reference always does, in plain PyTorch).
+    bag_forward: Optional[Callable[[], object]] = None
+    bag_backward: Optional[Callable[[], object]] = None
     _ops: Optional[tuple] = field(default=None, repr=False)
+    _bag_ops: Optional[tuple] = field(default=None, repr=False)
 
     @property
     def is_reference(self) -> bool:
@@ -78,6 +83,18 @@ class Backend:
             self._ops = (fwd, bwd)
         return self._ops
 
+    @property
+    def serves_bags(self) -> bool:
+        return self.is_reference or self.bag_forward is not None
+
+    def bag_ops(self):
+        """(bag forward op, bag backward op), resolved once; the forward gets the autograd formula."""
+        if self._bag_ops is None:
+            fwd, bwd = self.bag_forward(), self.bag_backward()
+            _attach_autograd(self, fwd, bwd, library.register_bag_autograd_for)
+            self._bag_ops = (fwd, bwd)
+        return self._bag_ops
+
     def serves(self, device: torch.device) -> bool:
         return device.type in self.devices
 
@@ -88,12 +105,12 @@ REGISTRY: dict[str, Backend] = {}
 _OP_ROWS: dict[str, dict[str, tuple[str, bool]]] = {}
 
 
-def _attach_autograd(row: Backend, fwd, bwd) -> None:
+def _attach_autograd(row: Backend, fwd, bwd, register_for=None) -> None:
     name = fwd._qualified_op_name if hasattr(fwd, "_qualified_op_name") else str(fwd)
     rows = _OP_ROWS.get(name)
     if rows is None:
         rows = _OP_ROWS[name] = {}
-        library.register_autograd_for(name, bwd, rows.__getitem__)
+        (register_for or library.register_autograd_for)(name, bwd, rows.__getitem__)
     for dev in row.devices:
         rows[dev] = (row.name, row.coalesced)
 
@@ -221,6 +238,31 @@ class LowPrecisionNotServed(Exception):
         self.backend, self.served = backend, served
 
 
+def bag_backends(device: torch.device | str | None = None) -> list[str]:
+    """The available backends that serve the bag op on ``device``, fastest first.
+
+    Example::
+
+        >>> from autoft_fast.ops.registry import bag_backends
+        >>> bag_backends("cpu")[-1]
+        'reference'
+    """
+    return [n for n in available_backends(device) if REGISTRY[n].serves_bags]
+
+
+def resolve_bag(backend: str, device: torch.device, low_precision: bool = False) -> Backend:
+    """The row to run the bag op with: as :func:`resolve`, among the rows that serve bags."""
+    if backend == AUTO:
+        usable = [n for n in bag_backends(device)
+                  if not low_precision or REGISTRY[n].low_precision_frozen]
+        return REGISTRY[usable[0]]
+    row = resolve(backend, device, low_precision)
+    if not row.serves_bags:
+        raise ValueError(f"backend = {backend!r} does not serve the bag op (multi-hot fields); "
+                         f"backends that do on {device}: {bag_backends(device)}")
+    return row
+
+
 def _served(row: Backend) -> str:
     return " and ".join(f"{d.upper()} tensors" for d in row.devices) + (
         f" ({row.notes})" if row.notes else "")
@@ -253,6 +295,8 @@ register(Backend(
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
     coalesced=True, touched_only=True, low_precision_frozen=True, unavailable=_not_built,
     fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update, update_devices=("cpu",),
+    bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd,
+    bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd,
     notes="C++ extension, OpenMP, vectorised"))
 register(Backend(
     # CUDA C++ before Triton: it has no per-call JIT dispatch cost. Not yet measured against

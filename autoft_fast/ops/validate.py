@@ -229,3 +229,90 @@ def device_not_served(backend: str, name: str, device, served: str) -> ValueErro
     """The one wording for a backend asked to run on a device it does not serve."""
     return ValueError(f"backend {backend!r} does not serve {name} on device {device}: "
                       f"it serves {served}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bags (multi-hot fields): values + offsets, docs/op-contract.md "Bags"
+# ---------------------------------------------------------------------------------------------
+
+def check_bag_mode(mode) -> int:
+    """The index in ``interface.BAG_MODES`` of pooling ``mode`` ("sum" or "mean").
+
+    Example::
+
+        >>> from autoft_fast.ops.validate import check_bag_mode
+        >>> check_bag_mode("mean")
+        1
+    """
+    from .interface import BAG_MODES
+
+    if not isinstance(mode, str) or mode not in BAG_MODES:
+        raise ValueError(f"mode = {mode!r} is not one of {list(BAG_MODES)}")
+    return BAG_MODES.index(mode)
+
+
+def check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_weight, logits,
+                     uniforms, *, reference: bool) -> None:
+    """Shapes, dtypes and devices of the bag op's tensors (not their data: see check_bag_data).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.validate import check_bag_inputs
+        >>> f = torch.zeros(4, 2)
+        >>> check_bag_inputs(torch.tensor([1, 2]), torch.tensor([0, 2]), None, f, f,
+        ...                  torch.zeros(1, 2), None, reference=False)
+    """
+    for name, t in (("values", values), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in INDEX_DTYPES:
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must hold B + 1 entries (0, the end of each bag), got an empty tensor")
+    bags = offsets.shape[0] - 1
+    # The lookup checks on the tables, logits [B, 2] and uniforms [B], with the bags as lookups.
+    check_inputs(values.new_empty((bags,)), frozen_weight, tuned_weight, logits, uniforms,
+                 reference=reference)
+    tensors = [("values", values), ("offsets", offsets), ("tuned_weight", tuned_weight)]
+    if per_sample_weights is not None:
+        if not isinstance(per_sample_weights, torch.Tensor):
+            raise TypeError(f"per_sample_weights must be a torch.Tensor or None, got "
+                            f"{type(per_sample_weights).__name__}")
+        if tuple(per_sample_weights.shape) != tuple(values.shape):
+            raise ValueError(f"per_sample_weights must have the shape of values {tuple(values.shape)}, "
+                             f"got {tuple(per_sample_weights.shape)}")
+        ok = (torch.float32, torch.float64) if reference else (torch.float32,)
+        if per_sample_weights.dtype not in ok:
+            raise TypeError(f"per_sample_weights must be {_names(ok)}, got {per_sample_weights.dtype}")
+        tensors.append(("per_sample_weights", per_sample_weights))
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def check_bag_data(values: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> None:
+    """Offsets start at 0, never decrease and end at len(values); every value is a row of the table."""
+    if _no_data(offsets):
+        return
+    length = values.shape[0]
+    first, last = int(offsets[0].item()), int(offsets[-1].item())
+    if first != 0:
+        raise ValueError(f"offsets[0] = {first} must be 0 (bag 0 starts at the first value)")
+    if offsets.shape[0] > 1:
+        step = offsets[1:] - offsets[:-1]
+        if bool((step < 0).any()):
+            b = int(torch.nonzero(step < 0)[0, 0].item())
+            raise ValueError(f"offsets must be non-decreasing, got offsets[{b}] = "
+                             f"{int(offsets[b].item())} > offsets[{b + 1}] = {int(offsets[b + 1].item())}")
+    if last != length:
+        raise ValueError(f"offsets[-1] = {last} must equal len(values) = {length}")
+    if length:
+        bad = (values < 0) | (values >= num_rows)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0, 0].item())
+            raise IndexError(f"values[{pos}] = {int(values[pos].item())} is out of range for a "
+                             f"table of {num_rows} rows")
