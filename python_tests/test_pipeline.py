@@ -510,6 +510,44 @@ def test_same_tensors_for_several_files_other_domains_and_skipped_rows(tmp_path)
     assert "data row 4" in str(got[0].message)
 
 
+def test_numbers_parse_as_pandas_parses_them():
+    # Arrow's fast cast for plain numbers, pandas' rules as soon as any other text appears.
+    from autoft_fast.data.pipeline import _parse_numbers
+
+    cases = [
+        ["1", "2.5", "-3e4", "inf", "-inf", "0.1", "1.7976931348623157e308", "4.9e-324", None],
+        ["1", " 2", "NA", "nan", "n/a", "", None, "abc", "3.25"],
+        [None, None],
+    ]
+    for texts in cases:
+        text = pd.Series(texts, dtype="str")
+        vals, bad = _parse_numbers(text)
+        want = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        np.testing.assert_array_equal(vals, want)
+        lowered = text.fillna("").str.strip().str.lower()
+        np.testing.assert_array_equal(bad, np.isnan(want) & ~lowered.isin(MISSING_TEXT).to_numpy())
+    assert _parse_numbers(pd.Series(["1", "x", "NA"], dtype="str"))[1].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_spill_is_removed_after_preprocessing(tmp_path, fails):
+    frame = make_frame(seed=6)
+    if fails:
+        frame["click"] = frame["click"].astype(object)
+        frame.loc[7, "click"] = "yes"  # on_bad_rows: fail
+    write(tmp_path, frame)
+    cfg = DataConfig.from_dict(base_dict(), tmp_path)
+    cache = tmp_path / "cache"
+    if fails:
+        with pytest.raises(DataError, match="click"):
+            prepare_data(cfg, cache_dir=cache, chunk_rows=64)
+    else:
+        prepare_data(cfg, cache_dir=cache, chunk_rows=64)
+    left = [p for p in cache.rglob("*") if ".spill" in p.parts or p.suffix == ".arrow"]
+    assert left == []
+    assert len(list(cache.iterdir())) == (0 if fails else 1)
+
+
 def test_short_and_long_csv_lines_as_before(tmp_path):
     # A line with fewer fields gets empty values (pandas' rule), one with more is malformed.
     path = write(tmp_path, make_frame(seed=5))

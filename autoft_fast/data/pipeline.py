@@ -1,24 +1,25 @@
 """From CSV / Parquet files to cached tensors, in bounded memory: read, check, split, build
 the vocabulary, encode.
 
-The files are read in chunks (``reading.py``) three times, and no pass holds more than one
-chunk of text; what stays in memory between passes is a few bytes per row (domain, bad-row
+The files are read in chunks (``reading.py``) and parsed once; no stage holds more than one
+chunk of text. What stays in memory between stages is a few bytes per row (domain, bad-row
 flag, label, split and position) and the vocabularies. ``docs/data.md`` explains each rule.
 
 1. :func:`_scan` reads every chunk's domain, label, numeric and time columns: which rows
    belong to a configured domain, which are bad (malformed CSV lines, a missing or
    non-numeric label, a non-numeric value in a numeric column, an unparseable time), the
-   target rows' times, and each dense column's largest value;
+   target rows' times, and each dense column's largest value; it spills each chunk's
+   feature columns in compact form to disk (:class:`_Spill`: dictionary codes, numbers);
 2. :func:`_check_rows` fails on bad rows or skips them with a warning, as ``on_bad_rows``
    says, then checks that every label is 0 or 1;
 3. :func:`_assign_splits`: source -> train / valid at random, target -> train / valid /
    test at random or by time; each kept row gets its split and its place in it;
-4. :func:`_fit` (second read) counts the vocabulary and gathers the numeric bucket
+4. :func:`_fit` (over the spill) counts the vocabulary and gathers the numeric bucket
    quantiles and the dense means on the training rows of source and target only, so nothing
    is learnt from validation or test rows;
-5. :func:`_encode` (third read) turns every kept row into global ids of the one shared table
-   and writes it at its place in its split's ``.npy`` files (``store.py``), which training
-   memory-maps.
+5. :func:`_encode` (over the spill) turns every kept row into global ids of the one shared
+   table and writes it at its place in its split's ``.npy`` files (``store.py``), which
+   training memory-maps.
 
 The result is cached on disk as a folder, keyed by the config and the input files' contents.
 Peak memory depends on the chunk size and the vocabulary, not on the file size.
@@ -52,7 +53,7 @@ from .tensors import SPLIT_NAMES, DataBundle
 log = logging.getLogger("autoft_fast.data")
 
 # Bump when the processing rules or the cache layout change, so old caches are not reused.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 # Text that means "no value" in a numeric, label or time column (compared lower-cased,
 # stripped). Categorical columns keep such text as an ordinary value (it may be a real one,
