@@ -503,7 +503,14 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             f"label column '{cfg.label}' must hold 0 or 1, but {count} rows hold other values "
             f"(e.g. {ex[0]!r} in {ex[1]}, data row {_file_row(sc.malformed, ex[1], ex[2])})"
         )
-    return np.flatnonzero(keep & ~sc.bad)
+    return _rows_where(keep & ~sc.bad)
+
+
+def _rows_where(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(mask)`` as int32 when that holds every index: the split stage keeps
+    a few such arrays of one entry per row, the largest memory that grows with the file."""
+    rows = np.flatnonzero(mask)
+    return rows.astype(np.int32) if mask.size < 2**31 else rows
 
 
 def _file_row(malformed: list[str], fname: str, row: int) -> int:
@@ -796,12 +803,12 @@ def _reason_column(reason: str) -> str:
 def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, tgt_times: np.ndarray | None) -> dict:
     """Indices into the kept rows of each split; `tgt_times` are the target rows' times in
     row order (time split only)."""
-    src = np.flatnonzero(dom_idx != target_index)
-    tgt = np.flatnonzero(dom_idx == target_index)
+    src = _rows_where(dom_idx != target_index)
+    tgt = _rows_where(dom_idx == target_index)
     rows: dict[str, np.ndarray] = {}
 
     ss = cfg.source_split
-    perm = np.random.default_rng(ss.seed).permutation(len(src))
+    perm = np.random.default_rng(ss.seed).permutation(len(src)).astype(src.dtype)
     n_valid = int(round(ss.valid * len(src)))
     rows["source_train"] = np.sort(src[perm[n_valid:]])
     rows["source_valid"] = np.sort(src[perm[:n_valid]])
@@ -811,7 +818,7 @@ def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, tgt_tim
     n_valid = int(round(ts.valid * len(tgt)))
     n_train = len(tgt) - n_test - n_valid
     if ts.method == "random":
-        perm = np.random.default_rng(ts.seed).permutation(len(tgt))
+        perm = np.random.default_rng(ts.seed).permutation(len(tgt)).astype(tgt.dtype)
         rows["target_train"] = np.sort(tgt[perm[n_test + n_valid:]])
         rows["target_valid"] = np.sort(tgt[perm[n_test: n_test + n_valid]])
         rows["target_test"] = np.sort(tgt[perm[:n_test]])
