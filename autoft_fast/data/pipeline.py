@@ -509,8 +509,9 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
 def _rows_where(mask: np.ndarray) -> np.ndarray:
     """``np.flatnonzero(mask)`` as int32 when that holds every index: the split stage keeps
     a few such arrays of one entry per row, the largest memory that grows with the file."""
-    rows = np.flatnonzero(mask)
-    return rows.astype(np.int32) if mask.size < 2**31 else rows
+    if mask.size >= 2**31:
+        return np.flatnonzero(mask)
+    return np.arange(mask.size, dtype=np.int32)[mask]  # no int64 array on the way
 
 
 def _file_row(malformed: list[str], fname: str, row: int) -> int:
