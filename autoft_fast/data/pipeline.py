@@ -28,6 +28,7 @@ Peak memory depends on the chunk size and the vocabulary, not on the file size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -283,6 +284,7 @@ class _Spill:
         """The chunks in read order, as :class:`_SpilledChunk`."""
         for k, n in enumerate(self.sizes):
             yield _SpilledChunk(self, k, n)
+            _release_memory()
 
 
 class _SpilledChunk:
@@ -345,7 +347,7 @@ class _Scan:
     dom_idx: np.ndarray = None            # int16 [n_read], -1 = another domain
     bad: np.ndarray = None                # bool  [n_read]
     label: np.ndarray = None              # int8  [n_read], -1 unless 0 / 1
-    tgt_rows: np.ndarray = None           # int64: read rows of the target domain
+    tgt_rows: np.ndarray = None           # int32 (int64 past 2^31): read rows of the target domain
     tgt_times: np.ndarray | None = None   # float64, aligned with tgt_rows (time split only)
     domain_counts: pd.Series = None       # value -> rows, for the "matches no rows" message
     reasons: dict = field(default_factory=dict)   # reason -> [count, example (value, file, row)]
@@ -381,7 +383,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     if time_col is not None:
         reasons.append(time_reason)
     sc.reasons = {r: [0, None] for r in reasons}
-    dom_parts, bad_parts, label_parts, tgt_parts, tnum_parts, tdate_parts = [], [], [], [], [], []
+    dom_parts, bad_parts, label_parts, tnum_parts, tdate_parts = [], [], [], [], []
     time_any_number = False
     g0 = 0
     for k, fname, r0, df in _chunks(infos, cfg, chunk_rows, sc.malformed):
@@ -420,14 +422,17 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
         dom_parts.append(dom.astype(np.int16))
         bad_parts.append(any_bad)
         label_parts.append(ok_label)
-        tgt_parts.append(tgt + g0)
         spill.write(df, numbers)
         g0 += n
+        del df, masks, numbers
+        _release_memory()
     sc.n_read = g0
-    sc.dom_idx = np.concatenate(dom_parts) if dom_parts else np.zeros(0, np.int16)
-    sc.bad = np.concatenate(bad_parts) if bad_parts else np.zeros(0, bool)
-    sc.label = np.concatenate(label_parts) if label_parts else np.zeros(0, np.int8)
-    sc.tgt_rows = np.concatenate(tgt_parts) if tgt_parts else np.zeros(0, np.int64)
+    # One array at a time, each list emptied once joined: the parts and the whole never
+    # coexist for more than one of them.
+    sc.dom_idx = _join(dom_parts, np.int16)
+    sc.bad = _join(bad_parts, bool)
+    sc.label = _join(label_parts, np.int8)
+    sc.tgt_rows = _rows_where(sc.dom_idx == target_index)  # the chunks' `tgt`, joined
     sc.domain_counts = dom_counter.counts()
     if time_col is not None:
         if time_any_number:
@@ -441,6 +446,36 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
         sc.bad[sc.tgt_rows[bad_t]] = True
     sc.dense_scale = {c: power_of_two_above(v) for c, v in max_abs.items()}
     return sc
+
+
+def _release_memory() -> None:
+    """Hand the memory that freed chunks leave in the allocators back to the system.
+
+    Measured on 12.3M rows: after the scan, Arrow's pool and glibc's heap held 0.9 GB of
+    freed chunk buffers (RSS 1.47 GB, 0.55 GB once released); the per-row arrays of the
+    later stages come from fresh pages, so they added to that instead of reusing it."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def _join(parts: list, dtype) -> np.ndarray:
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    parts.clear()
+    return out
 
 
 def _count(slot: list, mask: np.ndarray, df: pd.DataFrame, col: str, fname: str, r0: int) -> None:
@@ -462,9 +497,10 @@ def _count_rows(slot: list, rows: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------------- 2. check
 def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
-    """Raise or warn about bad rows and labels; the read rows that are kept, in read order."""
+    """Raise or warn about bad rows and labels; a mask of the read rows that are kept."""
     domain_values = [*cfg.source_domains, cfg.target_domain]
-    counts = np.bincount(sc.dom_idx[sc.dom_idx >= 0], minlength=len(domain_values))
+    # Counted per value: bincount would first widen the whole column to int64.
+    counts = [int(np.count_nonzero(sc.dom_idx == k)) for k in range(len(domain_values))]
     for value, n in zip(domain_values, counts):
         if n == 0:
             role = "target" if value == cfg.target_domain else "source"
@@ -503,7 +539,8 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             f"label column '{cfg.label}' must hold 0 or 1, but {count} rows hold other values "
             f"(e.g. {ex[0]!r} in {ex[1]}, data row {_file_row(sc.malformed, ex[1], ex[2])})"
         )
-    return _rows_where(keep & ~sc.bad)
+    keep &= ~sc.bad
+    return keep
 
 
 def _rows_where(mask: np.ndarray) -> np.ndarray:
@@ -539,19 +576,22 @@ def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:
 
 # ---------------------------------------------------------------------------- 3. splits
 def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Per read row: its split's index in SPLIT_NAMES (-1 = dropped) and its place there."""
+    """Per read row: its split's index in SPLIT_NAMES (-1 = dropped) and its place there.
+    ``kept`` is the mask of kept read rows."""
     target_index = len(cfg.source_domains)
-    dom = sc.dom_idx[kept]
+    src = _rows_where(kept & (sc.dom_idx != target_index))
+    tgt = _rows_where(kept & (sc.dom_idx == target_index))
     times = None
     if sc.tgt_times is not None:
         good = ~sc.bad[sc.tgt_rows]
         times = sc.tgt_times[good]  # aligned with the kept target rows, in read order
-    rows = _split_rows(cfg, dom, target_index, times)
+    rows = _split_rows(cfg, src, tgt, times)
+    del src, tgt
     code = np.full(sc.n_read, -1, dtype=np.int8)
     pos_dtype = np.int32 if sc.n_read < 2**31 else np.int64
     pos = np.zeros(sc.n_read, dtype=pos_dtype)
     for k, name in enumerate(SPLIT_NAMES):
-        r = kept[rows[name]]
+        r = rows[name]
         code[r] = k
         pos[r] = np.arange(len(r), dtype=pos_dtype)
     return code, pos, {name: len(r) for name, r in rows.items()}
@@ -801,11 +841,9 @@ def _reason_column(reason: str) -> str:
     return reason.split("'")[1]
 
 
-def _split_rows(cfg: DataConfig, dom_idx: np.ndarray, target_index: int, tgt_times: np.ndarray | None) -> dict:
-    """Indices into the kept rows of each split; `tgt_times` are the target rows' times in
-    row order (time split only)."""
-    src = _rows_where(dom_idx != target_index)
-    tgt = _rows_where(dom_idx == target_index)
+def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np.ndarray | None) -> dict:
+    """The rows of each split, from the kept source and target rows (ascending row indices);
+    `tgt_times` are the target rows' times in row order (time split only)."""
     rows: dict[str, np.ndarray] = {}
 
     ss = cfg.source_split
