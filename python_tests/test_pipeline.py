@@ -680,3 +680,14 @@ def test_peak_memory_does_not_follow_the_file_size(tmp_path):
         print(f"{path.stat().st_size / 1e6:.0f} MB CSV -> peak RSS {rss_kb / 1e3:.0f} MB")
         path.unlink()
     assert peaks[1] < 1.2 * peaks[0], peaks
+
+
+def test_int32_permutation_is_the_int64_one():
+    # The split stage shuffles an int32 range to save memory; the splits must not change.
+    from autoft_fast.data.pipeline import _permutation
+
+    for n in (0, 1, 7, 1000, 123_457):
+        for seed in (0, 2024):
+            want = np.random.default_rng(seed).permutation(n)
+            got = _permutation(seed, n, np.int32)
+            assert got.dtype == np.int32 and np.array_equal(got, want), (n, seed)

@@ -841,26 +841,38 @@ def _reason_column(reason: str) -> str:
     return reason.split("'")[1]
 
 
+def _permutation(seed: int, n: int, dtype) -> np.ndarray:
+    """``default_rng(seed).permutation(n)`` in ``dtype``: shuffling an int32 range draws the
+    same numbers as ``permutation(n)`` does for its int64 one, so the order is the same."""
+    return np.random.default_rng(seed).permutation(np.arange(n, dtype=dtype))
+
+
+def _sorted(a: np.ndarray) -> np.ndarray:
+    a.sort()  # a is a fresh gather: sorting in place saves a copy
+    return a
+
+
 def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np.ndarray | None) -> dict:
     """The rows of each split, from the kept source and target rows (ascending row indices);
     `tgt_times` are the target rows' times in row order (time split only)."""
     rows: dict[str, np.ndarray] = {}
 
     ss = cfg.source_split
-    perm = np.random.default_rng(ss.seed).permutation(len(src)).astype(src.dtype)
+    perm = _permutation(ss.seed, len(src), src.dtype)
     n_valid = int(round(ss.valid * len(src)))
-    rows["source_train"] = np.sort(src[perm[n_valid:]])
-    rows["source_valid"] = np.sort(src[perm[:n_valid]])
+    rows["source_train"] = _sorted(src[perm[n_valid:]])
+    rows["source_valid"] = _sorted(src[perm[:n_valid]])
+    del perm
 
     ts = cfg.target_split
     n_test = int(round(ts.test * len(tgt)))
     n_valid = int(round(ts.valid * len(tgt)))
     n_train = len(tgt) - n_test - n_valid
     if ts.method == "random":
-        perm = np.random.default_rng(ts.seed).permutation(len(tgt)).astype(tgt.dtype)
-        rows["target_train"] = np.sort(tgt[perm[n_test + n_valid:]])
-        rows["target_valid"] = np.sort(tgt[perm[n_test: n_test + n_valid]])
-        rows["target_test"] = np.sort(tgt[perm[:n_test]])
+        perm = _permutation(ts.seed, len(tgt), tgt.dtype)
+        rows["target_train"] = _sorted(tgt[perm[n_test + n_valid:]])
+        rows["target_valid"] = _sorted(tgt[perm[n_test: n_test + n_valid]])
+        rows["target_test"] = _sorted(tgt[perm[:n_test]])
     else:
         # Stable: rows with equal times keep file order.
         ordered = tgt[np.argsort(tgt_times, kind="stable")]
