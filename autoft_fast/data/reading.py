@@ -5,7 +5,7 @@ Why pyarrow: its streaming CSV reader (``pyarrow.csv.open_csv``) parses one bloc
 it does not convert (so only the used columns are materialised and malformed lines are still
 found), and ``ParquetFile.iter_batches`` does the same for Parquet. Both are already
 dependencies; an out-of-core engine (DuckDB, Polars) would add a large dependency for what
-three streaming passes do here.
+one streaming pass does here.
 
 One rule pyarrow does not share with pandas, which read the files before: a CSV line with
 *fewer* fields than the header gets empty values (pandas), where pyarrow can only skip it.
