@@ -131,8 +131,10 @@ def test_shapes_splits_and_feature_map(tmp_path):
     sizes = {k: len(v) for k, v in b.splits.items()}
     assert sizes == {"source_train": 360, "source_valid": 40, "target_train": 100, "target_valid": 40, "target_test": 60}
     for name, d in b.splits.items():
-        assert d.sparse.dtype == torch.long and d.sparse.shape == (len(d), 3)
-        assert d.multihot.shape == (len(d), 1, 3) and d.dense.shape == (len(d), 1)
+        # ids are int32 whenever the table has fewer than 2^31 rows
+        assert d.sparse.dtype == torch.int32 and d.sparse.shape == (len(d), 3)
+        assert d.multihot.dtype == torch.int32 and d.multihot.shape == (len(d), 1, 3)
+        assert d.dense.shape == (len(d), 1)
         assert set(d.label.unique().tolist()) <= {0.0, 1.0}
         want = {2} if name.startswith("target") else {0, 1}
         assert set(d.domain.unique().tolist()) == want
@@ -533,3 +535,10 @@ def test_tensor_data_helpers():
     assert len(data.index(torch.tensor([0, 0, 5]))) == 3
     with pytest.raises(ValueError, match="rows"):
         TensorData(torch.zeros(3, 1, dtype=torch.long), None, None, torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_id_dtype_is_int32_until_the_table_needs_int64():
+    from autoft_fast.data.store import id_dtype
+
+    assert id_dtype(1) == np.int32 and id_dtype(2**31 - 1) == np.int32
+    assert id_dtype(2**31) == np.int64

@@ -24,6 +24,7 @@ from autoft_fast.data import SPLIT_NAMES, DataConfig, DataError, prepare_data
 from autoft_fast.data.config import FILE_SUFFIXES
 from autoft_fast.data.feature_map import FeatureMap, FieldInfo
 from autoft_fast.data.tensors import DataBundle, TensorData
+from autoft_fast.data.store import id_dtype
 
 from test_data import base_dict, make_frame, write
 
@@ -447,7 +448,12 @@ def assert_same(new: DataBundle, old: DataBundle) -> None:
             x, y = getattr(a, k), getattr(b, k)
             assert (x is None) == (y is None), (name, k)
             if x is not None:
-                assert x.dtype == y.dtype and torch.equal(x, y), (name, k)
+                # The old pipeline stored int64 ids; ids are now int32 where the table fits.
+                want = y.dtype
+                if k in ("sparse", "multihot"):
+                    want = torch.from_numpy(np.zeros(0, id_dtype(new.feature_map.num_rows))).dtype
+                assert x.dtype == want, (name, k, x.dtype)
+                assert torch.equal(x.to(y.dtype), y), (name, k)
         if b.dense is None:
             assert a.dense is None
         else:
@@ -502,6 +508,44 @@ def test_same_tensors_for_several_files_other_domains_and_skipped_rows(tmp_path)
     assert_same(new, old)
     assert new.stats["bad_rows_skipped"] == 4 and new.stats["rows_other_domains"] > 0
     assert "data row 4" in str(got[0].message)
+
+
+def test_numbers_parse_as_pandas_parses_them():
+    # Arrow's fast cast for plain numbers, pandas' rules as soon as any other text appears.
+    from autoft_fast.data.pipeline import _parse_numbers
+
+    cases = [
+        ["1", "2.5", "-3e4", "inf", "-inf", "0.1", "1.7976931348623157e308", "4.9e-324", None],
+        ["1", " 2", "NA", "nan", "n/a", "", None, "abc", "3.25"],
+        [None, None],
+    ]
+    for texts in cases:
+        text = pd.Series(texts, dtype="str")
+        vals, bad = _parse_numbers(text)
+        want = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        np.testing.assert_array_equal(vals, want)
+        lowered = text.fillna("").str.strip().str.lower()
+        np.testing.assert_array_equal(bad, np.isnan(want) & ~lowered.isin(MISSING_TEXT).to_numpy())
+    assert _parse_numbers(pd.Series(["1", "x", "NA"], dtype="str"))[1].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_spill_is_removed_after_preprocessing(tmp_path, fails):
+    frame = make_frame(seed=6)
+    if fails:
+        frame["click"] = frame["click"].astype(object)
+        frame.loc[7, "click"] = "yes"  # on_bad_rows: fail
+    write(tmp_path, frame)
+    cfg = DataConfig.from_dict(base_dict(), tmp_path)
+    cache = tmp_path / "cache"
+    if fails:
+        with pytest.raises(DataError, match="click"):
+            prepare_data(cfg, cache_dir=cache, chunk_rows=64)
+    else:
+        prepare_data(cfg, cache_dir=cache, chunk_rows=64)
+    left = [p for p in cache.rglob("*") if ".spill" in p.parts or p.suffix == ".arrow"]
+    assert left == []
+    assert len(list(cache.iterdir())) == (0 if fails else 1)
 
 
 def test_short_and_long_csv_lines_as_before(tmp_path):
@@ -636,3 +680,14 @@ def test_peak_memory_does_not_follow_the_file_size(tmp_path):
         print(f"{path.stat().st_size / 1e6:.0f} MB CSV -> peak RSS {rss_kb / 1e3:.0f} MB")
         path.unlink()
     assert peaks[1] < 1.2 * peaks[0], peaks
+
+
+def test_int32_permutation_is_the_int64_one():
+    # The split stage shuffles an int32 range to save memory; the splits must not change.
+    from autoft_fast.data.pipeline import _permutation
+
+    for n in (0, 1, 7, 1000, 123_457):
+        for seed in (0, 2024):
+            want = np.random.default_rng(seed).permutation(n)
+            got = _permutation(seed, n, np.int32)
+            assert got.dtype == np.int32 and np.array_equal(got, want), (n, seed)

@@ -127,8 +127,8 @@ class RowEncoder:
             label[ok] = lab[ok]
         domain = np.full(n, len(fm.domain_values) - 1, dtype=np.int64)
         return TensorData(
-            sparse=torch.from_numpy(sparse.astype(np.int64, copy=False)),
-            multihot=None if multihot is None else torch.from_numpy(multihot.astype(np.int64, copy=False)),
+            sparse=torch.from_numpy(sparse),
+            multihot=None if multihot is None else torch.from_numpy(multihot),
             dense=None if dense is None else torch.from_numpy(dense),
             label=torch.from_numpy(label), domain=torch.from_numpy(domain))
 

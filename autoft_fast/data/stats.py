@@ -40,7 +40,12 @@ class ValueCounter:
         """Count the values of ``tokens`` (text, no missing values)."""
         if len(tokens) == 0:
             return
-        vc = tokens.value_counts(sort=False)
+        self.add_counts(tokens.value_counts(sort=False))
+
+    def add_counts(self, vc: pd.Series) -> None:
+        """Add counts already made: value (index) -> count, each value once."""
+        if len(vc) == 0:
+            return
         self._pending.append(vc)
         self._pending_len += len(vc)
         merged_len = 0 if self._merged is None else len(self._merged)

@@ -3,7 +3,7 @@
 Layout of a store folder::
 
     meta.json                   version, cache key, feature map, vocabularies, stats
-    <split>/sparse.npy          [N, F_single] int64 (see ``id_dtype``)
+    <split>/sparse.npy          [N, F_single] int32, or int64 for huge tables (``id_dtype``)
     <split>/multihot.npy        [N, F_multi, L] same id dtype (absent without multi-hot fields)
     <split>/dense.npy           [N, F_dense] float32 (absent without dense fields)
     <split>/label.npy           [N] float32
@@ -28,11 +28,10 @@ import torch
 from .feature_map import FeatureMap
 from .tensors import SPLIT_NAMES, DataBundle, TensorData
 
-# Ids are stored as int64 because TensorData promises LongTensor ids to the models and the
-# trainer. int32 would halve the files and the page cache, and fits whenever the table has
-# fewer than 2^31 rows; the op accepts it, so switching is this one switch once every reader
-# of TensorData does.
-COMPACT_IDS = False
+# Ids are stored as int32 whenever the table has fewer than 2^31 rows: half the files and the
+# page cache of int64. Every reader of TensorData accepts both (F.embedding, F.embedding_bag,
+# the gated op, the frequency features, indexing); False keeps int64 everywhere.
+COMPACT_IDS = True
 
 
 def id_dtype(num_rows: int) -> np.dtype:

@@ -22,8 +22,10 @@ _TENSORS = ("sparse", "multihot", "dense", "label", "domain")
 class TensorData:
     """Rows of processed data.
 
-    sparse   LongTensor  [N, F_single]   global ids (see FeatureMap)
-    multihot LongTensor  [N, F_multi, L] global ids, the field's PAD id in empty slots; or None
+    sparse   IntTensor   [N, F_single]   global ids (see FeatureMap); int32, or int64 when
+                                         the table has 2^31 rows or more (store.id_dtype)
+    multihot IntTensor   [N, F_multi, L] global ids (dtype of sparse), the field's PAD id in
+                                         empty slots; or None
     dense    FloatTensor [N, F_dense]    standardised values; or None
     label    FloatTensor [N]             0.0 / 1.0
     domain   LongTensor  [N]             index into FeatureMap.domain_values
