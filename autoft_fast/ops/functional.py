@@ -141,6 +141,31 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _prepare_call(resolve, backend, device, frozen_weight, tuned_weight, logits, uniforms,
+                  tau, seed, hard, noise, sparse):
+    """The option checks and the backend choice that the lookup and the bag op share:
+    returns (backend row, tau, seed tensor, hard, noise, sparse, tuned_weight to use)."""
+    tau = validate.check_tau(tau)
+    seed = validate.check_seed(seed)
+    hard = validate.check_flag("hard", hard)
+    noise = validate.check_flag("noise", noise)
+    sparse = validate.check_flag("sparse", sparse)
+    if uniforms is not None and noise:
+        validate.check_uniform_range(uniforms)
+    low_precision = validate.is_low_precision_frozen(frozen_weight, tuned_weight)
+    try:
+        row = registry.REGISTRY[resolve(backend, device, low_precision)]
+    except registry.LowPrecisionNotServed as exc:
+        raise validate.low_precision_not_served(exc.backend, frozen_weight, tuned_weight,
+                                                exc.served) from None
+    if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
+        raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
+                        f"not {row.name!r}")
+    if sparse and not tuned_weight.is_contiguous() and tuned_weight.requires_grad:
+        tuned_weight = _DenseGradThroughView.apply(tuned_weight)
+    return row, tau, _seed_tensor(seed, noise, uniforms), hard, noise, sparse, tuned_weight
+
+
 def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, hard=True,
                     noise=True, seed=None, uniforms=None, sparse=False, backend="auto",
                     optimizer=None, optimizer_state=None):
@@ -178,25 +203,9 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
                           reference=row is not None and row.is_reference)
-    tau = validate.check_tau(tau)
-    seed = validate.check_seed(seed)
-    hard = validate.check_flag("hard", hard)
-    noise = validate.check_flag("noise", noise)
-    sparse = validate.check_flag("sparse", sparse)
-    if uniforms is not None and noise:
-        validate.check_uniform_range(uniforms)
-    low_precision = validate.is_low_precision_frozen(frozen_weight, tuned_weight)
-    try:
-        row = registry.REGISTRY[_resolve_backend(backend, indices.device, low_precision)]
-    except registry.LowPrecisionNotServed as exc:
-        raise validate.low_precision_not_served(exc.backend, frozen_weight, tuned_weight,
-                                                exc.served) from None
-    if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
-        raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
-                        f"not {row.name!r}")
-    if sparse and not tuned_weight.is_contiguous() and tuned_weight.requires_grad:
-        tuned_weight = _DenseGradThroughView.apply(tuned_weight)
-    seed_t = _seed_tensor(seed, noise, uniforms)
+    row, tau, seed_t, hard, noise, sparse, tuned_weight = _prepare_call(
+        _resolve_backend, backend, indices.device, frozen_weight, tuned_weight, logits,
+        uniforms, tau, seed, hard, noise, sparse)
 
     if optimizer is not None:
         return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau,
@@ -320,25 +329,9 @@ def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
     validate.check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_weight,
                               logits, uniforms, reference=row is not None and row.is_reference)
     mode_index = validate.check_bag_mode(mode)
-    tau = validate.check_tau(tau)
-    seed = validate.check_seed(seed)
-    hard = validate.check_flag("hard", hard)
-    noise = validate.check_flag("noise", noise)
-    sparse = validate.check_flag("sparse", sparse)
-    if uniforms is not None and noise:
-        validate.check_uniform_range(uniforms)
-    low_precision = validate.is_low_precision_frozen(frozen_weight, tuned_weight)
-    try:
-        row = registry.REGISTRY[_resolve_bag_backend(backend, values.device, low_precision)]
-    except registry.LowPrecisionNotServed as exc:
-        raise validate.low_precision_not_served(exc.backend, frozen_weight, tuned_weight,
-                                                exc.served) from None
-    if not row.is_reference and (frozen_weight.dtype == torch.float64 or logits.dtype == torch.float64):
-        raise TypeError(f"float64 tables or logits are served by the 'reference' backend only, "
-                        f"not {row.name!r}")
-    if sparse and not tuned_weight.is_contiguous() and tuned_weight.requires_grad:
-        tuned_weight = _DenseGradThroughView.apply(tuned_weight)
-    seed_t = _seed_tensor(seed, noise, uniforms)
+    row, tau, seed_t, hard, noise, sparse, tuned_weight = _prepare_call(
+        _resolve_bag_backend, backend, values.device, frozen_weight, tuned_weight, logits,
+        uniforms, tau, seed, hard, noise, sparse)
     if row.is_reference:
         validate.check_bag_data(values, offsets, frozen_weight.shape[0])
         return reference_gated_embedding_bag(
