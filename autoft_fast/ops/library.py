@@ -120,30 +120,47 @@ def _refuse_double_backward(outputs, backend: str, anchors):
     return [None if t is None else _NoDoubleBackward.apply(backend, t, *anchors) for t in outputs]
 
 
+def _grad_inputs(grad_out, grad_gates, tuned_weight, logits, rows: int):
+    """The incoming gradient (zeros when only the gates got one) and, under create_graph,
+    the tensors a second differentiation would reach (see _refuse_double_backward)."""
+    if grad_out is None:
+        grad_out = tuned_weight.new_zeros((rows, tuned_weight.shape[1]))
+    anchors = [t for t in (grad_out, grad_gates, tuned_weight, logits)
+               if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+    return grad_out, anchors
+
+
+def _grad_outputs(grad_tuned, grad_logits, grad_rows, *, name, anchors, sparse, coalesced,
+                  tuned_weight):
+    """The backward kernel's outputs as autograd wants them: double backward refused, and
+    in sparse mode the tuned gradient as a COO tensor (coalesced where the backend says so:
+    that saves the optimizer a coalesce, several ms for ~100k lookups in PyTorch's sparse
+    SGD step)."""
+    if anchors:  # create_graph=True: the gradients would be differentiated again
+        grad_tuned, grad_logits = _refuse_double_backward((grad_tuned, grad_logits), name, anchors)
+    if sparse:
+        grad_tuned = torch.sparse_coo_tensor(
+            grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape, is_coalesced=coalesced,
+            check_invariants=False)  # rows were range-checked by the forward
+    return grad_tuned, grad_logits
+
+
 def _make_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
     def backward(ctx, grad_out, grad_gates):
         saved = ctx.saved_tensors
         indices, frozen_weight, tuned_weight, logits, seed, uniforms = saved
         tau, hard, noise, sparse = ctx.options
         name, coalesced = backend_of(indices.device.type)
-        n, dim = indices.shape[0], tuned_weight.shape[1]
-        if grad_out is None:
-            grad_out = tuned_weight.new_zeros((n, dim))
-        anchors = [t for t in (grad_out, grad_gates, tuned_weight, logits)
-                   if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        grad_out, anchors = _grad_inputs(grad_out, grad_gates, tuned_weight, logits,
+                                         indices.shape[0])
         with torch.no_grad():
             grad_tuned, grad_logits, grad_rows = bwd_op(
                 grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
                 indices, frozen_weight, tuned_weight, logits, seed, uniforms, tau, hard, noise,
                 sparse)
-        if anchors:  # create_graph=True: the gradients would be differentiated again
-            grad_tuned, grad_logits = _refuse_double_backward((grad_tuned, grad_logits), name, anchors)
-        if sparse:
-            # A coalesced gradient (sorted unique rows) saves the optimizer a coalesce: PyTorch's
-            # sparse SGD step on an uncoalesced one of ~100k lookups costs several ms.
-            grad_tuned = torch.sparse_coo_tensor(
-                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape, is_coalesced=coalesced,
-                check_invariants=False)  # rows were range-checked by the forward
+        grad_tuned, grad_logits = _grad_outputs(
+            grad_tuned, grad_logits, grad_rows, name=name, anchors=anchors, sparse=sparse,
+            coalesced=coalesced, tuned_weight=tuned_weight)
         if not ctx.needs_input_grad[2]:
             grad_tuned = None
         if not ctx.needs_input_grad[3]:
@@ -213,22 +230,16 @@ def _make_bag_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
         values, offsets, weights, frozen_weight, tuned_weight, logits, seed, uniforms = ctx.saved_tensors
         tau, hard, noise, mode, sparse = ctx.options
         name, coalesced = backend_of(values.device.type)
-        bags, dim = logits.shape[0], tuned_weight.shape[1]
-        if grad_out is None:
-            grad_out = tuned_weight.new_zeros((bags, dim))
-        anchors = [t for t in (grad_out, grad_gates, tuned_weight, logits)
-                   if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        grad_out, anchors = _grad_inputs(grad_out, grad_gates, tuned_weight, logits,
+                                         logits.shape[0])
         with torch.no_grad():
             grad_tuned, grad_logits, grad_rows = bwd_op(
                 grad_out.contiguous(), None if grad_gates is None else grad_gates.contiguous(),
                 values, offsets, weights, frozen_weight, tuned_weight, logits, seed, uniforms,
                 tau, hard, noise, mode, sparse)
-        if anchors:
-            grad_tuned, grad_logits = _refuse_double_backward((grad_tuned, grad_logits), name, anchors)
-        if sparse:
-            grad_tuned = torch.sparse_coo_tensor(
-                grad_rows.reshape(1, -1), grad_tuned, tuned_weight.shape, is_coalesced=coalesced,
-                check_invariants=False)
+        grad_tuned, grad_logits = _grad_outputs(
+            grad_tuned, grad_logits, grad_rows, name=name, anchors=anchors, sparse=sparse,
+            coalesced=coalesced, tuned_weight=tuned_weight)
         grads = [None] * len(BAG_FWD.args)
         grads[_BAG_TUNED] = grad_tuned if ctx.needs_input_grad[_BAG_TUNED] else None
         grads[_BAG_LOGITS] = grad_logits if ctx.needs_input_grad[_BAG_LOGITS] else None
