@@ -239,7 +239,7 @@ def test_start_best_keeps_the_given_weights_unless_beaten():
 
 def test_refit_trains_the_model_on_all_rows_with_the_policy_frozen(tmp_path):
     from autoft_fast.train.runner import load_data, pretrain, run_strategy
-    cfg = _exp(tmp_path, autoft={"policy_objective": "heldout", "policy_refit": True,
+    cfg = _exp(tmp_path, autoft={"policy_objective": "heldout", "policy_refit": "continue",
                                  "policy_warmup": 0})
     bundle = load_data(cfg)
     state, _ = pretrain(cfg, bundle, progress=False)
@@ -248,6 +248,125 @@ def test_refit_trains_the_model_on_all_rows_with_the_policy_frozen(tmp_path):
     assert "refit" in stages and stages[0] is None
     assert rec["refit_best_epoch"] is not None and rec["valid_best"] >= max(
         h["valid_auc"] for h in rec["history"] if h.get("stage") is None and not h.get("warmup"))
+
+
+def test_policy_refit_reads_the_older_booleans_and_refuses_other_values():
+    assert AutoFTConfig.from_dict({"policy_refit": True}).policy_refit == "continue"
+    assert AutoFTConfig.from_dict({"policy_refit": False}).policy_refit == "none"
+    assert AutoFTConfig.from_dict({"policy_refit": "retrain"}).policy_refit == "retrain"
+    with pytest.raises(ConfigError, match="policy_refit"):
+        AutoFTConfig.from_dict({"policy_refit": "again"})
+
+
+def _pretrained(tmp_path, **over):
+    from autoft_fast.models import build_base_model
+    from autoft_fast.train.runner import load_data, pretrain
+    cfg = _exp(tmp_path, **over)
+    bundle = load_data(cfg)
+    state, _ = pretrain(cfg, bundle, progress=False)
+
+    def fresh():
+        pre = build_base_model(bundle.feature_map, cfg.model)
+        pre.load_state_dict(state)
+        return pre
+    return cfg, bundle, state, fresh
+
+
+def test_fixed_policy_gates_are_noise_free_in_training_and_the_policy_does_not_train(tmp_path):
+    from autoft_fast.models import build_transfer_model
+    cfg, bundle, _, fresh = _pretrained(tmp_path, autoft={"policy_warmup": 0})
+    m = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model, cfg.autoft)
+    with torch.no_grad():  # a policy with a clear opinion, so no gate sits on a tie
+        for p in m.policy.parameters():
+            p.normal_(0.0, 0.5)
+    batch = bundle.splits["target_train"].slice(0, 64)
+    m.train()
+    m(batch)
+    noisy = m.last_gates["field"].clone()
+    m(batch)
+    assert not torch.equal(noisy, m.last_gates["field"])  # training draws Gumbel noise
+    m.fix_policy()
+    assert m.training and not m.policy.training
+    assert m.parameter_groups()["policy"] == []
+    m(batch)
+    first = m.last_gates["field"].clone()
+    m(batch)
+    assert torch.equal(first, m.last_gates["field"])
+    m.eval()
+    m(batch)
+    assert torch.equal(first, m.last_gates["field"])  # the choices evaluation makes
+    with pytest.raises(ValueError, match="no policy"):
+        build_transfer_model("finetune_all", fresh(), bundle.feature_map, cfg.model,
+                             cfg.autoft).fix_policy()
+
+
+def test_a_fixed_all_tuned_policy_trains_exactly_what_finetune_all_trains(tmp_path):
+    from autoft_fast.models import build_transfer_model
+    from autoft_fast.train.trainer import evaluate
+    cfg, bundle, _, fresh = _pretrained(tmp_path, autoft={"policy_warmup": 0})
+    train, valid = bundle.splits["target_train"], bundle.splits["target_valid"]
+    plain = build_transfer_model("finetune_all", fresh(), bundle.feature_map, cfg.model,
+                                 cfg.autoft)
+    gated = build_transfer_model("autoft_field", fresh(), bundle.feature_map, cfg.model,
+                                 cfg.autoft)
+    last = [mod for mod in gated.policy.modules() if isinstance(mod, torch.nn.Linear)][-1]
+    with torch.no_grad():  # every field gate: tuned by a wide margin
+        last.weight.zero_()
+        last.bias.view(-1, 2)[:, 0] = -20.0
+        last.bias.view(-1, 2)[:, 1] = 20.0
+    gated.fix_policy()
+    results = []
+    for m in (plain, gated):
+        torch.manual_seed(0)
+        fit = Trainer(m, cfg.finetune, seed=0, progress=False).fit(train, valid)
+        results.append((fit.best_epoch, evaluate(m, bundle.splits["target_test"])["auc"]))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+
+
+def test_retrain_trains_a_fresh_model_on_all_rows_under_the_searched_policy(tmp_path):
+    from autoft_fast.train.runner import run_strategy
+    cfg, bundle, state, _ = _pretrained(tmp_path, autoft={
+        "policy_objective": "heldout", "policy_refit": "retrain", "policy_warmup": 0,
+        "policy_input": "frozen+freq"})
+    rec = run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / "retrain", keep_model=True)
+    stages = [h.get("stage") for h in rec["history"]]
+    k = stages.count(None)
+    assert k >= 1 and stages == [None] * k + ["retrain"] * (len(stages) - k) and k < len(stages)
+    assert rec["best_epoch"] is not None and rec["search_best_epoch"] is not None
+    assert rec["valid_best"] == max(h["valid_auc"] for h in rec["history"]
+                                    if h.get("stage") == "retrain")
+    assert not (tmp_path / "retrain" / "last_retrain.pt").exists()
+    assert (tmp_path / "retrain" / "model.pt").is_file()
+
+
+def test_retrain_keeps_the_searched_policy_and_trains_the_model_from_the_pretrained_start(
+        tmp_path):
+    from autoft_fast.models import build_transfer_model
+    from autoft_fast.train.runner import _domain_names, _retrain
+    from autoft_fast.train.trainer import FitResult
+    cfg, bundle, state, fresh = _pretrained(tmp_path, autoft={
+        "policy_objective": "heldout", "policy_refit": "retrain", "policy_warmup": 0})
+    searched = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model, cfg.autoft)
+    with torch.no_grad():
+        for p in searched.policy.parameters():
+            p.normal_(0.0, 0.5)
+        for p in searched.net.parameters():  # the search stage's model: not the start
+            p.add_(1.0)
+    fit = FitResult(best_epoch=1, best_metric=0.5, epochs_run=1, history=[{"epoch": 1}],
+                    train_seconds=0.0)
+    model, rec = _retrain(cfg, searched, fit, fresh(), bundle, 0, tmp_path,
+                          _domain_names(bundle), "autoft",
+                          None, resume=False, progress=False, device=torch.device("cpu"))
+    for k, v in searched.policy.state_dict().items():
+        assert torch.equal(model.policy.state_dict()[k], v)
+    assert all(not p.requires_grad for p in model.policy.parameters())
+    start = fresh().state_dict()
+    moved = [k for k, v in model.net.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved  # it trained ...
+    assert max((model.net.state_dict()[k] - start[k]).abs().max().item() for k in moved) < 1.0
+    # ... from the pre-trained start, not from the search stage's weights (+1 everywhere)
+    assert rec["search_best_epoch"] == 1 and rec["history"][0] == {"epoch": 1}
 
 
 def test_models_doc_holds_the_autoft_table_made_from_the_declarations():

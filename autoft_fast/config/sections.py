@@ -101,6 +101,13 @@ class ModelConfig(_Section):
                               "hidden_units")
 
 
+def _refit_mode(value, where, ctx):
+    """policy_refit's older boolean form: true = continue, false = none."""
+    if isinstance(value, bool):
+        return "continue" if value else "none"
+    return value
+
+
 @dataclass(frozen=True)
 class AutoFTConfig(_Section):
     """Transfer settings (``autoft:`` section): the AutoFT policy and the L2-SP baseline.
@@ -173,12 +180,16 @@ class AutoFTConfig(_Section):
         "(never used for model weights); rotating = a fresh slice every epoch, so the model "
         "sees every row over the epochs and the policy is judged on rows that epoch's "
         "model steps did not fit (a cheaper cousin of cross-fitting)"))
-    policy_refit: bool = setting(False, doc=(
-        "with policy_objective: heldout and the fixed slice, once early stopping ends the "
-        "alternating training, "
-        "freeze the policy and continue training the model on all target training rows "
-        "(the held-out slice included), keeping the result only where validation improves; "
-        "so the slice the policy was judged on is not lost to the model"))
+    policy_refit: str = setting("none", choices=("none", "continue", "retrain"),
+                                before=_refit_mode, doc=(
+        "with policy_objective: heldout and the fixed slice, what follows the alternating "
+        "training once early stopping ends it: none = nothing (the model never sees the "
+        "held-out slice); continue = freeze the policy and continue training the model from "
+        "that best on all target training rows, kept only where validation improves; "
+        "retrain = freeze the policy found and train the model again from the pre-trained "
+        "start on all target training rows under the policy's noise-free choices, early "
+        "stopped as usual (DARTS's search-then-retrain, Liu et al. 2019). true / false are "
+        "read as continue / none"))
     policy_warmup: int = setting(0, minimum=0, doc=(
         "epochs at the start in which the policy does not step: its last layer starts at "
         "zero, so the gates are fair coins and the tuned copy trains under random mixing with "

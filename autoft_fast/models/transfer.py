@@ -97,6 +97,7 @@ class TransferModel(nn.Module):
         self._tau = float(cfg.tau)
         self.embedding_optimizer = cfg.embedding_optimizer  # read by the Trainer
         self._forced: str | None = None
+        self._policy_fixed = False  # fix_policy()
         self.frozen_net: BaseCTRModel | None = None
         self.field_embedding = None
         self.field_linear = None
@@ -209,6 +210,27 @@ class TransferModel(nn.Module):
             raise ValueError(f"path = {path!r} is not one of None, 'frozen', 'tuned'")
         self._forced = path
 
+    def fix_policy(self) -> None:
+        """Freeze the policy: its parameters stop training, it runs in eval mode, and the
+        gates are its noise-free choices in training too (what evaluation uses with
+        ``eval_gates: argmax``). The second stage of ``policy_refit: retrain`` trains the model
+        under the choices found in the first, as DARTS retrains the architecture it found.
+
+        Example::
+
+            >>> model.fix_policy()
+            >>> model.parameter_groups()["policy"]
+            []
+        """
+        if self.policy is None:
+            raise ValueError(f"strategy {self.strategy!r} has no policy to fix")
+        for p in self.policy.parameters():
+            p.requires_grad_(False)
+        self._policy_fixed = True
+        if "policy" not in self._fixed:
+            self._fixed.append("policy")
+        self.train(self.training)
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: ``'model'`` (CTR model copies) and ``'policy'``.
 
@@ -271,7 +293,7 @@ class TransferModel(nn.Module):
         if self.policy is None:
             return self.net(batch)
         net, cfg = self.net, self.autoft_config
-        noise = self.training or cfg.eval_gates == "sample"
+        noise = (self.training and not self._policy_fixed) or cfg.eval_gates == "sample"
         logits = self._policy_logits(batch)
         # Single-valued fields are gated inside the fused op; every other gate (multi-hot
         # fields, then layers, in logit order) is drawn in one gumbel_gates call.

@@ -328,6 +328,32 @@ def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume,
             "train_seconds": fit.train_seconds + again.train_seconds}
 
 
+def _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strategy,
+             value_counts, *, resume, progress, device):
+    """autoft.policy_refit: retrain. The policy found by the alternating (search) stage is
+    fixed; a model built afresh from the pre-trained one is trained on all target training
+    rows under its noise-free choices, early-stopped on validation like every strategy.
+    Returns (the retrained model, the run-record fields)."""
+    again = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft,
+                                 value_counts=value_counts)
+    again.policy.load_state_dict(model.policy.state_dict())
+    again.fix_policy()
+    again.to(device)
+    trainer = Trainer(again, cfg.finetune, checkpoint_path=out_dir / "last_retrain.pt",
+                      seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
+                      desc=f"{strategy} seed {seed} retrain", progress=progress, device=device)
+    second = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
+                         resume=resume)
+    (out_dir / "last_retrain.pt").unlink(missing_ok=True)
+    history = fit.history + [dict(h, stage="retrain") for h in second.history]
+    return again, {
+        "search_best_epoch": fit.best_epoch, "search_valid_best": fit.best_metric,
+        "best_epoch": second.best_epoch, "epochs_run": fit.epochs_run + second.epochs_run,
+        "best_at_cap": fit.best_at_cap or second.best_at_cap, "history": history,
+        "valid_best": second.best_metric,
+        "train_seconds": fit.train_seconds + second.train_seconds}
+
+
 @distributed.main_then_broadcast  # torchrun: only rank 0 writes files
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
@@ -434,9 +460,15 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                    best_at_cap=fit.best_at_cap,
                    train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
                    history=fit.history, valid_best=fit.best_metric)
-        if policy_data is not None and acfg.policy_refit:
+        if policy_data is not None and acfg.policy_refit == "continue":
             rec.update(_refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy,
                               resume=resume, progress=progress, device=device))
+        elif policy_data is not None and acfg.policy_refit == "retrain":
+            model, stage = _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains,
+                                    strategy, value_counts, resume=resume, progress=progress,
+                                    device=device)
+            rec.update(stage)
+            train = bundle.splits["target_train"]  # the rows the returned model was fitted to
     rec["epoch_cap"] = cfg.finetune.epochs
     rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):
