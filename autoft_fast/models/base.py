@@ -117,15 +117,39 @@ class BaseCTRModel(nn.Module):
         """Width of the MLP / cross input: all field vectors flattened plus the dense values."""
         return self.num_fields * self.config.embedding_dim + len(self.dense_fields)
 
+    def multihot_bags(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, offsets) of the bags of multi-hot ids ``[B, F_multi, L]``: the non-PAD slots.
+
+        Bag ``b * F_multi + f`` holds field f of instance b in slot order (the layout of
+        ``autoft_fast.gated_embedding_bag``); an all-PAD slot list is an empty bag.
+
+        Example::
+
+            >>> values, offsets = model.multihot_bags(batch.multihot)
+            >>> offsets.shape                                  # B * F_multi + 1
+        """
+        keep = ids != self.multihot_pad.view(1, -1, 1)
+        counts = keep.sum(dim=2).reshape(-1)
+        offsets = torch.cat((counts.new_zeros(1), torch.cumsum(counts, dim=0)))
+        return ids[keep], offsets
+
     def pool_multihot(self, ids: torch.Tensor, weight: torch.Tensor, sparse: bool = False):
-        """Mean of the non-PAD rows of ``weight`` for ids ``[B, F_multi, L]`` -> ``[B, F_multi, dim]``."""
-        b, f, length = ids.shape
-        mask = (ids != self.multihot_pad.view(1, -1, 1)).to(weight.dtype)
-        # The mean as a weighted sum in one embedding_bag: no [B, F, L, dim] intermediate,
-        # and PAD slots get weight 0 (an all-PAD bag gives zeros).
-        per_slot = mask / mask.sum(dim=2, keepdim=True).clamp_min(1.0)
-        pooled = F.embedding_bag(ids.reshape(b * f, length), weight, mode="sum", sparse=sparse,
-                                 per_sample_weights=per_slot.reshape(b * f, length))
+        """Mean of the non-PAD rows of ``weight`` for ids ``[B, F_multi, L]`` -> ``[B, F_multi, dim]``.
+
+        Computed as the bag op's mean pooling is (docs/op-contract.md, "Bags"): each row times
+        1 / (bag length), added in slot order in the table's dtype, an empty bag giving zeros.
+        So a gated model whose gates all choose one table pools bit for bit what this pools.
+        (F.embedding_bag with per-sample weights is not used: its x86 kernel fuses the multiply
+        into the add, which rounds differently.)
+        """
+        b, f, _ = ids.shape
+        values, offsets = self.multihot_bags(ids)
+        counts = offsets[1:] - offsets[:-1]
+        bag_ids = torch.repeat_interleave(torch.arange(b * f, device=ids.device), counts,
+                                          output_size=values.shape[0])
+        per_value = 1.0 / counts.clamp_min(1).to(weight.dtype)[bag_ids]
+        rows = F.embedding(values, weight, sparse=sparse)
+        pooled = weight.new_zeros(b * f, weight.shape[1]).index_add(0, bag_ids, rows * per_value[:, None])
         return pooled.view(b, f, weight.shape[1])
 
     def field_vectors(self, batch, weight: torch.Tensor, sparse: bool = False) -> torch.Tensor:

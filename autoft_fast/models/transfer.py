@@ -24,10 +24,11 @@ else. A fixed part also keeps its batch-norm statistics and runs without dropout
 always in eval mode): frozen means a fixed function, bit for bit.
 
 Gates. Field gates use the fused op through ``GatedEmbedding`` for single-valued fields.
-A multi-hot field has one gate per (instance, field) but several lookups; the op draws an
-independent gate per lookup, so it cannot express one decision for a whole bag. Those
-fields therefore pool their frozen rows and their tuned rows separately and mix the two
-pooled vectors with ``gumbel_gates`` (same noise, tie rule and straight-through gradient).
+A multi-hot field has one gate per (instance, field) but several lookups: its non-PAD slots
+form one bag, gated by the bag op (``GatedEmbedding.bag``, mean pooling), which pools the
+frozen rows and the tuned rows separately and mixes the two pooled vectors by the bag's gate.
+(With a fused optimizer on the table, which the bag op does not fuse, those fields pool in
+eager PyTorch and mix with ``gumbel_gates``: same noise, tie rule and gradient.)
 DeepFM's first-order weights follow their field's embedding gate: the op's returned gates
 mix the frozen and tuned first-order rows (the gradient reaches the logits through the
 gates' straight-through rule). Every gated layer (``mlp_<i>``, ``cross_<i>``, ``output``)
@@ -46,6 +47,7 @@ from torch import nn
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
 from ..modules import GatedEmbedding
 from ..ops import gumbel_gates
+from ..ops.philox import uniforms_tensor
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
 from .frequency import ValueFrequencies
@@ -295,25 +297,34 @@ class TransferModel(nn.Module):
         net, cfg = self.net, self.autoft_config
         noise = (self.training and not self._policy_fixed) or cfg.eval_gates == "sample"
         logits = self._policy_logits(batch)
-        # Single-valued fields are gated inside the fused op; every other gate (multi-hot
-        # fields, then layers, in logit order) is drawn in one gumbel_gates call.
+        # Single-valued fields are gated inside the fused op, multi-hot fields inside the bag
+        # op, layers by gumbel_gates; the last two share one noise stream over their gates.
         ns = len(net.single_fields) if self.field_embedding is not None else 0
         nm = len(net.multihot_fields) if self.field_embedding is not None else 0
+        # One seed for the multi-hot and layer gates (logit order): they draw exactly what one
+        # gumbel_gates call over both would, whichever path pools the bags.
+        uniforms = None
+        if noise and logits.shape[1] > ns:
+            seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+            uniforms = uniforms_tensor(seed, (logits.shape[0], logits.shape[1] - ns),
+                                       device=logits.device)
         other = None
-        if logits.shape[1] > ns:
-            other = gumbel_gates(logits[:, ns:], tau=self._tau, hard=cfg.hard, noise=noise)
+        if logits.shape[1] > ns + nm:
+            other = gumbel_gates(logits[:, ns + nm:], tau=self._tau, hard=cfg.hard, noise=noise,
+                                 uniforms=None if uniforms is None else uniforms[:, nm:])
         gates = []
 
         if self.field_embedding is not None:
             fields, first, field_gates = self._gated_fields(
-                batch, logits[:, :ns], other[:, :nm] if nm else None, noise)
+                batch, logits[:, :ns], logits[:, ns:ns + nm],
+                None if uniforms is None else uniforms[:, :nm], noise)
             gates.append(field_gates)
         else:
             fields = net.field_vectors(batch, net.embedding.weight)
             first = net.field_vectors(batch, net.linear.weight) if net.linear is not None else None
 
         if self.layer_gate_names:
-            layer_gates = other[:, nm:]
+            layer_gates = other
             gates.append(layer_gates)
             apply = self._gated_apply(layer_gates)
         else:
@@ -345,7 +356,7 @@ class TransferModel(nn.Module):
         logits[..., 1] = sign * _FORCE_MARGIN
         return logits
 
-    def _gated_fields(self, batch, single_logits, multihot_gates, noise: bool):
+    def _gated_fields(self, batch, single_logits, multihot_logits, multihot_uniforms, noise: bool):
         net, cfg = self.net, self.autoft_config
         emb = self.field_embedding
         ns = len(net.single_fields)
@@ -356,10 +367,8 @@ class TransferModel(nn.Module):
             gates.append(g)
         if net.multihot_fields:
             # One gate per (instance, field) for a whole bag: see the module docstring.
-            g = multihot_gates
-            frozen = net.pool_multihot(batch.multihot, emb.frozen_dense_weight())
-            tuned = net.pool_multihot(batch.multihot, emb.tuned_weight, sparse=emb.sparse)
-            parts.append(g[..., 0:1] * frozen + g[..., 1:2] * tuned)
+            out, g = self._gated_bags(batch.multihot, multihot_logits, multihot_uniforms, noise)
+            parts.append(out)
             gates.append(g)
         fields = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         field_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
@@ -370,6 +379,35 @@ class TransferModel(nn.Module):
             tuned = net.field_vectors(batch, lin.tuned_weight, sparse=lin.sparse)
             first = field_gates[..., 0:1] * frozen + field_gates[..., 1:2] * tuned
         return fields, first, field_gates
+
+    def _bags_in_op(self) -> bool:
+        """Whether the multi-hot fields go through the bag op (else: eager pooling).
+
+        The bag op fuses no optimizer, so a table with a fused optimizer pools its multi-hot
+        fields in eager PyTorch, where the tuned rows get an ordinary gradient.
+        """
+        return self.field_embedding.fused_optimizer is None
+
+    def _gated_bags(self, ids, logits, uniforms, noise: bool):
+        """``(out [B, F_multi, D], gates [B, F_multi, 2])`` of the multi-hot ids ``[B, F_multi, L]``.
+
+        One gate per (instance, field) bag from ``logits`` ``[B, F_multi, 2]`` (``uniforms``:
+        its noise, or None); the bag's frozen rows and tuned rows are mean-pooled separately
+        and mixed by the gate. The two paths compute the same values: the pooling is the same
+        computation (``BaseCTRModel.pool_multihot``), the gates the same formula and noise.
+        """
+        net, cfg, emb = self.net, self.autoft_config, self.field_embedding
+        b, nm = logits.shape[:2]
+        if self._bags_in_op():
+            values, offsets = net.multihot_bags(ids)
+            out, g = emb.bag(values, offsets, logits.reshape(b * nm, 2), mode="mean",
+                             tau=self._tau, hard=cfg.hard, noise=noise,
+                             uniforms=None if uniforms is None else uniforms.reshape(-1))
+            return out.view(b, nm, emb.embedding_dim), g.view(b, nm, 2)
+        g = gumbel_gates(logits, tau=self._tau, hard=cfg.hard, noise=noise, uniforms=uniforms)
+        frozen = net.pool_multihot(ids, emb.frozen_dense_weight())
+        tuned = net.pool_multihot(ids, emb.tuned_weight, sparse=emb.sparse)
+        return g[..., 0:1] * frozen + g[..., 1:2] * tuned, g
 
     def _gated_apply(self, layer_gates):
         index = {name: i for i, name in enumerate(self.layer_gate_names)}

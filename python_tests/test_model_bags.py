@@ -1,0 +1,153 @@
+"""Multi-hot fields of the field-gated strategies: the bag op and the eager pooling agree.
+
+A TransferModel gates each (instance, multi-hot field) bag with the bag op
+(``GatedEmbedding.bag``); a table with a fused optimizer pools those fields in eager PyTorch
+instead. Both paths must compute the same model: the pooling bit for bit (one definition,
+``BaseCTRModel.pool_multihot``), the same gates from the same noise, and after training the
+same weights up to float32 rounding of the policy's dot products (summed in another order).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoft_fast.models import FIELD_GATED, build_base_model, build_transfer_model
+from autoft_fast.modules import attach_fused_optimizers
+
+from test_models import BACKENDS, model_cfg, pretrained_model, tiny_batch, tiny_feature_map, train_steps
+
+
+@pytest.fixture(scope="module")
+def fmap():
+    return tiny_feature_map()
+
+
+@pytest.fixture(scope="module")
+def data(fmap):
+    return tiny_batch(fmap, n=128, seed=3)
+
+
+def _pair(strategy, name, backend, pre, fmap, **autoft):
+    """Two equal models of ``strategy``: one pools its bags in the op, one in eager PyTorch."""
+    torch.manual_seed(21)
+    via_op = build_transfer_model(strategy, pre, fmap, model_cfg(name),
+                                  {"backend": backend, "tau": 1.0, **autoft})
+    eager = copy.deepcopy(via_op)
+    eager._bags_in_op = lambda: False
+    assert via_op._bags_in_op() and not eager._bags_in_op()
+    return via_op, eager
+
+
+def _count_bag_calls(model) -> list:
+    calls = []
+    emb = model.field_embedding
+    original = emb.bag
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    emb.bag = counted
+    return calls
+
+
+def test_pool_multihot_is_the_bag_ops_mean(fmap, data):
+    # The base model's pooling and the op's mean pooling are one computation: with every gate
+    # on one table the op returns exactly the pooled rows, on both backends.
+    torch.manual_seed(0)
+    net = build_base_model(fmap, model_cfg("dnn", embedding_dim=16))
+    with torch.no_grad():
+        net.embedding.weight.normal_()
+    w = net.embedding.weight.detach()
+    ids = data.multihot
+    values, offsets = net.multihot_bags(ids)
+    pooled = net.pool_multihot(ids, w).reshape(-1, w.shape[1])
+    empty = (offsets[1:] == offsets[:-1])
+    assert bool(empty.any()) and bool((~empty).any())  # the batch has empty and full bags
+    assert torch.equal(pooled[empty], torch.zeros(int(empty.sum()), w.shape[1]))
+    from autoft_fast import gated_embedding_bag
+    for backend in BACKENDS:
+        for sign in (-1.0, 1.0):  # every gate frozen, then every gate tuned
+            logits = torch.tensor([[-sign, sign]]).repeat(offsets.shape[0] - 1, 1) * 1e4
+            out, _ = gated_embedding_bag(values, offsets, w, w.clone(), logits, mode="mean",
+                                         noise=False, backend=backend)
+            assert torch.equal(out, pooled), (backend, sign, (out - pooled).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["dnn", "deepfm"])
+@pytest.mark.parametrize("strategy", FIELD_GATED)
+def test_bag_op_and_eager_pooling_train_the_same_model(strategy, name, backend, fmap, data):
+    pre = pretrained_model(name, fmap, data)
+    via_op, eager = _pair(strategy, name, backend, pre, fmap)
+    op_calls, eager_calls = _count_bag_calls(via_op), _count_bag_calls(eager)
+    # A train-mode forward with the same seed: the same noise, gates and outputs, bit for bit.
+    torch.manual_seed(5)
+    out_op = via_op.train()(data)
+    gates_op = via_op.last_gates["field"]
+    torch.manual_seed(5)
+    out_eager = eager.train()(data)
+    assert op_calls and not eager_calls  # each model took its own path
+    assert torch.equal(gates_op, eager.last_gates["field"])
+    assert 0 < gates_op[:, -1, 1].mean().item() < 1  # the multi-hot gates use both tables
+    assert torch.equal(out_op, out_eager)
+    # The gradients of one step: the tuned table's bit for bit up to summation order.
+    F.binary_cross_entropy_with_logits(out_op, data.label).backward()
+    F.binary_cross_entropy_with_logits(out_eager, data.label).backward()
+    g_op = via_op.field_embedding.tuned_weight.grad
+    g_eager = eager.field_embedding.tuned_weight.grad
+    assert g_op.abs().sum() > 0
+    assert torch.allclose(g_op, g_eager, rtol=1e-6, atol=1e-7)
+    via_op.zero_grad()
+    eager.zero_grad()
+    # A few training steps from the same seed land on the same weights and choices.
+    torch.manual_seed(6)
+    losses_op = train_steps(via_op, data, steps=6)
+    torch.manual_seed(6)
+    losses_eager = train_steps(eager, data, steps=6)
+    assert losses_op[-1] < losses_op[0]
+    assert losses_op == pytest.approx(losses_eager, rel=1e-5, abs=1e-6)
+    moved = via_op.field_embedding.tuned_weight.detach() - via_op.field_embedding.frozen_weight
+    assert moved.abs().sum() > 0  # the tuned table was trained
+    for (k, a), (k2, b) in zip(via_op.state_dict().items(), eager.state_dict().items()):
+        assert k == k2
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (k, (a - b).abs().max())
+        else:
+            assert torch.equal(a, b), k
+    via_op.eval()
+    eager.eval()
+    assert torch.allclose(via_op(data), eager(data), rtol=1e-4, atol=1e-5)
+    assert torch.equal(via_op.last_gates["field"], eager.last_gates["field"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_optimizer_table_pools_bags_eagerly_and_trains(backend, fmap, data):
+    pre = pretrained_model("dnn", fmap, data)
+    torch.manual_seed(21)
+    plain = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"backend": backend})
+    fused = copy.deepcopy(plain)
+    assert attach_fused_optimizers(fused, "fused_sgd", lr=0.1) == [fused.field_embedding]
+    assert not fused._bags_in_op() and plain._bags_in_op()
+    # Before any step both compute the same model, bit for bit.
+    torch.manual_seed(8)
+    out_plain = plain.train()(data)
+    torch.manual_seed(8)
+    out_fused = fused.train()(data)
+    assert torch.equal(out_plain, out_fused)
+    before = fused.field_embedding.tuned_weight.detach().clone()
+    F.binary_cross_entropy_with_logits(out_fused, data.label).backward()
+    # The single-valued fields' rows were stepped in the backward; the multi-hot fields'
+    # rows got an ordinary gradient from the eager pooling.
+    assert int(fused.field_embedding.optimizer_step) == 1
+    assert not torch.equal(fused.field_embedding.tuned_weight.detach(), before)
+    grad = fused.field_embedding.tuned_weight.grad
+    assert grad is not None
+    tags = fmap.field("tags")
+    touched = grad.abs().sum(1).nonzero().view(-1)
+    assert touched.numel() > 0
+    assert bool(((touched >= tags.offset) & (touched < tags.offset + tags.vocab_size)).all())
