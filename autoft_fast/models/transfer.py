@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
-from ..modules import GatedEmbedding
+from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
 from ..ops import gumbel_gates
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
@@ -163,6 +163,11 @@ class TransferModel(nn.Module):
             self.policy.to(next(net.parameters()).device)
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
             if row.l2sp else []
+        if row.l2sp:  # used only when a table is fused-updated (fused_optim.fused_lookup)
+            for name in ("embedding", "linear"):
+                table = getattr(net, name)
+                if isinstance(table, FusedTableMixin):
+                    table.set_l2sp(getattr(self.frozen_net, name).weight, cfg.l2sp_alpha)
         self._last_tuned_fraction: torch.Tensor | None = None
         self.last_gates: dict[str, torch.Tensor | None] = {"field": None, "layer": None}
         self.reset_policy_stats()
@@ -252,7 +257,11 @@ class TransferModel(nn.Module):
         total = ref.new_zeros(())
         if self._l2sp_names:
             sq = ref.new_zeros(())
+            # A fused-updated table takes its L2-SP term inside its update (lazy L2-SP).
+            fused = {id(m.fused_weight) for m in fused_tables(self.net)}
             for name in self._l2sp_names:
+                if id(self.net.get_parameter(name)) in fused:
+                    continue
                 w = self.net.get_parameter(name)
                 sq = sq + (w - self.frozen_net.get_parameter(name)).pow(2).sum()
             total = total + 0.5 * self.autoft_config.l2sp_alpha * sq
@@ -309,8 +318,8 @@ class TransferModel(nn.Module):
                 batch, logits[:, :ns], other[:, :nm] if nm else None, noise)
             gates.append(field_gates)
         else:
-            fields = net.field_vectors(batch, net.embedding.weight)
-            first = net.field_vectors(batch, net.linear.weight) if net.linear is not None else None
+            fields = net.field_vectors(batch, net.embedding)
+            first = net.field_vectors(batch, net.linear) if net.linear is not None else None
 
         if self.layer_gate_names:
             layer_gates = other[:, nm:]
@@ -367,8 +376,8 @@ class TransferModel(nn.Module):
         if self.field_linear is not None:
             lin = self.field_linear
             frozen = net.field_vectors(batch, lin.frozen_weight)
-            tuned = net.field_vectors(batch, lin.tuned_weight, sparse=lin.sparse)
-            first = field_gates[..., 0:1] * frozen + field_gates[..., 1:2] * tuned
+            tuned = net.field_vectors(batch, lin, sparse=lin.sparse, scale=field_gates[..., 1])
+            first = field_gates[..., 0:1] * frozen + tuned
         return fields, first, field_gates
 
     def _gated_apply(self, layer_gates):
