@@ -296,3 +296,16 @@ def test_fused_trained_weights_load_into_a_model_without_fused_optimizer(fmap, d
     trained.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(valid), trained(valid))
+
+
+def test_protocol_rule_prefers_a_fused_optimizer_within_the_margin():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "embedding_optimizer_protocol.py"
+    spec = importlib.util.spec_from_file_location("embedding_optimizer_protocol", path)
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    assert protocol.pick({"dense": 0.7504, "fused_adam": 0.7500}) == "fused_adam"
+    assert protocol.pick({"dense": 0.7510, "fused_adam": 0.7500}) == "dense"
+    assert protocol.pick({"dense": 0.7504, "fused_adam": 0.7500,
+                          "fused_rowwise_adagrad": 0.7502}) == "fused_rowwise_adagrad"
