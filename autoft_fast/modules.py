@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import quant
+from .ops import fused_optim, quant
 from .ops.functional import gated_embedding, gated_embedding_bag
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
@@ -42,20 +42,41 @@ def _mark_coalesced_if_sorted(param) -> None:
 EMBEDDING_OPTIMIZERS = ("dense", "fused_sgd", "fused_rowwise_adagrad", "fused_adam")
 
 
-def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: float) -> list:
-    """Give every trained ``GatedEmbedding`` of ``model`` the fused rule ``embedding_optimizer``.
+def fused_tables(model: nn.Module) -> list:
+    """The tables of ``model`` that update themselves in the backward, in module order.
 
-    ``embedding_optimizer`` is one of :data:`EMBEDDING_OPTIMIZERS`; "dense" changes nothing
-    (the tables keep ordinary gradients for the trainer's optimizer). Returns the modules
-    that now update themselves in the backward.
+    ``GatedEmbedding`` and ``EmbeddingTable`` modules with a fused optimizer; each names its
+    trained table ``fused_weight`` and its state ``optimizer_state()``.
 
     Example::
 
         >>> import torch, autoft_fast
-        >>> from autoft_fast.modules import attach_fused_optimizers
-        >>> model = torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4)})
+        >>> from autoft_fast.modules import fused_tables
+        >>> fused_tables(torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4)}))
+        []
+    """
+    return [m for m in model.modules()
+            if isinstance(m, FusedTableMixin) and m.fused_optimizer is not None]
+
+
+def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: float) -> list:
+    """Give every trained feature-indexed table of ``model`` the fused rule ``embedding_optimizer``.
+
+    The tables are the ``GatedEmbedding`` modules (their tuned copy) and the plain
+    ``EmbeddingTable`` modules (the base models' ``embedding`` and DeepFM's first-order
+    ``linear``) whose weight requires grad. ``embedding_optimizer`` is one of
+    :data:`EMBEDDING_OPTIMIZERS`; "dense" changes nothing (the tables keep ordinary gradients
+    for the trainer's optimizer). Returns the modules that now update themselves in the
+    backward.
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> from autoft_fast.modules import EmbeddingTable, attach_fused_optimizers
+        >>> model = torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4),
+        ...                              "plain": EmbeddingTable(10, 4)})
         >>> len(attach_fused_optimizers(model, "fused_adam", lr=1e-3))
-        1
+        2
     """
     if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ValueError(f"embedding_optimizer = {embedding_optimizer!r} is not one of "
@@ -64,13 +85,145 @@ def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: floa
         return []
     kind = embedding_optimizer[len("fused_"):]
     mods = [m for m in model.modules()
-            if isinstance(m, GatedEmbedding) and m.tuned_weight.requires_grad]
+            if isinstance(m, FusedTableMixin) and m.fused_weight.requires_grad]
     for m in mods:
         m.use_fused_optimizer(kind, lr=lr)
     return mods
 
 
-class GatedEmbedding(nn.Module):
+_STATE_PREFIX = "optimizer_"
+
+
+class FusedTableMixin:
+    """A table module that may carry a fused optimizer: its rule and its state buffers.
+
+    The class sets ``fused_weight`` (the trained [V, D] Parameter). The state is kept in
+    buffers ``optimizer_<name>`` (``optimizer_step``, ``optimizer_exp_avg``, ...), so it is in
+    the state_dict: checkpoints and resume carry it. A module without a fused optimizer loads
+    a state_dict that has these buffers by dropping them (they are training state, not
+    weights: a model saved after fused training loads for prediction).
+    """
+
+    fused_optimizer: FusedOptimizer | None = None
+
+    def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,
+                            betas=(0.9, 0.999)) -> None:
+        """Let the backward update the trained rows with ``optimizer``; its state starts at zero.
+
+        Example::
+
+            >>> import autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4)
+            >>> emb.use_fused_optimizer("rowwise_adagrad", lr=0.1)
+            >>> tuple(emb.optimizer_sum.shape)
+            (10,)
+        """
+        check_kind(optimizer)
+        if lr is None:
+            raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
+        self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
+        for name, t in self.fused_optimizer.new_state(self.fused_weight.detach()).items():
+            self.register_buffer(f"{_STATE_PREFIX}{name}", t)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        """The fused optimizer's state tensors (the module's buffers), or None without one."""
+        if self.fused_optimizer is None:
+            return None
+        names = (STEP,) + tuple(self.fused_optimizer.rule.state)
+        return {n: getattr(self, f"{_STATE_PREFIX}{n}") for n in names}
+
+    _l2sp = None
+
+    def set_l2sp(self, anchor: torch.Tensor, alpha: float) -> None:
+        """Pull the fused-updated rows toward ``anchor`` [V, D] with strength ``alpha`` (L2-SP).
+
+        Only used with a fused optimizer (a dense table gets the penalty from the loss).
+        ``anchor`` is held by reference (a frozen table of the same model), not saved twice.
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.modules import EmbeddingTable
+            >>> table = EmbeddingTable(10, 4)
+            >>> table.set_l2sp(torch.zeros(10, 4), 0.01)
+        """
+        if tuple(anchor.shape) != tuple(self.fused_weight.shape):
+            raise ValueError(f"anchor of shape {tuple(anchor.shape)} must have the table's shape "
+                             f"{tuple(self.fused_weight.shape)}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha = {alpha!r} must be a number >= 0")
+        # A tuple, so that the anchor is not registered as a second parameter of this module.
+        self._l2sp = (anchor, float(alpha))
+
+    @property
+    def fused(self) -> bool:
+        """Whether a lookup now would update the table in its backward (fused, training)."""
+        return (self.fused_optimizer is not None and self.fused_weight.requires_grad
+                and torch.is_grad_enabled())
+
+    def lookup(self, lookups) -> tuple:
+        """Plain lookups of the trained table: one output per ``fused_optim.Lookup``.
+
+        Fused (``fused_optim.fused_lookup``) when :attr:`fused`, else ordinary autograd calls.
+        Every lookup of one step should go in one call (one optimizer step per table). For a
+        ``GatedEmbedding`` the table is the tuned copy (DeepFM's gated first-order weights
+        look it up this way, weighted by their field's gate).
+
+        Example::
+
+            >>> import torch
+            >>> from autoft_fast.modules import EmbeddingTable
+            >>> from autoft_fast.ops.fused_optim import Lookup
+            >>> (out,) = EmbeddingTable(10, 4).lookup([Lookup(torch.tensor([1, 2]))])
+            >>> out.shape
+            torch.Size([2, 4])
+        """
+        if not self.fused:
+            return tuple(fused_optim.plain_lookup(self.fused_weight, lk) for lk in lookups)
+        return fused_optim.fused_lookup(self.fused_weight, lookups, self.fused_optimizer,
+                                        self.optimizer_state(), l2sp=self.active_l2sp())
+
+    def active_l2sp(self):
+        """``(anchor, alpha)`` of :meth:`set_l2sp` when alpha > 0, else None."""
+        return self._l2sp if self._l2sp is not None and self._l2sp[1] > 0 else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.fused_optimizer is None:
+            for key in [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)
+                        and "." not in k[len(prefix):]]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class EmbeddingTable(FusedTableMixin, nn.Embedding):
+    """A plain feature-indexed table (``nn.Embedding``) that can train itself in the backward.
+
+    Without a fused optimizer it is ``nn.Embedding`` exactly (same init, state_dict and
+    gradients). With one (``use_fused_optimizer``, or ``autoft.embedding_optimizer: fused_*``
+    through the trainer), :meth:`lookup` runs ``fused_optim.fused_lookup``: the looked-up rows
+    are updated inside the backward with the rule's lazy formula and ``weight`` never gets a
+    ``.grad``. ``set_l2sp(anchor, alpha)`` adds the lazy L2-SP pull toward ``anchor`` to the
+    fused update (see ``fused_lookup``).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.modules import EmbeddingTable
+        >>> from autoft_fast.ops.fused_optim import Lookup
+        >>> table = EmbeddingTable(100, 8)
+        >>> table.use_fused_optimizer("adam", lr=1e-3)
+        >>> (out,) = table.lookup([Lookup(torch.tensor([[1, 2], [2, 3]]))])
+        >>> out.sum().backward()
+        >>> int(table.optimizer_step), table.weight.grad is None
+        (1, True)
+    """
+
+    @property
+    def fused_weight(self) -> nn.Parameter:
+        return self.weight
+
+
+class GatedEmbedding(FusedTableMixin, nn.Module):
     """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
 
     The frozen copy is a buffer (saved in the state_dict, never trained); the tuned copy is a
@@ -136,31 +289,10 @@ class GatedEmbedding(nn.Module):
                              f"under a {weight.dtype} tuned table; choose one of {names}")
         return quant.to_frozen_dtype(weight, frozen_dtype)
 
-    def use_fused_optimizer(self, optimizer: str, *, lr: float | None, eps: float | None = None,
-                            betas=(0.9, 0.999)) -> None:
-        """Let the backward update the tuned rows with ``optimizer``; its state starts at zero.
-
-        Example::
-
-            >>> import autoft_fast
-            >>> emb = autoft_fast.GatedEmbedding(10, 4)
-            >>> emb.use_fused_optimizer("rowwise_adagrad", lr=0.1)
-            >>> tuple(emb.optimizer_sum.shape)
-            (10,)
-        """
-        check_kind(optimizer)
-        if lr is None:
-            raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
-        self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
-        for name, t in self.fused_optimizer.new_state(self.tuned_weight.detach()).items():
-            self.register_buffer(f"optimizer_{name}", t)
-
-    def optimizer_state(self) -> dict[str, torch.Tensor] | None:
-        """The fused optimizer's state tensors (the module's buffers), or None without one."""
-        if self.fused_optimizer is None:
-            return None
-        names = (STEP,) + tuple(self.fused_optimizer.rule.state)
-        return {n: getattr(self, f"optimizer_{n}") for n in names}
+    @property
+    def fused_weight(self) -> nn.Parameter:
+        """The table a fused optimizer trains: the tuned copy."""
+        return self.tuned_weight
 
     @classmethod
     def from_pretrained(cls, weight, *, sparse: bool = False, backend: str = "auto",

@@ -10,8 +10,9 @@ and gated versions of each part without re-implementing the architectures:
 - ``interact(fields, first_order, dense, apply)``: the interaction stack and output layer.
   Every parameterised layer is reached through ``apply(name, *inputs)``; the base model
   passes its own layers, a transfer model passes frozen, tuned or gated mixtures of them.
-- ``embedding`` (``nn.Embedding``, all fields), ``linear`` (DeepFM's first-order weights,
-  an ``nn.Embedding`` of width 1, else None) and ``layers`` (``nn.ModuleDict`` keyed by
+- ``embedding`` (an ``EmbeddingTable``, i.e. an ``nn.Embedding`` that can carry a fused
+  optimizer; all fields), ``linear`` (DeepFM's first-order weights, an ``EmbeddingTable`` of
+  width 1, else None) and ``layers`` (``nn.ModuleDict`` keyed by
   ``layer_names``: ``cross_<i>``, ``mlp_<i>``, ``output``).
 
 Dense values (``batch.dense``) are concatenated to the MLP (and cross network) input as
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import EmbeddingTable, FusedTableMixin
+from ..ops.fused_optim import Lookup
 from .config import ModelConfig
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
@@ -102,9 +105,9 @@ class BaseCTRModel(nn.Module):
         # A multi-hot slot holding its field's local id 0 (global id = offset) is padding.
         self.register_buffer("multihot_pad", torch.tensor(
             [by_name[n].offset for n in self.multihot_fields], dtype=torch.long), persistent=False)
-        self.embedding = nn.Embedding(self.num_rows, cfg.embedding_dim)
+        self.embedding = EmbeddingTable(self.num_rows, cfg.embedding_dim)
         nn.init.normal_(self.embedding.weight, std=cfg.embedding_init_std)
-        self.linear: nn.Embedding | None = None
+        self.linear: EmbeddingTable | None = None
         self.layers = nn.ModuleDict()
 
     # ----- embeddings ---------------------------------------------------------------------
@@ -116,6 +119,11 @@ class BaseCTRModel(nn.Module):
     def flat_dim(self) -> int:
         """Width of the MLP / cross input: all field vectors flattened plus the dense values."""
         return self.num_fields * self.config.embedding_dim + len(self.dense_fields)
+
+    def multihot_slot_weights(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Each slot's weight in its bag's mean: 1 / (non-PAD slots), 0 for PAD; ``[B, F_multi, L]``."""
+        mask = (ids != self.multihot_pad.view(1, -1, 1)).to(dtype)
+        return mask / mask.sum(dim=2, keepdim=True).clamp_min(1.0)
 
     def multihot_bags(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, offsets) of the bags of multi-hot ids ``[B, F_multi, L]``: the non-PAD slots.
@@ -152,11 +160,26 @@ class BaseCTRModel(nn.Module):
         pooled = weight.new_zeros(b * f, weight.shape[1]).index_add(0, bag_ids, rows * per_value[:, None])
         return pooled.view(b, f, weight.shape[1])
 
-    def field_vectors(self, batch, weight: torch.Tensor, sparse: bool = False) -> torch.Tensor:
-        """Field vectors ``[B, F, dim]`` of ``batch`` looked up in ``weight`` ``[V, dim]``.
+    def field_vectors(self, batch, weight, sparse: bool = False,
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Field vectors ``[B, F, dim]`` of ``batch`` looked up in ``weight``.
 
-        ``sparse`` asks for a COO gradient on ``weight`` (as ``nn.Embedding(sparse=True)``).
+        ``weight``: a ``[V, dim]`` tensor, or a table module (``EmbeddingTable``, or a
+        ``GatedEmbedding`` for its tuned copy). A table with a fused optimizer, in a forward
+        that records gradients, is looked up with ``fused_optim.fused_lookup``: every field's
+        lookups in one call, so the backward takes one optimizer step on the table; the values
+        are the same either way. ``sparse`` asks for a COO gradient on a plain ``weight`` (as
+        ``nn.Embedding(sparse=True)``). ``scale`` ``[B, F]`` multiplies each field vector (a
+        gate's weight); a fused lookup does not touch the rows of a lookup scaled by 0.
+
+        Example::
+
+            >>> fields = model.field_vectors(batch, model.embedding)      # [B, F, dim]
         """
+        if isinstance(weight, FusedTableMixin):
+            if weight.fused:
+                return self._fused_field_vectors(batch, weight, scale)
+            weight = weight.fused_weight
         parts = []
         if self.single_fields:
             parts.append(F.embedding(batch.sparse, weight, sparse=sparse))
@@ -164,6 +187,23 @@ class BaseCTRModel(nn.Module):
             parts.append(self.pool_multihot(batch.multihot, weight, sparse=sparse))
         if not parts:
             return weight.new_zeros(self._batch_size(batch), 0, weight.shape[1])
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out if scale is None else scale.unsqueeze(-1) * out
+
+    def _fused_field_vectors(self, batch, table, scale) -> torch.Tensor:
+        ns = len(self.single_fields)
+        lookups = []
+        if self.single_fields:
+            lookups.append(Lookup(batch.sparse, None if scale is None else scale[:, :ns]))
+        if self.multihot_fields:
+            per_slot = self.multihot_slot_weights(batch.multihot, table.fused_weight.dtype)
+            if scale is not None:
+                per_slot = scale[:, ns:].unsqueeze(-1) * per_slot
+            lookups.append(Lookup(batch.multihot, per_slot, pooled=True))
+        if not lookups:
+            return table.fused_weight.new_zeros(self._batch_size(batch), 0,
+                                                table.fused_weight.shape[1])
+        parts = table.lookup(lookups)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _batch_size(self, batch) -> int:
@@ -194,8 +234,8 @@ class BaseCTRModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Logits ``[B]`` (pre-sigmoid) for a batch with ``sparse``, ``multihot``, ``dense``."""
-        fields = self.field_vectors(batch, self.embedding.weight)
-        first = self.field_vectors(batch, self.linear.weight) if self.linear is not None else None
+        fields = self.field_vectors(batch, self.embedding)
+        first = self.field_vectors(batch, self.linear) if self.linear is not None else None
         return self.interact(fields, first, batch.dense, self.apply_own_layer)
 
     def _add_mlp(self, in_dim: int) -> int:
@@ -238,7 +278,7 @@ class DeepFM(BaseCTRModel):
 
     def __init__(self, feature_map, cfg: ModelConfig):
         super().__init__(feature_map, cfg)
-        self.linear = nn.Embedding(self.num_rows, 1)
+        self.linear = EmbeddingTable(self.num_rows, 1)
         nn.init.zeros_(self.linear.weight)
         self.layers["output"] = OutputLayer(self._add_mlp(self.flat_dim))
 

@@ -27,8 +27,9 @@ Gates. Field gates use the fused op through ``GatedEmbedding`` for single-valued
 A multi-hot field has one gate per (instance, field) but several lookups: its non-PAD slots
 form one bag, gated by the bag op (``GatedEmbedding.bag``, mean pooling), which pools the
 frozen rows and the tuned rows separately and mixes the two pooled vectors by the bag's gate.
-(With a fused optimizer on the table, which the bag op does not fuse, those fields pool in
-eager PyTorch and mix with ``gumbel_gates``: same noise, tie rule and gradient.)
+(With a fused optimizer on a table that has multi-hot fields, every lookup of its tuned copy,
+single-valued and pooled, goes through one fused lookup scaled by its gate, as the first-order
+rows do, with the gates from ``gumbel_gates``: one optimizer step per training step.)
 DeepFM's first-order weights follow their field's embedding gate: the op's returned gates
 mix the frozen and tuned first-order rows (the gradient reaches the logits through the
 gates' straight-through rule). Every gated layer (``mlp_<i>``, ``cross_<i>``, ``output``)
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
-from ..modules import GatedEmbedding
+from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
 from ..ops import gumbel_gates
 from ..ops.philox import uniforms_tensor
 from .base import BaseCTRModel, build_base_model
@@ -165,6 +166,11 @@ class TransferModel(nn.Module):
             self.policy.to(next(net.parameters()).device)
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
             if row.l2sp else []
+        if row.l2sp:  # used only when a table is fused-updated (fused_optim.fused_lookup)
+            for name in ("embedding", "linear"):
+                table = getattr(net, name)
+                if isinstance(table, FusedTableMixin):
+                    table.set_l2sp(getattr(self.frozen_net, name).weight, cfg.l2sp_alpha)
         self._last_tuned_fraction: torch.Tensor | None = None
         self.last_gates: dict[str, torch.Tensor | None] = {"field": None, "layer": None}
         self.reset_policy_stats()
@@ -254,7 +260,11 @@ class TransferModel(nn.Module):
         total = ref.new_zeros(())
         if self._l2sp_names:
             sq = ref.new_zeros(())
+            # A fused-updated table takes its L2-SP term inside its update (lazy L2-SP).
+            fused = {id(m.fused_weight) for m in fused_tables(self.net)}
             for name in self._l2sp_names:
+                if id(self.net.get_parameter(name)) in fused:
+                    continue
                 w = self.net.get_parameter(name)
                 sq = sq + (w - self.frozen_net.get_parameter(name)).pow(2).sum()
             total = total + 0.5 * self.autoft_config.l2sp_alpha * sq
@@ -320,8 +330,8 @@ class TransferModel(nn.Module):
                 None if uniforms is None else uniforms[:, :nm], noise)
             gates.append(field_gates)
         else:
-            fields = net.field_vectors(batch, net.embedding.weight)
-            first = net.field_vectors(batch, net.linear.weight) if net.linear is not None else None
+            fields = net.field_vectors(batch, net.embedding)
+            first = net.field_vectors(batch, net.linear) if net.linear is not None else None
 
         if self.layer_gate_names:
             layer_gates = other
@@ -360,41 +370,53 @@ class TransferModel(nn.Module):
         net, cfg = self.net, self.autoft_config
         emb = self.field_embedding
         ns = len(net.single_fields)
-        parts, gates = [], []
-        if ns:
-            out, g = emb(batch.sparse, single_logits, tau=self._tau, hard=cfg.hard, noise=noise)
-            parts.append(out)
-            gates.append(g)
-        if net.multihot_fields:
-            # One gate per (instance, field) for a whole bag: see the module docstring.
-            out, g = self._gated_bags(batch.multihot, multihot_logits, multihot_uniforms, noise)
-            parts.append(out)
-            gates.append(g)
-        fields = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        field_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
+        if emb.fused_optimizer is not None and net.multihot_fields:
+            # A fused table with multi-hot fields: every lookup of the tuned copy goes through
+            # one fused lookup (one optimizer step per training step on the table), scaled by
+            # its gate as the first-order rows below are; gates from gumbel_gates.
+            field_gates = torch.cat(
+                (gumbel_gates(single_logits, tau=self._tau, hard=cfg.hard, noise=noise),
+                 gumbel_gates(multihot_logits, tau=self._tau, hard=cfg.hard, noise=noise,
+                              uniforms=multihot_uniforms)), dim=1)
+            frozen = net.field_vectors(batch, emb.frozen_dense_weight())
+            fields = field_gates[..., 0:1] * frozen + net.field_vectors(
+                batch, emb, scale=field_gates[..., 1])
+        else:
+            parts, gates = [], []
+            if ns:
+                out, g = emb(batch.sparse, single_logits, tau=self._tau, hard=cfg.hard,
+                             noise=noise)
+                parts.append(out)
+                gates.append(g)
+            if net.multihot_fields:
+                # One gate per (instance, field) for a whole bag: see the module docstring.
+                out, g = self._gated_bags(batch.multihot, multihot_logits, multihot_uniforms,
+                                          noise)
+                parts.append(out)
+                gates.append(g)
+            fields = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            field_gates = torch.cat(gates, dim=1) if len(gates) > 1 else gates[0]
         first = None
         if self.field_linear is not None:
             lin = self.field_linear
             frozen = net.field_vectors(batch, lin.frozen_weight)
-            tuned = net.field_vectors(batch, lin.tuned_weight, sparse=lin.sparse)
-            first = field_gates[..., 0:1] * frozen + field_gates[..., 1:2] * tuned
+            tuned = net.field_vectors(batch, lin, sparse=lin.sparse, scale=field_gates[..., 1])
+            first = field_gates[..., 0:1] * frozen + tuned
         return fields, first, field_gates
 
     def _bags_in_op(self) -> bool:
-        """Whether the multi-hot fields go through the bag op (else: eager pooling).
-
-        The bag op fuses no optimizer, so a table with a fused optimizer pools its multi-hot
-        fields in eager PyTorch, where the tuned rows get an ordinary gradient.
-        """
-        return self.field_embedding.fused_optimizer is None
+        """True: multi-hot fields go through the bag op. The eager formula of ``_gated_bags``
+        (``pool_multihot`` of each table, mixed by ``gumbel_gates``) is the readable statement
+        of what the op computes; the tests switch to it to check that the two agree."""
+        return True
 
     def _gated_bags(self, ids, logits, uniforms, noise: bool):
         """``(out [B, F_multi, D], gates [B, F_multi, 2])`` of the multi-hot ids ``[B, F_multi, L]``.
 
         One gate per (instance, field) bag from ``logits`` ``[B, F_multi, 2]`` (``uniforms``:
         its noise, or None); the bag's frozen rows and tuned rows are mean-pooled separately
-        and mixed by the gate. The two paths compute the same values: the pooling is the same
-        computation (``BaseCTRModel.pool_multihot``), the gates the same formula and noise.
+        and mixed by the gate. Both routes compute the same values: the pooling is one
+        computation (``BaseCTRModel.pool_multihot``), the gates one formula and noise.
         """
         net, cfg, emb = self.net, self.autoft_config, self.field_embedding
         b, nm = logits.shape[:2]

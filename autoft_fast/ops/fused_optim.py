@@ -297,3 +297,172 @@ def touched_rows_mask(rows: torch.Tensor, indices: torch.Tensor, gates: torch.Te
     """Which of the sorted unique ``rows`` had a lookup whose forward gate z1 was nonzero."""
     used = indices.reshape(-1)[gates.reshape(-1, 2)[:, 1] != 0].to(torch.int64)
     return torch.isin(rows, used)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One group of lookups into a plain table, for :func:`fused_lookup`.
+
+    ``indices`` [*S] (``pooled=False``: out [*S, D] = w * W[indices]) or [*S, L] (``pooled=True``:
+    out [*S, D] = sum over L of w * W[indices]). ``weights``: None (every w = 1) or a float tensor
+    of ``indices``' shape; it may require grad (then it gets <grad_out, W[indices]>). A lookup
+    whose weight is 0 (a PAD slot, a gate that chose the frozen row) does not touch its row.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import Lookup
+        >>> Lookup(torch.tensor([[1, 2]])).pooled
+        False
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+    pooled: bool = False
+
+
+def plain_lookup(weight: torch.Tensor, lk: Lookup) -> torch.Tensor:
+    """The output of one :class:`Lookup` with ordinary autograd (no fused update).
+
+    ``F.embedding`` (times the weights), or for a pooled lookup each row times its weight summed
+    in slot order (what ``BaseCTRModel.pool_multihot`` computes), so the fused forward equals
+    the dense one bit for bit.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import Lookup, plain_lookup
+        >>> plain_lookup(torch.eye(3), Lookup(torch.tensor([[0, 2]]), torch.ones(1, 2), True))
+        tensor([[1., 0., 1.]])
+    """
+    if lk.pooled:
+        *shape, length = lk.indices.shape
+        ids = lk.indices.reshape(-1, length)
+        rows = torch.nn.functional.embedding(ids, weight)
+        if lk.weights is not None:
+            rows = rows * lk.weights.reshape(-1, length, 1).to(weight.dtype)
+        # Summed slot by slot, in slot order: the rounding of BaseCTRModel.pool_multihot and of
+        # the bag op (F.embedding_bag's x86 kernel fuses the multiply into the add).
+        out = rows[:, 0] if length else weight.new_zeros(ids.shape[0], weight.shape[1])
+        for slot in range(1, length):
+            out = out + rows[:, slot]
+        return out.view(*shape, weight.shape[1])
+    out = torch.nn.functional.embedding(lk.indices, weight)
+    return out if lk.weights is None else lk.weights.unsqueeze(-1) * out
+
+
+class _FusedLookup(torch.autograd.Function):
+    """The plain lookups of one table whose backward updates the touched rows in place."""
+
+    @staticmethod
+    def forward(ctx, weight, spec, *tensors):
+        optimizer, state, pooled, l2sp = spec
+        lookups = [Lookup(tensors[2 * i], tensors[2 * i + 1], p) for i, p in enumerate(pooled)]
+        ctx.weight, ctx.spec, ctx.lookups = weight, spec, lookups
+        return tuple(plain_lookup(weight.detach(), lk) for lk in lookups)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        optimizer, state, _, l2sp = ctx.spec
+        w = ctx.weight.detach()
+        dim = w.shape[1]
+        rows, values, grad_weights = [], [], []
+        for i, (lk, g) in enumerate(zip(ctx.lookups, grads)):
+            ids = lk.indices
+            g = g.to(torch.float32)
+            gw = None
+            if lk.pooled:
+                per = g.unsqueeze(-2).expand(*ids.shape, dim)
+                if ctx.needs_input_grad[2 + 2 * i + 1]:
+                    gw = (torch.nn.functional.embedding(ids, w).float() * per).sum(-1)
+            else:
+                per = g
+                if ctx.needs_input_grad[2 + 2 * i + 1]:
+                    gw = (torch.nn.functional.embedding(ids, w).float() * g).sum(-1)
+            grad_weights.append(None if gw is None else gw.to(lk.weights.dtype))
+            flat_ids = ids.reshape(-1)
+            flat = per.reshape(-1, dim)
+            if lk.weights is not None:
+                lw = lk.weights.detach().reshape(-1)
+                keep = lw != 0
+                flat = flat[keep] * lw[keep].float().unsqueeze(1)
+                flat_ids = flat_ids[keep]
+            rows.append(flat_ids.to(torch.int64))
+            values.append(flat)
+        if not updates_paused():
+            u_rows, sums = combine_rows(torch.cat(rows), torch.cat(values),
+                                        deterministic=optimizer.deterministic)
+            if not _redirects:  # a redirect (data-parallel) adds it after combining the ranks
+                sums = add_l2sp(w, u_rows, sums, l2sp)
+            with torch.no_grad():
+                optimizer.apply(w, u_rows, sums, state)
+        out = [None, None]
+        for gw in grad_weights:
+            out += [None, gw]
+        return tuple(out)
+
+
+def add_l2sp(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, l2sp) -> torch.Tensor:
+    """``grad`` [U, D] plus the lazy L2-SP term alpha * (weight[rows] - anchor[rows]).
+
+    ``l2sp``: None (``grad`` as it is) or ``(anchor, alpha)``; ``rows`` sorted unique int64.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import add_l2sp
+        >>> add_l2sp(torch.ones(3, 1), torch.tensor([2]), torch.zeros(1, 1), (torch.zeros(3, 1), 0.5))
+        tensor([[0.5000]])
+    """
+    if l2sp is None or rows.numel() == 0:
+        return grad
+    anchor, alpha = l2sp
+    return grad + alpha * (weight.detach().index_select(0, rows).float()
+                           - anchor.detach().index_select(0, rows).float())
+
+
+def fused_lookup(weight: torch.Tensor, lookups, optimizer: FusedOptimizer,
+                 state: dict[str, torch.Tensor], *, l2sp=None) -> tuple:
+    """Plain lookups of ``weight`` [V, D] whose backward applies ``optimizer`` to the touched rows.
+
+    ``lookups``: a sequence of :class:`Lookup`; returns one output per lookup, the values of
+    ``plain_lookup`` bit for bit. All lookups of one table and
+    one step go in one call, so that the step's update is one optimizer step: the backward
+    takes every lookup's gradient row (times its weight), drops the lookups of weight 0,
+    combines repeated rows exactly (sorted segments, :func:`combine_rows`) and hands the sorted
+    unique rows with their float32 sums to :meth:`FusedOptimizer.apply`; ``weight`` never gets
+    a ``.grad`` and no [V, D] gradient is made. The result equals the plain optimizer (SGD,
+    SparseAdam, ...) given the step's gradient on the touched rows.
+
+    ``l2sp = (anchor, alpha)``: lazy L2-SP. The penalty alpha / 2 * ||weight - anchor||^2 adds
+    alpha * (weight[r] - anchor[r]) to the gradient of every touched row r (rows not looked up
+    this step are not pulled, as the lazy optimizer state of those rows does not move either).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import FusedOptimizer, Lookup, fused_lookup
+        >>> w = torch.nn.Parameter(torch.zeros(10, 2))
+        >>> opt = FusedOptimizer("sgd", lr=0.5)
+        >>> (out,) = fused_lookup(w, [Lookup(torch.tensor([4, 4, 1]))], opt, opt.new_state(w))
+        >>> out.sum().backward()
+        >>> w[4].tolist(), w[1].tolist(), w.grad is None
+        ([-1.0, -1.0], [-0.5, -0.5], True)
+    """
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(f"optimizer must be a FusedOptimizer, got {type(optimizer).__name__}")
+    optimizer.check_state(weight, state)
+    lookups = list(lookups)
+    for lk in lookups:
+        if not isinstance(lk, Lookup):
+            raise TypeError(f"lookups must be Lookup objects, got {type(lk).__name__}")
+        if lk.indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be int32 or int64, got {lk.indices.dtype}")
+        if lk.weights is not None and tuple(lk.weights.shape) != tuple(lk.indices.shape):
+            raise ValueError(f"weights of shape {tuple(lk.weights.shape)} must have the indices' "
+                             f"shape {tuple(lk.indices.shape)}")
+    tensors = []
+    for lk in lookups:
+        tensors += [lk.indices, lk.weights]
+    spec = (optimizer, state, tuple(lk.pooled for lk in lookups), l2sp)
+    return _FusedLookup.apply(weight, spec, *tensors)

@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..modules import GatedEmbedding
-from ..ops.fused_optim import combine_rows, updates_redirected
+from ..modules import fused_tables
+from ..ops.fused_optim import add_l2sp, combine_rows, updates_redirected
 
 __all__ = ["world", "is_distributed", "is_main_process", "context", "main_first",
            "main_then_broadcast", "broadcast_object", "barrier", "ShardedBatches",
@@ -337,8 +337,7 @@ class GradientSync:
         self.ctx = context(next((t.device for t in model.parameters()), None))
         self.model = model
         # Fused tables in module order (the same on every rank): the exchange order.
-        self.fused = [m for m in model.modules()
-                      if isinstance(m, GatedEmbedding) and m.fused_optimizer is not None]
+        self.fused = fused_tables(model)
         self._pending: dict[int, list] = {}
 
     @property
@@ -393,7 +392,7 @@ class GradientSync:
         # gets one on every rank (zeros where it had none), so the optimizers agree.
         kinds = torch.tensor([0 if p.grad is None else (2 if p.grad.is_sparse else 1)
                               for p in params] +
-                             [1 if m.tuned_weight.data_ptr() in pending else 0 for m in self.fused],
+                             [1 if m.fused_weight.data_ptr() in pending else 0 for m in self.fused],
                              dtype=torch.int64, device=dev)
         dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
         kinds = kinds.tolist()
@@ -439,8 +438,8 @@ class GradientSync:
         for m, k in zip(self.fused, f_kinds):
             if not k:
                 continue
-            dim = m.embedding_dim
-            ups = pending.get(m.tuned_weight.data_ptr(), [])
+            dim = m.fused_weight.shape[1]
+            ups = pending.get(m.fused_weight.data_ptr(), [])
             if ups:
                 rows = torch.cat([u[2].to(torch.int64) for u in ups])
                 values = torch.cat([u[3].float() for u in ups]) * weight
@@ -448,10 +447,11 @@ class GradientSync:
                 rows, values = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim)
             rows, values = self._all_gather_rows(rows, values, dim)
             rows, values = combine_rows(rows, values, deterministic=True)
+            values = add_l2sp(m.fused_weight, rows, values, m.active_l2sp())
             with torch.no_grad():
-                m.fused_optimizer.apply_now(m.tuned_weight.detach(),
-                                            rows.to(m.tuned_weight.device),
-                                            values.to(m.tuned_weight.device),
+                m.fused_optimizer.apply_now(m.fused_weight.detach(),
+                                            rows.to(m.fused_weight.device),
+                                            values.to(m.fused_weight.device),
                                             m.optimizer_state())
 
 

@@ -1,0 +1,311 @@
+"""Plain tables trained by the fused optimizer: equal to the plain optimizer on the same gradient.
+
+``fused_optim.fused_lookup`` (the plain lookups of one table, updated in the backward) is checked
+against ``nn.Embedding`` + SGD / SparseAdam / row-wise Adagrad written out, on fresh random
+inputs with repeated indices and both index dtypes; then every strategy that trains a plain
+table (finetune_all, freeze_dnn, l2sp, target_only, autoft_layer, and autoft's gated first-order
+weights) is checked against the same model trained densely, the lazy L2-SP term, the Trainer's
+``embedding_optimizer`` switch and an exact resume.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoft_fast.models import build_transfer_model
+from autoft_fast.modules import EmbeddingTable, attach_fused_optimizers, fused_tables
+from autoft_fast.ops.fused_optim import (RULES, FusedOptimizer, Lookup, fused_lookup,
+                                         fused_updates_paused, plain_lookup)
+from autoft_fast.train import TrainConfig, Trainer, TrainingInterrupted
+
+from test_models import model_cfg, pretrained_model, tiny_batch, tiny_feature_map
+
+LR = 0.05
+
+
+def _plain_step(kind, param, state, grad, touched):
+    """One step of the plain optimizer on ``param`` from the dense ``grad`` of the touched rows."""
+    if kind == "sgd":
+        param.grad = grad.clone()
+        torch.optim.SGD([param], lr=LR, foreach=False).step()
+    elif kind == "adam":
+        if "opt" not in state:
+            state["opt"] = torch.optim.SparseAdam([param], lr=LR)
+        param.grad = torch.sparse_coo_tensor(touched[None], grad[touched], grad.shape)
+        state["opt"].step()
+    else:  # row-wise Adagrad written out; only the touched rows move
+        acc = state.setdefault("acc", torch.zeros(param.shape[0]))
+        with torch.no_grad():
+            acc[touched] += (grad[touched] ** 2).mean(dim=1)
+            param[touched] -= LR * grad[touched] / (acc[touched].sqrt() + 1e-10).unsqueeze(1)
+    param.grad = None
+
+
+def _random_lookups(gen, v, index_dtype, duplicates):
+    high = 4 if duplicates else v
+    single = torch.randint(0, high, (6, 3), generator=gen).to(index_dtype)
+    bag = torch.randint(0, high, (6, 2, 4), generator=gen).to(index_dtype)
+    bag_w = torch.rand(6, 2, 4, generator=gen)
+    bag_w[bag_w < 0.3] = 0.0  # PAD slots: weight 0, their rows are not touched
+    scale = (torch.rand(6, 3, generator=gen) > 0.4).float() * torch.rand(6, 3, generator=gen)
+    return single, bag, bag_w, scale
+
+
+@pytest.mark.parametrize("kind", sorted(RULES))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dim,duplicates", [(1, True), (3, True), (16, False)])
+def test_fused_lookup_equals_plain_optimizer(kind, index_dtype, dim, duplicates):
+    gen = torch.Generator().manual_seed(hash((kind, str(index_dtype), dim, duplicates)) % 2**31)
+    v = 20
+    start = torch.randn(v, dim, generator=gen)
+    fused_w = torch.nn.Parameter(start.clone())
+    plain_w = torch.nn.Parameter(start.clone())
+    opt = FusedOptimizer(kind, lr=LR)
+    state, plain_state = opt.new_state(fused_w), {}
+    for _ in range(3):  # the lazy state carries over
+        single, bag, bag_w, scale = _random_lookups(gen, v, index_dtype, duplicates)
+        scale_f = scale.clone().requires_grad_()
+        scale_p = scale.clone().requires_grad_()
+        lookups = [Lookup(single), Lookup(bag, bag_w, pooled=True), Lookup(single, scale_f)]
+        outs = fused_lookup(fused_w, lookups, opt, state)
+        plain = [plain_lookup(plain_w, Lookup(single)),
+                 plain_lookup(plain_w, Lookup(bag, bag_w, pooled=True)),
+                 plain_lookup(plain_w, Lookup(single, scale_p))]
+        for got, lk in zip(outs, lookups):  # the forward is the plain calls' values
+            assert torch.equal(got, plain_lookup(fused_w.detach(), lk))
+        for got, want in zip(outs, plain):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        g_out = [torch.randn(o.shape, generator=gen) for o in outs]
+        sum((o * g).sum() for o, g in zip(outs, g_out)).backward()
+        sum((o * g).sum() for o, g in zip(plain, g_out)).backward()
+        touched = torch.unique(torch.cat([single.reshape(-1), bag[bag_w != 0],
+                                          single[scale != 0]]).long())
+        torch.testing.assert_close(scale_f.grad, scale_p.grad, rtol=1e-5, atol=1e-6)
+        _plain_step(kind, plain_w, plain_state, plain_w.grad, touched)
+        assert fused_w.grad is None
+        torch.testing.assert_close(fused_w.detach(), plain_w.detach(), rtol=1e-5, atol=1e-6)
+    assert int(state["step"]) == 3
+    if kind == "adam":
+        torch.testing.assert_close(state["exp_avg_sq"],
+                                   plain_state["opt"].state[plain_w]["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-8)
+
+
+def test_fused_lookup_on_single_lookups_is_sparse_adam_on_nn_embedding():
+    gen = torch.Generator().manual_seed(5)
+    emb = torch.nn.Embedding(30, 8, sparse=True)
+    table = EmbeddingTable(30, 8)
+    with torch.no_grad():
+        table.weight.copy_(emb.weight)
+    table.use_fused_optimizer("adam", lr=1e-2)
+    sparse_adam = torch.optim.SparseAdam(emb.parameters(), lr=1e-2)
+    for _ in range(4):
+        ids = torch.randint(0, 10, (64, 3), generator=gen)  # many repeats
+        g = torch.randn(64, 3, 8, generator=gen)
+        (table.lookup([Lookup(ids)])[0] * g).sum().backward()
+        sparse_adam.zero_grad()
+        (emb(ids) * g).sum().backward()
+        sparse_adam.step()
+        torch.testing.assert_close(table.weight.detach(), emb.weight.detach(), rtol=1e-5,
+                                   atol=1e-6)
+    assert int(table.optimizer_step) == 4 and table.weight.grad is None
+
+
+def test_fused_lookup_paused_and_lazy_l2sp():
+    w = torch.nn.Parameter(torch.ones(6, 2))
+    anchor = torch.zeros(6, 2)
+    opt = FusedOptimizer("sgd", lr=0.5)
+    state = opt.new_state(w)
+    with fused_updates_paused():
+        fused_lookup(w, [Lookup(torch.tensor([1]))], opt, state)[0].sum().backward()
+    assert torch.equal(w.detach(), torch.ones(6, 2))
+    out = fused_lookup(w, [Lookup(torch.tensor([1, 1, 3]))], opt, state, l2sp=(anchor, 0.2))[0]
+    out.sum().backward()
+    # row 1: g = 2 (two lookups) + 0.2 * (1 - 0); row 3: g = 1 + 0.2; the rest are not pulled
+    assert w[1].tolist() == pytest.approx([1 - 0.5 * 2.2] * 2)
+    assert w[3].tolist() == pytest.approx([1 - 0.5 * 1.2] * 2)
+    assert torch.equal(w.detach()[[0, 2, 4, 5]], torch.ones(4, 2))
+
+
+def test_fused_lookup_rejects_bad_input():
+    w = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = FusedOptimizer("sgd", lr=0.1)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        fused_lookup(w, [Lookup(torch.tensor([1.0]))], opt, opt.new_state(w))
+    with pytest.raises(ValueError, match="weights of shape"):
+        fused_lookup(w, [Lookup(torch.tensor([1, 2]), torch.ones(3))], opt, opt.new_state(w))
+    with pytest.raises(TypeError, match="optimizer must be a FusedOptimizer"):
+        fused_lookup(w, [Lookup(torch.tensor([1]))], "sgd", {})
+    with pytest.raises(ValueError, match="anchor of shape"):
+        EmbeddingTable(4, 2).set_l2sp(torch.zeros(3, 2), 0.1)
+
+
+# ----- the strategies ----------------------------------------------------------------------
+PLAIN_STRATEGIES = ["finetune_all", "freeze_dnn", "l2sp", "target_only", "autoft_layer"]
+
+
+@pytest.fixture(scope="module")
+def fmap():
+    return tiny_feature_map()
+
+
+@pytest.fixture(scope="module")
+def data(fmap):
+    return tiny_batch(fmap)
+
+
+def _pair(strategy, fmap, data, name="deepfm", **acfg):
+    pre = pretrained_model(name, fmap, data)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(4)  # target_only's fresh model, the policy's initialisation
+        models.append(build_transfer_model(strategy, pre, fmap, model_cfg(name),
+                                           {"l2sp_alpha": 0.3, **acfg}))
+    return models
+
+
+def _tables(model):
+    """The feature-indexed tables a fused optimizer trains, by name: (module, trained weight)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (EmbeddingTable,)) and m.weight.requires_grad:
+            out[name] = m.weight
+        elif hasattr(m, "tuned_weight") and m.tuned_weight.requires_grad:
+            out[name] = m.tuned_weight
+    return out
+
+
+def _touched(model, data, name):
+    net = model.net
+    mh = data.multihot[data.multihot != net.multihot_pad.view(1, -1, 1)]
+    ids = torch.cat([data.sparse.reshape(-1), mh.reshape(-1)])
+    if name == "field_linear":  # follows its field's gate: only the tuned-gated lookups
+        tuned = model.last_gates["field"][..., 1] != 0
+        ns = len(net.single_fields)
+        single = data.sparse[tuned[:, :ns]]
+        bags = data.multihot[tuned[:, ns:]]
+        bags = bags[bags != net.multihot_pad[0]]
+        ids = torch.cat([single.reshape(-1), bags.reshape(-1)])
+    return torch.unique(ids.long())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("strategy", PLAIN_STRATEGIES + ["autoft"])
+def test_strategy_step_with_fused_tables_equals_plain_optimizer(strategy, kind, fmap, data):
+    dense, fused = _pair(strategy, fmap, data)
+    names = set(_tables(dense))
+    if strategy != "autoft":
+        tables = attach_fused_optimizers(fused, f"fused_{kind}", lr=LR)
+        assert len(tables) == len(names) > 0
+    else:  # the gated field table has its op's own fused tests; here: the first-order table
+        fused.field_linear.use_fused_optimizer(kind, lr=LR)
+        names = {"field_linear"}
+    plain_state = {n: {} for n in names}
+    fused.train(), dense.train()
+    for step in range(2):
+        seed = 10 + step
+        torch.manual_seed(seed)
+        loss_f = F.binary_cross_entropy_with_logits(fused(data), data.label) + fused.penalty()
+        torch.manual_seed(seed)
+        loss_d = F.binary_cross_entropy_with_logits(dense(data), data.label) + dense.penalty()
+        loss_f.backward()
+        loss_d.backward()
+        d_tables, f_tables = _tables(dense), _tables(fused)
+        for n in names:
+            grad = d_tables[n].grad
+            touched = _touched(dense, data, n)
+            if strategy == "l2sp":  # lazy L2-SP: only the touched rows feel the penalty
+                anchor = dense.frozen_net.get_submodule(n.split(".", 1)[1]).weight
+                keep = torch.zeros(grad.shape[0], dtype=torch.bool)
+                keep[touched] = True
+                grad = grad - torch.where(keep[:, None], 0.0,
+                                          0.3 * (d_tables[n] - anchor).detach())
+            _plain_step(kind, d_tables[n], plain_state[n], grad, touched)
+            assert f_tables[n].grad is None
+            torch.testing.assert_close(f_tables[n].detach(), d_tables[n].detach(), rtol=1e-5,
+                                       atol=1e-6, msg=f"{n} after step {step}")
+        # every other parameter gets the same gradient as before (its optimizer is unchanged)
+        d_params = dict(dense.named_parameters())
+        for pn, p in fused.named_parameters():
+            if p.grad is not None and not pn.endswith("tuned_weight"):
+                torch.testing.assert_close(p.grad, d_params[pn].grad, rtol=1e-5, atol=1e-6,
+                                           msg=pn)
+        for m in (fused, dense):
+            for p in m.parameters():
+                p.grad = None
+
+
+def test_freeze_embedding_and_source_only_attach_nothing(fmap, data):
+    for strategy in ("freeze_embedding", "source_only"):
+        model, _ = _pair(strategy, fmap, data)
+        assert attach_fused_optimizers(model, "fused_adam", lr=LR) == []
+
+
+def test_dense_keeps_nn_embedding_behaviour(fmap, data):
+    model, _ = _pair("finetune_all", fmap, data)
+    assert attach_fused_optimizers(model, "dense", lr=LR) == []
+    assert isinstance(model.net.embedding, torch.nn.Embedding)
+    assert sorted(model.net.embedding.state_dict()) == ["weight"]
+    F.binary_cross_entropy_with_logits(model(data), data.label).backward()
+    assert model.net.embedding.weight.grad is not None
+
+
+# ----- the trainer -------------------------------------------------------------------------
+def _fit(strategy, fmap, data, valid, tmp, *, kill=None, resume=False, optimizer="fused_adam"):
+    pre = pretrained_model("deepfm", fmap, data)
+    torch.manual_seed(2)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"),
+                                 {"embedding_optimizer": optimizer})
+    tr = Trainer(model, TrainConfig(epochs=3, batch_size=32, lr=1e-2, patience=5),
+                 checkpoint_path=tmp / "last.pt", seed=3, progress=False, on_epoch_end=kill)
+    return model, tr, tr.fit(data, valid, resume=resume)
+
+
+@pytest.mark.parametrize("strategy", ["finetune_all", "l2sp"])
+def test_trainer_trains_every_plain_table_fused_and_resume_is_exact(strategy, fmap, data,
+                                                                    tmp_path):
+    valid = tiny_batch(fmap, 64, seed=1)
+    straight, _, res = _fit(strategy, fmap, data, valid, tmp_path / "a")
+    tables = fused_tables(straight)
+    assert {type(m).__name__ for m in tables} == {"EmbeddingTable"} and len(tables) == 2
+    for m in tables:
+        assert m.fused_optimizer.kind == "adam" and int(m.optimizer_step) > 0
+        assert m.weight.grad is None
+    assert "net.embedding.optimizer_exp_avg" in straight.state_dict()
+
+    def kill(epoch, _):
+        if epoch == 1:
+            raise TrainingInterrupted("simulated kill")
+
+    with pytest.raises(TrainingInterrupted):
+        _fit(strategy, fmap, data, valid, tmp_path / "b", kill=kill)
+    resumed, _, res_b = _fit(strategy, fmap, data, valid, tmp_path / "b", resume=True)
+    assert res_b.best_metric == res.best_metric
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_fused_trained_weights_load_into_a_model_without_fused_optimizer(fmap, data, tmp_path):
+    valid = tiny_batch(fmap, 64, seed=1)
+    trained, _, _ = _fit("finetune_all", fmap, data, valid, tmp_path)
+    fresh = build_transfer_model("finetune_all", pretrained_model("deepfm", fmap, data), fmap,
+                                 model_cfg("deepfm"), {})
+    fresh.load_state_dict(trained.state_dict())  # what `autoft-fast predict` does
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(valid), trained(valid))
+
+
+def test_protocol_rule_prefers_a_fused_optimizer_within_the_margin():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "embedding_optimizer_protocol.py"
+    spec = importlib.util.spec_from_file_location("embedding_optimizer_protocol", path)
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    assert protocol.pick({"dense": 0.7504, "fused_adam": 0.7500}) == "fused_adam"
+    assert protocol.pick({"dense": 0.7510, "fused_adam": 0.7500}) == "dense"
+    assert protocol.pick({"dense": 0.7504, "fused_adam": 0.7500,
+                          "fused_rowwise_adagrad": 0.7502}) == "fused_rowwise_adagrad"
