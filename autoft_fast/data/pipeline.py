@@ -253,18 +253,19 @@ class _Spill:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def write(self, df: pd.DataFrame, numbers: dict[str, np.ndarray]) -> None:
+    def write(self, df: pd.DataFrame, numbers: dict[str, np.ndarray], label: np.ndarray,
+              domain: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        cols = {}
+        cols = {"label": pa.array(label), "domain": pa.array(domain)}
         for c in self.cfg.categorical:
             text = pc.fill_null(pa.array(df[c], type=pa.large_string(), from_pandas=True), "")
             cols[f"c:{c}"] = pc.dictionary_encode(text)
         for c, vals in numbers.items():
             cols[f"n:{c}"] = pa.array(vals, type=pa.float64())
         k = len(self.sizes)
-        self._save(f"{k}.arrow", pa.table(cols) if cols else None)
+        self._save(f"{k}.arrow", pa.table(cols))
         for m in self.cfg.multihot:
             tok, row, pos = _token_arrays(df[m.name], m.sep)
             self._save(f"{k}.{self.cfg.multihot.index(m)}.arrow", pa.table({
@@ -291,8 +292,10 @@ class _SpilledChunk:
     def __init__(self, spill: _Spill, k: int, n: int) -> None:
         self.n, self.spill, self.k = n, spill, k
         path = spill.folder / f"{k}.arrow"
-        self.table = _load_table(path) if path.exists() else None
+        self.table = _load_table(path)
         self.numbers = {c.name: self.table[f"n:{c.name}"].to_numpy() for c in spill.cfg.numeric}
+        self.label = self.table["label"].to_numpy()     # int8: 0, 1, or -1 (not 0 / 1)
+        self.domain = self.table["domain"].to_numpy()   # int16: index of the domain, -1 other
 
     def categories(self, col: str) -> tuple[pd.Index, np.ndarray]:
         """(the chunk's distinct values of ``col``, each row's code into them)."""
@@ -419,10 +422,11 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
             _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
             any_bad |= m
         ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
-        dom_parts.append(dom.astype(np.int16))
+        dom_i16 = dom.astype(np.int16)
+        dom_parts.append(dom_i16)
         bad_parts.append(any_bad)
         label_parts.append(ok_label)
-        spill.write(df, numbers)
+        spill.write(df, numbers, ok_label, dom_i16)
         g0 += n
         del df, masks, numbers
         _release_memory()
@@ -575,27 +579,36 @@ def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------- 3. splits
-def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Per read row: its split's index in SPLIT_NAMES (-1 = dropped) and its place there.
-    ``kept`` is the mask of kept read rows."""
+@dataclass
+class _Splits:
+    """Where each read row goes, in one byte per row: ``code`` is its split's index in
+    SPLIT_NAMES (-1 = dropped). A split made at random keeps file order, so a row's place in
+    it is the count of its split's rows before it, which the encode stage counts as it goes;
+    only the target rows of a time split need their place stored (``tgt_pos``, aligned with
+    the kept target rows in read order)."""
+
+    code: np.ndarray                  # int8 [n_read]
+    sizes: dict                       # split name -> rows
+    tgt_pos: np.ndarray | None = None
+
+
+def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> _Splits:
+    """The split of every read row; ``kept`` is the mask of kept read rows."""
     target_index = len(cfg.source_domains)
-    src = _rows_where(kept & (sc.dom_idx != target_index))
-    tgt = _rows_where(kept & (sc.dom_idx == target_index))
+    is_tgt = sc.dom_idx == target_index
+    src_mask = kept & ~is_tgt
+    tgt_mask = kept & is_tgt
+    del is_tgt
     times = None
     if sc.tgt_times is not None:
-        good = ~sc.bad[sc.tgt_rows]
-        times = sc.tgt_times[good]  # aligned with the kept target rows, in read order
-    rows = _split_rows(cfg, src, tgt, times)
-    del src, tgt
+        times = sc.tgt_times[~sc.bad[sc.tgt_rows]]  # aligned with the kept target rows
+    src_code, tgt_code, tgt_pos, sizes = _split_codes(
+        cfg, int(np.count_nonzero(src_mask)), int(np.count_nonzero(tgt_mask)), times)
     code = np.full(sc.n_read, -1, dtype=np.int8)
-    pos_dtype = np.int32 if sc.n_read < 2**31 else np.int64
-    pos = np.zeros(sc.n_read, dtype=pos_dtype)
-    for k, name in enumerate(SPLIT_NAMES):
-        r = rows[name]
-        code[r] = k
-        pos[r] = np.arange(len(r), dtype=pos_dtype)
-    return code, pos, {name: len(r) for name, r in rows.items()}
-
+    code[src_mask] = src_code
+    del src_mask, src_code
+    code[tgt_mask] = tgt_code
+    return _Splits(code, sizes, tgt_pos)
 
 
 # ---------------------------------------------------------------------------- 4. fit
@@ -701,45 +714,58 @@ def _bucket_names(edges: np.ndarray) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- 5. encode
-def _encode(cfg: DataConfig, sc: _Scan, code: np.ndarray, pos: np.ndarray, sizes: dict,
-            fitted: _Fitted, out: Path, chunk_rows: int, stats: dict) -> None:
+def _encode(cfg: DataConfig, sc: _Scan, splits: _Splits, fitted: _Fitted, out: Path, stats: dict) -> None:
     fm = fitted.feature_map
     ids = id_dtype(fm.num_rows)
     by_name = {f.name: f for f in fm.fields}
     n_single, n_multi, n_dense = len(fm.single_fields), len(fm.multihot_fields), len(fm.dense_fields)
     max_len = fm.multihot_max_len
+    target_index = len(cfg.source_domains)
     writers = {}
     for k, name in enumerate(SPLIT_NAMES):
-        n = sizes[name]
+        n = splits.sizes[name]
         shapes = {"sparse": ((n, n_single), ids), "label": ((n,), np.float32), "domain": ((n,), np.int64)}
         if n_multi:
             shapes["multihot"] = ((n, n_multi, max_len), ids)
         if n_dense:
             shapes["dense"] = ((n, n_dense), np.float32)
         writers[k] = SplitWriter(out / name, shapes)
+    # Each vocabulary lookup once per chunk and distinct value, then gathered per row.
+    luts = {f: _lookup(fitted.lookups[f], by_name[f], ids) for f in [*cfg.categorical, *(m.name for m in cfg.multihot)]}
+    timed = {SPLIT_NAMES.index(n) for n in ("target_train", "target_valid", "target_test")} \
+        if splits.tgt_pos is not None else set()
+    filled = np.zeros(len(SPLIT_NAMES), dtype=np.int64)  # rows written so far per random split
     truncated = {m.name: 0 for m in cfg.multihot}
     try:
-        g0 = 0
+        g0, t0 = 0, 0
         for chunk in sc.spill.chunks():
-            c = code[g0: g0 + chunk.n]
-            p = pos[g0: g0 + chunk.n]
-            lab = sc.label[g0: g0 + chunk.n]
-            dom = sc.dom_idx[g0: g0 + chunk.n]
+            c = splits.code[g0: g0 + chunk.n]
             g0 += chunk.n
             sel = np.flatnonzero(c >= 0)
             if sel.size == 0:
                 continue
-            c, p = c[sel], p[sel]
+            # The chunk's kept rows grouped by split, in read order within each (a stable sort
+            # of int8 codes is a radix sort); a time split's groups are then put in time order.
+            cs = c[sel]
+            order = np.argsort(cs, kind="stable")
+            sel, cs = sel[order], cs[order]
+            bounds = np.searchsorted(cs, np.arange(len(SPLIT_NAMES) + 1))
+            pos = None
+            if timed:
+                tgt_here = np.flatnonzero((c >= 0) & (chunk.domain == target_index))
+                at = np.empty(chunk.n, dtype=splits.tgt_pos.dtype)
+                at[tgt_here] = splits.tgt_pos[t0: t0 + tgt_here.size]
+                t0 += tgt_here.size
+                pos = at[sel]
+                for k in timed:
+                    a, b = bounds[k], bounds[k + 1]
+                    o = np.argsort(pos[a:b], kind="stable")
+                    sel[a:b], pos[a:b] = sel[a:b][o], pos[a:b][o]
             n = sel.size
             sparse = np.empty((n, n_single), dtype=ids)
             for j, f in enumerate(cfg.categorical):
-                # Look up each distinct value of the chunk once, then gather per row.
-                info = by_name[f]
                 values, codes = chunk.categories(f)
-                lk = fitted.lookups[f]
-                known = lk.get_indexer(values) if len(lk) else np.full(len(values), -1)
-                global_ids = (np.where(known >= 0, known + 1, info.vocab_size - 1) + info.offset).astype(ids)
-                sparse[:, j] = global_ids[codes[sel]]
+                sparse[:, j] = luts[f](values)[codes[sel]]
             j = len(cfg.categorical)
             dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
             jd = 0
@@ -762,41 +788,49 @@ def _encode(cfg: DataConfig, sc: _Scan, code: np.ndarray, pos: np.ndarray, sizes
             multihot = None
             if n_multi:
                 multihot = np.empty((n, n_multi, max_len), dtype=ids)
+                at = np.full(chunk.n, -1, dtype=np.int64)
+                at[sel] = np.arange(n)
                 for jm, m in enumerate(cfg.multihot):
-                    info = by_name[m.name]
-                    multihot[:, jm, :] = info.pad_id
+                    multihot[:, jm, :] = by_name[m.name].pad_id
                     values, tcodes, row, tpos = chunk.tokens(m.name)
                     # Only the kept rows' tokens, renumbered to their place among the kept rows.
-                    at = np.full(chunk.n, -1, dtype=np.int64)
-                    at[sel] = np.arange(n)
                     row = at[row]
                     mine = row >= 0
                     tcodes, row, tpos = tcodes[mine], row[mine], tpos[mine]
                     truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
-                    lk = fitted.lookups[m.name]
-                    known = lk.get_indexer(values) if len(lk) else np.full(len(values), -1)
-                    local = np.where(known >= 0, known + 1, info.vocab_size - 1)[tcodes]
                     keep = tpos < m.max_len
-                    multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
-            label = lab[sel].astype(np.float32)
-            domain = dom[sel].astype(np.int64)
+                    multihot[row[keep], jm, tpos[keep]] = luts[m.name](values)[tcodes[keep]]
+            label = chunk.label[sel].astype(np.float32)
+            domain = chunk.domain[sel].astype(np.int64)
             for k, w in writers.items():
-                m = c == k
-                if not m.any():
+                a, b = int(bounds[k]), int(bounds[k + 1])
+                if a == b:
                     continue
-                at = p[m]
-                w.write("sparse", at, sparse[m])
-                w.write("label", at, label[m])
-                w.write("domain", at, domain[m])
+                if k in timed:
+                    at_k = pos[a:b]
+                else:
+                    at_k = np.arange(filled[k], filled[k] + (b - a))
+                    filled[k] += b - a
+                w.write("sparse", at_k, sparse[a:b])
+                w.write("label", at_k, label[a:b])
+                w.write("domain", at_k, domain[a:b])
                 if multihot is not None:
-                    w.write("multihot", at, multihot[m])
+                    w.write("multihot", at_k, multihot[a:b])
                 if dense is not None:
-                    w.write("dense", at, dense[m])
+                    w.write("dense", at_k, dense[a:b])
     finally:
         for w in writers.values():
             w.close()
     if cfg.multihot:
         stats["multihot_rows_truncated"] = truncated
+
+
+def _lookup(vocab: pd.Index, info: FieldInfo, ids: np.dtype):
+    """A function: a chunk's distinct values -> their global ids (OOV for the unknown)."""
+    def global_ids(values: pd.Index) -> np.ndarray:
+        known = vocab.get_indexer(values) if len(vocab) else np.full(len(values), -1)
+        return (np.where(known >= 0, known + 1, info.vocab_size - 1) + info.offset).astype(ids)
+    return global_ids
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -827,12 +861,14 @@ def _stages(cfg: DataConfig, out: Path, chunk_rows: int, spill: "_Spill", stats:
     sc = _scan(cfg, chunk_rows, spill)
     stats["rows_read"] = int(sc.n_read)
     kept = _check_rows(cfg, sc, stats)
-    code, pos, sizes = _assign_splits(cfg, sc, kept)
+    splits = _assign_splits(cfg, sc, kept)
+    # The per-row arrays of the scan are not needed any more (label and domain are spilled).
     del kept
-    fitted = _fit(cfg, sc, code, chunk_rows)
-    _encode(cfg, sc, code, pos, sizes, fitted, out, chunk_rows, stats)
+    sc.dom_idx = sc.bad = sc.label = sc.tgt_rows = sc.tgt_times = None
+    fitted = _fit(cfg, sc, splits.code, chunk_rows)
+    _encode(cfg, sc, splits, fitted, out, stats)
     for name in SPLIT_NAMES:
-        stats[f"rows_{name}"] = int(sizes[name])
+        stats[f"rows_{name}"] = int(splits.sizes[name])
     return fitted.feature_map.to_dict(), fitted.vocabularies
 
 
@@ -847,46 +883,53 @@ def _permutation(seed: int, n: int, dtype) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.arange(n, dtype=dtype))
 
 
-def _sorted(a: np.ndarray) -> np.ndarray:
-    a.sort()  # a is a fresh gather: sorting in place saves a copy
-    return a
+def _split_codes(cfg: DataConfig, n_src: int, n_tgt: int, tgt_times: np.ndarray | None):
+    """The split of each kept source row and each kept target row (both in read order, as
+    SPLIT_NAMES indices, int8), the target rows' places in their splits for a time split
+    (else None) and the split sizes. ``tgt_times``: the kept target rows' times (time split).
 
-
-def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np.ndarray | None) -> dict:
-    """The rows of each split, from the kept source and target rows (ascending row indices);
-    `tgt_times` are the target rows' times in row order (time split only)."""
-    rows: dict[str, np.ndarray] = {}
+    A random split takes the rows at ``perm[a:b]`` of ``default_rng(seed).permutation(n)``
+    over the rows in read order, and keeps them in read order."""
+    code_of = {name: SPLIT_NAMES.index(name) for name in SPLIT_NAMES}
+    idx_dtype = np.int32 if max(n_src, n_tgt) < 2**31 else np.int64
+    sizes: dict[str, int] = {}
 
     ss = cfg.source_split
-    perm = _permutation(ss.seed, len(src), src.dtype)
-    n_valid = int(round(ss.valid * len(src)))
-    rows["source_train"] = _sorted(src[perm[n_valid:]])
-    rows["source_valid"] = _sorted(src[perm[:n_valid]])
-    del perm
+    n_valid = int(round(ss.valid * n_src))
+    src_code = np.full(n_src, code_of["source_train"], dtype=np.int8)
+    src_code[_permutation(ss.seed, n_src, idx_dtype)[:n_valid]] = code_of["source_valid"]
+    sizes["source_train"], sizes["source_valid"] = n_src - n_valid, n_valid
 
     ts = cfg.target_split
-    n_test = int(round(ts.test * len(tgt)))
-    n_valid = int(round(ts.valid * len(tgt)))
-    n_train = len(tgt) - n_test - n_valid
+    n_test = int(round(ts.test * n_tgt))
+    n_valid = int(round(ts.valid * n_tgt))
+    n_train = n_tgt - n_test - n_valid
+    tgt_code = np.empty(n_tgt, dtype=np.int8)
+    tgt_pos = None
     if ts.method == "random":
-        perm = _permutation(ts.seed, len(tgt), tgt.dtype)
-        rows["target_train"] = _sorted(tgt[perm[n_test + n_valid:]])
-        rows["target_valid"] = _sorted(tgt[perm[n_test: n_test + n_valid]])
-        rows["target_test"] = _sorted(tgt[perm[:n_test]])
+        perm = _permutation(ts.seed, n_tgt, idx_dtype)
+        tgt_code[perm[n_test + n_valid:]] = code_of["target_train"]
+        tgt_code[perm[n_test: n_test + n_valid]] = code_of["target_valid"]
+        tgt_code[perm[:n_test]] = code_of["target_test"]
+        del perm
     else:
-        # Stable: rows with equal times keep file order.
-        ordered = tgt[np.argsort(tgt_times, kind="stable")]
-        rows["target_train"] = ordered[:n_train]
-        rows["target_valid"] = ordered[n_train: n_train + n_valid]
-        rows["target_test"] = ordered[n_train + n_valid:]
+        # Stable: rows with equal times keep file order; each split is in time order.
+        ordered = np.argsort(tgt_times, kind="stable")
+        tgt_pos = np.empty(n_tgt, dtype=idx_dtype)
+        for name, a, b in (("target_train", 0, n_train), ("target_valid", n_train, n_train + n_valid),
+                           ("target_test", n_train + n_valid, n_tgt)):
+            tgt_code[ordered[a:b]] = code_of[name]
+            tgt_pos[ordered[a:b]] = np.arange(b - a, dtype=idx_dtype)
+        del ordered
+    sizes.update(target_train=n_train, target_valid=n_valid, target_test=n_test)
 
-    for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test"):
-        if len(rows[name]) == 0:
+    for name in SPLIT_NAMES:
+        if sizes[name] == 0:
             if name.startswith("source"):
-                n_dom, what = len(src), f"source domains {list(cfg.source_domains)} have"
+                n_dom, what = n_src, f"source domains {list(cfg.source_domains)} have"
                 frac = "data.split.source.valid" + f" = {ss.valid}"
             else:
-                n_dom, what = len(tgt), f"target domain '{cfg.target_domain}' has"
+                n_dom, what = n_tgt, f"target domain '{cfg.target_domain}' has"
                 part = name.split("_")[1]
                 frac = f"data.split.target.{part} = {getattr(ts, part, None)}" if part != "train" else (
                     f"data.split.target.valid + test = {ts.valid + ts.test}"
@@ -895,6 +938,4 @@ def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np
                 f"split '{name}' is empty: the {what} {n_dom} rows and {frac}; "
                 "add rows or change the fractions"
             )
-    return rows
-
-
+    return src_code, tgt_code, tgt_pos, sizes
