@@ -182,8 +182,9 @@ def file_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- parsing helpers
-def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Text -> float64 values (NaN when missing) and a mask of unparseable (bad) entries.
+def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
+    """Text (a pandas Series or an Arrow array) -> float64 values (NaN when missing) and a
+    mask of unparseable (bad) entries.
 
     Arrow's cast parses a column of plain numbers about 20x faster than ``pd.to_numeric``
     (both round correctly, so the values are the same); a column with any text the cast
@@ -191,21 +192,45 @@ def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    arr = _arrow_text(text)
     try:
-        vals = pc.cast(pa.array(text, type=pa.large_string(), from_pandas=True), pa.float64())
-        vals = vals.to_numpy(zero_copy_only=False)
+        vals = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        vals = pd.to_numeric(_text_series(arr), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     nan = np.isnan(vals)
     bad = np.zeros(len(vals), dtype=bool)
     if nan.any():
-        lowered = text[nan].fillna("").str.strip().str.lower()
+        lowered = _text_series(arr.filter(pa.array(nan))).fillna("").str.strip().str.lower()
         bad[nan] = ~lowered.isin(MISSING_TEXT).to_numpy()
     return vals, bad
 
 
-def _parse_dates(text: pd.Series) -> np.ndarray:
+def _arrow_text(text):
+    """A text column as one Arrow string array (nulls where missing)."""
+    import pyarrow as pa
+
+    if isinstance(text, pa.ChunkedArray):
+        return text.combine_chunks() if text.num_chunks != 1 else text.chunk(0)
+    if isinstance(text, pa.Array):
+        return text
+    return pa.array(text, type=pa.large_string(), from_pandas=True)
+
+
+def _text_series(arr) -> pd.Series:
+    """An Arrow text array as the pandas text the readers gave before (missing = NaN)."""
+    return pd.Series(arr.to_numpy(zero_copy_only=False), dtype="str")
+
+
+def _value_at(table, col: str, i: int):
+    """The text of row ``i`` of ``col`` (NaN when missing), for messages."""
+    v = table.column(col)[i].as_py()
+    return np.nan if v is None else v
+
+
+def _parse_dates(text) -> np.ndarray:
     """Text -> nanoseconds as float64 (NaN when missing or unparseable)."""
+    if not isinstance(text, pd.Series):
+        text = _text_series(_arrow_text(text))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dt = pd.to_datetime(text, errors="coerce", format="mixed")
@@ -215,13 +240,13 @@ def _parse_dates(text: pd.Series) -> np.ndarray:
 
 
 def _chunks(infos: list[FileInfo], cfg: DataConfig, chunk_rows: int, malformed=None):
-    """(file index, file name, first row of the chunk within its file, frame) in read order."""
+    """(file index, file name, first row of the chunk within its file, Arrow table) in read order."""
     for k, info in enumerate(infos):
         r0 = 0
         try:
             for df in iter_chunks(info, cfg, chunk_rows, malformed):
                 yield k, info.path.name, r0, df
-                r0 += len(df)
+                r0 += df.num_rows
         except _ShortLine:
             raise _ShortLine(k) from None
 
@@ -253,25 +278,24 @@ class _Spill:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def write(self, df: pd.DataFrame, numbers: dict[str, np.ndarray], label: np.ndarray,
+    def write(self, df, numbers: dict[str, np.ndarray], label: np.ndarray,
               domain: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         cols = {"label": pa.array(label), "domain": pa.array(domain)}
         for c in self.cfg.categorical:
-            text = pc.fill_null(pa.array(df[c], type=pa.large_string(), from_pandas=True), "")
-            cols[f"c:{c}"] = pc.dictionary_encode(text)
+            cols[f"c:{c}"] = pc.dictionary_encode(pc.fill_null(_arrow_text(df.column(c)), ""))
         for c, vals in numbers.items():
             cols[f"n:{c}"] = pa.array(vals, type=pa.float64())
         k = len(self.sizes)
         self._save(f"{k}.arrow", pa.table(cols))
         for m in self.cfg.multihot:
-            tok, row, pos = _token_arrays(df[m.name], m.sep)
+            tok, row, pos = _token_arrays(df.column(m.name), m.sep)
             self._save(f"{k}.{self.cfg.multihot.index(m)}.arrow", pa.table({
                 "tok": pc.dictionary_encode(tok), "row": pa.array(row.astype(np.int32)),
                 "pos": pa.array(pos.astype(np.int32))}))
-        self.sizes.append(len(df))
+        self.sizes.append(df.num_rows)
 
     def _save(self, name: str, table) -> None:
         import pyarrow as pa
@@ -374,7 +398,10 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     sc = _Scan(infos, spill=spill)
     domain_values = [*cfg.source_domains, cfg.target_domain]
     target_index = len(domain_values) - 1
-    dom_index = pd.Index(domain_values)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dom_set = pa.array([str(v) for v in domain_values], type=pa.string())
     dom_counter = ValueCounter()
     numeric = [c.name for c in cfg.numeric]
     dense = [c.name for c in cfg.numeric if c.mode == "dense"]
@@ -390,17 +417,19 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     time_any_number = False
     g0 = 0
     for k, fname, r0, df in _chunks(infos, cfg, chunk_rows, sc.malformed):
-        n = len(df)
-        dom_text = df[cfg.domain_column]
-        dom_counter.add(dom_text.dropna())
-        dom = dom_index.get_indexer(dom_text.fillna(""))
+        n = df.num_rows
+        dom_text = _arrow_text(df.column(cfg.domain_column))
+        vc = pc.value_counts(pc.drop_null(dom_text))
+        dom_counter.add_counts(pd.Series(vc.field("counts").to_numpy(),
+                                         index=pd.Index(vc.field("values").to_numpy(zero_copy_only=False), dtype="str")))
+        dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
         keep = dom >= 0
         masks = {}
-        label, label_bad = _parse_numbers(df[cfg.label])
+        label, label_bad = _parse_numbers(df.column(cfg.label))
         masks[label_reason] = (label_bad | np.isnan(label)) & keep
         numbers = {}
         for c in numeric:
-            vals, b = _parse_numbers(df[c])
+            vals, b = _parse_numbers(df.column(c))
             numbers[c] = vals
             masks[f"numeric column '{c}' not a number"] = b & keep
             if c in max_abs:
@@ -410,13 +439,13 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
                     max_abs[c] = max(max_abs[c], float(v.max()))
         tgt = np.flatnonzero(dom == target_index)
         if time_col is not None:
-            text = df[time_col]
+            text = _arrow_text(df.column(time_col))
             tvals, tbad = _parse_numbers(text)
-            present = text.notna().to_numpy()
+            present = text.is_valid().to_numpy(zero_copy_only=False)
             # Numbers as they are, or dates when no kept row's time is a number at all.
             time_any_number |= bool((present & ~tbad & keep).any())
             tnum_parts.append(tvals[tgt])
-            tdate_parts.append(_parse_dates(text.iloc[tgt]) if not time_any_number else np.zeros(0))
+            tdate_parts.append(_parse_dates(text.take(pa.array(tgt))) if not time_any_number else np.zeros(0))
         any_bad = np.zeros(n, dtype=bool)
         for reason, m in masks.items():
             _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
@@ -482,13 +511,13 @@ def _join(parts: list, dtype) -> np.ndarray:
     return out
 
 
-def _count(slot: list, mask: np.ndarray, df: pd.DataFrame, col: str, fname: str, r0: int) -> None:
+def _count(slot: list, mask: np.ndarray, df, col: str, fname: str, r0: int) -> None:
     """Add the rows of ``mask`` to a [count, example] slot; the example is the first one."""
     hits = np.flatnonzero(mask)
     if hits.size:
         if slot[1] is None:
             i = int(hits[0])
-            slot[1] = (df[col].iloc[i], fname, r0 + i)
+            slot[1] = (_value_at(df, col, i), fname, r0 + i)
         slot[0] += int(hits.size)
 
 
@@ -572,9 +601,9 @@ def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:
     chunk that holds it (only for an error message)."""
     g0 = 0
     for _, fname, r0, df in _chunks(sc.infos, cfg, CHUNK_ROWS):
-        if row < g0 + len(df):
-            return df[col].iloc[row - g0], fname, r0 + row - g0
-        g0 += len(df)
+        if row < g0 + df.num_rows:
+            return _value_at(df, col, row - g0), fname, r0 + row - g0
+        g0 += df.num_rows
     return None, "?", row
 
 
@@ -697,7 +726,7 @@ def _token_arrays(text: pd.Series, sep: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.fill_null(pa.array(text, type=pa.large_string(), from_pandas=True), "")
+    text = pc.fill_null(_arrow_text(text), "")
     lists = pc.split_pattern(text, sep)
     flat = pc.list_flatten(lists)
     row = pc.list_parent_indices(lists).to_numpy()
