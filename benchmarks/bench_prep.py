@@ -4,7 +4,8 @@ Builds a CSV of ``--rows`` rows and one of twice as many by repeating the body o
 synthetic CSV (``autoft-fast generate``), then runs ``prepare_data`` on each in a child
 process of its own, so that each peak RSS (``ru_maxrss``) is that run's alone. Prints, per
 file, the rows, the seconds, file rows per second and the peak RSS, then the 2x / 1x peak RSS
-ratio (the target is below 1.2) and the encoded output's size.
+ratio (the target is below 1.2) and the encoded output's size. The CPU seconds (user + system)
+of each run are printed too: on a busy machine they change less than the wall time.
 
 ``--pythonpath DIR`` runs the children against another checkout's ``autoft_fast`` (e.g. an
 older commit unpacked with ``git archive``) and ``--repeat`` alternates the two, so that a
@@ -35,11 +36,14 @@ from pathlib import Path
 from autoft_fast.data import load_data_config, prepare_data
 cfg = load_data_config(Path(sys.argv[1]))
 t0 = time.perf_counter()
+r0 = resource.getrusage(resource.RUSAGE_SELF)
 bundle = prepare_data(cfg, cache_dir=Path(sys.argv[2]))
 seconds = time.perf_counter() - t0
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 rows = sum(int(t.label.shape[0]) for t in bundle.splits.values())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "rows_kept": rows,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows_kept": rows,
                   "rows_read": bundle.stats["rows_read"], "peak_rss": peak}))
 """
 
@@ -104,13 +108,15 @@ def main(argv=None) -> int:
     files = build_files(args.work, args.rows)
     versions = [("this", None)] + ([("other", args.pythonpath)] if args.pythonpath else [])
     best: dict = {}
-    print(f"{'version':8} {'file':4} {'rows read':>11} {'seconds':>8} {'rows/s':>9} {'peak RSS':>9} {'output':>8}")
+    print(f"{'version':8} {'file':4} {'rows read':>11} {'seconds':>8} {'rows/s':>9} {'CPU s':>7} "
+          f"{'peak RSS':>9} {'output':>8}")
     for _ in range(args.repeat):
         for tag, yaml_path in files.items():
             for name, pp in versions:
                 m = measure(yaml_path, pp)
                 rate = m["rows_read"] / m["seconds"]
                 print(f"{name:8} {tag:4} {m['rows_read']:>11,} {m['seconds']:>8.1f} {rate / 1e3:>8.0f}k "
+                      f"{m['cpu_seconds']:>7.1f} "
                       f"{m['peak_rss'] / 2**30:>7.2f}GB {m['output_bytes'] / 2**30:>6.2f}GB", flush=True)
                 key = (name, tag)
                 if key not in best or m["seconds"] < best[key]["seconds"]:
