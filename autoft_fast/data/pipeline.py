@@ -46,7 +46,7 @@ import pandas as pd
 
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
-from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks
+from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks, prefetched
 from .stats import MeanStd, QuantileSketch, ValueCounter, fit_vocab, power_of_two_above, quantile_edges
 from .store import SplitWriter, id_dtype, load_store, write_meta
 from .tensors import SPLIT_NAMES, DataBundle
@@ -306,10 +306,13 @@ class _Spill:
             w.write_table(table)
 
     def chunks(self):
-        """The chunks in read order, as :class:`_SpilledChunk`."""
-        for k, n in enumerate(self.sizes):
-            yield _SpilledChunk(self, k, n)
-            _release_memory()
+        """The chunks in read order, as :class:`_SpilledChunk`, each loaded while the one
+        before is processed."""
+        def load():
+            for k, n in enumerate(self.sizes):
+                yield _SpilledChunk(self, k, n)
+                _release_memory()
+        return prefetched(load())
 
 
 class _SpilledChunk:
@@ -416,7 +419,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     dom_parts, bad_parts, label_parts, tnum_parts, tdate_parts = [], [], [], [], []
     time_any_number = False
     g0 = 0
-    for k, fname, r0, df in _chunks(infos, cfg, chunk_rows, sc.malformed):
+    for k, fname, r0, df in prefetched(_chunks(infos, cfg, chunk_rows, sc.malformed)):
         n = df.num_rows
         dom_text = _arrow_text(df.column(cfg.domain_column))
         vc = pc.value_counts(pc.drop_null(dom_text))

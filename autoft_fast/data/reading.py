@@ -300,3 +300,60 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     if missing.any():
         text = text.mask(missing)
     return text.astype("str")
+
+
+def prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer.
+
+    Arrow's CSV parser and file reads release the GIL, so the next chunk is parsed while
+    the current one is processed: on two cores the parse is mostly hidden, and the memory
+    added is ``depth`` chunks. An exception in the producer is raised in the consumer at the
+    item where it happened; a consumer that stops early stops the producer.
+
+    Example::
+
+        for table in prefetched(iter_chunks(info, cfg, chunk_rows)):
+            ...   # the next table is being read meanwhile
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="autoft-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
