@@ -625,20 +625,24 @@ class _Splits:
 
 
 def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> _Splits:
-    """The split of every read row; ``kept`` is the mask of kept read rows."""
+    """The split of every read row; ``kept`` (the mask of kept read rows) is used up.
+    Frees the scan's per-row arrays as soon as they are not needed: this stage holds the
+    permutation of the source rows (4 bytes each), the largest memory that grows with rows."""
     target_index = len(cfg.source_domains)
-    is_tgt = sc.dom_idx == target_index
-    src_mask = kept & ~is_tgt
-    tgt_mask = kept & is_tgt
-    del is_tgt
     times = None
     if sc.tgt_times is not None:
         times = sc.tgt_times[~sc.bad[sc.tgt_rows]]  # aligned with the kept target rows
+    sc.bad = sc.label = sc.tgt_rows = sc.tgt_times = None
+    tgt_mask = kept & (sc.dom_idx == target_index)
+    sc.dom_idx = None
+    src_mask = kept
+    src_mask &= ~tgt_mask
     src_code, tgt_code, tgt_pos, sizes = _split_codes(
         cfg, int(np.count_nonzero(src_mask)), int(np.count_nonzero(tgt_mask)), times)
-    code = np.full(sc.n_read, -1, dtype=np.int8)
+    del times
+    code = np.full(src_mask.size, -1, dtype=np.int8)
     code[src_mask] = src_code
-    del src_mask, src_code
+    del src_mask, kept, src_code
     code[tgt_mask] = tgt_code
     return _Splits(code, sizes, tgt_pos)
 
@@ -894,9 +898,7 @@ def _stages(cfg: DataConfig, out: Path, chunk_rows: int, spill: "_Spill", stats:
     stats["rows_read"] = int(sc.n_read)
     kept = _check_rows(cfg, sc, stats)
     splits = _assign_splits(cfg, sc, kept)
-    # The per-row arrays of the scan are not needed any more (label and domain are spilled).
-    del kept
-    sc.dom_idx = sc.bad = sc.label = sc.tgt_rows = sc.tgt_times = None
+    del kept  # _assign_splits freed the scan's per-row arrays (label and domain are spilled)
     fitted = _fit(cfg, sc, splits.code, chunk_rows)
     _encode(cfg, sc, splits, fitted, out, stats)
     for name in SPLIT_NAMES:
