@@ -1,19 +1,23 @@
 """From CSV / Parquet files to cached tensors, in bounded memory: read, check, split, build
 the vocabulary, encode.
 
-The files are read in chunks (``reading.py``) and parsed once; no stage holds more than one
-chunk of text. What stays in memory between stages is a few bytes per row (domain, bad-row
-flag, label, split and position) and the vocabularies. ``docs/data.md`` explains each rule.
+The files are read in chunks (``reading.py``, the next one by a background thread) and
+parsed once, as Arrow tables; no stage holds more than two chunks of text. What stays in
+memory between stages is a few bytes per row (domain, bad-row flag and label during the
+scan, then one byte: the row's split) and the vocabularies. ``docs/data.md`` explains each rule.
 
 1. :func:`_scan` reads every chunk's domain, label, numeric and time columns: which rows
    belong to a configured domain, which are bad (malformed CSV lines, a missing or
    non-numeric label, a non-numeric value in a numeric column, an unparseable time), the
    target rows' times, and each dense column's largest value; it spills each chunk's
-   feature columns in compact form to disk (:class:`_Spill`: dictionary codes, numbers);
+   feature columns, label and domain in compact form to disk (:class:`_Spill`: dictionary
+   codes, numbers);
 2. :func:`_check_rows` fails on bad rows or skips them with a warning, as ``on_bad_rows``
    says, then checks that every label is 0 or 1;
 3. :func:`_assign_splits`: source -> train / valid at random, target -> train / valid /
-   test at random or by time; each kept row gets its split and its place in it;
+   test at random or by time; each kept row gets its split (a random split keeps file
+   order, so a row's place in it is counted while encoding; a time split stores the target
+   rows' places);
 4. :func:`_fit` (over the spill) counts the vocabulary and gathers the numeric bucket
    quantiles and the dense means on the training rows of source and target only, so nothing
    is learnt from validation or test rows;
@@ -739,8 +743,11 @@ def _token_arrays(text: pd.Series, sep: str):
     row = pc.list_parent_indices(lists).to_numpy()
     keep_tok = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
     row = row[keep_tok]
-    # Position within its row: rows come in order, so it is the distance to the row's first token.
-    pos = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    # Position within its row: rows come in order, so it is the distance to the row's first
+    # token, whose index is the count of the tokens of the rows before.
+    per_row = np.bincount(row, minlength=len(text))
+    first = np.cumsum(per_row) - per_row
+    pos = np.arange(len(row)) - first[row]
     return flat.filter(pa.array(keep_tok)), row, pos
 
 
