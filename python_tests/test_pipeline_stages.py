@@ -183,3 +183,22 @@ def test_chunked_cached_build_equals_a_single_chunk(tmp_path, method):
             assert (x is None) == (y is None), (name, t)
             if x is not None:
                 assert x.shape == y.shape and bool((x == y).all()), (name, t)
+
+
+@pytest.mark.parametrize("stage", ["scan", "encode"])
+def test_no_reader_thread_outlives_a_failed_build(tmp_path, monkeypatch, stage):
+    from autoft_fast.data import pipeline
+
+    write(tmp_path, make_frame(seed=8), "data.csv")
+    cfg = DataConfig.from_dict(base_dict(), tmp_path)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    # a failure inside the chunk loop of the scan (spilling) or of the encode pass (writing)
+    monkeypatch.setattr(pipeline._Spill if stage == "scan" else SplitWriter, "write", fail)
+    with pytest.raises(OSError, match="disk full") as excinfo:
+        prepare_data(cfg, chunk_rows=50)
+    assert excinfo.traceback  # the traceback (and the frames it holds) is still alive here
+    alive = [t for t in threading.enumerate() if t.name == "autoft-prefetch" and t.is_alive()]
+    assert not alive, alive

@@ -31,6 +31,7 @@ Peak memory depends on the chunk size and the vocabulary, not on the file size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -423,49 +424,51 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     dom_parts, bad_parts, label_parts, tnum_parts, tdate_parts = [], [], [], [], []
     time_any_number = False
     g0 = 0
-    for k, fname, r0, df in prefetched(_chunks(infos, cfg, chunk_rows, sc.malformed)):
-        n = df.num_rows
-        dom_text = _arrow_text(df.column(cfg.domain_column))
-        vc = pc.value_counts(pc.drop_null(dom_text))
-        dom_counter.add_counts(pd.Series(vc.field("counts").to_numpy(),
-                                         index=pd.Index(vc.field("values").to_numpy(zero_copy_only=False), dtype="str")))
-        dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
-        keep = dom >= 0
-        masks = {}
-        label, label_bad = _parse_numbers(df.column(cfg.label))
-        masks[label_reason] = (label_bad | np.isnan(label)) & keep
-        numbers = {}
-        for c in numeric:
-            vals, b = _parse_numbers(df.column(c))
-            numbers[c] = vals
-            masks[f"numeric column '{c}' not a number"] = b & keep
-            if c in max_abs:
-                v = np.abs(vals[keep & ~b])
-                v = v[np.isfinite(v)]
-                if v.size:
-                    max_abs[c] = max(max_abs[c], float(v.max()))
-        tgt = np.flatnonzero(dom == target_index)
-        if time_col is not None:
-            text = _arrow_text(df.column(time_col))
-            tvals, tbad = _parse_numbers(text)
-            present = text.is_valid().to_numpy(zero_copy_only=False)
-            # Numbers as they are, or dates when no kept row's time is a number at all.
-            time_any_number |= bool((present & ~tbad & keep).any())
-            tnum_parts.append(tvals[tgt])
-            tdate_parts.append(_parse_dates(text.take(pa.array(tgt))) if not time_any_number else np.zeros(0))
-        any_bad = np.zeros(n, dtype=bool)
-        for reason, m in masks.items():
-            _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
-            any_bad |= m
-        ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
-        dom_i16 = dom.astype(np.int16)
-        dom_parts.append(dom_i16)
-        bad_parts.append(any_bad)
-        label_parts.append(ok_label)
-        spill.write(df, numbers, ok_label, dom_i16)
-        g0 += n
-        del df, masks, numbers
-        _release_memory()
+    # closing(): the reader thread ends with the loop, also when the loop raises
+    with contextlib.closing(prefetched(_chunks(infos, cfg, chunk_rows, sc.malformed))) as chunks:
+        for k, fname, r0, df in chunks:
+            n = df.num_rows
+            dom_text = _arrow_text(df.column(cfg.domain_column))
+            vc = pc.value_counts(pc.drop_null(dom_text))
+            dom_counter.add_counts(pd.Series(vc.field("counts").to_numpy(),
+                                             index=pd.Index(vc.field("values").to_numpy(zero_copy_only=False), dtype="str")))
+            dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
+            keep = dom >= 0
+            masks = {}
+            label, label_bad = _parse_numbers(df.column(cfg.label))
+            masks[label_reason] = (label_bad | np.isnan(label)) & keep
+            numbers = {}
+            for c in numeric:
+                vals, b = _parse_numbers(df.column(c))
+                numbers[c] = vals
+                masks[f"numeric column '{c}' not a number"] = b & keep
+                if c in max_abs:
+                    v = np.abs(vals[keep & ~b])
+                    v = v[np.isfinite(v)]
+                    if v.size:
+                        max_abs[c] = max(max_abs[c], float(v.max()))
+            tgt = np.flatnonzero(dom == target_index)
+            if time_col is not None:
+                text = _arrow_text(df.column(time_col))
+                tvals, tbad = _parse_numbers(text)
+                present = text.is_valid().to_numpy(zero_copy_only=False)
+                # Numbers as they are, or dates when no kept row's time is a number at all.
+                time_any_number |= bool((present & ~tbad & keep).any())
+                tnum_parts.append(tvals[tgt])
+                tdate_parts.append(_parse_dates(text.take(pa.array(tgt))) if not time_any_number else np.zeros(0))
+            any_bad = np.zeros(n, dtype=bool)
+            for reason, m in masks.items():
+                _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
+                any_bad |= m
+            ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
+            dom_i16 = dom.astype(np.int16)
+            dom_parts.append(dom_i16)
+            bad_parts.append(any_bad)
+            label_parts.append(ok_label)
+            spill.write(df, numbers, ok_label, dom_i16)
+            g0 += n
+            del df, masks, numbers
+            _release_memory()
     sc.n_read = g0
     # One array at a time, each list emptied once joined: the parts and the whole never
     # coexist for more than one of them.
@@ -666,17 +669,18 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
     sketches = {c.name: QuantileSketch() for c in cfg.numeric if c.mode == "bucket"}
     moments = {c.name: MeanStd(sc.dense_scale[c.name]) for c in cfg.numeric if c.mode == "dense"}
     g0 = 0
-    for chunk in sc.spill.chunks():
-        fit = np.isin(code[g0: g0 + chunk.n], _TRAIN_CODES)
-        g0 += chunk.n
-        if not fit.any():
-            continue
-        for c in cfg.categorical:
-            counters[c].add_counts(chunk.value_counts(c, fit))
-        for c in cfg.numeric:
-            (sketches if c.mode == "bucket" else moments)[c.name].add(chunk.numbers[c.name][fit])
-        for m in cfg.multihot:
-            counters[m.name].add_counts(chunk.token_counts(m.name, fit))
+    with contextlib.closing(sc.spill.chunks()) as chunks:
+        for chunk in chunks:
+            fit = np.isin(code[g0: g0 + chunk.n], _TRAIN_CODES)
+            g0 += chunk.n
+            if not fit.any():
+                continue
+            for c in cfg.categorical:
+                counters[c].add_counts(chunk.value_counts(c, fit))
+            for c in cfg.numeric:
+                (sketches if c.mode == "bucket" else moments)[c.name].add(chunk.numbers[c.name][fit])
+            for m in cfg.multihot:
+                counters[m.name].add_counts(chunk.token_counts(m.name, fit))
 
     fields: list[FieldInfo] = []
     vocabularies: dict[str, list[str]] = {}
@@ -781,86 +785,87 @@ def _encode(cfg: DataConfig, sc: _Scan, splits: _Splits, fitted: _Fitted, out: P
     truncated = {m.name: 0 for m in cfg.multihot}
     try:
         g0, t0 = 0, 0
-        for chunk in sc.spill.chunks():
-            c = splits.code[g0: g0 + chunk.n]
-            g0 += chunk.n
-            sel = np.flatnonzero(c >= 0)
-            if sel.size == 0:
-                continue
-            # The chunk's kept rows grouped by split, in read order within each (a stable sort
-            # of int8 codes is a radix sort); a time split's groups are then put in time order.
-            cs = c[sel]
-            order = np.argsort(cs, kind="stable")
-            sel, cs = sel[order], cs[order]
-            bounds = np.searchsorted(cs, np.arange(len(SPLIT_NAMES) + 1))
-            pos = None
-            if timed:
-                tgt_here = np.flatnonzero((c >= 0) & (chunk.domain == target_index))
-                at = np.empty(chunk.n, dtype=splits.tgt_pos.dtype)
-                at[tgt_here] = splits.tgt_pos[t0: t0 + tgt_here.size]
-                t0 += tgt_here.size
-                pos = at[sel]
-                for k in timed:
-                    a, b = bounds[k], bounds[k + 1]
-                    o = np.argsort(pos[a:b], kind="stable")
-                    sel[a:b], pos[a:b] = sel[a:b][o], pos[a:b][o]
-            n = sel.size
-            sparse = np.empty((n, n_single), dtype=ids)
-            for j, f in enumerate(cfg.categorical):
-                values, codes = chunk.categories(f)
-                sparse[:, j] = luts[f](values)[codes[sel]]
-            j = len(cfg.categorical)
-            dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
-            jd = 0
-            for col in cfg.numeric:
-                vals = chunk.numbers[col.name][sel]
-                if col.mode == "bucket":
-                    bucket = np.searchsorted(fitted.edges[col.name], vals, side="right")
-                    sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
-                    j += 1
-                else:
-                    ms, mean, std = fitted.dense[col.name]
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        z = (vals - mean) / std
-                    overflow = ~np.isfinite(z) & np.isfinite(vals)
-                    if overflow.any():  # huge values: the same formula on scaled numbers
-                        z[overflow] = ms.standardise(vals[overflow], mean, std)
-                    z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
-                    dense[:, jd] = z
-                    jd += 1
-            multihot = None
-            if n_multi:
-                multihot = np.empty((n, n_multi, max_len), dtype=ids)
-                at = np.full(chunk.n, -1, dtype=np.int64)
-                at[sel] = np.arange(n)
-                for jm, m in enumerate(cfg.multihot):
-                    multihot[:, jm, :] = by_name[m.name].pad_id
-                    values, tcodes, row, tpos = chunk.tokens(m.name)
-                    # Only the kept rows' tokens, renumbered to their place among the kept rows.
-                    row = at[row]
-                    mine = row >= 0
-                    tcodes, row, tpos = tcodes[mine], row[mine], tpos[mine]
-                    truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
-                    keep = tpos < m.max_len
-                    multihot[row[keep], jm, tpos[keep]] = luts[m.name](values)[tcodes[keep]]
-            label = chunk.label[sel].astype(np.float32)
-            domain = chunk.domain[sel].astype(np.int64)
-            for k, w in writers.items():
-                a, b = int(bounds[k]), int(bounds[k + 1])
-                if a == b:
+        with contextlib.closing(sc.spill.chunks()) as chunks:
+            for chunk in chunks:
+                c = splits.code[g0: g0 + chunk.n]
+                g0 += chunk.n
+                sel = np.flatnonzero(c >= 0)
+                if sel.size == 0:
                     continue
-                if k in timed:
-                    at_k = pos[a:b]
-                else:
-                    at_k = np.arange(filled[k], filled[k] + (b - a))
-                    filled[k] += b - a
-                w.write("sparse", at_k, sparse[a:b])
-                w.write("label", at_k, label[a:b])
-                w.write("domain", at_k, domain[a:b])
-                if multihot is not None:
-                    w.write("multihot", at_k, multihot[a:b])
-                if dense is not None:
-                    w.write("dense", at_k, dense[a:b])
+                # The chunk's kept rows grouped by split, in read order within each (a stable sort
+                # of int8 codes is a radix sort); a time split's groups are then put in time order.
+                cs = c[sel]
+                order = np.argsort(cs, kind="stable")
+                sel, cs = sel[order], cs[order]
+                bounds = np.searchsorted(cs, np.arange(len(SPLIT_NAMES) + 1))
+                pos = None
+                if timed:
+                    tgt_here = np.flatnonzero((c >= 0) & (chunk.domain == target_index))
+                    at = np.empty(chunk.n, dtype=splits.tgt_pos.dtype)
+                    at[tgt_here] = splits.tgt_pos[t0: t0 + tgt_here.size]
+                    t0 += tgt_here.size
+                    pos = at[sel]
+                    for k in timed:
+                        a, b = bounds[k], bounds[k + 1]
+                        o = np.argsort(pos[a:b], kind="stable")
+                        sel[a:b], pos[a:b] = sel[a:b][o], pos[a:b][o]
+                n = sel.size
+                sparse = np.empty((n, n_single), dtype=ids)
+                for j, f in enumerate(cfg.categorical):
+                    values, codes = chunk.categories(f)
+                    sparse[:, j] = luts[f](values)[codes[sel]]
+                j = len(cfg.categorical)
+                dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
+                jd = 0
+                for col in cfg.numeric:
+                    vals = chunk.numbers[col.name][sel]
+                    if col.mode == "bucket":
+                        bucket = np.searchsorted(fitted.edges[col.name], vals, side="right")
+                        sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
+                        j += 1
+                    else:
+                        ms, mean, std = fitted.dense[col.name]
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            z = (vals - mean) / std
+                        overflow = ~np.isfinite(z) & np.isfinite(vals)
+                        if overflow.any():  # huge values: the same formula on scaled numbers
+                            z[overflow] = ms.standardise(vals[overflow], mean, std)
+                        z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
+                        dense[:, jd] = z
+                        jd += 1
+                multihot = None
+                if n_multi:
+                    multihot = np.empty((n, n_multi, max_len), dtype=ids)
+                    at = np.full(chunk.n, -1, dtype=np.int64)
+                    at[sel] = np.arange(n)
+                    for jm, m in enumerate(cfg.multihot):
+                        multihot[:, jm, :] = by_name[m.name].pad_id
+                        values, tcodes, row, tpos = chunk.tokens(m.name)
+                        # Only the kept rows' tokens, renumbered to their place among the kept rows.
+                        row = at[row]
+                        mine = row >= 0
+                        tcodes, row, tpos = tcodes[mine], row[mine], tpos[mine]
+                        truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
+                        keep = tpos < m.max_len
+                        multihot[row[keep], jm, tpos[keep]] = luts[m.name](values)[tcodes[keep]]
+                label = chunk.label[sel].astype(np.float32)
+                domain = chunk.domain[sel].astype(np.int64)
+                for k, w in writers.items():
+                    a, b = int(bounds[k]), int(bounds[k + 1])
+                    if a == b:
+                        continue
+                    if k in timed:
+                        at_k = pos[a:b]
+                    else:
+                        at_k = np.arange(filled[k], filled[k] + (b - a))
+                        filled[k] += b - a
+                    w.write("sparse", at_k, sparse[a:b])
+                    w.write("label", at_k, label[a:b])
+                    w.write("domain", at_k, domain[a:b])
+                    if multihot is not None:
+                        w.write("multihot", at_k, multihot[a:b])
+                    if dense is not None:
+                        w.write("dense", at_k, dense[a:b])
     finally:
         for w in writers.values():
             w.close()
