@@ -1,19 +1,23 @@
 """From CSV / Parquet files to cached tensors, in bounded memory: read, check, split, build
 the vocabulary, encode.
 
-The files are read in chunks (``reading.py``) and parsed once; no stage holds more than one
-chunk of text. What stays in memory between stages is a few bytes per row (domain, bad-row
-flag, label, split and position) and the vocabularies. ``docs/data.md`` explains each rule.
+The files are read in chunks (``reading.py``, the next one by a background thread) and
+parsed once, as Arrow tables; no stage holds more than two chunks of text. What stays in
+memory between stages is a few bytes per row (domain, bad-row flag and label during the
+scan, then one byte: the row's split) and the vocabularies. ``docs/data.md`` explains each rule.
 
 1. :func:`_scan` reads every chunk's domain, label, numeric and time columns: which rows
    belong to a configured domain, which are bad (malformed CSV lines, a missing or
    non-numeric label, a non-numeric value in a numeric column, an unparseable time), the
    target rows' times, and each dense column's largest value; it spills each chunk's
-   feature columns in compact form to disk (:class:`_Spill`: dictionary codes, numbers);
+   feature columns, label and domain in compact form to disk (:class:`_Spill`: dictionary
+   codes, numbers);
 2. :func:`_check_rows` fails on bad rows or skips them with a warning, as ``on_bad_rows``
    says, then checks that every label is 0 or 1;
 3. :func:`_assign_splits`: source -> train / valid at random, target -> train / valid /
-   test at random or by time; each kept row gets its split and its place in it;
+   test at random or by time; each kept row gets its split (a random split keeps file
+   order, so a row's place in it is counted while encoding; a time split stores the target
+   rows' places);
 4. :func:`_fit` (over the spill) counts the vocabulary and gathers the numeric bucket
    quantiles and the dense means on the training rows of source and target only, so nothing
    is learnt from validation or test rows;
@@ -27,6 +31,7 @@ Peak memory depends on the chunk size and the vocabulary, not on the file size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -46,7 +51,7 @@ import pandas as pd
 
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
-from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks
+from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks, prefetched
 from .stats import MeanStd, QuantileSketch, ValueCounter, fit_vocab, power_of_two_above, quantile_edges
 from .store import SplitWriter, id_dtype, load_store, write_meta
 from .tensors import SPLIT_NAMES, DataBundle
@@ -182,8 +187,9 @@ def file_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- parsing helpers
-def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Text -> float64 values (NaN when missing) and a mask of unparseable (bad) entries.
+def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
+    """Text (a pandas Series or an Arrow array) -> float64 values (NaN when missing) and a
+    mask of unparseable (bad) entries.
 
     Arrow's cast parses a column of plain numbers about 20x faster than ``pd.to_numeric``
     (both round correctly, so the values are the same); a column with any text the cast
@@ -191,21 +197,45 @@ def _parse_numbers(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    arr = _arrow_text(text)
     try:
-        vals = pc.cast(pa.array(text, type=pa.large_string(), from_pandas=True), pa.float64())
-        vals = vals.to_numpy(zero_copy_only=False)
+        vals = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        vals = pd.to_numeric(_text_series(arr), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     nan = np.isnan(vals)
     bad = np.zeros(len(vals), dtype=bool)
     if nan.any():
-        lowered = text[nan].fillna("").str.strip().str.lower()
+        lowered = _text_series(arr.filter(pa.array(nan))).fillna("").str.strip().str.lower()
         bad[nan] = ~lowered.isin(MISSING_TEXT).to_numpy()
     return vals, bad
 
 
-def _parse_dates(text: pd.Series) -> np.ndarray:
+def _arrow_text(text):
+    """A text column as one Arrow string array (nulls where missing)."""
+    import pyarrow as pa
+
+    if isinstance(text, pa.ChunkedArray):
+        return text.combine_chunks() if text.num_chunks != 1 else text.chunk(0)
+    if isinstance(text, pa.Array):
+        return text
+    return pa.array(text, type=pa.large_string(), from_pandas=True)
+
+
+def _text_series(arr) -> pd.Series:
+    """An Arrow text array as the pandas text the readers gave before (missing = NaN)."""
+    return pd.Series(arr.to_numpy(zero_copy_only=False), dtype="str")
+
+
+def _value_at(table, col: str, i: int):
+    """The text of row ``i`` of ``col`` (NaN when missing), for messages."""
+    v = table.column(col)[i].as_py()
+    return np.nan if v is None else v
+
+
+def _parse_dates(text) -> np.ndarray:
     """Text -> nanoseconds as float64 (NaN when missing or unparseable)."""
+    if not isinstance(text, pd.Series):
+        text = _text_series(_arrow_text(text))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dt = pd.to_datetime(text, errors="coerce", format="mixed")
@@ -215,13 +245,13 @@ def _parse_dates(text: pd.Series) -> np.ndarray:
 
 
 def _chunks(infos: list[FileInfo], cfg: DataConfig, chunk_rows: int, malformed=None):
-    """(file index, file name, first row of the chunk within its file, frame) in read order."""
+    """(file index, file name, first row of the chunk within its file, Arrow table) in read order."""
     for k, info in enumerate(infos):
         r0 = 0
         try:
             for df in iter_chunks(info, cfg, chunk_rows, malformed):
                 yield k, info.path.name, r0, df
-                r0 += len(df)
+                r0 += df.num_rows
         except _ShortLine:
             raise _ShortLine(k) from None
 
@@ -253,24 +283,24 @@ class _Spill:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def write(self, df: pd.DataFrame, numbers: dict[str, np.ndarray]) -> None:
+    def write(self, df, numbers: dict[str, np.ndarray], label: np.ndarray,
+              domain: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        cols = {}
+        cols = {"label": pa.array(label), "domain": pa.array(domain)}
         for c in self.cfg.categorical:
-            text = pc.fill_null(pa.array(df[c], type=pa.large_string(), from_pandas=True), "")
-            cols[f"c:{c}"] = pc.dictionary_encode(text)
+            cols[f"c:{c}"] = pc.dictionary_encode(pc.fill_null(_arrow_text(df.column(c)), ""))
         for c, vals in numbers.items():
             cols[f"n:{c}"] = pa.array(vals, type=pa.float64())
         k = len(self.sizes)
-        self._save(f"{k}.arrow", pa.table(cols) if cols else None)
+        self._save(f"{k}.arrow", pa.table(cols))
         for m in self.cfg.multihot:
-            tok, row, pos = _token_arrays(df[m.name], m.sep)
+            tok, row, pos = _token_arrays(df.column(m.name), m.sep)
             self._save(f"{k}.{self.cfg.multihot.index(m)}.arrow", pa.table({
                 "tok": pc.dictionary_encode(tok), "row": pa.array(row.astype(np.int32)),
                 "pos": pa.array(pos.astype(np.int32))}))
-        self.sizes.append(len(df))
+        self.sizes.append(df.num_rows)
 
     def _save(self, name: str, table) -> None:
         import pyarrow as pa
@@ -281,18 +311,23 @@ class _Spill:
             w.write_table(table)
 
     def chunks(self):
-        """The chunks in read order, as :class:`_SpilledChunk`."""
-        for k, n in enumerate(self.sizes):
-            yield _SpilledChunk(self, k, n)
-            _release_memory()
+        """The chunks in read order, as :class:`_SpilledChunk`, each loaded while the one
+        before is processed."""
+        def load():
+            for k, n in enumerate(self.sizes):
+                yield _SpilledChunk(self, k, n)
+                _release_memory()
+        return prefetched(load())
 
 
 class _SpilledChunk:
     def __init__(self, spill: _Spill, k: int, n: int) -> None:
         self.n, self.spill, self.k = n, spill, k
         path = spill.folder / f"{k}.arrow"
-        self.table = _load_table(path) if path.exists() else None
+        self.table = _load_table(path)
         self.numbers = {c.name: self.table[f"n:{c.name}"].to_numpy() for c in spill.cfg.numeric}
+        self.label = self.table["label"].to_numpy()     # int8: 0, 1, or -1 (not 0 / 1)
+        self.domain = self.table["domain"].to_numpy()   # int16: index of the domain, -1 other
 
     def categories(self, col: str) -> tuple[pd.Index, np.ndarray]:
         """(the chunk's distinct values of ``col``, each row's code into them)."""
@@ -371,7 +406,10 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     sc = _Scan(infos, spill=spill)
     domain_values = [*cfg.source_domains, cfg.target_domain]
     target_index = len(domain_values) - 1
-    dom_index = pd.Index(domain_values)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dom_set = pa.array([str(v) for v in domain_values], type=pa.string())
     dom_counter = ValueCounter()
     numeric = [c.name for c in cfg.numeric]
     dense = [c.name for c in cfg.numeric if c.mode == "dense"]
@@ -386,46 +424,51 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     dom_parts, bad_parts, label_parts, tnum_parts, tdate_parts = [], [], [], [], []
     time_any_number = False
     g0 = 0
-    for k, fname, r0, df in _chunks(infos, cfg, chunk_rows, sc.malformed):
-        n = len(df)
-        dom_text = df[cfg.domain_column]
-        dom_counter.add(dom_text.dropna())
-        dom = dom_index.get_indexer(dom_text.fillna(""))
-        keep = dom >= 0
-        masks = {}
-        label, label_bad = _parse_numbers(df[cfg.label])
-        masks[label_reason] = (label_bad | np.isnan(label)) & keep
-        numbers = {}
-        for c in numeric:
-            vals, b = _parse_numbers(df[c])
-            numbers[c] = vals
-            masks[f"numeric column '{c}' not a number"] = b & keep
-            if c in max_abs:
-                v = np.abs(vals[keep & ~b])
-                v = v[np.isfinite(v)]
-                if v.size:
-                    max_abs[c] = max(max_abs[c], float(v.max()))
-        tgt = np.flatnonzero(dom == target_index)
-        if time_col is not None:
-            text = df[time_col]
-            tvals, tbad = _parse_numbers(text)
-            present = text.notna().to_numpy()
-            # Numbers as they are, or dates when no kept row's time is a number at all.
-            time_any_number |= bool((present & ~tbad & keep).any())
-            tnum_parts.append(tvals[tgt])
-            tdate_parts.append(_parse_dates(text.iloc[tgt]) if not time_any_number else np.zeros(0))
-        any_bad = np.zeros(n, dtype=bool)
-        for reason, m in masks.items():
-            _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
-            any_bad |= m
-        ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
-        dom_parts.append(dom.astype(np.int16))
-        bad_parts.append(any_bad)
-        label_parts.append(ok_label)
-        spill.write(df, numbers)
-        g0 += n
-        del df, masks, numbers
-        _release_memory()
+    # closing(): the reader thread ends with the loop, also when the loop raises
+    with contextlib.closing(prefetched(_chunks(infos, cfg, chunk_rows, sc.malformed))) as chunks:
+        for k, fname, r0, df in chunks:
+            n = df.num_rows
+            dom_text = _arrow_text(df.column(cfg.domain_column))
+            vc = pc.value_counts(pc.drop_null(dom_text))
+            dom_counter.add_counts(pd.Series(vc.field("counts").to_numpy(),
+                                             index=pd.Index(vc.field("values").to_numpy(zero_copy_only=False), dtype="str")))
+            dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
+            keep = dom >= 0
+            masks = {}
+            label, label_bad = _parse_numbers(df.column(cfg.label))
+            masks[label_reason] = (label_bad | np.isnan(label)) & keep
+            numbers = {}
+            for c in numeric:
+                vals, b = _parse_numbers(df.column(c))
+                numbers[c] = vals
+                masks[f"numeric column '{c}' not a number"] = b & keep
+                if c in max_abs:
+                    v = np.abs(vals[keep & ~b])
+                    v = v[np.isfinite(v)]
+                    if v.size:
+                        max_abs[c] = max(max_abs[c], float(v.max()))
+            tgt = np.flatnonzero(dom == target_index)
+            if time_col is not None:
+                text = _arrow_text(df.column(time_col))
+                tvals, tbad = _parse_numbers(text)
+                present = text.is_valid().to_numpy(zero_copy_only=False)
+                # Numbers as they are, or dates when no kept row's time is a number at all.
+                time_any_number |= bool((present & ~tbad & keep).any())
+                tnum_parts.append(tvals[tgt])
+                tdate_parts.append(_parse_dates(text.take(pa.array(tgt))) if not time_any_number else np.zeros(0))
+            any_bad = np.zeros(n, dtype=bool)
+            for reason, m in masks.items():
+                _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
+                any_bad |= m
+            ok_label = np.where((label == 0) | (label == 1), label, -1).astype(np.int8)
+            dom_i16 = dom.astype(np.int16)
+            dom_parts.append(dom_i16)
+            bad_parts.append(any_bad)
+            label_parts.append(ok_label)
+            spill.write(df, numbers, ok_label, dom_i16)
+            g0 += n
+            del df, masks, numbers
+            _release_memory()
     sc.n_read = g0
     # One array at a time, each list emptied once joined: the parts and the whole never
     # coexist for more than one of them.
@@ -478,13 +521,13 @@ def _join(parts: list, dtype) -> np.ndarray:
     return out
 
 
-def _count(slot: list, mask: np.ndarray, df: pd.DataFrame, col: str, fname: str, r0: int) -> None:
+def _count(slot: list, mask: np.ndarray, df, col: str, fname: str, r0: int) -> None:
     """Add the rows of ``mask`` to a [count, example] slot; the example is the first one."""
     hits = np.flatnonzero(mask)
     if hits.size:
         if slot[1] is None:
             i = int(hits[0])
-            slot[1] = (df[col].iloc[i], fname, r0 + i)
+            slot[1] = (_value_at(df, col, i), fname, r0 + i)
         slot[0] += int(hits.size)
 
 
@@ -568,34 +611,47 @@ def _describe_row(cfg: DataConfig, sc: _Scan, row: int, col: str) -> tuple:
     chunk that holds it (only for an error message)."""
     g0 = 0
     for _, fname, r0, df in _chunks(sc.infos, cfg, CHUNK_ROWS):
-        if row < g0 + len(df):
-            return df[col].iloc[row - g0], fname, r0 + row - g0
-        g0 += len(df)
+        if row < g0 + df.num_rows:
+            return _value_at(df, col, row - g0), fname, r0 + row - g0
+        g0 += df.num_rows
     return None, "?", row
 
 
 # ---------------------------------------------------------------------------- 3. splits
-def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Per read row: its split's index in SPLIT_NAMES (-1 = dropped) and its place there.
-    ``kept`` is the mask of kept read rows."""
+@dataclass
+class _Splits:
+    """Where each read row goes, in one byte per row: ``code`` is its split's index in
+    SPLIT_NAMES (-1 = dropped). A split made at random keeps file order, so a row's place in
+    it is the count of its split's rows before it, which the encode stage counts as it goes;
+    only the target rows of a time split need their place stored (``tgt_pos``, aligned with
+    the kept target rows in read order)."""
+
+    code: np.ndarray                  # int8 [n_read]
+    sizes: dict                       # split name -> rows
+    tgt_pos: np.ndarray | None = None
+
+
+def _assign_splits(cfg: DataConfig, sc: _Scan, kept: np.ndarray) -> _Splits:
+    """The split of every read row; ``kept`` (the mask of kept read rows) is used up.
+    Frees the scan's per-row arrays as soon as they are not needed: this stage holds the
+    permutation of the source rows (4 bytes each), the largest memory that grows with rows."""
     target_index = len(cfg.source_domains)
-    src = _rows_where(kept & (sc.dom_idx != target_index))
-    tgt = _rows_where(kept & (sc.dom_idx == target_index))
     times = None
     if sc.tgt_times is not None:
-        good = ~sc.bad[sc.tgt_rows]
-        times = sc.tgt_times[good]  # aligned with the kept target rows, in read order
-    rows = _split_rows(cfg, src, tgt, times)
-    del src, tgt
-    code = np.full(sc.n_read, -1, dtype=np.int8)
-    pos_dtype = np.int32 if sc.n_read < 2**31 else np.int64
-    pos = np.zeros(sc.n_read, dtype=pos_dtype)
-    for k, name in enumerate(SPLIT_NAMES):
-        r = rows[name]
-        code[r] = k
-        pos[r] = np.arange(len(r), dtype=pos_dtype)
-    return code, pos, {name: len(r) for name, r in rows.items()}
-
+        times = sc.tgt_times[~sc.bad[sc.tgt_rows]]  # aligned with the kept target rows
+    sc.bad = sc.label = sc.tgt_rows = sc.tgt_times = None
+    tgt_mask = kept & (sc.dom_idx == target_index)
+    sc.dom_idx = None
+    src_mask = kept
+    src_mask &= ~tgt_mask
+    src_code, tgt_code, tgt_pos, sizes = _split_codes(
+        cfg, int(np.count_nonzero(src_mask)), int(np.count_nonzero(tgt_mask)), times)
+    del times
+    code = np.full(src_mask.size, -1, dtype=np.int8)
+    code[src_mask] = src_code
+    del src_mask, kept, src_code
+    code[tgt_mask] = tgt_code
+    return _Splits(code, sizes, tgt_pos)
 
 
 # ---------------------------------------------------------------------------- 4. fit
@@ -613,17 +669,18 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
     sketches = {c.name: QuantileSketch() for c in cfg.numeric if c.mode == "bucket"}
     moments = {c.name: MeanStd(sc.dense_scale[c.name]) for c in cfg.numeric if c.mode == "dense"}
     g0 = 0
-    for chunk in sc.spill.chunks():
-        fit = np.isin(code[g0: g0 + chunk.n], _TRAIN_CODES)
-        g0 += chunk.n
-        if not fit.any():
-            continue
-        for c in cfg.categorical:
-            counters[c].add_counts(chunk.value_counts(c, fit))
-        for c in cfg.numeric:
-            (sketches if c.mode == "bucket" else moments)[c.name].add(chunk.numbers[c.name][fit])
-        for m in cfg.multihot:
-            counters[m.name].add_counts(chunk.token_counts(m.name, fit))
+    with contextlib.closing(sc.spill.chunks()) as chunks:
+        for chunk in chunks:
+            fit = np.isin(code[g0: g0 + chunk.n], _TRAIN_CODES)
+            g0 += chunk.n
+            if not fit.any():
+                continue
+            for c in cfg.categorical:
+                counters[c].add_counts(chunk.value_counts(c, fit))
+            for c in cfg.numeric:
+                (sketches if c.mode == "bucket" else moments)[c.name].add(chunk.numbers[c.name][fit])
+            for m in cfg.multihot:
+                counters[m.name].add_counts(chunk.token_counts(m.name, fit))
 
     fields: list[FieldInfo] = []
     vocabularies: dict[str, list[str]] = {}
@@ -684,14 +741,17 @@ def _token_arrays(text: pd.Series, sep: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.fill_null(pa.array(text, type=pa.large_string(), from_pandas=True), "")
+    text = pc.fill_null(_arrow_text(text), "")
     lists = pc.split_pattern(text, sep)
     flat = pc.list_flatten(lists)
     row = pc.list_parent_indices(lists).to_numpy()
     keep_tok = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
     row = row[keep_tok]
-    # Position within its row: rows come in order, so it is the distance to the row's first token.
-    pos = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    # Position within its row: rows come in order, so it is the distance to the row's first
+    # token, whose index is the count of the tokens of the rows before.
+    per_row = np.bincount(row, minlength=len(text))
+    first = np.cumsum(per_row) - per_row
+    pos = np.arange(len(row)) - first[row]
     return flat.filter(pa.array(keep_tok)), row, pos
 
 
@@ -701,102 +761,124 @@ def _bucket_names(edges: np.ndarray) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- 5. encode
-def _encode(cfg: DataConfig, sc: _Scan, code: np.ndarray, pos: np.ndarray, sizes: dict,
-            fitted: _Fitted, out: Path, chunk_rows: int, stats: dict) -> None:
+def _encode(cfg: DataConfig, sc: _Scan, splits: _Splits, fitted: _Fitted, out: Path, stats: dict) -> None:
     fm = fitted.feature_map
     ids = id_dtype(fm.num_rows)
     by_name = {f.name: f for f in fm.fields}
     n_single, n_multi, n_dense = len(fm.single_fields), len(fm.multihot_fields), len(fm.dense_fields)
     max_len = fm.multihot_max_len
+    target_index = len(cfg.source_domains)
     writers = {}
     for k, name in enumerate(SPLIT_NAMES):
-        n = sizes[name]
+        n = splits.sizes[name]
         shapes = {"sparse": ((n, n_single), ids), "label": ((n,), np.float32), "domain": ((n,), np.int64)}
         if n_multi:
             shapes["multihot"] = ((n, n_multi, max_len), ids)
         if n_dense:
             shapes["dense"] = ((n, n_dense), np.float32)
         writers[k] = SplitWriter(out / name, shapes)
+    # Each vocabulary lookup once per chunk and distinct value, then gathered per row.
+    luts = {f: _lookup(fitted.lookups[f], by_name[f], ids) for f in [*cfg.categorical, *(m.name for m in cfg.multihot)]}
+    timed = {SPLIT_NAMES.index(n) for n in ("target_train", "target_valid", "target_test")} \
+        if splits.tgt_pos is not None else set()
+    filled = np.zeros(len(SPLIT_NAMES), dtype=np.int64)  # rows written so far per random split
     truncated = {m.name: 0 for m in cfg.multihot}
     try:
-        g0 = 0
-        for chunk in sc.spill.chunks():
-            c = code[g0: g0 + chunk.n]
-            p = pos[g0: g0 + chunk.n]
-            lab = sc.label[g0: g0 + chunk.n]
-            dom = sc.dom_idx[g0: g0 + chunk.n]
-            g0 += chunk.n
-            sel = np.flatnonzero(c >= 0)
-            if sel.size == 0:
-                continue
-            c, p = c[sel], p[sel]
-            n = sel.size
-            sparse = np.empty((n, n_single), dtype=ids)
-            for j, f in enumerate(cfg.categorical):
-                # Look up each distinct value of the chunk once, then gather per row.
-                info = by_name[f]
-                values, codes = chunk.categories(f)
-                lk = fitted.lookups[f]
-                known = lk.get_indexer(values) if len(lk) else np.full(len(values), -1)
-                global_ids = (np.where(known >= 0, known + 1, info.vocab_size - 1) + info.offset).astype(ids)
-                sparse[:, j] = global_ids[codes[sel]]
-            j = len(cfg.categorical)
-            dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
-            jd = 0
-            for col in cfg.numeric:
-                vals = chunk.numbers[col.name][sel]
-                if col.mode == "bucket":
-                    bucket = np.searchsorted(fitted.edges[col.name], vals, side="right")
-                    sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
-                    j += 1
-                else:
-                    ms, mean, std = fitted.dense[col.name]
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        z = (vals - mean) / std
-                    overflow = ~np.isfinite(z) & np.isfinite(vals)
-                    if overflow.any():  # huge values: the same formula on scaled numbers
-                        z[overflow] = ms.standardise(vals[overflow], mean, std)
-                    z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
-                    dense[:, jd] = z
-                    jd += 1
-            multihot = None
-            if n_multi:
-                multihot = np.empty((n, n_multi, max_len), dtype=ids)
-                for jm, m in enumerate(cfg.multihot):
-                    info = by_name[m.name]
-                    multihot[:, jm, :] = info.pad_id
-                    values, tcodes, row, tpos = chunk.tokens(m.name)
-                    # Only the kept rows' tokens, renumbered to their place among the kept rows.
+        g0, t0 = 0, 0
+        with contextlib.closing(sc.spill.chunks()) as chunks:
+            for chunk in chunks:
+                c = splits.code[g0: g0 + chunk.n]
+                g0 += chunk.n
+                sel = np.flatnonzero(c >= 0)
+                if sel.size == 0:
+                    continue
+                # The chunk's kept rows grouped by split, in read order within each (a stable sort
+                # of int8 codes is a radix sort); a time split's groups are then put in time order.
+                cs = c[sel]
+                order = np.argsort(cs, kind="stable")
+                sel, cs = sel[order], cs[order]
+                bounds = np.searchsorted(cs, np.arange(len(SPLIT_NAMES) + 1))
+                pos = None
+                if timed:
+                    tgt_here = np.flatnonzero((c >= 0) & (chunk.domain == target_index))
+                    at = np.empty(chunk.n, dtype=splits.tgt_pos.dtype)
+                    at[tgt_here] = splits.tgt_pos[t0: t0 + tgt_here.size]
+                    t0 += tgt_here.size
+                    pos = at[sel]
+                    for k in timed:
+                        a, b = bounds[k], bounds[k + 1]
+                        o = np.argsort(pos[a:b], kind="stable")
+                        sel[a:b], pos[a:b] = sel[a:b][o], pos[a:b][o]
+                n = sel.size
+                sparse = np.empty((n, n_single), dtype=ids)
+                for j, f in enumerate(cfg.categorical):
+                    values, codes = chunk.categories(f)
+                    sparse[:, j] = luts[f](values)[codes[sel]]
+                j = len(cfg.categorical)
+                dense = np.empty((n, n_dense), dtype=np.float32) if n_dense else None
+                jd = 0
+                for col in cfg.numeric:
+                    vals = chunk.numbers[col.name][sel]
+                    if col.mode == "bucket":
+                        bucket = np.searchsorted(fitted.edges[col.name], vals, side="right")
+                        sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset
+                        j += 1
+                    else:
+                        ms, mean, std = fitted.dense[col.name]
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            z = (vals - mean) / std
+                        overflow = ~np.isfinite(z) & np.isfinite(vals)
+                        if overflow.any():  # huge values: the same formula on scaled numbers
+                            z[overflow] = ms.standardise(vals[overflow], mean, std)
+                        z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
+                        dense[:, jd] = z
+                        jd += 1
+                multihot = None
+                if n_multi:
+                    multihot = np.empty((n, n_multi, max_len), dtype=ids)
                     at = np.full(chunk.n, -1, dtype=np.int64)
                     at[sel] = np.arange(n)
-                    row = at[row]
-                    mine = row >= 0
-                    tcodes, row, tpos = tcodes[mine], row[mine], tpos[mine]
-                    truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
-                    lk = fitted.lookups[m.name]
-                    known = lk.get_indexer(values) if len(lk) else np.full(len(values), -1)
-                    local = np.where(known >= 0, known + 1, info.vocab_size - 1)[tcodes]
-                    keep = tpos < m.max_len
-                    multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
-            label = lab[sel].astype(np.float32)
-            domain = dom[sel].astype(np.int64)
-            for k, w in writers.items():
-                m = c == k
-                if not m.any():
-                    continue
-                at = p[m]
-                w.write("sparse", at, sparse[m])
-                w.write("label", at, label[m])
-                w.write("domain", at, domain[m])
-                if multihot is not None:
-                    w.write("multihot", at, multihot[m])
-                if dense is not None:
-                    w.write("dense", at, dense[m])
+                    for jm, m in enumerate(cfg.multihot):
+                        multihot[:, jm, :] = by_name[m.name].pad_id
+                        values, tcodes, row, tpos = chunk.tokens(m.name)
+                        # Only the kept rows' tokens, renumbered to their place among the kept rows.
+                        row = at[row]
+                        mine = row >= 0
+                        tcodes, row, tpos = tcodes[mine], row[mine], tpos[mine]
+                        truncated[m.name] += int(np.unique(row[tpos >= m.max_len]).size)
+                        keep = tpos < m.max_len
+                        multihot[row[keep], jm, tpos[keep]] = luts[m.name](values)[tcodes[keep]]
+                label = chunk.label[sel].astype(np.float32)
+                domain = chunk.domain[sel].astype(np.int64)
+                for k, w in writers.items():
+                    a, b = int(bounds[k]), int(bounds[k + 1])
+                    if a == b:
+                        continue
+                    if k in timed:
+                        at_k = pos[a:b]
+                    else:
+                        at_k = np.arange(filled[k], filled[k] + (b - a))
+                        filled[k] += b - a
+                    w.write("sparse", at_k, sparse[a:b])
+                    w.write("label", at_k, label[a:b])
+                    w.write("domain", at_k, domain[a:b])
+                    if multihot is not None:
+                        w.write("multihot", at_k, multihot[a:b])
+                    if dense is not None:
+                        w.write("dense", at_k, dense[a:b])
     finally:
         for w in writers.values():
             w.close()
     if cfg.multihot:
         stats["multihot_rows_truncated"] = truncated
+
+
+def _lookup(vocab: pd.Index, info: FieldInfo, ids: np.dtype):
+    """A function: a chunk's distinct values -> their global ids (OOV for the unknown)."""
+    def global_ids(values: pd.Index) -> np.ndarray:
+        known = vocab.get_indexer(values) if len(vocab) else np.full(len(values), -1)
+        return (np.where(known >= 0, known + 1, info.vocab_size - 1) + info.offset).astype(ids)
+    return global_ids
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -827,12 +909,12 @@ def _stages(cfg: DataConfig, out: Path, chunk_rows: int, spill: "_Spill", stats:
     sc = _scan(cfg, chunk_rows, spill)
     stats["rows_read"] = int(sc.n_read)
     kept = _check_rows(cfg, sc, stats)
-    code, pos, sizes = _assign_splits(cfg, sc, kept)
-    del kept
-    fitted = _fit(cfg, sc, code, chunk_rows)
-    _encode(cfg, sc, code, pos, sizes, fitted, out, chunk_rows, stats)
+    splits = _assign_splits(cfg, sc, kept)
+    del kept  # _assign_splits freed the scan's per-row arrays (label and domain are spilled)
+    fitted = _fit(cfg, sc, splits.code, chunk_rows)
+    _encode(cfg, sc, splits, fitted, out, stats)
     for name in SPLIT_NAMES:
-        stats[f"rows_{name}"] = int(sizes[name])
+        stats[f"rows_{name}"] = int(splits.sizes[name])
     return fitted.feature_map.to_dict(), fitted.vocabularies
 
 
@@ -847,46 +929,53 @@ def _permutation(seed: int, n: int, dtype) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.arange(n, dtype=dtype))
 
 
-def _sorted(a: np.ndarray) -> np.ndarray:
-    a.sort()  # a is a fresh gather: sorting in place saves a copy
-    return a
+def _split_codes(cfg: DataConfig, n_src: int, n_tgt: int, tgt_times: np.ndarray | None):
+    """The split of each kept source row and each kept target row (both in read order, as
+    SPLIT_NAMES indices, int8), the target rows' places in their splits for a time split
+    (else None) and the split sizes. ``tgt_times``: the kept target rows' times (time split).
 
-
-def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np.ndarray | None) -> dict:
-    """The rows of each split, from the kept source and target rows (ascending row indices);
-    `tgt_times` are the target rows' times in row order (time split only)."""
-    rows: dict[str, np.ndarray] = {}
+    A random split takes the rows at ``perm[a:b]`` of ``default_rng(seed).permutation(n)``
+    over the rows in read order, and keeps them in read order."""
+    code_of = {name: SPLIT_NAMES.index(name) for name in SPLIT_NAMES}
+    idx_dtype = np.int32 if max(n_src, n_tgt) < 2**31 else np.int64
+    sizes: dict[str, int] = {}
 
     ss = cfg.source_split
-    perm = _permutation(ss.seed, len(src), src.dtype)
-    n_valid = int(round(ss.valid * len(src)))
-    rows["source_train"] = _sorted(src[perm[n_valid:]])
-    rows["source_valid"] = _sorted(src[perm[:n_valid]])
-    del perm
+    n_valid = int(round(ss.valid * n_src))
+    src_code = np.full(n_src, code_of["source_train"], dtype=np.int8)
+    src_code[_permutation(ss.seed, n_src, idx_dtype)[:n_valid]] = code_of["source_valid"]
+    sizes["source_train"], sizes["source_valid"] = n_src - n_valid, n_valid
 
     ts = cfg.target_split
-    n_test = int(round(ts.test * len(tgt)))
-    n_valid = int(round(ts.valid * len(tgt)))
-    n_train = len(tgt) - n_test - n_valid
+    n_test = int(round(ts.test * n_tgt))
+    n_valid = int(round(ts.valid * n_tgt))
+    n_train = n_tgt - n_test - n_valid
+    tgt_code = np.empty(n_tgt, dtype=np.int8)
+    tgt_pos = None
     if ts.method == "random":
-        perm = _permutation(ts.seed, len(tgt), tgt.dtype)
-        rows["target_train"] = _sorted(tgt[perm[n_test + n_valid:]])
-        rows["target_valid"] = _sorted(tgt[perm[n_test: n_test + n_valid]])
-        rows["target_test"] = _sorted(tgt[perm[:n_test]])
+        perm = _permutation(ts.seed, n_tgt, idx_dtype)
+        tgt_code[perm[n_test + n_valid:]] = code_of["target_train"]
+        tgt_code[perm[n_test: n_test + n_valid]] = code_of["target_valid"]
+        tgt_code[perm[:n_test]] = code_of["target_test"]
+        del perm
     else:
-        # Stable: rows with equal times keep file order.
-        ordered = tgt[np.argsort(tgt_times, kind="stable")]
-        rows["target_train"] = ordered[:n_train]
-        rows["target_valid"] = ordered[n_train: n_train + n_valid]
-        rows["target_test"] = ordered[n_train + n_valid:]
+        # Stable: rows with equal times keep file order; each split is in time order.
+        ordered = np.argsort(tgt_times, kind="stable")
+        tgt_pos = np.empty(n_tgt, dtype=idx_dtype)
+        for name, a, b in (("target_train", 0, n_train), ("target_valid", n_train, n_train + n_valid),
+                           ("target_test", n_train + n_valid, n_tgt)):
+            tgt_code[ordered[a:b]] = code_of[name]
+            tgt_pos[ordered[a:b]] = np.arange(b - a, dtype=idx_dtype)
+        del ordered
+    sizes.update(target_train=n_train, target_valid=n_valid, target_test=n_test)
 
-    for name in ("source_train", "source_valid", "target_train", "target_valid", "target_test"):
-        if len(rows[name]) == 0:
+    for name in SPLIT_NAMES:
+        if sizes[name] == 0:
             if name.startswith("source"):
-                n_dom, what = len(src), f"source domains {list(cfg.source_domains)} have"
+                n_dom, what = n_src, f"source domains {list(cfg.source_domains)} have"
                 frac = "data.split.source.valid" + f" = {ss.valid}"
             else:
-                n_dom, what = len(tgt), f"target domain '{cfg.target_domain}' has"
+                n_dom, what = n_tgt, f"target domain '{cfg.target_domain}' has"
                 part = name.split("_")[1]
                 frac = f"data.split.target.{part} = {getattr(ts, part, None)}" if part != "train" else (
                     f"data.split.target.valid + test = {ts.valid + ts.test}"
@@ -895,6 +984,4 @@ def _split_rows(cfg: DataConfig, src: np.ndarray, tgt: np.ndarray, tgt_times: np
                 f"split '{name}' is empty: the {what} {n_dom} rows and {frac}; "
                 "add rows or change the fractions"
             )
-    return rows
-
-
+    return src_code, tgt_code, tgt_pos, sizes

@@ -116,17 +116,37 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
 
 
 def iter_chunks(info: FileInfo, cfg: DataConfig, chunk_rows: int,
-                malformed: list[str] | None = None) -> Iterator[pd.DataFrame]:
-    """Frames of the required columns as text (missing = NaN), ``chunk_rows`` rows or so
-    each, in file order. Malformed CSV lines are skipped and described in ``malformed``.
-    Raises ``_ShortLine`` (arrow engine only) when a line has too few fields."""
+                malformed: list[str] | None = None) -> Iterator["pa.Table"]:
+    """Arrow tables of the required columns as text (type ``string``, missing = null),
+    ``chunk_rows`` rows or so each, in file order; each column is one contiguous array.
+    Malformed CSV lines are skipped and described in ``malformed``. Raises ``_ShortLine``
+    (arrow engine only) when a line has too few fields.
+
+    The CSV reader's tables are used as they are (no copy to pandas: the preprocessing works
+    on Arrow arrays); the other readers' text frames are converted.
+
+    Example::
+
+        for table in iter_chunks(inspect_file(path, cfg, 1 << 16), cfg, 1 << 16):
+            table.column(cfg.label)          # a ChunkedArray of one chunk
+    """
     cols = list(dict.fromkeys(c for c, _ in cfg.required_columns()))
     if info.engine == "parquet":
-        yield from _parquet_chunks(info, cols, chunk_rows)
+        frames = _parquet_chunks(info, cols, chunk_rows)
     elif info.engine == "arrow":
         yield from _arrow_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
+        return
     else:
-        yield from _pandas_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
+        frames = _pandas_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
+    for df in frames:
+        yield text_table(df)
+
+
+def text_table(df: pd.DataFrame) -> "pa.Table":
+    """A frame of text columns (missing = NaN) as an Arrow table of ``string`` columns."""
+    import pyarrow as pa
+
+    return pa.table({c: pa.array(df[c], type=pa.string(), from_pandas=True) for c in df.columns})
 
 
 # Bytes Arrow parses at a time. Its reader keeps up to 32 blocks read ahead in a
@@ -145,7 +165,7 @@ def _block_bytes(path: Path, chunk_rows: int) -> int:
     return int(max(min(chunk_rows * len(sample) / lines, ARROW_BLOCK_BYTES), 4 * longest, 1 << 12))
 
 
-def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.DataFrame]:
+def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Table"]:
     import pyarrow as pa
 
     found: list[str] = []
@@ -160,9 +180,8 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.Dat
         found.append(f"{path.name}: Skipping {where}: expected {row.expected_columns} fields, saw {row.actual_columns}")
         return "skip"
 
-    def frame(batches) -> pd.DataFrame:
-        table = pa.Table.from_batches(batches).combine_chunks()
-        return pd.DataFrame({c: as_text(table.column(c).to_pandas()) for c in cols})
+    def frame(batches) -> "pa.Table":
+        return pa.Table.from_batches(batches).select(cols).combine_chunks()
 
     try:
         reader = _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid)
@@ -281,3 +300,60 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     if missing.any():
         text = text.mask(missing)
     return text.astype("str")
+
+
+def prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer.
+
+    Arrow's CSV parser and file reads release the GIL, so the next chunk is parsed while
+    the current one is processed: on two cores the parse is mostly hidden, and the memory
+    added is ``depth`` chunks. An exception in the producer is raised in the consumer at the
+    item where it happened; a consumer that stops early stops the producer.
+
+    Example::
+
+        for table in prefetched(iter_chunks(info, cfg, chunk_rows)):
+            ...   # the next table is being read meanwhile
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="autoft-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

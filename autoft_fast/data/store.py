@@ -68,12 +68,16 @@ class SplitWriter:
         if len(positions) == 0:
             return
         fd, start, row_bytes = self.files[name]
-        order = np.argsort(positions, kind="stable")
-        pos = positions[order]
-        values = np.ascontiguousarray(values[order])
-        cuts = np.flatnonzero(np.diff(pos) != 1) + 1
+        pos = np.asarray(positions)
+        steps = np.diff(pos)
+        if not np.all(steps > 0):  # sorted positions (the usual case) need no reordering
+            order = np.argsort(pos, kind="stable")
+            pos, values = pos[order], values[order]
+            steps = np.diff(pos)
+        values = np.ascontiguousarray(values)
+        cuts = np.flatnonzero(steps != 1) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pos)]):
-            os.pwrite(fd, values[a:b].tobytes(), start + int(pos[a]) * row_bytes)
+            os.pwrite(fd, memoryview(values[a:b]).cast("B"), start + int(pos[a]) * row_bytes)
 
     def close(self) -> None:
         for fd, _, _ in self.files.values():
