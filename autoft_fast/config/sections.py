@@ -129,13 +129,15 @@ class AutoFTConfig(_Section):
     sparse: bool = setting(False, doc=(
         "sparse (COO) gradients for the tuned embedding table (the trainer then uses "
         "SparseAdam for it)"))
-    embedding_optimizer: str = setting("dense", choices=EMBEDDING_OPTIMIZERS, doc=(
+    embedding_optimizer: str = setting("fused_adam", choices=EMBEDDING_OPTIMIZERS, doc=(
         "how every trained feature-indexed table (the gated field table's tuned copy, the "
         "plain embedding and DeepFM first-order tables of every strategy) is trained: dense = "
         "by the trainer's optimizer (with `sparse`, SparseAdam for the gated table); "
         "fused_adam / fused_rowwise_adagrad / fused_sgd = updated inside the lookup's "
         "backward with the training lr (touched rows only, lazy state in the model's "
-        "state_dict, no weight decay; l2sp's penalty is applied lazily to the touched rows)"))
+        "state_dict, no weight decay; l2sp's penalty is applied lazily to the touched rows). "
+        "fused_adam: chosen on validation AUC over three synthetic settings "
+        "(benchmarks/RESULTS.md, 'Embedding optimizer default')"))
     frozen_dtype: str = setting("float32", choices=tuple(FROZEN_DTYPES), doc=(
         "storage of the gated field table's frozen copy: float32, bfloat16, float16, or int8 "
         "(row-wise symmetric quantisation with a float16 scale per row, 0.28x the bytes at "
