@@ -57,7 +57,8 @@ def _bag_bounds(offsets_ptr, b, bmask):
     start = tl.load(offsets_ptr + b, mask=bmask, other=0).to(tl.int64)
     end = tl.load(offsets_ptr + b + 1, mask=bmask, other=0).to(tl.int64)
     count = end - start
-    return start, count, tl.max(count, axis=0)
+    # The walk's trip count as int32 (a bag never holds 2**31 values): loop bounds of one type.
+    return start, count, tl.max(count, axis=0).to(tl.int32)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -374,3 +375,56 @@ def test_gpu_bag_deterministic_dense_gradient_is_bitwise_reproducible(backend):
     atomic = run_bag(backend, inp, mode="sum", hard=False, device="cuda")
     scale = float(atomic[2].abs().max())
     torch.testing.assert_close(first[2], atomic[2], rtol=1e-3, atol=1e-3 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton bag kernels compiled for a GPU (no GPU needed: Triton compiles for a named target)
+# --------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from autoft_fast.kernels import gated_bag as gb
+
+def signature(fwd, table, frozen, index):
+    common = {"frozen_ptr": frozen, "tuned_ptr": table, "logits_ptr": "*fp32", "seed_ptr": "*fp32",
+              "seed_val": "i64", "uniforms_ptr": "*fp32"}
+    bags = {"values_ptr": index, "offsets_ptr": index, "weights_ptr": "*fp32"}
+    if fwd:
+        return {**bags, **common, "out_ptr": table, "gates_ptr": "*fp32", "B": "i32", "D": "i32",
+                "FS": "i32", "tau": "fp32"}
+    return {"grad_out_ptr": "*fp32", "grad_gates_ptr": "*fp32", **bags, **common,
+            "accum_ptr": "*fp32", "grad_logits_ptr": "*fp32", "B": "i32", "D": "i32", "FS": "i32",
+            "tau": "fp32"}
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+for fwd, table, frozen, index, flags in [
+        (True, "*fp32", "*fp32", "*i64", dict(HARD=True, QUANT=False, HAS_WEIGHTS=True, MEAN=True)),
+        (True, "*bf16", "*i8", "*i32", dict(HARD=False, QUANT=True, HAS_WEIGHTS=False, MEAN=False)),
+        (False, "*fp32", "*bf16", "*i64", dict(HARD=True, QUANT=False, HAS_WEIGHTS=True, MEAN=True,
+                                              HAS_GRAD_GATES=True, PER_VALUE=False)),
+        (False, "*fp16", "*fp16", "*i32", dict(HARD=False, QUANT=False, HAS_WEIGHTS=False, MEAN=False,
+                                              HAS_GRAD_GATES=False, PER_VALUE=True))]:
+    const = dict(NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False, BLOCK_B=64, BLOCK_D=64, **flags)
+    sig = signature(fwd, table, frozen, index)
+    sig.update({k: "constexpr" for k in const})
+    kernel = gb._bag_fwd_kernel if fwd else gb._bag_bwd_kernel
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target)
+    assert compiled.asm["cubin"], kernel.__name__
+    print("compiled", kernel.__name__, table, frozen, index)
+'''
+
+
+@pytest.mark.parametrize("arch", [90])
+def test_triton_bag_kernels_compile_for_a_gpu(tmp_path, arch):
+    """The interpreter does not type-check as the compiler does: compile to a cubin for sm_90."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("compiled _bag_") == 4
