@@ -7,7 +7,11 @@ out-of-range index that leaves the context usable), then, per shape and per prov
 full-step times, effective bandwidth on the minimal bytes, the fraction of the copy bandwidth
 and the ratios to eager and to torch.compile; the fused kernels' own device time comes from
 the profiler. Ends with the project's GPU targets (forward and backward against a copy of the
-same bytes) as measured numbers.
+same bytes) as measured numbers. Then the bag op (multi-hot fields, ``gated_embedding_bag``): a
+correctness pass of each backend that serves bags against the reference, and per bag shape
+and provider (two ``F.embedding_bag`` calls mixed by the same gates in eager PyTorch, the
+reference backend, and autoft_fast's triton and cuda bag kernels) forward and full-step times,
+effective bandwidth and the ratio to eager; the kernels' device time from the profiler.
 
 Byte model (minimal bytes; indices, logits and gates are left out, they are < 3% at D=16):
 
@@ -16,12 +20,18 @@ Byte model (minimal bytes; indices, logits and gates are left out, they are < 3%
 - full step (forward, backward, SGD on the touched tuned rows and on the logits): forward
   3 rows + backward 3 rows read (grad_out, frozen, tuned) + the tuned row updated in place
   (read + write): 8 * D * itemsize per lookup.
+- bags: per value two rows read (frozen, tuned), per bag one row written, forward
+  (2 * L + B) * D * itemsize; the full step adds per value three rows (the two tables again and
+  the tuned row updated: read + write, counted as 2) and per bag the grad_out row:
+  (6 * L + 2 * B) * D * itemsize.
 
 Example::
 
     python benchmarks/gpu_bench.py --dry-run                     # plan only, any machine
     python benchmarks/gpu_bench.py --device cpu --shapes 64:4:16:1000 --no-compile  # CPU smoke
     python benchmarks/gpu_bench.py                                # the target shapes on a GPU
+    python benchmarks/gpu_bench.py --device cpu --shapes 64:4:16:1000 --bag-shapes 64:2:8:1000:3 \
+        --no-compile --target-s 0.01 --copy-mb 8                  # CPU smoke of both parts
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ FOUNDATION = ["4096:24:16:1000000", "4096:24:64:1000000", "4096:24:16:100000"]
 LARGE = ["65536:26:64:10000000", "65536:26:128:10000000"]
 FWD_ROWS = 3
 STEP_ROWS = 8
+# B:F:D:V:LEN: B instances, F multi-hot fields (B * F bags), bag lengths uniform in
+# [0, 2 * LEN] (mean LEN), V rows.
+BAG_SHAPES = ["4096:4:16:1000000:20", "4096:4:64:1000000:20", "16384:8:64:10000000:20"]
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -48,6 +61,20 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     if len(vals) != 4 or min(vals) <= 0:
         raise argparse.ArgumentTypeError(
             f"shape {text!r} is not B:F:D:V with four positive integers (e.g. 4096:24:16:1000000)")
+    return vals  # type: ignore[return-value]
+
+
+def parse_bag_shape(text: str) -> tuple[int, int, int, int, int]:
+    """'B:F:D:V:LEN' -> (batch, fields, dim, rows, mean bag length), all positive."""
+    parts = text.split(":")
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 5 or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"bag shape {text!r} is not B:F:D:V:LEN with five positive integers "
+            f"(e.g. 4096:4:16:1000000:20)")
     return vals  # type: ignore[return-value]
 
 
@@ -357,6 +384,179 @@ def print_targets(all_results, backends, copy_gbs):
                   f"{'MET' if t2 / t1 <= 1.2 else 'MISSED'}")
 
 
+# --------------------------------------------------------------------------------------------
+# The bag op (multi-hot fields)
+# --------------------------------------------------------------------------------------------
+
+
+def random_bags(batch_fields: int, rows: int, mean_len: int, device: str, gen: torch.Generator):
+    """(values [L], offsets [B + 1]) of ``batch_fields`` bags, lengths uniform in [0, 2 * mean_len]."""
+    lengths = torch.randint(0, 2 * mean_len + 1, (batch_fields,), generator=gen)
+    offsets = torch.cat((torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)))
+    values = torch.randint(0, rows, (int(offsets[-1]),), generator=gen)
+    return values.to(device), offsets.to(device)
+
+
+def check_bag_backends(device: str, backends: list[str]) -> bool:
+    """Each bag backend vs the reference on a few cases (empty bags included). Prints PASS/FAIL."""
+    import autoft_fast
+
+    ok_all = True
+    gen = torch.Generator().manual_seed(5)
+    cases = [(300, 16, 1000, 6, torch.float32, "mean", True, False, False),
+             (257, 64, 50, 3, torch.bfloat16, "sum", False, True, True),
+             (129, 60, 7, 9, torch.float16, "mean", True, True, False),
+             (64, 3, 5, 2, torch.float32, "sum", False, False, True)]
+    for backend in backends:
+        for bags, d, v, mean_len, dt, mode, hard, sparse, weighted in cases:
+            values, offsets = random_bags(bags, v, mean_len, "cpu", gen)
+            w = torch.rand(values.shape[0], generator=gen) + 0.5 if weighted else None
+            frozen = torch.randn(v, d, generator=gen).to(dt)
+            tuned0 = torch.randn(v, d, generator=gen).to(dt)
+            logits0 = torch.randn(bags, 2, generator=gen)
+            g = torch.randn(bags, d, generator=gen).to(dt)
+            h = torch.randn(bags, 2, generator=gen)
+            res = {}
+            for name, dev in ((backend, device), ("reference", "cpu")):
+                tuned = tuned0.to(dev, copy=True).requires_grad_()
+                logits = logits0.to(dev, copy=True).requires_grad_()
+                out, gates = autoft_fast.gated_embedding_bag(
+                    values.to(dev), offsets.to(dev), frozen.to(dev), tuned, logits,
+                    per_sample_weights=None if w is None else w.to(dev), mode=mode, tau=0.8,
+                    hard=hard, seed=123456789, sparse=sparse, backend=name)
+                (out.float() * g.to(dev).float()).sum().add((gates * h.to(dev)).sum()).backward()
+                gt = tuned.grad.to_dense() if tuned.grad.is_sparse else tuned.grad
+                res[name] = [x.detach().float().cpu() for x in (out, gates, gt, logits.grad)]
+            tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dt]
+            errs = [(a - b).abs().max().item() / max(1.0, b.abs().max().item()) if a.numel() else 0.0
+                    for a, b in zip(res[backend], res["reference"])]
+            flips = int((res[backend][1] != res["reference"][1]).any(-1).sum()) if hard else 0
+            ok = flips <= 1 and (flips > 0 or all(e <= tol * 10 for e in errs))
+            ok_all &= ok
+            print(f"  {'PASS' if ok else 'FAIL'} {backend:9s} bags={bags} D={d} V={v} "
+                  f"L={values.shape[0]} {str(dt)[6:]:8s} {mode} {'hard' if hard else 'soft'} "
+                  f"{'sparse' if sparse else 'dense'}{' weighted' if weighted else ''}: max rel err "
+                  f"out {errs[0]:.2e} gates {errs[1]:.2e} grad_tuned {errs[2]:.2e} grad_logits "
+                  f"{errs[3]:.2e} gate flips {flips}")
+    return ok_all
+
+
+def eager_gated_bag(values, offsets, frozen, tuned, logits, mode, sparse):
+    """The bag op in careful eager PyTorch: two F.embedding_bag calls mixed by the op's gates."""
+    import torch.nn.functional as F
+
+    import autoft_fast
+
+    z = autoft_fast.gumbel_gates(logits, tau=1.0, seed=0)
+    starts = offsets[:-1]
+    pf = F.embedding_bag(values, frozen, starts, mode=mode)
+    pt = F.embedding_bag(values, tuned, starts, mode=mode, sparse=sparse)
+    return z[:, :1] * pf + z[:, 1:] * pt
+
+
+def make_bag_providers(backends, mode):
+    """name -> fn(values, offsets, frozen, tuned, logits) -> out."""
+    import autoft_fast
+
+    prov = {
+        "eager embedding_bag (dense)": lambda v, o, f, t, l: eager_gated_bag(v, o, f, t, l, mode, False),
+        "eager embedding_bag (sparse)": lambda v, o, f, t, l: eager_gated_bag(v, o, f, t, l, mode, True),
+    }
+    for b in backends:
+        for sparse in (False, True):
+            prov[f"{b} (sparse)" if sparse else f"{b} (dense)"] = (
+                lambda v, o, f, t, l, b=b, s=sparse: autoft_fast.gated_embedding_bag(
+                    v, o, f, t, l, mode=mode, tau=1.0, sparse=s, backend=b)[0])
+    return prov
+
+
+BAG_KERNEL_NAMES = {"triton": (["_bag_fwd_kernel"], ["_bag_bwd_kernel"]),
+                    "cuda": (["bag_forward_kernel"], ["bag_backward_kernel"])}
+
+
+def bench_bag_shape(shape, device, dtype, clock, providers, backends):
+    """Forward and full-step ms per provider, and the bag kernels' device time, at one bag shape."""
+    batch, fields, dim, rows, mean_len = shape
+    gen = torch.Generator().manual_seed(1)
+    values, offsets = random_bags(batch * fields, rows, mean_len, device, gen)
+    bags, length = batch * fields, values.shape[0]
+    elt = torch.empty((), dtype=dtype).element_size()
+    fwd_bytes = (2 * length + bags) * dim * elt
+    step_bytes = (6 * length + 2 * bags) * dim * elt
+    frozen = torch.randn(rows, dim, device=device).to(dtype)
+    tuned = torch.nn.Parameter(frozen.clone())
+    logits = torch.nn.Parameter(torch.randn(bags, 2, device=device))
+    grad_out = torch.randn(bags, dim, device=device).to(dtype)
+    opt = torch.optim.SGD([tuned, logits], lr=1e-4)
+    results = {}
+    for name, fn in providers.items():
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(values, offsets, frozen, tuned, logits)
+
+        def step(fn=fn):
+            tuned.grad = None
+            logits.grad = None
+            fn(values, offsets, frozen, tuned, logits).backward(grad_out)
+            opt.step()
+
+        try:
+            results[name] = (clock(fwd), clock(step))
+        except Exception as err:  # report and go on: one broken provider must not hide the rest
+            print(f"  {name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    kernels = {}
+    for b in backends:
+        fwd_pat, bwd_pat = BAG_KERNEL_NAMES.get(b, ([], []))
+        fn = providers.get(f"{b} (sparse)")
+        if fn is None or f"{b} (sparse)" not in results:
+            continue
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(values, offsets, frozen, tuned, logits)
+
+        def fwd_bwd(fn=fn):
+            tuned.grad = None
+            logits.grad = None
+            fn(values, offsets, frozen, tuned, logits).backward(grad_out)
+
+        kernels[b] = (kernel_ms(fwd, fwd_pat, device), kernel_ms(fwd_bwd, bwd_pat, device))
+    del frozen, tuned, logits, grad_out, values, offsets, opt
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results, kernels, fwd_bytes, step_bytes, bags, length
+
+
+def print_bag_table(shape, dtype, mode, res, copy_gbs):
+    results, kernels, fwd_bytes, step_bytes, bags, length = res
+    batch, fields, dim, rows, mean_len = shape
+    print(f"\n## bags: B={batch}, F={fields} ({bags} bags, {length} values, mean length "
+          f"{length / max(bags, 1):.1f}), D={dim}, V={rows}, {str(dtype)[6:]}, {mode} "
+          f"(forward {fwd_bytes / 1e6:.1f} MB, step {step_bytes / 1e6:.1f} MB minimal)\n")
+    eager = results.get("eager embedding_bag (dense)")
+    print("| provider | fwd ms | fwd GB/s | fwd % copy | fwd vs eager | "
+          "step ms | step GB/s | step % copy | step vs eager |")
+    print("|" + "---|" * 9)
+    for name, (f_ms, s_ms) in results.items():
+        fg, sg = fwd_bytes / f_ms / 1e6, step_bytes / s_ms / 1e6
+        fr = f"{eager[0] / f_ms:.2f}x" if eager else ""
+        sr = f"{eager[1] / s_ms:.2f}x" if eager else ""
+        print(f"| {name} | {f_ms:.3f} | {fg:.0f} | {100 * fg / copy_gbs:.0f}% | {fr} | "
+              f"{s_ms:.3f} | {sg:.0f} | {100 * sg / copy_gbs:.0f}% | {sr} |")
+    for b, (kf, kb) in kernels.items():
+        parts = []
+        if kf:
+            g = fwd_bytes / kf / 1e6
+            parts.append(f"bag forward kernel {kf:.3f} ms = {g:.0f} GB/s = {100 * g / copy_gbs:.0f}% of copy")
+        if kb:
+            # the backward kernel reads both tables per value and grad_out per bag, writes a row per value
+            g = (3 * length + bags) * dim * torch.empty((), dtype=dtype).element_size() / kb / 1e6
+            parts.append(f"bag backward kernel {kb:.3f} ms = {g:.0f} GB/s (3 rows/value) = "
+                         f"{100 * g / copy_gbs:.0f}% of copy")
+        if parts:
+            print(f"- {b} device time: " + "; ".join(parts))
+
+
 def main(argv=None) -> int:
     """Run the GPU check's benchmark; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__,
@@ -375,10 +575,15 @@ def main(argv=None) -> int:
     p.add_argument("--copy-mb", type=int, default=2048, help="size of the bandwidth copy")
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="stop starting new shapes after this many seconds")
-    p.add_argument("--skip-check", action="store_true", help="skip the correctness pass")
+    p.add_argument("--bag-shapes", nargs="*", type=parse_bag_shape, default=None,
+                   metavar="B:F:D:V:LEN", help="bag op shapes (B * F bags of mean length LEN); "
+                   "default: " + " ".join(BAG_SHAPES) + "; none given: skip the bag op")
+    p.add_argument("--bag-mode", default="mean", choices=["sum", "mean"], help="bag pooling")
+    p.add_argument("--skip-check", action="store_true", help="skip the correctness passes")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (any machine)")
     args = p.parse_args(argv)
     shapes = args.shapes or [parse_shape(s) for s in FOUNDATION + LARGE]
+    bag_shapes = [parse_bag_shape(s) for s in BAG_SHAPES] if args.bag_shapes is None else args.bag_shapes
     dtype = getattr(torch, args.dtype)
 
     print(f"# gated embedding GPU check: torch {torch.__version__}, device {args.device}, "
@@ -391,6 +596,10 @@ def main(argv=None) -> int:
             elt = torch.empty((), dtype=dtype).element_size()
             print(f"plan: B={b} F={f} D={d} V={v}: {b * f} lookups, tables "
                   f"{2 * v * d * elt / 1e9:.2f} GB, forward {b * f * FWD_ROWS * d * elt / 1e6:.1f} MB")
+        for b, f, d, v, n in bag_shapes:
+            elt = torch.empty((), dtype=dtype).element_size()
+            print(f"plan: bags B={b} F={f} D={d} V={v} LEN={n}: {b * f} bags, about {b * f * n} "
+                  f"values, tables {2 * v * d * elt / 1e9:.2f} GB, {args.bag_mode} pooling")
         print(f"plan: compile baseline {args.compile}, budget {args.budget_s:.0f} s")
         return 0
 
@@ -430,7 +639,27 @@ def main(argv=None) -> int:
         print_table(shape, dtype, res[0], res[1], res[2], res[3], copy_gbs)
         print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
     print_targets(all_results, [b for b in backends if b in ("triton", "cuda")], copy_gbs)
-    print(f"\n# total {time.perf_counter() - t_start:.0f} s; correctness pass "
+
+    from autoft_fast.ops import registry
+
+    bag_backends = [b for b in backends if b in registry.bag_backends(args.device)]
+    if bag_shapes:
+        print(f"\n# bag op: backends {bag_backends}")
+        if not args.skip_check:
+            print("\n## bag correctness pass (vs reference)\n")
+            ok &= check_bag_backends(args.device, bag_backends)
+        bag_providers = make_bag_providers(bag_backends + ["reference"], args.bag_mode)
+        for shape in bag_shapes:
+            elapsed = time.perf_counter() - t_start
+            if elapsed > args.budget_s:
+                print(f"\n(skipping bags B:F:D:V:LEN={':'.join(map(str, shape))}: {elapsed:.0f} s "
+                      f"used of the {args.budget_s:.0f} s budget)")
+                continue
+            t0 = time.perf_counter()
+            res = bench_bag_shape(shape, args.device, dtype, clock, bag_providers, bag_backends)
+            print_bag_table(shape, dtype, args.bag_mode, res, copy_gbs)
+            print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\n# total {time.perf_counter() - t_start:.0f} s; correctness passes "
           f"{'PASSED' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -2,12 +2,15 @@
 # One-shot GPU check for a lent CUDA machine (an H200 with torch + triton preinstalled and no
 # network): builds autoft_fast's extension with its CUDA kernels in place, runs the GPU
 # benchmark (copy bandwidth, a correctness pass, every backend on the foundation shapes and the
-# large ones) and then the GPU tests, all in under 8 minutes. Output is teed to $OUT/ when set
-# (gpu_check.log, and the full test log gpu_tests.log plus gpu_tests.xml).
+# large ones; then the bag op: its correctness pass and every bag backend on the bag shapes)
+# and then the GPU tests, all in under 8 minutes. Output is teed to $OUT/ when set
+# (gpu_check.log, and the full test log gpu_tests.log plus gpu_tests.xml). Without a GPU it
+# says so, checks that the benchmark's plan parses (gpu_bench.py --dry-run) and exits 0.
 #
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh
 #   PYTHON=python3 picks the interpreter; BUDGET_S (default 470) caps the whole run;
-#   SKIP_BUILD=1 reuses an extension already built in place.
+#   SKIP_BUILD=1 reuses an extension already built in place; BAG_SHAPES="B:F:D:V:LEN ..."
+#   replaces the benchmark's bag shapes (BAG_SHAPES=none skips the bag op).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +45,13 @@ print("CUDA_HOME", CUDA_HOME)
 EOF
 command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2 | head -n 1
 
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  section "no GPU here: the build, the benchmark and the GPU tests are skipped"
+  "$PYTHON" benchmarks/gpu_bench.py --dry-run || status=1
+  section "done: status $status"
+  exit "$status"
+fi
+
 section "build (CUDA kernels, sm_90, in place)"
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -70,7 +80,11 @@ if ext.TRITON_ERROR is not None:
 EOF
 
 section "benchmark + correctness pass"
-timeout 260 "$PYTHON" benchmarks/gpu_bench.py --budget-s 150 || { echo "!! gpu_bench exited with $?"; status=1; }
+bag_args=()
+if [ -n "${BAG_SHAPES:-}" ]; then
+  if [ "$BAG_SHAPES" = "none" ]; then bag_args=(--bag-shapes); else read -r -a shapes <<< "$BAG_SHAPES"; bag_args=(--bag-shapes "${shapes[@]}"); fi
+fi
+timeout 300 "$PYTHON" benchmarks/gpu_bench.py --budget-s 170 "${bag_args[@]}" || { echo "!! gpu_bench exited with $?"; status=1; }
 
 # The CPU emulation of the CUDA kernels already runs in CI; the GPU's minutes go to the GPU.
 section "GPU tests (pytest -k '(cuda or triton) and not emulated')"

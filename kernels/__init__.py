@@ -1,7 +1,8 @@
 """Triton kernels of autoft_fast (installed as ``autoft_fast.kernels``).
 
 Importing this package registers ``autoft_fast::gated_embedding_fwd_triton`` and
-``autoft_fast::gated_embedding_bwd_triton`` when Triton is installed; without Triton the import
+``autoft_fast::gated_embedding_bwd_triton`` (and the bag ops
+``autoft_fast::gated_embedding_bag_fwd_triton`` / ``_bwd_triton``) when Triton is installed; without Triton the import
 still succeeds and :func:`is_available` says False. For CPU tests set ``TRITON_INTERPRET=1``
 before anything imports triton.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 _IMPORT_ERROR: Exception | None = None
 try:
     from . import gated_embedding  # noqa: F401  (registers the ops)
+    from . import gated_bag  # noqa: F401  (registers the bag ops)
 except Exception as err:  # triton missing or unusable: the package still imports
     gated_embedding = None
     _IMPORT_ERROR = err

@@ -85,6 +85,30 @@ def _(indices, num_rows):
     return torch.empty_like(indices)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::checked_bag_values", mutates_args=())
+def checked_bag_values(values: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A copy of the bag op's ``values`` after the contract's offsets and range checks.
+
+    The bag form of :func:`checked_indices`: a traced graph keeps it, so a kernel launched from
+    the graph reads only bags whose offsets and values were checked at run time.
+
+    Example::
+
+        >>> import torch
+        >>> torch.ops.autoft_fast.checked_bag_values(torch.tensor([0, 2]), torch.tensor([0, 1, 2]), 3).tolist()
+        [0, 2]
+    """
+    from .validate import check_bag_data
+
+    check_bag_data(values, offsets, num_rows)
+    return values.clone()
+
+
+@checked_bag_values.register_fake
+def _(values, offsets, num_rows):
+    return torch.empty_like(values)
+
+
 DOUBLE_BACKWARD_ERROR = (
     "gated_embedding: backend {backend!r} has no double backward (the fused kernels give "
     "first-order gradients only); use backend='reference' for create_graph=True / "

@@ -304,13 +304,18 @@ register(Backend(
     name="cuda", devices=("cuda",), probe=lambda device: ext.has_kernel("CUDA"),
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
-    coalesced=False, unavailable=_not_built, notes="C++/CUDA extension"))
+    coalesced=False, unavailable=_not_built,
+    bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd,
+    bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd,
+    notes="C++/CUDA extension"))
 register(Backend(
     # On the CPU only the interpreter (correct but slow), so it never beats 'cpu' there.
     name="triton", devices=("cuda", "cpu"), probe=ext.triton_usable,
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd_triton,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton,
     coalesced=True, low_precision_frozen=True, unavailable=_triton_missing,
+    bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd_triton,
+    bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd_triton,
     notes="CPU tensors only under TRITON_INTERPRET=1"))
 register(Backend(
     name="reference", devices=("cpu", "cuda", "meta"), probe=lambda device: True,
