@@ -223,6 +223,24 @@ class EmbeddingTable(FusedTableMixin, nn.Embedding):
         return self.weight
 
 
+class FrozenRows:
+    """A low-precision frozen table as lookups see it: ``rows(indices)`` gives the rows at
+    ``indices`` dequantised to the tuned dtype; ``dtype``, ``shape`` and ``new_zeros`` as a
+    ``[V, D]`` tensor of that dtype would have them. Made by ``GatedEmbedding.frozen_table()``.
+    """
+
+    def __init__(self, table: "GatedEmbedding"):
+        self._table = table
+        self.dtype = table.tuned_weight.dtype
+        self.shape = (table.num_embeddings, table.embedding_dim)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._table.frozen_rows(indices)
+
+    def new_zeros(self, *size) -> torch.Tensor:
+        return self._table.tuned_weight.new_zeros(*size)
+
+
 class GatedEmbedding(FusedTableMixin, nn.Module):
     """Frozen pre-trained rows and fine-tuned rows, chosen per lookup by Gumbel-softmax gates.
 
@@ -345,6 +363,22 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         if self.frozen_weight.dtype == self.tuned_weight.dtype:
             return self.frozen_weight
         return quant.dequantize(self.frozen_weight, self.tuned_weight.dtype)
+
+    def frozen_table(self):
+        """The frozen table to look rows up in: the buffer itself when it has the tuned dtype,
+        else a :class:`FrozenRows` view that dequantises only the rows looked up (no [V, D]
+        copy). ``BaseCTRModel.field_vectors`` takes either.
+
+        Example::
+
+            >>> import torch, autoft_fast
+            >>> view = autoft_fast.GatedEmbedding(10, 4, frozen_dtype="int8").frozen_table()
+            >>> view.rows(torch.tensor([1, 2])).shape, view.shape
+            (torch.Size([2, 4]), (10, 4))
+        """
+        if self.frozen_weight.dtype == self.tuned_weight.dtype:
+            return self.frozen_weight
+        return FrozenRows(self)
 
     def frozen_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """The frozen rows at ``indices`` (any shape) as the op reads them, in the tuned dtype.

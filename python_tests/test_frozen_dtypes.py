@@ -341,3 +341,30 @@ def test_transfer_model_forced_frozen_is_the_pretrained_model_on_the_stored_tabl
     torch.testing.assert_close(model.eval()(data), expected, rtol=1e-6, atol=1e-6)
     losses = train_steps(model, data, steps=4)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("strategy", ["autoft", "autoft_field"])
+@pytest.mark.parametrize("frozen_dtype", ["int8", "bfloat16"])
+def test_low_precision_frozen_table_is_never_dequantised_whole(strategy, frozen_dtype,
+                                                              monkeypatch):
+    # The policy input and the multi-hot frozen rows read only the rows looked up: a [V, D]
+    # dequantised copy per forward would cost the bytes int8 saves (and its time) at large V.
+    from autoft_fast.models import build_transfer_model
+    from autoft_fast.ops import quant
+    from test_models import model_cfg, pretrained_model, tiny_batch, tiny_feature_map
+    fmap = tiny_feature_map()
+    data = tiny_batch(fmap, n=64, seed=5)
+    pre = pretrained_model("deepfm", fmap, data)
+    torch.manual_seed(0)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"),
+                                 {"frozen_dtype": frozen_dtype, "backend": "reference"})
+    emb = model.field_embedding
+    expected = model.net.field_vectors(data, emb.frozen_dense_weight())  # whole-table copy
+    calls = []
+    real = quant.dequantize
+    monkeypatch.setattr(quant, "dequantize",
+                        lambda w, *a, **k: calls.append(w.data_ptr()) or real(w, *a, **k))
+    assert torch.equal(model.net.field_vectors(data, emb.frozen_table()), expected)
+    model.train()(data).sum().backward()
+    model.eval()(data)
+    assert emb.frozen_weight.data_ptr() not in calls  # gathered rows only, never the table

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import EmbeddingTable, FusedTableMixin
+from ..modules import EmbeddingTable, FrozenRows, FusedTableMixin
 from ..ops.fused_optim import Lookup
 from .config import ModelConfig
 
@@ -80,6 +80,13 @@ def _field_infos(feature_map):
         raise ValueError(f"feature_map: fields {missing} are listed as model inputs but have no "
                          f"FieldInfo in feature_map.fields")
     return by_name
+
+
+def _rows(indices: torch.Tensor, weight, sparse: bool = False) -> torch.Tensor:
+    """The rows of ``weight`` (a tensor or a :class:`FrozenRows` view) at ``indices``."""
+    if isinstance(weight, FrozenRows):
+        return weight.rows(indices)
+    return F.embedding(indices, weight, sparse=sparse)
 
 
 class BaseCTRModel(nn.Module):
@@ -156,7 +163,7 @@ class BaseCTRModel(nn.Module):
         bag_ids = torch.repeat_interleave(torch.arange(b * f, device=ids.device), counts,
                                           output_size=values.shape[0])
         per_value = 1.0 / counts.clamp_min(1).to(weight.dtype)[bag_ids]
-        rows = F.embedding(values, weight, sparse=sparse)
+        rows = _rows(values, weight, sparse)
         pooled = weight.new_zeros(b * f, weight.shape[1]).index_add(0, bag_ids, rows * per_value[:, None])
         return pooled.view(b, f, weight.shape[1])
 
@@ -164,8 +171,10 @@ class BaseCTRModel(nn.Module):
                       scale: torch.Tensor | None = None) -> torch.Tensor:
         """Field vectors ``[B, F, dim]`` of ``batch`` looked up in ``weight``.
 
-        ``weight``: a ``[V, dim]`` tensor, or a table module (``EmbeddingTable``, or a
-        ``GatedEmbedding`` for its tuned copy). A table with a fused optimizer, in a forward
+        ``weight``: a ``[V, dim]`` tensor, a table module (``EmbeddingTable``, or a
+        ``GatedEmbedding`` for its tuned copy), or a low-precision frozen table's
+        ``FrozenRows`` view (``GatedEmbedding.frozen_table()``: only the rows looked up are
+        dequantised). A table with a fused optimizer, in a forward
         that records gradients, is looked up with ``fused_optim.fused_lookup``: every field's
         lookups in one call, so the backward takes one optimizer step on the table; the values
         are the same either way. ``sparse`` asks for a COO gradient on a plain ``weight`` (as
@@ -182,7 +191,7 @@ class BaseCTRModel(nn.Module):
             weight = weight.fused_weight
         parts = []
         if self.single_fields:
-            parts.append(F.embedding(batch.sparse, weight, sparse=sparse))
+            parts.append(_rows(batch.sparse, weight, sparse))
         if self.multihot_fields:
             parts.append(self.pool_multihot(batch.multihot, weight, sparse=sparse))
         if not parts:

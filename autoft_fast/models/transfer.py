@@ -350,7 +350,7 @@ class TransferModel(nn.Module):
     def _frozen_input(self, batch) -> torch.Tensor:
         # policy_input "frozen": the instance's pre-trained field vectors and dense values.
         if self.field_embedding is not None:
-            frozen = self.net.field_vectors(batch, self.field_embedding.frozen_dense_weight())
+            frozen = self.net.field_vectors(batch, self.field_embedding.frozen_table())
         else:
             frozen = self.frozen_net.field_vectors(batch, self.frozen_net.embedding.weight)
         return self.net.flat_input(frozen, batch.dense)
@@ -378,7 +378,7 @@ class TransferModel(nn.Module):
                 (gumbel_gates(single_logits, tau=self._tau, hard=cfg.hard, noise=noise),
                  gumbel_gates(multihot_logits, tau=self._tau, hard=cfg.hard, noise=noise,
                               uniforms=multihot_uniforms)), dim=1)
-            frozen = net.field_vectors(batch, emb.frozen_dense_weight())
+            frozen = net.field_vectors(batch, emb.frozen_table())
             fields = field_gates[..., 0:1] * frozen + net.field_vectors(
                 batch, emb, scale=field_gates[..., 1])
         else:
@@ -427,7 +427,7 @@ class TransferModel(nn.Module):
                              uniforms=None if uniforms is None else uniforms.reshape(-1))
             return out.view(b, nm, emb.embedding_dim), g.view(b, nm, 2)
         g = gumbel_gates(logits, tau=self._tau, hard=cfg.hard, noise=noise, uniforms=uniforms)
-        frozen = net.pool_multihot(ids, emb.frozen_dense_weight())
+        frozen = net.pool_multihot(ids, emb.frozen_table())
         tuned = net.pool_multihot(ids, emb.tuned_weight, sparse=emb.sparse)
         return g[..., 0:1] * frozen + g[..., 1:2] * tuned, g
 
