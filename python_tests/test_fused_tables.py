@@ -309,3 +309,63 @@ def test_protocol_rule_prefers_a_fused_optimizer_within_the_margin():
     assert protocol.pick({"dense": 0.7510, "fused_adam": 0.7500}) == "dense"
     assert protocol.pick({"dense": 0.7504, "fused_adam": 0.7500,
                           "fused_rowwise_adagrad": 0.7502}) == "fused_rowwise_adagrad"
+
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not __import__("autoft_fast.ops._extension", fromlist=["x"]).has_kernel("CPU"),
+    reason="the compiled CPU extension is not built")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kind", sorted(RULES))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, 3, 16])
+def test_rows_update_kernel_equals_combine_rows_then_apply(kind, index_dtype, table_dtype, dim):
+    # The C++ rows_update that fused_lookup's backward calls on the CPU, against the Python
+    # combine_rows + apply_now it replaces, over three steps (the state carries over).
+    from autoft_fast.ops.fused_optim import combine_rows
+    gen = torch.Generator().manual_seed(hash((kind, dim)) % 1000)
+    v = 37
+    opt = FusedOptimizer(kind, lr=LR)
+    w_py = torch.randn(v, dim, generator=gen).to(table_dtype)
+    w_k = w_py.clone()
+    s_py, s_k = opt.new_state(w_py), opt.new_state(w_k)
+    for step in range(3):
+        n = 200 + step
+        rows = torch.randint(0, 6 if step == 1 else v, (n,), generator=gen)  # step 1: heavy repeats
+        values = torch.randn(n, dim, generator=gen)
+        u_rows, sums = combine_rows(rows, values, deterministic=True)
+        opt.apply_now(w_py, u_rows, sums, s_py)
+        torch.ops.autoft_fast.rows_update(rows.to(index_dtype), values, w_k,
+                                          *opt.kernel_args(w_k, s_k))
+        assert torch.allclose(w_k.float(), w_py.float(), rtol=1e-6, atol=1e-6), step
+        for name in s_py:
+            assert torch.allclose(s_k[name].float(), s_py[name].float(), rtol=1e-6, atol=1e-6)
+    again = w_py.clone()
+    state = opt.new_state(again)
+    rows = torch.zeros(50, dtype=index_dtype)  # all duplicates, twice: bit-identical runs
+    values = torch.randn(50, dim, generator=gen)
+    other = again.clone()
+    torch.ops.autoft_fast.rows_update(rows, values, again, *opt.kernel_args(again, state))
+    state2 = opt.new_state(other)
+    torch.ops.autoft_fast.rows_update(rows, values, other, *opt.kernel_args(other, state2))
+    assert torch.equal(again, other)
+
+
+@needs_cpu_kernel
+def test_rows_update_kernel_refuses_bad_input_before_touching_the_table():
+    w = torch.zeros(5, 4)
+    opt = FusedOptimizer("adam", lr=LR)
+    state = opt.new_state(w)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.autoft_fast.rows_update(torch.tensor([1, 7]), torch.ones(2, 4), w,
+                                          *opt.kernel_args(w, state))
+    assert torch.equal(w, torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="values must be"):
+        torch.ops.autoft_fast.rows_update(torch.tensor([1, 2]), torch.ones(3, 4), w,
+                                          *opt.kernel_args(w, state))
+    with pytest.raises(ValueError, match="state_a"):
+        torch.ops.autoft_fast.rows_update(torch.tensor([1]), torch.ones(1, 4), w,
+                                          torch.zeros(3), torch.zeros(5, 4), 2, 0.1, 1e-8, 0.9,
+                                          0.999, 1)

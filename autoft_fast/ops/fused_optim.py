@@ -351,6 +351,14 @@ def plain_lookup(weight: torch.Tensor, lk: Lookup) -> torch.Tensor:
     return out if lk.weights is None else lk.weights.unsqueeze(-1) * out
 
 
+def _rows_update_in_kernel(weight: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernel ``rows_update`` can update ``weight``'s rows."""
+    from . import _extension as ext
+    return (weight.device.type == "cpu" and weight.is_contiguous()
+            and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and ext.has_kernel("CPU"))
+
+
 class _FusedLookup(torch.autograd.Function):
     """The plain lookups of one table whose backward updates the touched rows in place."""
 
@@ -390,12 +398,20 @@ class _FusedLookup(torch.autograd.Function):
             rows.append(flat_ids.to(torch.int64))
             values.append(flat)
         if not updates_paused():
-            u_rows, sums = combine_rows(torch.cat(rows), torch.cat(values),
-                                        deterministic=optimizer.deterministic)
-            if not _redirects:  # a redirect (data-parallel) adds it after combining the ranks
-                sums = add_l2sp(w, u_rows, sums, l2sp)
-            with torch.no_grad():
-                optimizer.apply(w, u_rows, sums, state)
+            all_rows, all_values = torch.cat(rows), torch.cat(values)
+            if not _redirects and l2sp is None and _rows_update_in_kernel(w):
+                # One pass in C++: rows combined as combine_rows does (sorted, float32 sums in
+                # lookup order) and updated by the rule as apply_now does.
+                with torch.no_grad():
+                    torch.ops.autoft_fast.rows_update(all_rows, all_values, w,
+                                                      *optimizer.kernel_args(w, state))
+            else:
+                u_rows, sums = combine_rows(all_rows, all_values,
+                                            deterministic=optimizer.deterministic)
+                if not _redirects:  # a redirect (data-parallel) adds it after combining ranks
+                    sums = add_l2sp(w, u_rows, sums, l2sp)
+                with torch.no_grad():
+                    optimizer.apply(w, u_rows, sums, state)
         out = [None, None]
         for gw in grad_weights:
             out += [None, gw]

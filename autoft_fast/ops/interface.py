@@ -87,6 +87,19 @@ BWD_UPDATE = OpInterface(
        Arg("step", "int")),
     returns=1)
 
+# The fused optimizer's update of a plain table's rows (CPU kernel): ``values`` [N, D] float32
+# holds one gradient row per lookup of row ``indices`` [N]; repeated rows are combined as the
+# gated backward combines them (sorted, summed in float32 in lookup order) and the rows of
+# ``weight`` and of the rule's state are updated in place; arguments after ``state_b`` as in
+# BWD_UPDATE. Returns nothing.
+ROWS_UPDATE = OpInterface(
+    "rows_update",
+    (Arg("indices", "Tensor"), Arg("values", "Tensor"), Arg("weight", "Tensor(a!)"),
+     Arg("state_a", "Tensor(b!)"), Arg("state_b", "Tensor(c!)"), Arg("rule", "int"),
+     Arg("lr", "float"), Arg("eps", "float"), Arg("beta1", "float"), Arg("beta2", "float"),
+     Arg("step", "int")),
+    returns=0)
+
 FwdArgs = namedtuple("FwdArgs", FWD.names)
 BwdUpdateArgs = namedtuple("BwdUpdateArgs", BWD_UPDATE.names)
 BwdArgs = namedtuple("BwdArgs", BWD.names)

@@ -1126,17 +1126,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cpu(
                       uniforms, tau, hard, noise, sparse, nullptr);
 }
 
-at::Tensor gated_embedding_bwd_update_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
-    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
-    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
-    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
-    double lr, double eps, double beta1, double beta2, int64_t step) {
+namespace {
+
+// The fused optimizer's RowUpdate for `weight` [V, D] and the rule's state, after checking them.
+RowUpdate make_row_update(at::Tensor& weight, const char* weight_name, at::Tensor& state_a,
+                          at::Tensor& state_b, int64_t rule, double lr, double eps, double beta1,
+                          double beta2, int64_t step) {
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule must be 0 (sgd), 1 (rowwise_adagrad) or 2 (adam), got rule = ", rule);
-  TORCH_CHECK_VALUE(tuned_weight.is_contiguous(), "tuned_weight must be contiguous (its rows are updated in place)");
+  TORCH_CHECK_VALUE(weight.is_contiguous(), weight_name, " must be contiguous (its rows are updated in place)");
   TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step count after this step), got step = ", step);
-  const int64_t V = tuned_weight.dim() == 2 ? tuned_weight.size(0) : 0;
-  const int64_t D = tuned_weight.dim() == 2 ? tuned_weight.size(1) : 0;
+  const int64_t V = weight.dim() == 2 ? weight.size(0) : 0;
+  const int64_t D = weight.dim() == 2 ? weight.size(1) : 0;
   auto check_state = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got dtype ", t.scalar_type());
     TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
@@ -1159,12 +1159,94 @@ at::Tensor gated_embedding_bwd_update_cpu(
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   u.neg_step_size = static_cast<float>(-(lr * std::sqrt(bc2) / bc1));
-  u.weight = tuned_weight.mutable_data_ptr();
+  u.weight = weight.mutable_data_ptr();
   u.state_a = rule >= 1 ? state_a.mutable_data_ptr<float>() : nullptr;
   u.state_b = rule == 2 ? state_b.mutable_data_ptr<float>() : nullptr;
+  return u;
+}
+
+}  // namespace
+
+at::Tensor gated_embedding_bwd_update_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
+    double lr, double eps, double beta1, double beta2, int64_t step) {
+  const RowUpdate u = make_row_update(tuned_weight, "tuned_weight", state_a, state_b, rule, lr,
+                                      eps, beta1, beta2, step);
   auto result = backward_cpu(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits,
                              seed, uniforms, tau, hard, noise, /*sparse=*/true, &u);
   return std::get<1>(result);
+}
+
+
+// The fused optimizer's update of the rows of a plain table from one gradient row per lookup:
+// values[n] is lookup n's gradient row (already weighted), for row indices[n]. Repeated rows
+// are combined exactly as the gated backward combines them (keys sorted by row, then lookup;
+// each row summed in float32 in lookup order by one thread), then updated in place.
+void rows_update_cpu(const at::Tensor& indices, const at::Tensor& values, at::Tensor& weight,
+                     at::Tensor& state_a, at::Tensor& state_b, int64_t rule, double lr,
+                     double eps, double beta1, double beta2, int64_t step) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [V, D], got shape ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu(), "weight must be on the CPU, got ", weight.device());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got dtype ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
+  const int64_t N = indices.size(0);
+  const int64_t V = weight.size(0);
+  const int64_t D = weight.size(1);
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got dtype ",
+                   values.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == N && values.size(1) == D,
+                    "values must be [N, D] = [", N, ", ", D, "] (one gradient row per index), got shape ",
+                    values.sizes());
+  const RowUpdate u = make_row_update(weight, "weight", state_a, state_b, rule, lr, eps, beta1,
+                                      beta2, step);
+  if (N == 0) {
+    return;
+  }
+  TORCH_CHECK_VALUE(V <= (int64_t{1} << 32) && N <= (int64_t{1} << 32),
+                    "rows_update needs fewer than 2^32 rows and lookups, got V = ", V, ", N = ", N);
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor vals = values.contiguous();
+  const KeyPlan plan = make_key_plan(N, V, D);
+  std::unique_ptr<uint64_t[]> keys(new uint64_t[N]);
+  std::unique_ptr<int64_t[]> hist(new int64_t[plan.tasks * plan.buckets]());
+  std::unique_ptr<int64_t[]> counts(new int64_t[plan.tasks]);
+  const KeySink sink{keys.get(), hist.get(), counts.get()};
+  BadIndex bad;
+  dispatch_index(idx.scalar_type(), [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* ip = idx.const_data_ptr<index_t>();
+    at::parallel_for(0, plan.tasks, 1, [&](int64_t tbegin, int64_t tend) {
+      for (int64_t t = tbegin; t < tend; ++t) {
+        const int64_t n0 = plan.task_block(t) * kBlock;
+        const int64_t n1 = std::min<int64_t>(N, plan.task_block(t + 1) * kBlock);
+        uint64_t* out = sink.keys + n0;
+        int64_t* h = sink.hist + t * plan.buckets;
+        int64_t j = 0;
+        for (int64_t n = n0; n < n1; ++n) {
+          const index_t r = ip[n];
+          if (!in_range(r, V)) {
+            bad.record(n);
+            break;
+          }
+          const uint64_t row = static_cast<uint64_t>(r);
+          out[j++] = (row << 32) | static_cast<uint64_t>(n);
+          ++h[row >> plan.shift];
+        }
+        sink.counts[t] = j;
+      }
+    });
+    bad.raise_if_any(ip, V);
+  });
+  const SortedKeys sk = sort_keys(plan, sink);
+  dispatch_table(weight.scalar_type(), [&](auto table_tag) {
+    using scalar_t = decltype(table_tag);
+    sum_rows<scalar_t, float>(sk, plan, vals.const_data_ptr<float>(), nullptr, V, D,
+                              /*dense=*/false, nullptr, nullptr, &u);
+  });
 }
 
 }  // namespace autoft
@@ -1173,4 +1255,5 @@ TORCH_LIBRARY_IMPL(autoft_fast, CPU, m) {
   m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cpu);
   m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cpu);
   m.impl("gated_embedding_bwd_update", &autoft::gated_embedding_bwd_update_cpu);
+  m.impl("rows_update", &autoft::rows_update_cpu);
 }
