@@ -89,14 +89,17 @@ def oracle(inp, **kw):
     return run("reference", inp, float64=True, **kw)
 
 
-def assert_matches(got, want, table_dtype, *, dim):
+def assert_matches(got, want, table_dtype, *, dim, repeats: int = 1):
+    """``got`` against the float64 oracle ``want``. ``repeats``: the most lookups of one row; a
+    float32 row sum of k terms carries a rounding error growing like sqrt(k) (a random walk of
+    k roundings), so the gradient tolerance grows so too."""
     rtol, atol = TOLERANCES[table_dtype]
     torch.testing.assert_close(got["gates"].double(), want["gates"].double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["out"].double(), want["out"].double().to(table_dtype).double(),
                                rtol=rtol, atol=atol)
     gt = got["grad_tuned"].double()
     wt = want["grad_tuned"].to(table_dtype).double()
-    torch.testing.assert_close(gt, wt, rtol=rtol, atol=atol * 4)
+    torch.testing.assert_close(gt, wt, rtol=rtol, atol=atol * 4 * max(1.0, repeats / 256) ** 0.5)
     # Dot products over D rows in float32: error grows with D and the magnitude of a.
     gl = want["grad_logits"]
     scale = max(1.0, float(gl.abs().max())) if gl.numel() else 1.0
