@@ -368,3 +368,14 @@ def test_low_precision_frozen_table_is_never_dequantised_whole(strategy, frozen_
     model.train()(data).sum().backward()
     model.eval()(data)
     assert emb.frozen_weight.data_ptr() not in calls  # gathered rows only, never the table
+
+
+def test_int8_quantisation_in_row_blocks_names_the_right_row_and_matches_one_block(monkeypatch):
+    from autoft_fast.ops import quant
+    w = torch.randn(1000, 5, generator=torch.Generator().manual_seed(3)) * 3
+    whole = quant.quantize_int8(w)
+    monkeypatch.setattr(quant, "_QUANT_BLOCK", 64)  # many blocks, a ragged last one
+    assert torch.equal(quant.quantize_int8(w), whole)
+    w[777, 2] = float("nan")
+    with pytest.raises(ValueError, match="weight row 777 "):
+        quant.quantize_int8(w)

@@ -85,16 +85,30 @@ def quantize_int8(weight: torch.Tensor) -> torch.Tensor:
         got = (f"shape {tuple(weight.shape)}, dtype {weight.dtype}" if isinstance(weight, torch.Tensor)
                else type(weight).__name__)
         raise ValueError(f"weight must be a 2-D [V, D] floating-point table, got {got}")
-    w = weight.detach().double()
+    v, d = weight.shape
+    packed = torch.empty(v, d + INT8_EXTRA_BYTES, dtype=torch.int8, device=weight.device)
+    # Row blocks: the float64 working copies stay small ([block, D]) however large the table.
+    for start in range(0, v, _QUANT_BLOCK):
+        stop = min(v, start + _QUANT_BLOCK)
+        packed[start:stop] = _quantize_rows(weight.detach()[start:stop], start)
+    return packed
+
+
+_QUANT_BLOCK = 1 << 16  # rows quantised at a time
+
+
+def _quantize_rows(weight: torch.Tensor, first_row: int) -> torch.Tensor:
+    """:func:`quantize_int8` of a block of rows (``first_row``: the block's first row, for errors)."""
+    w = weight.double()
     if w.numel() and not bool(torch.isfinite(w).all()):
-        row = int(torch.nonzero(~torch.isfinite(w))[0, 0])
+        row = first_row + int(torch.nonzero(~torch.isfinite(w))[0, 0])
         raise ValueError(f"weight row {row} has a non-finite value; it cannot be quantised to int8")
     amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = _scales_up(amax)
     if bool(torch.isinf(scale).any()):
-        row = int(torch.nonzero(torch.isinf(scale))[0, 0])
-        raise ValueError(f"weight row {row} has max |w| = {float(amax[row])}, too large for a "
-                         f"float16 int8 scale (at most {65504.0 * INT8_MAX:g})")
+        i = int(torch.nonzero(torch.isinf(scale))[0, 0])
+        raise ValueError(f"weight row {first_row + i} has max |w| = {float(amax[i])}, too large "
+                         f"for a float16 int8 scale (at most {65504.0 * INT8_MAX:g})")
     sd = scale.double()
     q = torch.where(sd[:, None] > 0, torch.round(w / sd.clamp_min(1e-300)[:, None]), 0.0)
     q = q.clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
