@@ -206,4 +206,49 @@ void dispatch_index(at::ScalarType t, F&& f) {
   }
 }
 
+
+// The bag op's argument checks shared by its CPU and CUDA kernels (the data checks, offsets
+// and value ranges, follow in each kernel): dtypes and shapes of values, offsets and
+// per_sample_weights, the mode (0 sum, 1 mean: interface.BAG_MODES), and the gated op's checks
+// with the B bags as its lookups. Returns the sizes (N = B) and L = len(values).
+constexpr int64_t kModeMean = 1;  // interface.BAG_MODES = ("sum", "mean")
+
+struct BagSizes {
+  GatedSizes s;
+  int64_t L;
+};
+
+inline BagSizes check_bag_args(const at::Tensor& values, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& weights,
+                               const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+                               const at::Tensor& logits, const std::optional<at::Tensor>& uniforms,
+                               double tau, int64_t mode, c10::DeviceType expected,
+                               bool low_precision_frozen) {
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kLong || values.scalar_type() == at::kInt,
+                   "values must be int32 or int64, got dtype ", values.scalar_type());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
+                   "offsets must be int32 or int64, got dtype ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 1,
+                    "offsets must be 1-D with B + 1 entries, got shape ", offsets.sizes());
+  TORCH_CHECK_VALUE(mode == 0 || mode == kModeMean, "mode must be 0 (sum) or 1 (mean), got mode = ",
+                    mode);
+  const int64_t B = offsets.size(0) - 1;
+  BagSizes out;
+  out.s = check_gated_inputs(values.new_empty({B}), frozen_weight, tuned_weight, logits, uniforms,
+                             tau, expected, low_precision_frozen);
+  check_same_device(values, "values", offsets, expected);
+  check_same_device(offsets, "offsets", values, expected);
+  out.L = values.size(0);
+  if (weights.has_value()) {
+    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat,
+                     "per_sample_weights must be float32, got dtype ", weights->scalar_type());
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == out.L,
+                      "per_sample_weights must have the shape of values [", out.L,
+                      "], got shape ", weights->sizes());
+    check_same_device(*weights, "per_sample_weights", values, expected);
+  }
+  return out;
+}
+
 }  // namespace autoft

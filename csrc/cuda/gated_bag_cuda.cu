@@ -43,7 +43,6 @@ namespace {
 
 using namespace gated_cuda;
 
-constexpr int64_t kModeMean = 1;  // interface.BAG_MODES = ("sum", "mean")
 
 // Elements per lane: 16 bytes of the table dtype when every row pointer stays 16-byte aligned
 // (the float32 gradient rows then move VEC floats: one or two 16-byte loads).
@@ -134,28 +133,13 @@ BagInputs check_bag(const at::Tensor& values, const at::Tensor& offsets,
                     const std::optional<at::Tensor>& weights, const at::Tensor& frozen_weight,
                     const at::Tensor& tuned_weight, const at::Tensor& logits, const at::Tensor& seed,
                     const std::optional<at::Tensor>& uniforms, double tau, bool noise, int64_t mode) {
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kLong || values.scalar_type() == at::kInt,
-                   "values must be int32 or int64, got dtype ", values.scalar_type());
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
-                   "offsets must be int32 or int64, got dtype ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 1,
-                    "offsets must be 1-D with B + 1 entries, got shape ", offsets.sizes());
-  TORCH_CHECK_VALUE(mode == 0 || mode == kModeMean, "mode must be 0 (sum) or 1 (mean), got mode = ", mode);
-  const int64_t B = offsets.size(0) - 1;
+  const BagSizes sizes = check_bag_args(values, offsets, weights, frozen_weight, tuned_weight,
+                                        logits, uniforms, tau, mode, c10::DeviceType::CUDA,
+                                        /*low_precision_frozen=*/false);
   BagInputs in;
-  in.s = check_gated_inputs(values.new_empty({B}), frozen_weight, tuned_weight, logits, uniforms, tau,
-                            c10::DeviceType::CUDA);
-  check_same_device(values, "values", offsets, c10::DeviceType::CUDA);
-  check_same_device(offsets, "offsets", values, c10::DeviceType::CUDA);
-  in.L = values.size(0);
+  in.s = sizes.s;
+  in.L = sizes.L;
   if (weights.has_value()) {
-    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "per_sample_weights must be float32, got dtype ",
-                     weights->scalar_type());
-    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == in.L,
-                      "per_sample_weights must have the shape of values [", in.L, "], got shape ",
-                      weights->sizes());
-    check_same_device(*weights, "per_sample_weights", values, c10::DeviceType::CUDA);
     in.weights = weights->contiguous();
   }
   in.values = values.contiguous();
