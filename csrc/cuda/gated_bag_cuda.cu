@@ -17,6 +17,7 @@
 // kernel's (csrc/cpu/gated_bag_cpu.cpp) and the Python checks' (ops/validate.py check_bag_data).
 #include "../gated_common.h"
 #include "gated_bag_kernels.cuh"
+#include "launch_shape.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -43,45 +44,6 @@ namespace {
 
 using namespace gated_cuda;
 
-
-// Elements per lane: 16 bytes of the table dtype when every row pointer stays 16-byte aligned
-// (the float32 gradient rows then move VEC floats: one or two 16-byte loads).
-int bag_vec(at::ScalarType table, int64_t D, std::initializer_list<const void*> ptrs) {
-  const int v = 16 / static_cast<int>(c10::elementSize(table));
-  if (D % v != 0) {
-    return 1;
-  }
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-      return 1;
-    }
-  }
-  return v;
-}
-
-// Lanes per bag: enough to cover a row in one pass, up to a warp.
-int bag_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < 32 && g < chunks) {
-    g <<= 1;
-  }
-  return g;
-}
-
-template <typename F>
-void dispatch_bag_vec(int vec, F&& f) {
-  switch (vec) {
-    case 4:
-      f(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      f(std::integral_constant<int, 8>{});
-      break;
-    default:
-      f(std::integral_constant<int, 1>{});
-  }
-}
 
 unsigned bag_blocks(int64_t B) {
   return static_cast<unsigned>((B + kLookupsPerBlock - 1) / kLookupsPerBlock);
@@ -169,15 +131,15 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bag_fwd_cuda(
   if (B == 0) {
     return {out, gates};
   }
-  const int vec = bag_vec(in.tuned.scalar_type(), D,
+  const int vec = pick_vec(in.tuned.scalar_type(), D,
                           {in.frozen.const_data_ptr(), in.tuned.const_data_ptr(), out.const_data_ptr()});
-  const int G = bag_group(D, vec);
+  const int G = pick_group(D, vec);
   const bool idx64 = in.values.scalar_type() == at::kLong;
   const float* wp = in.weights.defined() ? in.weights.const_data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_table(in.tuned.scalar_type(), [&](auto table_tag) {
     using scalar_t = decltype(table_tag);
-    dispatch_bag_vec(vec, [&](auto vec_tag) {
+    dispatch_vec(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
         bag_forward_kernel<scalar_t, VEC><<<bag_blocks(B), kThreads, 0, stream>>>(
@@ -223,17 +185,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bag_bwd_cuda(
     }
   }
   if (B > 0) {
-    const int vec = bag_vec(in.tuned.scalar_type(), D,
+    const int vec = pick_vec(in.tuned.scalar_type(), D,
                             {in.frozen.const_data_ptr(), in.tuned.const_data_ptr(), g32.const_data_ptr(),
                              value_grad.defined() ? value_grad.const_data_ptr() : nullptr});
-    const int G = bag_group(D, vec);
+    const int G = pick_group(D, vec);
     const bool idx64 = in.values.scalar_type() == at::kLong;
     const float* wp = in.weights.defined() ? in.weights.const_data_ptr<float>() : nullptr;
     const float* ggp = gg.defined() ? gg.const_data_ptr<float>() : nullptr;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_table(in.tuned.scalar_type(), [&](auto table_tag) {
       using scalar_t = decltype(table_tag);
-      dispatch_bag_vec(vec, [&](auto vec_tag) {
+      dispatch_vec(vec, [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         if constexpr (VEC == 1 || VEC * sizeof(scalar_t) == 16) {
           auto run = [&](auto mode_tag, auto value_tag) {

@@ -28,6 +28,7 @@
 //
 // Includes stay lean: ATen/cuda/CUDAContext.h would pull cuBLAS / cuSPARSE headers.
 #include "../gated_common.h"
+#include "launch_shape.h"
 #include "gated_embedding_kernels.cuh"
 
 #include <ATen/Context.h>
@@ -60,44 +61,6 @@ using namespace gated_cuda;
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-
-// Elements per lane: 16 bytes of the table dtype when every row pointer stays 16-byte aligned.
-int pick_vec(at::ScalarType table, int64_t D, std::initializer_list<const void*> ptrs) {
-  const int v = 16 / static_cast<int>(c10::elementSize(table));
-  if (D % v != 0) {
-    return 1;
-  }
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-      return 1;
-    }
-  }
-  return v;
-}
-
-// Lanes per lookup: enough to cover a row in one pass, up to a warp.
-int pick_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < 32 && g < chunks) {
-    g <<= 1;
-  }
-  return g;
-}
-
-template <typename F>
-void dispatch_vec(int vec, F&& f) {
-  switch (vec) {
-    case 4:
-      f(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      f(std::integral_constant<int, 8>{});
-      break;
-    default:
-      f(std::integral_constant<int, 1>{});
-  }
-}
 
 // Lookups in flight per group: four when each group has at least four lookups of the block to
 // walk (G >= 16, the wide rows where a lane would otherwise wait on one load at a time), else

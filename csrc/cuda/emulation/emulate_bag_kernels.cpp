@@ -12,14 +12,10 @@
 #include "emulation.h"
 
 #include "gated_bag_kernels.cuh"
+#include "launch_shape.h"
 
-// Same rules as the host code: lanes per bag cover the row in one pass, up to a warp.
-int bag_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < 32 && g < chunks) g <<= 1;
-  return g;
-}
+using autoft::pick_group;
+
 
 template <typename scalar_t, typename index_t, int VEC>
 int run(int64_t B, int64_t V, int64_t D, bool hard, int noise_mode, int grad_mode, bool mean,
@@ -46,7 +42,7 @@ int run(int64_t B, int64_t V, int64_t D, bool hard, int noise_mode, int grad_mod
   for (auto& x : gg) x = static_cast<float>(nrand());
   for (auto& x : go) x = static_cast<float>(nrand());
   autoft::NoiseSource src{noise_mode != 0, seed, noise_mode == 2 ? uniforms.data() : nullptr};
-  const int G = bag_group(D, VEC);
+  const int G = pick_group(D, VEC);
   const unsigned blocks = static_cast<unsigned>((B + kLookupsPerBlock - 1) / kLookupsPerBlock);
   const float* wp = with_weights ? weights.data() : nullptr;
   const float* ggp = with_gg ? gg.data() : nullptr;

@@ -13,16 +13,12 @@
 // of gated_embedding_cuda.cu would launch them, and writes inputs and outputs as raw float32 /
 // int64 files for the test to compare with the reference.
 #include "emulation.h"
+#include "launch_shape.h"
 
-// Same rules as the host code: lanes per lookup cover the row in one pass, up to a warp; four
-// lookups in flight per group when each group walks at least four.
-int pick_group(int64_t D, int vec) {
-  const int64_t chunks = (D + vec - 1) / vec;
-  int g = 1;
-  while (g < 32 && g < chunks) g <<= 1;
-  return g;
-}
+using autoft::pick_group;
 
+// Same rule as the host code: four lookups in flight per group when each group walks at least
+// four.
 int pick_unroll(int G) { return kLookupsPerBlock / (kThreads / G) >= 4 ? 4 : 1; }
 
 template <typename scalar_t, typename index_t, typename grad_t, int VEC, int U>
