@@ -802,8 +802,24 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
     const int64_t pend = sk.bucket_start[kend];
     int64_t p = sk.bucket_start[kbegin];
     int64_t s = sk.segment_start[kbegin];
+    // With an update, the rows it rewrites (the table's and the rule's state) are random too:
+    // fetched as far ahead as the gradient rows, so their misses overlap the summing.
+    auto prefetch_update = [&](uint64_t key) {
+      if (update == nullptr) {
+        return;
+      }
+      const int64_t r = static_cast<int64_t>(key >> 32);
+      prefetch_row(static_cast<const scalar_t*>(update->weight) + r * D, D);
+      if (update->rule == 1) {
+        __builtin_prefetch(update->state_a + r, 0, 3);
+      } else if (update->rule == 2) {
+        prefetch_row(update->state_a + r * D, D);
+        prefetch_row(update->state_b + r * D, D);
+      }
+    };
     for (int64_t q = p; q < std::min(p + kAhead, pend); ++q) {
       prefetch_row(grad_out + static_cast<int64_t>(keys[q] & 0xffffffffu) * D, D);
+      prefetch_update(keys[q]);
     }
     // NV > 0: D = 4 * NV, the row's sum kept in NV registers (the same additions, lane by
     // lane, as axpy_row into memory); NV = 0: any D.
@@ -823,6 +839,7 @@ void sum_rows(const SortedKeys& sk, const KeyPlan& plan, const grad_t* grad_out,
           if (p + kAhead < pend) {
             const int64_t na = static_cast<int64_t>(keys[p + kAhead] & 0xffffffffu);
             prefetch_row(grad_out + na * D, D);
+            prefetch_update(keys[p + kAhead]);
             if (z1 != nullptr) {
               __builtin_prefetch(z1 + na, 0, 3);
             }
