@@ -207,23 +207,27 @@ void dispatch_index(at::ScalarType t, F&& f) {
 }
 
 
-// The bag op's argument checks shared by its CPU and CUDA kernels (the data checks, offsets
-// and value ranges, follow in each kernel): dtypes and shapes of values, offsets and
-// per_sample_weights, the mode (0 sum, 1 mean: interface.BAG_MODES), and the gated op's checks
-// with the B bags as its lookups. Returns the sizes (N = B) and L = len(values).
+// The bag op's inputs as its CPU and CUDA kernels read them, after the argument checks they
+// share: dtypes and shapes of values, offsets and per_sample_weights, the mode (0 sum, 1 mean:
+// interface.BAG_MODES), and the gated op's checks with the B bags as its lookups; the tensors
+// made contiguous, the offsets int64, the noise source read. The data checks (offsets in order,
+// values in range) follow in each kernel, where its device can run them.
 constexpr int64_t kModeMean = 1;  // interface.BAG_MODES = ("sum", "mean")
 
-struct BagSizes {
-  GatedSizes s;
+struct BagInputs {
+  at::Tensor values, offsets, weights, frozen, tuned, logits, uniforms_c;
+  NoiseSource src;
+  GatedSizes s;  // N = B (bags)
   int64_t L;
 };
 
-inline BagSizes check_bag_args(const at::Tensor& values, const at::Tensor& offsets,
-                               const std::optional<at::Tensor>& weights,
-                               const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
-                               const at::Tensor& logits, const std::optional<at::Tensor>& uniforms,
-                               double tau, int64_t mode, c10::DeviceType expected,
-                               bool low_precision_frozen) {
+inline BagInputs prepare_bag_inputs(const at::Tensor& values, const at::Tensor& offsets,
+                                    const std::optional<at::Tensor>& weights,
+                                    const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+                                    const at::Tensor& logits, const at::Tensor& seed,
+                                    const std::optional<at::Tensor>& uniforms, double tau,
+                                    bool noise, int64_t mode, c10::DeviceType expected,
+                                    bool low_precision_frozen) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kLong || values.scalar_type() == at::kInt,
                    "values must be int32 or int64, got dtype ", values.scalar_type());
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
@@ -234,21 +238,28 @@ inline BagSizes check_bag_args(const at::Tensor& values, const at::Tensor& offse
   TORCH_CHECK_VALUE(mode == 0 || mode == kModeMean, "mode must be 0 (sum) or 1 (mean), got mode = ",
                     mode);
   const int64_t B = offsets.size(0) - 1;
-  BagSizes out;
-  out.s = check_gated_inputs(values.new_empty({B}), frozen_weight, tuned_weight, logits, uniforms,
-                             tau, expected, low_precision_frozen);
+  BagInputs in;
+  in.s = check_gated_inputs(values.new_empty({B}), frozen_weight, tuned_weight, logits, uniforms,
+                            tau, expected, low_precision_frozen);
   check_same_device(values, "values", offsets, expected);
   check_same_device(offsets, "offsets", values, expected);
-  out.L = values.size(0);
+  in.L = values.size(0);
   if (weights.has_value()) {
     TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat,
                      "per_sample_weights must be float32, got dtype ", weights->scalar_type());
-    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == out.L,
-                      "per_sample_weights must have the shape of values [", out.L,
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == in.L,
+                      "per_sample_weights must have the shape of values [", in.L,
                       "], got shape ", weights->sizes());
     check_same_device(*weights, "per_sample_weights", values, expected);
+    in.weights = weights->contiguous();
   }
-  return out;
+  in.values = values.contiguous();
+  in.offsets = offsets.to(at::kLong).contiguous();
+  in.frozen = frozen_weight.contiguous();
+  in.tuned = tuned_weight.contiguous();
+  in.logits = logits.contiguous();
+  in.src = make_noise_source(seed, uniforms, noise, in.uniforms_c);
+  return in;
 }
 
 }  // namespace autoft

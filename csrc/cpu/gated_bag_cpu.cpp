@@ -121,31 +121,16 @@ void dispatch_bag_frozen(at::ScalarType frozen, F&& f) {
   }
 }
 
-struct BagInputs {
-  at::Tensor values, offsets, weights, frozen, tuned, logits, uniforms_c;
-  NoiseSource src;
-  GatedSizes s;  // N = B (bags)
-  int64_t L;
-};
-
-// The checks of gated_common.h with the bags as lookups, then the offsets and values: offsets
-// start at 0, never decrease and end at len(values); every value is a row of the table.
+// prepare_bag_inputs (gated_common.h), then the data checks: offsets start at 0, never decrease
+// and end at len(values); every value is a row of the table.
 BagInputs check_bag(const at::Tensor& values, const at::Tensor& offsets,
                     const std::optional<at::Tensor>& weights, const at::Tensor& frozen_weight,
                     const at::Tensor& tuned_weight, const at::Tensor& logits, const at::Tensor& seed,
                     const std::optional<at::Tensor>& uniforms, double tau, bool noise, int64_t mode) {
-  const BagSizes sizes = check_bag_args(values, offsets, weights, frozen_weight, tuned_weight,
-                                        logits, uniforms, tau, mode, c10::DeviceType::CPU,
-                                        /*low_precision_frozen=*/true);
-  BagInputs in;
-  in.s = sizes.s;
-  in.L = sizes.L;
+  BagInputs in = prepare_bag_inputs(values, offsets, weights, frozen_weight, tuned_weight, logits,
+                                    seed, uniforms, tau, noise, mode, c10::DeviceType::CPU,
+                                    /*low_precision_frozen=*/true);
   const int64_t B = in.s.N;
-  if (weights.has_value()) {
-    in.weights = weights->contiguous();
-  }
-  in.values = values.contiguous();
-  in.offsets = offsets.to(at::kLong).contiguous();
   const int64_t* op = in.offsets.const_data_ptr<int64_t>();
   TORCH_CHECK_VALUE(op[0] == 0, "offsets[0] = ", op[0], " must be 0 (bag 0 starts at the first value)");
   for (int64_t b = 0; b < B; ++b) {
@@ -162,10 +147,6 @@ BagInputs check_bag(const at::Tensor& values, const at::Tensor& offsets,
                         " is out of range for a table of ", in.s.V, " rows");
     }
   });
-  in.frozen = frozen_weight.contiguous();
-  in.tuned = tuned_weight.contiguous();
-  in.logits = logits.contiguous();
-  in.src = make_noise_source(seed, uniforms, noise, in.uniforms_c);
   return in;
 }
 

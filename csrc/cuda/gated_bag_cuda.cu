@@ -49,12 +49,6 @@ unsigned bag_blocks(int64_t B) {
   return static_cast<unsigned>((B + kLookupsPerBlock - 1) / kLookupsPerBlock);
 }
 
-struct BagInputs {
-  at::Tensor values, offsets, weights, frozen, tuned, logits, uniforms_c;
-  NoiseSource src;
-  GatedSizes s;  // N = B (bags)
-  int64_t L;
-};
 
 // Offsets start at 0, never decrease and end at len(values); every value is a row of the table.
 void check_bag_data(const at::Tensor& values, const at::Tensor& offsets, int64_t V) {
@@ -90,27 +84,15 @@ void check_bag_data(const at::Tensor& values, const at::Tensor& offsets, int64_t
   }
 }
 
-// The checks of gated_common.h with the bags as lookups, then the offsets and values.
+// prepare_bag_inputs (gated_common.h), then the data checks on the device (check_bag_data).
 BagInputs check_bag(const at::Tensor& values, const at::Tensor& offsets,
                     const std::optional<at::Tensor>& weights, const at::Tensor& frozen_weight,
                     const at::Tensor& tuned_weight, const at::Tensor& logits, const at::Tensor& seed,
                     const std::optional<at::Tensor>& uniforms, double tau, bool noise, int64_t mode) {
-  const BagSizes sizes = check_bag_args(values, offsets, weights, frozen_weight, tuned_weight,
-                                        logits, uniforms, tau, mode, c10::DeviceType::CUDA,
-                                        /*low_precision_frozen=*/false);
-  BagInputs in;
-  in.s = sizes.s;
-  in.L = sizes.L;
-  if (weights.has_value()) {
-    in.weights = weights->contiguous();
-  }
-  in.values = values.contiguous();
-  in.offsets = offsets.to(at::kLong).contiguous();
+  BagInputs in = prepare_bag_inputs(values, offsets, weights, frozen_weight, tuned_weight, logits,
+                                    seed, uniforms, tau, noise, mode, c10::DeviceType::CUDA,
+                                    /*low_precision_frozen=*/false);
   check_bag_data(in.values, in.offsets, in.s.V);
-  in.frozen = frozen_weight.contiguous();
-  in.tuned = tuned_weight.contiguous();
-  in.logits = logits.contiguous();
-  in.src = make_noise_source(seed, uniforms, noise, in.uniforms_c);
   return in;
 }
 
