@@ -109,3 +109,33 @@ def assert_matches(got, want, table_dtype, *, dim, repeats: int = 1):
 
 __all__ = ["TOLERANCES", "case_generator", "make_inputs", "run", "oracle", "assert_matches",
            "reference_gated_embedding"]
+
+
+def build_emulation(source: str, out_dir):
+    """Build the CUDA-kernel launch-grid emulation ``csrc/cuda/emulation/<source>.cpp`` with the
+    host compiler into ``out_dir``; skips the calling test where no compiler can (it needs
+    C++20 <barrier> and std::atomic_ref). Returns the executable's path."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+    from torch.utils.cpp_extension import include_paths
+
+    root = Path(__file__).resolve().parents[1]
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the CUDA-kernel emulation")
+    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"],
+                           input="#include <barrier>\n#include <atomic>\nfloat f; "
+                                 "std::atomic_ref<float> r(f);\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> / std::atomic_ref (GCC >= 11, Clang >= 15)")
+    exe = Path(out_dir) / source
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{root}/csrc/cuda", f"-I{root}/csrc",
+           *[f"-isystem{p}" for p in include_paths()],
+           f"{root}/csrc/cuda/emulation/{source}.cpp", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe

@@ -12,7 +12,6 @@ both backends on CUDA tensors.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from autoft_fast.ops import _extension, quant, registry
 from autoft_fast.ops.philox import philox_uniforms
 from autoft_fast.ops.reference import reference_gated_embedding_bag
 
-from op_helpers import TOLERANCES, case_generator
+from op_helpers import TOLERANCES, build_emulation, case_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TRITON = "triton" in registry.bag_backends("cpu")
@@ -198,23 +197,7 @@ def test_triton_bag_kernel_takes_float32_grad_out_with_16bit_tables(table_dtype)
 
 @pytest.fixture(scope="module")
 def bag_emulator(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the CUDA-kernel emulation")
-    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"],
-                           input="#include <barrier>\n#include <atomic>\nfloat f; "
-                                 "std::atomic_ref<float> r(f);\n",
-                           capture_output=True, text=True)
-    if probe.returncode != 0:  # the emulation needs C++20 <barrier> and std::atomic_ref
-        pytest.skip(f"{cxx} lacks C++20 <barrier> / std::atomic_ref (GCC >= 11, Clang >= 15)")
-    from torch.utils.cpp_extension import include_paths
-
-    exe = tmp_path_factory.mktemp("bag_emulation") / "emulate_bag_kernels"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT}/csrc/cuda", f"-I{ROOT}/csrc",
-           *[f"-isystem{p}" for p in include_paths()],
-           f"{ROOT}/csrc/cuda/emulation/emulate_bag_kernels.cpp", "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return exe
+    return build_emulation("emulate_bag_kernels", tmp_path_factory.mktemp("bag_emulation"))
 
 
 SEED = 987654321012

@@ -7,7 +7,6 @@ csrc/cuda/emulation/emulate_kernels.cpp, against the reference.
 """
 
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -17,6 +16,8 @@ import torch
 import autoft_fast
 from autoft_fast.ops import _extension
 from autoft_fast.ops.reference import reference_gated_embedding
+
+from op_helpers import build_emulation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_gpu = pytest.mark.skipif(
@@ -166,23 +167,7 @@ def test_out_of_range_index_raises_and_keeps_the_context_usable():
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to build the CUDA-kernel emulation")
-    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"],
-                           input="#include <barrier>\n#include <atomic>\nfloat f; "
-                                 "std::atomic_ref<float> r(f);\n",
-                           capture_output=True, text=True)
-    if probe.returncode != 0:  # the emulation needs C++20 <barrier> and std::atomic_ref
-        pytest.skip(f"{cxx} lacks C++20 <barrier> / std::atomic_ref (GCC >= 11, Clang >= 15)")
-    from torch.utils.cpp_extension import include_paths
-
-    exe = tmp_path_factory.mktemp("emulation") / "emulate_kernels"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT}/csrc/cuda", f"-I{ROOT}/csrc",
-           *[f"-isystem{p}" for p in include_paths()],
-           f"{ROOT}/csrc/cuda/emulation/emulate_kernels.cpp", "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return exe
+    return build_emulation("emulate_kernels", tmp_path_factory.mktemp("emulation"))
 
 
 def run_emulated(exe, tmp_path, *, N, V, D, dtype, idx64, grad_f32, vec1, hard, noise, mode,
