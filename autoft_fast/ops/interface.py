@@ -77,14 +77,19 @@ BWD = OpInterface("gated_embedding_bwd", (Arg("grad_out", "Tensor"), Arg("grad_g
 # kernel; returns grad_logits [N, 2]. ``rule``: the index of the rule in fused_optim.RULES;
 # ``state_a`` / ``state_b``: the rule's state tensors in RULES order (empty when it has fewer);
 # ``step``: the step count after this step. See docs/internals.md.
+# The fused optimizer's arguments of an op that updates rows in place (fused_optim's
+# FusedOptimizer.kernel_args): the rule's state tensors, its index in RULES, its hyperparameters
+# and the step count after this step.
+_UPDATE_ARGS = (Arg("state_a", "Tensor(b!)"), Arg("state_b", "Tensor(c!)"), Arg("rule", "int"),
+                Arg("lr", "float"), Arg("eps", "float"), Arg("beta1", "float"),
+                Arg("beta2", "float"), Arg("step", "int"))
+
 BWD_UPDATE = OpInterface(
     "gated_embedding_bwd_update",
     (Arg("grad_out", "Tensor"), Arg("grad_gates", "Tensor?"))
     + tuple(Arg(a.name, "Tensor(a!)") if a.name == "tuned_weight" else a
             for a in _INPUTS if a.name != "sparse")
-    + (Arg("state_a", "Tensor(b!)"), Arg("state_b", "Tensor(c!)"), Arg("rule", "int"),
-       Arg("lr", "float"), Arg("eps", "float"), Arg("beta1", "float"), Arg("beta2", "float"),
-       Arg("step", "int")),
+    + _UPDATE_ARGS,
     returns=1)
 
 # The fused optimizer's update of a plain table's rows (CPU kernel): ``values`` [N, D] float32
@@ -94,10 +99,8 @@ BWD_UPDATE = OpInterface(
 # BWD_UPDATE. Returns nothing.
 ROWS_UPDATE = OpInterface(
     "rows_update",
-    (Arg("indices", "Tensor"), Arg("values", "Tensor"), Arg("weight", "Tensor(a!)"),
-     Arg("state_a", "Tensor(b!)"), Arg("state_b", "Tensor(c!)"), Arg("rule", "int"),
-     Arg("lr", "float"), Arg("eps", "float"), Arg("beta1", "float"), Arg("beta2", "float"),
-     Arg("step", "int")),
+    (Arg("indices", "Tensor"), Arg("values", "Tensor"), Arg("weight", "Tensor(a!)"))
+    + _UPDATE_ARGS,
     returns=0)
 
 FwdArgs = namedtuple("FwdArgs", FWD.names)
