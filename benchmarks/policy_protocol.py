@@ -67,10 +67,20 @@ CANDIDATES = {
     "heldout+retrain": {"policy_objective": "heldout", "policy_refit": "retrain"},
     "heldout+freq+retrain": {"policy_objective": "heldout", "policy_input": "frozen+freq",
                              "policy_refit": "retrain"},
+    # A prior toward the tuned path: the model starts as finetune_all with a few frozen draws
+    # (Mixout-like) and a gate turns frozen only where the training loss says so.
+    "train+init0.8": {"policy_init_tuned": 0.8},
+    "train+init0.95": {"policy_init_tuned": 0.95},
+    # A budget makes the policy choose where the tuned path matters; the frequency input
+    # tells it which values the target saw often.
+    "train+freq+budget0.8": {"policy_input": "frozen+freq", "tuned_budget": 0.8},
 }
-# Every candidate states its warm-up, so that the table does not depend on the default.
+# The settings that switch nothing on; every candidate states them, so that the table does
+# not depend on the defaults.
+NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5}
 for _c in CANDIDATES.values():
-    _c.setdefault("policy_warmup", 0)
+    for _k, _v in NEUTRAL.items():
+        _c.setdefault(_k, _v)
 
 
 def setting_synthetic(setting) -> dict:
@@ -163,7 +173,7 @@ def main() -> None:
     best = max(names, key=lambda n: means[n])
     simple = min((n for n in names if means[n] >= means[best] - 0.0005),
                  key=lambda n: (sum(1 for k, v in CANDIDATES[n].items()
-                                    if not (k == "policy_warmup" and v == 0)), -means[n]))
+                                    if NEUTRAL.get(k, object()) != v), -means[n]))
     print(f"\nbest by validation: {best}; chosen by the rule (within 0.0005, simplest): {simple}")
 
 

@@ -405,3 +405,39 @@ def test_rotating_holdout_gives_the_policy_a_fresh_slice_each_epoch():
     assert policy_epochs[0] != policy_epochs[1]
     with pytest.raises(ValueError, match="policy_rotating = 1.5"):
         _trainer(Recorder(), policy_rotating=1.5)
+
+
+@pytest.mark.parametrize("prior", [0.5, 0.9])
+def test_policy_init_tuned_sets_the_untrained_gates_and_keeps_the_pretrained_predictions(
+        tmp_path, prior):
+    from autoft_fast.models import build_transfer_model
+    from autoft_fast.train.trainer import evaluate
+    cfg, bundle, _, fresh = _pretrained(tmp_path, autoft={"policy_init_tuned": prior})
+    m = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model, cfg.autoft)
+    batch = bundle.splits["target_train"].slice(0, 512)
+    m.train()
+    torch.manual_seed(0)
+    m(batch)
+    # last_gates hold (z0, z1) per gate; z1 = 1 is the tuned path.
+    gates = torch.cat([m.last_gates["field"][..., 1].reshape(-1),
+                       m.last_gates["layer"][..., 1].reshape(-1)])
+    # Bernoulli(prior) draws: the share of tuned choices within 4 standard errors.
+    se = (prior * (1 - prior) / gates.numel()) ** 0.5
+    assert abs(gates.mean().item() - prior) < 4 * se
+    m.eval()
+    m(batch)
+    assert bool((m.last_gates["field"][..., 1] == (1.0 if prior > 0.5 else 0.0)).all())
+    # Whichever path the argmax takes, the untrained model is the pre-trained one.
+    got = evaluate(m, bundle.splits["target_valid"])
+    want = evaluate(build_transfer_model("source_only", fresh(), bundle.feature_map, cfg.model,
+                                         cfg.autoft), bundle.splits["target_valid"])
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+
+
+def test_policy_init_tuned_refuses_a_certain_prior():
+    from autoft_fast.models import PolicyNetwork
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="policy_init_tuned"):
+            AutoFTConfig.from_dict({"policy_init_tuned": bad})
+        with pytest.raises(ValueError, match="init_tuned"):
+            PolicyNetwork(4, [8], 3, init_tuned=bad)

@@ -194,9 +194,15 @@ class AutoFTConfig(_Section):
         "start on all target training rows under the policy's noise-free choices, early "
         "stopped as usual (DARTS's search-then-retrain, Liu et al. 2019). true / false are "
         "read as continue / none"))
+    policy_init_tuned: float = setting(0.5, minimum=0.0, maximum=1.0, min_open=True,
+                                       max_open=True, doc=(
+        "the untrained policy's probability of the tuned path on every gate (the bias of its "
+        "last layer; its weights start at zero): 0.5 = fair coins; near 1 the AutoFT model "
+        "starts as finetune_all with a few frozen draws (a Mixout-like regulariser, Lee et "
+        "al. 2020) and turns a gate frozen only where the loss says so"))
     policy_warmup: int = setting(0, minimum=0, doc=(
-        "epochs at the start in which the policy does not step: its last layer starts at "
-        "zero, so the gates are fair coins and the tuned copy trains under random mixing with "
+        "epochs at the start in which the policy does not step: its gates keep the prior "
+        "policy_init_tuned (fair coins by default), so the tuned copy trains under random mixing with "
         "the frozen one (a regulariser in the spirit of Mixout, Lee et al. 2020) before the "
         "policy chooses (with policy_warmup_gates: tuned, every gate is forced tuned instead); "
         "warm-up epochs are never the best epoch. 0 (no warm-up): chosen on validation AUC "

@@ -162,7 +162,8 @@ class TransferModel(nn.Module):
             self.value_frequencies = ValueFrequencies(*value_counts)
         if num_gates:
             width = _POLICY_INPUT_WIDTH[cfg.policy_input](net)
-            self.policy = PolicyNetwork(width, cfg.policy_hidden_units, num_gates)
+            self.policy = PolicyNetwork(width, cfg.policy_hidden_units, num_gates,
+                                        init_tuned=cfg.policy_init_tuned)
             self.policy.to(next(net.parameters()).device)
         self._l2sp_names = [n for n, p in net.named_parameters() if p.requires_grad] \
             if row.l2sp else []

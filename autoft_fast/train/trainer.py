@@ -135,8 +135,8 @@ class Trainer:
       optimizer takes one step on the next batch of `policy_data` (cycled, reshuffled each
       pass), so the policy is judged on rows the tuned copy is not fitted to. Without it the
       policy steps on the training batches together with the model.
-    - `policy_warmup`: the first N epochs leave the policy untouched (its last layer starts
-      at zero, so the gates are fair coins) or, with `policy_warmup_gates="tuned"`, force
+    - `policy_warmup`: the first N epochs leave the policy untouched (its gates keep the
+      prior `policy_init_tuned`, fair coins by default) or, with `policy_warmup_gates="tuned"`, force
       every gate tuned; these epochs never become the best epoch nor count toward patience,
       since their validation score is not that of a policy that chooses.
     - `policy_rotating`: instead of a fixed `policy_data` slice, every epoch holds a fresh
