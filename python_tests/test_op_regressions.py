@@ -174,3 +174,23 @@ def test_reference_compiles_with_seeded_noise():
     compiled_unseeded = torch.compile(lambda i, l: fwd(i, l, None), fullgraph=True, backend="aot_eager")
     g = compiled_unseeded(idx, logits)[1]
     assert set(g.sum(-1).flatten().tolist()) == {1.0}
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=lambda p: str(p))
+def test_hard_choice_without_noise_is_the_rule_d_over_tau_in_float32(backend, device):
+    # Logit differences near zero and tiny ones whose d / tau underflows to 0 (the frozen
+    # row, a tie): the evaluation path's choice must be the contract's x = d / tau > 0.
+    tiny = torch.finfo(torch.float32).tiny
+    d = torch.tensor([0.0, -0.0, 1e-45, -1e-45, tiny, 2 * tiny, 1e-30, -1e-30, 6e-8, -6e-8,
+                      1.0, -1.0, float("nan"), float("inf"), float("-inf")])
+    for tau in (0.5, 1.0, 5.0, 1e30):
+        n = d.numel()
+        logits = torch.stack([torch.zeros(n), d], dim=1).to(device)
+        frozen = torch.zeros(4, 2, device=device)
+        tuned = torch.ones(4, 2, device=device, requires_grad=True)
+        idx = torch.arange(n, device=device) % 4
+        out, gates = autoft_fast.gated_embedding(idx, frozen, tuned, logits, tau=tau, hard=True,
+                                                 noise=False, backend=backend)
+        want = ((d / tau) > 0).float()
+        assert gates[:, 1].cpu().tolist() == want.tolist(), (backend, tau)
+        assert out[:, 0].detach().cpu().tolist() == want.tolist(), (backend, tau)

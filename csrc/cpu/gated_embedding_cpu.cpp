@@ -115,6 +115,10 @@ inline vec4::f32x4 neg_abs(vec4::f32x4 v) {
 // compares false (the frozen row), and an exact tie goes to the frozen row.
 inline vec4::i32x4 hard_pick(const GateInputs& in, bool noise, float tau) {
   using vec4::splat;
+  if (!noise) {
+    // Without noise the rule itself is one division and a compare (the evaluation path).
+    return (in.d / splat(tau)) > splat(0.0f);
+  }
   const vec4::f32x4 e = vec4::exp_nonpositive(neg_abs(in.d));  // exp(-|d|), no overflow
   const vec4::i32x4 d_positive = in.d >= splat(0.0f);
   const vec4::f32x4 lhs = d_positive ? in.a : in.a * e;
