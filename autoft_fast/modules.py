@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import fused_optim, quant
+from .ops import fused_optim, memory, quant
 from .ops.functional import gated_embedding, gated_embedding_bag
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
@@ -218,6 +218,20 @@ class EmbeddingTable(FusedTableMixin, nn.Embedding):
         (1, True)
     """
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, *args, _weight=None,
+                 device=None, dtype=None, **kwargs):
+        fresh = _weight is None and len(args) < 6  # the 6th positional is nn.Embedding's _weight
+        if fresh:
+            # nn.Embedding's own init (normal_, then the padding row zeroed), in memory
+            # advised for huge pages where that applies (ops/memory.py); the same random draws.
+            _weight = memory.empty((num_embeddings, embedding_dim), device=device, dtype=dtype)
+            with torch.no_grad():
+                nn.init.normal_(_weight)
+        super().__init__(num_embeddings, embedding_dim, *args, _weight=_weight, device=device,
+                         dtype=dtype, **kwargs)
+        if fresh:
+            self._fill_padding_idx_with_zero()
+
     @property
     def fused_weight(self) -> nn.Parameter:
         return self.weight
@@ -285,10 +299,11 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
             raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
                              f"{embedding_dim} must both be positive")
         check_backend_name(backend)
-        weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        # Both tables in memory advised for huge pages where that applies (ops/memory.py).
+        weight = memory.empty((num_embeddings, embedding_dim), device=device, dtype=dtype)
         nn.init.normal_(weight)
-        self.tuned_weight = nn.Parameter(weight.clone())
         self.register_buffer("frozen_weight", self._store_frozen(weight, frozen_dtype))
+        self.tuned_weight = nn.Parameter(weight)
         self.sparse = bool(sparse)
         if self.sparse:
             keep_sparse_grad_coalesced(self.tuned_weight)
@@ -299,13 +314,14 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
 
     def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
         if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:
-            return weight.detach().clone()
+            return memory.copy(weight.detach())
         allowed = frozen_dtypes_for(weight.dtype)
         if quant.check_frozen_dtype(frozen_dtype) not in allowed:
             names = [n for n, d in quant.FROZEN_DTYPES.items() if d in allowed]
             raise ValueError(f"frozen_dtype = {frozen_dtype!r} is not a precision the op reads "
                              f"under a {weight.dtype} tuned table; choose one of {names}")
-        return quant.to_frozen_dtype(weight, frozen_dtype)
+        stored = quant.to_frozen_dtype(weight, frozen_dtype)
+        return memory.copy(stored) if memory.wanted(stored) else stored
 
     @property
     def fused_weight(self) -> nn.Parameter:

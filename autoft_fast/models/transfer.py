@@ -40,14 +40,12 @@ choice; a tuned batch-norm layer therefore sees the whole batch for its statisti
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
 from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
-from ..ops import gumbel_gates
+from ..ops import gumbel_gates, memory
 from ..ops.philox import uniforms_tensor
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
@@ -62,8 +60,9 @@ _FORCE_MARGIN = 1.0e4
 
 
 def _copy(pretrained: BaseCTRModel) -> BaseCTRModel:
-    """A deep copy without the gradients the pre-training may have left on the parameters."""
-    clone = copy.deepcopy(pretrained)
+    """A deep copy without the gradients the pre-training may have left on the parameters;
+    its large tables in memory advised for huge pages (autoft_fast.ops.memory)."""
+    clone = memory.deepcopy_module(pretrained)
     for p in clone.parameters():
         p.grad = None
     return clone

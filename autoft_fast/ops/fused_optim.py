@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from . import memory
+
 STEP = "step"
 
 
@@ -145,7 +147,8 @@ class FusedOptimizer:
         state = {STEP: torch.zeros((), dtype=torch.int64, device=weight.device)}
         for name, kind in self.rule.state.items():
             shape = (v,) if kind == "row" else (v, d)
-            state[name] = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+            # Rows are read and written at random: huge pages where they apply (ops/memory.py).
+            state[name] = memory.zeros(shape, dtype=torch.float32, device=weight.device)
         return state
 
     def check_state(self, weight: torch.Tensor, state) -> None:
