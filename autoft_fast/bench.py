@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import autoft_fast
-from autoft_fast.ops import quant, registry
+from autoft_fast.ops import memory, quant, registry
 from autoft_fast.ops.fused_optim import FusedOptimizer
 
 DEFAULT_SHAPES = ["16:1000000", "64:1000000", "16:100000"]
@@ -92,8 +92,10 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
                 tau=1.0):
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, rows, (batch, fields), generator=gen).to(device)
-    frozen = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype)
-    tuned = torch.nn.Parameter(frozen.clone())
+    # Every table as the library places its own (ops/memory.py: huge pages for large CPU
+    # tables, unless AUTOFT_FAST_HUGE_PAGES=0), the floor's and the eager rows' alike.
+    frozen = memory.copy(torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype))
+    tuned = torch.nn.Parameter(memory.copy(frozen))
     logits = torch.nn.Parameter(torch.randn(batch, fields, 2, generator=gen).to(device))
     target = torch.randn(batch, fields, dim, generator=gen).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -109,9 +111,9 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
         providers["torch.compile(eager)"] = lambda: compiled(idx, frozen, tuned, logits, tau, False)
     # As GatedEmbedding(sparse=True) does: keep the CPU backward's coalesced gradient marked.
     # Its own Parameter, so that the hook's check never runs on the eager providers' gradients.
-    tuned_fast = torch.nn.Parameter(frozen.clone())
+    tuned_fast = torch.nn.Parameter(memory.copy(frozen))
     autoft_fast.keep_sparse_grad_coalesced(tuned_fast)
-    frozen_int8 = quant.quantize_int8(frozen)
+    frozen_int8 = memory.copy(quant.quantize_int8(frozen))
     for name in backends:
         for sparse in (False, True):
             providers[f"autoft_fast {name} ({'sparse' if sparse else 'dense'})"] = (
@@ -123,7 +125,7 @@ def bench_shape(batch, fields, dim, rows, *, device, dtype, reps, warmup, compil
     for name in backends:
         for kind in FUSED_KINDS:
             opt = FusedOptimizer(kind, lr=1e-3)
-            t_fused = torch.nn.Parameter(frozen.clone())
+            t_fused = torch.nn.Parameter(memory.copy(frozen))
             state = opt.new_state(t_fused)
             key = f"autoft_fast {name} (fused {kind})"
             providers[key] = (lambda name=name, opt=opt, t=t_fused, state=state:
@@ -285,7 +287,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"# gated embedding op benchmark: B={args.batch}, F={args.fields}, {args.dtype}, "
           f"device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; lower of two medians of {args.reps}")
+          f"{platform.processor() or platform.machine()}; lower of two medians of {args.reps}; "
+          f"huge-page tables {'on' if memory.enabled() else 'off'}")
     results = {}
     for d, v in shapes:
         rows_out, floor, (table_bytes, int8_bytes) = bench_shape(

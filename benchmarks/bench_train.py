@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import resource
 import statistics
 import sys
@@ -35,6 +36,7 @@ from torch import nn
 from autoft_fast.config.sections import TrainConfig
 from autoft_fast.data import FeatureMap, FieldInfo, TensorData
 from autoft_fast.models import AutoFTConfig, ModelConfig, build_base_model, build_transfer_model
+from autoft_fast.ops import memory
 from autoft_fast.train.trainer import Trainer
 
 NUM_FIELDS = 26
@@ -306,7 +308,10 @@ def main(argv=None) -> int:
     vs = sorted(set(args.vs))
     print(f"# training step, {NUM_FIELDS} fields, D={MODEL['embedding_dim']}, DNN "
           f"{MODEL['hidden_units']}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps after {args.warmup} warm-up, median of {args.rounds} rounds\n")
+          f"{args.steps} steps after {args.warmup} warm-up, median of {args.rounds} rounds; "
+          f"the library's huge-page tables {'on' if memory.enabled() else 'off'}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} "
+          f"(torch's own huge-page advice, which the plain baseline gets only from it)\n")
     print("| V | strategy | ms/step | samples/s | peak RSS (MB) |")
     print("| --- | --- | ---: | ---: | ---: |")
     results: dict[int, dict[str, dict]] = {}
