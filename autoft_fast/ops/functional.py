@@ -54,6 +54,9 @@ class _FusedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tuned_weight, logits, row, optimizer, state, inputs):
         indices, frozen_weight, seed, uniforms, tau, hard, noise = inputs
+        # An unused gates output reaches the backward as None, not as a zero tensor that
+        # would be allocated, filled and read for nothing (the backward handles None).
+        ctx.set_materialize_grads(False)
         ctx.row, ctx.optimizer, ctx.state, ctx.inputs = row, optimizer, state, inputs
         ctx.tuned_weight = tuned_weight
         ctx.logits_shape = logits.shape
