@@ -74,10 +74,13 @@ CANDIDATES = {
     # A budget makes the policy choose where the tuned path matters; the frequency input
     # tells it which values the target saw often.
     "train+freq+budget0.8": {"policy_input": "frozen+freq", "tuned_budget": 0.8},
+    # The premise as a rule for the field gates: frozen where the value is rare in the target
+    # training rows, the threshold chosen on validation; the layer gates as in "train".
+    "frequency": {"field_policy": "frequency"},
 }
 # The settings that switch nothing on; every candidate states them, so that the table does
 # not depend on the defaults.
-NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5}
+NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5, "field_policy": "network"}
 for _c in CANDIDATES.values():
     for _k, _v in NEUTRAL.items():
         _c.setdefault(_k, _v)

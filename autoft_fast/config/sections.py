@@ -194,6 +194,19 @@ class AutoFTConfig(_Section):
         "start on all target training rows under the policy's noise-free choices, early "
         "stopped as usual (DARTS's search-then-retrain, Liu et al. 2019). true / false are "
         "read as continue / none"))
+    field_policy: str = setting("network", choices=("network", "frequency"), doc=(
+        "what chooses the field gates of autoft and autoft_field: network = the policy "
+        "network (Gumbel-softmax gates, trained as policy_objective says); frequency = "
+        "the method's premise as a per-instance rule: a lookup takes the frozen row when its "
+        "value occurs at most k times in the target training rows (a bag: its mean "
+        "log(1 + count)), else the tuned row. The model is first trained with k = 0 (every "
+        "seen value tuned); k is then chosen among 0 and frequency_thresholds on validation "
+        "AUC (model selection, as compare --tune does); with k > 0 the model is trained "
+        "again from the pre-trained start under that rule and kept if its validation AUC is "
+        "higher. Layer gates stay with the network"))
+    frequency_thresholds: list[float] = setting([10.0, 30.0, 100.0], minimum=0.0, doc=(
+        "with field_policy: frequency, the thresholds k tried besides 0 (counts in the "
+        "target training rows)"))
     policy_init_tuned: float = setting(0.5, minimum=0.0, maximum=1.0, min_open=True,
                                        max_open=True, doc=(
         "the untrained policy's probability of the tuned path on every gate (the bias of its "
@@ -226,6 +239,12 @@ class AutoFTConfig(_Section):
         "learning rate of the policy's own optimizer (None: finetune.lr)"))
     policy_weight_decay: float | None = setting(None, minimum=0.0, doc=(
         "weight decay of the policy's optimizer (None: finetune.weight_decay)"))
+
+    def check(self, section: str) -> None:
+        if self.field_policy == "frequency" and self.policy_objective == "heldout":
+            raise ConfigError(f"{section}: field_policy: frequency trains on every target "
+                              "training row and chooses its threshold on validation; it does "
+                              "not combine with policy_objective: heldout")
 
     def tau_at(self, progress: float) -> float:
         """The temperature at training progress ``progress`` in [0, 1] (0 = start, 1 = end).

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ValueFrequencies", "count_rows"]
+__all__ = ["FrequencyRule", "ValueFrequencies", "count_rows"]
 
 
 def count_rows(data, num_rows: int) -> torch.Tensor:
@@ -81,3 +81,54 @@ class ValueFrequencies(nn.Module):
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         # Source features of every field first, then target ones.
         return torch.cat((x[..., 0], x[..., 1]), dim=1)
+
+
+class FrequencyRule(nn.Module):
+    """The frequency field policy (``autoft.field_policy: frequency``): per instance and
+    field, the tuned row when the instance's value occurs more than ``threshold`` times in the
+    target training rows, the frozen row otherwise.
+
+    That is the method's premise stated as a rule: a row the target saw often can be
+    re-learnt from the target; a row it saw a few times is moved by a few noisy optimizer
+    steps, and the pre-trained row is the better estimate. A multi-hot bag is judged by the
+    mean log(1 + count) of its tokens against log(1 + threshold). The counts and the
+    threshold are buffers: a saved model predicts with the rule it was trained with.
+
+    Example::
+
+        >>> rule = FrequencyRule(count_rows(target_train, V))
+        >>> rule.set_threshold(30)
+        >>> rule.tuned(batch, net).shape        # [B, F], True = the tuned row
+    """
+
+    def __init__(self, target_counts: torch.Tensor):
+        super().__init__()
+        if target_counts.dim() != 1:
+            raise ValueError(f"target_counts must be 1-D [num_rows], got shape "
+                             f"{tuple(target_counts.shape)}")
+        # float32 holds every count up to 2**24 exactly; larger ones are far above any threshold.
+        self.register_buffer("counts", target_counts.to(torch.float32).clamp(max=2.0 ** 24))
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+
+    def set_threshold(self, k: float) -> None:
+        """Set the count at or below which a value takes the frozen row (``k >= 0``)."""
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0 \
+                or k == float("inf"):
+            raise ValueError(f"frequency threshold = {k!r} must be a finite number >= 0")
+        self.threshold.fill_(float(k))
+
+    def tuned(self, batch, net) -> torch.Tensor:
+        """Bool ``[B, F]`` in the field order of ``net`` (single-valued, then multi-hot)."""
+        parts = []
+        if net.single_fields:
+            parts.append(self.counts[batch.sparse] > self.threshold)
+        if net.multihot_fields:
+            ids = batch.multihot                                          # [B, Fm, L]
+            mask = (ids != net.multihot_pad.view(1, -1, 1)).to(self.counts.dtype)
+            logs = torch.log1p(self.counts[ids]) * mask
+            mean = logs.sum(2) / mask.sum(2).clamp_min(1.0)
+            parts.append(mean > torch.log1p(self.threshold))
+        if not parts:
+            return torch.zeros(batch.label.shape[0], 0, dtype=torch.bool,
+                               device=self.counts.device)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -49,7 +49,7 @@ from ..ops import gumbel_gates, memory
 from ..ops.philox import uniforms_tensor
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
-from .frequency import ValueFrequencies
+from .frequency import FrequencyRule, ValueFrequencies
 from .policy import PolicyNetwork
 
 __all__ = ["FIELD_GATED", "LAYER_GATED", "STRATEGIES", "TransferModel", "build_transfer_model"]
@@ -159,6 +159,13 @@ class TransferModel(nn.Module):
                                  "value_counts=(source_counts, target_counts) (see "
                                  "autoft_fast.models.frequency.count_rows)")
             self.value_frequencies = ValueFrequencies(*value_counts)
+        self.frequency_rule: FrequencyRule | None = None
+        if self.field_gate_names and cfg.field_policy == "frequency":
+            if value_counts is None:
+                raise ValueError("autoft.field_policy = 'frequency' needs the value counts of "
+                                 "the target training rows: pass value_counts=(source_counts, "
+                                 "target_counts) (see autoft_fast.models.frequency.count_rows)")
+            self.frequency_rule = FrequencyRule(value_counts[1])
         if num_gates:
             width = _POLICY_INPUT_WIDTH[cfg.policy_input](net)
             self.policy = PolicyNetwork(width, cfg.policy_hidden_units, num_gates,
@@ -359,12 +366,32 @@ class TransferModel(nn.Module):
         with torch.no_grad():  # detached: the policy's input does not move with the tuned copy
             x = _POLICY_INPUTS[self.autoft_config.policy_input](self, batch)
         if self._forced is None:
-            return self.policy(x)
+            logits = self.policy(x)
+            if self.frequency_rule is not None:
+                # The field gates from the frequency rule, by a margin no noise overturns.
+                nf = len(self.field_gate_names)
+                sign = self.frequency_rule.tuned(batch, self.net).to(logits.dtype) * 2 - 1
+                rule = torch.stack((-sign, sign), dim=-1) * _FORCE_MARGIN
+                logits = torch.cat((rule, logits[:, nf:]), dim=1)
+            return logits
         sign = 1.0 if self._forced == "tuned" else -1.0
         logits = x.new_empty(x.shape[0], self.policy.num_gates, 2)
         logits[..., 0] = -sign * _FORCE_MARGIN
         logits[..., 1] = sign * _FORCE_MARGIN
         return logits
+
+    def set_frequency_threshold(self, k: float) -> None:
+        """With ``autoft.field_policy: frequency``: the count at or below which a field's
+        lookup takes the frozen row (see :class:`~autoft_fast.models.frequency.FrequencyRule`).
+
+        Example::
+
+            >>> model.set_frequency_threshold(30)
+        """
+        if self.frequency_rule is None:
+            raise ValueError(f"strategy {self.strategy!r} has no frequency field policy "
+                             "(autoft.field_policy: frequency, field-gated strategies only)")
+        self.frequency_rule.set_threshold(k)
 
     def _gated_fields(self, batch, single_logits, multihot_logits, multihot_uniforms, noise: bool):
         net, cfg = self.net, self.autoft_config

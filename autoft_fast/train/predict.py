@@ -249,8 +249,9 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     encoder = RowEncoder(data_cfg, fm, info["vocabularies"])
     pretrained = build_base_model(fm, mcfg) if row.needs_pretrained else None
     value_counts = None
-    if row.has_policy and "freq" in acfg.policy_input:
-        # Placeholders: the trained frequency table is a buffer of model.pt.
+    if row.has_policy and ("freq" in acfg.policy_input
+                           or (row.field_policy and acfg.field_policy == "frequency")):
+        # Placeholders: the trained frequency tables (and threshold) are buffers of model.pt.
         zeros = torch.zeros(fm.num_rows)
         value_counts = (zeros, zeros)
     model = build_transfer_model(strategy, pretrained, fm, mcfg, acfg, value_counts=value_counts)

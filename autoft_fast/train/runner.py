@@ -354,6 +354,55 @@ def _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strate
         "train_seconds": fit.train_seconds + second.train_seconds}
 
 
+def _valid_auc(model, valid, batch_size, device) -> float:
+    return float(compute_metrics(valid.label, predict(model, valid, batch_size,
+                                                      device=device))["auc"])
+
+
+def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strategy,
+                     value_counts, *, resume, progress, device):
+    """autoft.field_policy: frequency. ``model`` was trained with threshold 0 (every value the
+    target saw takes the tuned row). Each threshold of frequency_thresholds is scored on the
+    validation split with that model (the rule applied to its weights); the best, if above
+    0's score, is trained again from the pre-trained start under the rule and kept when its
+    best validation AUC beats the first model's. Returns (the kept model, record fields)."""
+    valid = bundle.splits["target_valid"]
+    batch = cfg.finetune.eval_batch_size
+    scan = {}
+    for k in [0.0] + [float(k) for k in cfg.autoft.frequency_thresholds]:
+        model.set_frequency_threshold(k)
+        scan[k] = _valid_auc(model, valid, batch, device)
+    best_k = max(scan, key=lambda k: (scan[k], -k))  # ties: the smaller threshold
+    model.set_frequency_threshold(0.0)
+    fields = {"frequency_scan": {f"{k:g}": v for k, v in scan.items()},
+              "frequency_threshold": 0.0, "frequency_retrained": False}
+    if best_k == 0.0:
+        return model, fields
+    again = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft,
+                                 value_counts=value_counts)
+    again.set_frequency_threshold(best_k)
+    again.to(device)
+    trainer = Trainer(again, cfg.finetune, checkpoint_path=out_dir / "last_frequency.pt",
+                      seed=seed + 1, tau_schedule=_tau_schedule(cfg),
+                      policy_lr=cfg.autoft.policy_lr,
+                      policy_weight_decay=cfg.autoft.policy_weight_decay, domain_names=domains,
+                      desc=f"{strategy} seed {seed} k={best_k:g}", progress=progress,
+                      device=device)
+    second = trainer.fit(bundle.splits["target_train"], valid, resume=resume)
+    (out_dir / "last_frequency.pt").unlink(missing_ok=True)
+    fields.update(frequency_first_valid_best=fit.best_metric,
+                  frequency_second_valid_best=second.best_metric,
+                  epochs_run=fit.epochs_run + second.epochs_run,
+                  train_seconds=fit.train_seconds + second.train_seconds,
+                  history=fit.history + [dict(h, stage=f"k={best_k:g}") for h in second.history])
+    if second.best_metric > fit.best_metric:
+        fields.update(frequency_threshold=best_k, frequency_retrained=True,
+                      best_epoch=second.best_epoch, valid_best=second.best_metric,
+                      best_at_cap=second.best_at_cap)
+        return again, fields
+    return model, fields
+
+
 @distributed.main_then_broadcast  # torchrun: only rank 0 writes files
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
@@ -434,7 +483,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
             # The policy's rows are never used for model weights (see train/holdout.py).
             train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
     value_counts = None
-    if row.has_policy and "freq" in acfg.policy_input:
+    frequency = row.field_policy and acfg.field_policy == "frequency"
+    if row.has_policy and ("freq" in acfg.policy_input or frequency):
         num_rows = bundle.feature_map.num_rows
         value_counts = (count_rows(bundle.splits["source_train"], num_rows),
                         count_rows(train, num_rows))
@@ -469,6 +519,11 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                                     device=device)
             rec.update(stage)
             train = bundle.splits["target_train"]  # the rows the returned model was fitted to
+        if frequency:
+            model, stage = _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir,
+                                            domains, strategy, value_counts, resume=resume,
+                                            progress=progress, device=device)
+            rec.update(stage)
     rec["epoch_cap"] = cfg.finetune.epochs
     rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):

@@ -1,0 +1,129 @@
+"""autoft.field_policy: frequency: field gates from the value's target frequency."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autoft_fast.config import AutoFTConfig, ConfigError
+from autoft_fast.models import build_transfer_model
+from autoft_fast.models.frequency import FrequencyRule, count_rows
+from autoft_fast.train.trainer import evaluate, predict
+
+from test_policy_learning import _pretrained
+
+
+class _Net:  # what FrequencyRule.tuned reads of a base model
+    def __init__(self, singles, multihots, pad):
+        self.single_fields, self.multihot_fields = singles, multihots
+        self.multihot_pad = torch.tensor(pad)
+
+
+class _Batch:
+    def __init__(self, sparse, multihot):
+        self.sparse, self.multihot = sparse, multihot
+        self.label = torch.zeros(sparse.shape[0])
+
+
+def test_rule_compares_counts_and_bags_by_their_mean_log_count():
+    counts = torch.tensor([0.0, 5.0, 30.0, 31.0, 100.0, 0.0, 2.0, 200.0])  # row 5: the bag's pad
+    rule = FrequencyRule(counts)
+    net = _Net(["a", "b"], ["tags"], [5])
+    batch = _Batch(torch.tensor([[1, 2], [3, 4], [0, 1]]),
+                   torch.tensor([[[6, 7, 5]], [[6, 6, 5]], [[5, 5, 5]]]))
+    assert rule.tuned(batch, net).tolist() == [[True, True, True], [True, True, True],
+                                               [False, True, False]]
+    rule.set_threshold(30)
+    # bag [2, 200]: mean log1p = (log 3 + log 201) / 2 = log(24.6) > log(31): False
+    want_bag0 = (math.log1p(2) + math.log1p(200)) / 2 > math.log1p(30)
+    assert rule.tuned(batch, net).tolist() == [[False, False, want_bag0],
+                                               [True, True, False], [False, False, False]]
+    for bad in (-1, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="frequency threshold"):
+            rule.set_threshold(bad)
+    with pytest.raises(ValueError, match="1-D"):
+        FrequencyRule(torch.zeros(2, 3))
+
+
+def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
+    cfg, bundle, _, fresh = _pretrained(tmp_path, autoft={
+        "policy_objective": "train", "field_policy": "frequency", "policy_warmup": 0})
+    train = bundle.splits["target_train"]
+    counts = count_rows(train, bundle.feature_map.num_rows)
+    m = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model, cfg.autoft,
+                             value_counts=(counts, counts))
+    with torch.no_grad():  # a policy network with opinions: it must not decide the fields
+        for p in m.policy.parameters():
+            p.normal_(0.0, 3.0)
+    batch = train.slice(0, 256)
+    ns = len(m.net.single_fields)
+    for k in (0.0, 3.0, 1e6):
+        m.set_frequency_threshold(k)
+        want = counts[batch.sparse] > k
+        for mode in (m.train, m.eval):
+            mode()
+            m(batch)
+            got = m.last_gates["field"][:, :ns, 1] == 1.0
+            assert torch.equal(got, want), (k, mode)
+    m.train()
+    m(batch)
+    layers = m.last_gates["layer"][..., 1]
+    assert 0 < layers.mean().item() < 1  # the layer gates are the network's, noisy draws
+    with pytest.raises(ValueError, match="value counts"):
+        build_transfer_model("autoft_field", fresh(), bundle.feature_map, cfg.model, cfg.autoft)
+    plain = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model,
+                                 AutoFTConfig.from_dict({}))
+    with pytest.raises(ValueError, match="no frequency field policy"):
+        plain.set_frequency_threshold(3)
+
+
+def test_frequency_policy_refuses_the_heldout_objective():
+    with pytest.raises(ConfigError, match="field_policy: frequency"):
+        AutoFTConfig.from_dict({"field_policy": "frequency", "policy_objective": "heldout"})
+    with pytest.raises(ConfigError, match="field_policy"):
+        AutoFTConfig.from_dict({"field_policy": "rule"})
+
+
+@pytest.mark.parametrize("favour", [None, 5.0])
+def test_run_scans_thresholds_on_validation_and_keeps_the_better_model(tmp_path, monkeypatch,
+                                                                      favour):
+    from autoft_fast.train import runner
+    from autoft_fast.train.predict import load_run
+    from autoft_fast.train.runner import run_strategy
+    cfg, bundle, state, fresh = _pretrained(tmp_path, autoft={
+        "policy_objective": "train", "field_policy": "frequency", "policy_warmup": 0,
+        "frequency_thresholds": [2.0, 5.0]})
+    if favour is not None:  # the scan's score made to prefer one threshold: the retrain path
+        real = runner._valid_auc
+
+        def scored(model, *args):
+            bonus = 0.5 if float(model.frequency_rule.threshold) == favour else 0.0
+            return real(model, *args) * 0.1 + bonus
+        monkeypatch.setattr(runner, "_valid_auc", scored)
+    out = tmp_path / "freq"
+    rec = run_strategy(cfg, bundle, state, "autoft_field", 0, out, keep_model=True)
+    if favour is not None:
+        assert max(rec["frequency_scan"], key=rec["frequency_scan"].get) == "5"
+        assert rec["frequency_second_valid_best"] is not None
+    scan = rec["frequency_scan"]
+    assert list(scan) == ["0", "2", "5"] and all(0.0 <= v <= 1.0 for v in scan.values())
+    best = max(scan, key=lambda k: (scan[k], -float(k)))
+    if best == "0":
+        assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
+    else:  # trained again under the rule; kept only if its validation AUC is higher
+        kept = rec["frequency_second_valid_best"] > rec["frequency_first_valid_best"]
+        assert rec["frequency_retrained"] == kept
+        assert rec["frequency_threshold"] == (float(best) if kept else 0.0)
+        assert any(h.get("stage") == f"k={best}" for h in rec["history"])
+    assert not (out / "last_frequency.pt").exists()
+    # The saved model predicts with the rule it was kept with (counts and threshold).
+    run = load_run(out)
+    assert float(run.model.frequency_rule.threshold) == rec["frequency_threshold"]
+    test = bundle.splits["target_test"]
+    logits = predict(run.model, test, 4096)
+    import numpy as np
+    saved = np.load(out / "test_scores.npy")
+    np.testing.assert_allclose(logits.numpy(), saved, rtol=0, atol=1e-5)
+    assert evaluate(run.model, test)["auc"] == pytest.approx(rec["auc"], abs=1e-6)
