@@ -30,7 +30,8 @@ __all__ = ["RUN_COLUMNS", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "aggregate",
 BASELINE = "finetune_all"
 
 RUN_COLUMNS = ("strategy", "seed", "auc", "logloss", "best_epoch", "epochs_run", "epoch_cap",
-               "train_samples_per_s", "train_seconds", "wall_seconds", "target")
+               "train_samples_per_s", "train_seconds", "wall_seconds", "target",
+               "frequency_threshold")
 
 RESULT_COLUMNS = ("strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
                   "auc_gain_pct", "train_samples_per_s", "wall_seconds", "paired_seeds",
