@@ -36,6 +36,7 @@ from torch import nn
 from autoft_fast.config.sections import TrainConfig
 from autoft_fast.data import FeatureMap, FieldInfo, TensorData
 from autoft_fast.models import AutoFTConfig, ModelConfig, build_base_model, build_transfer_model
+from autoft_fast.models.frequency import count_rows
 from autoft_fast.ops import memory
 from autoft_fast.train.trainer import Trainer
 
@@ -172,10 +173,15 @@ def plain_stepper(fmap: FeatureMap, lr: float):
 
 
 def library_stepper(strategy: str, fmap: FeatureMap, pre, train_cfg: TrainConfig,
-                    autoft: dict | None = None):
-    """A step function of ``strategy`` as users get it: the library's model and trainer step."""
+                    autoft: dict | None = None, counts=None):
+    """A step function of ``strategy`` as users get it: the library's model and trainer step.
+    ``counts``: the id counts of the training rows (the frequency field policy's input, as
+    the runner passes them)."""
     acfg = AutoFTConfig.from_dict(autoft or {})
-    model = build_transfer_model(strategy, pre, fmap, MODEL, acfg)
+    model = build_transfer_model(strategy, pre, fmap, MODEL, acfg,
+                                 value_counts=None if counts is None else (counts, counts))
+    if model.frequency_rule is not None and counts is not None:
+        model.set_frequency_threshold(acfg.frequency_thresholds[0])  # the rule in use
     trainer = Trainer(model, train_cfg, seed=0, progress=False, policy_lr=acfg.policy_lr,
                       policy_weight_decay=acfg.policy_weight_decay)
     model.train()
@@ -211,6 +217,7 @@ def measure_v(v_rows: int, args, largest: bool) -> dict[str, dict]:
     train_cfg = TrainConfig.from_dict({"batch_size": args.batch_size})
     torch.manual_seed(0)
     pre = build_base_model(fmap, MODEL)  # the "pre-trained" weights: timing needs no training
+    counts = sum(count_rows(b, fmap.num_rows) for b in data)
     names = list(args.strategies) + [PLAIN] + ([INT8] if largest else [])
     times: dict[str, list[float]] = {n: [] for n in names}
     rss: dict[str, int] = {n: 0 for n in names}
@@ -223,9 +230,10 @@ def measure_v(v_rows: int, args, largest: bool) -> dict[str, dict]:
             if name == PLAIN:
                 model, step = plain_stepper(fmap, train_cfg.lr)
             elif name == INT8:
-                model, step = library_stepper("autoft", fmap, pre, train_cfg, {"frozen_dtype": "int8"})
+                model, step = library_stepper("autoft", fmap, pre, train_cfg, {"frozen_dtype": "int8"},
+                                              counts)
             else:
-                model, step = library_stepper(name, fmap, pre, train_cfg)
+                model, step = library_stepper(name, fmap, pre, train_cfg, counts=counts)
             times[name].append(time_steps(step, data, args.warmup, args.steps))
             rss[name] = max(rss[name], peak_rss_bytes())
             frozen[name] = frozen_table_bytes(model)

@@ -71,10 +71,16 @@ def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
     m(batch)
     layers = m.last_gates["layer"][..., 1]
     assert 0 < layers.mean().item() < 1  # the layer gates are the network's, noisy draws
+    blind = build_transfer_model("autoft_field", fresh(), bundle.feature_map, cfg.model,
+                                 cfg.autoft)  # no counts: no value is known to be rare
+    blind.eval()
+    blind(batch)
+    assert bool((blind.last_gates["field"][..., 1] == 1.0).all())
     with pytest.raises(ValueError, match="value counts"):
-        build_transfer_model("autoft_field", fresh(), bundle.feature_map, cfg.model, cfg.autoft)
+        blind.set_frequency_threshold(3)
+    blind.set_frequency_threshold(0)
     plain = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model,
-                                 AutoFTConfig.from_dict({}))
+                                 AutoFTConfig.from_dict({"field_policy": "network"}))
     with pytest.raises(ValueError, match="no frequency field policy"):
         plain.set_frequency_threshold(3)
 

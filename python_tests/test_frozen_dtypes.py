@@ -328,7 +328,8 @@ def test_transfer_model_forced_frozen_is_the_pretrained_model_on_the_stored_tabl
     pre = pretrained_model("deepfm", fmap, data)
     backend = LOW_BACKENDS[0] if LOW_BACKENDS else "reference"
     model = build_transfer_model("autoft", pre, fmap, model_cfg("deepfm"),
-                                 {"backend": backend, "frozen_dtype": frozen_dtype})
+                                 {"backend": backend, "frozen_dtype": frozen_dtype,
+                                  "field_policy": "network"})
     assert model.field_embedding.frozen_weight.dtype == quant.FROZEN_DTYPES[frozen_dtype]
     # The pre-trained model with its table replaced by the values the frozen copy stores.
     expected_model = copy.deepcopy(pre)

@@ -35,7 +35,8 @@ def _pair(strategy, name, backend, pre, fmap, **autoft):
     """Two equal models of ``strategy``: one pools its bags in the op, one in eager PyTorch."""
     torch.manual_seed(21)
     via_op = build_transfer_model(strategy, pre, fmap, model_cfg(name),
-                                  {"backend": backend, "tau": 1.0, **autoft})
+                                  {"backend": backend, "tau": 1.0, "field_policy": "network",
+                                   **autoft})
     eager = copy.deepcopy(via_op)
     eager._bags_in_op = lambda: False
     assert via_op._bags_in_op() and not eager._bags_in_op()

@@ -115,7 +115,7 @@ def test_strategy_trains_tuned_keeps_frozen(name, strategy, fmap, data):
     pre_state = snapshot(pre)
     torch.manual_seed(2)
     model = build_transfer_model(strategy, None if strategy == "target_only" else pre, fmap,
-                                 model_cfg(name), {"tau": 1.0})
+                                 model_cfg(name), {"tau": 1.0, "field_policy": "network"})
     before = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     groups = model.parameter_groups()
@@ -190,7 +190,7 @@ def test_policy_forced_to_frozen_is_the_pretrained_model(name, backend, fmap, da
     expected = pre(data)
     torch.manual_seed(4)
     model = build_transfer_model("autoft", pre, fmap, model_cfg(name, batch_norm=True, dropout=0.2),
-                                 {"backend": backend, "tau": 1.0})
+                                 {"backend": backend, "tau": 1.0, "field_policy": "network"})
     # An untrained policy outputs zero logits: the argmax tie goes to the frozen path.
     assert torch.equal(model.eval()(data), expected)
     train_steps(model, data, steps=5)
@@ -207,7 +207,7 @@ def test_policy_forced_to_frozen_is_the_pretrained_model(name, backend, fmap, da
     # ... and the test hook that overrides the policy.
     torch.manual_seed(5)
     model2 = build_transfer_model("autoft", pre, fmap, model_cfg(name, batch_norm=True, dropout=0.2),
-                                  {"backend": backend})
+                                  {"backend": backend, "field_policy": "network"})
     train_steps(model2, data, steps=3)
     model2.force_gates("frozen")
     assert torch.equal(model2.eval()(data), expected)
@@ -259,7 +259,8 @@ def test_layer_gates_hard_one_hot_with_gradient_to_policy(fmap, data):
 
 def test_soft_gates_mix_both_paths(fmap, data):
     pre = pretrained_model("dnn", fmap, data)
-    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"hard": False, "tau": 1.0})
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"hard": False, "tau": 1.0,
+                                                                  "field_policy": "network"})
     model.train()(data)
     for gates in model.last_gates.values():
         assert bool(((gates > 0) & (gates < 1)).all())
@@ -268,12 +269,13 @@ def test_soft_gates_mix_both_paths(fmap, data):
 
 def test_eval_gates_argmax_is_deterministic_sample_is_not(fmap, data):
     pre = pretrained_model("dnn", fmap, data)
-    argmax = build_transfer_model("autoft_field", pre, fmap, model_cfg("dnn"), {}).eval()
+    argmax = build_transfer_model("autoft_field", pre, fmap, model_cfg("dnn"),
+                                  {"field_policy": "network"}).eval()
     a = argmax(data)
     torch.manual_seed(123)
     assert torch.equal(argmax(data), a)
     sample = build_transfer_model("autoft_field", pre, fmap, model_cfg("dnn"),
-                                  {"eval_gates": "sample"}).eval()
+                                  {"eval_gates": "sample", "field_policy": "network"}).eval()
     sample(data)
     g1 = sample.last_gates["field"].clone()
     sample(data)
@@ -480,7 +482,8 @@ def test_policy_learns_to_route_each_instance_to_the_better_path(strategy, fmap,
         pre.layers["output"].linear.weight.zero_()
         pre.layers["output"].linear.bias.fill_(-3.0)
     model = build_transfer_model(strategy, pre, fmap, model_cfg("dnn", hidden_units=[]),
-                                 {"tau": 1.0, "policy_hidden_units": [16]})
+                                 {"tau": 1.0, "policy_hidden_units": [16],
+                                  "field_policy": "network"})
     with torch.no_grad():
         if strategy == "autoft_layer":
             model.net.layers["output"].linear.bias.fill_(3.0)

@@ -131,7 +131,7 @@ def test_value_frequencies_are_scaled_log_counts_per_field():
 def test_autoft_keys_are_declared_and_checked():
     cfg = AutoFTConfig.from_dict({"policy_objective": "heldout", "policy_holdout": 0.3,
                                   "policy_input": "frozen+freq", "tuned_budget": 0.4,
-                                  "policy_warmup": 2})
+                                  "policy_warmup": 2, "field_policy": "network"})
     assert cfg.policy_objective == "heldout" and cfg.tuned_budget == 0.4
     with pytest.raises(ConfigError, match="policy_objective"):
         AutoFTConfig.from_dict({"policy_objective": "valid"})
@@ -152,6 +152,8 @@ def _exp(tmp_path, **over):
            "autoft": {"policy_objective": "heldout", "policy_input": "frozen+freq",
                       "tuned_budget": 0.5, "policy_warmup": 1}}
     raw.update(over)
+    # These tests are about the policy network's field gates, unless a test says otherwise.
+    raw["autoft"] = {"field_policy": "network", **raw["autoft"]}
     return parse_config(raw, tmp_path)
 
 

@@ -49,7 +49,8 @@ def setup():
     return fm, pretrained(fm)
 
 
-AUTOFT = {"backend": "reference", "tau": 4.0, "anneal": "linear", "tau_min": 1.0}
+AUTOFT = {"backend": "reference", "tau": 4.0, "anneal": "linear", "tau_min": 1.0,
+          "field_policy": "network"}
 
 
 def _autoft_model(fm, base, seed):

@@ -194,7 +194,7 @@ class AutoFTConfig(_Section):
         "start on all target training rows under the policy's noise-free choices, early "
         "stopped as usual (DARTS's search-then-retrain, Liu et al. 2019). true / false are "
         "read as continue / none"))
-    field_policy: str = setting("network", choices=("network", "frequency"), doc=(
+    field_policy: str = setting("frequency", choices=("network", "frequency"), doc=(
         "what chooses the field gates of autoft and autoft_field: network = the policy "
         "network (Gumbel-softmax gates, trained as policy_objective says); frequency = "
         "the method's premise as a per-instance rule: a lookup takes the frozen row when its "
@@ -203,7 +203,8 @@ class AutoFTConfig(_Section):
         "seen value tuned); k is then chosen among 0 and frequency_thresholds on validation "
         "AUC (model selection, as compare --tune does); with k > 0 the model is trained "
         "again from the pre-trained start under that rule and kept if its validation AUC is "
-        "higher. Layer gates stay with the network"))
+        "higher. Layer gates stay with the network. frequency: chosen on validation AUC over "
+        "five synthetic settings (benchmarks/RESULTS.md, 'Policy learning defaults')"))
     frequency_thresholds: list[float] = setting([10.0, 30.0, 100.0], minimum=0.0, doc=(
         "with field_policy: frequency, the thresholds k tried besides 0 (counts in the "
         "target training rows)"))
@@ -244,7 +245,8 @@ class AutoFTConfig(_Section):
         if self.field_policy == "frequency" and self.policy_objective == "heldout":
             raise ConfigError(f"{section}: field_policy: frequency trains on every target "
                               "training row and chooses its threshold on validation; it does "
-                              "not combine with policy_objective: heldout")
+                              "not combine with policy_objective: heldout (set field_policy: "
+                              "network to train the policy network on a held-out slice)")
 
     def tau_at(self, progress: float) -> float:
         """The temperature at training progress ``progress`` in [0, 1] (0 = start, 1 = end).

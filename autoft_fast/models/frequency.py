@@ -101,24 +101,37 @@ class FrequencyRule(nn.Module):
         >>> rule.tuned(batch, net).shape        # [B, F], True = the tuned row
     """
 
-    def __init__(self, target_counts: torch.Tensor):
+    def __init__(self, target_counts: torch.Tensor | None):
         super().__init__()
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        if target_counts is None:
+            # Counts not given: no value is known to be rare, every lookup takes the tuned row
+            # (as threshold 0 does for every value the target saw) until counts are given.
+            self.counts = None
+            return
         if target_counts.dim() != 1:
             raise ValueError(f"target_counts must be 1-D [num_rows], got shape "
                              f"{tuple(target_counts.shape)}")
         # float32 holds every count up to 2**24 exactly; larger ones are far above any threshold.
         self.register_buffer("counts", target_counts.to(torch.float32).clamp(max=2.0 ** 24))
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
 
     def set_threshold(self, k: float) -> None:
         """Set the count at or below which a value takes the frozen row (``k >= 0``)."""
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0 \
                 or k == float("inf"):
             raise ValueError(f"frequency threshold = {k!r} must be a finite number >= 0")
+        if self.counts is None and k > 0:
+            raise ValueError("frequency threshold > 0 needs the value counts of the target "
+                             "training rows: build the model with value_counts=(source_counts, "
+                             "target_counts) (see autoft_fast.models.frequency.count_rows)")
         self.threshold.fill_(float(k))
 
     def tuned(self, batch, net) -> torch.Tensor:
         """Bool ``[B, F]`` in the field order of ``net`` (single-valued, then multi-hot)."""
+        if self.counts is None:
+            return torch.ones(batch.label.shape[0], len(net.single_fields) +
+                              len(net.multihot_fields), dtype=torch.bool,
+                              device=self.threshold.device)
         parts = []
         if net.single_fields:
             parts.append(self.counts[batch.sparse] > self.threshold)

@@ -161,11 +161,9 @@ class TransferModel(nn.Module):
             self.value_frequencies = ValueFrequencies(*value_counts)
         self.frequency_rule: FrequencyRule | None = None
         if self.field_gate_names and cfg.field_policy == "frequency":
-            if value_counts is None:
-                raise ValueError("autoft.field_policy = 'frequency' needs the value counts of "
-                                 "the target training rows: pass value_counts=(source_counts, "
-                                 "target_counts) (see autoft_fast.models.frequency.count_rows)")
-            self.frequency_rule = FrequencyRule(value_counts[1])
+            # Without value_counts every field lookup takes the tuned row (threshold 0 knows
+            # no rare value); the runner passes the target's counts and sets the threshold.
+            self.frequency_rule = FrequencyRule(None if value_counts is None else value_counts[1])
         if num_gates:
             width = _POLICY_INPUT_WIDTH[cfg.policy_input](net)
             self.policy = PolicyNetwork(width, cfg.policy_hidden_units, num_gates,
