@@ -118,8 +118,10 @@ def test_run_scans_thresholds_on_validation_and_keeps_the_better_model(tmp_path,
     best = max(scan, key=lambda k: (scan[k], -float(k)))
     if best == "0":
         assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
-    else:  # trained again under the rule; kept only if its validation AUC is higher
-        kept = rec["frequency_second_valid_best"] > rec["frequency_first_valid_best"]
+    else:  # trained again under the rule; kept only if its validation AUC is higher by
+        # DeLong's paired test (one-sided p below frequency_keep_p)
+        kept = (rec["frequency_second_valid_best"] > rec["frequency_first_valid_best"]
+                and rec["frequency_keep_p_value"] < cfg.autoft.frequency_keep_p)
         assert rec["frequency_retrained"] == kept
         assert rec["frequency_threshold"] == (float(best) if kept else 0.0)
         assert any(h.get("stage") == f"k={best}" for h in rec["history"])
@@ -133,3 +135,21 @@ def test_run_scans_thresholds_on_validation_and_keeps_the_better_model(tmp_path,
     saved = np.load(out / "test_scores.npy")
     np.testing.assert_allclose(logits.numpy(), saved, rtol=0, atol=1e-5)
     assert evaluate(run.model, test)["auc"] == pytest.approx(rec["auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("keep_p", [1.0, 1e-12])
+def test_keep_p_decides_whether_the_rule_s_model_is_kept(tmp_path, monkeypatch, keep_p):
+    from autoft_fast.train import runner
+    cfg, bundle, state, _ = _pretrained(tmp_path, autoft={
+        "policy_objective": "train", "field_policy": "frequency", "policy_warmup": 0,
+        "frequency_thresholds": [5.0], "frequency_keep_p": keep_p})
+    real = runner._valid_auc
+    monkeypatch.setattr(runner, "_valid_auc", lambda model, *a: real(model, *a) * 0.1 + (
+        0.5 if float(model.frequency_rule.threshold) == 5.0 else 0.0))
+    rec = runner.run_strategy(cfg, bundle, state, "autoft_field", 1, tmp_path / "k")
+    higher = rec["frequency_second_valid_best"] > rec["frequency_first_valid_best"]
+    assert 0.0 <= rec["frequency_keep_p_value"] <= 1.0
+    if keep_p == 1.0:  # kept whenever its validation AUC is higher
+        assert rec["frequency_retrained"] == higher
+    else:  # no validation split this small makes p that small: never kept
+        assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0

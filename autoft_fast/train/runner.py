@@ -32,6 +32,7 @@ from .report import (aggregate, markdown_summary, markdown_table, plot_auc, plot
                      summary_across_targets, tuned_fraction_by_frequency, write_policy_csv,
                      write_results_csv, write_runs_csv, write_summary_csv)
 from .predict import save_model
+from .stats import delong_test
 from .trainer import Trainer, predict
 
 __all__ = ["make_run_dir", "generate_data", "load_data", "pretrain", "pretrained_path",
@@ -364,8 +365,11 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     """autoft.field_policy: frequency. ``model`` was trained with threshold 0 (every value the
     target saw takes the tuned row). Each threshold of frequency_thresholds is scored on the
     validation split with that model (the rule applied to its weights); the best, if above
-    0's score, is trained again from the pre-trained start under the rule and kept when its
-    best validation AUC beats the first model's. Returns (the kept model, record fields)."""
+    0's score, is trained again from the pre-trained start under the rule and kept only when
+    its validation AUC beats the first model's by DeLong's paired test at one-sided p below
+    frequency_keep_p (on a small validation split a difference of a few thousandths is
+    noise, and the rule's model must not be picked on noise). Returns (the kept model,
+    record fields)."""
     valid = bundle.splits["target_valid"]
     batch = cfg.finetune.eval_batch_size
     scan = {}
@@ -395,7 +399,12 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
                   epochs_run=fit.epochs_run + second.epochs_run,
                   train_seconds=fit.train_seconds + second.train_seconds,
                   history=fit.history + [dict(h, stage=f"k={best_k:g}") for h in second.history])
-    if second.best_metric > fit.best_metric:
+    first_scores = predict(model, valid, batch, device=device).numpy()
+    second_scores = predict(again, valid, batch, device=device).numpy()
+    test = delong_test(valid.label.numpy(), second_scores, first_scores)
+    p_one = test["p_value"] / 2 if test["diff"] > 0 else 1.0 - test["p_value"] / 2
+    fields["frequency_keep_p_value"] = float(p_one)
+    if test["diff"] > 0 and p_one < cfg.autoft.frequency_keep_p:
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
                       best_at_cap=second.best_at_cap)
