@@ -54,19 +54,31 @@ def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
     counts = count_rows(train, bundle.feature_map.num_rows)
     m = build_transfer_model("autoft", fresh(), bundle.feature_map, cfg.model, cfg.autoft,
                              value_counts=(counts, counts))
-    with torch.no_grad():  # a policy network with opinions: it must not decide the fields
-        for p in m.policy.parameters():
-            p.normal_(0.0, 3.0)
+    last = m.policy.out
+    with torch.no_grad():  # the network sends every gate to the tuned row
+        last.weight.zero_()
+        last.bias.view(-1, 2)[:, 0] = -20.0
+        last.bias.view(-1, 2)[:, 1] = 20.0
     batch = train.slice(0, 256)
     ns = len(m.net.single_fields)
     for k in (0.0, 3.0, 1e6):
         m.set_frequency_threshold(k)
-        want = counts[batch.sparse] > k
+        want = counts[batch.sparse] > k  # the rule holds rare values frozen, whatever the net
         for mode in (m.train, m.eval):
             mode()
             m(batch)
             got = m.last_gates["field"][:, :ns, 1] == 1.0
             assert torch.equal(got, want), (k, mode)
+    with torch.no_grad():  # where the rule allows the tuned row, the network decides
+        last.bias.view(-1, 2)[:, 0] = 20.0
+        last.bias.view(-1, 2)[:, 1] = -20.0
+    m.set_frequency_threshold(0.0)
+    m.eval()
+    m(batch)
+    assert bool((m.last_gates["field"][..., 1] == 0.0).all())
+    with torch.no_grad():  # fair coins: the layer gates are the network's noisy draws
+        last.weight.zero_()
+        last.bias.zero_()
     m.train()
     m(batch)
     layers = m.last_gates["layer"][..., 1]

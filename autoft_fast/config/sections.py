@@ -196,11 +196,11 @@ class AutoFTConfig(_Section):
         "read as continue / none"))
     field_policy: str = setting("frequency", choices=("network", "frequency"), doc=(
         "what chooses the field gates of autoft and autoft_field: network = the policy "
-        "network (Gumbel-softmax gates, trained as policy_objective says); frequency = "
-        "the method's premise as a per-instance rule: a lookup takes the frozen row when its "
-        "value occurs at most k times in the target training rows (a bag: its mean "
-        "log(1 + count)), else the tuned row. The model is first trained with k = 0 (every "
-        "seen value tuned); k is then chosen among 0 and frequency_thresholds on validation "
+        "network (Gumbel-softmax gates, trained as policy_objective says); frequency = the "
+        "network, with the method's premise as a per-instance rule on top: a lookup whose "
+        "value occurs at most k times in the target training rows (a bag: by its mean "
+        "log(1 + count)) takes the frozen row. The model is first trained with k = 0 (only "
+        "values the target never saw are held frozen); k is then chosen among 0 and frequency_thresholds on validation "
         "AUC (model selection, as compare --tune does); with k > 0 the model is trained "
         "again from the pre-trained start under that rule and kept if its validation AUC is "
         "higher by DeLong's paired test (one-sided p < frequency_keep_p). Layer gates stay "

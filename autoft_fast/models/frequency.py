@@ -84,9 +84,10 @@ class ValueFrequencies(nn.Module):
 
 
 class FrequencyRule(nn.Module):
-    """The frequency field policy (``autoft.field_policy: frequency``): per instance and
-    field, the tuned row when the instance's value occurs more than ``threshold`` times in the
-    target training rows, the frozen row otherwise.
+    """The frequency rule of ``autoft.field_policy: frequency``: per instance and field, the
+    tuned row is allowed when the instance's value occurs more than ``threshold`` times in
+    the target training rows; otherwise the lookup takes the frozen row (where the tuned row
+    is allowed, the policy network's gate decides).
 
     That is the method's premise stated as a rule: a row the target saw often can be
     re-learnt from the target; a row it saw a few times is moved by a few noisy optimizer

@@ -366,11 +366,14 @@ class TransferModel(nn.Module):
         if self._forced is None:
             logits = self.policy(x)
             if self.frequency_rule is not None:
-                # The field gates from the frequency rule, by a margin no noise overturns.
+                # A lookup of a value the target saw at most k times: the frozen row, by a
+                # margin no noise overturns; every other field gate: the network's.
                 nf = len(self.field_gate_names)
-                sign = self.frequency_rule.tuned(batch, self.net).to(logits.dtype) * 2 - 1
-                rule = torch.stack((-sign, sign), dim=-1) * _FORCE_MARGIN
-                logits = torch.cat((rule, logits[:, nf:]), dim=1)
+                allowed = self.frequency_rule.tuned(batch, self.net).unsqueeze(-1)
+                frozen = torch.tensor([_FORCE_MARGIN, -_FORCE_MARGIN], dtype=logits.dtype,
+                                      device=logits.device)
+                logits = torch.cat((torch.where(allowed, logits[:, :nf], frozen),
+                                    logits[:, nf:]), dim=1)
             return logits
         sign = 1.0 if self._forced == "tuned" else -1.0
         logits = x.new_empty(x.shape[0], self.policy.num_gates, 2)
