@@ -163,3 +163,21 @@ def test_keep_p_decides_whether_the_rule_s_model_is_kept(tmp_path, monkeypatch, 
         assert rec["frequency_retrained"] == higher
     else:  # no validation split this small makes p that small: never kept
         assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
+
+
+def test_a_validation_split_too_small_to_test_keeps_the_first_model(tmp_path, monkeypatch, caplog):
+    from autoft_fast.train import runner
+    cfg, bundle, state, _ = _pretrained(tmp_path, autoft={
+        "policy_objective": "train", "field_policy": "frequency", "policy_warmup": 0,
+        "frequency_thresholds": [5.0], "frequency_keep_p": 1.0})
+    real = runner._valid_auc
+    monkeypatch.setattr(runner, "_valid_auc", lambda model, *a: real(model, *a) * 0.1 + (
+        0.5 if float(model.frequency_rule.threshold) == 5.0 else 0.0))
+
+    def refuse(*args, **kw):  # what DeLong's test says of a split with one click
+        raise ValueError("labels must hold at least 2 positives and 2 negatives")
+    monkeypatch.setattr(runner, "delong_test", refuse)
+    rec = runner.run_strategy(cfg, bundle, state, "autoft_field", 1, tmp_path / "k")
+    assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
+    assert rec["frequency_keep_p_value"] == 1.0
+    assert "not kept" in caplog.text and "2 positives" in caplog.text

@@ -401,7 +401,11 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
                   history=fit.history + [dict(h, stage=f"k={best_k:g}") for h in second.history])
     first_scores = predict(model, valid, batch, device=device).numpy()
     second_scores = predict(again, valid, batch, device=device).numpy()
-    test = delong_test(valid.label.numpy(), second_scores, first_scores)
+    try:
+        test = delong_test(valid.label.numpy(), second_scores, first_scores)
+    except ValueError as e:  # too few clicks (or non-clicks) on the validation rows to test
+        log.warning("[seed %d] %s: the frequency rule's model is not kept: %s", seed, strategy, e)
+        test = {"diff": 0.0, "p_value": 1.0}
     p_one = test["p_value"] / 2 if test["diff"] > 0 else 1.0 - test["p_value"] / 2
     fields["frequency_keep_p_value"] = float(p_one)
     if test["diff"] > 0 and p_one < cfg.autoft.frequency_keep_p:
