@@ -405,10 +405,15 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
         test = delong_test(valid.label.numpy(), second_scores, first_scores)
     except ValueError as e:  # too few clicks (or non-clicks) on the validation rows to test
         log.warning("[seed %d] %s: the frequency rule's model is not kept: %s", seed, strategy, e)
-        test = {"diff": 0.0, "p_value": 1.0}
-    p_one = test["p_value"] / 2 if test["diff"] > 0 else 1.0 - test["p_value"] / 2
+        test = None
+    if test is None:
+        p_one = 1.0  # no evidence either way
+    elif test["diff"] > 0:
+        p_one = test["p_value"] / 2
+    else:
+        p_one = 1.0 - test["p_value"] / 2
     fields["frequency_keep_p_value"] = float(p_one)
-    if test["diff"] > 0 and p_one < cfg.autoft.frequency_keep_p:
+    if test is not None and test["diff"] > 0 and p_one < cfg.autoft.frequency_keep_p:
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
                       best_at_cap=second.best_at_cap)
