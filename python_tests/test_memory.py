@@ -101,3 +101,14 @@ def test_fused_optimizer_state_starts_at_zero_in_advised_memory():
     assert state["exp_avg"].abs().sum().item() == 0 and state["exp_avg_sq"].shape == BIG
     if LINUX:
         assert advised(state["exp_avg"])
+
+
+def test_deepcopy_module_keeps_views_of_one_storage_shared():
+    m = nn.Module()
+    base = torch.randn(BIG[0] * 2, 16)
+    m.register_buffer("a", base[: BIG[0]])
+    m.register_buffer("b", base[BIG[0]:])
+    c = memory.deepcopy_module(m)
+    assert torch.equal(c.a, m.a) and torch.equal(c.b, m.b)
+    assert c.a.untyped_storage().data_ptr() == c.b.untyped_storage().data_ptr()
+    assert c.a.data_ptr() != m.a.data_ptr()

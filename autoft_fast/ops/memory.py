@@ -104,7 +104,11 @@ def deepcopy_module(module: torch.nn.Module) -> torch.nn.Module:
 
     memo: dict[int, object] = {}
     for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) in memo or not wanted(t) or not t.is_contiguous():
+        # Only tensors that own their whole storage: deepcopy keeps views of one storage
+        # sharing it, which separate copies would not.
+        whole = (t.is_contiguous() and t.storage_offset() == 0
+                 and t.numel() * t.element_size() == t.untyped_storage().nbytes())
+        if id(t) in memo or not wanted(t) or not whole:
             continue
         c = copy(t.detach())
         if isinstance(t, torch.nn.Parameter):
