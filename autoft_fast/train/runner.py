@@ -362,8 +362,8 @@ def _valid_auc(model, valid, batch_size, device) -> float:
 
 def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strategy,
                      value_counts, *, resume, progress, device):
-    """autoft.field_policy: frequency. ``model`` was trained with threshold 0 (every value the
-    target saw takes the tuned row). Each threshold of frequency_thresholds is scored on the
+    """autoft.field_policy: frequency. ``model`` was trained with threshold 0 (only values the
+    target never saw are held frozen; the network gates the rest). Each threshold of frequency_thresholds is scored on the
     validation split with that model (the rule applied to its weights); the best, if above
     0's score, is trained again from the pre-trained start under the rule and kept only when
     its validation AUC beats the first model's by DeLong's paired test at one-sided p below
@@ -391,7 +391,8 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
                       policy_lr=cfg.autoft.policy_lr,
                       policy_weight_decay=cfg.autoft.policy_weight_decay, domain_names=domains,
                       desc=f"{strategy} seed {seed} k={best_k:g}", progress=progress,
-                      device=device)
+                      device=device, policy_warmup=cfg.autoft.policy_warmup,
+                      policy_warmup_gates=cfg.autoft.policy_warmup_gates)
     second = trainer.fit(bundle.splits["target_train"], valid, resume=resume)
     (out_dir / "last_frequency.pt").unlink(missing_ok=True)
     fields.update(frequency_first_valid_best=fit.best_metric,
