@@ -521,3 +521,33 @@ def test_dense_only_feature_map(data):
     assert model(batch).shape == (len(data),)
     with pytest.raises(ValueError, match="no.*fields|has none"):
         build_transfer_model("autoft_field", pre, fmap, model_cfg("dcnv2"), {})
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_skipping_the_unused_frozen_layers_backward_changes_no_gradient(name, fmap, data):
+    pre = pretrained_model(name, fmap, data)
+    torch.manual_seed(9)
+    model = build_transfer_model("autoft_layer", pre, fmap, model_cfg(name),
+                                 {"tau": 1.0, "field_policy": "network"})
+    train_steps(model, data, steps=2)  # the two copies differ
+    with torch.no_grad():  # every layer gate tuned for every instance, noise or not
+        model.policy.out.weight.zero_()
+        model.policy.out.bias.copy_(torch.tensor([-1e4, 1e4]).repeat(model.policy.num_gates))
+    grads, backwards = [], []
+    calls = []
+    for layer in model.frozen_net.layers.values():
+        layer.register_full_backward_hook(lambda *a: calls.append(1))
+    model.train()
+    for skip in (True, False):
+        model.skip_unused_frozen_backward = skip
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(3)  # the same noise and dropout draws both times
+        model(data).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+        backwards.append(len(calls))
+    assert backwards[0] == 0 < backwards[1]  # the frozen layers' backward ran only without it
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n

@@ -99,6 +99,9 @@ class TransferModel(nn.Module):
         self._tau = float(cfg.tau)
         self.embedding_optimizer = cfg.embedding_optimizer  # read by the Trainer
         self._forced: str | None = None
+        # _gated_apply: skip the frozen layer's backward when no instance of the batch takes
+        # it (an exact shortcut; False computes the zero contributions, for tests).
+        self.skip_unused_frozen_backward = True
         self._policy_fixed = False  # fix_policy()
         self.frozen_net: BaseCTRModel | None = None
         self.field_embedding = None
@@ -465,7 +468,15 @@ class TransferModel(nn.Module):
 
         def apply(name, *inputs):
             u = layer_gates[:, index[name]]
-            a = frozen_layers[name](*inputs)
+            if self.skip_unused_frozen_backward and torch.is_grad_enabled() \
+                    and u.device.type == "cpu" and not bool(u[:, 0].any()):
+                # No instance takes the frozen layer: its output is needed only for the gate's
+                # straight-through gradient, and what would flow back through it into the
+                # inputs is u0 * ... = exactly 0, so autograd need not run its backward.
+                # (CPU only: on a GPU the test would wait for the device every layer.)
+                a = frozen_layers[name](*(t.detach() for t in inputs))
+            else:
+                a = frozen_layers[name](*inputs)
             b = tuned_layers[name](*inputs)
             shape = (-1,) + (1,) * (a.dim() - 1)
             return u[:, 0].view(shape) * a + u[:, 1].view(shape) * b
