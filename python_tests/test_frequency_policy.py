@@ -130,8 +130,10 @@ def test_run_scans_thresholds_on_validation_and_keeps_the_better_model(tmp_path,
         assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
     else:  # trained again under the rule; kept only if its validation AUC is higher by
         # DeLong's paired test (one-sided p below frequency_keep_p)
+        level = cfg.autoft.frequency_keep_p / 2  # Bonferroni over the two thresholds
+        assert rec["frequency_keep_level"] == pytest.approx(level)
         kept = (rec["frequency_second_valid_best"] > rec["frequency_first_valid_best"]
-                and rec["frequency_keep_p_value"] < cfg.autoft.frequency_keep_p)
+                and rec["frequency_keep_p_value"] < level)
         assert rec["frequency_retrained"] == kept
         assert rec["frequency_threshold"] == (float(best) if kept else 0.0)
         assert any(h.get("stage") == f"k={best}" for h in rec["history"])

@@ -203,16 +203,18 @@ class AutoFTConfig(_Section):
         "values the target never saw are held frozen); k is then chosen among 0 and frequency_thresholds on validation "
         "AUC (model selection, as compare --tune does); with k > 0 the model is trained "
         "again from the pre-trained start under that rule and kept if its validation AUC is "
-        "higher by DeLong's paired test (one-sided p < frequency_keep_p). Layer gates stay "
-        "with the network. frequency: chosen on validation AUC over "
+        "higher by DeLong's paired test (one-sided p < frequency_keep_p divided by the number "
+        "of thresholds tried, Bonferroni). Layer gates stay with the network. frequency: chosen on validation AUC over "
         "five synthetic settings (benchmarks/RESULTS.md, 'Policy learning defaults')"))
     frequency_thresholds: list[float] = setting([10.0, 30.0, 100.0], minimum=0.0, doc=(
         "with field_policy: frequency, the thresholds k tried besides 0 (counts in the "
         "target training rows)"))
     frequency_keep_p: float = setting(0.05, minimum=0.0, maximum=1.0, min_open=True, doc=(
-        "with field_policy: frequency, the one-sided p-value (DeLong's paired test of "
-        "validation AUC against the k = 0 model) below which the model trained under the "
-        "rule is kept; 1 keeps it whenever its validation AUC is higher"))
+        "with field_policy: frequency, the family-wise level of the one-sided test (DeLong's "
+        "paired test of validation AUC against the k = 0 model) that keeps the model trained "
+        "under the rule; the p-value must be below it divided by the number of thresholds "
+        "tried (Bonferroni, since k was picked on the same rows). 1 with one threshold keeps "
+        "the model whenever its validation AUC is higher"))
     policy_init_tuned: float = setting(0.5, minimum=0.0, maximum=1.0, min_open=True,
                                        max_open=True, doc=(
         "the untrained policy's probability of the tuned path on every gate (the bias of its "

@@ -367,8 +367,9 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     validation split with that model (the rule applied to its weights); the best, if above
     0's score, is trained again from the pre-trained start under the rule and kept only when
     its validation AUC beats the first model's by DeLong's paired test at one-sided p below
-    frequency_keep_p (on a small validation split a difference of a few thousandths is
-    noise, and the rule's model must not be picked on noise). Returns (the kept model,
+    frequency_keep_p / len(frequency_thresholds) (Bonferroni: k was the best of that many on
+    the same rows; on a small validation split a difference of a few thousandths is noise,
+    and the rule's model must not be picked on noise). Returns (the kept model,
     record fields)."""
     valid = bundle.splits["target_valid"]
     batch = cfg.finetune.eval_batch_size
@@ -414,7 +415,10 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     else:
         p_one = 1.0 - test["p_value"] / 2
     fields["frequency_keep_p_value"] = float(p_one)
-    if test is not None and test["diff"] > 0 and p_one < cfg.autoft.frequency_keep_p:
+    # The threshold is the best of len(frequency_thresholds) on these very rows: Bonferroni.
+    level = cfg.autoft.frequency_keep_p / max(1, len(cfg.autoft.frequency_thresholds))
+    fields["frequency_keep_level"] = level
+    if test is not None and test["diff"] > 0 and p_one < level:
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
                       best_at_cap=second.best_at_cap)
