@@ -14,6 +14,12 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
 namespace autoft {
 namespace vec4 {
 
@@ -85,6 +91,18 @@ inline void store<c10::Half>(c10::Half* p, f32x4 v) {
   p[3] = c10::Half(v[3]);
 }
 
+// Correctly rounded square roots, four at a time: the same bits as std::sqrt on each lane. A
+// scalar std::sqrt in a loop is not vectorised by the compiler (it must keep errno for a
+// negative input), which made the fused Adam update compute-bound.
+inline f32x4 sqrt(f32x4 x) {
+#if defined(__SSE__)
+  return (f32x4)_mm_sqrt_ps((__m128)x);
+#elif defined(__aarch64__)
+  return (f32x4)vsqrtq_f32((float32x4_t)x);
+#else
+  return f32x4{std::sqrt(x[0]), std::sqrt(x[1]), std::sqrt(x[2]), std::sqrt(x[3])};
+#endif
+}
 
 // Natural log of four positive normal floats, within ~2 ulp: x = m * 2^e with m in
 // [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, whose
