@@ -251,11 +251,34 @@ def make_providers(backends, compile_mode):
             prov[f"{b} ({'sparse' if sparse else 'dense'})"] = (
                 lambda i, f, t, l, b=b, s=sparse: autoft_fast.gated_embedding(
                     i, f, t, l, tau=1.0, sparse=s, backend=b)[0], sparse)
+        # The optimizer fused into the backward (the trainer's default): the kernel updates the
+        # touched tuned rows itself, so the step's SGD only moves the logits.
+        for kind in ("sgd", "adam"):
+            prov[f"{b} (fused {kind})"] = (_fused_provider(b, kind), True)
     return prov
 
 
-KERNEL_NAMES = {"triton": (["_fwd_kernel"], ["_bwd_kernel"]),
-                "cuda": (["forward_kernel"], ["backward_kernel"])}
+def _fused_provider(backend: str, kind: str):
+    """fn(idx, frozen, tuned, logits) -> out with ``kind`` fused, one state per tuned table."""
+    import autoft_fast
+    from autoft_fast.ops.fused_optim import FusedOptimizer
+
+    opt = FusedOptimizer(kind, lr=1e-4)
+    states: dict = {}
+
+    def fn(i, f, t, l):
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in states:
+            states.clear()  # one shape at a time: the previous shape's state is let go
+            states[key] = opt.new_state(t)
+        return autoft_fast.gated_embedding(i, f, t, l, tau=1.0, backend=backend, optimizer=opt,
+                                           optimizer_state=states[key])[0]
+
+    return fn
+
+
+KERNEL_NAMES = {"triton": (["_fwd_kernel"], ["_bwd_kernel", "_rows_update_kernel"]),
+                "cuda": (["forward_kernel"], ["backward_kernel", "segment_update_kernel"])}
 
 
 def bench_shape(shape, device, dtype, clock, providers, copy_gbs, backends):

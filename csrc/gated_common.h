@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace autoft {
 
@@ -140,6 +141,52 @@ inline void check_grad_inputs(const at::Tensor& grad_out, const std::optional<at
                       "grad_gates must have shape [", s.N, ", 2], got shape ", grad_gates->sizes());
     check_same_device(*grad_gates, "grad_gates", indices, expected);
   }
+}
+
+// The fused optimizer's arguments of a kernel that updates rows in place (ops/interface.py
+// _UPDATE_ARGS), checked alike by every backend: `weight` [V, D] contiguous, the rule's state
+// tensors (rowwise_adagrad: state_a [V]; adam: state_a, state_b [V, D]) contiguous float32 on
+// `expected`, the rule's index and the step count after this step.
+inline void check_row_update(const at::Tensor& weight, const char* weight_name,
+                             const at::Tensor& state_a, const at::Tensor& state_b, int64_t rule,
+                             int64_t step, c10::DeviceType expected) {
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule must be 0 (sgd), 1 (rowwise_adagrad) or 2 (adam), got rule = ", rule);
+  TORCH_CHECK_VALUE(weight.is_contiguous(), weight_name, " must be contiguous (its rows are updated in place)");
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step count after this step), got step = ", step);
+  const int64_t V = weight.dim() == 2 ? weight.size(0) : 0;
+  const int64_t D = weight.dim() == 2 ? weight.size(1) : 0;
+  auto check_state = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got dtype ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
+                      " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
+                      ", got shape ", t.sizes());
+    TORCH_CHECK(t.device().type() == expected, name, " must be on the ",
+                c10::DeviceTypeName(expected), " with ", weight_name, ", got ", t.device());
+  };
+  if (rule == 1) {
+    check_state(state_a, "state_a", {V});
+  } else if (rule == 2) {
+    check_state(state_a, "state_a", {V, D});
+    check_state(state_b, "state_b", {V, D});
+  }
+}
+
+// The rule's float32 hyperparameters as the kernels use them: Adam's bias corrections folded
+// into one step size, -lr sqrt(1 - beta2^step) / (1 - beta1^step), formed in double.
+struct RuleHyper {
+  float lr, eps, one_minus_beta1, one_minus_beta2, neg_step_size;
+};
+
+inline RuleHyper rule_hyper(double lr, double eps, double beta1, double beta2, int64_t step) {
+  RuleHyper h;
+  h.lr = static_cast<float>(lr);
+  h.eps = static_cast<float>(eps);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  h.neg_step_size = static_cast<float>(-(lr * std::sqrt(bc2) / bc1));
+  return h;
 }
 
 // The 63-bit seed travels as a 0-dim int64 CPU tensor (so that torch.compile can trace it);

@@ -2,7 +2,8 @@
 
 Importing this package registers ``autoft_fast::gated_embedding_fwd_triton`` and
 ``autoft_fast::gated_embedding_bwd_triton`` (and the bag ops
-``autoft_fast::gated_embedding_bag_fwd_triton`` / ``_bwd_triton``) when Triton is installed; without Triton the import
+``autoft_fast::gated_embedding_bag_fwd_triton`` / ``_bwd_triton``, and the fused optimizer's
+``autoft_fast::rows_update_triton`` / ``gated_embedding_bwd_update_triton``) when Triton is installed; without Triton the import
 still succeeds and :func:`is_available` says False. For CPU tests set ``TRITON_INTERPRET=1``
 before anything imports triton.
 
@@ -19,6 +20,7 @@ _IMPORT_ERROR: Exception | None = None
 try:
     from . import gated_embedding  # noqa: F401  (registers the ops)
     from . import gated_bag  # noqa: F401  (registers the bag ops)
+    from . import rows_update  # noqa: F401  (registers the fused optimizer's update ops)
 except Exception as err:  # triton missing or unusable: the package still imports
     gated_embedding = None
     _IMPORT_ERROR = err

@@ -158,10 +158,10 @@ def _fwd_kernel(
 @triton.jit(do_not_specialize=["seed_val", "N"])
 def _bwd_kernel(
     grad_out_ptr, grad_gates_ptr, idx_ptr, frozen_ptr, tuned_ptr, logits_ptr,
-    seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, N, D, FS, tau,
+    seed_ptr, seed_val, uniforms_ptr, grad_tuned_ptr, grad_logits_ptr, z1_ptr, N, D, FS, tau,
     HARD: tl.constexpr, NOISE: tl.constexpr, USE_UNIFORMS: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, HAS_GRAD_GATES: tl.constexpr, SPARSE: tl.constexpr,
-    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, STORE_Z1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,6 +176,8 @@ def _bwd_kernel(
         z1 = tl.where(x > 0.0, 1.0, 0.0)
     else:
         z1 = y1
+    if STORE_Z1:  # the fused update needs to know which lookups reached the tuned row
+        tl.store(z1_ptr + n, z1, mask=nmask)
 
     a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     a1 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -314,12 +316,42 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
     return out, gates
 
 
+def _bwd_kernel_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                       uniforms, tau: float, hard: bool, noise: bool, accum, per_lookup: bool,
+                       concrete: bool, z1=None):
+    """Runs the backward kernel: logit gradients, and into ``accum`` either per-lookup float32
+    rows z1 * g ([N, D], ``per_lookup``) or float32 atomics ([V, D]); ``z1`` [N] float32, if
+    given, gets each lookup's tuned weight. Returns grad_logits [N, 2]."""
+    n = indices.shape[0]
+    d = tuned_weight.shape[1]
+    grad_logits = torch.empty((n, 2), dtype=torch.float32, device=indices.device)
+    if n == 0:
+        return grad_logits
+    use_uniforms = noise and uniforms is not None
+    seed_ptr, seed_val, seed_from_ptr = _seed_args(
+        seed, noise and not use_uniforms, indices.device, concrete)
+    block_n, block_d, num_warps = _block_sizes(n, d, concrete)
+    kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
+    kernel[(triton.cdiv(n, block_n),)](
+        grad_out, grad_gates if grad_gates is not None else logits,
+        indices, frozen_weight, tuned_weight, logits,
+        seed_ptr if seed_from_ptr else logits, seed_val,
+        uniforms if use_uniforms else logits,
+        accum, grad_logits, z1 if z1 is not None else logits, n, d, frozen_weight.shape[1],
+        float(tau),
+        HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+        HAS_GRAD_GATES=grad_gates is not None, SPARSE=per_lookup,
+        QUANT=quant.is_quantised(frozen_weight), STORE_Z1=z1 is not None,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_logits
+
+
 def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
                 uniforms, tau: float, hard: bool, noise: bool, sparse: bool, concrete: bool):
     n = indices.shape[0]
     v, d = tuned_weight.shape
     device = indices.device
-    grad_logits = torch.empty((n, 2), dtype=torch.float32, device=device)
     # Float atomics sum a repeated row in scheduling order; under
     # torch.use_deterministic_algorithms(True) the kernel writes per-lookup float32 values and
     # index_put_(accumulate=True), deterministic there (a sort), sums them instead.
@@ -332,23 +364,9 @@ def _bwd_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logi
     else:
         # Dense: float32 atomics into a zeroed table, cast once at the end for 16-bit tables.
         accum = torch.zeros((v, d), dtype=torch.float32, device=device)
-    if n > 0:
-        use_uniforms = noise and uniforms is not None
-        seed_ptr, seed_val, seed_from_ptr = _seed_args(
-            seed, noise and not use_uniforms, device, concrete)
-        block_n, block_d, num_warps = _block_sizes(n, d, concrete)
-        kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
-        kernel[(triton.cdiv(n, block_n),)](
-            grad_out, grad_gates if grad_gates is not None else logits,
-            indices, frozen_weight, tuned_weight, logits,
-            seed_ptr if seed_from_ptr else logits, seed_val,
-            uniforms if use_uniforms else logits,
-            accum, grad_logits, n, d, frozen_weight.shape[1], float(tau),
-            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-            HAS_GRAD_GATES=grad_gates is not None, SPARSE=sparse or deterministic,
-            QUANT=quant.is_quantised(frozen_weight),
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-        )
+    grad_logits = _bwd_kernel_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weight,
+                                     logits, seed, uniforms, tau, hard, noise, accum,
+                                     sparse or deterministic, concrete)
     if deterministic:
         accum = torch.zeros((v, d), dtype=torch.float32, device=device).index_put_(
             (indices.long(),), accum, accumulate=True)

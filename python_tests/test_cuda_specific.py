@@ -233,3 +233,107 @@ def test_emulated_cuda_kernels_match_reference(emulator, tmp_path, dim, dtype, v
     torch.testing.assert_close(got["grad_logits"].double(), logits.grad, rtol=1e-4, atol=1e-3)
     if mode == 3:
         assert got["grad_tuned"][3:].abs().max() == 0  # the three hot rows only
+
+
+# The fused optimizer's update (segment_update_kernel), emulated: the backward of the
+# deterministic mode, then each row's sorted segment summed and applied by the rule.
+EMULATED_UPDATE = [
+    # D, dtype, vec1, hard, noise, rule
+    (4, 0, False, True, 1, "sgd"),
+    (16, 0, False, False, 2, "adam"),
+    (8, 1, False, True, 1, "rowwise_adagrad"),
+    (6, 0, True, True, 1, "adam"),
+    (64, 2, False, False, 1, "rowwise_adagrad"),
+    (40, 0, False, True, 0, "adam"),
+]
+
+
+@pytest.mark.parametrize("dim,dtype,vec1,hard,noise,kind", EMULATED_UPDATE,
+                         ids=[f"D{c[0]}-{['f32', 'bf16', 'f16'][c[1]]}-{'elem' if c[2] else 'vec'}-"
+                              f"{'hard' if c[3] else 'soft'}-{c[5]}" for c in EMULATED_UPDATE])
+def test_emulated_cuda_fused_update_matches_the_rule_on_the_reference_gradient(
+        emulator, tmp_path, dim, dtype, vec1, hard, noise, kind):
+    from autoft_fast.ops.fused_optim import RULES, STEP, FusedOptimizer
+    # More rows than lookups: some rows are never looked up, and under hard gates some are
+    # looked up only by lookups that chose the frozen row; both must stay as they were.
+    n, rows, tau = 133, 150, 0.8
+    rule = list(RULES).index(kind)
+    inp, got = run_emulated(emulator, tmp_path, N=n, V=rows, D=dim, dtype=dtype, idx64=dim % 2,
+                            grad_f32=dim == 64, vec1=vec1, hard=hard, noise=noise, mode=4 + rule,
+                            tau=tau)
+    table_dtype = [torch.float32, torch.bfloat16, torch.float16][dtype]
+
+    def load(name, shape):
+        return torch.from_numpy(np.fromfile(tmp_path / name, dtype=np.float32).reshape(shape))
+
+    state_shape = (rows,) if kind == "rowwise_adagrad" else (rows, dim)
+    tuned = inp["tuned"].double().requires_grad_()
+    out, gates = reference_gated_embedding(
+        inp["idx"], inp["frozen"].double(), tuned, inp["logits"].double(), tau=tau, hard=hard,
+        noise=noise != 0, seed=123456789012, uniforms=inp["uniforms"] if noise == 2 else None)
+    (out * inp["grad_out"].double()).sum().backward()
+    # The rows the update touches: a hard gate's frozen choice adds nothing and touches nothing.
+    used = inp["idx"][gates[:, 1] != 0] if hard else inp["idx"]
+    touched = torch.unique(used)
+    opt = FusedOptimizer(kind, lr=0.05)
+    want_w = inp["tuned"].clone()
+    state = {STEP: torch.tensor(2)}
+    names = list(RULES[kind].state)
+    for name, file in zip(names, ("state_a0.bin", "state_b0.bin")):
+        state[name] = load(file, state_shape if name != "exp_avg_sq" else (rows, dim)).clone()
+    opt.apply_now(want_w, touched, tuned.grad[touched].float(), state)
+    new_w = load("tuned_new.bin", (rows, dim))
+    tol = TOL[table_dtype]
+    torch.testing.assert_close(new_w, want_w.to(table_dtype).float(), rtol=tol, atol=tol)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[touched] = False
+    if hard:  # rows looked up, but only by frozen choices
+        assert (untouched & torch.isin(torch.arange(rows), inp["idx"])).any()
+    assert torch.equal(new_w[untouched], inp["tuned"][untouched])  # lazy: bit for bit
+    for name, file in zip(names, ("state_a.bin", "state_b.bin")):
+        shape = state_shape if name != "exp_avg_sq" else (rows, dim)
+        torch.testing.assert_close(load(file, shape), state[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(new_w, inp["tuned"])
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("hard", [True, False])
+def test_fused_update_on_the_gpu_equals_the_cpu_kernel(backend, kind, hard):
+    # The backward with the optimizer inside it, on CUDA tensors, against the C++ CPU kernel
+    # over three steps (the state carries over), with a hot row and rows only the frozen side
+    # reads; then the plain tables' rows_update of the same device.
+    from autoft_fast.ops import registry
+    from autoft_fast.ops.fused_optim import FusedOptimizer
+    if backend not in autoft_fast.available_backends("cuda"):
+        pytest.skip(f"{backend} is not available on this GPU machine")
+    idx, frozen, tuned0, logits0, grad_out, _ = inputs(3000, 400, 24, seed=21)
+    idx[::7] = 5  # a hot row
+    results = {}
+    for dev, be in (("cpu", "cpu"), ("cuda", backend)):
+        opt = FusedOptimizer(kind, lr=0.05)
+        tuned = torch.nn.Parameter(tuned0.clone().to(dev))
+        state = opt.new_state(tuned)
+        for step in range(3):
+            logits = logits0.to(dev).requires_grad_()
+            out, _ = autoft_fast.gated_embedding(idx.to(dev), frozen.to(dev), tuned, logits,
+                                                 tau=0.8, hard=hard, seed=9 + step, backend=be,
+                                                 optimizer=opt, optimizer_state=state)
+            out.backward(grad_out.to(dev))
+        results[dev] = (tuned.detach().cpu(), logits.grad.cpu(),
+                        {k: v.cpu() for k, v in state.items()})
+    (w_c, g_c, s_c), (w_g, g_g, s_g) = results["cpu"], results["cuda"]
+    torch.testing.assert_close(w_g, w_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_g, g_c, rtol=1e-4, atol=1e-5)
+    for name in s_c:
+        torch.testing.assert_close(s_g[name], s_c[name], rtol=1e-5, atol=1e-6)
+    op = registry.rows_update_op(torch.device("cuda"))
+    assert op is not None
+    opt = FusedOptimizer(kind, lr=0.05)
+    values = torch.randn(3000, 24)
+    w_cpu, w_gpu = tuned0.clone(), tuned0.clone().cuda()
+    s_cpu, s_gpu = opt.new_state(w_cpu), opt.new_state(w_gpu)
+    torch.ops.autoft_fast.rows_update(idx, values, w_cpu, *opt.kernel_args(w_cpu, s_cpu))
+    op(idx.cuda(), values.cuda(), w_gpu, *opt.kernel_args(w_gpu, s_gpu))
+    torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-5, atol=1e-6)

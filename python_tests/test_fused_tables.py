@@ -316,15 +316,30 @@ needs_cpu_kernel = pytest.mark.skipif(
     reason="the compiled CPU extension is not built")
 
 
-@needs_cpu_kernel
+def _rows_update_ops() -> list:
+    """The rows_update kernels that run here: the C++ one, and Triton's under its interpreter."""
+    from autoft_fast import kernels
+    ops = [pytest.param("rows_update", marks=needs_cpu_kernel)]
+    if kernels.is_available("cpu"):
+        ops.append("rows_update_triton")
+    return ops
+
+
+ROWS_UPDATE_OPS = _rows_update_ops()
+
+
+@pytest.mark.parametrize("op_name", ROWS_UPDATE_OPS)
 @pytest.mark.parametrize("kind", sorted(RULES))
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [1, 3, 16])
-def test_rows_update_kernel_equals_combine_rows_then_apply(kind, index_dtype, table_dtype, dim):
-    # The C++ rows_update that fused_lookup's backward calls on the CPU, against the Python
-    # combine_rows + apply_now it replaces, over three steps (the state carries over).
+def test_rows_update_kernel_equals_combine_rows_then_apply(op_name, kind, index_dtype, table_dtype,
+                                                          dim):
+    # The rows_update kernels that fused_lookup's backward calls (C++ on the CPU, Triton on
+    # CUDA), against the Python combine_rows + apply_now they replace, over three steps (the
+    # state carries over).
     from autoft_fast.ops.fused_optim import combine_rows
+    rows_update = getattr(torch.ops.autoft_fast, op_name)
     gen = torch.Generator().manual_seed(hash((kind, dim)) % 1000)
     v = 37
     opt = FusedOptimizer(kind, lr=LR)
@@ -337,7 +352,7 @@ def test_rows_update_kernel_equals_combine_rows_then_apply(kind, index_dtype, ta
         values = torch.randn(n, dim, generator=gen)
         u_rows, sums = combine_rows(rows, values, deterministic=True)
         opt.apply_now(w_py, u_rows, sums, s_py)
-        torch.ops.autoft_fast.rows_update(rows.to(index_dtype), values, w_k,
+        rows_update(rows.to(index_dtype), values, w_k,
                                           *opt.kernel_args(w_k, s_k))
         assert torch.allclose(w_k.float(), w_py.float(), rtol=1e-6, atol=1e-6), step
         for name in s_py:
@@ -347,25 +362,26 @@ def test_rows_update_kernel_equals_combine_rows_then_apply(kind, index_dtype, ta
     rows = torch.zeros(50, dtype=index_dtype)  # all duplicates, twice: bit-identical runs
     values = torch.randn(50, dim, generator=gen)
     other = again.clone()
-    torch.ops.autoft_fast.rows_update(rows, values, again, *opt.kernel_args(again, state))
+    rows_update(rows, values, again, *opt.kernel_args(again, state))
     state2 = opt.new_state(other)
-    torch.ops.autoft_fast.rows_update(rows, values, other, *opt.kernel_args(other, state2))
+    rows_update(rows, values, other, *opt.kernel_args(other, state2))
     assert torch.equal(again, other)
 
 
-@needs_cpu_kernel
-def test_rows_update_kernel_refuses_bad_input_before_touching_the_table():
+@pytest.mark.parametrize("op_name", ROWS_UPDATE_OPS)
+def test_rows_update_kernel_refuses_bad_input_before_touching_the_table(op_name):
+    rows_update = getattr(torch.ops.autoft_fast, op_name)
     w = torch.zeros(5, 4)
     opt = FusedOptimizer("adam", lr=LR)
     state = opt.new_state(w)
     with pytest.raises(IndexError, match="out of range"):
-        torch.ops.autoft_fast.rows_update(torch.tensor([1, 7]), torch.ones(2, 4), w,
+        rows_update(torch.tensor([1, 7]), torch.ones(2, 4), w,
                                           *opt.kernel_args(w, state))
     assert torch.equal(w, torch.zeros(5, 4))
     with pytest.raises(ValueError, match="values must be"):
-        torch.ops.autoft_fast.rows_update(torch.tensor([1, 2]), torch.ones(3, 4), w,
+        rows_update(torch.tensor([1, 2]), torch.ones(3, 4), w,
                                           *opt.kernel_args(w, state))
     with pytest.raises(ValueError, match="state_a"):
-        torch.ops.autoft_fast.rows_update(torch.tensor([1]), torch.ones(1, 4), w,
+        rows_update(torch.tensor([1]), torch.ones(1, 4), w,
                                           torch.zeros(3), torch.zeros(5, 4), 2, 0.1, 1e-8, 0.9,
                                           0.999, 1)

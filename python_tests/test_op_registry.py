@@ -145,3 +145,13 @@ def test_public_function_takes_the_interface_options():
     for arg in FWD.args[4:]:
         assert arg.name in params or arg.name in kernel_only, arg.name
     assert set(FWD.names[:4]) <= set(params)
+
+
+def test_rows_update_op_is_the_compiled_kernel_on_the_cpu_and_none_where_no_backend_serves():
+    # fused_lookup's backward updates a plain table through this op when it exists for the
+    # table's device, else through the torch-ops update.
+    from autoft_fast.ops import _extension, registry
+    cpu = registry.rows_update_op(torch.device("cpu"))
+    if _extension.has_kernel("CPU"):
+        assert cpu is torch.ops.autoft_fast.rows_update
+    assert registry.rows_update_op(torch.device("meta")) is None

@@ -354,12 +354,13 @@ def plain_lookup(weight: torch.Tensor, lk: Lookup) -> torch.Tensor:
     return out if lk.weights is None else lk.weights.unsqueeze(-1) * out
 
 
-def _rows_update_in_kernel(weight: torch.Tensor) -> bool:
-    """Whether the compiled CPU kernel ``rows_update`` can update ``weight``'s rows."""
-    from . import _extension as ext
-    return (weight.device.type == "cpu" and weight.is_contiguous()
-            and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and ext.has_kernel("CPU"))
+def _rows_update_kernel(weight: torch.Tensor):
+    """The kernel op (C++ on the CPU, Triton on CUDA) that can update ``weight``'s rows, or None."""
+    if not weight.is_contiguous() or weight.dtype not in (torch.float32, torch.bfloat16,
+                                                          torch.float16):
+        return None
+    from . import registry
+    return registry.rows_update_op(weight.device)
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -402,12 +403,12 @@ class _FusedLookup(torch.autograd.Function):
             values.append(flat)
         if not updates_paused():
             all_rows, all_values = torch.cat(rows), torch.cat(values)
-            if not _redirects and l2sp is None and _rows_update_in_kernel(w):
-                # One pass in C++: rows combined as combine_rows does (sorted, float32 sums in
+            kernel = None if _redirects or l2sp is not None else _rows_update_kernel(w)
+            if kernel is not None:
+                # One kernel pass: rows combined as combine_rows does (sorted, float32 sums in
                 # lookup order) and updated by the rule as apply_now does.
                 with torch.no_grad():
-                    torch.ops.autoft_fast.rows_update(all_rows, all_values, w,
-                                                      *optimizer.kernel_args(w, state))
+                    kernel(all_rows, all_values, w, *optimizer.kernel_args(w, state))
             else:
                 u_rows, sums = combine_rows(all_rows, all_values,
                                             deterministic=optimizer.deterministic)

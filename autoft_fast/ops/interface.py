@@ -119,7 +119,8 @@ def signature(op: OpInterface) -> inspect.Signature:
     """A Python signature with ``op``'s arguments, for ops declared from Python functions."""
     params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 annotation=a.annotation) for a in op.args]
-    return inspect.Signature(params, return_annotation=tuple[(torch.Tensor,) * op.returns])
+    returns = {0: None, 1: torch.Tensor}.get(op.returns, tuple[(torch.Tensor,) * op.returns])
+    return inspect.Signature(params, return_annotation=returns)
 
 
 def with_signature(op: OpInterface):

@@ -64,6 +64,9 @@ class Backend:
     # without it the update is applied with torch ops to the backward's sparse row sums.
     fused_backward: Optional[Callable[[], object]] = None
     update_devices: tuple[str, ...] = ()
+    # The fused optimizer's update of a plain table's rows (the rows_update op of
+    # ops/interface.py), served on ``update_devices``.
+    rows_update: Optional[Callable[[], object]] = None
     # The bag ops (multi-hot fields: gated_embedding_bag_fwd / _bwd of ops/interface.py); a
     # row without them does not serve bags (the reference always does, in plain PyTorch).
     bag_forward: Optional[Callable[[], object]] = None
@@ -129,6 +132,7 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"backend name {AUTO!r} is reserved: it means {AUTO_MEANS}")
     REGISTRY[backend.name] = backend
     _cache.clear()
+    _rows_update_cache.clear()
     return backend
 
 
@@ -136,6 +140,7 @@ def unregister(name: str) -> None:
     """Remove a backend row (tests that add one take it away again)."""
     REGISTRY.pop(name, None)
     _cache.clear()
+    _rows_update_cache.clear()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -179,6 +184,31 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 
 _cache: dict[tuple[str, str, bool], Backend] = {}
+_rows_update_cache: dict[str, object] = {}
+
+
+def rows_update_op(device: torch.device):
+    """The kernel op that updates a plain table's rows on ``device`` (the first available
+    backend with ``rows_update`` served there), or None: the torch-ops update then runs.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops import registry
+        >>> op = registry.rows_update_op(torch.device("meta"))
+        >>> op is None
+        True
+    """
+    key = str(device)
+    if key not in _rows_update_cache:
+        op = None
+        for row in REGISTRY.values():
+            if (row.rows_update is not None and device.type in row.update_devices
+                    and row.serves(device) and row.probe(device)):
+                op = row.rows_update()
+                break
+        _rows_update_cache[key] = op
+    return _rows_update_cache[key]
 
 
 def resolve(backend: str, device: torch.device, low_precision: bool = False) -> Backend:
@@ -295,6 +325,7 @@ register(Backend(
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
     coalesced=True, touched_only=True, low_precision_frozen=True, unavailable=_not_built,
     fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update, update_devices=("cpu",),
+    rows_update=lambda: torch.ops.autoft_fast.rows_update,
     bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd,
     bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd,
     notes="C++ extension, OpenMP, vectorised"))
@@ -314,6 +345,8 @@ register(Backend(
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd_triton,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_triton,
     coalesced=True, low_precision_frozen=True, unavailable=_triton_missing,
+    fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update_triton,
+    rows_update=lambda: torch.ops.autoft_fast.rows_update_triton, update_devices=("cuda", "cpu"),
     bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd_triton,
     bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd_triton,
     notes="CPU tensors only under TRITON_INTERPRET=1"))

@@ -1169,33 +1169,15 @@ namespace {
 RowUpdate make_row_update(at::Tensor& weight, const char* weight_name, at::Tensor& state_a,
                           at::Tensor& state_b, int64_t rule, double lr, double eps, double beta1,
                           double beta2, int64_t step) {
-  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule must be 0 (sgd), 1 (rowwise_adagrad) or 2 (adam), got rule = ", rule);
-  TORCH_CHECK_VALUE(weight.is_contiguous(), weight_name, " must be contiguous (its rows are updated in place)");
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (the step count after this step), got step = ", step);
-  const int64_t V = weight.dim() == 2 ? weight.size(0) : 0;
-  const int64_t D = weight.dim() == 2 ? weight.size(1) : 0;
-  auto check_state = [&](const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got dtype ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
-                      " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
-                      ", got shape ", t.sizes());
-    TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-  };
-  if (rule == 1) {
-    check_state(state_a, "state_a", {V});
-  } else if (rule == 2) {
-    check_state(state_a, "state_a", {V, D});
-    check_state(state_b, "state_b", {V, D});
-  }
+  check_row_update(weight, weight_name, state_a, state_b, rule, step, c10::DeviceType::CPU);
+  const RuleHyper h = rule_hyper(lr, eps, beta1, beta2, step);
   RowUpdate u;
   u.rule = rule;
-  u.lr = static_cast<float>(lr);
-  u.eps = static_cast<float>(eps);
-  u.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  u.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  u.neg_step_size = static_cast<float>(-(lr * std::sqrt(bc2) / bc1));
+  u.lr = h.lr;
+  u.eps = h.eps;
+  u.one_minus_beta1 = h.one_minus_beta1;
+  u.one_minus_beta2 = h.one_minus_beta2;
+  u.neg_step_size = h.neg_step_size;
   u.weight = weight.mutable_data_ptr();
   u.state_a = rule >= 1 ? state_a.mutable_data_ptr<float>() : nullptr;
   u.state_b = rule == 2 ? state_b.mutable_data_ptr<float>() : nullptr;

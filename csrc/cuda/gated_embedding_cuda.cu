@@ -149,11 +149,16 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_fwd_cuda(
   return {out, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
+namespace {
+
+// The backward; with `update` the deterministic mode's sorted segments update the touched tuned
+// rows in place (segment_update_kernel) instead of summing into a dense gradient, and no
+// gradient rows are returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
-    double tau, bool hard, bool noise, bool sparse) {
+    double tau, bool hard, bool noise, bool sparse, const RowRule* update) {
   const GatedSizes s = check_gated_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
                                           tau, c10::DeviceType::CUDA);
   check_grad_inputs(grad_out, grad_gates, indices, tuned_weight, s, c10::DeviceType::CUDA);
@@ -169,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
   at::Tensor uniforms_c;
   const NoiseSource src = make_noise_source(seed, uniforms, noise, uniforms_c);
 
-  const bool deterministic = !sparse && at::globalContext().deterministicAlgorithms();
+  const bool deterministic =
+      update != nullptr || (!sparse && at::globalContext().deterministicAlgorithms());
   const GradMode mode =
       sparse ? GradMode::kSparse : (deterministic ? GradMode::kDeterministic : GradMode::kAtomic);
   at::Tensor grad_logits = at::empty({s.N, 2}, lg.options());
@@ -177,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
   at::Tensor dense_grad;
   if (sparse) {
     sparse_grad = at::empty({s.N, s.D}, tuned.options());
-  } else {
+  } else if (update == nullptr) {
     dense_grad = at::zeros({s.V, s.D}, tuned.options().dtype(at::kFloat));
   }
   at::Tensor z1 = deterministic ? at::empty({s.N}, lg.options()) : at::Tensor();
@@ -232,10 +238,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
               const int groups_per_block = kThreads / G;
               const unsigned blocks =
                   static_cast<unsigned>((s.N + groups_per_block - 1) / groups_per_block);
-              segment_sum_kernel<grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
-                  rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-                  z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G,
-                  dense_grad.mutable_data_ptr<float>());
+              if (update != nullptr) {
+                // The logit gradients are made above, from the step's weights; then the rows.
+                segment_update_kernel<scalar_t, grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
+                    rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+                    z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G, hard,
+                    *update, tuned.mutable_data_ptr<scalar_t>());
+              } else {
+                segment_sum_kernel<grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
+                    rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+                    z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G,
+                    dense_grad.mutable_data_ptr<float>());
+              }
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
           };
@@ -250,6 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
   }
   at::Tensor grad_tuned;
   at::Tensor grad_rows;
+  if (update != nullptr) {
+    return {grad_tuned, grad_logits, grad_rows};
+  }
   if (sparse) {
     // Uncoalesced COO rows, one per lookup (as nn.Embedding(sparse=True)). Always a copy: an op
     // output must not alias an input, which idx.to(kLong) would for int64 indices.
@@ -262,9 +279,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
   return {grad_tuned, grad_logits, grad_rows};
 }
 
+RowRule make_rule(const at::Tensor& weight, const char* weight_name, at::Tensor& state_a,
+                  at::Tensor& state_b, int64_t rule, double lr, double eps, double beta1,
+                  double beta2, int64_t step) {
+  check_row_update(weight, weight_name, state_a, state_b, rule, step, c10::DeviceType::CUDA);
+  const RuleHyper h = rule_hyper(lr, eps, beta1, beta2, step);
+  RowRule u;
+  u.rule = static_cast<int>(rule);
+  u.lr = h.lr;
+  u.eps = h.eps;
+  u.one_minus_beta1 = h.one_minus_beta1;
+  u.one_minus_beta2 = h.one_minus_beta2;
+  u.neg_step_size = h.neg_step_size;
+  u.state_a = rule >= 1 ? state_a.mutable_data_ptr<float>() : nullptr;
+  u.state_b = rule == 2 ? state_b.mutable_data_ptr<float>() : nullptr;
+  return u;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, const at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, bool sparse) {
+  return backward_cuda(grad_out, grad_gates, indices, frozen_weight, tuned_weight, logits, seed,
+                       uniforms, tau, hard, noise, sparse, nullptr);
+}
+
+// The backward with the fused optimizer's update of the touched tuned rows: the deterministic
+// mode's sorted segments, each summed by one group in lookup order and applied to its row, so a
+// run is bit-identical to the next. Returns grad_logits.
+at::Tensor gated_embedding_bwd_update_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
+    const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
+    double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
+    double lr, double eps, double beta1, double beta2, int64_t step) {
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const RowRule u = make_rule(tuned_weight, "tuned_weight", state_a, state_b, rule, lr, eps,
+                              beta1, beta2, step);
+  return std::get<1>(backward_cuda(grad_out, grad_gates, indices, frozen_weight, tuned_weight,
+                                   logits, seed, uniforms, tau, hard, noise, /*sparse=*/false, &u));
+}
+
+// The fused optimizer's update of a plain table's rows from one float32 gradient row per lookup
+// (values[n] for row indices[n]): a stable sort, then segment_update_kernel with weight 1.
+void rows_update_cuda(const at::Tensor& indices, const at::Tensor& values, at::Tensor& weight,
+                      at::Tensor& state_a, at::Tensor& state_b, int64_t rule, double lr,
+                      double eps, double beta1, double beta2, int64_t step) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [V, D], got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(is_table_dtype(weight.scalar_type()),
+                   "weight must be float32, bfloat16 or float16, got dtype ", weight.scalar_type());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got dtype ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
+  const int64_t N = indices.size(0);
+  const int64_t V = weight.size(0);
+  const int64_t D = weight.size(1);
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got dtype ",
+                   values.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == N && values.size(1) == D,
+                    "values must be [N, D] = [", N, ", ", D, "] (one gradient row per index), got shape ",
+                    values.sizes());
+  check_same_device(indices, "indices", weight, c10::DeviceType::CUDA);
+  check_same_device(values, "values", weight, c10::DeviceType::CUDA);
+  check_same_device(weight, "weight", weight, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const RowRule u = make_rule(weight, "weight", state_a, state_b, rule, lr, eps, beta1, beta2,
+                              step);
+  if (N == 0) {
+    return;
+  }
+  const at::Tensor idx = indices.contiguous();
+  check_index_range(idx, V);
+  const at::Tensor vals = values.contiguous();
+  const auto sorted = at::sort(idx.to(at::kLong), std::optional<bool>(true), /*dim=*/0,
+                               /*descending=*/false);
+  const at::Tensor& rows = std::get<0>(sorted);
+  const at::Tensor& order = std::get<1>(sorted);
+  const int vec = pick_vec(at::kFloat, D, {vals.const_data_ptr()});
+  const int G = pick_group(D, vec);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int groups_per_block = kThreads / G;
+  const unsigned blocks = static_cast<unsigned>((N + groups_per_block - 1) / groups_per_block);
+  dispatch_table(weight.scalar_type(), [&](auto table_tag) {
+    using scalar_t = decltype(table_tag);
+    dispatch_vec(vec, [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      if constexpr (VEC == 1 || VEC == 4) {
+        segment_update_kernel<scalar_t, float, VEC><<<blocks, kThreads, 0, stream>>>(
+            rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), nullptr,
+            vals.const_data_ptr<float>(), N, D, G, /*hard=*/false, u,
+            weight.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+}
+
 }  // namespace autoft
 
 TORCH_LIBRARY_IMPL(autoft_fast, CUDA, m) {
   m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cuda);
   m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cuda);
+  m.impl("gated_embedding_bwd_update", &autoft::gated_embedding_bwd_update_cuda);
+  m.impl("rows_update", &autoft::rows_update_cuda);
 }

@@ -427,5 +427,111 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The fused optimizer's rule (ops/fused_optim.py RULES; rule 0 sgd, 1 rowwise_adagrad, 2 adam)
+// with the hyperparameters as the CPU kernel forms them (make_row_update).
+struct RowRule {
+  int rule;
+  float lr, eps, one_minus_beta1, one_minus_beta2, neg_step_size;  // adam: -lr sqrt(bc2) / bc1
+  float* state_a;  // adagrad: sum [V]; adam: exp_avg [V, D]
+  float* state_b;  // adam: exp_avg_sq [V, D]
+};
+
+// The fused optimizer's update: sorted_rows / order come from a stable sort of the lookups by
+// row, so each row's lookups are contiguous and in lookup order. The group that finds the start
+// of a segment sums its weighted gradients w * grad[n] (w = z1[n], or 1 without z1) alone and in
+// order, and updates the row of `weight` and of the rule's state in place with the CPU kernel's
+// float32 formulas (apply_row_update). `hard`: a lookup of weight 0 adds nothing, and a row
+// whose every lookup has weight 0 (its hard gates all chose the frozen row) is left as it is.
+// Row-wise Adagrad sums the squares of the row over the group's lanes (every lane of a warp
+// reaches that shuffle), then sums the segment a second time, in the same order, to update.
+template <typename scalar_t, typename grad_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    segment_update_kernel(const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
+                          const float* __restrict__ z1, const grad_t* __restrict__ grad,
+                          int64_t N, int64_t D, int G, bool hard, RowRule u,
+                          scalar_t* __restrict__ weight) {
+  const int groups_per_block = kThreads / G;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  const bool starts = p < N && (p == 0 || sorted_rows[p - 1] != sorted_rows[p]);
+  const int64_t row = starts ? sorted_rows[p] : -1;
+  bool touched = false;
+  // acc = the segment's sum of chunk [c, c + VEC).
+  auto segment_sum = [&](int64_t c, float (&acc)[VEC]) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      acc[i] = 0.0f;
+    }
+    for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
+      const int64_t n = order[q];
+      const float w = z1 != nullptr ? z1[n] : 1.0f;
+      if (hard && w == 0.0f) {
+        continue;
+      }
+      touched = true;
+      RowChunk<grad_t, VEC> raw;
+      raw.load(grad + n * D + c);
+      float g[VEC];
+      raw.to_floats(g);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        acc[i] += w * g[i];
+      }
+    }
+  };
+  const int64_t stride = static_cast<int64_t>(G) * VEC;
+  float denom = 1.0f;
+  if (u.rule == 1) {
+    // Every lane reads the row's sum before the shuffle and lane 0 writes it after, so no lane
+    // sees the new value.
+    const float old_sum = starts ? u.state_a[row] : 0.0f;
+    float sq = 0.0f;
+    if (starts) {
+      for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += stride) {
+        float acc[VEC];
+        segment_sum(c, acc);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          sq += acc[i] * acc[i];
+        }
+      }
+    }
+    sq = group_sum(sq, G);
+    const float a = old_sum + sq / static_cast<float>(D);
+    if (starts && (touched || !hard) && lane == 0) {
+      u.state_a[row] = a;
+    }
+    denom = sqrtf(a) + u.eps;
+  }
+  if (!starts) {
+    return;
+  }
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += stride) {
+    float g[VEC];
+    segment_sum(c, g);
+    if (hard && !touched) {
+      return;  // every lookup of the row chose the frozen row (the same for all chunks)
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int64_t e = row * D + c + i;
+      const float w = static_cast<float>(weight[e]);
+      float nw;
+      if (u.rule == 0) {
+        nw = w + (-u.lr) * g[i];
+      } else if (u.rule == 1) {
+        nw = w - (u.lr * g[i]) / denom;  // IEEE division and sqrtf: nvcc's defaults
+      } else {
+        const float mn = u.state_a[e] + (g[i] - u.state_a[e]) * u.one_minus_beta1;
+        const float vn = u.state_b[e] + (g[i] * g[i] - u.state_b[e]) * u.one_minus_beta2;
+        u.state_a[e] = mn;
+        u.state_b[e] = vn;
+        nw = w + u.neg_step_size * (mn / (sqrtf(vn) + u.eps));
+      }
+      weight[e] = static_cast<scalar_t>(nw);
+    }
+  }
+}
+
 }  // namespace gated_cuda
 }  // namespace autoft

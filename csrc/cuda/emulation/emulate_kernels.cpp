@@ -8,7 +8,9 @@
 // Driven by python_tests/test_cuda_specific.py, which builds it with the host compiler:
 //   emulate_kernels N V D dtype(0 f32, 1 bf16, 2 f16) idx64 grad_f32 vec1 hard noise(0 none,
 //                   1 seed, 2 uniforms) mode(0 atomic, 1 sparse, 2 deterministic, 3 deterministic
-//                   on three hot rows) seed tau with_grad_gates out_dir
+//                   on three hot rows, 4 + r the fused optimizer's update by rule r: 4 sgd,
+//                   5 rowwise_adagrad, 6 adam, at step 3 with lr 0.05 from a random state)
+//                   seed tau with_grad_gates out_dir
 // It draws the inputs from a fixed xorshift stream, runs forward and backward as the host code
 // of gated_embedding_cuda.cu would launch them, and writes inputs and outputs as raw float32 /
 // int64 files for the test to compare with the reference.
@@ -43,6 +45,12 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
   std::vector<scalar_t> o(N * D);
   std::vector<float> gates(2 * N, -7.f), glog(2 * N, -7.f), dense(V * D, 0.f), z1(N, -7.f);
   std::vector<scalar_t> sparse(N * D);
+  const std::vector<scalar_t> tuned0 = tuned;  // the update (modes 4..6) rewrites `tuned`
+  const int rule = mode - 4;
+  std::vector<float> state_a(rule == 1 ? V : V * D), state_b(V * D);
+  for (auto& x : state_a) x = static_cast<float>(rule == 1 ? urand() : 0.1 * nrand());
+  for (auto& x : state_b) x = static_cast<float>(0.1 * urand());
+  const std::vector<float> state_a0 = state_a, state_b0 = state_b;
   const bool wide_idx = sizeof(index_t) == 8;
   if (pick_unroll(G) != U) return 4;  // the caller instantiates the host's choice
   launch(blocks, forward_kernel<scalar_t, VEC, U>, (const void*)idx.data(), wide_idx, frozen.data(), tuned.data(),
@@ -66,12 +74,37 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
     std::vector<int64_t> rows(N);
     for (int64_t q = 0; q < N; ++q) rows[q] = idx64[order[q]];
     const int gpb = kThreads / G;
-    launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_sum_kernel<grad_t, VEC>, rows.data(),
-           order.data(), z1.data(), go.data(), N, D, G, dense.data());
+    if (mode >= 4) {
+      // As gated_embedding_bwd_update_cuda: rule_hyper's formulas, step 3.
+      const double lr = 0.05, beta1 = 0.9, beta2 = 0.999, step = 3;
+      RowRule u;
+      u.rule = rule;
+      u.lr = static_cast<float>(lr);
+      u.eps = rule == 2 ? 1e-8f : (rule == 1 ? 1e-10f : 0.0f);
+      u.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+      u.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+      u.neg_step_size = static_cast<float>(
+          -(lr * std::sqrt(1.0 - std::pow(beta2, step)) / (1.0 - std::pow(beta1, step))));
+      u.state_a = state_a.data();
+      u.state_b = state_b.data();
+      launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_update_kernel<scalar_t, grad_t, VEC>,
+             (const int64_t*)rows.data(), (const int64_t*)order.data(), (const float*)z1.data(),
+             (const grad_t*)go.data(), N, D, G, hard, u, tuned.data());
+    } else {
+      launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_sum_kernel<grad_t, VEC>, rows.data(),
+             order.data(), z1.data(), go.data(), N, D, G, dense.data());
+    }
   }
   dump(out + "/idx.bin", idx64);
   dump(out + "/frozen.bin", to_f(frozen.data(), frozen.size()));
-  dump(out + "/tuned.bin", to_f(tuned.data(), tuned.size()));
+  dump(out + "/tuned.bin", to_f(tuned0.data(), tuned0.size()));
+  if (mode >= 4) {
+    dump(out + "/tuned_new.bin", to_f(tuned.data(), tuned.size()));
+    dump(out + "/state_a0.bin", state_a0);
+    dump(out + "/state_b0.bin", state_b0);
+    dump(out + "/state_a.bin", state_a);
+    dump(out + "/state_b.bin", state_b);
+  }
   dump(out + "/logits.bin", logits);
   dump(out + "/uniforms.bin", uniforms);
   dump(out + "/gg.bin", gg);
