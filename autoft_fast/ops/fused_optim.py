@@ -104,10 +104,11 @@ def check_kind(kind) -> str:
 class FusedOptimizer:
     """Which rule the op's backward applies to the tuned rows, and its hyperparameters.
 
-    ``deterministic``: combine repeated rows in a fixed order on every backend (a sorted,
-    segment-by-segment sum), so that a run is bit-identical to the next; the ``cpu`` and
-    ``triton`` backends always do, the ``cuda`` backend's uncoalesced rows are then summed by a
-    sort instead of atomics.
+    ``deterministic``: combine repeated rows in a fixed order (a sorted, segment-by-segment
+    sum), so that a run is bit-identical to the next. The kernels that update in the backward
+    (``cpu``, ``cuda``, ``triton``) and the plain tables' ``rows_update`` always do; the flag
+    decides for the torch-ops update (the ``reference`` backend, a data-parallel redirect),
+    whose uncoalesced rows are then summed by a sort instead of atomics.
 
     Example::
 
