@@ -63,3 +63,17 @@ def test_bad_v_is_refused_with_the_value(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--vs", "abc"])
     assert "--vs value 'abc' is not a number" in capsys.readouterr().err
+
+
+def test_ratios_add_the_target_v_when_it_was_measured(bench):
+    def rows(autoft_s, plain_s):
+        return {"autoft": {"ms": 1e3 / autoft_s, "samples_s": autoft_s, "frozen_bytes": 64},
+                bench.PLAIN: {"ms": 1e3 / plain_s, "samples_s": plain_s, "frozen_bytes": 0},
+                "finetune_all": {"ms": 1.0, "samples_s": 1e3, "frozen_bytes": 0}}
+    results = {10**5: rows(100.0, 100.0), bench.TARGET_V: rows(300.0, 200.0),
+               10**7: rows(400.0, 100.0)}
+    got = dict(bench.ratios(results))
+    assert got["autoft samples/s / plain samples/s at V=1e7"] == pytest.approx(4.0)
+    assert got["autoft samples/s / plain samples/s at V=4,000,000"] == pytest.approx(1.5)
+    assert "autoft samples/s / plain samples/s at V=4,000,000" not in dict(
+        bench.ratios({10**5: rows(1.0, 1.0), 10**7: rows(2.0, 1.0)}))
