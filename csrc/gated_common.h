@@ -171,6 +171,29 @@ inline void check_row_update(const at::Tensor& weight, const char* weight_name,
   }
 }
 
+// The inputs of a rows_update kernel (one float32 gradient row per lookup): returns
+// {N, V, D} after checking indices [N] (int32 / int64), values [N, D] float32 and weight
+// [V, D] of a table dtype, all on `expected`.
+inline GatedSizes check_rows_update_inputs(const at::Tensor& indices, const at::Tensor& values,
+                                           const at::Tensor& weight, c10::DeviceType expected) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [V, D], got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(is_table_dtype(weight.scalar_type()),
+                   "weight must be float32, bfloat16 or float16, got dtype ", weight.scalar_type());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "indices must be int32 or int64, got dtype ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
+  const GatedSizes s{indices.size(0), weight.size(0), weight.size(1)};
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got dtype ",
+                   values.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == s.N && values.size(1) == s.D,
+                    "values must be [N, D] = [", s.N, ", ", s.D,
+                    "] (one gradient row per index), got shape ", values.sizes());
+  check_same_device(weight, "weight", weight, expected);
+  check_same_device(indices, "indices", weight, expected);
+  check_same_device(values, "values", weight, expected);
+  return s;
+}
+
 // The rule's float32 hyperparameters as the kernels use them: Adam's bias corrections folded
 // into one step size, -lr sqrt(1 - beta2^step) / (1 - beta1^step), formed in double.
 struct RuleHyper {

@@ -1207,19 +1207,10 @@ at::Tensor gated_embedding_bwd_update_cpu(
 void rows_update_cpu(const at::Tensor& indices, const at::Tensor& values, at::Tensor& weight,
                      at::Tensor& state_a, at::Tensor& state_b, int64_t rule, double lr,
                      double eps, double beta1, double beta2, int64_t step) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [V, D], got shape ", weight.sizes());
-  TORCH_CHECK(weight.device().is_cpu(), "weight must be on the CPU, got ", weight.device());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-                   "indices must be int32 or int64, got dtype ", indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
-  const int64_t N = indices.size(0);
-  const int64_t V = weight.size(0);
-  const int64_t D = weight.size(1);
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "values must be float32, got dtype ",
-                   values.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == N && values.size(1) == D,
-                    "values must be [N, D] = [", N, ", ", D, "] (one gradient row per index), got shape ",
-                    values.sizes());
+  const GatedSizes s = check_rows_update_inputs(indices, values, weight, c10::DeviceType::CPU);
+  const int64_t N = s.N;
+  const int64_t V = s.V;
+  const int64_t D = s.D;
   const RowUpdate u = make_row_update(weight, "weight", state_a, state_b, rule, lr, eps, beta1,
                                       beta2, step);
   if (N == 0) {
