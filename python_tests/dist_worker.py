@@ -4,7 +4,7 @@ torchrun sets them; or in one process without them, for the one-process referenc
     python python_tests/dist_worker.py OUT_DIR
 
 Trains a small gated-embedding model with the Trainer in each table mode (dense, sparse COO,
-fused Adam, fused SGD) without Gumbel noise, so that a two-process run must equal the
+fused Adam, fused SGD, fused Adam inside the C++ kernel's backward) without Gumbel noise, so that a two-process run must equal the
 one-process run on the same global batches to float rounding, and saves each rank's final
 weights to OUT_DIR/<mode>-rank<r>.pt. Mode "resume" trains 2 epochs, interrupted after the
 first and resumed from the checkpoint.
@@ -21,6 +21,7 @@ from torch import nn
 from autoft_fast.config.sections import TrainConfig
 from autoft_fast.data.tensors import TensorData
 from autoft_fast.modules import GatedEmbedding
+from autoft_fast.ops import _extension as ext
 from autoft_fast.train.trainer import Trainer, TrainingInterrupted
 
 V, D, F = 30, 4, 3
@@ -30,6 +31,10 @@ ROWS, BATCH = 71, 32
 MODES = {"dense": {}, "sparse": {"sparse": True},
          "fused_adam": {"optimizer": "adam", "lr": 0.05},
          "fused_sgd": {"optimizer": "sgd", "lr": 0.05}}
+if ext.has_kernel("CPU"):
+    # The C++ kernel updates in its backward: under data parallelism it must hand the rows to
+    # the ranks' combined update instead.
+    MODES["fused_adam_cpu_kernel"] = {"optimizer": "adam", "lr": 0.05, "backend": "cpu"}
 
 
 class TinyGated(nn.Module):
@@ -37,7 +42,7 @@ class TinyGated(nn.Module):
 
     def __init__(self, norm: bool = True, **table):
         super().__init__()
-        self.emb = GatedEmbedding(V, D, backend="reference", **table)
+        self.emb = GatedEmbedding(V, D, **{"backend": "reference", **table})
         with torch.no_grad():
             self.emb.tuned_weight.copy_(self.emb.frozen_weight)
         self.policy = nn.Linear(F, F * 2)

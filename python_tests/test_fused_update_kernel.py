@@ -128,3 +128,39 @@ def test_opcheck_update_op(kind):
             torch.tensor(3), None, 1.0, True, True, *opt.kernel_args(w, state))
     torch.library.opcheck(torch.ops.autoft_fast.gated_embedding_bwd_update, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", IN_KERNEL)
+@pytest.mark.parametrize("hard", [True, False])
+def test_a_redirect_gets_the_rows_instead_of_the_kernel_updating_them(backend, hard):
+    # Data-parallel training redirects every fused update to combine the ranks' rows first: a
+    # kernel that updated in place there would step each rank on its own rows only.
+    from autoft_fast.ops.fused_optim import updates_redirected
+    inp = make_inputs((40, 3), 17, 6, gen=case_generator("redirect", backend, hard),
+                      duplicates=True)
+    opt = FusedOptimizer("adam", lr=0.05)
+
+    def step(tuned, state):
+        logits = inp["logits"].clone().requires_grad_()
+        out, gates = autoft_fast.gated_embedding(inp["indices"], inp["frozen"], tuned, logits,
+                                                 seed=inp["seed"], hard=hard, backend=backend,
+                                                 optimizer=opt, optimizer_state=state)
+        (out.double() * inp["grad_out"].double()).sum().backward()
+        return logits.grad
+
+    direct = inp["tuned"].clone().requires_grad_()
+    direct_state = opt.new_state(direct)
+    g_direct = step(direct, direct_state)
+
+    pending = []
+    tuned = inp["tuned"].clone().requires_grad_()
+    state = opt.new_state(tuned)
+    with updates_redirected(lambda *update: pending.append(update)):
+        g_redirected = step(tuned, state)
+    assert torch.equal(tuned.detach(), inp["tuned"]) and len(pending) == 1
+    torch.testing.assert_close(g_redirected, g_direct, rtol=1e-5, atol=1e-6)
+    o, w, rows, grad, st = pending[0]
+    o.apply_now(w, rows, grad, st)  # what the data-parallel sync does with one rank
+    torch.testing.assert_close(tuned.detach(), direct.detach(), rtol=1e-5, atol=1e-6)
+    for name in direct_state:
+        torch.testing.assert_close(state[name], direct_state[name], rtol=1e-5, atol=1e-6)

@@ -87,8 +87,11 @@ class _FusedStep(torch.autograd.Function):
                 (torch.zeros_like(out) if grad_out is None else grad_out,
                  torch.zeros_like(gates) if grad_gates is None else grad_gates))
             rows, values = g_t._indices()[0], g_t._values()
-        elif row.fused_backward is not None and weight.device.type in row.update_devices:
-            # The kernel updates the touched rows itself; no gradient rows leave it.
+        elif (row.fused_backward is not None and weight.device.type in row.update_devices
+              and not fused_optim.updates_are_redirected()):
+            # The kernel updates the touched rows itself; no gradient rows leave it. (Under a
+            # redirect -- data-parallel training -- the rows go to it below instead, to be
+            # combined with the other ranks' before one update.)
             n, dim = indices.shape[0], weight.shape[1]
             grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
             opt = ctx.optimizer

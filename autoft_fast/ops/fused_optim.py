@@ -256,6 +256,19 @@ def updates_paused() -> bool:
     return _paused[0] > 0
 
 
+def updates_are_redirected() -> bool:
+    """Whether an :func:`updates_redirected` block is active (kernels must not update then).
+
+    Example::
+
+        >>> from autoft_fast.ops.fused_optim import updates_are_redirected, updates_redirected
+        >>> with updates_redirected(lambda *update: None):
+        ...     updates_are_redirected()
+        True
+    """
+    return bool(_redirects)
+
+
 _redirects: list = []
 
 
