@@ -372,11 +372,14 @@ class TransferModel(nn.Module):
                 # A lookup of a value the target saw at most k times: the frozen row, by a
                 # margin no noise overturns; every other field gate: the network's.
                 nf = len(self.field_gate_names)
-                allowed = self.frequency_rule.tuned(batch, self.net).unsqueeze(-1)
+                # logits * keep + (1 - keep) * frozen, keep = 1 on the layer gates: the values
+                # (and gradients) of torch.where(allowed, logits, frozen) for finite logits,
+                # in a third of its time (where broadcast a bool mask, then a cat copied).
+                keep = logits.new_ones(logits.shape[0], logits.shape[1], 1)
+                keep[:, :nf, 0] = self.frequency_rule.tuned(batch, self.net)
                 frozen = torch.tensor([_FORCE_MARGIN, -_FORCE_MARGIN], dtype=logits.dtype,
                                       device=logits.device)
-                logits = torch.cat((torch.where(allowed, logits[:, :nf], frozen),
-                                    logits[:, nf:]), dim=1)
+                logits = torch.addcmul((1.0 - keep) * frozen, logits, keep)
             return logits
         sign = 1.0 if self._forced == "tuned" else -1.0
         logits = x.new_empty(x.shape[0], self.policy.num_gates, 2)
