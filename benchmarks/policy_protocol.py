@@ -77,10 +77,14 @@ CANDIDATES = {
     # The premise as a rule for the field gates: frozen where the value is rare in the target
     # training rows, the threshold chosen on validation; the layer gates as in "train".
     "frequency": {"field_policy": "frequency"},
+    # The same rule with k chosen and tested on the target training rows, held out in turn
+    # (two k = 0 models on half the rows each), instead of on the validation split.
+    "frequency+crossfit": {"field_policy": "frequency", "frequency_select": "crossfit"},
 }
 # The settings that switch nothing on; every candidate states them, so that the table does
 # not depend on the defaults.
-NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5, "field_policy": "network"}
+NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5, "field_policy": "network",
+           "frequency_select": "validation"}
 for _c in CANDIDATES.values():
     for _k, _v in NEUTRAL.items():
         _c.setdefault(_k, _v)

@@ -183,3 +183,54 @@ def test_a_validation_split_too_small_to_test_keeps_the_first_model(tmp_path, mo
     assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
     assert rec["frequency_keep_p_value"] == 1.0
     assert "not kept" in caplog.text and "2 positives" in caplog.text
+
+
+@pytest.mark.parametrize("significant", [True, False])
+def test_crossfit_chooses_and_tests_k_on_held_out_training_rows(tmp_path, monkeypatch,
+                                                                significant):
+    # frequency_select: crossfit: two k = 0 models, each trained on half the target training
+    # rows and scored on the other half; the scan and DeLong's test run on those held-out
+    # rows (every training row once), never on the validation split.
+    from autoft_fast.train import runner
+    cfg, bundle, state, _ = _pretrained(tmp_path, autoft={
+        "policy_objective": "train", "field_policy": "frequency", "policy_warmup": 0,
+        "frequency_thresholds": [2.0, 5.0], "frequency_select": "crossfit"})
+    n_train = len(bundle.splits["target_train"])
+    seen = {"tested": [], "fits": []}
+
+    def no_valid_scan(*args):
+        raise AssertionError("crossfit must not score thresholds on the validation split")
+    monkeypatch.setattr(runner, "_valid_auc", no_valid_scan)
+    real_fit = runner.Trainer.fit
+
+    def fit(self, train, valid, **kw):
+        seen["fits"].append(len(train))
+        return real_fit(self, train, valid, **kw)
+    monkeypatch.setattr(runner.Trainer, "fit", fit)
+    real_scores = runner._crossfit_scores
+
+    def scores(*args, **kw):  # held-out scores that make k = 5 the best
+        labels, by_k, epochs, seconds = real_scores(*args, **kw)
+        assert len(labels) == n_train and set(by_k) == {0.0, 2.0, 5.0}
+        by_k[5.0] = (labels * 2.0 - 1.0) * 10.0  # a perfect ranking
+        return labels, by_k, epochs, seconds
+    monkeypatch.setattr(runner, "_crossfit_scores", scores)
+
+    def test(labels, a, b):
+        seen["tested"].append(len(labels))
+        return {"diff": 0.1, "p_value": 1e-6 if significant else 0.5}
+    monkeypatch.setattr(runner, "delong_test", test)
+    rec = runner.run_strategy(cfg, bundle, state, "autoft_field", 0, tmp_path / "cf")
+    # The full run, then the two halves (each trained on the other half's rows).
+    assert seen["fits"][:3] == [n_train, n_train - n_train // 2, n_train // 2]
+    assert seen["tested"] == [n_train]
+    assert rec["frequency_select"] == "crossfit" and rec["frequency_scan"]["5"] == 1.0
+    assert rec["frequency_keep_level"] == pytest.approx(cfg.autoft.frequency_keep_p / 2)
+    if significant:  # retrained on all training rows under k = 5 and kept without a
+        # validation test
+        assert seen["fits"][3:] == [n_train]
+        assert rec["frequency_retrained"] and rec["frequency_threshold"] == 5.0
+    else:
+        assert len(seen["fits"]) == 3
+        assert not rec["frequency_retrained"] and rec["frequency_threshold"] == 0.0
+    assert not list((tmp_path / "cf").glob("last_crossfit*.pt"))

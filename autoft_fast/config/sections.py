@@ -209,6 +209,16 @@ class AutoFTConfig(_Section):
     frequency_thresholds: list[float] = setting([10.0, 30.0, 100.0], minimum=0.0, doc=(
         "with field_policy: frequency, the thresholds k tried besides 0 (counts in the "
         "target training rows)"))
+    frequency_select: str = setting("validation", choices=("validation", "crossfit"), doc=(
+        "with field_policy: frequency, which rows choose k and test it: validation = the "
+        "validation split (the k = 0 model with the rule applied to it, then the model "
+        "retrained under the best k kept by the test of frequency_keep_p); crossfit = the "
+        "target training rows, held out in turn: the training rows are split in two halves, "
+        "a k = 0 model is trained on each half and scored with the rule at every k on the "
+        "other half (each half's own counts), and the best k is kept when its pooled held-out "
+        "AUC beats k = 0's by the same test; the model retrained under it is then kept without "
+        "a validation test. Every training row is scored once, so the choice rests on several "
+        "times the validation split's rows, at the cost of two more trainings on half the rows"))
     frequency_keep_p: float = setting(0.05, minimum=0.0, maximum=1.0, min_open=True, doc=(
         "with field_policy: frequency, the family-wise level of the one-sided test (DeLong's "
         "paired test of validation AUC against the k = 0 model) that keeps the model trained "

@@ -360,6 +360,52 @@ def _valid_auc(model, valid, batch_size, device) -> float:
                                                       device=device))["auc"])
 
 
+def _one_sided_p(test) -> float:
+    """DeLong's one-sided p-value that the first scores' AUC is the higher (1: no evidence)."""
+    if test is None:
+        return 1.0
+    return test["p_value"] / 2 if test["diff"] > 0 else 1.0 - test["p_value"] / 2
+
+
+def _crossfit_scores(cfg, pretrained, bundle, seed, out_dir, domains, strategy, value_counts,
+                     ks, *, progress, device):
+    """frequency_select: crossfit. The target training rows split in two seeded halves; per
+    half a k = 0 model trained from the pre-trained start on the other half (its own value
+    counts; early stopping on the validation split, as every run), then scored on this half
+    with the rule at each k. Returns (labels [n], {k: logits [n]}, epochs, seconds)."""
+    train = bundle.splits["target_train"]
+    valid = bundle.splits["target_valid"]
+    batch = cfg.finetune.eval_batch_size
+    num_rows = bundle.feature_map.num_rows
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))
+    halves = (perm[: len(train) // 2].sort().values, perm[len(train) // 2:].sort().values)
+    labels, scores, epochs, seconds = [], {k: [] for k in ks}, 0, 0.0
+    for j in (0, 1):
+        fit_rows, held = train.index(halves[1 - j]), train.index(halves[j])
+        counts = (value_counts[0], count_rows(fit_rows, num_rows))
+        half = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model,
+                                    cfg.autoft, value_counts=counts)
+        half.set_frequency_threshold(0.0)
+        half.to(device)
+        ckpt = out_dir / f"last_crossfit{j}.pt"
+        trainer = Trainer(half, cfg.finetune, checkpoint_path=ckpt, seed=seed + 2 + j,
+                          tau_schedule=_tau_schedule(cfg), policy_lr=cfg.autoft.policy_lr,
+                          policy_weight_decay=cfg.autoft.policy_weight_decay,
+                          domain_names=domains, desc=f"{strategy} seed {seed} half {j}",
+                          progress=progress, device=device,
+                          policy_warmup=cfg.autoft.policy_warmup,
+                          policy_warmup_gates=cfg.autoft.policy_warmup_gates)
+        got = trainer.fit(fit_rows, valid)
+        ckpt.unlink(missing_ok=True)
+        epochs, seconds = epochs + got.epochs_run, seconds + got.train_seconds
+        for k in ks:
+            half.set_frequency_threshold(k)
+            scores[k].append(predict(half, held, batch, device=device).numpy())
+        labels.append(held.label.numpy())
+    return (np.concatenate(labels), {k: np.concatenate(v) for k, v in scores.items()}, epochs,
+            seconds)
+
+
 def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strategy,
                      value_counts, *, resume, progress, device):
     """autoft.field_policy: frequency. ``model`` was trained with threshold 0 (only values the
@@ -373,14 +419,39 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     record fields)."""
     valid = bundle.splits["target_valid"]
     batch = cfg.finetune.eval_batch_size
-    scan = {}
-    for k in [0.0] + [float(k) for k in cfg.autoft.frequency_thresholds]:
-        model.set_frequency_threshold(k)
-        scan[k] = _valid_auc(model, valid, batch, device)
+    ks = [0.0] + [float(k) for k in cfg.autoft.frequency_thresholds]
+    # The threshold is the best of len(frequency_thresholds) on the same rows: Bonferroni.
+    level = cfg.autoft.frequency_keep_p / max(1, len(cfg.autoft.frequency_thresholds))
+    crossfit = cfg.autoft.frequency_select == "crossfit"
+    extra_epochs, extra_seconds = 0, 0.0
+    if crossfit:
+        labels, held_scores, extra_epochs, extra_seconds = _crossfit_scores(
+            cfg, pretrained, bundle, seed, out_dir, domains, strategy, value_counts, ks,
+            progress=progress, device=device)
+        scan = {k: float(compute_metrics(torch.from_numpy(labels),
+                                         torch.from_numpy(held_scores[k]))["auc"]) for k in ks}
+    else:
+        scan = {}
+        for k in ks:
+            model.set_frequency_threshold(k)
+            scan[k] = _valid_auc(model, valid, batch, device)
     best_k = max(scan, key=lambda k: (scan[k], -k))  # ties: the smaller threshold
     model.set_frequency_threshold(0.0)
     fields = {"frequency_scan": {f"{k:g}": v for k, v in scan.items()},
+              "frequency_select": cfg.autoft.frequency_select,
               "frequency_threshold": 0.0, "frequency_retrained": False}
+    if crossfit:
+        fields.update(epochs_run=fit.epochs_run + extra_epochs,
+                      train_seconds=fit.train_seconds + extra_seconds)
+        if best_k != 0.0:
+            try:
+                test = delong_test(labels, held_scores[best_k], held_scores[0.0])
+            except ValueError as e:  # too few clicks (or non-clicks) to test
+                log.warning("[seed %d] %s: the frequency rule is not used: %s", seed, strategy, e)
+                test = None
+            fields.update(frequency_keep_p_value=_one_sided_p(test), frequency_keep_level=level)
+            if not (test is not None and test["diff"] > 0 and _one_sided_p(test) < level):
+                best_k = 0.0
     if best_k == 0.0:
         return model, fields
     again = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, cfg.autoft,
@@ -398,9 +469,14 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     (out_dir / "last_frequency.pt").unlink(missing_ok=True)
     fields.update(frequency_first_valid_best=fit.best_metric,
                   frequency_second_valid_best=second.best_metric,
-                  epochs_run=fit.epochs_run + second.epochs_run,
-                  train_seconds=fit.train_seconds + second.train_seconds,
+                  epochs_run=fit.epochs_run + extra_epochs + second.epochs_run,
+                  train_seconds=fit.train_seconds + extra_seconds + second.train_seconds,
                   history=fit.history + [dict(h, stage=f"k={best_k:g}") for h in second.history])
+    if crossfit:  # chosen and tested on the held-out training rows: kept
+        fields.update(frequency_threshold=best_k, frequency_retrained=True,
+                      best_epoch=second.best_epoch, valid_best=second.best_metric,
+                      best_at_cap=second.best_at_cap)
+        return again, fields
     first_scores = predict(model, valid, batch, device=device).numpy()
     second_scores = predict(again, valid, batch, device=device).numpy()
     try:
@@ -408,15 +484,8 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     except ValueError as e:  # too few clicks (or non-clicks) on the validation rows to test
         log.warning("[seed %d] %s: the frequency rule's model is not kept: %s", seed, strategy, e)
         test = None
-    if test is None:
-        p_one = 1.0  # no evidence either way
-    elif test["diff"] > 0:
-        p_one = test["p_value"] / 2
-    else:
-        p_one = 1.0 - test["p_value"] / 2
+    p_one = _one_sided_p(test)
     fields["frequency_keep_p_value"] = float(p_one)
-    # The threshold is the best of len(frequency_thresholds) on these very rows: Bonferroni.
-    level = cfg.autoft.frequency_keep_p / max(1, len(cfg.autoft.frequency_thresholds))
     fields["frequency_keep_level"] = level
     if test is not None and test["diff"] > 0 and p_one < level:
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
