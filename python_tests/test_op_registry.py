@@ -155,3 +155,15 @@ def test_rows_update_op_is_the_compiled_kernel_on_the_cpu_and_none_where_no_back
     if _extension.has_kernel("CPU"):
         assert cpu is torch.ops.autoft_fast.rows_update
     assert registry.rows_update_op(torch.device("meta")) is None
+
+
+def test_every_compiled_or_triton_backend_updates_in_its_own_backward():
+    # The fused optimizer runs inside the backward of each kernel backend, on its devices; the
+    # reference alone takes the torch-ops update.
+    from autoft_fast.ops import registry
+    want = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
+    for name, devices in want.items():
+        row = registry.REGISTRY[name]
+        assert row.fused_backward is not None and row.rows_update is not None, name
+        assert row.update_devices == devices, name
+    assert registry.REGISTRY["reference"].fused_backward is None

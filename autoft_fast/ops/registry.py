@@ -336,6 +336,8 @@ register(Backend(
     forward=lambda: torch.ops.autoft_fast.gated_embedding_fwd,
     backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd,
     coalesced=False, unavailable=_not_built,
+    fused_backward=lambda: torch.ops.autoft_fast.gated_embedding_bwd_update,
+    rows_update=lambda: torch.ops.autoft_fast.rows_update, update_devices=("cuda",),
     bag_forward=lambda: torch.ops.autoft_fast.gated_embedding_bag_fwd,
     bag_backward=lambda: torch.ops.autoft_fast.gated_embedding_bag_bwd,
     notes="C++/CUDA extension"))
