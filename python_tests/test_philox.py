@@ -91,3 +91,22 @@ def test_kernel_backends_draw_the_contract_stream(backend_device):
     y1 = torch.sigmoid(torch.log(u + 1e-20) - torch.log(1 - u))
     torch.testing.assert_close(gates[:, 1].cpu().double(), y1, rtol=2e-6, atol=1e-7)
     assert math.isclose(float(gates.sum()), n, rel_tol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("autoft_fast.ops._extension", fromlist=["x"]).has_kernel("CPU"),
+                    reason="the compiled CPU extension is not built")
+def test_the_compiled_uniforms_are_the_stream_bit_for_bit():
+    # autoft_fast::philox_uniforms (the models' layer-gate noise) against the torch-ops and
+    # numpy forms of the contract's stream, over call boundaries and a 63-bit seed.
+    import torch
+    from autoft_fast.ops.philox import philox_uniforms, uniforms, uniforms_tensor
+    for seed, n in [(0, 0), (0, 1), (7, 6), (2**63 - 1, 4097), (123456789012, 30001)]:
+        got = torch.ops.autoft_fast.philox_uniforms(torch.tensor(seed), n)
+        assert got.dtype == torch.float32 and tuple(got.shape) == (n,)
+        assert torch.equal(got, uniforms_tensor(seed, (n,)))
+        assert torch.equal(got, torch.from_numpy(philox_uniforms(seed, n)))
+    assert torch.equal(uniforms(11, (5, 3)), uniforms_tensor(11, (5, 3)))
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        torch.ops.autoft_fast.philox_uniforms(torch.tensor(1), -1)
+    with pytest.raises(ValueError, match="non-negative 63-bit"):
+        torch.ops.autoft_fast.philox_uniforms(torch.tensor(-3), 4)

@@ -46,7 +46,7 @@ from torch import nn
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
 from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
 from ..ops import gumbel_gates, memory
-from ..ops.philox import uniforms_tensor
+from ..ops import philox
 from .base import BaseCTRModel, build_base_model
 from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
 from .frequency import FrequencyRule, ValueFrequencies
@@ -324,7 +324,7 @@ class TransferModel(nn.Module):
         uniforms = None
         if noise and logits.shape[1] > ns:
             seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
-            uniforms = uniforms_tensor(seed, (logits.shape[0], logits.shape[1] - ns),
+            uniforms = philox.uniforms(seed, (logits.shape[0], logits.shape[1] - ns),
                                        device=logits.device)
         other = None
         if logits.shape[1] > ns + nm:

@@ -103,6 +103,12 @@ ROWS_UPDATE = OpInterface(
     + _UPDATE_ARGS,
     returns=0)
 
+# The contract's uniforms U[0:n] for a seed (CPU kernel; "Random numbers" in
+# docs/op-contract.md): the noise of the gates drawn outside the op (layer gates). Returns
+# float32 [n], bit-identical to ops/philox.py.
+PHILOX_UNIFORMS = OpInterface("philox_uniforms", (Arg("seed", "Tensor"), Arg("n", "int")),
+                              returns=1)
+
 FwdArgs = namedtuple("FwdArgs", FWD.names)
 BwdUpdateArgs = namedtuple("BwdUpdateArgs", BWD_UPDATE.names)
 BwdArgs = namedtuple("BwdArgs", BWD.names)

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .interface import (BAG_BWD, BAG_FWD, BWD, BWD_UPDATE, FWD, NAMESPACE, ROWS_UPDATE,
+from .interface import (BAG_BWD, BAG_FWD, BWD, BWD_UPDATE, FWD, NAMESPACE, PHILOX_UNIFORMS,
+                        ROWS_UPDATE,
                         BagBwdArgs, BagFwdArgs,
                         BwdArgs, BwdUpdateArgs, FwdArgs, schema)
 
@@ -22,6 +23,7 @@ _lib.define(schema(FWD))
 _lib.define(schema(BWD))
 _lib.define(schema(BWD_UPDATE))
 _lib.define(schema(ROWS_UPDATE))
+_lib.define(schema(PHILOX_UNIFORMS))
 _lib.define(schema(BAG_FWD))
 _lib.define(schema(BAG_BWD))
 
@@ -61,6 +63,8 @@ def fake_bwd_update(*args):
 
 torch.library.register_fake(f"{NAMESPACE}::{BWD_UPDATE.name}", fake_bwd_update, lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::{ROWS_UPDATE.name}", lambda *args: None, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::{PHILOX_UNIFORMS.name}",
+                            lambda seed, n: seed.new_empty((n,), dtype=torch.float32), lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::{FWD.name}", fake_fwd, lib=_lib)
 torch.library.register_fake(f"{NAMESPACE}::{BWD.name}", fake_bwd, lib=_lib)
 

@@ -117,6 +117,29 @@ def uniforms_tensor(seed, shape, device=None) -> torch.Tensor:
     return u.reshape(shape)
 
 
+def uniforms(seed, shape, device=None) -> torch.Tensor:
+    """:func:`uniforms_tensor`, from the compiled CPU kernel ``autoft_fast::philox_uniforms``
+    where it serves (CPU tensors, the extension built): the same bits, about 20x faster than
+    the torch integer ops at a batch's layer gates. The reference backend keeps
+    :func:`uniforms_tensor`, so that the oracle does not depend on the kernels.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.philox import uniforms, uniforms_tensor
+        >>> bool((uniforms(7, (3, 2)) == uniforms_tensor(7, (3, 2))).all())
+        True
+    """
+    from . import _extension as ext
+    if (device is None or torch.device(device).type == "cpu") and ext.has_kernel("CPU"):
+        n = 1
+        for s in shape:
+            n *= s
+        seed = torch.as_tensor(seed, dtype=torch.int64)
+        return torch.ops.autoft_fast.philox_uniforms(seed, n).reshape(shape)
+    return uniforms_tensor(seed, shape, device=device)
+
+
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
     """l = log(U + 1e-20) - log(1 - U): a standard logistic sample (= G1 - G0 of two Gumbels)."""
     return torch.log(u + 1e-20) - torch.log(1 - u)

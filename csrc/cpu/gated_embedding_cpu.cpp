@@ -1259,9 +1259,31 @@ void rows_update_cpu(const at::Tensor& indices, const at::Tensor& values, at::Te
   });
 }
 
+// The contract's uniforms U[0:n] for `seed` (op-contract.md, "Random numbers"): call c of the
+// stream gives U[4c .. 4c + 3]. For gates drawn outside the op (the models' layer gates).
+at::Tensor philox_uniforms_cpu(const at::Tensor& seed, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got n = ", n);
+  at::Tensor out = at::empty({n}, seed.options().dtype(at::kFloat).device(at::kCPU));
+  if (n == 0) {
+    return out;
+  }
+  const uint64_t s = read_seed(seed);
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, (n + 3) / 4, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Philox4 r = philox4x32_10(s, static_cast<uint64_t>(c));
+      for (int64_t k = 0; k < 4 && 4 * c + k < n; ++k) {
+        o[4 * c + k] = philox_uniform(r.w[k]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace autoft
 
 TORCH_LIBRARY_IMPL(autoft_fast, CPU, m) {
+  m.impl("philox_uniforms", &autoft::philox_uniforms_cpu);
   m.impl("gated_embedding_fwd", &autoft::gated_embedding_fwd_cpu);
   m.impl("gated_embedding_bwd", &autoft::gated_embedding_bwd_cpu);
   m.impl("gated_embedding_bwd_update", &autoft::gated_embedding_bwd_update_cpu);
