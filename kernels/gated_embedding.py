@@ -290,6 +290,17 @@ def _seed_args(seed: torch.Tensor, uses_seed: bool, device: torch.device, concre
     return seed.to(device), 0, True
 
 
+def _noise_args(seed, uniforms, noise: bool, placeholder, concrete: bool):
+    """What a lookup kernel is told of its noise: (USE_UNIFORMS, SEED_FROM_PTR, the seed
+    pointer argument, the seed value, the uniforms pointer argument); ``placeholder`` stands in
+    for a pointer the kernel does not read."""
+    use_uniforms = noise and uniforms is not None
+    seed_ptr, seed_val, seed_from_ptr = _seed_args(
+        seed, noise and not use_uniforms, placeholder.device, concrete)
+    return (use_uniforms, seed_from_ptr, seed_ptr if seed_from_ptr else placeholder, seed_val,
+            uniforms if use_uniforms else placeholder)
+
+
 def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
                 tau: float, hard: bool, noise: bool, concrete: bool):
     n = indices.shape[0]
@@ -299,15 +310,12 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
     if n == 0:
         return out, gates
     indices = _range_checked(indices, tuned_weight.shape[0], concrete)
-    use_uniforms = noise and uniforms is not None
-    seed_ptr, seed_val, seed_from_ptr = _seed_args(
-        seed, noise and not use_uniforms, indices.device, concrete)
+    use_uniforms, seed_from_ptr, seed_arg, seed_val, uniforms_arg = _noise_args(
+        seed, uniforms, noise, logits, concrete)
     block_n, block_d, num_warps = _block_sizes(n, d, concrete)
     kernel = _fwd_kernel if concrete else wrap_triton(_fwd_kernel)
     kernel[(triton.cdiv(n, block_n),)](
-        indices, frozen_weight, tuned_weight, logits,
-        seed_ptr if seed_from_ptr else logits, seed_val,
-        uniforms if use_uniforms else logits,
+        indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
         out, gates, n, d, frozen_weight.shape[1], float(tau),
         HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
         QUANT=quant.is_quantised(frozen_weight),
@@ -327,16 +335,13 @@ def _bwd_kernel_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weigh
     grad_logits = torch.empty((n, 2), dtype=torch.float32, device=indices.device)
     if n == 0:
         return grad_logits
-    use_uniforms = noise and uniforms is not None
-    seed_ptr, seed_val, seed_from_ptr = _seed_args(
-        seed, noise and not use_uniforms, indices.device, concrete)
+    use_uniforms, seed_from_ptr, seed_arg, seed_val, uniforms_arg = _noise_args(
+        seed, uniforms, noise, logits, concrete)
     block_n, block_d, num_warps = _block_sizes(n, d, concrete)
     kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
     kernel[(triton.cdiv(n, block_n),)](
         grad_out, grad_gates if grad_gates is not None else logits,
-        indices, frozen_weight, tuned_weight, logits,
-        seed_ptr if seed_from_ptr else logits, seed_val,
-        uniforms if use_uniforms else logits,
+        indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
         accum, grad_logits, z1 if z1 is not None else logits, n, d, frozen_weight.shape[1],
         float(tau),
         HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _extension as ext
+
 # Plain ints (torch.compile traces the torch path with them as constants), numpy copies below.
 ROUND_A, ROUND_B, KEY_A, KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 # Largest int32 magnitude maps just below 1.0: float32(2**31 - 1) * this < 1.
@@ -130,7 +132,6 @@ def uniforms(seed, shape, device=None) -> torch.Tensor:
         >>> bool((uniforms(7, (3, 2)) == uniforms_tensor(7, (3, 2))).all())
         True
     """
-    from . import _extension as ext
     if (device is None or torch.device(device).type == "cpu") and ext.has_kernel("CPU"):
         n = 1
         for s in shape:
