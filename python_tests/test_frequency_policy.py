@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -45,6 +46,41 @@ def test_rule_compares_counts_and_bags_by_their_mean_log_count():
             rule.set_threshold(bad)
     with pytest.raises(ValueError, match="1-D"):
         FrequencyRule(torch.zeros(2, 3))
+
+
+def test_rule_never_answers_from_a_stale_table():
+    # The rule keeps counts > threshold as a table between calls: every way the counts or the
+    # threshold can change must reach it.
+    net = _Net(["a"], [], [])
+    batch = _Batch(torch.tensor([[0], [1], [2]]), None)
+    rule = FrequencyRule(torch.tensor([1.0, 5.0, 50.0]))
+    assert rule.tuned(batch, net)[:, 0].tolist() == [True, True, True]
+    rule.set_threshold(5)
+    assert rule.tuned(batch, net)[:, 0].tolist() == [False, False, True]
+    other = FrequencyRule(torch.tensor([100.0, 0.0, 0.0]))
+    other.set_threshold(0.5)
+    rule.load_state_dict(other.state_dict())  # copies in place into both buffers
+    assert rule.tuned(batch, net)[:, 0].tolist() == [True, False, False]
+    with torch.no_grad():
+        rule.counts[1] = 3.0  # the counts alone, in place
+    assert rule.tuned(batch, net)[:, 0].tolist() == [True, True, False]
+    with torch.no_grad():
+        rule.threshold.fill_(50.0)  # the threshold alone, in place
+    assert rule.tuned(batch, net)[:, 0].tolist() == [True, False, False]
+    rule.threshold.fill_(2.0)
+    rule.counts = torch.tensor([0.0, 0.0, 9.0])  # a buffer replaced by a new tensor
+    assert rule.tuned(batch, net)[:, 0].tolist() == [False, False, True]
+    fresh = FrequencyRule(torch.tensor([1.0, 5.0, 50.0]))
+    assert fresh.tuned(batch, net)[:, 0].tolist() == [True, True, True]
+    fresh.counts = torch.zeros(3)  # a new tensor, at the same in-place version as the old
+    assert fresh.tuned(batch, net)[:, 0].tolist() == [False, False, False]
+    twin = copy.deepcopy(rule)
+    twin.set_threshold(10)
+    assert twin.tuned(batch, net)[:, 0].tolist() == [False, False, False]
+    assert rule.tuned(batch, net)[:, 0].tolist() == [False, False, True]
+    for dtype in (torch.int32, torch.int64):
+        assert rule.tuned(_Batch(batch.sparse.to(dtype), None), net)[:, 0].tolist() == \
+            [False, False, True]
 
 
 def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
