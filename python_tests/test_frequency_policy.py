@@ -115,6 +115,23 @@ def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
     with torch.no_grad():  # fair coins: the layer gates are the network's noisy draws
         last.weight.zero_()
         last.bias.zero_()
+        last.bias.view(-1, 2)[:, 1] = torch.linspace(-1.0, 1.0, last.bias.numel() // 2)
+    # Nothing forced (k = 0, rows whose every value was seen; an empty bag counts as
+    # unseen): the network's logits as they are; one lookup of a value never seen: that one
+    # forced, the rest the same.
+    with torch.no_grad():
+        seen = batch.index(torch.nonzero(m.frequency_rule.tuned(batch, m.net).all(1))[:, 0])
+        assert seen.label.shape[0] >= 4
+        assert torch.equal(m._policy_logits(seen), m.policy(m._frozen_input(seen)))
+        unseen = seen.slice(0, 4)
+        unseen.sparse = unseen.sparse.clone()
+        unseen.sparse[0, 0] = int(torch.nonzero(counts == 0)[0, 0])
+        forced = m._policy_logits(unseen)
+        want = m.policy(m._frozen_input(unseen))
+        assert forced[0, 0].tolist() == [1.0e4, -1.0e4]  # the frozen row, by the margin
+        mask = torch.ones_like(want, dtype=torch.bool)
+        mask[0, 0] = False
+        assert torch.equal(forced[mask], want[mask])
     m.train()
     m(batch)
     layers = m.last_gates["layer"][..., 1]

@@ -372,11 +372,17 @@ class TransferModel(nn.Module):
                 # A lookup of a value the target saw at most k times: the frozen row, by a
                 # margin no noise overturns; every other field gate: the network's.
                 nf = len(self.field_gate_names)
+                allowed = self.frequency_rule.tuned(batch, self.net)
+                if allowed.device.type == "cpu" and bool(allowed.all()):
+                    # Nothing to force (at k = 0 every value of a training batch was seen):
+                    # the logits as they are, which is what the multiply-add gives then.
+                    # (CPU only: on a GPU the test would wait for the device.)
+                    return logits
                 # logits * keep + (1 - keep) * frozen, keep = 1 on the layer gates: the values
                 # (and gradients) of torch.where(allowed, logits, frozen) for finite logits,
                 # in a third of its time (where broadcast a bool mask, then a cat copied).
                 keep = logits.new_ones(logits.shape[0], logits.shape[1], 1)
-                keep[:, :nf, 0] = self.frequency_rule.tuned(batch, self.net)
+                keep[:, :nf, 0] = allowed
                 frozen = torch.tensor([_FORCE_MARGIN, -_FORCE_MARGIN], dtype=logits.dtype,
                                       device=logits.device)
                 logits = torch.addcmul((1.0 - keep) * frozen, logits, keep)
