@@ -317,7 +317,7 @@ class AutoFTModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, strategy: str = "autoft", layers=None,
-                 policy_hidden=(32,), tau: float = 5.0, l2sp_weight: float = 1e-3,
+                 policy_hidden=(64,), tau: float = 5.0, l2sp_weight: float = 1e-3,
                  backend: str = "auto"):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -523,7 +523,7 @@ class AutoFTModel(nn.Module):
         return f"strategy={self.strategy!r}, tau={self.tau}, gates={len(self.gate_names)}"
 
 
-def autoft(model: nn.Module, *, strategy: str = "autoft", layers=None, policy_hidden=(32,),
+def autoft(model: nn.Module, *, strategy: str = "autoft", layers=None, policy_hidden=(64,),
            tau: float = 5.0, l2sp_weight: float = 1e-3, backend: str = "auto") -> AutoFTModel:
     """Wrap a pre-trained CTR model as an AutoFT model with the same ``forward`` signature.
 

@@ -9,8 +9,7 @@ validation rows (the share of fields whose tuned fraction lies in [0.1, 0.9]).
 
 Rule (written before the run): the default is the candidate with the highest validation AUC
 averaged over all settings; a candidate within 0.0005 of the best that is simpler (fewer
-options switched on) is preferred, and so is one that costs less to train (a smaller policy
-network; added before the run that compared policy widths). Test metrics are printed in a separate column only so that
+options switched on) is preferred. Test metrics are printed in a separate column only so that
 the record shows them; they play no part in the choice.
 
 Usage:
@@ -81,15 +80,11 @@ CANDIDATES = {
     # The same rule with k chosen and tested on the target training rows, held out in turn
     # (two k = 0 models on half the rows each), instead of on the validation split.
     "frequency+crossfit": {"field_policy": "frequency", "frequency_select": "crossfit"},
-    # The policy network's hidden layer (default 64 wide) narrower: its first layer, over every
-    # field's frozen vector, is about a sixth of an autoft training step at V = 4M.
-    "frequency+policy32": {"field_policy": "frequency", "policy_hidden_units": [32]},
-    "frequency+policy16": {"field_policy": "frequency", "policy_hidden_units": [16]},
 }
 # The settings that switch nothing on; every candidate states them, so that the table does
 # not depend on the defaults.
 NEUTRAL = {"policy_warmup": 0, "policy_init_tuned": 0.5, "field_policy": "network",
-           "frequency_select": "validation", "policy_hidden_units": [64]}
+           "frequency_select": "validation"}
 for _c in CANDIDATES.values():
     for _k, _v in NEUTRAL.items():
         _c.setdefault(_k, _v)
@@ -183,16 +178,10 @@ def main() -> None:
         print(f"| {name} | {means[name]:.4f} | "
               f"{np.mean([r['valid_gain'] for r in rs]):+.4f} |")
     best = max(names, key=lambda n: means[n])
-    simple = min((n for n in names if means[n] >= means[best] - 0.0005), key=lambda n: (
-        _options_on(CANDIDATES[n]), sum(CANDIDATES[n]["policy_hidden_units"]), -means[n]))
-    print(f"\nbest by validation: {best}; chosen by the rule (within 0.0005, simplest, then "
-          f"the smallest policy network): {simple}")
-
-
-def _options_on(candidate: dict) -> int:
-    """How many options a candidate switches on (the policy's width is a cost, not an option)."""
-    return sum(1 for k, v in candidate.items()
-               if k != "policy_hidden_units" and NEUTRAL.get(k, object()) != v)
+    simple = min((n for n in names if means[n] >= means[best] - 0.0005),
+                 key=lambda n: (sum(1 for k, v in CANDIDATES[n].items()
+                                    if NEUTRAL.get(k, object()) != v), -means[n]))
+    print(f"\nbest by validation: {best}; chosen by the rule (within 0.0005, simplest): {simple}")
 
 
 if __name__ == "__main__":

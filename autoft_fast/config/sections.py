@@ -160,10 +160,8 @@ class AutoFTConfig(_Section):
     tuned_penalty: float = setting(0.0, minimum=0.0, doc=(
         "weight of the mean fraction of tuned choices added to the loss (SpotTune's "
         "global-policy idea); 0 leaves the policy free"))
-    policy_hidden_units: list[int] = setting([32], minimum=1, doc=(
-        "the policy MLP over the instance's frozen embeddings; 32 wide: as good on "
-        "validation as 64 in the policy protocol and cheaper to train "
-        "(benchmarks/RESULTS.md, run 8)"))
+    policy_hidden_units: list[int] = setting([64], minimum=1, doc=(
+        "the policy MLP over the instance's frozen embeddings"))
     policy_input: str = setting("frozen", choices=("frozen", "frozen+freq", "freq"), doc=(
         "what the policy sees: frozen = the instance's frozen (pre-trained) embeddings and "
         "dense values, detached, so the policy's input does not move while the tuned copy "
