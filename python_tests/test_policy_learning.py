@@ -353,6 +353,9 @@ def test_retrain_keeps_the_searched_policy_and_trains_the_model_from_the_pretrai
     with torch.no_grad():
         for p in searched.policy.parameters():
             p.normal_(0.0, 0.5)
+        # ... but with the tuned path on (a policy choosing frozen everywhere would leave the
+        # retrained model nothing to train)
+        searched.policy.out.bias.view(-1, 2)[:, 1] += 10.0
         for p in searched.net.parameters():  # the search stage's model: not the start
             p.add_(1.0)
     fit = FitResult(best_epoch=1, best_metric=0.5, epochs_run=1, history=[{"epoch": 1}],
