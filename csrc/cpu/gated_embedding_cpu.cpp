@@ -48,14 +48,40 @@ inline int64_t block_grain(int64_t D) {
   return std::max<int64_t>(1, 32768 / (kBlock * std::max<int64_t>(D, 1)));
 }
 
-// Prefetch the first cache lines of a row; the hardware prefetcher follows longer rows.
+// Prefetch the cache lines of a row's first 256 bytes; the hardware prefetcher follows longer
+// rows. Every line the bytes touch, counted from the line the row starts in: a row that does
+// not start on a line (an int8 row is D + 2 bytes long) can end in the next line, and an int8
+// row keeps its scale in its last two bytes.
 template <typename T>
 inline void prefetch_row(const T* p, int64_t D) {
-  const char* c = reinterpret_cast<const char*>(p);
+  constexpr uintptr_t kLine = 64;
   const int64_t bytes = std::min<int64_t>(static_cast<int64_t>(sizeof(T)) * D, 256);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    __builtin_prefetch(c + off, 0, 3);
+  if (bytes <= 0) {
+    return;
   }
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t last = (begin + static_cast<uintptr_t>(bytes) - 1) & ~(kLine - 1);
+  for (uintptr_t line = begin & ~(kLine - 1); line <= last; line += kLine) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  }
+}
+
+// Prefetch calls prefetch_bytes makes for rows of up to `bytes` bytes (at most 256).
+inline int64_t prefetch_lines(int64_t bytes) {
+  return (std::min<int64_t>(bytes, 256) + 63) / 64;
+}
+
+// Prefetch every line of the `len` bytes at p (up to 256), with a count of calls fixed by
+// `lines` (prefetch_lines of the longest row the call site sees) rather than by len, so that
+// a row whose length depends on a random gate costs no branch: the calls at p, p + 64, ...,
+// clamped to the last byte, and one at the last byte (repeats of a line merge).
+inline void prefetch_bytes(const void* p, int64_t len, int64_t lines) {
+  const char* c = static_cast<const char*>(p);
+  const int64_t last = std::min<int64_t>(len, 256) - 1;
+  for (int64_t k = 0; k < lines; ++k) {
+    __builtin_prefetch(c + std::min<int64_t>(64 * k, last), 0, 3);
+  }
+  __builtin_prefetch(c + last, 0, 3);
 }
 
 // The inputs of the gates of the (up to) four lookups n0 .. n0 + count - 1 (n0 % 4 == 0): the
@@ -328,13 +354,22 @@ void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar
   at::parallel_for(0, blocks, block_grain(D), [&](int64_t bbegin, int64_t bend) {
     bool seen_bad = false;
     const void* first_row[kBlock];   // the row to copy (hard) or the frozen row (soft)
-    bool from_tuned[kBlock];         // hard, tables of two dtypes: which table first_row is in
+    // Hard, tables of two dtypes: the block's lookups that copy a tuned row and those that
+    // widen a frozen one, so that phase 2 runs two loops instead of a branch on random gates.
+    uint8_t tuned_list[kBlock];
+    uint8_t frozen_list[kBlock];
+    static_assert(kBlock <= 256, "block positions are kept in uint8_t");
+    const int64_t tuned_bytes = static_cast<int64_t>(sizeof(scalar_t)) * D;
+    const int64_t frozen_bytes = static_cast<int64_t>(sizeof(frozen_t)) * FS;
+    const int64_t row_lines = prefetch_lines(std::max(tuned_bytes, frozen_bytes));
     const scalar_t* const tables[2] = {reinterpret_cast<const scalar_t*>(frozen), tuned};
     float w0[kBlock];
     float w1[kBlock];
     for (int64_t b = bbegin; b < bend; ++b) {
       const int64_t n0 = b * kBlock;
       const int64_t nb = std::min<int64_t>(kBlock, N - n0);
+      int64_t n_tuned = 0;
+      int64_t n_frozen = 0;
       // Phase 1: gates. Compute-bound; prefetching the rows the gates choose lets their cache
       // misses overlap this work instead of serialising behind it.
       vec4::u32x4 words[4] = {};
@@ -376,14 +411,16 @@ void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar
               first_row[i] = tables[pick[j] & 1] + row;  // the other row is never read
               prefetch_row(static_cast<const scalar_t*>(first_row[i]), D);
             } else {
-              from_tuned[i] = pick[j] != 0;
-              if (from_tuned[i]) {
-                first_row[i] = tuned + row;
-                prefetch_row(tuned + row, D);
-              } else {
-                first_row[i] = frow;
-                prefetch_row(frow, FS);
-              }
+              // Branch-free: both lists are written, only the chosen one's count moves on.
+              const bool take = pick[j] != 0;
+              const void* chosen = take ? static_cast<const void*>(tuned + row)
+                                        : static_cast<const void*>(frow);
+              first_row[i] = chosen;
+              prefetch_bytes(chosen, take ? tuned_bytes : frozen_bytes, row_lines);
+              tuned_list[n_tuned] = static_cast<uint8_t>(i);
+              frozen_list[n_frozen] = static_cast<uint8_t>(i);
+              n_tuned += take ? 1 : 0;
+              n_frozen += take ? 0 : 1;
             }
           } else {
             // sigmoid(-x) rather than 1 - y1: the small gate keeps its relative precision.
@@ -398,6 +435,20 @@ void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar
         }
       }
       // Phase 2: rows. A short loop of independent loads, so many misses are in flight.
+      if constexpr (!kSameType) {
+        if (hard) {
+          // z is exactly one-hot: the chosen row, a frozen one widened to the tuned dtype.
+          for (int64_t k = 0; k < n_tuned; ++k) {
+            const int64_t i = tuned_list[k];
+            copy_row(static_cast<const scalar_t*>(first_row[i]), D, out + (n0 + i) * D);
+          }
+          for (int64_t k = 0; k < n_frozen; ++k) {
+            const int64_t i = frozen_list[k];
+            widen_row(static_cast<const frozen_t*>(first_row[i]), D, out + (n0 + i) * D);
+          }
+          continue;
+        }
+      }
       for (int64_t i = 0; i < nb; ++i) {
         const void* f = first_row[i];
         if (f == nullptr) {
@@ -408,13 +459,7 @@ void forward_kernel(const index_t* indices, const frozen_t* frozen, const scalar
         if (hard) {
           // z is exactly one-hot, so the output is the chosen row, bit for bit (a frozen row
           // of another dtype: its value widened to the tuned dtype).
-          if constexpr (kSameType) {
-            copy_row(static_cast<const scalar_t*>(f), D, o);
-          } else if (from_tuned[i]) {
-            copy_row(static_cast<const scalar_t*>(f), D, o);
-          } else {
-            widen_row(frow, D, o);
-          }
+          copy_row(static_cast<const scalar_t*>(f), D, o);  // one dtype (two: above)
         } else {
           mix_rows(frow, tuned + ((frow - frozen) / FS) * D, w0[i], w1[i], D, o);
         }
