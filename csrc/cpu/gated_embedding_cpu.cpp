@@ -228,10 +228,7 @@ inline float frozen_scale(const frozen_t* row, int64_t D) {
 template <typename frozen_t>
 inline vec4::f32x4 load_frozen(const frozen_t* p, float scale) {
   if constexpr (kQuantised<frozen_t>) {
-    typedef int8_t i8x4 __attribute__((vector_size(4)));
-    i8x4 q;
-    std::memcpy(&q, p, sizeof(q));
-    return __builtin_convertvector(q, vec4::f32x4) * vec4::splat(scale);
+    return vec4::load_i8(p) * vec4::splat(scale);
   } else {
     (void)scale;
     return vec4::load(p);

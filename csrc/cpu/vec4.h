@@ -16,6 +16,9 @@
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #elif defined(__aarch64__)
 #include <arm_neon.h>
 #endif
@@ -61,6 +64,24 @@ template <>
 inline f32x4 load<c10::Half>(const c10::Half* p) {
   return f32x4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
                static_cast<float>(p[3])};
+}
+
+// Four int8 values as float32 (exact). With SSE2, sign-extended by two unpacks and a shift
+// and converted four at once: gcc turns the generic conversion into four scalar ones there.
+inline f32x4 load_i8(const int8_t* p) {
+#if defined(__SSE2__)
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  __m128i v = _mm_cvtsi32_si128(word);
+  v = _mm_unpacklo_epi8(v, v);   // each byte twice: the value in the high byte of 16 bits
+  v = _mm_unpacklo_epi16(v, v);  // ... and of 32 bits
+  return reinterpret_cast<f32x4>(_mm_cvtepi32_ps(_mm_srai_epi32(v, 24)));
+#else
+  typedef int8_t i8x4 __attribute__((vector_size(4)));
+  i8x4 q;
+  std::memcpy(&q, p, sizeof(q));
+  return __builtin_convertvector(q, f32x4);
+#endif
 }
 
 template <typename T>
