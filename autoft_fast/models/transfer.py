@@ -352,7 +352,7 @@ class TransferModel(nn.Module):
         # Kept for inspection (tests, debugging): the forward gate values of this batch.
         self.last_gates = {"field": gates[0] if self.field_embedding is not None else None,
                            "layer": gates[-1] if self.layer_gate_names else None}
-        self._record(torch.cat(gates, dim=1) if len(gates) > 1 else gates[0])
+        self._record(gates)
         return out
 
     def _frozen_input(self, batch) -> torch.Tensor:
@@ -492,13 +492,16 @@ class TransferModel(nn.Module):
 
         return apply
 
-    def _record(self, gates: torch.Tensor) -> None:
+    def _record(self, parts: list) -> None:
+        """``parts``: the batch's gate tensors [B, G_i, 2] (fields, then layers), joined only
+        where they are used (a training step without a tuned penalty or budget needs none)."""
         if self.training:
             # Only kept when it is used: it holds the batch's autograd graph until the next step.
             cfg = self.autoft_config
             wanted = cfg.tuned_penalty > 0 or cfg.tuned_budget is not None
-            self._last_tuned_fraction = gates[..., 1].mean() if wanted else None
+            self._last_tuned_fraction = _joined(parts)[..., 1].mean() if wanted else None
             return
+        gates = _joined(parts)
         self._last_tuned_fraction = None
         chosen = (gates[..., 1] > 0.5).sum(dim=0).to(torch.float64)
         if self._stat_tuned is None or self._stat_tuned.device != chosen.device:
@@ -508,6 +511,10 @@ class TransferModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, tau={self._tau}"
+
+
+def _joined(parts: list) -> torch.Tensor:
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def _freq_input(model: TransferModel, batch) -> torch.Tensor:
