@@ -23,7 +23,7 @@ from .config import DataConfig, DataError
 from .feature_map import FeatureMap
 from .pipeline import _parse_numbers, _tokens
 from .reading import as_text
-from .stats import power_of_two_above
+from .stats import clip_dense, power_of_two_above
 from .store import id_dtype
 from .tensors import TensorData
 
@@ -80,6 +80,11 @@ class RowEncoder:
         """
         cfg, fm = self.cfg, self.fm
         missing = [c for c in feature_columns(cfg) if c not in frame.columns]
+        repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]}
+                          & set(feature_columns(cfg)))
+        if repeated:
+            raise DataError(f"the new rows have the feature column(s) {repeated} more than "
+                            "once; every column name must be unique")
         if missing:
             raise DataError(f"the new rows lack the feature column(s) {missing}; columns "
                             f"present: {[str(c) for c in frame.columns][:30]}")
@@ -136,7 +141,7 @@ class RowEncoder:
 def _standardise(vals: np.ndarray, mean: float, std: float) -> np.ndarray:
     """``(x - mean) / std`` as the pipeline computes it: where that overflows, the same
     formula on values divided by a power of two (exact, so the finite results agree);
-    missing and infinite -> 0 (the training mean)."""
+    missing and infinite -> 0 (the training mean); clipped to +-stats.DENSE_LIMIT."""
     with np.errstate(over="ignore", invalid="ignore"):
         z = (vals - mean) / std
         overflow = ~np.isfinite(z) & np.isfinite(vals)
@@ -145,4 +150,4 @@ def _standardise(vals: np.ndarray, mean: float, std: float) -> np.ndarray:
             s = power_of_two_above(max(big, abs(mean), std))
             z[overflow] = (vals[overflow] / s - mean / s) / (std / s)
     z[~np.isfinite(z)] = 0.0
-    return z
+    return clip_dense(z)

@@ -15,7 +15,9 @@ so the tensors do not depend on which reader ran.
 
 from __future__ import annotations
 
+import csv
 import difflib
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,25 +95,46 @@ def _csv_sep(path: Path, cfg: DataConfig) -> str:
 
 
 def _csv_header(path: Path, cfg: DataConfig) -> list[str]:
+    return csv_header(path, _csv_sep(path, cfg))
+
+
+def csv_header(path: Path, sep: str) -> list[str]:
+    """The column names of a CSV file's header line as written (a repeated name stays
+    repeated: pandas would rename the second 'u' to 'u.1'). A UTF-8 byte-order mark is
+    dropped."""
     try:
-        head = pd.read_csv(path, sep=_csv_sep(path, cfg), dtype=str, nrows=0, engine="c")
-    except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} is empty (no header line)") from None
-    except pd.errors.ParserError as exc:
-        raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
-    return [str(c) for c in head.columns]
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            row = next(csv.reader(f, delimiter=sep), None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise DataError(f"cannot parse the header line of {path} as CSV (sep={sep!r}): {exc}") from None
+    if row is None or not any(c.strip() for c in row):
+        raise DataError(f"data file {path} is empty (no header line)")
+    return row
 
 
 def check_columns(required: list[tuple[str, str]], present: list[str], path: Path) -> None:
-    """Every required column is there, or an error naming it with the closest match."""
+    """Every required column is there exactly once, or an error naming it (a missing one
+    with the closest match, a different case first)."""
+    present = [str(p) for p in present]
+    counts = Counter(present)
     for col, role in required:
-        if col not in present:
-            hint = difflib.get_close_matches(col, [str(p) for p in present], n=1)
-            shown = ", ".join(map(str, present[:30])) + (" ..." if len(present) > 30 else "")
+        if counts[col] > 1:
+            raise DataError(f"column '{col}' ({role}) appears {counts[col]} times in the header "
+                            f"of {path.name}; every column name must be unique")
+        if col not in counts:
+            same_case = [p for p in present if p.lower() == col.lower()]
+            hint = same_case or difflib.get_close_matches(col, present, n=1)
+            shown = ", ".join(present[:30]) + (" ..." if len(present) > 30 else "")
+            seps = [c for c in ",;\t|" if len(present) == 1 and c in present[0]]
             raise DataError(
                 f"column '{col}' ({role}) not found in {path.name}"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
-                + f" Columns present: {shown}"
+                + f"; columns present: {shown}"
+                + (f" (the header is one column holding {seps[0]!r}: is the file separated "
+                   "by another character than the one it is read with? A .tsv file is read "
+                   "as tab-separated, any other CSV with data.csv_sep)" if seps else "")
             )
 
 
@@ -132,7 +155,7 @@ def iter_chunks(info: FileInfo, cfg: DataConfig, chunk_rows: int,
     """
     cols = list(dict.fromkeys(c for c, _ in cfg.required_columns()))
     if info.engine == "parquet":
-        frames = _parquet_chunks(info, cols, chunk_rows)
+        frames = _parquet_chunks(info, cols, chunk_rows, cfg.label)
     elif info.engine == "arrow":
         yield from _arrow_csv_chunks(info.path, cfg, cols, chunk_rows, malformed)
         return
@@ -249,7 +272,8 @@ def _pandas_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.Da
         yield pd.DataFrame({c: as_text(df[c]) for c in cols})
 
 
-def _parquet_chunks(info: FileInfo, cols, chunk_rows) -> Iterator[pd.DataFrame]:
+def _parquet_chunks(info: FileInfo, cols, chunk_rows, label: str | None = None) -> Iterator[pd.DataFrame]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(info.path)
@@ -259,6 +283,12 @@ def _parquet_chunks(info: FileInfo, cols, chunk_rows) -> Iterator[pd.DataFrame]:
             arr = batch.column(c)
             if c in info.list_seps:
                 out[c] = _list_as_text(arr, info.list_seps[c], c, info.path)
+            elif c == label and pa.types.is_boolean(arr.type):
+                # A boolean label column: True is a click (1), False none (0).
+                values = arr.to_numpy(zero_copy_only=False)
+                text = np.where(values == True, "1", "0").astype(object)  # noqa: E712 (None too)
+                text[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+                out[c] = pd.Series(text, dtype=object)
             else:
                 out[c] = as_text(arr.to_pandas(), info.integral.get(c))
         yield pd.DataFrame(out)

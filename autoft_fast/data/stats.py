@@ -245,6 +245,17 @@ class MeanStd:
         return z
 
 
+# A standardised dense value is clipped to +-DENSE_LIMIT standard deviations: float32 holds
+# values up to 3.4e38 only, and a value a million deviations out would saturate any model
+# (or overflow its first layer to inf and NaN).
+DENSE_LIMIT = 1e6
+
+
+def clip_dense(z: np.ndarray) -> np.ndarray:
+    """Standardised values clipped to +-DENSE_LIMIT, in place (missing ones stay 0)."""
+    return np.clip(z, -DENSE_LIMIT, DENSE_LIMIT, out=z)
+
+
 def scale_of(vals: np.ndarray) -> float:
     """A power of two >= the largest finite |value| (1.0 when there is none), so that dividing
     by it is exact."""

@@ -153,6 +153,10 @@ class SavedRun:
         if isinstance(data, pd.DataFrame):
             probs = self.score_frame(data)
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
+        from ..data.reading import check_columns
+
+        check_columns([(c, "feature") for c in self.feature_columns],
+                      _header(Path(data), self.encoder.cfg.csv_sep), Path(data))
         parts = [self.score_frame(f) for f in self.read_frames(data)]
         probs = np.concatenate(parts) if parts else np.zeros(0)
         return pd.Series(probs, name=PROBABILITY_COLUMN)
@@ -185,16 +189,27 @@ class SavedRun:
             raise FileExistsError(f"--out {str(out)!r} exists; pass --force to overwrite it")
         if out.is_dir():
             raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
+        from ..data.reading import check_columns
+
         header = _header(data, self.encoder.cfg.csv_sep)
         features = set(self.feature_columns)
+        check_columns([(c, "feature") for c in self.feature_columns], header, data)
+        chosen = keep is not None
         if keep is None:
-            keep = [c for c in header if c not in features and c != self.encoder.cfg.label]
+            keep = [c for c in dict.fromkeys(header)
+                    if c not in features and c != self.encoder.cfg.label
+                    and not c.startswith("__index_level_")]  # a pandas index stored in Parquet
         unknown = [c for c in keep if c not in header]
         if unknown:
             raise DataError(f"--keep column(s) {unknown} not in {data.name}; columns: "
                             f"{header[:30]}")
         if PROBABILITY_COLUMN in keep:
-            raise DataError(f"--keep: the column name {PROBABILITY_COLUMN!r} is the output's")
+            raise DataError(
+                f"{data.name} has a column named {PROBABILITY_COLUMN!r}, the name of the "
+                "output's column: "
+                + ("leave it out of --keep" if chosen else
+                   "give --keep with the columns to copy (without it)"))
+        check_columns([(c, "--keep") for c in keep], header, data)
         needed = list(dict.fromkeys([*self.feature_columns, *keep]))
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -272,21 +287,25 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def _header(path: Path, sep: str) -> list[str]:
+    """The file's column names as written (a repeated name stays repeated)."""
+    from ..data.reading import csv_header
+
     fmt = _format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        return list(pq.ParquetFile(path).schema_arrow.names)
-    try:
-        head = pd.read_csv(path, sep=_sep(path, sep), dtype=str, nrows=0)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} is empty (no header line)") from None
-    return [str(c) for c in head.columns]
+        try:
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        except Exception as exc:
+            raise DataError(f"cannot read {path} as Parquet: {exc}") from None
+    return csv_header(path, _sep(path, sep))
 
 
 def _format(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"--data {str(path)!r} does not exist"
-                                + (" (it is a directory)" if path.is_dir() else ""))
+        if path.is_dir():
+            raise IsADirectoryError(f"--data {str(path)!r} is a directory; give a CSV, TSV or "
+                                    "Parquet file")
+        raise FileNotFoundError(f"--data {str(path)!r} does not exist")
     fmt = FILE_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"--data {str(path)!r}: unknown file type {path.suffix!r}; one of "
@@ -315,17 +334,45 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
 
     header = _header(path, sep)
     cols = columns or header
+    short = []
+
+    def on_invalid(row) -> str:
+        if row.actual_columns < row.expected_columns:
+            short.append(row)
+        return "error"  # every input row gets its prediction: no line is skipped
+
+    done = 0
     try:
         reader = pcsv.open_csv(
             path,
             read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows)),
-            parse_options=pcsv.ParseOptions(delimiter=_sep(path, sep)),
+            parse_options=pcsv.ParseOptions(delimiter=_sep(path, sep),
+                                            invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 include_columns=cols, column_types={c: pa.string() for c in cols},
                 strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True))
         for batch in reader:
-            yield _as_frame(batch, {}, path)
+            frame = _as_frame(batch, {}, path)
+            done += len(frame)
+            yield frame
     except pa.ArrowInvalid as e:
+        if not short:
+            raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
+        # A line with fewer fields than the header: its missing fields are empty, as in
+        # training (data/reading.py); the rows after those already read, by pandas' reader.
+        yield from _pandas_frames(path, _sep(path, sep), cols, chunk_rows, done)
+
+
+def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int):
+    """Text frames of ``cols`` from data row ``skip`` on; a short line's missing fields are
+    empty (NaN), a line with too many fields is a DataError."""
+    try:
+        reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                             engine="c", chunksize=chunk_rows,
+                             skiprows=range(1, skip + 1) if skip else None)
+        for df in reader:
+            yield df[list(cols)].reset_index(drop=True)
+    except pd.errors.ParserError as e:
         raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
 
 
