@@ -243,12 +243,12 @@ def test_bad_row_number_counts_the_malformed_lines_before_it(tmp_path):
     from autoft_fast.data import DataConfig, DataError, prepare_data
     lines = ["d,y,a"] + [f"{'s' if i % 2 else 't'},{i % 2},v{i % 3}" for i in range(40)]
     lines[3] = "s,1,v1,EXTRA"  # file line 4: malformed (too many fields)
-    lines[10] = "t,x,v1"       # file line 11 = data row 9 (0-based, after the header)
+    lines[10] = "t,x,v1"       # file line 11 = data row 10 (1-based, the header not counted)
     (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
     cfg = DataConfig.from_dict({"files": ["b.csv"], "label": "y", "categorical": ["a"],
                                 "domain": {"column": "d", "source": ["s"], "target": "t"},
                                 "cache": False}, tmp_path)
-    with pytest.raises(DataError, match=r"'x' in b.csv, data row 9\)"):
+    with pytest.raises(DataError, match=r"'x' in b.csv, data row 10\)"):
         prepare_data(cfg)
 
 

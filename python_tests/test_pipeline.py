@@ -190,7 +190,7 @@ def old_preprocess(cfg: DataConfig) -> DataBundle:
                 col = _reason_column(reason)
                 parts.append(
                     f"{int(m.sum())} rows with {reason} (e.g. {df.at[i, col]!r} in {df.at[i, '__file__']}, "
-                    f"data row {int(df.at[i, '__row__'])})"
+                    f"data row {int(df.at[i, '__row__']) + 1})"
                 )
         msg = "; ".join(parts)
         if cfg.on_bad_rows == "fail":
@@ -209,7 +209,7 @@ def old_preprocess(cfg: DataConfig) -> DataBundle:
         i = int(np.flatnonzero(not01)[0])
         raise DataError(
             f"label column '{cfg.label}' must hold 0 or 1, but {int(not01.sum())} rows hold other values "
-            f"(e.g. {df.at[i, cfg.label]!r} in {df.at[i, '__file__']}, data row {int(df.at[i, '__row__'])})"
+            f"(e.g. {df.at[i, cfg.label]!r} in {df.at[i, '__file__']}, data row {int(df.at[i, '__row__']) + 1})"
         )
 
     # --- splits
@@ -507,7 +507,7 @@ def test_same_tensors_for_several_files_other_domains_and_skipped_rows(tmp_path)
         new = prepare_data(cfg, chunk_rows=50)
     assert_same(new, old)
     assert new.stats["bad_rows_skipped"] == 4 and new.stats["rows_other_domains"] > 0
-    assert "data row 4" in str(got[0].message)
+    assert "data row 5" in str(got[0].message)  # 1-based, as the malformed-line numbers
 
 
 def test_numbers_parse_as_pandas_parses_them():

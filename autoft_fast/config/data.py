@@ -54,6 +54,12 @@ def _non_empty(value, where, ctx):
     return value
 
 
+def _one_char(value, where, ctx):
+    if not isinstance(value, str) or len(value) != 1:
+        raise DataError(f"{where} must be one character (e.g. ',' or '\\t'), got {value!r}")
+    return value
+
+
 def _domain_values(value, where, ctx):
     # YAML turns `source: [1, 2]` into ints while the column is read as text: compare as text.
     items = value if isinstance(value, (list, tuple)) else [value]
@@ -155,6 +161,11 @@ class TargetSplit:
     seed: int = setting(2024, minimum=0, doc="seed of the random split")
     time_column: str | None = setting(None, after=lambda v, w, c: v if v is None else
                                       _column(v, w, c), doc="the column a time split sorts by")
+    time_format: str | None = setting(None, after=lambda v, w, c: v if v is None else
+                                      _non_empty(v, w, c),
+                                      doc="strftime format of a date time column, e.g. "
+                                          "'%d/%m/%Y' (default: ISO 8601, or one format "
+                                          "inferred for the whole column)")
 
     def check(self, section: str) -> None:
         if self.valid + self.test >= 1.0:
@@ -165,6 +176,8 @@ class TargetSplit:
         if self.method != "time" and self.time_column is not None:
             raise DataError(f"{section}.time_column '{self.time_column}' is set but method is "
                             f"'{self.method}'; set method: time to split by it")
+        if self.time_format is not None and self.time_column is None:
+            raise DataError(f"{section}.time_format is set but {section}.time_column is not")
 
 
 @dataclass(frozen=True)
@@ -213,7 +226,7 @@ class DataConfig:
     num_buckets: int = setting(16, minimum=2, doc="quantile buckets of a bucketised numeric column")
     min_count: int = setting(2, minimum=1, doc="values rarer than this in training rows map to OOV")
     on_bad_rows: str = setting("fail", choices=("skip", "fail"), doc="what a malformed row does")
-    csv_sep: str = setting(",", after=_non_empty, doc="the CSV field separator")
+    csv_sep: str = setting(",", after=_one_char, doc="the CSV field separator (one character)")
     cache: bool = setting(True, doc="cache the processed tensors")
     cache_dir: Path = setting(Path(".autoft_cache"), after=_under_base,
                               doc="where the processed tensors are cached")
@@ -253,6 +266,8 @@ class DataConfig:
         roles += [(c.name, "multihot") for c in self.multihot]
         for col, role in roles:
             if col in seen:
+                if seen[col] == role:
+                    raise DataError(f"column '{col}' is listed twice in {role}")
                 raise DataError(f"column '{col}' is used twice: as {seen[col]} and as {role}")
             seen[col] = role
         tc = self.target_split.time_column

@@ -52,7 +52,8 @@ import pandas as pd
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
 from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks, prefetched
-from .stats import MeanStd, QuantileSketch, ValueCounter, fit_vocab, power_of_two_above, quantile_edges
+from .stats import (MeanStd, QuantileSketch, ValueCounter, clip_dense, fit_vocab,
+                    power_of_two_above, quantile_edges)
 from .store import SplitWriter, id_dtype, load_store, write_meta
 from .tensors import SPLIT_NAMES, DataBundle
 
@@ -232,16 +233,66 @@ def _value_at(table, col: str, i: int):
     return np.nan if v is None else v
 
 
-def _parse_dates(text) -> np.ndarray:
-    """Text -> nanoseconds as float64 (NaN when missing or unparseable)."""
+def _parse_dates(text, fmt: dict | None = None, column: str = "time") -> np.ndarray:
+    """Text -> nanoseconds as float64 (NaN when missing or unparseable).
+
+    One format for the whole column: ``fmt["format"]`` when it holds one (the config's
+    ``time_format``, or what an earlier chunk settled on); else ISO 8601 when it reads every
+    value some format reads; else pandas' per-value parser when reading day-first or
+    month-first changes no value; else the one strict format, day-first or month-first,
+    that reads every value (both, e.g. with every day <= 12, or neither: a DataError).
+    What a chunk settles on is kept in ``fmt`` for the next."""
     if not isinstance(text, pd.Series):
         text = _text_series(_arrow_text(text))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dt = pd.to_datetime(text, errors="coerce", format="mixed")
+    fmt = {} if fmt is None else fmt
+
+    def parse(**kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return pd.to_datetime(text, errors="coerce", **kw)
+
+    if fmt.get("format"):
+        dt = parse(format=fmt["format"])
+    else:
+        dt = parse(format="ISO8601")
+        unread = text.notna() & (text.str.strip() != "") & dt.isna()
+        readable = dt.notna()
+        if bool(unread.any()):
+            month_first = parse(format="mixed", dayfirst=False)
+            day_first = parse(format="mixed", dayfirst=True)
+            readable = readable | month_first.notna() | day_first.notna()
+        if not bool((unread & readable).any()):
+            # What no format reads is a bad row, whatever the column's format.
+            if bool(dt.notna().any()):
+                fmt["format"] = "ISO8601"
+        else:
+            differ = (month_first != day_first) & month_first.notna() & day_first.notna()
+            dt = month_first
+            if bool(differ.any()):
+                fmt["format"] = _one_date_format(str(text[differ].iloc[0]), parse, readable,
+                                                 column)
+                dt = parse(format=fmt["format"])
     vals = dt.to_numpy(dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
     vals[dt.isna().to_numpy()] = np.nan
     return vals
+
+
+def _one_date_format(sample: str, parse, readable, column: str) -> str:
+    """The strict format, day-first or month-first as guessed from ``sample``, that reads
+    every ``readable`` value; a DataError when both do or neither does."""
+    from pandas.tseries.api import guess_datetime_format
+
+    formats = dict.fromkeys(f for f in (guess_datetime_format(sample, dayfirst=False),
+                                        guess_datetime_format(sample, dayfirst=True)) if f)
+    fits = [f for f in formats if not bool((readable & parse(format=f).isna()).any())]
+    if len(fits) == 1:
+        return fits[0]
+    raise DataError(
+        f"time column '{column}': a date such as {sample!r} reads differently day-first and "
+        "month-first, and " + (f"both {' and '.join(fits)} read every value" if fits else
+                               "no one format reads every value")
+        + "; write ISO 8601 dates (2024-01-05) or set data.split.target.time_format "
+        "(e.g. '%d/%m/%Y')")
 
 
 def _chunks(infos: list[FileInfo], cfg: DataConfig, chunk_rows: int, malformed=None):
@@ -415,6 +466,8 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     dense = [c.name for c in cfg.numeric if c.mode == "dense"]
     max_abs = {c: 0.0 for c in dense}
     time_col = cfg.target_split.time_column if cfg.target_split.method == "time" else None
+    # The date format of the time column: the config's, else settled by the first chunk.
+    date_format = {"format": cfg.target_split.time_format}
     time_reason = f"time column '{time_col}' missing or unparseable (target rows)"
     label_reason = f"label '{cfg.label}' missing or not a number"
     reasons = [label_reason] + [f"numeric column '{c}' not a number" for c in numeric]
@@ -455,7 +508,8 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
                 # Numbers as they are, or dates when no kept row's time is a number at all.
                 time_any_number |= bool((present & ~tbad & keep).any())
                 tnum_parts.append(tvals[tgt])
-                tdate_parts.append(_parse_dates(text.take(pa.array(tgt))) if not time_any_number else np.zeros(0))
+                tdate_parts.append(_parse_dates(text.take(pa.array(tgt)), date_format, time_col)
+                                   if not time_any_number else np.zeros(0))
             any_bad = np.zeros(n, dtype=bool)
             for reason, m in masks.items():
                 _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
@@ -568,7 +622,8 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
         for reason, (count, ex) in sc.reasons.items():
             if count:
                 row = _file_row(sc.malformed, ex[1], ex[2])
-                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, data row {row})")
+                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, "
+                             f"data row {row + 1})")
         msg = "; ".join(parts)
         if cfg.on_bad_rows == "fail":
             raise DataError(f"bad rows in the data: {msg}. Fix them, or set data.on_bad_rows: skip")
@@ -580,7 +635,7 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
         count, ex = int(not01.size), _describe_row(cfg, sc, int(not01[0]), cfg.label)
         raise DataError(
             f"label column '{cfg.label}' must hold 0 or 1, but {count} rows hold other values "
-            f"(e.g. {ex[0]!r} in {ex[1]}, data row {_file_row(sc.malformed, ex[1], ex[2])})"
+            f"(e.g. {ex[0]!r} in {ex[1]}, data row {_file_row(sc.malformed, ex[1], ex[2]) + 1})"
         )
     keep &= ~sc.bad
     return keep
@@ -831,7 +886,7 @@ def _encode(cfg: DataConfig, sc: _Scan, splits: _Splits, fitted: _Fitted, out: P
                         if overflow.any():  # huge values: the same formula on scaled numbers
                             z[overflow] = ms.standardise(vals[overflow], mean, std)
                         z[~np.isfinite(z)] = 0.0  # missing or infinite -> the training mean
-                        dense[:, jd] = z
+                        dense[:, jd] = clip_dense(z)
                         jd += 1
                 multihot = None
                 if n_multi:
