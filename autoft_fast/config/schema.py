@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -135,9 +136,17 @@ def _bounds(rule: _Rule) -> str:
     return " and ".join(parts)
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as the text "1e-3" (its floats need a dot); YAML 1.2 and
+# everyone writing `lr: 1e-3` read a number. A setting that takes a number takes it too.
+# (Only there: unquoted hashed ids such as Avazu's `3e814130` stay text everywhere else.)
+_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+")
+
+
 def _scalar(tp, value, where: str, rule: _Rule, error, ctx):
     if dataclasses.is_dataclass(tp):
         return parse_section(tp, value, where, ctx=ctx, error=error)
+    if tp in (int, float) and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value.replace("_", ""))
     if tp is bool:
         if not isinstance(value, bool):
             _fail(error, where, "true or false", value)
