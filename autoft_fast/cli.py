@@ -205,8 +205,12 @@ def _load(args):
     from .config import load_config
     cfg = load_config(getattr(args, "config", None))
     strategies = None
-    if getattr(args, "strategies", None):
+    if getattr(args, "strategies", None) is not None:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        if not strategies:
+            raise _UserError(f"--strategies {args.strategies!r} names no strategy; give them "
+                             "comma-separated (e.g. finetune_all,autoft), or leave the option "
+                             "out for the config's")
     cfg = cfg.with_overrides(backend=getattr(args, "backend", None),
                              seeds=getattr(args, "seeds", None),
                              run_dir=getattr(args, "run_dir", None), strategies=strategies,
@@ -255,7 +259,10 @@ def _training_hash(cfg) -> str:
     return config_hash(cfg.training_dict())
 
 
-def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
+def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) -> Path:
+    """The run folder ``--resume value`` names ("latest": the newest run of ``command`` with
+    the same training config, ``match``ing run.json and passing ``accept(folder)``, which
+    raises _UserError to refuse it)."""
     if value != "latest":
         d = Path(value)
         if not (d / "run.json").is_file():
@@ -279,6 +286,11 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict) -> Path:
             continue
         if (meta.get("command") == command and all(meta.get(k) == v for k, v in match.items())
                 and meta.get("training_config_hash") == _training_hash(cfg)):
+            if accept is not None:
+                try:
+                    accept(d)
+                except _UserError:
+                    continue
             return d
     raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
 
@@ -287,18 +299,58 @@ def _progress(args):
     return False if getattr(args, "no_progress", False) else None
 
 
+def _compare_shape(cfg, args) -> dict:
+    """What a comparison's folder layout and tables depend on beyond the training config:
+    recorded in run.json, and a resume must match it."""
+    return {"targets": cfg.targets and list(cfg.targets),
+            "tune": bool(getattr(args, "tune", False))}
+
+
+def _check_compare_resume(run_dir: Path, shape: dict, value: str) -> dict:
+    """Refuse to resume a comparison of other targets or another --tune setting (it would
+    write a different experiment's tables into that folder); returns the run's run.json."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    recorded = {k: meta[k] for k in shape if k in meta}
+    # A run.json written before these were recorded: what the folder shows.
+    if "targets" not in recorded and (run_dir / "summary.md").is_file():
+        recorded["targets"] = "several (see summary.md)"
+    if "tune" not in recorded and (run_dir / "picks.json").is_file():
+        recorded["tune"] = True
+    for key, now in shape.items():
+        if key in recorded and recorded[key] != now:
+            was = recorded[key]
+            how = {"targets": (f"pass --targets {','.join(was)}" if isinstance(was, list)
+                               else "pass the run's --targets"),
+                   "tune": "pass --tune" if was else "leave out --tune"}[key]
+            raise _UserError(f"--resume {value!r} ran {key} {was!r}, not {now!r}; {how} to "
+                             "continue that run, or start a new one without --resume")
+    return meta
+
+
 def _cmd_compare(args, demo: bool = False) -> int:
     from .train.runner import compare
     cfg = _load(args)
     run_dir = None
+    shape = _compare_shape(cfg, args)
+    keep_models = bool(getattr(args, "keep_models", False))
+    inherited = False
     if getattr(args, "resume", None):
-        run_dir = _find_resume_dir(cfg, "compare", args.resume, {})
+        # "latest": the newest run of the same shape; a named folder must have it.
+        run_dir = _find_resume_dir(cfg, "compare", args.resume, {},
+                                   lambda d: _check_compare_resume(d, shape, args.resume))
+        meta = _check_compare_resume(run_dir, shape, args.resume)
+        # The runs made so far kept their models: the rest do too.
+        inherited = bool(meta.get("keep_models")) and not keep_models
+        keep_models = keep_models or inherited
     command = "demo" if demo else "compare"
-    run_dir = _start_run(cfg, command, args, run_dir=run_dir)
+    run_dir = _start_run(cfg, command, args, run_dir=run_dir,
+                         extra={**shape, "keep_models": keep_models})
+    if inherited:
+        logging.getLogger("autoft_fast").info("--resume: keeping every run's model, as the run did")
     t0 = time.perf_counter()
     table, rows, runs = compare(cfg, run_dir, resume=run_dir is not None and bool(
         getattr(args, "resume", None)), tune=bool(getattr(args, "tune", False)),
-        progress=_progress(args), keep_models=getattr(args, "keep_models", False))
+        progress=_progress(args), keep_models=keep_models)
     print(table)
     targets = f" x {len(cfg.targets)} targets" if cfg.targets and len(cfg.targets) > 1 else ""
     written = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.is_file()))
@@ -454,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
     from .train.progress import log_to_file, setup_logging
     setup_logging(None, verbose=getattr(args, "verbose", False))  # no earlier run's log file
+    import warnings
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         args.threads_line = _set_threads(args) if args.command in THREADED else None
         return COMMANDS[args.command](args)
@@ -472,6 +527,21 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # a bug: the traceback goes to log.txt and the terminal
         log_to_file(logging.ERROR, "failed: %s", e, exc_info=e)
         raise
+    finally:
+        warnings.showwarning = previous
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The package's own warnings as one line, `autoft-fast: warning: ...` (no source path),
+    and into the run's log; anything else as Python shows it."""
+    from .train.progress import log_to_file
+    if issubclass(category, UserWarning) and "autoft_fast" in str(filename):
+        log_to_file(logging.WARNING, "warning: %s", message)
+        print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+        return
+    import warnings
+    (sys.stderr if file is None else file).write(
+        warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

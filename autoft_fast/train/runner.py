@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._io import remove_stale_temps, write_text_atomic
-from ..config import ConfigError, DataConfig, config_hash, read_data_yaml
+from ..config import ConfigError, DataConfig, DataError, config_hash, read_data_yaml
 from ..config.strategies import STRATEGY_TABLE
 from ..config.sections import tau_at
 from ..data import generate_synthetic, prepare_data
@@ -179,11 +179,30 @@ def load_data(cfg, target: str | None = None):
                 data_cfg.domain, source=(*data_cfg.domain.source, *others)))
     t0 = time.perf_counter()
     bundle = prepare_data(data_cfg)
+    check_label_classes(bundle, data_cfg)
     bundle.data_config = data_cfg  # a saved model keeps the column roles (train/predict.py)
     sizes = ", ".join(f"{k} {len(v):,}" for k, v in bundle.splits.items())
     log.info("data ready in %.1f s: %s; %d fields, %d embedding rows", time.perf_counter() - t0,
              sizes, len(bundle.feature_map.fields), bundle.feature_map.num_rows)
     return bundle
+
+
+def check_label_classes(bundle, data_cfg) -> None:
+    """Every split holds both labels, or a DataError naming the split: its AUC (early
+    stopping, model selection, the reported metric) is undefined otherwise."""
+    for name, split in bundle.splits.items():
+        n = len(split)
+        positives = int(split.label.sum().item()) if n else 0
+        if n and positives in (0, n):
+            if name.startswith("source"):
+                whose = f"the source domains {list(data_cfg.domain.source)}"
+            else:
+                whose = f"target domain '{data_cfg.domain.target}'"
+            raise DataError(
+                f"split '{name}' of {whose} holds only label {int(positives == n)} "
+                f"({n:,} row{'s' if n != 1 else ''}): "
+                f"its AUC is undefined; check the label column '{data_cfg.label}', or give the "
+                "split more rows (data.split fractions, or more data)")
 
 
 def _data_fingerprint(bundle) -> str:
@@ -773,9 +792,19 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
     targets = cfg.target_domains()
     many = len(targets) > 1
     runs, tables, texts, labels_of = [], {}, [], {}
+    bundles = {}
+    if many:
+        # Every target's data first: a bad target fails now, not after hours of training.
+        for target in targets:
+            try:
+                bundles[target] = load_data(cfg, target)
+            except DataError as exc:
+                others = [t for t in targets if t != target]
+                raise DataError(f"targets: with '{target}' as the target (the other targets, "
+                                f"{others}, join the source domains): {exc}") from None
     for target in targets:
         out = run_dir / target if many else run_dir
-        bundle = load_data(cfg, target)
+        bundle = bundles.pop(target) if many else load_data(cfg, target)
         name = bundle.feature_map.domain_values[-1]
         state = None
         if any(STRATEGY_TABLE[s].needs_pretrained for s in cfg.strategies):

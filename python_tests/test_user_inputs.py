@@ -1,0 +1,317 @@
+"""What a user's files and configs can get wrong, and what the library then does: repeated
+column names, a column missing from new rows, a comma file named .tsv, day-first dates,
+dense values beyond float32, a split with one label, a list of targets with a bad one, a
+resumed comparison of another shape, and number settings YAML 1.1 would read as text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from autoft_fast.cli import main
+from autoft_fast.config import DataConfig, DataError
+from autoft_fast.data import prepare_data
+from autoft_fast.data.encode import RowEncoder
+from autoft_fast.data.pipeline import _parse_dates
+from autoft_fast.data.reading import check_columns, csv_header
+from autoft_fast.data.stats import DENSE_LIMIT
+
+from test_cli import TINY_SYNTHETIC, tiny_experiment
+
+
+def _frame(n=80, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"d": ["s", "t"] * (n // 2),
+                         "y": [str(v) for v in rng.integers(0, 2, n)],
+                         "a": [f"v{v}" for v in rng.integers(0, 5, n)],
+                         "x": [str(float(v)) for v in rng.normal(size=n)]})
+
+
+def _config(tmp_path, files="f.csv", **split) -> DataConfig:
+    return DataConfig.from_dict(
+        {"files": [files], "label": "y", "categorical": ["a"],
+         "numeric": [{"name": "x", "mode": "dense"}],
+         "domain": {"column": "d", "source": ["s"], "target": "t"},
+         "split": {"target": {"valid": 0.2, "test": 0.2, **split}, "source": {"valid": 0.2}},
+         "cache": False}, tmp_path)
+
+
+# ------------------------------------------------------------------------- columns
+
+def test_a_repeated_column_name_is_an_error_in_csv_and_parquet(tmp_path):
+    frame = _frame()
+    text = frame.to_csv(index=False).splitlines()
+    # A second column 'a' at the end: pandas would rename it 'a.1' and train on the first.
+    (tmp_path / "f.csv").write_text("\n".join([text[0] + ",a"] + [r + ",zz" for r in text[1:]]) + "\n")
+    assert csv_header(tmp_path / "f.csv", ",")[-2:] == ["x", "a"]
+    with pytest.raises(DataError, match=r"column 'a' \(categorical\) appears 2 times in the "
+                                        r"header of f.csv"):
+        prepare_data(_config(tmp_path))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.append_column("a", pa.array(["zz"] * len(frame)))
+    pq.write_table(table, tmp_path / "f.parquet")
+    with pytest.raises(DataError, match=r"column 'a' \(categorical\) appears 2 times"):
+        prepare_data(_config(tmp_path, files="f.parquet"))
+
+
+def test_a_missing_column_suggests_another_case_and_names_a_wrong_separator(tmp_path):
+    with pytest.raises(DataError, match=r"column 'P' \(feature\) not found in f.csv; did you "
+                                        r"mean 'p'\?; columns present: a, p"):
+        check_columns([("P", "feature")], ["a", "p"], Path("f.csv"))
+    with pytest.raises(DataError, match=r"one column holding ','"):
+        check_columns([("u", "feature")], ["id,u,c"], Path("f.tsv"))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finetune_all run on a tiny data set with a dense column, and that data set."""
+    root = tmp_path_factory.mktemp("inputs")
+    frame = _frame(400, seed=1)
+    frame.insert(0, "row_id", [f"r{i}" for i in range(len(frame))])
+    frame.to_csv(root / "f.csv", index=False)
+    doc = {"data": {"files": ["f.csv"], "label": "y", "categorical": ["a"],
+                    "numeric": [{"name": "x", "mode": "dense"}],
+                    "domain": {"column": "d", "source": ["s"], "target": "t"},
+                    "split": {"target": {"valid": 0.2, "test": 0.2}, "source": {"valid": 0.2}},
+                    "cache": False},
+           "model": {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]},
+           "pretrain": {"epochs": 1}, "finetune": {"epochs": 1}, "seeds": [0],
+           "run_dir": str(root / "runs"), "device": "cpu"}
+    (root / "exp.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["finetune", "-c", str(root / "exp.yaml"), "-s", "finetune_all",
+                 "--no-progress", "--threads", "1"]) == 0
+    run = next((root / "runs").glob("*-finetune-*"))
+    return root, frame, run
+
+
+def _predict(run, data, out, *extra):
+    return main(["predict", "--run", str(run), "--data", str(data), "--out", str(out),
+                 "--threads", "1", *extra])
+
+
+def test_predict_names_a_missing_or_repeated_feature_column(saved_run, tmp_path, capsys):
+    _, frame, run = saved_run
+    frame.drop(columns=["x"]).to_csv(tmp_path / "no_x.csv", index=False)
+    assert _predict(run, tmp_path / "no_x.csv", tmp_path / "p.csv") == 2
+    assert "column 'x' (feature) not found in no_x.csv" in capsys.readouterr().err
+    text = frame.to_csv(index=False).splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join([text[0] + ",a"] + [r + ",zz" for r in text[1:]]) + "\n")
+    assert _predict(run, tmp_path / "dup.csv", tmp_path / "p.csv") == 2
+    assert "column 'a' (feature) appears 2 times" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_with_a_probability_column_says_what_to_do(saved_run, tmp_path, capsys):
+    _, frame, run = saved_run
+    frame.assign(probability="0.5").to_csv(tmp_path / "withp.csv", index=False)
+    assert _predict(run, tmp_path / "withp.csv", tmp_path / "p.csv") == 2
+    assert "give --keep with the columns to copy" in capsys.readouterr().err
+    assert _predict(run, tmp_path / "withp.csv", tmp_path / "p.csv", "--keep", "row_id") == 0
+    assert pd.read_csv(tmp_path / "p.csv").columns.tolist() == ["row_id", "probability"]
+
+
+def test_dense_values_beyond_float32_are_clipped_alike_in_training_and_predict(saved_run, tmp_path):
+    root, frame, run = saved_run
+    from autoft_fast.train.predict import load_run
+    loaded = load_run(run)
+    extreme = frame.head(4).copy()
+    extreme["x"] = ["1e40", "-1e308", "1e6", "0.5"]
+    probs = loaded.predict(extreme)
+    assert np.isfinite(probs.to_numpy()).all()
+    enc = loaded.encoder.encode(extreme)
+    assert enc.dense[:2, 0].abs().tolist() == [DENSE_LIMIT, DENSE_LIMIT]
+    # The training pipeline clips the same way: a huge value in a row the moments were not
+    # fitted on (the latest target row, in the test split of a time split).
+    big = frame.copy()
+    big["ts"] = np.arange(len(big))
+    big.loc[big.index[big["d"] == "t"][-1], "x"] = "1e40"
+    big.to_csv(tmp_path / "f.csv", index=False)
+    bundle = prepare_data(_config(tmp_path, method="time", time_column="ts"))
+    test = bundle.splits["target_test"].dense.numpy()
+    assert np.isfinite(test).all() and np.abs(test).max() == np.float32(DENSE_LIMIT)
+
+
+# ------------------------------------------------------------------------- dates
+
+def _dates(values, fmt=None):
+    state = {} if fmt is None else {"format": fmt}
+    vals = _parse_dates(pd.Series(values), state, "ts")
+    return [None if np.isnan(v) else str(pd.Timestamp(int(v)).date()) for v in vals], state
+
+
+def test_dates_are_read_in_one_format_for_the_column():
+    got, state = _dates(["05/01/2024", "13/01/2024", "x", None])
+    assert got == ["2024-01-05", "2024-01-13", None, None] and state["format"] == "%d/%m/%Y"
+    got, state = _dates(["05/01/2024", "01/13/2024"])
+    assert got == ["2024-05-01", "2024-01-13"] and state["format"] == "%m/%d/%Y"
+    got, state = _dates(["2024-05-01", "2024-01-13", "garbage"])
+    assert got == ["2024-05-01", "2024-01-13", None] and state["format"] == "ISO8601"
+    # A later chunk reads with the format an earlier one settled on.
+    assert _dates(["06/02/2024"], "%d/%m/%Y")[0] == ["2024-02-06"]
+    with pytest.raises(DataError, match=r"time column 'ts': a date such as '05/01/2024' reads "
+                                        r"differently day-first and month-first.*time_format"):
+        _dates(["05/01/2024", "03/02/2024"])
+    assert _dates(["05/01/2024", "03/02/2024"], "%d/%m/%Y")[0] == ["2024-01-05", "2024-02-03"]
+
+
+def test_a_time_split_of_day_first_dates_is_in_time_order(tmp_path):
+    frame = _frame(200)
+    days = pd.date_range("2024-01-01", periods=100, freq="D").repeat(2)
+    frame["ts"] = days.strftime("%d/%m/%Y")
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    bundle = prepare_data(_config(tmp_path, method="time", time_column="ts"))
+    order = {k: bundle.splits[k] for k in ("target_train", "target_valid", "target_test")}
+    assert all(len(v) for v in order.values())
+    # The test split holds the latest target rows: every row of the file's last 20 % of
+    # target days (file order is time order here, so row position says it).
+    t_rows = frame.index[frame["d"] == "t"]
+    n_test = int(round(0.2 * len(t_rows)))
+    latest = frame.loc[t_rows[-n_test:], "x"].astype(float).to_numpy(np.float32)
+    mean, std = bundle.feature_map.extra["dense_mean_std"]["x"]
+    got = order["target_test"].dense[:, 0].numpy() * np.float32(std) + np.float32(mean)
+    np.testing.assert_allclose(np.sort(got), np.sort(latest), rtol=1e-5, atol=1e-5)
+
+
+def test_time_format_needs_a_time_column(tmp_path):
+    with pytest.raises(DataError, match="time_format is set but .*time_column is not"):
+        _config(tmp_path, time_format="%d/%m/%Y")
+
+
+# ------------------------------------------------------------------------- labels, targets
+
+def test_a_split_with_one_label_fails_before_training(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["generate", "--config", str(exp), "--out", str(tmp_path / "data")]) == 0
+    csv = tmp_path / "data" / "synthetic.csv"
+    frame = pd.read_csv(csv, dtype=str)
+    doc = yaml.safe_load((tmp_path / "data" / "dataset.yaml").read_text())
+    target = doc["data"]["domain"]["target"]
+    frame.loc[frame[doc["data"]["domain"]["column"]] == target, doc["data"]["label"]] = "1"
+    frame.to_csv(csv, index=False)
+    exp2 = tiny_experiment(tmp_path, {"data": str(tmp_path / "data" / "dataset.yaml")})
+    assert main(["finetune", "-c", str(exp2), "-s", "finetune_all", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"split 'target_train' of target domain '{target}' holds only label 1" in err
+    assert not list((tmp_path / "runs").glob("*/runs/*/checkpoint*"))
+
+
+def test_every_target_is_checked_before_any_training(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["compare", "-c", str(exp), "--targets", "tgt,nowhere",
+                 "--strategies", "finetune_all", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "targets: with" in err and "'nowhere'" in err and "matches no rows" in err
+    # Nothing was trained: no pre-trained model, no fine-tuning run.
+    assert not list(Path(tmp_path).rglob("pretrain.json"))
+    assert not list(Path(tmp_path).rglob("runs.csv"))
+
+
+# ------------------------------------------------------------------------- resume, YAML
+
+def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--no-progress"]) == 0
+    run = next(Path(tmp_path / "runs").glob("*-compare-*"))
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["targets"] is None and meta["tune"] is False
+    before = (run / "runs.csv").read_bytes()
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--tune",
+                 "--resume", str(run), "--no-progress"]) == 2
+    assert "ran tune False, not True; leave out --tune" in capsys.readouterr().err
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
+                 "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
+    assert "ran targets None, not ['tgt', 'src_a']" in capsys.readouterr().err
+    assert (run / "runs.csv").read_bytes() == before
+    # A run.json from before targets were recorded: a summary.md says it had several.
+    del meta["targets"], meta["tune"]
+    (run / "run.json").write_text(json.dumps(meta))
+    (run / "summary.md").write_text("x\n")
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all",
+                 "--resume", str(run), "--no-progress"]) == 2
+    assert "ran targets 'several (see summary.md)'" in capsys.readouterr().err
+
+
+def test_a_number_setting_takes_an_exponent_without_a_dot(tmp_path):
+    from autoft_fast.config import load_config
+    (tmp_path / "e.yaml").write_text(
+        "synthetic: {}\nfinetune: {lr: 1e-3, epochs: 1e1}\nsearch: {lr: [3e-4, 1E-2]}\n")
+    cfg = load_config(tmp_path / "e.yaml")
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # what YAML 1.1 gives
+    assert (cfg.finetune.lr, cfg.finetune.epochs, cfg.search.lr) == (1e-3, 10, [3e-4, 1e-2])
+    # A text setting keeps such a value as text: hashed ids look like numbers.
+    cfg = DataConfig.from_dict({"files": ["f.csv"], "label": "y", "categorical": ["a"],
+                                "domain": {"column": "d", "source": ["3e814130"],
+                                           "target": "50e219e0"}}, tmp_path)
+    assert cfg.domain.source == ("3e814130",) and cfg.domain.target == "50e219e0"
+    with pytest.raises(Exception, match="finetune.lr must be a finite number, got 'fast'"):
+        (tmp_path / "e.yaml").write_text("synthetic: {}\nfinetune: {lr: fast}\n")
+        load_config(tmp_path / "e.yaml")
+
+
+def test_predict_fills_a_short_line_as_training_does(saved_run, tmp_path):
+    _, frame, run = saved_run
+    frame.to_csv(tmp_path / "full.csv", index=False)
+    lines = (tmp_path / "full.csv").read_text().splitlines()
+    # Data row 301 loses its last two fields (x, then nothing: the row ends after 'a').
+    cols = lines[0].split(",")
+    assert cols[-2:] == ["a", "x"]
+    lines[301] = ",".join(lines[301].split(",")[:-1])
+    (tmp_path / "short.csv").write_text("\n".join(lines) + "\n")
+    filled = frame.copy()
+    filled.loc[filled.index[300], "x"] = np.nan
+    filled.to_csv(tmp_path / "filled.csv", index=False)
+    for name in ("short", "filled"):
+        assert _predict(run, tmp_path / f"{name}.csv", tmp_path / f"p_{name}.csv") == 0
+    a, b = (pd.read_csv(tmp_path / f"p_{n}.csv") for n in ("short", "filled"))
+    assert len(a) == len(frame) and a.equals(b)
+
+
+def test_a_boolean_parquet_label_is_read_as_0_and_1(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    frame = _frame(200)
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    as_bool = frame.assign(y=frame["y"] == "1")
+    pq.write_table(pa.Table.from_pandas(as_bool, preserve_index=False), tmp_path / "f.parquet")
+    a, b = prepare_data(_config(tmp_path)), prepare_data(_config(tmp_path, files="f.parquet"))
+    for name in a.splits:
+        assert a.splits[name].label.tolist() == b.splits[name].label.tolist()
+
+
+def test_config_slips_get_their_own_words(tmp_path, capsys):
+    with pytest.raises(DataError, match="column 'a' is listed twice in categorical"):
+        DataConfig.from_dict({"files": ["f.csv"], "label": "y", "categorical": ["a", "a"],
+                              "domain": {"column": "d", "source": ["s"], "target": "t"}}, tmp_path)
+    with pytest.raises(DataError, match="csv_sep must be one character"):
+        DataConfig.from_dict({"files": ["f.csv"], "label": "y", "categorical": ["a"],
+                              "csv_sep": ";;",
+                              "domain": {"column": "d", "source": ["s"], "target": "t"}}, tmp_path)
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["compare", "-c", str(exp), "--strategies", " , ", "--no-progress"]) == 2
+    assert "--strategies ' , ' names no strategy" in capsys.readouterr().err
+
+
+def test_the_package_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
+    frame = _frame(200)
+    frame.loc[5, "y"] = "maybe"
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    doc = {"data": {"files": ["f.csv"], "label": "y", "categorical": ["a"],
+                    "domain": {"column": "d", "source": ["s"], "target": "t"},
+                    "split": {"target": {"valid": 0.2, "test": 0.2}, "source": {"valid": 0.2}},
+                    "on_bad_rows": "skip", "cache": False},
+           "model": {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]},
+           "pretrain": {"epochs": 1}, "finetune": {"epochs": 1}, "seeds": [0],
+           "run_dir": str(tmp_path / "runs"), "device": "cpu"}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["pretrain", "-c", str(tmp_path / "exp.yaml"), "--no-progress",
+                 "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert ("autoft-fast: warning: skipping bad rows: 1 rows with label 'y' missing or not a "
+            "number (e.g. 'maybe' in f.csv, data row 6)") in err
+    assert "UserWarning" not in err and "pipeline.py" not in err
