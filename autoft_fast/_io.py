@@ -123,8 +123,32 @@ def read_yaml_file(path: str | os.PathLike, label: str, error=ValueError):
         with open(path, encoding="utf-8") as f:
             return load_yaml(f)
     except yaml.YAMLError as e:
-        raise error(f"{label} {str(path)!r} is not valid YAML: "
-                    f"{str(e).splitlines()[0]}") from None
+        raise error(f"{label} {str(path)!r} is not valid YAML: {yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{label} {str(path)!r} is not UTF-8 text: {e}") from None
+
+
+def yaml_problem(e: "yaml.YAMLError") -> str:
+    """One line for a YAML error: what is wrong and where (line and column, 1-based).
+
+    Example:
+        >>> try:
+        ...     load_yaml("a: {b: 1\nc: 2\n")
+        ... except yaml.YAMLError as e:
+        ...     print(yaml_problem(e))
+        while parsing a flow mapping (line 1, column 4): expected ',' or '}', but got ':' (line 2, column 2)
+    """
+    if isinstance(e, DuplicateKeyError):
+        return e.problem
+    context, problem = getattr(e, "context", None), getattr(e, "problem", None)
+    if not problem:
+        return str(e).splitlines()[0]
+
+    def at(mark) -> str:
+        return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+    head = f"{context}{at(getattr(e, 'context_mark', None))}: " if context else ""
+    return f"{head}{problem}{at(getattr(e, 'problem_mark', None))}"
 
 
 def remove_stale_temps(folder: str | os.PathLike, name: str, older_than: float = 0.0) -> int:

@@ -217,6 +217,9 @@ def _load(args):
                              device=getattr(args, "device", None),
                              targets=getattr(args, "targets", None))
     cfg.torch_device()  # an unavailable device fails now, before any data is read
+    if cfg.autoft.backend != "auto":  # and so does a backend the device lacks
+        from .ops import registry
+        registry.resolve(cfg.autoft.backend, cfg.torch_device())
     return cfg
 
 

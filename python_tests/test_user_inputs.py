@@ -315,3 +315,20 @@ def test_the_package_warnings_are_one_line_on_the_command_line(tmp_path, capsys)
     assert ("autoft-fast: warning: skipping bad rows: 1 rows with label 'y' missing or not a "
             "number (e.g. 'maybe' in f.csv, data row 6)") in err
     assert "UserWarning" not in err and "pipeline.py" not in err
+
+
+def test_invalid_yaml_says_where(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("name: x\nsynthetic: {}\nfinetune: {lr: 0.1\n  epochs: 2\n")
+    assert main(["finetune", "-c", str(tmp_path / "bad.yaml"), "-s", "finetune_all"]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML: while parsing a flow mapping (line 3, column 11): expected ',' " \
+           "or '}', but got ':' (line 4, column 9)" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_backend_the_device_lacks_fails_before_any_data_is_read(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "-c", str(exp), "-s", "autoft", "--backend", "cuda",
+                 "--no-progress"]) == 2
+    assert "backend = 'cuda' is not available for tensors on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
