@@ -24,6 +24,7 @@ def test_tau_must_be_a_real_number(bad):
 @pytest.mark.parametrize("cls, key, bad, needle", [
     (AutoFTConfig, "hard", "False", "autoft.hard must be true or false, got 'False'"),
     (TrainConfig, "epochs", 2.5, "train.epochs must be an integer, got 2.5"),
+    (TrainConfig, "epochs", 0, "train.epochs must be >= 1, got 0"),  # source_only does that
     (TrainConfig, "lr", -1, "train.lr must be > 0, got -1"),
     (ModelConfig, "dropout", 1.0, "model.dropout must be >= 0 and < 1, got 1.0"),
     (ModelConfig, "hidden_units", [8, 0], "model.hidden_units[1] must be >= 1, got 0"),

@@ -328,10 +328,11 @@ class TrainConfig(_Section):
         "0: embedding tables are sparse-updated and decay would shrink unseen rows"))
     batch_size: int = setting(1024, minimum=1, doc="large batches keep the CPU kernels busy")
     eval_batch_size: int = setting(8192, minimum=1, doc="batch size of evaluation")
-    epochs: int = setting(50, minimum=0, doc=(
+    epochs: int = setting(50, minimum=1, doc=(
         "at most this many epochs: a cap large enough that early stopping, not the cap, ends "
         "training (a run whose best epoch is the cap is warned about and counted in the "
-        "report); the same rule for every strategy"))
+        "report); the same rule for every strategy (the source_only strategy evaluates the "
+        "pre-trained model untrained)"))
     patience: int = setting(3, minimum=1, doc=(
         "stop after this many epochs without improvement of the monitored metric"))
     monitor: str = setting("auc", choices=("auc", "logloss"),
@@ -360,7 +361,7 @@ class PretrainConfig(TrainConfig):
 
     SECTION = "pretrain"
 
-    epochs: int = setting(10, minimum=0, doc=(
+    epochs: int = setting(10, minimum=1, doc=(
         "the source set is large: few epochs suffice, and early stopping decides"))
     patience: int = setting(1, minimum=1, doc="stop after this many epochs without improvement")
     seed: int = setting(0, minimum=0, doc="seed of the pre-training (model init and shuffling)")
