@@ -89,8 +89,10 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 def uniforms_tensor(seed, shape, device=None) -> torch.Tensor:
     """The contract's uniforms for a lookup tensor of ``shape`` (row-major), float32.
 
-    Plain torch integer ops (no numpy, no ``.item()``), so ``torch.compile`` traces it and the
-    ``seed`` may be a 0-dim int64 tensor; bit-identical to :func:`philox_uniforms`.
+    Plain torch integer ops (no numpy, no ``.item()``), and the ``seed`` may be a 0-dim int64
+    tensor; bit-identical to :func:`philox_uniforms`. Under ``torch.compile`` the same ops run
+    as one opaque op of the graph (``autoft_fast::philox_uniforms_torch``): inductor, fusing
+    the ten rounds' integer ops into one expression, did not finish compiling them.
 
     Example::
 
@@ -102,7 +104,34 @@ def uniforms_tensor(seed, shape, device=None) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return philox_uniforms_torch(seed, n, torch.device(device or "cpu")).reshape(shape)
+    return _uniforms_flat(seed, n, device).reshape(shape)
+
+
+@torch.library.custom_op("autoft_fast::philox_uniforms_torch", mutates_args=())
+def philox_uniforms_torch(seed: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """:func:`uniforms_tensor` flat, as one op: what a compiled graph calls (see there).
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.philox import philox_uniforms, philox_uniforms_torch
+        >>> u = philox_uniforms_torch(torch.tensor(7), 6, torch.device("cpu"))
+        >>> bool((u == torch.from_numpy(philox_uniforms(7, 6))).all())
+        True
+    """
+    return _uniforms_flat(seed, n, device)
+
+
+@philox_uniforms_torch.register_fake
+def _(seed, n, device):
+    return torch.empty((n,), dtype=torch.float32, device=device)
+
+
+def _uniforms_flat(seed: torch.Tensor, n: int, device) -> torch.Tensor:
+    seed = seed.to(device)
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     calls = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     c0, c1 = calls & 0xFFFFFFFF, calls >> 32
@@ -115,8 +144,8 @@ def uniforms_tensor(seed, shape, device=None) -> torch.Tensor:
         k1 = (k1 + KEY_B) & 0xFFFFFFFF
     words = torch.stack((c0, c1, c2, c3), dim=1).reshape(-1)[:n]  # word n % 4 of call n // 4
     x = torch.where(words >= 2**31, 2**32 - 1 - words, words)  # int32 view, x < 0 -> -x - 1
-    u = x.to(torch.float32) * torch.tensor(UNIFORM_SCALE_VALUE, dtype=torch.float32, device=device)
-    return u.reshape(shape)
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE_VALUE, dtype=torch.float32,
+                                              device=device)
 
 
 def uniforms(seed, shape, device=None) -> torch.Tensor:
