@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -43,6 +44,10 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
 inline void check_tau(double tau) {
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0.0,
                     "tau must be a positive finite temperature, got tau = ", tau);
+  // The gates are computed in float32: tau must be a normal float32 number.
+  TORCH_CHECK_VALUE(tau >= static_cast<double>(std::numeric_limits<float>::min()) &&
+                        tau <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "tau = ", tau, " is outside float32's range, in which the gates are computed");
 }
 
 // An int8 frozen table stores D + 2 bytes per row: the D quantised values, then the row's

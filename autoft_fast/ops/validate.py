@@ -9,6 +9,7 @@ checks in csrc/gated_common.h with the same wording.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -55,15 +56,23 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+# The kernels compute x = (d + l) / tau in float32: tau must be a normal float32 number.
+TAU_MIN, TAU_MAX = float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max)
+
+
 def check_tau(tau) -> float:
-    """``tau`` as a float: a real number (not a string or bool), positive and finite."""
+    """``tau`` as a float: a real number (not a string or bool; a NumPy scalar is one),
+    positive, finite and within float32's normal range (the kernels compute in float32)."""
     if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.dtype.is_floating_point:
         tau = float(tau)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a positive finite number, got {tau!r} ({type(tau).__name__})")
     value = float(tau)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"tau = {tau!r} must be a positive finite number")
+    if not TAU_MIN <= value <= TAU_MAX:
+        raise ValueError(f"tau = {tau!r} is outside float32's range, in which the gates are "
+                         f"computed: give {TAU_MIN:.4g} <= tau <= {TAU_MAX:.4g}")
     return value
 
 
@@ -81,8 +90,9 @@ def check_seed(seed) -> int | None:
         if seed.numel() != 1 or seed.dtype.is_floating_point:
             raise TypeError(f"seed must be an integer, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
         seed = int(seed.item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)  # a NumPy integer too
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed = {seed} must be a 63-bit non-negative integer (0 <= seed < 2**63)")
     return seed
