@@ -432,14 +432,15 @@ class AutoFTModel(nn.Module):
             raise RuntimeError("the model's forward looked up no embedding module, so the policy "
                                "has no input; autoft() needs the embeddings to be used in forward")
         parts = []
-        device = next(self.policy.parameters()).device
+        param = next(self.policy.parameters())
+        device, dtype = param.device, param.dtype  # a model cast with .half() casts the policy
         for slot, dim in enumerate(self._slot_dims):
             rows = state.rows.get(slot)
             if rows is None:  # a module this call did not use
-                parts.append(torch.zeros(state.batch, dim, device=device))
+                parts.append(torch.zeros(state.batch, dim, device=device, dtype=dtype))
             else:
-                parts.append(torch.cat(rows, dim=1).float().mean(dim=1))
-        logits = self.policy(torch.cat(parts, dim=1).detach())
+                parts.append(torch.cat(rows, dim=1).float().mean(dim=1).to(dtype))
+        logits = self.policy(torch.cat(parts, dim=1).detach()).float()  # the gates read float32
         if self._force is not None:
             sign = 1.0 if self._force == "tuned" else -1.0
             forced = torch.tensor([-sign, sign], device=logits.device) * (_FORCE_MARGIN / 2)

@@ -125,6 +125,19 @@ class FusedTableMixin:
         for name, t in self.fused_optimizer.new_state(self.fused_weight.detach()).items():
             self.register_buffer(f"{_STATE_PREFIX}{name}", t)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() cast every floating buffer, but the fused
+        # optimizer's state must stay float32 (the kernels require it, and a 16-bit moment
+        # would lose the state): it moves with the module, its dtype kept, from the original.
+        saved = {k: b for k, b in self._buffers.items()
+                 if k.startswith(_STATE_PREFIX) and b is not None}
+        out = super()._apply(fn, recurse)
+        for k, old in saved.items():
+            new = self._buffers.get(k)
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return out
+
     def optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """The fused optimizer's state tensors (the module's buffers), or None without one."""
         if self.fused_optimizer is None:
