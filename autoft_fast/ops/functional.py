@@ -12,8 +12,15 @@ from .reference import (reference_gated_embedding, reference_gated_embedding_bag
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device, low_precision: bool) -> str:
-    """The backend to run; a compiled graph treats the answer as a constant (no graph break)."""
-    return registry.resolve(backend, device, low_precision).name
+    """The backend to run; a compiled graph treats the answer as a constant (no graph break).
+
+    The row's ops are resolved here too: that registers their autograd formula on first use,
+    which must not happen inside a traced call (torch.compile as the first use of a backend
+    in a process), and this function runs outside the trace."""
+    row = registry.resolve(backend, device, low_precision)
+    if not row.is_reference:
+        row.ops()
+    return row.name
 
 
 class _DenseGradThroughView(torch.autograd.Function):
@@ -95,7 +102,8 @@ class _FusedStep(torch.autograd.Function):
             n, dim = indices.shape[0], weight.shape[1]
             grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
             opt = ctx.optimizer
-            if fused_optim.updates_paused():
+            if fused_optim.updates_paused() or not ctx.needs_input_grad[0]:
+                # (A tuned table that does not require a gradient is frozen: no update.)
                 g_l = row.ops()[1](
                     grad_out.reshape(n, dim).contiguous(),
                     None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
@@ -123,7 +131,7 @@ class _FusedStep(torch.autograd.Function):
         if hard and not row.touched_only:
             keep = fused_optim.touched_rows_mask(rows, indices, ctx.gates)
             rows, values = rows[keep], values[keep]
-        if not fused_optim.updates_paused():
+        if not fused_optim.updates_paused() and ctx.needs_input_grad[0]:
             with torch.no_grad():
                 opt.apply(weight.detach(), rows, values, ctx.state)
         grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
@@ -296,7 +304,11 @@ def gumbel_gates(logits, *, tau=1.0, hard=True, noise=True, seed=None, uniforms=
 
 @torch.compiler.assume_constant_result
 def _resolve_bag_backend(backend: str, device: torch.device, low_precision: bool) -> str:
-    return registry.resolve_bag(backend, device, low_precision).name
+    """As :func:`_resolve_backend`, for the bag op (its ops resolved outside the trace)."""
+    row = registry.resolve_bag(backend, device, low_precision)
+    if not row.is_reference:
+        row.bag_ops()
+    return row.name
 
 
 def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
@@ -338,6 +350,11 @@ def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
     row, tau, seed_t, hard, noise, sparse, tuned_weight = _prepare_call(
         _resolve_bag_backend, backend, values.device, frozen_weight, tuned_weight, logits,
         uniforms, tau, seed, hard, noise, sparse)
+    if (not row.is_reference and per_sample_weights is not None
+            and per_sample_weights.requires_grad and torch.is_grad_enabled()):
+        raise ValueError(f"gated_embedding_bag: backend {row.name!r} gives per_sample_weights no "
+                         "gradient; pass per_sample_weights.detach(), or backend='reference' "
+                         "for its gradient")
     if row.is_reference:
         validate.check_bag_data(values, offsets, frozen_weight.shape[0])
         return reference_gated_embedding_bag(
