@@ -1,0 +1,161 @@
+"""Edges of the Python API a user meets: torch.compile as the first use of a backend, the
+reference's seeded noise under inductor, a frozen tuned table with a fused optimizer, a
+bag's per_sample_weights gradient, modules cast to 16 bits, tau at float32's limits and
+NumPy scalars for the options."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import autoft_fast
+from autoft_fast.ops import registry
+from autoft_fast.ops.fused_optim import FusedOptimizer
+
+KERNEL_BACKENDS = [b for b in ("cpu", "triton") if b in registry.available_backends("cpu")]
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in registry.available_backends("cpu"),
+                                      reason="the C++ extension is not built")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("what", ["lookup", "bag"])
+def test_compile_as_the_first_use_of_a_backend_in_a_process(what):
+    # The backend's autograd formula is registered on its first use; that must not happen
+    # inside the traced call (a fresh process, so no earlier call registered it).
+    script = textwrap.dedent(f"""
+        import torch, autoft_fast as af
+        torch.set_num_threads(1)
+        fr = torch.randn(20, 4); tu = fr.clone().requires_grad_()
+        if {what!r} == "lookup":
+            f = torch.compile(lambda i, l: af.gated_embedding(i, fr, tu, l, tau=2.0, seed=3,
+                              backend="cpu")[0].sum(), fullgraph=True, backend="aot_eager")
+            args = (torch.randint(0, 20, (5,)), torch.randn(5, 2))
+            eager = lambda i, l: af.gated_embedding(i, fr, tu, l, tau=2.0, seed=3,
+                                                    backend="cpu")[0].sum()
+        else:
+            f = torch.compile(lambda v, o, l: af.gated_embedding_bag(v, o, fr, tu, l, seed=3,
+                              backend="cpu")[0].sum(), fullgraph=True, backend="aot_eager")
+            args = (torch.tensor([1, 2, 2]), torch.tensor([0, 1, 3]), torch.randn(2, 2))
+            eager = lambda v, o, l: af.gated_embedding_bag(v, o, fr, tu, l, seed=3,
+                                                           backend="cpu")[0].sum()
+        got = f(*args)
+        got.backward()
+        assert torch.equal(got.detach(), eager(*args).detach()), (got, eager(*args))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_the_reference_with_seeded_noise_compiles_with_inductor():
+    # The Philox rounds run as one opaque op in the graph: inductor fused their integer ops
+    # into one expression and did not finish (minutes) before. In a child process with a
+    # time limit, so that a return of that would fail here instead of hanging the suite.
+    script = textwrap.dedent("""
+        import torch, autoft_fast
+        torch.set_num_threads(1)
+        fr, tu = torch.randn(20, 4), torch.randn(20, 4)
+        idx, lg = torch.randint(0, 20, (5, 3)), torch.randn(5, 3, 2)
+        def gates(i, a, b, l):
+            return autoft_fast.gated_embedding(i, a, b, l, tau=2.0, seed=3, backend="reference")[1]
+        got = torch.compile(gates, fullgraph=True)(idx, fr, tu, lg)
+        assert torch.equal(got, gates(idx, fr, tu, lg))
+        z = torch.compile(lambda l: autoft_fast.gumbel_gates(l, tau=2.0, seed=3), fullgraph=True)(lg)
+        assert torch.equal(z, autoft_fast.gumbel_gates(lg, tau=2.0, seed=3))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_a_frozen_tuned_table_is_not_updated_by_the_fused_optimizer(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    fr = torch.randn(10, 3)
+    tuned = fr.clone()  # requires no gradient: frozen
+    opt = FusedOptimizer("adam", lr=1.0)
+    state = opt.new_state(tuned)
+    logits = torch.tensor([[0.0, 5.0], [0.0, 5.0]], requires_grad=True)
+    out, _ = autoft_fast.gated_embedding(torch.tensor([1, 2]), fr, tuned, logits, noise=False,
+                                         backend=backend, optimizer=opt, optimizer_state=state)
+    out.sum().backward()
+    assert torch.equal(tuned, fr) and int(state["step"]) == 0
+    assert logits.grad is not None  # the logits still get theirs
+    module = autoft_fast.GatedEmbedding(10, 3, optimizer="sgd", lr=1.0)
+    module.tuned_weight.requires_grad_(False)
+    before = module.tuned_weight.detach().clone()
+    out, _ = module(torch.tensor([1, 2]), logits, noise=False)
+    out.sum().backward()
+    assert torch.equal(module.tuned_weight, before) and int(module.optimizer_step) == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_bag_weight_that_wants_a_gradient_is_refused_where_none_is_given(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    fr = torch.randn(10, 4)
+    tu = fr.clone().requires_grad_()
+    values, offsets = torch.tensor([1, 2, 2]), torch.tensor([0, 1, 3])
+    w = torch.rand(3, requires_grad=True)
+    logits = torch.randn(2, 2)
+    with pytest.raises(ValueError, match=f"backend '{backend}' gives per_sample_weights no "
+                                         "gradient.*backend='reference'"):
+        autoft_fast.gated_embedding_bag(values, offsets, fr, tu, logits, per_sample_weights=w,
+                                        mode="sum", seed=1, backend=backend)
+    # Detached weights, or no gradients at all, are served; the reference gives w its gradient.
+    a = autoft_fast.gated_embedding_bag(values, offsets, fr, tu, logits, mode="sum", seed=1,
+                                        per_sample_weights=w.detach(), backend=backend)[0]
+    with torch.no_grad():
+        autoft_fast.gated_embedding_bag(values, offsets, fr, tu, logits, mode="sum", seed=1,
+                                        per_sample_weights=w, backend=backend)
+    b = autoft_fast.gated_embedding_bag(values, offsets, fr, tu, logits, mode="sum", seed=1,
+                                        per_sample_weights=w, backend="reference")[0]
+    torch.testing.assert_close(a, b.detach())
+    b.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modules_cast_to_16_bits_keep_working(dtype):
+    from autoft_fast.dropin import autoft
+    for kind, names in (("adam", ("exp_avg", "exp_avg_sq")), ("rowwise_adagrad", ("sum",))):
+        emb = autoft_fast.GatedEmbedding(10, 4, optimizer=kind, lr=1e-2).to(dtype)
+        assert emb.tuned_weight.dtype == dtype
+        assert all(getattr(emb, f"optimizer_{n}").dtype == torch.float32 for n in names)
+        assert emb.optimizer_step.dtype == torch.int64
+        out, _ = emb(torch.tensor([1, 2]), torch.zeros(2, 2))
+        assert out.dtype == dtype
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1))
+    wrapped = autoft(net, strategy="autoft").to(dtype).eval()
+    assert wrapped(torch.tensor([1, 2])).dtype == dtype
+
+
+@pytest.mark.parametrize("tau", [1e-50, 1e-39, 1e39])
+def test_tau_outside_float32_is_refused(tau):
+    fr = torch.randn(10, 4)
+    for backend in ["reference", *KERNEL_BACKENDS[:1]]:
+        with pytest.raises(ValueError, match=r"outside float32's range"):
+            autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(), torch.zeros(1, 2),
+                                        tau=tau, backend=backend)
+    if KERNEL_BACKENDS[:1] == ["cpu"]:  # the kernel checks it too when called directly
+        with pytest.raises(ValueError, match=r"outside float32's range"):
+            torch.ops.autoft_fast.gated_embedding_fwd(torch.tensor([1]), fr, fr.clone(),
+                                                      torch.zeros(1, 2), torch.tensor(0), None,
+                                                      tau, True, True, False)
+
+
+def test_numpy_scalars_are_numbers_for_tau_and_seed():
+    fr = torch.randn(10, 4)
+    idx, lg = torch.tensor([1, 2, 3]), torch.randn(3, 2)
+    a = autoft_fast.gated_embedding(idx, fr, fr.clone(), lg, tau=np.float32(2.0), seed=np.int64(5))
+    b = autoft_fast.gated_embedding(idx, fr, fr.clone(), lg, tau=2.0, seed=5)
+    assert torch.equal(a[1], b[1])
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        autoft_fast.gated_embedding(idx, fr, fr.clone(), lg, seed=np.float64(5.0))
