@@ -159,3 +159,31 @@ def test_numpy_scalars_are_numbers_for_tau_and_seed():
     assert torch.equal(a[1], b[1])
     with pytest.raises(TypeError, match="seed must be an integer"):
         autoft_fast.gated_embedding(idx, fr, fr.clone(), lg, seed=np.float64(5.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_a_non_finite_value_in_the_row_not_chosen_never_reaches_a_hard_output(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    fr = torch.randn(6, 3)
+    tu = fr.clone() + 1
+    tu[2] = float("nan")  # a tuned row the gate does not choose
+    fr[4] = float("inf")  # a frozen row the gate does not choose
+    tu = tu.requires_grad_()
+    idx = torch.tensor([2, 4, 1])
+    logits = torch.tensor([[5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]], requires_grad=True)
+    out, gates = autoft_fast.gated_embedding(idx, fr, tu, logits, noise=False, backend=backend)
+    expected = torch.stack((fr[2], tu.detach()[4], tu.detach()[1]))
+    assert torch.equal(out.detach(), expected) and torch.isfinite(out).all()
+    out.sum().backward()
+    g = tu.grad.to_dense() if tu.grad.is_sparse else tu.grad
+    assert torch.equal(g[4], torch.ones(3)) and torch.equal(g[2], torch.zeros(3))
+    if backend == "reference":  # the oracle's backward stays differentiable
+        f2 = torch.randn(6, 3)  # finite: a logit gradient reads both rows
+        logits2 = logits.detach().clone().requires_grad_()
+        t2 = (f2 + 1).requires_grad_()
+        o, _ = autoft_fast.gated_embedding(idx, f2, t2, logits2, noise=False, hard=True,
+                                           backend="reference")
+        (gl,) = torch.autograd.grad((o ** 2).sum(), logits2, create_graph=True)
+        (gt,) = torch.autograd.grad(gl[..., 1].sum(), t2)
+        assert torch.isfinite(gt).all() and gt.abs().sum() > 0

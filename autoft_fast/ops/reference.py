@@ -47,6 +47,25 @@ class _StraightThroughGate(torch.autograd.Function):
         return torch.stack((-s, s), dim=-1), None, None, None
 
 
+class _HardMix(torch.autograd.Function):
+    """out = z0 * f + z1 * t for one-hot gates z, its value the chosen row itself: a NaN or inf
+    in the row not chosen cannot reach the output (0 * inf would be NaN), as in the kernels.
+    Gradients are the formula's: d z = (<g, f>, <g, t>), d t = z1 * g, d f = z0 * g."""
+
+    @staticmethod
+    def forward(ctx, z, f, t):
+        ctx.save_for_backward(z, f, t)
+        return torch.where(z[..., 1:2] > 0.5, t, f)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, f, t = ctx.saved_tensors  # differentiable ops below: a double backward works
+        grad_z = torch.stack(((g * f).sum(-1), (g * t).sum(-1)), dim=-1)
+        grad_f = g * z[..., 0:1] if ctx.needs_input_grad[1] else None
+        grad_t = g * z[..., 1:2] if ctx.needs_input_grad[2] else None
+        return grad_z, grad_f, grad_t
+
+
 class _TunedRows(torch.autograd.Function):
     """tuned_weight[idx] in ``compute``; the gradient sums repeated rows in ``compute`` precision."""
 
@@ -117,7 +136,10 @@ def reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, *, t
     # A low-precision frozen table is widened (int8: dequantised) row by row, as the kernels do.
     frozen_rows = _frozen_rows(frozen_weight.detach(), idx, compute)
     tuned_rows = _TunedRows.apply(tuned_weight, idx, sparse, compute)
-    out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
+    if hard:
+        out = _HardMix.apply(gates, frozen_rows, tuned_rows)
+    else:
+        out = gates[..., 0:1] * frozen_rows + gates[..., 1:2] * tuned_rows
     gate_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.to(tuned_weight.dtype), gates.to(gate_dtype)
 
