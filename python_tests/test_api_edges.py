@@ -187,3 +187,14 @@ def test_a_non_finite_value_in_the_row_not_chosen_never_reaches_a_hard_output(ba
         (gl,) = torch.autograd.grad((o ** 2).sum(), logits2, create_graph=True)
         (gt,) = torch.autograd.grad(gl[..., 1].sum(), t2)
         assert torch.isfinite(gt).all() and gt.abs().sum() > 0
+
+
+def test_a_float64_table_on_a_kernel_backend_points_to_the_reference():
+    fr = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 tables are served by backend='reference' only"):
+        autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(),
+                                    torch.zeros(1, 2, dtype=torch.float64))
+    out, _ = autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(),
+                                         torch.zeros(1, 2, dtype=torch.float64),
+                                         backend="reference", seed=0)
+    assert out.dtype == torch.float64

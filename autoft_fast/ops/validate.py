@@ -121,7 +121,10 @@ def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, refe
         if t.is_sparse:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if tuned_weight.dtype not in table_dtypes:
-        raise TypeError(f"tuned_weight must be one of {_names(table_dtypes)}, got {tuned_weight.dtype}")
+        hint = ("; float64 tables are served by backend='reference' only"
+                if tuned_weight.dtype == torch.float64 and not reference else "")
+        raise TypeError(f"tuned_weight must be one of {_names(table_dtypes)}, got "
+                        f"{tuned_weight.dtype}{hint}")
     frozen_ok = frozen_dtypes_for(tuned_weight.dtype)
     if frozen_weight.dtype not in frozen_ok:
         raise TypeError(
