@@ -314,11 +314,15 @@ def _check_compare_resume(run_dir: Path, shape: dict, value: str) -> dict:
     write a different experiment's tables into that folder); returns the run's run.json."""
     meta = json.loads((run_dir / "run.json").read_text())
     recorded = {k: meta[k] for k in shape if k in meta}
-    # A run.json written before these were recorded: what the folder shows.
-    if "targets" not in recorded and (run_dir / "summary.md").is_file():
-        recorded["targets"] = "several (see summary.md)"
-    if "tune" not in recorded and (run_dir / "picks.json").is_file():
-        recorded["tune"] = True
+    # A run.json written before these were recorded: what the folder shows (a comparison of
+    # several targets keeps each target's outputs in a folder of its own).
+    if "targets" not in recorded:
+        several = (run_dir / "summary.md").is_file() or any(
+            (d / "pretrain.json").is_file() or (d / "runs").is_dir()
+            for d in run_dir.iterdir() if d.is_dir() and d.name not in ("runs", "search"))
+        recorded["targets"] = "several (see the run folder)" if several else None
+    if "tune" not in recorded:
+        recorded["tune"] = any(run_dir.rglob("picks.json"))
     for key, now in shape.items():
         if key in recorded and recorded[key] != now:
             was = recorded[key]

@@ -228,13 +228,18 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
                  "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
     assert "ran targets None, not ['tgt', 'src_a']" in capsys.readouterr().err
     assert (run / "runs.csv").read_bytes() == before
-    # A run.json from before targets were recorded: a summary.md says it had several.
+    # A run.json from before targets were recorded: the folder says what it ran. This one
+    # is a single-target run, so a resume with two targets is refused ...
     del meta["targets"], meta["tune"]
     (run / "run.json").write_text(json.dumps(meta))
-    (run / "summary.md").write_text("x\n")
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
+                 "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
+    assert "ran targets None, not ['tgt', 'src_a']" in capsys.readouterr().err
+    # ... and a folder of a target's own (here made by hand) marks a run of several.
+    (run / "tgt" / "runs").mkdir(parents=True)
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all",
                  "--resume", str(run), "--no-progress"]) == 2
-    assert "ran targets 'several (see summary.md)'" in capsys.readouterr().err
+    assert "ran targets 'several (see the run folder)'" in capsys.readouterr().err
 
 
 def test_a_number_setting_takes_an_exponent_without_a_dot(tmp_path):
