@@ -324,6 +324,10 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         self.fused_optimizer = None
         if optimizer is not None:
             self.use_fused_optimizer(optimizer, lr=lr, eps=eps, betas=betas)
+        elif lr is not None or eps is not None:
+            raise ValueError(f"{'lr' if lr is not None else 'eps'} is given without optimizer: "
+                             "it sets the fused optimizer (optimizer='sgd', 'rowwise_adagrad' "
+                             "or 'adam'); without one, pass the table to a torch optimizer")
 
     def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
         if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:

@@ -198,3 +198,26 @@ def test_a_float64_table_on_a_kernel_backend_points_to_the_reference():
                                          torch.zeros(1, 2, dtype=torch.float64),
                                          backend="reference", seed=0)
     assert out.dtype == torch.float64
+
+
+def test_optimizer_settings_without_an_optimizer_are_refused():
+    with pytest.raises(ValueError, match="lr is given without optimizer"):
+        autoft_fast.GatedEmbedding(10, 4, lr=0.1)
+    fr = torch.randn(10, 4)
+    state = FusedOptimizer("sgd", lr=0.1).new_state(fr)
+    with pytest.raises(ValueError, match="optimizer_state is given without optimizer"):
+        autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(), torch.zeros(1, 2),
+                                    optimizer_state=state)
+
+
+def test_gumbel_gates_takes_float32_uniforms_of_the_gates_shape():
+    lg = torch.randn(4, 3, 2)
+    u = torch.rand(4, 3)
+    assert torch.equal(autoft_fast.gumbel_gates(lg, uniforms=u),
+                       autoft_fast.gumbel_gates(lg, uniforms=u.clone()))
+    with pytest.raises(TypeError, match="uniforms must be a float32 tensor, got torch.float64"):
+        autoft_fast.gumbel_gates(lg, uniforms=u.double())
+    with pytest.raises(TypeError, match="uniforms must be a float32 tensor, got list"):
+        autoft_fast.gumbel_gates(lg, uniforms=u.tolist())
+    with pytest.raises(ValueError, match=r"shape of logits without its last axis \(4, 3\)"):
+        autoft_fast.gumbel_gates(lg, uniforms=u[:2])

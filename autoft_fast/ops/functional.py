@@ -224,6 +224,9 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     if optimizer is not None:
         return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau,
                       hard, noise, optimizer, optimizer_state)
+    if optimizer_state is not None:
+        raise ValueError("optimizer_state is given without optimizer: pass the FusedOptimizer "
+                         "whose state it is")
     if row.is_reference and hard and not noise and not _needs_grad(tuned_weight, logits):
         validate.check_index_range(indices, frozen_weight.shape[0])
         return _eval_rows(indices, frozen_weight, tuned_weight, logits, tau)
@@ -292,9 +295,12 @@ def gumbel_gates(logits, *, tau=1.0, hard=True, noise=True, seed=None, uniforms=
     hard = validate.check_flag("hard", hard)
     noise = validate.check_flag("noise", noise)
     if uniforms is not None:
+        if not isinstance(uniforms, torch.Tensor) or uniforms.dtype != torch.float32:
+            got = uniforms.dtype if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__
+            raise TypeError(f"uniforms must be a float32 tensor, got {got}")
         if tuple(uniforms.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"uniforms must have the shape of indices {tuple(logits.shape[:-1])}, "
-                             f"got {tuple(uniforms.shape)}")
+            raise ValueError(f"uniforms must have the shape of logits without its last axis "
+                             f"{tuple(logits.shape[:-1])}, got {tuple(uniforms.shape)}")
         validate.check_uniform_range(uniforms)
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = straight_through_gates(logits.to(compute), tau=tau, hard=hard, noise=noise,
