@@ -337,3 +337,21 @@ def test_a_backend_the_device_lacks_fails_before_any_data_is_read(tmp_path, caps
                  "--no-progress"]) == 2
     assert "backend = 'cuda' is not available for tensors on cpu" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_predict_names_a_bad_number_by_its_row_in_the_file(saved_run, tmp_path, monkeypatch):
+    import autoft_fast.train.predict as predict_module
+    from autoft_fast.train.predict import load_run
+    _, frame, run = saved_run
+    bad = frame.copy()
+    bad.loc[bad.index[349], "x"] = "twelve"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    monkeypatch.setattr(predict_module, "PREDICT_CHUNK_ROWS", 100)  # the row is in chunk 4
+    loaded = load_run(run)
+    with pytest.raises(DataError, match=r"'twelve' in data row 350\)"):
+        loaded.predict(tmp_path / "bad.csv")
+    with pytest.raises(DataError, match=r"'twelve' in data row 350\)"):
+        loaded.predict_file(tmp_path / "bad.csv", tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(DataError, match=r"'twelve' in row 349 of the frame\)"):
+        loaded.predict(bad)

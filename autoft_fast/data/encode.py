@@ -69,7 +69,7 @@ class RowEncoder:
                       for k, v in extra.get("dense_mean_std", {}).items()}
         self.ids = id_dtype(feature_map.num_rows)
 
-    def encode(self, frame: pd.DataFrame) -> TensorData:
+    def encode(self, frame: pd.DataFrame, first_row: int | None = None) -> TensorData:
         """The rows of ``frame`` as TensorData (label from the label column when the frame
         has it, else 0; domain: the target's index). Raises DataError naming a missing
         feature column or a non-numeric value of a numeric column (with its row).
@@ -104,8 +104,12 @@ class RowEncoder:
             vals, bad = _parse_numbers(as_text(frame[col.name]))
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
+                # A file's rows are named by their data row (1-based, as the pipeline names
+                # them; first_row: the file's rows before this frame), a frame's by its index.
+                where = (f"data row {first_row + i + 1}" if first_row is not None
+                         else f"row {frame.index[i]!r} of the frame")
                 raise DataError(f"numeric column '{col.name}' holds {int(bad.sum())} values that "
-                                f"are not numbers (e.g. {frame[col.name].iloc[i]!r} in row {i})")
+                                f"are not numbers (e.g. {frame[col.name].iloc[i]!r} in {where})")
             if col.mode == "bucket":
                 bucket = np.searchsorted(self.edges[col.name], vals, side="right")
                 sparse[:, j] = np.where(np.isnan(vals), 1, bucket + 2) + by_name[col.name].offset

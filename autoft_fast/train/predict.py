@@ -157,13 +157,17 @@ class SavedRun:
 
         check_columns([(c, "feature") for c in self.feature_columns],
                       _header(Path(data), self.encoder.cfg.csv_sep), Path(data))
-        parts = [self.score_frame(f) for f in self.read_frames(data)]
+        parts, n = [], 0
+        for frame in self.read_frames(data):
+            parts.append(self.score_frame(frame, first_row=n))
+            n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
         return pd.Series(probs, name=PROBABILITY_COLUMN)
 
-    def score_frame(self, frame: pd.DataFrame) -> np.ndarray:
-        """float64 probabilities of the rows of one frame."""
-        batch = self.encoder.encode(frame)
+    def score_frame(self, frame: pd.DataFrame, first_row: int | None = None) -> np.ndarray:
+        """float64 probabilities of the rows of one frame (``first_row``: the file's rows
+        before it, for error messages)."""
+        batch = self.encoder.encode(frame, first_row)
         logits = predict_logits(self.model, batch, self.batch_size, device=self.device)
         return torch.sigmoid(logits.double()).numpy()
 
@@ -218,7 +222,7 @@ class SavedRun:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 for frame in self.read_frames(data, needed):
                     res = frame[keep].copy() if keep else pd.DataFrame(index=frame.index)
-                    res[PROBABILITY_COLUMN] = self.score_frame(frame)
+                    res[PROBABILITY_COLUMN] = self.score_frame(frame, first_row=n)
                     res.to_csv(f, index=False, header=n == 0, float_format="%.9g")
                     n += len(frame)
                 if n == 0:
