@@ -355,3 +355,27 @@ def test_predict_names_a_bad_number_by_its_row_in_the_file(saved_run, tmp_path, 
     assert not (tmp_path / "p.csv").exists()
     with pytest.raises(DataError, match=r"'twelve' in row 349 of the frame\)"):
         loaded.predict(bad)
+
+
+def test_predict_reads_on_after_a_short_line_by_rows_not_lines(saved_run, tmp_path, monkeypatch):
+    # A quoted field with a line break before the short line: rows and file lines differ, and
+    # the rows read after the fallback must continue where the first reader stopped.
+    import autoft_fast.train.predict as predict_module
+    _, frame, run = saved_run
+    quoted = frame.copy()
+    quoted.loc[quoted.index[10], "row_id"] = "two\nlines"
+    quoted.to_csv(tmp_path / "full.csv", index=False)
+    text = (tmp_path / "full.csv").read_text()
+    lines = text.split("\n")
+    last = len(lines) - 2  # the file's last row (after the final newline, an empty string)
+    lines[last] = ",".join(lines[last].split(",")[:-1])  # short: no x
+    (tmp_path / "short.csv").write_text("\n".join(lines))
+    filled = quoted.copy()
+    filled.loc[filled.index[-1], "x"] = np.nan
+    filled.to_csv(tmp_path / "filled.csv", index=False)
+    monkeypatch.setattr(predict_module, "PREDICT_CHUNK_ROWS", 50)  # rows read before the fallback
+    from autoft_fast.train.predict import load_run
+    loaded = load_run(run)
+    a = loaded.predict(tmp_path / "short.csv")
+    b = loaded.predict(tmp_path / "filled.csv")
+    assert len(a) == len(frame) and a.equals(b)

@@ -153,16 +153,21 @@ class SavedRun:
         if isinstance(data, pd.DataFrame):
             probs = self.score_frame(data)
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
-        from ..data.reading import check_columns
-
-        check_columns([(c, "feature") for c in self.feature_columns],
-                      _header(Path(data), self.encoder.cfg.csv_sep), Path(data))
+        self._checked_header(Path(data))
         parts, n = [], 0
         for frame in self.read_frames(data):
             parts.append(self.score_frame(frame, first_row=n))
             n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
         return pd.Series(probs, name=PROBABILITY_COLUMN)
+
+    def _checked_header(self, path: Path) -> list[str]:
+        """The file's header, after checking that every feature column is in it once."""
+        from ..data.reading import check_columns
+
+        header = _header(path, self.encoder.cfg.csv_sep)
+        check_columns([(c, "feature") for c in self.feature_columns], header, path)
+        return header
 
     def score_frame(self, frame: pd.DataFrame, first_row: int | None = None) -> np.ndarray:
         """float64 probabilities of the rows of one frame (``first_row``: the file's rows
@@ -195,9 +200,8 @@ class SavedRun:
             raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
         from ..data.reading import check_columns
 
-        header = _header(data, self.encoder.cfg.csv_sep)
+        header = self._checked_header(data)
         features = set(self.feature_columns)
-        check_columns([(c, "feature") for c in self.feature_columns], header, data)
         chosen = keep is not None
         if keep is None:
             keep = [c for c in dict.fromkeys(header)
@@ -369,7 +373,8 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
 
 def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int):
     """Text frames of ``cols`` from data row ``skip`` on; a short line's missing fields are
-    empty (NaN), a line with too many fields is a DataError."""
+    empty (NaN), a line with too many fields is a DataError. (The C parser's ``skiprows``
+    counts rows, a quoted line break inside one included: tested.)"""
     try:
         reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
                              engine="c", chunksize=chunk_rows,
