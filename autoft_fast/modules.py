@@ -329,6 +329,12 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
                              "it sets the fused optimizer (optimizer='sgd', 'rowwise_adagrad' "
                              "or 'adam'); without one, pass the table to a torch optimizer")
 
+    def __setstate__(self, state):
+        # A deep copy or an unpickled module has new Parameters, without the hook.
+        super().__setstate__(state)
+        if self.__dict__.get("sparse"):
+            keep_sparse_grad_coalesced(self.tuned_weight)
+
     def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
         if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:
             return memory.copy(weight.detach())
