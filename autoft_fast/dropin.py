@@ -25,6 +25,7 @@ wrapper runs the model twice per call on the same arguments.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,10 @@ class _CallState:
                              f"{self.batch}; every embedding module must be looked up with the "
                              f"batch as its first axis")
 
-    def record(self, slot: int, rows: torch.Tensor, batch: int, where: str) -> None:
+    def record(self, slot: int, rows: torch.Tensor, batch: int, per_instance: int,
+               where: str) -> None:
         self.check_batch(batch, where)
-        self.rows.setdefault(slot, []).append(rows.reshape(batch, -1, rows.shape[-1]))
+        self.rows.setdefault(slot, []).append(rows.reshape(batch, per_instance, rows.shape[-1]))
 
     def logits_for(self, gate: int, where: str) -> torch.Tensor:
         if self.logits is None:
@@ -104,20 +106,47 @@ class _CallState:
 class _Gated(nn.Module):
     """Common part of the modules that replace an embedding module or a layer."""
 
-    def __init__(self, name: str, mode: str, state: _CallState):
+    def __init__(self, name: str, role: str, state: _CallState):
         super().__init__()
-        self.name, self.mode = name, mode
+        # role: "gate", "tune" or "freeze" (the strategy's plan for this module). Not `mode`,
+        # which an nn.EmbeddingBag's forward may read as its pooling mode.
+        self.name, self.role = name, role
         self.gate = -1  # column of the policy output; set by the wrapper when gated
         self.slot = -1  # position in the policy input; embedding modules only
         object.__setattr__(self, "_state", state)  # shared, not a submodule, not saved
 
 
 def _check_embedding_options(name: str, module: nn.Module) -> None:
+    kind = type(module).__name__
     if module.max_norm is not None:
-        raise NotImplementedError(f"{name}: nn.Embedding max_norm = {module.max_norm} renormalises "
+        raise NotImplementedError(f"{name}: {kind} max_norm = {module.max_norm} renormalises "
                                   f"the table in place and is not supported by autoft()")
     if module.scale_grad_by_freq:
-        raise NotImplementedError(f"{name}: scale_grad_by_freq=True is not supported by autoft()")
+        raise NotImplementedError(f"{name}: {kind} scale_grad_by_freq=True is not supported by "
+                                  f"autoft()")
+    base = nn.Embedding if isinstance(module, nn.Embedding) else nn.EmbeddingBag
+    if type(module).forward is not base.forward:
+        raise TypeError(f"{name}: {kind} is a subclass of nn.{base.__name__} with its own forward, "
+                        f"which a gated table would not run; keep the lookup in a plain "
+                        f"nn.{base.__name__} submodule of it (that one is then gated) and "
+                        f"the rest of its forward around it")
+
+
+class _EmbeddingAttributes:
+    """The read-only attributes of ``nn.Embedding`` / ``nn.EmbeddingBag`` that a model's
+    forward may read from its embedding module."""
+
+    max_norm = None
+    norm_type = 2.0
+    scale_grad_by_freq = False
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.frozen_weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.frozen_weight.shape[1]
 
 
 def _padding_hook(padding_idx: int):
@@ -126,14 +155,15 @@ def _padding_hook(padding_idx: int):
         if grad.is_sparse:
             grad = grad.coalesce()
             keep = (grad.indices()[0] != padding_idx).to(grad.dtype).unsqueeze(-1)
-            return torch.sparse_coo_tensor(grad.indices(), grad.values() * keep, grad.shape)
+            return torch.sparse_coo_tensor(grad.indices(), grad.values() * keep, grad.shape,
+                                           check_invariants=False, is_coalesced=True)
         grad = grad.clone()
         grad[padding_idx] = 0
         return grad
     return hook
 
 
-class GatedEmbeddingSlot(_Gated):
+class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
     """Stands in for an ``nn.Embedding``: same call ``(input) -> rows``, frozen and tuned table.
 
     Example::
@@ -145,19 +175,34 @@ class GatedEmbeddingSlot(_Gated):
         'GatedEmbeddingSlot'
     """
 
-    def __init__(self, name, module: nn.Embedding, mode, state, backend="auto"):
-        super().__init__(name, mode, state)
+    def __init__(self, name, module: nn.Embedding, role, state, backend="auto", table=None):
+        super().__init__(name, role, state)
         _check_embedding_options(name, module)
-        self.table = GatedEmbedding.from_pretrained(module.weight, sparse=module.sparse, backend=backend)
+        # `table`: the GatedEmbedding of another module that holds the same weight (tied).
+        self.table = table if table is not None else GatedEmbedding.from_pretrained(
+            module.weight, sparse=module.sparse, backend=backend)
         self.padding_idx = module.padding_idx
-        if mode == "freeze":
+        if role == "freeze":
             self.table.tuned_weight.requires_grad_(False)
-        elif self.padding_idx is not None:
+        self._hook_padding()
+
+    def _hook_padding(self) -> None:
+        # A tensor hook belongs to the Parameter: a copy (deepcopy, pickling) has none, so
+        # __setstate__ registers it again.
+        if self.role != "freeze" and self.padding_idx is not None:
             self.table.tuned_weight.register_hook(_padding_hook(self.padding_idx))
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._hook_padding()
+
     @property
-    def embedding_dim(self) -> int:
-        return self.table.embedding_dim
+    def frozen_weight(self) -> torch.Tensor:
+        return self.table.frozen_weight
+
+    @property
+    def sparse(self) -> bool:
+        return self.table.sparse
 
     def forward(self, input):
         state, table = self._state, self.table
@@ -166,11 +211,11 @@ class GatedEmbeddingSlot(_Gated):
                 raise ValueError(f"{self.name}: a 0-d index has no batch axis; look embeddings "
                                  f"up with the batch as the first axis")
             rows = F.embedding(input, table.frozen_weight)
-            state.record(self.slot, rows, input.shape[0], self.name)
+            state.record(self.slot, rows, input.shape[0], math.prod(input.shape[1:]), self.name)
             return rows
-        if self.mode == "freeze":
+        if self.role == "freeze":
             return F.embedding(input, table.frozen_weight)
-        if self.mode == "tune":
+        if self.role == "tune":
             return F.embedding(input, table.tuned_weight, sparse=table.sparse)
         logits = state.logits_for(self.gate, self.name)
         logits = logits.reshape(logits.shape[0], *([1] * (input.dim() - 1)), 2).expand(*input.shape, 2)
@@ -179,7 +224,7 @@ class GatedEmbeddingSlot(_Gated):
         return out
 
 
-class GatedEmbeddingBagSlot(_Gated):
+class GatedEmbeddingBagSlot(_EmbeddingAttributes, _Gated):
     """Stands in for an ``nn.EmbeddingBag``: same call ``(input, offsets, per_sample_weights)``.
 
     Until the fused op pools bags, the frozen and the tuned table are pooled separately with
@@ -195,23 +240,22 @@ class GatedEmbeddingBagSlot(_Gated):
         torch.Size([2, 4])
     """
 
-    def __init__(self, name, module: nn.EmbeddingBag, mode, state, backend="auto"):
-        super().__init__(name, mode, state)
+    def __init__(self, name, module: nn.EmbeddingBag, role, state, backend="auto", table=None):
+        super().__init__(name, role, state)
         _check_embedding_options(name, module)
-        weight = module.weight.detach()
-        self.register_buffer("frozen_weight", weight.clone())
-        self.tuned_weight = nn.Parameter(weight.clone(), requires_grad=(mode != "freeze"))
-        self.bag_mode = module.mode
+        if table is not None:  # tied to another bag module: share its two tables
+            self.frozen_weight, self.tuned_weight = table
+        else:
+            weight = module.weight.detach()
+            self.register_buffer("frozen_weight", weight.clone())
+            self.tuned_weight = nn.Parameter(weight.clone(), requires_grad=(role != "freeze"))
+        self.mode = module.mode  # the pooling mode, as nn.EmbeddingBag names it
         self.padding_idx = module.padding_idx
         self.include_last_offset = module.include_last_offset
         self.sparse = module.sparse
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.frozen_weight.shape[1]
-
     def _pool(self, weight, input, offsets, per_sample_weights):
-        return F.embedding_bag(input, weight, offsets, mode=self.bag_mode, sparse=self.sparse,
+        return F.embedding_bag(input, weight, offsets, mode=self.mode, sparse=self.sparse,
                                per_sample_weights=per_sample_weights,
                                include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
 
@@ -219,12 +263,12 @@ class GatedEmbeddingBagSlot(_Gated):
         state = self._state
         frozen = self._pool(self.frozen_weight, input, offsets, per_sample_weights)
         if state.collecting:
-            state.record(self.slot, frozen, frozen.shape[0], self.name)
+            state.record(self.slot, frozen, frozen.shape[0], 1, self.name)
             return frozen
-        if self.mode == "freeze":
+        if self.role == "freeze":
             return frozen
         tuned = self._pool(self.tuned_weight, input, offsets, per_sample_weights)
-        if self.mode == "tune":
+        if self.role == "tune":
             return tuned
         z = gumbel_gates(state.logits_for(self.gate, self.name), tau=state.tau, hard=True,
                          noise=self.training).to(tuned.dtype)
@@ -249,11 +293,11 @@ class GatedLayer(_Gated):
         'GatedLayer'
     """
 
-    def __init__(self, name, module: nn.Module, mode, state):
-        super().__init__(name, mode, state)
+    def __init__(self, name, module: nn.Module, role, state):
+        super().__init__(name, role, state)
         self.frozen = copy.deepcopy(module).requires_grad_(False).eval()
         self.tuned = module
-        if mode == "freeze":
+        if role == "freeze":
             self.tuned.requires_grad_(False)
 
     def train(self, mode: bool = True):
@@ -263,9 +307,9 @@ class GatedLayer(_Gated):
 
     def forward(self, *args, **kwargs):
         state = self._state
-        if state.collecting or self.mode == "freeze":
+        if state.collecting or self.role == "freeze":
             return self.frozen(*args, **kwargs)
-        if self.mode == "tune":
+        if self.role == "tune":
             return self.tuned(*args, **kwargs)
         frozen, tuned = self.frozen(*args, **kwargs), self.tuned(*args, **kwargs)
         logits = state.logits_for(self.gate, self.name)
@@ -295,6 +339,77 @@ def _locations(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 def _replace(root, module, new, where) -> None:
     for parent, attr in where[id(module)]:
         setattr(parent, attr, new)
+
+
+def _check_tied(model: nn.Module, embeddings) -> None:
+    """Refuse an embedding weight that another kind of module also holds (a tied output
+    layer): its gated copies would no longer be the weight that module reads."""
+    kinds: dict[int, tuple[str, type]] = {}
+    for name, module in embeddings:
+        first = kinds.setdefault(id(module.weight), (name, type(module)))
+        if first[1] is not type(module):
+            raise ValueError(f"{name} and {first[0]} share one weight but are an nn.Embedding and "
+                             f"an nn.EmbeddingBag; autoft() gates tied tables only between "
+                             f"modules of one kind")
+    for mname, module in model.named_modules():
+        if isinstance(module, _EMBEDDING_TYPES):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in kinds:
+                raise ValueError(f"{mname}.{pname} is the weight of embedding module "
+                                 f"{kinds[id(p)][0]} (tied); autoft() makes a frozen and a "
+                                 f"tuned copy of each table, so the tie cannot be kept: untie "
+                                 f"it, or use a strategy without a policy (finetune_all, freeze_embedding, "
+                                 f"freeze_dnn, l2sp), which keeps the model's own modules")
+
+
+def _record_rows(module, args, output) -> None:
+    # l2sp on a sparse table: the rows this call looked up (reset by each wrapper forward).
+    rows = module.__dict__.setdefault("_autoft_rows", [])
+    rows.append(args[0].detach().reshape(-1))
+
+
+def _input_versions(args, kwargs) -> list:
+    """(where, tensor, version) of every tensor among the arguments, one level into lists,
+    tuples and dicts, and the key set of every dict: what the collect pass must not change."""
+    out = []
+
+    def visit(where, value, depth):
+        if isinstance(value, torch.Tensor):
+            out.append((where, value, value._version))
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(f"{where}[{i}]", v, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            out.append((where, value, frozenset(value)))
+            for k, v in value.items():
+                visit(f"{where}[{k!r}]", v, depth + 1)
+
+    for i, a in enumerate(args):
+        visit(f"argument {i}", a, 0)
+    for k, v in kwargs.items():
+        visit(f"argument {k!r}", v, 0)
+    return out
+
+
+def _check_inputs_unchanged(before: list, args, kwargs) -> None:
+    for where, value, mark in before:
+        now = value._version if isinstance(value, torch.Tensor) else frozenset(value)
+        if now != mark:
+            what = "was modified in place" if isinstance(value, torch.Tensor) else "changed its keys"
+            raise RuntimeError(f"{where} {what} by the model's forward; autoft() runs the forward "
+                               f"twice on the same arguments (once to read the frozen rows for the "
+                               f"policy), so the forward must leave its inputs as it found them")
+
+
+def _replaced_module_called(name: str):
+    def hook(module, args):
+        raise RuntimeError(f"{name}: the model called its original {type(module).__name__}, which "
+                           f"autoft() replaced by a gated one; the model must also hold it "
+                           f"outside its module tree (a plain Python list or dict): hold it in "
+                           f"an nn.ModuleList or nn.ModuleDict so that the gated module is the "
+                           f"one called")
+    return hook
 
 
 class AutoFTModel(nn.Module):
@@ -344,15 +459,25 @@ class AutoFTModel(nn.Module):
         self.gate_names: list[str] = []
         slots: list[_Gated] = []
         if plan.has_policy:
+            _check_tied(self.model, embeddings)
+            tables: dict[int, object] = {}  # id(weight) -> the tables made for it (tied weights)
             for name, module in embeddings:
                 cls = GatedEmbeddingSlot if isinstance(module, nn.Embedding) else GatedEmbeddingBagSlot
+                # A table the user froze stays frozen (the strategy's freeze role): a gate
+                # between two equal rows would choose nothing.
+                role = plan.embeddings if module.weight.requires_grad else "freeze"
+                shared = tables.get(id(module.weight))  # same kind (checked by _check_tied)
                 kwargs = {"backend": backend} if cls is GatedEmbeddingSlot else {}
-                slot = cls(name, module, plan.embeddings, state, **kwargs)
+                slot = cls(name, module, role, state, table=shared, **kwargs)
+                if shared is None:
+                    tables[id(module.weight)] = (slot.table if cls is GatedEmbeddingSlot
+                                                 else (slot.frozen_weight, slot.tuned_weight))
                 slot.slot = len(slots)
-                if plan.embeddings == "gate":
+                if role == "gate":
                     slot.gate = len(self.gate_names)
                     self.gate_names.append(name)
                 _replace(self.model, module, slot, where)
+                module.register_forward_pre_hook(_replaced_module_called(name))
                 slots.append(slot)
         elif plan.embeddings == "freeze":
             for _, module in embeddings:
@@ -369,17 +494,34 @@ class AutoFTModel(nn.Module):
         self.policy = None
         if plan.has_policy:
             if not self.gate_names:
+                if plan.layers != "gate":
+                    raise ValueError(f"strategy {strategy!r} gates embedding tables, but every "
+                                     f"table of the model has requires_grad=False, so there is "
+                                     f"no tuned copy to choose")
                 raise ValueError(f"strategy {strategy!r} gates layers but layers = {layers!r} names none")
+            try:
+                widths = list(policy_hidden)
+            except TypeError:
+                raise TypeError(f"policy_hidden = {policy_hidden!r} must be a sequence of widths, "
+                                f"e.g. (64,)") from None
+            if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+                raise ValueError(f"policy_hidden = {policy_hidden!r} must list positive integer "
+                                 f"widths (or be empty for a linear policy)")
             in_dim = sum(s.embedding_dim for s in slots)
-            self.policy = PolicyNetwork(in_dim, list(policy_hidden), len(self.gate_names))
+            self.policy = PolicyNetwork(in_dim, widths, len(self.gate_names))
             self.policy.to(embeddings[0][1].weight.device)
             self._slot_dims = [s.embedding_dim for s in slots]
         self.l2sp_source = None
+        self._sparse_tables: list[str] = []  # l2sp: sparse tables, penalised on the rows used
         if plan.l2sp:
             self.l2sp_source = nn.Module()
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
                     self.l2sp_source.register_buffer(name.replace(".", "__"), p.detach().clone())
+            for name, module in embeddings:
+                if module.sparse and module.weight.requires_grad:
+                    module.register_forward_hook(_record_rows)
+                    self._sparse_tables.append(name)
 
     @staticmethod
     def _layer_names(named: dict[str, nn.Module], layers) -> list[str]:
@@ -393,6 +535,10 @@ class AutoFTModel(nn.Module):
                 choices = [k for k, m in named.items() if isinstance(m, (nn.Linear, nn.Sequential)) and k]
                 raise ValueError(f"layers: {n!r} is not a submodule of the model; its nn.Linear and "
                                  f"nn.Sequential submodules are {choices}")
+            if type(named[n]).forward is nn.Module.forward:
+                raise ValueError(f"layers: {n!r} is a {type(named[n]).__name__}, which is not "
+                                 f"called (it has no forward); list the layers it holds, or the "
+                                 f"module whose forward uses its parameters")
             if any(isinstance(m, _EMBEDDING_TYPES) for m in named[n].modules()):
                 raise ValueError(f"layers: {n!r} is or holds an embedding module; list interaction "
                                  f"layers only (the embeddings are gated per field)")
@@ -406,11 +552,15 @@ class AutoFTModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the model as the original ``forward(*args, **kwargs)`` does (two passes if gated)."""
+        for name in self._sparse_tables:
+            self.model.get_submodule(name)._autoft_rows = []
         if self.policy is None:
             return self.model(*args, **kwargs)
         state = self._state
         try:
+            before = _input_versions(args, kwargs)
             logits = self._policy_logits(args, kwargs)
+            _check_inputs_unchanged(before, args, kwargs)
             state.collecting, state.logits, state.gates = False, logits, {}
             return self.model(*args, **kwargs)
         finally:
@@ -483,10 +633,25 @@ class AutoFTModel(nn.Module):
         total = torch.zeros((), device=device)
         if self.l2sp_source is None:
             return total
+        sparse = {f"{n}.weight": self.model.get_submodule(n) for n in self._sparse_tables}
         for name, p in self.model.named_parameters():
             source = getattr(self.l2sp_source, name.replace(".", "__"), None)
-            if source is not None:
+            if source is None:
+                continue
+            module = sparse.get(name)
+            if module is None:
                 total = total + (p - source).pow(2).sum()
+                continue
+            # A sparse table: the rows the last forward looked up, so that the gradient stays
+            # sparse (SparseAdam refuses a dense one), as SparseAdam's own state is lazy.
+            rows = getattr(module, "_autoft_rows", [])
+            if not rows:
+                continue
+            rows = torch.unique(torch.cat(rows))
+            if module.padding_idx is not None:
+                rows = rows[rows != module.padding_idx]
+            diff = F.embedding(rows, p, sparse=True) - source[rows]
+            total = total + diff.pow(2).sum()
         return self.l2sp_weight * total
 
     def force_gates(self, choice: str | None) -> None:

@@ -310,8 +310,13 @@ def test_unknown_strategy_and_bad_options_are_rejected():
         autoft(_pretrained(), tau=-1)
     with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
         autoft({"a": 1})
-    with pytest.raises(NotImplementedError, match="emb: nn.Embedding max_norm = 1.0"):
+    with pytest.raises(NotImplementedError, match="emb: Embedding max_norm = 1.0"):
         autoft(nn.ModuleDict({"emb": nn.Embedding(4, 2, max_norm=1.0)}), strategy="autoft_field")
+    with pytest.raises(NotImplementedError, match="emb: EmbeddingBag max_norm = 1.0"):
+        autoft(nn.ModuleDict({"emb": nn.EmbeddingBag(4, 2, max_norm=1.0)}), strategy="autoft_field")
+    for hidden in [(0,), (-3,), (8.5,), 64]:
+        with pytest.raises((ValueError, TypeError), match="policy_hidden"):
+            autoft(_pretrained(), policy_hidden=hidden)
     with pytest.raises(ValueError, match="force_gates: choice = 'both'"):
         autoft(_pretrained()).force_gates("both")
 
@@ -351,3 +356,184 @@ def test_deepctr_torch_deepfm_wraps_and_matches(monkeypatch, capsys):
         if thread is not threading.main_thread():
             thread.join(timeout=5)
     assert "check the latest version" not in capsys.readouterr().out
+
+
+class _PaddedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.ModuleDict({"user": nn.Embedding(10, 4, padding_idx=0),
+                                  "item": nn.Embedding(12, 4)})
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        e = torch.cat([self.emb["user"](x[:, 0]), self.emb["item"](x[:, 1])], dim=1)
+        return self.out(e).squeeze(1)
+
+
+def _padding_row_grad(net):
+    net.train()
+    net.zero_grad()
+    net.force_gates("tuned")  # every lookup reads the tuned row, the padding row's too
+    x = torch.tensor([[0, 1], [0, 2], [3, 4]])
+    net(x).sum().backward()
+    grad = net.model.emb["user"].table.tuned_weight.grad
+    return grad.to_dense()[0].abs().max().item() if grad.is_sparse else grad[0].abs().max().item()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_the_padding_row_stays_untrained_in_a_copy_of_the_wrapper(how):
+    import copy
+    net = autoft(_PaddedModel(), strategy="autoft_field")
+    if how == "deepcopy":
+        other = copy.deepcopy(net)
+    else:
+        buf = io.BytesIO()
+        torch.save(net, buf)
+        buf.seek(0)
+        other = torch.load(buf, weights_only=False)
+    assert _padding_row_grad(net) == 0.0
+    assert _padding_row_grad(other) == 0.0
+    # The non-padding rows do get a gradient, so the check can fail.
+    grad = other.model.emb["user"].table.tuned_weight.grad
+    assert grad[3].abs().max() > 0
+
+
+def test_an_empty_batch_gives_an_empty_output_in_every_strategy():
+    base = _PaddedModel()
+    x = torch.zeros(0, 2, dtype=torch.long)
+    for strategy in STRATEGIES:
+        net = autoft(base, strategy=strategy).train()
+        out = net(x)
+        assert out.shape == (0,), strategy
+
+
+def test_an_embedding_subclass_with_its_own_forward_is_refused():
+    class Scaled(nn.Embedding):
+        def forward(self, input):
+            return super().forward(input) * 2.0
+
+    class Plain(nn.Embedding):  # no forward of its own: gated as an nn.Embedding
+        pass
+
+    model = nn.Sequential(Scaled(10, 4))
+    with pytest.raises(TypeError, match="0: Scaled is a subclass of nn.Embedding with its own forward"):
+        autoft(model, strategy="autoft_field")
+    net = autoft(nn.Sequential(Plain(10, 4)), strategy="autoft_field")
+    assert net.gate_names == ["0"]
+
+
+def test_an_embedding_also_held_in_a_plain_list_is_an_error_when_called():
+    class Listed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user, self.item = nn.Embedding(10, 4), nn.Embedding(12, 4)
+            self.fields = [self.user, self.item]  # a plain list: not replaced
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(torch.cat([m(x[:, i]) for i, m in enumerate(self.fields)], 1))
+
+    net = autoft(Listed(), strategy="autoft_field")
+    with pytest.raises(RuntimeError, match="user: the model called its original Embedding.*ModuleList"):
+        net(torch.tensor([[1, 2]]))
+
+
+def test_a_table_the_user_froze_stays_frozen_and_ungated():
+    base = _PaddedModel()
+    base.emb["item"].weight.requires_grad_(False)
+    for strategy in ("autoft_field", "autoft"):
+        net = autoft(base, strategy=strategy)
+        assert "emb.item" not in net.gate_names and "emb.user" in net.gate_names
+        before = _snapshot(net)
+        _train(net, [(torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([1.0, 0.0, 1.0]))] * 3)
+        after = net.state_dict()
+        item = [k for k in before if k.startswith("model.emb.item")]
+        user = [k for k in before if k.startswith("model.emb.user") and "tuned" in k]
+        assert item and all(torch.equal(before[k], after[k]) for k in item)
+        assert any(not torch.equal(before[k], after[k]) for k in user)
+
+
+def test_tied_tables_share_their_gated_tables():
+    base = _PaddedModel()
+    base.emb["item"] = nn.Embedding(10, 4)
+    base.emb["item"].weight = base.emb["user"].weight  # tied by one Parameter
+    net = autoft(base, strategy="autoft_field")
+    assert net.model.emb["user"].table is net.model.emb["item"].table
+    assert net.gate_names == ["emb.user", "emb.item"]  # one gate each
+    _train(net, [(torch.tensor([[1, 2], [3, 4]]), torch.tensor([1.0, 0.0]))] * 2)
+    assert net.model.emb["user"].table is net.model.emb["item"].table
+
+    class TiedOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.dec = nn.Linear(4, 10, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.dec(self.emb(x)).sum(1)
+
+    with pytest.raises(ValueError, match=r"dec\.weight is the weight of embedding module emb"):
+        autoft(TiedOutput(), strategy="autoft_field")
+    assert autoft(TiedOutput(), strategy="finetune_all")(torch.tensor([1, 2])).shape == (2,)
+
+
+def test_a_forward_that_changes_its_inputs_is_reported():
+    class Mutating(_PaddedModel):
+        def forward(self, x):
+            x += 1
+            return super().forward(x)
+
+    class Popping(_PaddedModel):
+        def forward(self, batch):
+            return super().forward(torch.stack([batch.pop("user"), batch.pop("item")], 1))
+
+    with pytest.raises(RuntimeError, match="argument 0 was modified in place"):
+        autoft(Mutating(), strategy="autoft_field")(torch.tensor([[1, 2]]))
+    with pytest.raises(RuntimeError, match="argument 0 changed its keys"):
+        autoft(Popping(), strategy="autoft")({"user": torch.tensor([1]), "item": torch.tensor([2])})
+
+
+def test_slots_keep_the_attributes_of_the_modules_they_replace():
+    base = SharedTableModel()
+    net = autoft(base, strategy="autoft")
+    table, bag = net.model.table, net.model.bag
+    for slot, original in ((table, base.table), (bag, base.bag)):
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "sparse", "max_norm",
+                     "scale_grad_by_freq"):
+            assert getattr(slot, attr) == getattr(original, attr), attr
+    assert bag.mode == "mean" and bag.include_last_offset is False
+
+
+def test_a_layer_without_forward_is_refused_at_wrap_time():
+    class Cross(_PaddedModel):
+        def __init__(self):
+            super().__init__()
+            self.cross_w = nn.ParameterList([nn.Parameter(torch.randn(8, 8))])
+
+    with pytest.raises(ValueError, match="layers: 'cross_w' is a ParameterList, which is not called"):
+        autoft(Cross(), strategy="autoft", layers=["cross_w"])
+
+
+def test_l2sp_keeps_a_sparse_tables_gradient_sparse():
+    base = _PaddedModel()
+    for name in ("user", "item"):
+        old = base.emb[name]
+        base.emb[name] = nn.Embedding(old.num_embeddings, 4, padding_idx=old.padding_idx, sparse=True)
+    net = autoft(base, strategy="l2sp", l2sp_weight=1.0)
+    table = net.model.emb["user"].weight
+    with torch.no_grad():
+        table.add_(1.0)  # away from the source, so the penalty has a gradient
+    x = torch.tensor([[0, 1], [3, 2]])
+    loss = net(x).sum() + net.penalty()
+    loss.backward()
+    grad = table.grad
+    assert grad.is_sparse
+    dense = grad.coalesce().to_dense()
+    # The looked-up non-padding row 3 gets the penalty's gradient 2 * (w - w_source) = 2 on top
+    # of the loss's; an unused row gets nothing, the padding row nothing.
+    assert dense[5].abs().max() == 0 and dense[0].abs().max() == 0
+    only_loss = torch.autograd.grad(net(x).sum(), table)[0].coalesce().to_dense()
+    assert torch.allclose(dense[3] - only_loss[3], torch.full((4,), 2.0))
+    opt = torch.optim.SparseAdam([table], lr=1e-2)
+    opt.step()  # SparseAdam accepts it
