@@ -528,6 +528,21 @@ def test_unshuffled_batches_are_in_order_and_drop_last():
         list(iterate_batches(data, 0, shuffle=False))
 
 
+def test_a_short_last_batch_joins_the_one_before_it_with_min_last():
+    data = _toy(10)
+    got = [b.sparse[:, 0].tolist() for b in iterate_batches(data, 4, shuffle=False, min_last=3)]
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    got = [len(b) for b in iterate_batches(data, 4, shuffle=False, min_last=2)]
+    assert got == [4, 4, 2]  # a last batch of 2 rows is long enough
+    assert [len(b) for b in iterate_batches(_toy(3), 4, shuffle=False, min_last=5)] == [3]
+    shuffled = list(iterate_batches(data, 3, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                    min_last=2))
+    assert [len(b) for b in shuffled] == [3, 3, 4]
+    assert sorted(torch.cat([b.sparse[:, 0] for b in shuffled]).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="min_last"):
+        list(iterate_batches(data, 4, shuffle=False, min_last=0))
+
+
 def test_tensor_data_helpers():
     data = _toy(6)
     data.domain[3:] = 1

@@ -82,6 +82,16 @@ def test_two_ranks_equal_one_process(two_rank_weights, tmp_path, mode):
                                    msg=lambda m: f"{mode}: {k}: {m}")
 
 
+def test_batch_norm_trains_when_a_last_batch_would_leave_a_rank_one_row(two_rank_weights):
+    # Each rank normalises over its own shard, so only the ranks' agreement is checked here.
+    r0 = torch.load(two_rank_weights / "batch_norm-rank0.pt")
+    r1 = torch.load(two_rank_weights / "batch_norm-rank1.pt")
+    assert set(r0) == set(r1) and "norm.running_mean" in r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert not torch.equal(r0["emb.tuned_weight"], r0["emb.frozen_weight"])
+
+
 def test_checkpoints_written_by_rank0_with_every_rank_state(two_rank_weights):
     ck = torch.load(two_rank_weights / "resume-last.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2

@@ -132,3 +132,29 @@ def test_sparse_tuned_table_gets_sparse_adam(setup):
     res = tr.fit(tiny_data(fm, 300, 5, 1), tiny_data(fm, 100, 6, 1))
     assert res.epochs_run == 1
     assert not torch.equal(before, model.field_embedding.tuned_weight)
+
+
+def test_batch_norm_models_never_train_on_a_one_row_batch():
+    # 129 rows in batches of 64 leave a last batch of one row, on which BatchNorm fails in
+    # training; it joins the batch before it, so every row is still trained on.
+    fm = tiny_feature_map()
+    torch.manual_seed(0)
+    model = build_base_model(fm, {**MODEL, "batch_norm": True})
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])) if m.training else None)
+    res = Trainer(model, TrainConfig(epochs=1, batch_size=64, lr=1e-2), progress=False).fit(
+        tiny_data(fm, 129, 1, 0), tiny_data(fm, 50, 2, 0))
+    assert sizes == [64, 65] and res.train_samples == 129
+    # A split or a batch size that cannot give two rows is a clear error.
+    with pytest.raises(ValueError, match="BatchNorm, which needs at least 2 rows .* 1 row"):
+        Trainer(model, TrainConfig(epochs=1, batch_size=64), progress=False).fit(
+            tiny_data(fm, 1, 1, 0), tiny_data(fm, 50, 2, 0))
+    with pytest.raises(ValueError, match="batch_size = 1 gives some process fewer than 2 rows"):
+        Trainer(model, TrainConfig(epochs=1, batch_size=1), progress=False).fit(
+            tiny_data(fm, 10, 1, 0), tiny_data(fm, 50, 2, 0))
+    # Without BatchNorm nothing changes: the last batch keeps its one row.
+    plain, sizes = build_base_model(fm, MODEL), []
+    plain.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])) if m.training else None)
+    Trainer(plain, TrainConfig(epochs=1, batch_size=64), progress=False).fit(
+        tiny_data(fm, 129, 1, 0), tiny_data(fm, 50, 2, 0))
+    assert sizes == [64, 64, 1]

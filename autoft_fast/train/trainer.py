@@ -2,6 +2,7 @@
 validation metric with best-weights restore, atomic per-epoch checkpoints and exact resume."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -48,9 +49,13 @@ class FitResult:
 
 
 def _default_iterate(data, batch_size: int, shuffle: bool,
-                     generator: torch.Generator | None) -> Iterator:
+                     generator: torch.Generator | None, min_last: int = 1) -> Iterator:
     from autoft_fast.data import iterate_batches  # data sits below train; import when used
-    return iterate_batches(data, batch_size, shuffle, generator)
+    return iterate_batches(data, batch_size, shuffle, generator, min_last=min_last)
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _to_device(batch, device: torch.device | None):
@@ -225,6 +230,14 @@ class Trainer:
                 self.optimizers[f"{name}_sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
         # -- data-parallel (torchrun): sharded batches, combined gradients, rank-0 files --
         self.dp = distributed.DataParallel.create(model, self.device)
+        # BatchNorm cannot train on one row: every process gets at least 2 rows of a batch
+        # (a short last batch of the epoch joins the one before it).
+        self.min_rows = 0
+        if _has_batch_norm(model):
+            self.min_rows = 2 * (self.dp.size if self.dp is not None else 1)
+            if iterate is _default_iterate:
+                iterate = functools.partial(_default_iterate, min_last=self.min_rows)
+                self.iterate = iterate
         if self.dp is not None:
             self.iterate = distributed.ShardedBatches(iterate, self.dp.rank, self.dp.size)
             if self.dp.rank != 0:
@@ -305,6 +318,15 @@ class Trainer:
             raise ValueError(f"{self.desc}: the model has no trainable parameters to fit")
         wall0 = time.perf_counter()
         cfg = self.cfg
+        if self.min_rows and len(train) < self.min_rows:
+            procs = self.dp.size if self.dp is not None else 1
+            raise ValueError(f"{self.desc}: the model has BatchNorm, which needs at least 2 rows "
+                             f"per process in a training batch, but the training split has "
+                             f"{len(train)} row(s) for {procs} process(es)")
+        if cfg.batch_size < self.min_rows:
+            raise ValueError(f"{self.desc}: batch_size = {cfg.batch_size} gives some process "
+                             f"fewer than 2 rows of a batch, which BatchNorm cannot train on; "
+                             f"give a batch_size of at least {self.min_rows}")
         res = FitResult()
         start_epoch, bad_epochs, best_state, finished = 0, 0, None, False
         prior_wall = 0.0
