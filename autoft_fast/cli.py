@@ -426,7 +426,7 @@ def _cmd_pretrain(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from .config import resolve_strategies
-    from .train.runner import load_data, pretrain, run_strategy, write_json
+    from .train.runner import check_run_data, load_data, pretrain, run_strategy, write_json
     cfg = _load(args)
     strategy = resolve_strategies([args.strategy])[0]
     seed = cfg.seeds[0] if args.seed is None else args.seed
@@ -438,6 +438,7 @@ def _cmd_finetune(args) -> int:
                                    {"strategy": strategy, "seed": seed})
     run_dir = _start_run(cfg, "finetune", args, {"strategy": strategy, "seed": seed}, run_dir)
     bundle = load_data(cfg)
+    check_run_data(run_dir, bundle, resume=bool(args.resume))
     state = None
     if strategy != "target_only":
         state, info = pretrain(cfg, bundle, progress=_progress(args))

@@ -242,6 +242,32 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
     assert "ran targets 'several (see the run folder)'" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_run_whose_data_file_changed(tmp_path, capsys):
+    from autoft_fast.data import generate_synthetic
+    from autoft_fast.config import SyntheticConfig
+    yaml_path = generate_synthetic(SyntheticConfig.from_dict(TINY_SYNTHETIC), tmp_path / "gen")
+    data = yaml.safe_load(yaml_path.read_text())["data"]
+    data["files"] = [str(tmp_path / "gen" / f) for f in data["files"]]
+    data["cache"] = False
+    exp = tiny_experiment(tmp_path, {"data": data})
+    argv = ["finetune", "-c", str(exp), "-s", "finetune_all", "--no-progress"]
+    assert main(argv) == 0
+    run = next(Path(tmp_path / "runs").glob("*-finetune-*"))
+    recorded = json.loads((run / "data.json").read_text())
+    assert recorded["rows"]["target_train"] > 0
+    assert main([*argv, "--resume", str(run)]) == 0  # the same data: resumes
+    capsys.readouterr()
+    csv = Path(data["files"][0])
+    original = csv.read_bytes()
+    lines = original.decode().splitlines(keepends=True)
+    csv.write_text("".join(lines[: len(lines) // 2]))  # another file under the same name
+    assert main([*argv, "--resume", str(run)]) == 2
+    assert "--resume: the data differ from those the run in" in capsys.readouterr().err
+    assert json.loads((run / "data.json").read_text()) == recorded
+    csv.write_bytes(original)
+    assert main([*argv, "--resume", str(run)]) == 0
+
+
 def test_a_number_setting_takes_an_exponent_without_a_dot(tmp_path):
     from autoft_fast.config import load_config
     (tmp_path / "e.yaml").write_text(

@@ -85,6 +85,42 @@ def _json_default(o):
     return str(o)
 
 
+def data_fingerprint(bundle) -> str:
+    """SHA-256 of what a run's checkpoints depend on in the prepared data: every field's
+    vocabulary (the id each value got), each split's row count, labels and domains."""
+    h = hashlib.sha256()
+    for name in sorted(bundle.vocabularies):
+        h.update(f"\x01{name}\x02".encode())
+        h.update("\x00".join(map(str, bundle.vocabularies[name])).encode("utf-8", "surrogatepass"))
+    for name in sorted(bundle.splits):
+        d = bundle.splits[name]
+        h.update(f"\x03{name}:{len(d)}".encode())
+        h.update(d.label.numpy().tobytes())
+        h.update(d.domain.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_run_data(out: Path, bundle, resume: bool) -> None:
+    """Record the data a run trains on (``out``/data.json), and refuse to resume a run whose
+    data changed since it started: its checkpoints' embedding rows belong to the old ids."""
+    path = Path(out) / "data.json"
+    fp = data_fingerprint(bundle)
+    if resume and path.is_file():
+        try:
+            recorded = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is not None and recorded != fp:
+            raise DataError(f"--resume: the data differ from those the run in {out} started with "
+                            f"(a data file changed since: other values, labels or row counts), so "
+                            f"its checkpoints do not fit them; start a new run, or restore the "
+                            f"files")
+        if recorded == fp:
+            return
+    write_json({"fingerprint": fp,
+                "rows": {k: len(v) for k, v in bundle.splits.items()}}, path)
+
+
 def write_json(obj, path: Path) -> Path:
     """Write `obj` as indented JSON atomically (autoft_fast._io); Paths and tensors are
     written as strings and lists.
@@ -802,9 +838,13 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                 others = [t for t in targets if t != target]
                 raise DataError(f"targets: with '{target}' as the target (the other targets, "
                                 f"{others}, join the source domains): {exc}") from None
+            (run_dir / target).mkdir(parents=True, exist_ok=True)
+            check_run_data(run_dir / target, bundles[target], resume)
     for target in targets:
         out = run_dir / target if many else run_dir
         bundle = bundles.pop(target) if many else load_data(cfg, target)
+        if not many:
+            check_run_data(out, bundle, resume)
         name = bundle.feature_map.domain_values[-1]
         state = None
         if any(STRATEGY_TABLE[s].needs_pretrained for s in cfg.strategies):
