@@ -68,11 +68,20 @@ def test_heldout_policy_steps_only_on_policy_rows_and_model_never_sees_them():
 def test_warmup_leaves_the_policy_untouched_and_is_never_the_best_epoch():
     model = Recorder()
     before = [p.detach().clone() for p in model.policy.parameters()]
-    tr = _trainer(model, epochs=2, policy_warmup=2)
+    after_warmup = []
+
+    def record(epoch, entry):
+        if epoch == 2:
+            after_warmup.extend(p.detach().clone() for p in model.policy.parameters())
+
+    tr = _trainer(model, epochs=3, policy_warmup=2, on_epoch_end=record)
     res = tr.fit(toy_data(300), toy_data(100, seed=1))
-    for a, b in zip(before, model.policy.parameters()):
+    for a, b in zip(before, after_warmup):
         assert torch.equal(a, b)
-    assert res.best_epoch is None and all(h.get("warmup") for h in res.history)
+    assert res.best_epoch == 3 and [bool(h.get("warmup")) for h in res.history] == [True, True, False]
+    # A warm-up as long as the training would leave no epoch to pick: refused.
+    with pytest.raises(ValueError, match="policy_warmup = 2 is not below epochs = 2"):
+        _trainer(Recorder(), epochs=2, policy_warmup=2)
     model2 = Recorder()
     res2 = _trainer(model2, epochs=3, policy_warmup=1).fit(toy_data(300), toy_data(100, seed=1))
     assert res2.best_epoch in (2, 3) and res2.history[0]["warmup"]
@@ -253,11 +262,36 @@ def test_refit_trains_the_model_on_all_rows_with_the_policy_frozen(tmp_path):
 
 
 def test_policy_refit_reads_the_older_booleans_and_refuses_other_values():
-    assert AutoFTConfig.from_dict({"policy_refit": True}).policy_refit == "continue"
+    heldout = {"policy_objective": "heldout", "field_policy": "network"}
+    assert AutoFTConfig.from_dict({**heldout, "policy_refit": True}).policy_refit == "continue"
     assert AutoFTConfig.from_dict({"policy_refit": False}).policy_refit == "none"
-    assert AutoFTConfig.from_dict({"policy_refit": "retrain"}).policy_refit == "retrain"
+    assert AutoFTConfig.from_dict({**heldout, "policy_refit": "retrain"}).policy_refit == "retrain"
     with pytest.raises(ConfigError, match="policy_refit"):
-        AutoFTConfig.from_dict({"policy_refit": "again"})
+        AutoFTConfig.from_dict({**heldout, "policy_refit": "again"})
+    # A refit follows training on a fixed held-out slice; without one it would do nothing.
+    with pytest.raises(ConfigError, match="policy_refit = 'retrain' follows training on a fixed"):
+        AutoFTConfig.from_dict({"policy_refit": "retrain"})
+    with pytest.raises(ConfigError, match="needs policy_objective: heldout with policy_holdout_mode"):
+        AutoFTConfig.from_dict({**heldout, "policy_refit": "continue",
+                                "policy_holdout_mode": "rotating"})
+
+
+def test_frequency_thresholds_are_distinct_and_above_zero():
+    assert AutoFTConfig.from_dict({"frequency_thresholds": [5, 50]}).frequency_thresholds == [5, 50]
+    with pytest.raises(ConfigError, match="lists a threshold twice"):
+        AutoFTConfig.from_dict({"frequency_thresholds": [30, 30]})
+    with pytest.raises(ConfigError, match="k = 0 is always tried"):
+        AutoFTConfig.from_dict({"frequency_thresholds": [0, 30]})
+
+
+def test_a_warmup_as_long_as_the_training_is_a_config_error():
+    from autoft_fast.config import parse_config
+    raw = {"synthetic": {}, "autoft": {"policy_warmup": 3}, "finetune": {"epochs": 3}}
+    with pytest.raises(ConfigError, match="autoft.policy_warmup = 3 is not below finetune.epochs = 3"):
+        parse_config(raw)
+    cfg = parse_config({**raw, "strategies": ["finetune_all", "l2sp"]})  # no policy: no matter
+    with pytest.raises(ConfigError, match="policy_warmup = 3"):
+        cfg.with_overrides(strategies=["autoft"])
 
 
 def _pretrained(tmp_path, **over):

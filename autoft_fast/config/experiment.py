@@ -45,7 +45,7 @@ from .fuxictr import (FuxiCTRImport, FuxiCTRWarning, expand_fuxictr, fuxictr_to_
                       looks_like_fuxictr)
 from .schema import ConfigError, reject_unknown
 from .sections import AutoFTConfig, ModelConfig, PretrainConfig, SearchConfig, TrainConfig
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, STRATEGY_TABLE
 from .synthetic import SyntheticConfig
 
 __all__ = ["ExperimentConfig", "load_config", "load_fuxictr", "parse_config", "DEMO_CONFIG",
@@ -236,6 +236,7 @@ class ExperimentConfig:
                 changes["cache_dir"] = changes["run_dir"] / "cache"
         if strategies is not None:
             changes["strategies"] = resolve_strategies(strategies)
+            check_warmup(self.autoft, self.finetune, changes["strategies"])
         if device is not None:
             changes["device"] = _check_device(device, "--device")
         if targets is not None:
@@ -310,6 +311,10 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
     if data is None and synthetic is None:
         raise ConfigError("the config needs a data: section or a synthetic: section")
 
+    finetune = _section(TrainConfig, raw, "finetune")
+    autoft = _section(AutoFTConfig, raw, "autoft")
+    strategies = resolve_strategies(raw.get("strategies", "all"))
+    check_warmup(autoft, finetune, strategies)
     run_dir = _path(raw.get("run_dir", "runs"), "run_dir")
     cache_raw = raw.get("cache_dir")
     cache_dir = _path(cache_raw, "cache_dir") if cache_raw is not None else run_dir / "cache"
@@ -317,14 +322,22 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
         name=name, base_dir=base_dir, data=data, synthetic=synthetic,
         model=_section(ModelConfig, raw, "model"),
         pretrain=_section(PretrainConfig, raw, "pretrain"),
-        finetune=_section(TrainConfig, raw, "finetune"),
-        autoft=_section(AutoFTConfig, raw, "autoft"),
-        strategies=resolve_strategies(raw.get("strategies", "all")),
+        finetune=finetune, autoft=autoft, strategies=strategies,
         seeds=_seeds(raw.get("seeds", [0, 1])), run_dir=run_dir, cache_dir=cache_dir,
         device=_check_device(raw.get("device", "auto"), "device"),
         targets=_targets(raw.get("targets"), "targets"),
         search=_section(SearchConfig, raw, "search"),
         cache_dir_given=cache_raw is not None)
+
+
+def check_warmup(autoft: AutoFTConfig, finetune: TrainConfig, strategies) -> None:
+    """A warm-up as long as the training leaves no epoch to choose the best from."""
+    gated = [s for s in strategies if STRATEGY_TABLE[s].has_policy]
+    if gated and autoft.policy_warmup >= finetune.epochs:
+        raise ConfigError(f"autoft.policy_warmup = {autoft.policy_warmup} is not below "
+                          f"finetune.epochs = {finetune.epochs}: every epoch of {gated[0]} would "
+                          f"be a warm-up epoch, which is never the best one, and its policy would "
+                          f"never choose; give fewer warm-up epochs or more epochs")
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:

@@ -259,6 +259,19 @@ class AutoFTConfig(_Section):
         "weight decay of the policy's optimizer (None: finetune.weight_decay)"))
 
     def check(self, section: str) -> None:
+        ks = list(self.frequency_thresholds)
+        if len(set(ks)) != len(ks):
+            raise ConfigError(f"{section}.frequency_thresholds lists a threshold twice ({ks}); "
+                              "each one tried divides the keep test's level (Bonferroni)")
+        if 0 in ks:
+            raise ConfigError(f"{section}.frequency_thresholds: k = 0 is always tried (the "
+                              f"model's own training); list thresholds above 0, got {ks}")
+        if self.policy_refit != "none" and (self.policy_objective != "heldout"
+                                            or self.policy_holdout_mode != "fixed"):
+            raise ConfigError(f"{section}.policy_refit = {self.policy_refit!r} follows training "
+                              "on a fixed held-out slice: it needs policy_objective: heldout with "
+                              "policy_holdout_mode: fixed (the other settings train the model "
+                              "on every training row already)")
         if self.field_policy == "frequency" and self.policy_objective == "heldout":
             raise ConfigError(f"{section}: field_policy: frequency trains on every target "
                               "training row and chooses its threshold on validation; it does "

@@ -228,6 +228,11 @@ class Trainer:
                 self.optimizers[name] = _make_adam(opt_cls, dense, lr, wd)
             if sparse:
                 self.optimizers[f"{name}_sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
+        if policy_warmup and policy_warmup >= cfg.epochs \
+                and any(k.startswith("policy") for k in self.optimizers):
+            raise ValueError(f"{desc}: policy_warmup = {policy_warmup} is not below epochs = "
+                             f"{cfg.epochs}: every epoch would be a warm-up epoch, which is never "
+                             f"the best one, and the policy would never choose")
         # -- data-parallel (torchrun): sharded batches, combined gradients, rank-0 files --
         self.dp = distributed.DataParallel.create(model, self.device)
         # BatchNorm cannot train on one row: every process gets at least 2 rows of a batch
