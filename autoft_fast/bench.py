@@ -273,17 +273,34 @@ def main(argv=None) -> int:
                    help="autoft_fast backends to time (default: every compiled one for the device)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of eager")
     args = p.parse_args(argv)
+    for name, low in (("batch", 1), ("fields", 1), ("reps", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
     shapes = []
     for s in args.shapes:
         try:
             d, v = (int(x) for x in s.split(":"))
         except ValueError:
             p.error(f"--shapes entry {s!r} is not D:V (for example 16:1000000)")
+        if d < 1 or v < 1:
+            p.error(f"--shapes entry {s!r}: the dim D and the rows V must both be >= 1")
         shapes.append((d, v))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device {args.device!r} is not available here (CUDA available: "
+                f"{torch.cuda.is_available()})")
+    available = autoft_fast.available_backends(args.device)
     backends = args.backends
     if backends is None:
-        backends = [b for b in autoft_fast.available_backends(args.device) if b not in ("reference",)
+        backends = [b for b in available if b not in ("reference",)
                     and not (b == "triton" and args.device == "cpu")]
+    for b in backends:
+        if b not in available:
+            p.error(f"--backends: {b!r} is not available for {args.device} tensors; available: "
+                    f"{', '.join(available)}")
     dtype = getattr(torch, args.dtype)
     print(f"# gated embedding op benchmark: B={args.batch}, F={args.fields}, {args.dtype}, "
           f"device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -186,13 +186,41 @@ def default_threads() -> tuple[int, str]:
     return max(1, cores - round(load)), f"{cores} cores, load average {load:.1f}"
 
 
+# More threads than this many per core only add waiting (and at some point no thread can
+# be started at all).
+MAX_THREADS_PER_CORE = 8
+
+
+def check_threads(threads: int, option: str) -> int:
+    """``threads`` if it is a usable thread count, else a _UserError naming ``option``."""
+    cores = os.cpu_count() or 1
+    if threads < 1:
+        raise _UserError(f"{option} must be >= 1, got {threads}")
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise _UserError(f"{option} = {threads} is more than {MAX_THREADS_PER_CORE} threads per "
+                         f"core on this machine ({cores} cores); give at most "
+                         f"{MAX_THREADS_PER_CORE * cores}")
+    return threads
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """The one-line message of an allocation failure (torch's or Arrow's), else None."""
+    text = str(e)
+    if isinstance(e, MemoryError) or type(e).__name__ in ("OutOfMemoryError", "ArrowMemoryError") \
+            or (isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                                 or "out of memory" in text.lower())):
+        first = text.splitlines()[0] if text else type(e).__name__
+        return (f"out of memory: {first[:300]} (a smaller model, batch_size or table, or "
+                f"fewer --threads, needs less)")
+    return None
+
+
 def _set_threads(args) -> str | None:
     """Apply --threads or the default; returns the line logged at the start of a run."""
     import torch
     threads = getattr(args, "threads", None)
     if threads is not None:
-        if threads < 1:
-            raise _UserError(f"--threads must be >= 1, got {threads}")
+        check_threads(threads, "--threads")
         why = "--threads"
     else:
         threads, why = default_threads()
@@ -533,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
     except BaseException as e:  # a bug: the traceback goes to log.txt and the terminal
+        msg = _out_of_memory(e)
+        if msg is not None and not getattr(args, "debug", False):
+            log_to_file(logging.ERROR, "error: %s", msg, exc_info=e)
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
+            return 2
         log_to_file(logging.ERROR, "failed: %s", e, exc_info=e)
         raise
     finally:

@@ -307,3 +307,59 @@ def test_cli_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path):
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     assert "OpenMP wait policy passive" in res.stderr
     assert "does not exist" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reps", "0"], "--reps must be >= 1"),
+    (["--batch", "-5"], "--batch must be >= 1"),
+    (["--fields", "0"], "--fields must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--shapes", "0:1000"], "the dim D and the rows V must both be >= 1"),
+    (["--shapes", "8:-5"], "the dim D and the rows V must both be >= 1"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--backends", "bogus"], "--backends: 'bogus' is not available for cpu tensors"),
+])
+def test_bench_ops_refuses_odd_values_by_name(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ops", "--no-compile", "--batch", "8", "--shapes", "4:50", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reps", "0"], "--reps must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--strategy", "source_only"], "'source_only' trains nothing"),
+])
+def test_bench_train_refuses_odd_values_by_name(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_train_refuses_a_backend_not_available_here(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "-c", str(exp), "--backends", "reference", "cuda"])
+    assert exc.value.code == 2
+    assert "--backends: 'cuda' is not available for cpu tensors" in capsys.readouterr().err
+
+
+def test_too_many_threads_and_an_allocation_failure_are_one_line(tmp_path, capsys, monkeypatch):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--threads", "100000",
+                 "--no-progress"]) == 2
+    assert "--threads = 100000 is more than 8 threads per core" in _one_error_line(
+        capsys.readouterr().err)
+    import autoft_fast.train.runner as runner
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 144400000000 bytes.")
+
+    monkeypatch.setattr(runner, "run_strategy", no_memory)
+    assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("autoft-fast: error: out of memory:") and "144400000000" in line

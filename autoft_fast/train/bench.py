@@ -50,11 +50,24 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", help="run_dir override (the data and model caches live there)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from ..cli import check_threads
+    from ..config import STRATEGY_TABLE
+    from ..ops.registry import available_backends
+    for name in ("reps", "epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        torch.set_num_threads(check_threads(args.threads, "--threads"))
+    if args.strategy in STRATEGY_TABLE and not STRATEGY_TABLE[args.strategy].trains:
+        p.error(f"--strategy {args.strategy!r} trains nothing, so it has no training throughput")
     setup_logging(None)
     cfg = load_config(args.config).with_overrides(run_dir=args.run_dir, device=args.device,
                                                   strategies=[args.strategy])
+    available = available_backends(cfg.torch_device())
+    for b in args.backends:
+        if b not in available:
+            p.error(f"--backends: {b!r} is not available for {cfg.torch_device()} tensors; "
+                    f"available: {', '.join(available)}")
     bundle = load_data(cfg)
     state, _ = pretrain(cfg, bundle, progress=False)
     rates: dict[str, list[float]] = {b: [] for b in args.backends}
