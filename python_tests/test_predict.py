@@ -3,6 +3,7 @@ feature map, probabilities equal to the training code's, ids carried through."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,39 @@ def test_run_without_saved_model_says_so(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved model.*--keep-models"):
         find_model_dir(tmp_path / "r")
+
+
+def test_predict_never_writes_over_its_input_and_a_header_only_file_gets_a_line(
+        finetuned, tmp_path, capsys):
+    _, run_dir = finetuned
+    frame = pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str)
+    new = tmp_path / "new.csv"
+    frame.head(20).to_csv(new, index=False)
+    before = new.read_bytes()
+    assert main(["predict", "--run", str(run_dir), "--data", str(new), "--out", str(new),
+                 "--force"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert new.read_bytes() == before
+    empty = tmp_path / "empty.csv"
+    frame.head(0).to_csv(empty, index=False)
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--run", str(run_dir), "--data", str(empty), "--out", str(out),
+                 "--keep", "row_id"]) == 0
+    assert out.read_text() == "row_id,probability\n"
+
+
+def test_a_run_with_sampled_evaluation_gates_warns_that_predictions_are_draws(finetuned):
+    import json as _json
+    import shutil
+    _, run_dir = finetuned
+    model = next(p.parent for p in Path(run_dir).rglob("model.json"))
+    copy = Path(str(model) + "-sample")
+    shutil.copytree(model, copy)
+    info = _json.loads((copy / "model.json").read_text())
+    info["autoft"]["eval_gates"] = "sample"
+    (copy / "model.json").write_text(_json.dumps(info))
+    with pytest.warns(UserWarning, match="eval_gates: sample"):
+        load_run(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_run(model)  # argmax gates: no warning

@@ -18,8 +18,10 @@ Example:
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -194,6 +196,9 @@ class SavedRun:
             1000000
         """
         data, out = Path(data), Path(out)
+        if out.exists() and data.exists() and os.path.samefile(out, data):
+            raise DataError(f"--out {str(out)!r} is the input file: the predictions would "
+                            "overwrite the rows they are made from; give another file name")
         if out.exists() and not force:
             raise FileExistsError(f"--out {str(out)!r} exists; pass --force to overwrite it")
         if out.is_dir():
@@ -229,8 +234,8 @@ class SavedRun:
                     res[PROBABILITY_COLUMN] = self.score_frame(frame, first_row=n)
                     res.to_csv(f, index=False, header=n == 0, float_format="%.9g")
                     n += len(frame)
-                if n == 0:
-                    pd.DataFrame(columns=[*keep, PROBABILITY_COLUMN]).to_csv(f, index=False)
+                if n == 0:  # the header alone, as a line
+                    csv.writer(f, lineterminator="\n").writerow([*keep, PROBABILITY_COLUMN])
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -291,6 +296,11 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         model.set_tau(float(info["tau"]))
     model.to(device)
     model.eval()
+    if row.has_policy and acfg.eval_gates == "sample":
+        warnings.warn(f"{folder} was trained with autoft.eval_gates: sample, so its gates at "
+                      "evaluation are random draws: each prediction is one draw, and two "
+                      "predictions of a row (or one and the run's test metric) differ a little",
+                      UserWarning, stacklevel=1)
     return SavedRun(model, encoder, info, folder, device, batch_size)
 
 
