@@ -186,23 +186,6 @@ def default_threads() -> tuple[int, str]:
     return max(1, cores - round(load)), f"{cores} cores, load average {load:.1f}"
 
 
-# More threads than this many per core only add waiting (and at some point no thread can
-# be started at all).
-MAX_THREADS_PER_CORE = 8
-
-
-def check_threads(threads: int, option: str) -> int:
-    """``threads`` if it is a usable thread count, else a _UserError naming ``option``."""
-    cores = os.cpu_count() or 1
-    if threads < 1:
-        raise _UserError(f"{option} must be >= 1, got {threads}")
-    if threads > MAX_THREADS_PER_CORE * cores:
-        raise _UserError(f"{option} = {threads} is more than {MAX_THREADS_PER_CORE} threads per "
-                         f"core on this machine ({cores} cores); give at most "
-                         f"{MAX_THREADS_PER_CORE * cores}")
-    return threads
-
-
 def _out_of_memory(e: BaseException) -> str | None:
     """The one-line message of an allocation failure (torch's or Arrow's), else None."""
     text = str(e)
@@ -220,6 +203,7 @@ def _set_threads(args) -> str | None:
     import torch
     threads = getattr(args, "threads", None)
     if threads is not None:
+        from .train.progress import check_threads
         check_threads(threads, "--threads")
         why = "--threads"
     else:

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", help="run_dir override (the data and model caches live there)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
     args = p.parse_args(argv)
-    from ..cli import check_threads
+    from .progress import check_threads
     from ..config import STRATEGY_TABLE
     from ..ops.registry import available_backends
     for name in ("reps", "epochs"):

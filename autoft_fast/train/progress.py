@@ -3,6 +3,7 @@ end) and the run's file logger."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,3 +133,26 @@ def log_to_file(level: int, msg: str, *args, exc_info=None) -> None:
     for h in logger.handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(record)
+
+
+# More threads than this many per core only add waiting (and at some point no thread can be
+# started at all).
+MAX_THREADS_PER_CORE = 8
+
+
+def check_threads(threads: int, option: str) -> int:
+    """``threads`` if it is a usable thread count, else a ValueError naming ``option``.
+
+    Example::
+
+        >>> check_threads(2, "--threads")
+        2
+    """
+    cores = os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"{option} must be >= 1, got {threads}")
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise ValueError(f"{option} = {threads} is more than {MAX_THREADS_PER_CORE} threads per "
+                         f"core on this machine ({cores} cores); give at most "
+                         f"{MAX_THREADS_PER_CORE * cores}")
+    return threads
