@@ -1,8 +1,9 @@
 """Multi-hot fields of the field-gated strategies: the bag op and the eager pooling agree.
 
 A TransferModel gates each (instance, multi-hot field) bag with the bag op
-(``GatedEmbedding.bag``); a table with a fused optimizer pools those fields in eager PyTorch
-instead. Both paths must compute the same model: the pooling bit for bit (one definition,
+(``GatedEmbedding.bag``); a table with a fused optimizer sends the bags' values through the
+gated op with the singles and pools them afterwards (its readable form: gates from
+``gumbel_gates``, tuned rows from a plain fused lookup). Both paths must compute the same model: the pooling bit for bit (one definition,
 ``BaseCTRModel.pool_multihot``), the same gates from the same noise, and after training the
 same weights up to float32 rounding of the policy's dot products (summed in another order).
 """
@@ -153,3 +154,58 @@ def test_fused_table_with_bags_takes_one_exact_step_and_leaves_no_gradient(backe
     tags = fmap.field("tags")
     rows = slice(tags.offset, tags.offset + tags.vocab_size)
     assert not torch.equal(emb.tuned_weight.detach()[rows], before[rows])  # bags were stepped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["dnn", "deepfm"])
+@pytest.mark.parametrize("rule", ["fused_adam", "fused_sgd"])
+def test_a_fused_table_with_bags_goes_through_the_op_as_the_readable_route_computes(
+        rule, name, backend, fmap, data):
+    # With a fused optimizer the singles and the bags' values take one call of the gated op
+    # (so its backend's kernel runs and updates the table once); the readable route gates
+    # with gumbel_gates and steps the tuned rows through a plain fused lookup. One step of
+    # each from the same seed: the same gates, outputs, policy gradients and table update.
+    # (Over several steps hard gates near a tie may flip on float rounding, so the
+    # trajectories are not compared.)
+    pre = pretrained_model(name, fmap, data)
+    torch.manual_seed(21)
+    via_op = build_transfer_model("autoft", pre, fmap, model_cfg(name),
+                                  {"backend": backend, "tau": 1.0, "field_policy": "network"})
+    with torch.no_grad():  # a policy with opinions: both paths appear in the batch
+        for p in via_op.policy.parameters():
+            p.normal_(0.0, 0.3)
+        # A tuned table that differs from the frozen one: the gates' gradient is not zero.
+        via_op.field_embedding.tuned_weight.add_(0.1 * torch.randn_like(via_op.field_embedding.tuned_weight))
+    readable = copy.deepcopy(via_op)
+    readable._fused_bags_in_op = lambda: False
+    for m in (via_op, readable):
+        assert m.field_embedding in attach_fused_optimizers(m, rule, lr=0.05)
+    calls = []
+    original = via_op.field_embedding.forward
+    via_op.field_embedding.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    before = via_op.field_embedding.tuned_weight.detach().clone()
+    outs = []
+    for m in (via_op, readable):
+        torch.manual_seed(5)
+        out = m.train()(data)
+        F.binary_cross_entropy_with_logits(out, data.label).backward()
+        outs.append(out.detach())
+    assert len(calls) == 1  # one op call for the singles and the bags
+    gates = via_op.last_gates["field"]
+    assert torch.equal(gates, readable.last_gates["field"])
+    assert 0 < gates[:, -1, 1].mean().item() < 1 and 0 < gates[:, 0, 1].mean().item() < 1
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    for (k, a), (_, b) in zip(via_op.policy.named_parameters(), readable.policy.named_parameters()):
+        assert a.grad.abs().sum() > 0, k
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), (k, (a.grad - b.grad).abs().max())
+    emb, other = via_op.field_embedding, readable.field_embedding
+    assert int(emb.optimizer_step) == 1 and emb.tuned_weight.grad is None
+    after = emb.tuned_weight.detach()
+    assert not torch.equal(after, before)
+    tags = fmap.field("tags")
+    rows = slice(tags.offset, tags.offset + tags.vocab_size)
+    assert not torch.equal(after[rows], before[rows])  # the bags' rows were stepped
+    assert torch.allclose(after, other.tuned_weight.detach(), rtol=1e-6, atol=1e-6)
+    # And it trains: a few steps lower the loss.
+    losses = train_steps(via_op, data, steps=5)
+    assert losses[-1] < losses[0] and int(emb.optimizer_step) == 6

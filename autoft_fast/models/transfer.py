@@ -27,9 +27,11 @@ Gates. Field gates use the fused op through ``GatedEmbedding`` for single-valued
 A multi-hot field has one gate per (instance, field) but several lookups: its non-PAD slots
 form one bag, gated by the bag op (``GatedEmbedding.bag``, mean pooling), which pools the
 frozen rows and the tuned rows separately and mixes the two pooled vectors by the bag's gate.
-(With a fused optimizer on a table that has multi-hot fields, every lookup of its tuned copy,
-single-valued and pooled, goes through one fused lookup scaled by its gate, as the first-order
-rows do, with the gates from ``gumbel_gates``: one optimizer step per training step.)
+(With a fused optimizer on a table that has multi-hot fields -- the bag op fuses none -- the
+single-valued lookups and the bags' values go through one call of the gated op, each value
+with its bag's logits and uniform, and the values' rows are then mean-pooled: the op's
+backward takes one optimizer step per training step, and the bags' gates and gradients are
+the bag op's.)
 DeepFM's first-order weights follow their field's embedding gate: the op's returned gates
 mix the frozen and tuned first-order rows (the gradient reaches the logits through the
 gates' straight-through rule). Every gated layer (``mlp_<i>``, ``cross_<i>``, ``output``)
@@ -410,10 +412,14 @@ class TransferModel(nn.Module):
         net, cfg = self.net, self.autoft_config
         emb = self.field_embedding
         ns = len(net.single_fields)
-        if emb.fused_optimizer is not None and net.multihot_fields:
-            # A fused table with multi-hot fields: every lookup of the tuned copy goes through
-            # one fused lookup (one optimizer step per training step on the table), scaled by
-            # its gate as the first-order rows below are; gates from gumbel_gates.
+        if emb.fused_optimizer is not None and net.multihot_fields and self._fused_bags_in_op():
+            fields, field_gates = self._fused_fields_in_op(batch, single_logits, multihot_logits,
+                                                           multihot_uniforms, noise)
+        elif emb.fused_optimizer is not None and net.multihot_fields:
+            # The readable form of the route above (the tests check that the two agree):
+            # every lookup of the tuned copy goes through one fused lookup (one optimizer step
+            # per training step on the table), scaled by its gate as the first-order rows
+            # below are; gates from gumbel_gates.
             field_gates = torch.cat(
                 (gumbel_gates(single_logits, tau=self._tau, hard=cfg.hard, noise=noise),
                  gumbel_gates(multihot_logits, tau=self._tau, hard=cfg.hard, noise=noise,
@@ -443,6 +449,60 @@ class TransferModel(nn.Module):
             tuned = net.field_vectors(batch, lin, sparse=lin.sparse, scale=field_gates[..., 1])
             first = field_gates[..., 0:1] * frozen + tuned
         return fields, first, field_gates
+
+    def _fused_bags_in_op(self) -> bool:
+        """True: with a fused optimizer and multi-hot fields, every field lookup goes through
+        one call of the gated op (:meth:`_fused_fields_in_op`); False: the gates from
+        ``gumbel_gates`` and the tuned rows from a plain fused lookup. The tests switch."""
+        return True
+
+    def _fused_fields_in_op(self, batch, single_logits, multihot_logits, multihot_uniforms,
+                            noise: bool):
+        """``(fields [B, F, D], gates [B, F, 2])`` with a fused optimizer and multi-hot fields.
+
+        The optimizer takes one step per training step on the table, so the single-valued
+        lookups and the bags' values go through one call of the gated op (its backward
+        updates the table once). A bag's values each get the bag's logits and the bag's
+        uniform, so all draw the bag's gate; their rows are then mean-pooled (as
+        ``pool_multihot`` pools), and the straight-through gradient of the bag's logits, the
+        sum over its values, is the bag op's. The bags' gates themselves (also of empty bags)
+        come from ``gumbel_gates`` with the same logits and uniforms: the same values. The
+        singles' uniforms are drawn as ``gumbel_gates`` would draw them, so this route gives
+        the gates of the route it replaced.
+        """
+        net, cfg, emb = self.net, self.autoft_config, self.field_embedding
+        b, nm = multihot_logits.shape[:2]
+        ns = single_logits.shape[1]
+        values, offsets = net.multihot_bags(batch.multihot)
+        counts = offsets[1:] - offsets[:-1]
+        bag_ids = torch.repeat_interleave(torch.arange(b * nm, device=values.device), counts,
+                                          output_size=values.shape[0])
+        bag_gates = gumbel_gates(multihot_logits, tau=self._tau, hard=cfg.hard, noise=noise,
+                                 uniforms=multihot_uniforms)
+        indices = [values]
+        logits = [multihot_logits.reshape(b * nm, 2)[bag_ids]]
+        uniforms = None
+        if noise:
+            if multihot_uniforms is None:  # the bags' stream, as gumbel_gates drew it above
+                raise ValueError("the multi-hot gates' uniforms are needed with noise")
+            uniforms = [multihot_uniforms.reshape(-1)[bag_ids]]
+        if ns:
+            indices.insert(0, batch.sparse.reshape(-1))
+            logits.insert(0, single_logits.reshape(b * ns, 2))
+            if noise:
+                seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+                uniforms.insert(0, philox.uniforms(seed, (b * ns,), device=values.device))
+        out, gates = emb(torch.cat(indices), torch.cat(logits), tau=self._tau, hard=cfg.hard,
+                         noise=noise, uniforms=None if uniforms is None else torch.cat(uniforms))
+        dim = emb.embedding_dim
+        rows = out[b * ns:]
+        per_value = 1.0 / counts.clamp_min(1).to(rows.dtype)[bag_ids]
+        pooled = rows.new_zeros(b * nm, dim).index_add(0, bag_ids, rows * per_value[:, None])
+        pooled = pooled.view(b, nm, dim)
+        if not ns:
+            return pooled, bag_gates
+        return (torch.cat((out[:b * ns].view(b, ns, dim), pooled), dim=1),
+                torch.cat((gates[:b * ns].view(b, ns, 2), bag_gates), dim=1))
 
     def _bags_in_op(self) -> bool:
         """True: multi-hot fields go through the bag op. The eager formula of ``_gated_bags``
