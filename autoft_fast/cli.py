@@ -425,6 +425,7 @@ def _cmd_pretrain(args) -> int:
                   f"{info['valid_auc']:.4f}, LogLoss {info['valid_logloss']:.4f}")
             print(f"model: {path}")
             print("no new run directory (nothing was trained); --force retrains")
+            setup_logging(None, verbose=getattr(args, "verbose", False))  # no log to keep
             return 0
     run_dir = _start_run(cfg, "pretrain", args)
     _, info = pretrain(cfg, bundle, force=args.force, progress=_progress(args))

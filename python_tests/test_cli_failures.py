@@ -363,3 +363,22 @@ def test_too_many_threads_and_an_allocation_failure_are_one_line(tmp_path, capsy
     assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--no-progress"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("autoft-fast: error: out of memory:") and "144400000000" in line
+
+
+def test_pretrain_logs_what_came_before_its_run_folder_and_prefixes_warnings(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["pretrain", "-c", str(exp), "--no-progress"]) == 0
+    cached = list((tmp_path / "runs" / "cache" / "pretrained").glob("*.pt"))
+    cached[0].write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["pretrain", "-c", str(exp), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "autoft-fast: warning: the cached pre-trained model" in captured.err
+    log = (last_line_run_dir(captured.out) / "log.txt").read_text()
+    # The data were loaded and the cache found damaged before the run folder existed.
+    assert "data ready" in log and "is damaged" in log
+    # A cache hit makes no folder; its early lines do not end up in the next run's log.
+    assert main(["pretrain", "-c", str(exp), "--no-progress"]) == 0
+    assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--no-progress"]) == 0
+    log = (last_line_run_dir(capsys.readouterr().out) / "log.txt").read_text()
+    assert log.count("data ready") == 1

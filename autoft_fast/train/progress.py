@@ -92,12 +92,19 @@ def setup_logging(log_file: Path | None, verbose: bool = False,
     INFO and above into `log_file`, and INFO (DEBUG with `verbose`) to stderr. Calling it again replaces the previous handlers, so
     each run directory gets its own log.
 
+    Without `log_file`, the INFO records logged until the next call with one are kept and
+    then written at the start of that file (a command that loads its data before it makes
+    its run folder still logs everything there).
+
     Example:
         >>> log = setup_logging(Path("/tmp/run/log.txt"))
         >>> log.info("pretraining on %d rows", 1000)
     """
     logger = logging.getLogger(LOGGER_NAME)
+    early: list[logging.LogRecord] = []
     for h in list(logger.handlers):
+        if isinstance(h, _EarlyRecords) and log_file is not None:
+            early = h.records
         logger.removeHandler(h)
         h.close()
     logger.setLevel(logging.DEBUG)
@@ -109,14 +116,46 @@ def setup_logging(log_file: Path | None, verbose: bool = False,
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         fh.addFilter(_own_debug_only)
+        for record in early:  # what was logged before the run had a folder
+            fh.handle(record)
         logger.addHandler(fh)
+    else:
+        logger.addHandler(_EarlyRecords(early))
     if console:
         sh = logging.StreamHandler(sys.stderr)
         sh.setLevel(logging.DEBUG if verbose else logging.INFO)
-        sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.setFormatter(_ConsoleFormatter())
         sh.addFilter(_own_debug_only)
         logger.addHandler(sh)
     return logger
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The message; a warning or an error with the command's prefix, as the CLI prints its
+    own (``autoft-fast: warning: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"autoft-fast: error: {text}"
+        if record.levelno >= logging.WARNING:
+            return f"autoft-fast: warning: {text}"
+        return text
+
+
+class _EarlyRecords(logging.Handler):
+    """Keeps the INFO-and-above records logged before a run has its log file (data loading,
+    a damaged cache), so that :func:`setup_logging` with the file writes them there first."""
+
+    LIMIT = 10_000
+
+    def __init__(self, records: list[logging.LogRecord]):
+        super().__init__(logging.INFO)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(record)
 
 
 def log_to_file(level: int, msg: str, *args, exc_info=None) -> None:
