@@ -291,3 +291,30 @@ def test_progress_bar_quiet_unless_terminal():
     bar.close()
     assert "100/100" in term.getvalue() and "samples/s" in term.getvalue()
     assert "loss 0.5000" in term.getvalue()
+
+
+def test_resume_refuses_other_training_settings_and_fit_refuses_an_empty_split(tmp_path):
+    train, valid = toy_data(seed=1), toy_data(400, seed=2)
+
+    def kill(epoch, _):
+        raise TrainingInterrupted("simulated kill")
+
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(ToyModel(), tmp_path, cfg={"lr": 1e-3}, on_epoch_end=kill).fit(train, valid)
+    with pytest.raises(ValueError, match=r"other training settings \(lr 0.001 -> 0.5\)"):
+        make_trainer(ToyModel(), tmp_path, cfg={"lr": 0.5}).fit(train, valid, resume=True)
+    # More epochs (or another patience) continue the same run.
+    res = make_trainer(ToyModel(), tmp_path, cfg={"lr": 1e-3, "epochs": 4}).fit(
+        train, valid, resume=True)
+    assert res.epochs_run == 4
+    with pytest.raises(ValueError, match="the training split has no rows"):
+        make_trainer(ToyModel()).fit(toy_data(0), valid)
+
+
+def test_logloss_of_infinite_logits_and_normal_tail_p_values():
+    assert logloss([1], [math.inf]) == 0.0 and logloss([0], [-math.inf]) == 0.0
+    assert logloss([1], [-math.inf]) == math.inf
+    from autoft_fast.train.stats import normal_two_sided_p
+    for z in (1.0, 5.0, 8.5, 12.0):  # erfc keeps the tail's relative precision
+        ref = math.erfc(z / math.sqrt(2.0))
+        assert normal_two_sided_p(z) == pytest.approx(ref, rel=1e-12) and normal_two_sided_p(z) > 0

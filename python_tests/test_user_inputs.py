@@ -405,3 +405,23 @@ def test_predict_reads_on_after_a_short_line_by_rows_not_lines(saved_run, tmp_pa
     a = loaded.predict(tmp_path / "short.csv")
     b = loaded.predict(tmp_path / "filled.csv")
     assert len(a) == len(frame) and a.equals(b)
+
+
+@pytest.mark.parametrize("monitor", ["auc", "logloss"])
+def test_tune_picks_the_best_validation_score_of_the_monitored_metric(monitor, monkeypatch):
+    # Each setting's runs report valid_best in the monitor's own units: with logloss the
+    # lowest is the best, with auc the highest.
+    from autoft_fast.config import parse_config
+    import autoft_fast.train.runner as runner
+    cfg = parse_config({"synthetic": {}, "finetune": {"monitor": monitor},
+                        "search": {"lr": [1e-3, 1e-2, 1e-1]}, "seeds": [0]})
+    scores = {1e-3: 0.55, 1e-2: 0.30, 1e-1: 0.20}
+
+    def fake_run(c, bundle, state, strategy, seed, out, **kw):
+        return {"valid_best": scores[c.finetune.lr], "auc": 0.6}
+
+    monkeypatch.setattr(runner, "run_strategy", fake_run)
+    picked, rows = runner.tune_strategy(cfg, None, None, "finetune_all", Path("/nonexistent"))
+    chosen = [r for r in rows if r["picked"]]
+    assert len(chosen) == 1
+    assert chosen[0][f"valid_{monitor}"] == (0.55 if monitor == "auc" else 0.20)

@@ -357,7 +357,7 @@ class TrainConfig(_Section):
 
         Example:
             >>> TrainConfig().with_epochs(1).patience
-            2
+            3
         """
         return replace(self, epochs=int(epochs), patience=max(self.patience, int(epochs) + 1))
 
@@ -369,7 +369,7 @@ class PretrainConfig(TrainConfig):
 
     Example:
         >>> PretrainConfig.from_dict({"seed": 3}).epochs
-        2
+        10
     """
 
     SECTION = "pretrain"

@@ -81,7 +81,8 @@ def auc(labels, scores) -> float:
 def logloss(labels, logits) -> float:
     """Mean binary cross-entropy of labels given logits (pre-sigmoid scores), natural log.
 
-    Computed as log(1 + exp(-|x|)) + max(x, 0) - y * x, which is exact for any logit size.
+    Computed as log(1 + exp(-|x|)) + max(x, 0) - y * x, which is exact for any finite logit
+    size; an infinite logit on its label's side costs 0 and on the other side inf.
 
     Example:
         >>> round(logloss([1, 0], [0.0, 0.0]), 6)
@@ -92,7 +93,12 @@ def logloss(labels, logits) -> float:
     _check_pair(y, x)
     if y.size == 0:
         return float("nan")
-    losses = np.logaddexp(0.0, -np.abs(x)) + np.maximum(x, 0.0) - y * x
+    with np.errstate(invalid="ignore"):
+        losses = np.logaddexp(0.0, -np.abs(x)) + np.maximum(x, 0.0) - y * x
+    inf = np.isinf(x)
+    if inf.any():  # max(x, 0) - y * x is inf - inf there: the limit instead
+        right = (x > 0) == (y > 0.5)
+        losses = np.where(inf, np.where(right, 0.0, np.inf), losses)
     return float(losses.mean())
 
 

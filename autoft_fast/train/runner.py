@@ -554,7 +554,7 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
     keys = sorted({k for r in grid for k in r}, key=lambda k: (k not in (
-        "strategy", "setting", "valid_auc", "test_auc", "picked"), k))
+        "strategy", "setting", "valid_auc", "valid_logloss", "test_auc", "picked"), k))
     tmp = out / ".grid.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -780,13 +780,16 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
                   progress: bool | None = None,
                   keep_models: bool = False) -> tuple[list[dict], list[dict]]:
     """Run ``strategy`` for every setting of its search grid and every seed; pick the setting
-    with the best mean validation AUC. Returns (the picked setting's run records, one row per
-    setting with its validation and test means).
+    with the best mean validation score of ``finetune.monitor`` (AUC, highest; or LogLoss,
+    lowest: the metric early stopping used). Returns (the picked setting's run records, one
+    row per setting with its validation and test means).
 
     Example:
         >>> picked, grid = tune_strategy(cfg, bundle, state, "l2sp", run_dir / "search")
     """
     rows, by_setting = [], []
+    monitor = cfg.finetune.monitor
+    column = f"valid_{monitor}"
     for i, setting in enumerate(search_grid(cfg, strategy)):
         c = _with_setting(cfg, setting)
         recs = [run_strategy(c, bundle, state, strategy, seed,
@@ -795,17 +798,18 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
         valid = [r.get("valid_best") for r in recs]
         valid = [v for v in valid if v is not None and not math.isnan(v)]
         rows.append({"strategy": strategy, "setting": _setting_name(setting),
-                     "valid_auc": float(np.mean(valid)) if valid else float("nan"),
+                     column: float(np.mean(valid)) if valid else float("nan"),
                      "test_auc": float(np.mean([r["auc"] for r in recs])), "picked": False,
                      **{f"{sec}.{k}": v for sec in ("finetune", "autoft")
                         for k, v in setting[sec].items()}})
         by_setting.append(recs)
-    scores = [r["valid_auc"] for r in rows]
-    best = int(np.nanargmax(scores)) if not all(math.isnan(x) for x in scores) else 0
+    scores = [r[column] for r in rows]
+    pick = np.nanargmax if monitor == "auc" else np.nanargmin
+    best = int(pick(scores)) if not all(math.isnan(x) for x in scores) else 0
     rows[best]["picked"] = True
     picked = [dict(r, setting=rows[best]["setting"]) for r in by_setting[best]]
-    log.info("tune: %s picked %s (valid AUC %.4f)", strategy, rows[best]["setting"],
-             rows[best]["valid_auc"])
+    log.info("tune: %s picked %s (valid %s %.4f)", strategy, rows[best]["setting"],
+             "AUC" if monitor == "auc" else "LogLoss", rows[best][column])
     return picked, rows
 
 
@@ -816,7 +820,8 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
     write the outputs. With several `targets`, each target's outputs go to
     run_dir/<target>/ and run_dir holds the summary across targets (summary.md/.csv). With
     `tune`, every strategy is run over its `search:` grid and the table shows the setting
-    picked on validation AUC (grid.csv and picks.json beside the table).
+    picked on the validation score of `finetune.monitor` (AUC by default; grid.csv and
+    picks.json beside the table).
     Returns (markdown table, summary rows, per-seed run records). With `keep_models`, every
     run folder keeps its model for `autoft-fast predict` (model.pt, model.json).
 

@@ -155,7 +155,8 @@ def normal_two_sided_p(z: float) -> float:
     """
     if math.isnan(z):
         return float("nan")
-    return min(1.0, 2.0 * _NORMAL.cdf(-abs(z)))
+    # erfc keeps its relative precision far in the tail, where 2 * Phi(-|z|) underflows.
+    return min(1.0, math.erfc(abs(z) / math.sqrt(2.0)))
 
 
 def _t_two_sided_p(t: float, df: float) -> float:

@@ -323,6 +323,8 @@ class Trainer:
             raise ValueError(f"{self.desc}: the model has no trainable parameters to fit")
         wall0 = time.perf_counter()
         cfg = self.cfg
+        if len(train) == 0:
+            raise ValueError(f"{self.desc}: the training split has no rows")
         if self.min_rows and len(train) < self.min_rows:
             procs = self.dp.size if self.dp is not None else 1
             raise ValueError(f"{self.desc}: the model has BatchNorm, which needs at least 2 rows "
@@ -338,6 +340,17 @@ class Trainer:
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             ck = load_checkpoint(self.checkpoint_path)
             distributed.check_resume(ck, self.checkpoint_path)
+            saved = ck.get("train_config")
+            if saved is not None:
+                now = self.cfg.to_dict()
+                # epochs and patience may grow or shrink: a run can be extended.
+                changed = sorted(k for k in set(saved) | set(now)
+                                 if k not in ("epochs", "patience") and saved.get(k) != now.get(k))
+                if changed:
+                    raise ValueError(
+                        f"{self.desc}: the checkpoint {str(self.checkpoint_path)!r} was written "
+                        f"with other training settings ({', '.join(f'{k} {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
+                        "resuming would not continue that run: start afresh (resume=False)")
             if self.dp is not None:
                 ck["rng"] = ck["rng_ranks"][self.dp.rank]
             self.model.load_state_dict(ck["model"])
