@@ -139,3 +139,15 @@ def build_emulation(source: str, out_dir):
            f"{root}/csrc/cuda/emulation/{source}.cpp", "-o", str(exe)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
+
+
+def copied(module, how: str):
+    """A copy of ``module`` by ``how``: "deepcopy", or "torch.save" then torch.load."""
+    import copy
+    import io
+    if how == "deepcopy":
+        return copy.deepcopy(module)
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -227,16 +227,9 @@ def test_gumbel_gates_takes_float32_uniforms_of_the_gates_shape():
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copied_sparse_module_still_hands_over_a_coalesced_gradient(how):
     # The copy gets new Parameters; without the hook the optimizer would sort its rows again.
-    import copy
-    import io
+    from op_helpers import copied
     module = autoft_fast.GatedEmbedding(100, 8, sparse=True, backend="cpu")
-    if how == "deepcopy":
-        other = copy.deepcopy(module)
-    else:
-        buf = io.BytesIO()
-        torch.save(module, buf)
-        buf.seek(0)
-        other = torch.load(buf, weights_only=False)
+    other = copied(module, how)
     assert other.tuned_weight is not module.tuned_weight
     idx = torch.randint(0, 100, (32, 3))
     out, _ = other(idx, torch.zeros(32, 3, 2))
