@@ -343,9 +343,11 @@ class Trainer:
             saved = ck.get("train_config")
             if saved is not None:
                 now = self.cfg.to_dict()
-                # epochs and patience may grow or shrink: a run can be extended.
+                # epochs and patience may grow or shrink (a run can be extended), and the
+                # evaluation batch size changes no weight.
+                free = ("epochs", "patience", "eval_batch_size")
                 changed = sorted(k for k in set(saved) | set(now)
-                                 if k not in ("epochs", "patience") and saved.get(k) != now.get(k))
+                                 if k not in free and saved.get(k) != now.get(k))
                 if changed:
                     raise ValueError(
                         f"{self.desc}: the checkpoint {str(self.checkpoint_path)!r} was written "
