@@ -1,5 +1,6 @@
 """AUC significance tests (autoft_fast.train.stats) against brute-force and known answers."""
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -180,6 +181,16 @@ def test_t_distribution_closed_forms():
         t_cdf(1.0, 0)
     with pytest.raises(ValueError, match="p must be strictly between 0 and 1, got 1.0"):
         t_quantile(1.0, 3)
+
+
+def test_t_cdf_keeps_its_digits_near_zero_for_large_df():
+    # Near t = 0, F(t) - 1/2 is about t * pdf(0); for large df the beta function's argument
+    # df / (df + t^2) rounds to 1 and would lose that difference entirely.
+    for df in (1e4, 1e5, 9e5):
+        for t in (1e-9, 1e-6, 1e-3):
+            expansion = (NormalDist().cdf(t) - NormalDist().pdf(t) * (t ** 3 + t) / (4 * df))
+            assert t_cdf(t, df) - 0.5 == pytest.approx(expansion - 0.5, rel=1e-6)
+            assert t_cdf(-t, df) - 0.5 == pytest.approx(0.5 - expansion, rel=1e-6)
 
 
 def seeds_on(y, rows):

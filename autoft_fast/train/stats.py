@@ -67,20 +67,25 @@ def _betacf(a: float, b: float, x: float) -> float:
     return h
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+def _betainc(a: float, b: float, x: float, y: float | None = None) -> float:
+    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1.
+
+    `y` is 1 - x when the caller can compute it without cancellation (x close to 1).
+    """
+    if y is None:
+        y = 1.0 - x
     if x <= 0.0:
         return 0.0
-    if x >= 1.0:
+    if y <= 0.0:
         return 1.0
     log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+                 + a * math.log(x) + b * math.log(y))
     front = math.exp(log_front)
     # The continued fraction converges fast for x < (a + 1) / (a + b + 2); use the symmetry
     # I_x(a, b) = 1 - I_{1-x}(b, a) on the other side.
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+    return 1.0 - front * _betacf(b, a, y) / b
 
 
 def _check_df(df: float) -> float:
@@ -110,7 +115,10 @@ def t_cdf(t: float, df: float) -> float:
         # The beta function's log-gamma terms cancel badly for huge df; the first-order
         # expansion around the normal is exact to O(1/df^2) there (< 1e-12).
         return _NORMAL.cdf(t) - _NORMAL.pdf(t) * (t ** 3 + t) / (4.0 * df)
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    # P(T > |t|) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2); 1 - x is passed as
+    # t^2 / (df + t^2), which keeps its digits near t = 0 where x rounds to 1.
+    t2 = t * t
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
     return 1.0 - tail if t >= 0 else tail
 
 
