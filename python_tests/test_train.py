@@ -311,6 +311,12 @@ def test_resume_refuses_other_training_settings_and_fit_refuses_an_empty_split(t
         make_trainer(ToyModel()).fit(toy_data(0), valid)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_trainer_names_a_cuda_device_that_is_not_there():
+    with pytest.raises(ValueError, match="device 'cuda:1' was asked for but CUDA is not available"):
+        make_trainer(ToyModel(), device="cuda:1")
+
+
 def test_logloss_of_infinite_logits_and_normal_tail_p_values():
     assert logloss([1], [math.inf]) == 0.0 and logloss([0], [-math.inf]) == 0.0
     assert logloss([1], [-math.inf]) == math.inf

@@ -171,6 +171,11 @@ class Trainer:
                  policy_warmup: int = 0, policy_warmup_gates: str = "random",
                  start_best: float | None = None, policy_rotating: float | None = None):
         self.device = torch.device(device) if device is not None else None
+        if (self.device is not None and self.device.type == "cuda"
+                and not torch.cuda.is_available()):
+            raise ValueError(f"Trainer: device {str(device)!r} was asked for but CUDA is not "
+                             "available (this torch build or machine has no GPU); pass "
+                             "device='cpu' or leave it unset")
         # torchrun with several processes: data-parallel (see train/distributed.py).
         if distributed.is_distributed():
             self.device = distributed.DataParallel.device_for(self.device)
