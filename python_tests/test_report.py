@@ -53,6 +53,22 @@ def test_aggregate_without_scores_keeps_the_old_columns():
     assert [c.strip() for c in lines[2].strip("|").split("|")][6] == "ref"
 
 
+def test_a_strategy_without_a_finite_auc_reads_n_a_not_nan():
+    nan = float("nan")
+    rows = aggregate([{"strategy": "finetune_all", "seed": 0, "auc": 0.70, "logloss": 0.5},
+                      {"strategy": "autoft", "seed": 0, "auc": nan, "logloss": nan}])
+    assert rows[1]["auc_gain_pct"] is None
+    cells = [c.strip() for c in markdown_table(rows).splitlines()[3].strip("|").split("|")]
+    assert cells[1:4] == ["n/a ± n/a", "n/a ± n/a", "n/a"]
+    assert "nan" not in markdown_table(rows)
+    summary = summary_across_targets({"t": rows, "u": [dict(rows[0]), dict(rows[1],
+                                                                     auc_diff_mean=nan)]})
+    auto = next(r for r in summary if r["strategy"] == "autoft")
+    assert auto["mean_auc_gain_pct"] is None and auto["mean_auc_diff"] is None
+    assert auto["wins"] == 0
+    assert "nan" not in markdown_summary(summary)
+
+
 def test_aggregate_paired_columns_match_an_independent_computation(labels, tmp_path):
     rng = np.random.default_rng(1)
     runs = make_runs(rng, labels, {"finetune_all": 0.0, "autoft": 0.5, "l2sp": -0.5,

@@ -199,7 +199,8 @@ def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None, *, label
         rows.append(row)
     base = next((r for r in rows if r["strategy"] == baseline), None)
     for r in rows:
-        if base is None or not base["auc_mean"] or math.isnan(base["auc_mean"]):
+        if (base is None or not base["auc_mean"] or math.isnan(base["auc_mean"])
+                or r["auc_mean"] is None or math.isnan(r["auc_mean"])):
             r["auc_gain_pct"] = None
         else:
             r["auc_gain_pct"] = 100.0 * (r["auc_mean"] - base["auc_mean"]) / base["auc_mean"]
@@ -235,11 +236,16 @@ def _fmt(x: float | None, spec: str) -> str:
     return format(x, spec)
 
 
+def _pct(x: float | None) -> str:
+    s = _fmt(x, "+.2f")
+    return s if s == "n/a" else s + "%"
+
+
 def _diff_cell(r: dict) -> str:
     if r.get("mark") == "ref":
         return "ref"
     d = r.get("auc_diff_mean")
-    if d is None:
+    if d is None or math.isnan(d):
         return "n/a"
     return f"{d:+.4f} [{r['auc_diff_ci_low']:+.4f}, {r['auc_diff_ci_high']:+.4f}]"
 
@@ -275,8 +281,7 @@ def markdown_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
             f"time per run (s) | ΔAUC vs {baseline} [95% CI] | p | sig. | best epoch = cap |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        gain = r.get("auc_gain_pct")
-        gain_s = "n/a" if gain is None else f"{gain:+.2f}%"
+        gain_s = _pct(r.get("auc_gain_pct"))
         mark = "" if r.get("mark") == "ref" else r.get("mark", "")
         lines.append(
             f"| {r['strategy']} | {_fmt(r['auc_mean'], '.4f')} ± {_fmt(r['auc_std'], '.4f')} | "
@@ -328,9 +333,9 @@ def summary_across_targets(tables: Mapping[str, Sequence[dict]],
         for r in rows:
             a = acc[r["strategy"]]
             a["targets"] += 1
-            if r.get("auc_gain_pct") is not None:
+            if _none_if_nan(r.get("auc_gain_pct")) is not None:
                 a["gains"].append(r["auc_gain_pct"])
-            if r.get("auc_diff_mean") is not None:
+            if _none_if_nan(r.get("auc_diff_mean")) is not None:
                 a["diffs"].append(r["auc_diff_mean"])
             if best is not None and r.get("auc_mean") is not None \
                     and r["auc_mean"] >= best - 1e-12:
@@ -364,8 +369,7 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         n = r["targets"]
-        gain = r.get("mean_auc_gain_pct")
-        lines.append(f"| {r['strategy']} | {n} | {'n/a' if gain is None else f'{gain:+.2f}%'} | "
+        lines.append(f"| {r['strategy']} | {n} | {_pct(r.get('mean_auc_gain_pct'))} | "
                      f"{_fmt(r.get('mean_auc_diff'), '+.4f')} | {r['wins']}/{n} | "
                      f"{r['significant_better']}/{n} | {r['significant_worse']}/{n} |")
     return "\n".join(lines)
