@@ -155,11 +155,26 @@ def test_row_counts_do_not_change_the_ground_truth(small):
         ({"format": "json"}, "synthetic.format"),
         ({"fields": [{"name": "a", "kind": "tree"}]}, "kind must be one of"),
         ({"fields": [{"name": "a", "colour": 1}]}, "unknown key 'colour' in synthetic.fields 'a'"),
+        ({"extra_targets": ["tgt_b,c"]}, "synthetic.extra_targets must be names without commas"),
+        ({"source_domains": ['s"a', "s_b", "s_c"]}, "synthetic.source_domains must be names wi"),
+        ({"fields": [{"name": "a\nb"}]}, "synthetic.fields must be names without commas"),
     ],
 )
 def test_bad_synthetic_config(d, message):
     with pytest.raises(DataError, match=message):
         SyntheticConfig.from_dict(d)
+
+
+def test_a_config_built_in_code_is_checked_like_yaml(tmp_path):
+    # Field dicts become fields; bad values are the same named errors as from YAML.
+    cfg = SyntheticConfig(fields=[{"name": "a", "cardinality": 10}], n_source_rows=1_000,
+                          n_target_rows=200)
+    path = generate_synthetic(cfg, tmp_path / "ok")
+    assert (tmp_path / "ok" / "synthetic.csv").read_text().splitlines()[0] == "ts,domain,click,a"
+    assert path.name == "dataset.yaml"
+    with pytest.raises(DataError, match="synthetic.n_source_rows must be >= 10, got -3"):
+        generate_synthetic(SyntheticConfig(n_source_rows=-3), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synthetic_config_round_trip():

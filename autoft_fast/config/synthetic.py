@@ -134,6 +134,14 @@ class SyntheticConfig:
              "names distinct from each other, the sources and target_domain")
         need(self.target_valid + self.target_test < 1, "target_test",
              "in (0, 1) with target_valid + target_test < 1")
+        for key, names in (("source_domains", self.source_domains),
+                           ("target_domain", [self.target_domain]),
+                           ("extra_targets", self.extra_targets),
+                           ("fields", [f.name for f in self.fields])):
+            # The generator writes plain, unquoted CSV (see data.synthetic._write_csv).
+            need(not any(set(n) & set(',"\n\r') for n in names), key,
+                 "names without commas, double quotes or line breaks (they are written into "
+                 "a CSV file)")
         names = [f.name for f in self.fields]
         need(bool(names) and len(names) == len(set(names))
              and not {"ts", "domain", "click"} & set(names), "fields",

@@ -325,6 +325,8 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path | str) -> Path:
     """
     if not isinstance(cfg, SyntheticConfig):
         raise TypeError(f"generate_synthetic: cfg must be a SyntheticConfig, got {type(cfg).__name__}")
+    # A config built in code is checked as YAML is (and its field dicts become fields).
+    cfg = SyntheticConfig.from_dict(cfg.to_dict())
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
