@@ -10,6 +10,7 @@ from autoft_fast.train.metrics import auc
 from autoft_fast.train.report import (_auc_figure, aggregate, aggregate_by_target,
                                       auc_axis_limits, markdown_summary, markdown_table,
                                       plot_auc, plot_policy_by_frequency, plot_policy_epochs,
+                                      policy_epoch_series,
                                       significance_mark, summary_across_targets,
                                       tuned_fraction_by_frequency, write_results_csv)
 from autoft_fast.train.stats import seed_paired_summary
@@ -272,6 +273,36 @@ def test_plot_policy_epochs(tmp_path):
     assert not (tmp_path / "none.png").exists()
     with pytest.raises(ValueError, match=r"history_rows\[0\] has no 'epoch' key"):
         plot_policy_epochs([{"field": {"f": 0.1}}], tmp_path / "bad.png")
+
+
+def test_policy_epoch_series_puts_a_second_stage_after_the_first():
+    hist = [{"epoch": e, "field": {"f": 0.1 * e}} for e in (1, 2, 3)]
+    hist += [{"epoch": 1, "field": {"f": 0.2}}]  # another seed's epoch 1: averaged in
+    hist += [{"epoch": e, "field": {"f": 0.9}, "stage": "k=30"} for e in (1, 2)]
+    lines, stages = policy_epoch_series(hist)
+    assert lines["f"][0] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert lines["f"][1] == pytest.approx([0.15, 0.2, 0.3, 0.9, 0.9])
+    assert stages == [(3.5, "k=30")]
+    assert policy_epoch_series(hist, "layer") == ({}, [])
+
+
+def test_the_policy_epochs_plot_leaves_out_a_discarded_stage(tmp_path, monkeypatch):
+    from autoft_fast.train import runner
+    seen = []
+    monkeypatch.setattr(runner, "plot_policy_epochs",
+                        lambda rows, path, **kw: seen.append((rows, kw["title"])))
+    hist = [{"epoch": 1, "policy": {"field": {"f": 0.5}}},
+            {"epoch": 1, "policy": {"field": {"f": 0.1}}, "stage": "k=10"}]
+    run = {"strategy": "autoft", "seed": 2, "auc": 0.7, "logloss": 0.5, "history": hist,
+           "policy_by_frequency": [{"field": "f", "bucket": "rare", "tuned_fraction": 0.5,
+                                    "count": 3}]}
+    for kept, stages in ((False, [None]), (True, [None, "k=10"])):
+        seen.clear()
+        runner.write_outputs(tmp_path / str(kept), [dict(run, frequency_retrained=kept)],
+                             ["autoft"])
+        rows, title = seen[0]
+        assert [r.get("stage") for r in rows] == stages
+        assert title.endswith("(autoft, seed 2)")
 
 
 def test_plot_policy_by_frequency(tmp_path):

@@ -23,7 +23,7 @@ __all__ = ["RUN_COLUMNS", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "aggregate",
            "aggregate_by_target", "markdown_table", "write_runs_csv", "write_results_csv",
            "summary_across_targets", "markdown_summary", "write_summary_csv",
            "significance_mark", "load_test_scores", "auc_axis_limits", "plot_auc",
-           "plot_policy", "plot_policy_epochs", "plot_policy_by_frequency",
+           "plot_policy", "plot_policy_epochs", "policy_epoch_series", "plot_policy_by_frequency",
            "tuned_fraction_by_frequency", "mean_std", "policy_summary", "policy_table",
            "write_policy_csv"]
 
@@ -577,38 +577,78 @@ def _line_styles(n: int):
     return [(cmap(i % 10), styles[(i // 10) % len(styles)]) for i in range(n)]
 
 
+def policy_epoch_series(history_rows: Sequence[dict], kind: str = "field"
+                        ) -> tuple[dict[str, tuple[list[float], list[float]]],
+                                   list[tuple[float, str]]]:
+    """The lines of `plot_policy_epochs`: {name: (x, mean tuned fraction)} and the stage
+    boundaries [(x where the stage starts, stage name)]. Rows with the same epoch and stage
+    (several seeds) are averaged. A row's optional 'stage' key (a second training stage of
+    the same run, e.g. 'retrain' or 'k=30') puts it after the stages before it on the x axis
+    (epoch + the last epoch of the stages before), not on top of the first stage's epochs.
+
+    Example:
+        >>> lines, stages = policy_epoch_series([
+        ...     {"epoch": 1, "field": {"f": 0.9}}, {"epoch": 2, "field": {"f": 0.7}},
+        ...     {"epoch": 1, "field": {"f": 0.5}, "stage": "retrain"}])
+        >>> lines["f"], stages
+        (([1.0, 2.0, 3.0], [0.9, 0.7, 0.5]), [(2.5, 'retrain')])
+    """
+    order: list = []
+    last: dict = {}
+    for i, r in enumerate(history_rows):
+        if "epoch" not in r:
+            raise ValueError(f"history_rows[{i}] has no 'epoch' key: {sorted(r)}")
+        st = r.get("stage")
+        if st not in last:
+            order.append(st)
+            last[st] = float(r["epoch"])
+        last[st] = max(last[st], float(r["epoch"]))
+    offset, shift, stages = 0.0, {}, []
+    for st in order:
+        shift[st] = offset
+        if offset:
+            stages.append((offset + 0.5, str(st)))
+        offset += last[st]
+    acc: dict[str, dict[float, list[float]]] = {}
+    for r in history_rows:
+        x = float(r["epoch"]) + shift[r.get("stage")]
+        for name, v in (r.get(kind) or {}).items():
+            acc.setdefault(name, {}).setdefault(x, []).append(float(v))
+    lines = {name: (sorted(by_x), [float(np.mean(by_x[x])) for x in sorted(by_x)])
+             for name, by_x in acc.items()}
+    return lines, [b for b in stages if any(x > b[0] for xs, _ in lines.values() for x in xs)]
+
+
 def plot_policy_epochs(history_rows: Sequence[dict], path: Path, *, kind: str = "field",
                        title: str | None = None) -> Path | None:
     """The tuned-path fraction per field (`kind='field'`) or layer over the epochs, one line
     each, from rows like [{'epoch': 1, 'field': {'user_id': 0.3, ...}}, ...]; rows with the
-    same epoch (several seeds) are averaged. Returns None when no row has that kind.
+    same epoch (several seeds) are averaged, and a later training stage of the run (rows with
+    a 'stage' key) follows the first on the axis after a dashed line (see
+    `policy_epoch_series`). Returns None when no row has that kind.
 
     Example:
         >>> plot_policy_epochs([{"epoch": 1, "field": {"f1": 0.9, "f2": 0.5}},
         ...                     {"epoch": 2, "field": {"f1": 0.7, "f2": 0.4}}], Path("ep.png"))
         PosixPath('ep.png')
     """
-    acc: dict[str, dict[float, list[float]]] = {}
-    for i, r in enumerate(history_rows):
-        if "epoch" not in r:
-            raise ValueError(f"history_rows[{i}] has no 'epoch' key: {sorted(r)}")
-        for name, v in (r.get(kind) or {}).items():
-            acc.setdefault(name, {}).setdefault(float(r["epoch"]), []).append(float(v))
-    if not acc:
+    lines, stages = policy_epoch_series(history_rows, kind)
+    if not lines:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for (name, by_epoch), (color, style) in zip(acc.items(), _line_styles(len(acc))):
-        epochs = sorted(by_epoch)
-        ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], style, color=color,
-                marker="o", markersize=3, label=name)
+    for (name, (xs, ys)), (color, style) in zip(lines.items(), _line_styles(len(lines))):
+        ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=name)
+    for x, name in stages:
+        ax.axvline(x, color="0.4", linestyle="--", linewidth=0.8)
+        ax.text(x, 1.0, f" {name}", va="top", ha="left", fontsize=8, color="0.3")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch" if not stages else "epoch (the stages of the run in turn)")
     ax.set_ylabel("fraction choosing the tuned path")
     ax.set_title(title or f"Tuned-path fraction per {kind} over the epochs")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8,
-              ncol=max(1, math.ceil(len(acc) / 20)))
+              ncol=max(1, math.ceil(len(lines) / 20)))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -731,10 +731,18 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=N
     # field over the epochs (validation rows) and by the value's frequency in the target.
     gated = next((r for r in runs if r.get("policy_by_frequency")), None)
     if gated is not None:
-        epochs = [{"epoch": h["epoch"], **h["policy"]} for h in gated.get("history", [])
-                  if h.get("policy") and h["policy"].get("field")]
+        # A frequency-rule model that was trained and then not kept is left out: the plot
+        # shows the stages of the model the run reports.
+        dropped = gated.get("frequency_retrained") is False
+        epochs = [{"epoch": h["epoch"], **h["policy"],
+                   **({"stage": h["stage"]} if h.get("stage") else {})}
+                  for h in gated.get("history", [])
+                  if h.get("policy") and h["policy"].get("field")
+                  and not (dropped and str(h.get("stage", "")).startswith("k="))]
         if epochs:
-            plot_policy_epochs(epochs, run_dir / "policy_epochs.png")
+            plot_policy_epochs(epochs, run_dir / "policy_epochs.png",
+                               title=f"Tuned-path fraction per field over the epochs "
+                                     f"({gated['strategy']}, seed {gated['seed']})")
         plot_policy_by_frequency(gated["policy_by_frequency"],
                                  run_dir / "policy_by_frequency.png")
     return table, rows
