@@ -34,13 +34,14 @@ def test_rule_compares_counts_and_bags_by_their_mean_log_count():
     net = _Net(["a", "b"], ["tags"], [5])
     batch = _Batch(torch.tensor([[1, 2], [3, 4], [0, 1]]),
                    torch.tensor([[[6, 7, 5]], [[6, 6, 5]], [[5, 5, 5]]]))
+    # Row 2's bag is empty: no value to judge, left to the network (True) at every k.
     assert rule.tuned(batch, net).tolist() == [[True, True, True], [True, True, True],
-                                               [False, True, False]]
+                                               [False, True, True]]
     rule.set_threshold(30)
     # bag [2, 200]: mean log1p = (log 3 + log 201) / 2 = log(24.6) > log(31): False
     want_bag0 = (math.log1p(2) + math.log1p(200)) / 2 > math.log1p(30)
     assert rule.tuned(batch, net).tolist() == [[False, False, want_bag0],
-                                               [True, True, False], [False, False, False]]
+                                               [True, True, False], [False, False, True]]
     for bad in (-1, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="frequency threshold"):
             rule.set_threshold(bad)

@@ -296,7 +296,13 @@ def test_policy_stats_count_eval_forwards_since_reset(fmap, data):
     stats = model.policy_stats()
     assert list(stats["field"]) == ["user", "item", "hour", "tags"]
     assert list(stats["layer"]) == ["mlp_0", "mlp_1", "output"]
+    tags = stats["field"].pop("tags")
     assert all(v == pytest.approx(96 / 128) for d in stats.values() for v in d.values())
+    # An empty bag has no row to choose: not counted for its field.
+    pad = model.net.multihot_pad.view(1, -1, 1)
+    full = (data.multihot != pad).any(dim=2)[:, 0]
+    assert not bool(full.all()), "the fixture should hold empty bags"
+    assert tags == pytest.approx(full.sum().item() / (full.sum().item() + full[:32].sum().item()))
     model.reset_policy_stats()
     assert model.policy_stats() == {"field": {}, "layer": {}}
     model.force_gates(None)
@@ -306,7 +312,10 @@ def test_policy_stats_count_eval_forwards_since_reset(fmap, data):
     model(data)
     gates = model.last_gates
     stats = model.policy_stats()
-    assert list(stats["field"].values()) == pytest.approx((gates["field"][..., 1] > 0.5).float().mean(0).tolist())
+    picked = (gates["field"][..., 1] > 0.5).float()
+    want = picked.mean(0)
+    want[-1] = picked[full, -1].mean()
+    assert list(stats["field"].values()) == pytest.approx(want.tolist())
     assert list(stats["layer"].values()) == pytest.approx((gates["layer"][..., 1] > 0.5).float().mean(0).tolist())
     plain = build_transfer_model("finetune_all", pre, fmap, model_cfg("deepfm"), {}).eval()
     plain(data)

@@ -199,7 +199,7 @@ class AutoFTConfig(_Section):
         "network (Gumbel-softmax gates, trained as policy_objective says); frequency = the "
         "network, with the method's premise as a per-instance rule on top: a lookup whose "
         "value occurs at most k times in the target training rows (a bag: by its mean "
-        "log(1 + count)) takes the frozen row. The model is first trained with k = 0 (only "
+        "log(1 + count); an empty bag is not forced) takes the frozen row. The model is first trained with k = 0 (only "
         "values the target never saw are held frozen); k is then chosen among 0 and frequency_thresholds on validation "
         "AUC (model selection, as compare --tune does); with k > 0 the model is trained "
         "again from the pre-trained start under that rule and kept if its validation AUC is "

@@ -92,7 +92,8 @@ class FrequencyRule(nn.Module):
     That is the method's premise stated as a rule: a row the target saw often can be
     re-learnt from the target; a row it saw a few times is moved by a few noisy optimizer
     steps, and the pre-trained row is the better estimate. A multi-hot bag is judged by the
-    mean log(1 + count) of its tokens against log(1 + threshold). The counts and the
+    mean log(1 + count) of its tokens against log(1 + threshold); an empty bag is not
+    forced. The counts and the
     threshold are buffers: a saved model predicts with the rule it was trained with.
 
     Example::
@@ -159,8 +160,11 @@ class FrequencyRule(nn.Module):
             ids = batch.multihot                                          # [B, Fm, L]
             mask = (ids != net.multihot_pad.view(1, -1, 1)).to(self.counts.dtype)
             logs = torch.log1p(self.counts[ids]) * mask
-            mean = logs.sum(2) / mask.sum(2).clamp_min(1.0)
-            parts.append(mean > torch.log1p(self.threshold))
+            n = mask.sum(2)
+            mean = logs.sum(2) / n.clamp_min(1.0)
+            # An empty bag has no value to judge (and no row: both paths pool to zero), so
+            # the rule leaves it to the network's gate rather than forcing it frozen.
+            parts.append((mean > torch.log1p(self.threshold)) | (n == 0))
         if not parts:
             return torch.zeros(batch.label.shape[0], 0, dtype=torch.bool,
                                device=self.counts.device)

@@ -302,8 +302,9 @@ class TransferModel(nn.Module):
             >>> for batch in iterate_batches(test, 4096, shuffle=False): model(batch)
             >>> model.policy_stats()["field"]      # {'user_id': 0.31, 'item_id': 0.87, ...}
         """
-        if self._stat_tuned is None or self._stat_count == 0:
+        if self._stat_tuned is None or not bool((self._stat_count > 0).any()):
             return {"field": {}, "layer": {}}
+        # A field whose every counted bag was empty has no choice to report: NaN.
         frac = (self._stat_tuned / self._stat_count).tolist()
         nf = len(self.field_gate_names)
         return {"field": dict(zip(self.field_gate_names, frac[:nf])),
@@ -354,7 +355,7 @@ class TransferModel(nn.Module):
         # Kept for inspection (tests, debugging): the forward gate values of this batch.
         self.last_gates = {"field": gates[0] if self.field_embedding is not None else None,
                            "layer": gates[-1] if self.layer_gate_names else None}
-        self._record(gates)
+        self._record(gates, batch)
         return out
 
     def _frozen_input(self, batch) -> torch.Tensor:
@@ -552,9 +553,11 @@ class TransferModel(nn.Module):
 
         return apply
 
-    def _record(self, parts: list) -> None:
+    def _record(self, parts: list, batch) -> None:
         """``parts``: the batch's gate tensors [B, G_i, 2] (fields, then layers), joined only
-        where they are used (a training step without a tuned penalty or budget needs none)."""
+        where they are used (a training step without a tuned penalty or budget needs none).
+        In eval mode the choices are counted for ``policy_stats``; an empty multi-hot bag
+        has no row to choose and is not counted for its field."""
         if self.training:
             # Only kept when it is used: it holds the batch's autograd graph until the next step.
             cfg = self.autoft_config
@@ -563,11 +566,23 @@ class TransferModel(nn.Module):
             return
         gates = _joined(parts)
         self._last_tuned_fraction = None
-        chosen = (gates[..., 1] > 0.5).sum(dim=0).to(torch.float64)
+        picked = gates[..., 1] > 0.5                                        # [B, G]
+        counted = None
+        net = self.net
+        if self.field_embedding is not None and net.multihot_fields:
+            ns, nm = len(net.single_fields), len(net.multihot_fields)
+            counted = torch.ones_like(picked)
+            counted[:, ns:ns + nm] = (batch.multihot
+                                      != net.multihot_pad.view(1, -1, 1)).any(dim=2)
+            picked = picked & counted
+        chosen = picked.sum(dim=0).to(torch.float64)
+        seen = (counted.sum(dim=0).to(torch.float64) if counted is not None
+                else torch.full_like(chosen, float(gates.shape[0])))
         if self._stat_tuned is None or self._stat_tuned.device != chosen.device:
             self._stat_tuned = torch.zeros_like(chosen)
+            self._stat_count = torch.zeros_like(chosen)
         self._stat_tuned += chosen
-        self._stat_count += gates.shape[0]
+        self._stat_count += seen
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, tau={self._tau}"
