@@ -237,6 +237,31 @@ def test_search_grid_and_tune_pick_on_validation(tmp_path):
         assert {r["setting"] for r in runs if r["strategy"] == strategy} == {best["setting"]}
 
 
+def test_tune_resume_reuses_runs_by_their_setting_not_their_place_in_the_grid(tmp_path):
+    import csv
+    import dataclasses
+    from autoft_fast.config import SearchConfig
+    from autoft_fast.train.runner import compare
+    cfg = _exp(tmp_path, search={"lr": [3e-3, 3e-2]}, strategies=["finetune_all"], seeds=[0])
+    run_dir = tmp_path / "tuned"
+    compare(cfg, run_dir, tune=True, progress=False)
+    first = {g["setting"]: g for g in csv.DictReader(open(run_dir / "grid.csv"))}
+    # The grid grows at the front: the old settings' runs are read back, the new one trains.
+    wider = dataclasses.replace(cfg, search=SearchConfig.from_dict({"lr": [3e-4, 3e-3, 3e-2]}))
+    compare(wider, run_dir, tune=True, resume=True, progress=False)
+    again = {g["setting"]: g for g in csv.DictReader(open(run_dir / "grid.csv"))}
+    assert set(again) == {"lr=0.0003", "lr=0.003", "lr=0.03"}
+    for name, row in first.items():
+        assert again[name]["test_auc"] == row["test_auc"], name
+    assert again["lr=0.0003"]["test_auc"] != first["lr=0.003"]["test_auc"]
+    # A finished run of other settings in a run's folder is refused, not reused.
+    folder = run_dir / "search" / "finetune_all" / "lr=0.003-seed0"
+    rec = json.loads((folder / "result.json").read_text())
+    (folder / "result.json").write_text(json.dumps(dict(rec, training_config_hash="0" * 16)))
+    with pytest.raises(ValueError, match="holds a finished finetune_all run .* of other settings"):
+        compare(wider, run_dir, tune=True, resume=True, progress=False)
+
+
 def test_start_best_keeps_the_given_weights_unless_beaten():
     model = ToyModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}

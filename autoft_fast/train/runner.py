@@ -607,8 +607,19 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir, "last.pt")  # left by a kill during a checkpoint write
     result_path = out_dir / "result.json"
+    # What this run's result depends on (the setting of a --tune grid included): a finished
+    # run of other settings in this folder is refused on resume, never reused.
+    settings = config_hash(cfg.training_dict())
     if resume and result_path.is_file():
         rec = json.loads(result_path.read_text())
+        if rec.get("training_config_hash", settings) != settings:
+            raise ValueError(
+                f"--resume: {out_dir} holds a finished {strategy} run (seed {seed}) of other "
+                "settings than this config gives it (the config's data, model, pretrain, "
+                "finetune, autoft or search section changed): start a new run folder")
+        # Where the scores are now (the folder may have moved, or the path been relative).
+        if (out_dir / "test_scores.npy").is_file():
+            rec["test_scores_path"] = str(out_dir / "test_scores.npy")
         log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
         return rec
     t0 = time.perf_counter()
@@ -641,7 +652,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     model.to(device)
     domains = _domain_names(bundle)
     rec = {"strategy": strategy, "seed": seed, "best_epoch": None, "epochs_run": 0,
-           "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": []}
+           "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": [],
+           "training_config_hash": settings}
     if row.trains:
         trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last.pt", seed=seed,
                           tau_schedule=_tau_schedule(cfg),
@@ -784,6 +796,13 @@ def _setting_name(setting: dict) -> str:
     return ",".join(parts) or "default"
 
 
+def _setting_folder(setting: dict) -> str:
+    """A folder name for a grid setting: its name with every character outside
+    [A-Za-z0-9._=,+-] replaced by '_' (the values are numbers, None or names)."""
+    import re
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", _setting_name(setting))
+
+
 def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool = False,
                   progress: bool | None = None,
                   keep_models: bool = False) -> tuple[list[dict], list[dict]]:
@@ -798,10 +817,13 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
     rows, by_setting = [], []
     monitor = cfg.finetune.monitor
     column = f"valid_{monitor}"
-    for i, setting in enumerate(search_grid(cfg, strategy)):
+    for setting in search_grid(cfg, strategy):
         c = _with_setting(cfg, setting)
+        # Folders named by the setting, not its place in the grid: a resume with a grid
+        # extended or reordered reuses exactly the runs of the same setting.
         recs = [run_strategy(c, bundle, state, strategy, seed,
-                             out / strategy / f"setting{i}-seed{seed}", resume=resume,
+                             out / strategy / f"{_setting_folder(setting)}-seed{seed}",
+                             resume=resume,
                              progress=progress, keep_model=keep_models) for seed in cfg.seeds]
         valid = [r.get("valid_best") for r in recs]
         valid = [v for v in valid if v is not None and not math.isnan(v)]
