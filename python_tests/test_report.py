@@ -70,6 +70,25 @@ def test_a_strategy_without_a_finite_auc_reads_n_a_not_nan():
     assert "nan" not in markdown_summary(summary)
 
 
+def test_a_diverged_run_leaves_its_seed_out_of_the_paired_test(labels, caplog):
+    rng = np.random.default_rng(5)
+    runs = make_runs(rng, labels, {"finetune_all": 0.0, "autoft": 0.3}, seeds=3)
+    diverged = next(r for r in runs if r["strategy"] == "autoft" and r["seed"] == 1)
+    diverged["test_scores"] = np.full(labels.size, np.nan)
+    diverged["auc"] = float("nan")
+    rows = aggregate(runs, labels=labels)
+    auto = next(r for r in rows if r["strategy"] == "autoft")
+    assert auto["paired_seeds"] == 2 and auto["p_value"] is not None
+    assert "autoft seed 1" in caplog.text and "not all finite" in caplog.text
+    # Every seed diverged: no paired columns, the table still written.
+    for r in runs:
+        if r["strategy"] == "autoft":
+            r["test_scores"] = np.full(labels.size, np.nan)
+    auto = next(r for r in aggregate(runs, labels=labels) if r["strategy"] == "autoft")
+    assert auto["auc_diff_mean"] is None and auto["mark"] == ""
+    assert "n/a" in markdown_table(aggregate(runs, labels=labels))
+
+
 def test_aggregate_paired_columns_match_an_independent_computation(labels, tmp_path):
     rng = np.random.default_rng(1)
     runs = make_runs(rng, labels, {"finetune_all": 0.0, "autoft": 0.5, "l2sp": -0.5,

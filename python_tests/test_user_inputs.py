@@ -201,6 +201,32 @@ def test_a_split_with_one_label_fails_before_training(tmp_path, capsys):
     assert not list((tmp_path / "runs").glob("*/runs/*/checkpoint*"))
 
 
+def test_a_test_split_needs_two_rows_of_each_label():
+    from types import SimpleNamespace as NS
+    from autoft_fast.train.runner import check_label_classes
+    data_cfg = NS(label="click", domain=NS(target="tgt", source=["src"]))
+
+    def bundle(test_labels):
+        splits = {"target_train": [0, 1], "target_test": list(test_labels)}
+        return NS(splits={k: _Split(v) for k, v in splits.items()})
+
+    check_label_classes(bundle([0, 1, 0, 1]), data_cfg)
+    for labels, counts in (([0, 0, 0, 1], "1 row of label 1 and 3 of label 0"),
+                           ([1, 1, 1, 0], "3 rows of label 1 and 1 of label 0")):
+        with pytest.raises(DataError, match=f"split 'target_test' of target domain 'tgt' "
+                                            f"holds {counts}: the paired significance tests"):
+            check_label_classes(bundle(labels), data_cfg)
+
+
+class _Split:
+    def __init__(self, labels):
+        import torch
+        self.label = torch.tensor(labels, dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.label)
+
+
 def test_every_target_is_checked_before_any_training(tmp_path, capsys):
     exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
     assert main(["compare", "-c", str(exp), "--targets", "tgt,nowhere",

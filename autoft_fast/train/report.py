@@ -11,13 +11,17 @@ them); the labels are an argument. Without scores those columns read n/a.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .progress import LOGGER_NAME
 from .stats import seed_paired_summary
+
+log = logging.getLogger(LOGGER_NAME)
 
 __all__ = ["RUN_COLUMNS", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "aggregate",
            "aggregate_by_target", "markdown_table", "write_runs_csv", "write_results_csv",
@@ -120,6 +124,13 @@ def _paired(rs: list[dict], base_rs: list[dict], labels, alpha: float) -> dict |
                 raise ValueError(
                     f"test scores of run ({rec['strategy']!r}, seed {rec['seed']!r}) have "
                     f"{sc.size} values for {y.size} test labels")
+        bad = [rec for rec, sc in ((r, sa), (b, sb)) if not np.isfinite(sc).all()]
+        if bad:  # a diverged run: no paired test for this seed (its AUC reads NaN)
+            log.warning("the test scores of %s are not all finite (a "
+                        "diverged run?): seed %r is left out of %s's paired comparison",
+                        " and ".join(f"{x['strategy']} seed {x['seed']!r}" for x in bad),
+                        r["seed"], r["strategy"])
+            continue
         per_seed.append({"labels": y, "scores_a": sa, "scores_b": sb, "seed": r["seed"]})
     return seed_paired_summary(per_seed, alpha=alpha) if per_seed else None
 

@@ -225,7 +225,8 @@ def load_data(cfg, target: str | None = None):
 
 def check_label_classes(bundle, data_cfg) -> None:
     """Every split holds both labels, or a DataError naming the split: its AUC (early
-    stopping, model selection, the reported metric) is undefined otherwise."""
+    stopping, model selection, the reported metric) is undefined otherwise. The target's
+    test split holds at least two of each (the report's paired tests need them)."""
     for name, split in bundle.splits.items():
         n = len(split)
         positives = int(split.label.sum().item()) if n else 0
@@ -239,6 +240,14 @@ def check_label_classes(bundle, data_cfg) -> None:
                 f"({n:,} row{'s' if n != 1 else ''}): "
                 f"its AUC is undefined; check the label column '{data_cfg.label}', or give the "
                 "split more rows (data.split fractions, or more data)")
+        if name == "target_test" and n and min(positives, n - positives) < 2:
+            # The report's paired tests (DeLong's variance of the AUC) need two of each.
+            raise DataError(
+                f"split '{name}' of target domain '{data_cfg.domain.target}' holds "
+                f"{positives} row{'s' if positives != 1 else ''} of label 1 and "
+                f"{n - positives} of label 0: the paired significance tests of the report "
+                "need at least 2 of each; give the split more rows (data.split fractions, "
+                "or more data)")
 
 
 def _data_fingerprint(bundle) -> str:
