@@ -239,6 +239,7 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
                run_dir: Path | None = None) -> Path:
     import yaml
 
+    from ._io import write_text_atomic
     from .train.distributed import is_main_process
     from .train.progress import setup_logging
     from .train.runner import make_run_dir
@@ -255,15 +256,23 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
     if getattr(args, "threads_line", None):
         log.info("%s", args.threads_line)
     log.info("backend: %s on %s", cfg.resolved_backend(), cfg.torch_device())
-    if not resumed and main:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if main and not resumed:
         meta = {"command": command, "config": str(getattr(args, "config", None) or "<demo>"),
                 "training_config_hash": _training_hash(cfg),
-                "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **(extra or {})}
+                "argv": getattr(args, "argv", sys.argv[1:]), "started": now, **(extra or {})}
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
-        # The effective config: defaults filled in, backend 'auto' resolved to the one used.
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump(cfg.to_dict(resolve_backend=True), sort_keys=False))
+    elif main:
+        # A resume may add seeds or strategies: run.json lists each resume's command line.
+        meta = json.loads((run_dir / "run.json").read_text())
+        meta.setdefault("resumed", []).append({"argv": getattr(args, "argv", sys.argv[1:]),
+                                               "at": now})
+        write_text_atomic(json.dumps(meta, indent=2), run_dir / "run.json")
+    if main:
+        # The effective config of the latest start (defaults filled in, backend 'auto'
+        # resolved to the one used): with a resume's seeds and strategies.
+        write_text_atomic(yaml.safe_dump(cfg.to_dict(resolve_backend=True), sort_keys=False),
+                          run_dir / "config.yaml")
     return run_dir
 
 
@@ -523,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="bench", bench_args=argv[1:], debug=False)
     else:
         args = parser.parse_args(argv)
+    args.argv = argv  # the command line run.json records
     from .config import ConfigError
     from .train.checkpoint import CheckpointError
     from .train.progress import log_to_file, setup_logging

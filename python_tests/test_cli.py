@@ -201,6 +201,16 @@ def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, cap
                     for r in csv.DictReader(f)]
     assert records(resumed) == records(straight)
     assert "resumed from" in (resumed / "log.txt").read_text()
+    # run.json keeps the start and lists the resume; config.yaml is the latest start's.
+    meta = json.loads((resumed / "run.json").read_text())
+    assert meta["argv"][-1] == "--no-progress" and "--resume" not in meta["argv"]
+    assert meta["resumed"][0]["argv"] == ["compare", "--config", str(exp), "--resume",
+                                          "--no-progress"]
+    assert main(["compare", "--config", str(exp), "--resume", str(resumed), "--seeds", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["seeds"] == [0, 1]
+    assert len(json.loads((resumed / "run.json").read_text())["resumed"]) == 2
 
     # Resuming with changed training settings is refused in one line.
     exp2 = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},

@@ -9,7 +9,8 @@ import pytest
 from autoft_fast.train.metrics import auc
 from autoft_fast.train.report import (_auc_figure, aggregate, aggregate_by_target,
                                       auc_axis_limits, markdown_summary, markdown_table,
-                                      plot_auc, plot_policy_by_frequency, plot_policy_epochs,
+                                      plot_auc, plot_policy, plot_policy_by_frequency,
+                                      plot_policy_epochs,
                                       policy_epoch_series,
                                       significance_mark, summary_across_targets,
                                       tuned_fraction_by_frequency, write_results_csv)
@@ -281,6 +282,23 @@ def test_plot_auc_png_limits_marks_and_legend_outside(labels, tmp_path):
     plt.close(fig)
 
 
+def test_plot_policy_legend_leaves_the_bars_free(tmp_path):
+    from autoft_fast.train.report import _policy_figure
+    per = {s: {f"f{i}": [0.97, 0.99] for i in range(6)} for s in ("autoft_field", "autoft")}
+    fig, ax = _policy_figure(per, "field")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend_box = ax.get_legend().get_window_extent(renderer)
+    assert len(ax.patches) == 12
+    for bar in ax.patches:
+        assert not legend_box.overlaps(bar.get_window_extent(renderer))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    runs = [{"strategy": "autoft", "seed": 0, "policy_stats": {"field": {"f": 0.5}}}]
+    assert plot_policy(runs, "field", tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+    assert plot_policy(runs, "layer", tmp_path / "l.png") is None
+
+
 def test_plot_policy_epochs(tmp_path):
     hist = [{"epoch": e, "field": {f"f{i}": (0.9 - 0.1 * e + 0.03 * i) for i in range(22)},
              "layer": {"mlp_0": 0.5}} for e in range(1, 6)]
@@ -322,6 +340,13 @@ def test_the_policy_epochs_plot_leaves_out_a_discarded_stage(tmp_path, monkeypat
         rows, title = seen[0]
         assert [r.get("stage") for r in rows] == stages
         assert title.endswith("(autoft, seed 2)")
+    # A later start of the folder without a policy leaves no policy file of the earlier one.
+    folder = tmp_path / "True"
+    assert (folder / "policy_by_frequency.png").is_file()
+    (folder / "policy.csv").write_text("kind,name\n")
+    plain = {"strategy": "finetune_all", "seed": 0, "auc": 0.7, "logloss": 0.5}
+    runner.write_outputs(folder, [plain], ["finetune_all"])
+    assert not list(folder.glob("policy*")) and (folder / "results.md").is_file()
 
 
 def test_plot_policy_by_frequency(tmp_path):

@@ -797,6 +797,13 @@ def plot_policy(runs: Sequence[dict], kind: str, path: Path) -> Path | None:
             d.setdefault(k, []).append(float(v))
     if not per_strategy:
         return None
+    fig, _ = _policy_figure(per_strategy, kind)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _policy_figure(per_strategy: dict[str, dict[str, list[float]]], kind: str):
     plt = _pyplot()
     keys: list[str] = []
     for d in per_strategy.values():
@@ -811,11 +818,10 @@ def plot_policy(runs: Sequence[dict], kind: str, path: Path) -> Path | None:
         ax.bar(x + (i - (len(strategies) - 1) / 2) * width, vals, width, label=s)
     ax.set_xticks(x)
     ax.set_xticklabels(keys, rotation=45, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("fraction choosing the tuned path")
     ax.set_title(f"Tuned-path fraction per {kind} (test set)")
-    ax.legend()
+    # Outside the axes: the fractions are often near 1, where a legend inside would sit.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig, ax

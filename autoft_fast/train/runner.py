@@ -740,6 +740,11 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=N
     table = markdown_table(rows)
     write_runs_csv(runs, run_dir / "runs.csv")
     write_results_csv(rows, run_dir / "results.csv")
+    # The policy files of an earlier start of this folder (a resume may run other
+    # strategies): removed, and written again where these runs have a policy.
+    for name in ("policy.csv", "policy_fields.png", "policy_layers.png", "policy_epochs.png",
+                 "policy_by_frequency.png"):
+        (run_dir / name).unlink(missing_ok=True)
     write_policy_csv(runs, run_dir / "policy.csv")
     policy = policy_table(runs)
     if policy:  # the policies' behaviour goes with the results (mean over seeds, test rows)
@@ -765,7 +770,10 @@ def write_outputs(run_dir: Path, runs: list[dict], order: list[str], *, labels=N
                                title=f"Tuned-path fraction per field over the epochs "
                                      f"({gated['strategy']}, seed {gated['seed']})")
         plot_policy_by_frequency(gated["policy_by_frequency"],
-                                 run_dir / "policy_by_frequency.png")
+                                 run_dir / "policy_by_frequency.png",
+                                 title=f"Tuned-path fraction by the value's count in the target "
+                                       f"training rows ({gated['strategy']}, seed "
+                                       f"{gated['seed']}, test rows)")
     return table, rows
 
 
