@@ -214,6 +214,8 @@ def test_targets_key_is_checked(tmp_path):
         _exp(tmp_path, targets=["a", "a"])
     cfg = _exp(tmp_path).with_overrides(targets="tgt,tgt_b")
     assert cfg.target_domains() == ["tgt", "tgt_b"]
+    assert _exp(tmp_path).with_overrides(targets=" tgt , tgt_b,").target_domains() == [
+        "tgt", "tgt_b"]
 
 
 def test_search_grid_and_tune_pick_on_validation(tmp_path):

@@ -258,7 +258,8 @@ def _targets(value, where: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = [v for v in value.split(",") if v]
+        # "a, b" as --strategies reads it: the spaces around a comma are not part of a name.
+        value = [v.strip() for v in value.split(",") if v.strip()]
     if (not isinstance(value, (list, tuple)) or not value
             or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in value)):
         raise ConfigError(f"{where} must be a non-empty list of domain values, got {value!r}")
