@@ -121,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true",
                    help="give every strategy the same small grid of its own hyper-parameters "
                         "(the search: section: learning rate for all, l2sp_alpha, the policy's "
-                        "learning rate and tuned budget), pick each on validation AUC and report "
+                        "learning rate and tuned budget), pick each on the validation score of "
+                        "finetune.monitor (AUC; or LogLoss) and report "
                         "the test metrics of the picks (grid.csv, picks.json)")
     p.add_argument("--targets", metavar="A,B,...",
                    help="comma-separated target domains, each in turn the target with the "
-                        "other listed domains joining the source; prints each target's table "
+                        "other listed domains (and the data's own target) joining the source; "
+                        "prints each target's table "
                         "and a summary across targets (default: the config's targets)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted comparison: its run directory, or the latest "
