@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from autoft_fast.config import AutoFTConfig, ConfigError, parse_config
+from autoft_fast.config import AutoFTConfig, ConfigError, DataError, parse_config
 from autoft_fast.models.frequency import ValueFrequencies, count_rows
 from autoft_fast.train.holdout import split_holdout
 from autoft_fast.train.trainer import Trainer
@@ -209,6 +209,21 @@ def test_compare_over_two_targets_writes_each_table_and_a_summary(tmp_path):
     assert info["valid_auc"] == info["valid_auc"]
 
 
+def test_target_folders_stay_inside_the_run_folder(tmp_path, caplog):
+    from autoft_fast.train.runner import compare, target_folder
+    assert target_folder("news/sport") == "news_sport" and target_folder("..") == "_.."
+    assert target_folder("tgt a") == "tgt a" and target_folder("zielé") == "zielé"
+    cfg = _exp(tmp_path, targets=["a/b", "a_b"])
+    with pytest.raises(ConfigError, match="give the same folder name"):
+        compare(cfg, tmp_path / "out", progress=False)
+    # A search: section without --tune: said, not silently ignored (the run itself is
+    # stopped here by an unknown target before anything trains).
+    cfg = _exp(tmp_path, targets=["tgt", "nope"], search={"lr": [1e-3]})
+    with pytest.raises(DataError, match="'nope'"):
+        compare(cfg, tmp_path / "out2", progress=False)
+    assert "the search: section is used by compare --tune only" in caplog.text
+
+
 def test_targets_key_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="targets lists a domain twice"):
         _exp(tmp_path, targets=["a", "a"])
@@ -255,6 +270,9 @@ def test_tune_resume_reuses_runs_by_their_setting_not_their_place_in_the_grid(tm
     assert set(again) == {"lr=0.0003", "lr=0.003", "lr=0.03"}
     for name, row in first.items():
         assert again[name]["test_auc"] == row["test_auc"], name
+    picks = json.loads((run_dir / "picks.json").read_text())
+    assert [r["setting"] for r in csv.DictReader(open(run_dir / "runs.csv"))] == [
+        picks["finetune_all"]]
     assert again["lr=0.0003"]["test_auc"] != first["lr=0.003"]["test_auc"]
     # A finished run of other settings in a run's folder is refused, not reused.
     folder = run_dir / "search" / "finetune_all" / "lr=0.003-seed0"

@@ -35,7 +35,7 @@ BASELINE = "finetune_all"
 
 RUN_COLUMNS = ("strategy", "seed", "auc", "logloss", "best_epoch", "epochs_run", "epoch_cap",
                "train_samples_per_s", "train_seconds", "wall_seconds", "target",
-               "frequency_threshold")
+               "frequency_threshold", "setting")
 
 RESULT_COLUMNS = ("strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
                   "auc_gain_pct", "train_samples_per_s", "wall_seconds", "paired_seeds",

@@ -168,6 +168,20 @@ def generate_data(cfg, out_dir: Path | None = None) -> Path:
     return path
 
 
+def target_folder(target: str) -> str:
+    """The folder of a target's outputs under a comparison's run folder: the domain value with
+    path separators (and NUL) replaced by '_', so that it names one folder inside the run
+    folder ('.' and '..' get a '_' in front).
+
+    Example:
+        >>> target_folder("news/sport"), target_folder("..")
+        ('news_sport', '_..')
+    """
+    import re
+    name = re.sub(r"[/\\\x00]", "_", str(target))
+    return "_" + name if name in ("", ".", "..") else name
+
+
 def retarget(data_cfg, target: str | None):
     """``data_cfg`` with ``target`` as its target domain and every other domain it names
     (its sources, its own target) plus the experiment's other ``targets`` as the source.
@@ -879,8 +893,16 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
     t0 = time.perf_counter()
     targets = cfg.target_domains()
     many = len(targets) > 1
+    folders = {t: target_folder(t) for t in targets}
+    if many and len(set(folders.values())) != len(targets):
+        raise ConfigError(f"targets {targets} give the same folder name "
+                          f"{sorted(folders.values())} (a path separator becomes '_')")
+    if not tune and cfg.search != type(cfg.search)():
+        log.warning("the search: section is used by compare --tune only; this comparison "
+                    "runs every strategy with its configured settings")
     runs, tables, texts, labels_of = [], {}, [], {}
     bundles = {}
+    trained = 0
     if many:
         # Every target's data first: a bad target fails now, not after hours of training.
         for target in targets:
@@ -890,10 +912,10 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                 others = [t for t in targets if t != target]
                 raise DataError(f"targets: with '{target}' as the target (the other targets, "
                                 f"{others}, join the source domains): {exc}") from None
-            (run_dir / target).mkdir(parents=True, exist_ok=True)
-            check_run_data(run_dir / target, bundles[target], resume)
+            (run_dir / folders[target]).mkdir(parents=True, exist_ok=True)
+            check_run_data(run_dir / folders[target], bundles[target], resume)
     for target in targets:
-        out = run_dir / target if many else run_dir
+        out = run_dir / folders[target] if many else run_dir
         bundle = bundles.pop(target) if many else load_data(cfg, target)
         if not many:
             check_run_data(out, bundle, resume)
@@ -911,6 +933,7 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                                               keep_models=keep_models)
                 these += picked
                 grid += rows_
+                trained += len(rows_) * len(cfg.seeds)
                 _write_grid(out, grid)
             else:
                 for seed in cfg.seeds:
@@ -938,5 +961,7 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
         table, rows = full, summary
     else:
         table, rows = texts[0], tables[next(iter(tables))]
-    log.info("compare: %d runs in %.1f s", len(runs), time.perf_counter() - t0)
+    log.info("compare: %d runs%s in %.1f s", len(runs),
+             f" reported ({trained} over the search grids)" if tune else "",
+             time.perf_counter() - t0)
     return table, rows, runs
