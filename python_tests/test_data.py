@@ -4,6 +4,7 @@ bucketing, cache, every bad input, and batching."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -557,3 +558,53 @@ def test_id_dtype_is_int32_until_the_table_needs_int64():
 
     assert id_dtype(1) == np.int32 and id_dtype(2**31 - 1) == np.int32
     assert id_dtype(2**31) == np.int64
+
+
+def test_a_float_categorical_has_one_text_form_across_files_and_at_predict(tmp_path):
+    from autoft_fast.data.encode import RowEncoder
+    frame = make_frame()
+    frame["item"] = np.array([1.0, 2.0, 3.0, 2.5])[np.arange(len(frame)) % 4]
+    # 2.5 only in the first file: the second file alone is integral.
+    half = len(frame) // 2
+    a, b = frame.iloc[:half].copy(), frame.iloc[half:].copy()
+    b["item"] = np.where(b["item"] == 2.5, 3.0, b["item"])
+    a.to_parquet(tmp_path / "a.parquet", index=False)
+    b.to_parquet(tmp_path / "b.parquet", index=False)
+    bundle = prepare_data(DataConfig.from_dict(base_dict(files=["a.parquet", "b.parquet"]),
+                                               tmp_path))
+    assert sorted(bundle.vocabularies["item"]) == ["1.0", "2.0", "2.5", "3.0"]
+    assert bundle.feature_map.extra["float_text_integral"] == {"item": False}
+    enc = RowEncoder(DataConfig.from_dict(base_dict(files=["a.parquet"]), tmp_path),
+                     bundle.feature_map, bundle.vocabularies)
+    # New rows whose floats happen to be integral: the training form, not the unknown value.
+    rows = b.head(8).reset_index(drop=True)
+    oov = bundle.feature_map.fields[1].vocab_size - 1 + bundle.feature_map.fields[1].offset
+    got = enc.encode(rows).sparse[:, 1]
+    assert not bool((got == oov).any())
+    texted = rows.assign(item=rows["item"].map(lambda v: f"{v:.1f}"))
+    assert torch.equal(enc.encode(texted).sparse, enc.encode(rows).sparse)
+    # A pandas categorical with a missing value (a Parquet dictionary column) encodes too.
+    cat = rows.assign(user=pd.Categorical(rows["user"].where(rows.index != 3)))
+    plain = rows.assign(user=rows["user"].where(rows.index != 3))
+    assert torch.equal(enc.encode(cat).sparse, enc.encode(plain).sparse)
+
+
+def test_a_numeric_column_meeting_zero_padded_values_is_warned_about(tmp_path):
+    from autoft_fast.data.encode import RowEncoder
+    frame = make_frame()
+    frame["item"] = frame["item"].map(lambda v: f"00{v}")
+    write(tmp_path, frame)
+    cfg = DataConfig.from_dict(base_dict(), tmp_path)
+    bundle = prepare_data(cfg)
+    enc = RowEncoder(cfg, bundle.feature_map, bundle.vocabularies)
+    rows = frame.head(5).copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.encode(rows)  # text: nothing to say
+    numeric = rows.assign(item=rows["item"].astype(int))
+    with pytest.warns(UserWarning, match=r"column 'item' of the new rows holds numbers \(int64\)"
+                                         r".*leading zeros \(e.g. '00"):
+        enc.encode(numeric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.encode(numeric)  # once per column

@@ -437,6 +437,10 @@ def _standardise(vals: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, float, 
 def assert_same(new: DataBundle, old: DataBundle) -> None:
     fa, fb = new.feature_map.to_dict(), old.feature_map.to_dict()
     ma, mb = fa["extra"].pop("dense_mean_std"), fb["extra"].pop("dense_mean_std")
+    # The text form of Parquet float columns, kept for the encoder of new rows: the old
+    # pipeline did not record it (the vocabularies below show the form it used).
+    integral = fa["extra"].pop("float_text_integral", None)
+    assert integral is None or all(isinstance(v, bool) for v in integral.values())
     assert fa == fb  # fields, ids, bucket edges to the last bit
     assert ma.keys() == mb.keys()
     for k in ma:  # chunked sums: equal to float64 rounding

@@ -276,3 +276,28 @@ def test_a_run_with_sampled_evaluation_gates_warns_that_predictions_are_draws(fi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_run(model)  # argmax gates: no warning
+
+
+def test_predict_copies_parquet_columns_exactly_and_ignores_unused_list_columns(finetuned,
+                                                                                tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _, run_dir = finetuned
+    run = load_run(run_dir / "run")
+    frame = pd.read_csv(run.info["data"]["files"][0], dtype=str).head(4)
+    table = pa.Table.from_pandas(frame.drop(columns=["row_id"]), preserve_index=False)
+    table = table.append_column("rid", pa.array([10000000001, 123456789012345, None, 7],
+                                                pa.int64()))
+    table = table.append_column("amount", pa.array([1234.56789012, 0.1, 3.0, 1e-12]))
+    table = table.append_column("history", pa.array([[1, 2], [3], None, []]))
+    pq.write_table(table, tmp_path / "ids.parquet")
+    # A list column that is no feature does not stop predict(path) ...
+    probs = run.predict(tmp_path / "ids.parquet")
+    np.testing.assert_allclose(probs.to_numpy(), run.predict(frame).to_numpy(), atol=1e-12)
+    # ... and predict_file copies the other columns as stored, every digit kept.
+    run.predict_file(tmp_path / "ids.parquet", tmp_path / "out.csv")
+    out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+    assert out["rid"].tolist() == ["10000000001", "123456789012345", "", "7"]
+    assert out["amount"].tolist() == ["1234.56789012", "0.1", "3", "1e-12"]
+    assert out["history"].tolist() == ["[1, 2]", "[3]", "", "[]"]
+    np.testing.assert_allclose(out["probability"].astype(float), probs, rtol=1e-8)

@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
@@ -68,6 +70,25 @@ class RowEncoder:
         self.dense = {k: (float(v[0]), float(v[1]))
                       for k, v in extra.get("dense_mean_std", {}).items()}
         self.ids = id_dtype(feature_map.num_rows)
+        # The text form of float columns the training data fixed (see reading.as_text).
+        self.integral = dict(extra.get("float_text_integral", {}))
+        self._checked: set = set()  # columns _check_numbers has looked at
+
+    def _check_numbers(self, column: pd.Series, name: str) -> None:
+        """Warn (once per column) when a numeric dtype meets a vocabulary of zero-padded
+        numbers: pandas read '00961' as 961, which the model has never seen."""
+        if (name in self._checked or not pd.api.types.is_numeric_dtype(column.dtype)
+                or pd.api.types.is_bool_dtype(column.dtype)):
+            return
+        self._checked.add(name)
+        lk = self.lookups[name]
+        padded = lk[lk.astype(str).str.match(r"[+-]?0\d")] if len(lk) else lk
+        if len(padded):
+            warnings.warn(
+                f"column '{name}' of the new rows holds numbers ({column.dtype}), but the "
+                f"model's values of it are text with leading zeros (e.g. {padded[0]!r}), "
+                "which numbers lose: such values become the unknown value; read the rows as "
+                "text (pd.read_csv(..., dtype=str))", stacklevel=3)
 
     def encode(self, frame: pd.DataFrame, first_row: int | None = None) -> TensorData:
         """The rows of ``frame`` as TensorData (label from the label column when the frame
@@ -92,7 +113,8 @@ class RowEncoder:
         by_name = {f.name: f for f in fm.fields}
         sparse = np.empty((n, len(fm.single_fields)), dtype=self.ids)
         for j, c in enumerate(cfg.categorical):
-            text = as_text(frame[c]).fillna("")
+            self._check_numbers(frame[c], c)
+            text = as_text(frame[c], self.integral.get(c)).fillna("")
             lk = self.lookups[c]
             codes = lk.get_indexer(text) if len(lk) else np.full(n, -1)
             info = by_name[c]
@@ -123,6 +145,7 @@ class RowEncoder:
             for jm, m in enumerate(cfg.multihot):
                 info = by_name[m.name]
                 multihot[:, jm, :] = info.pad_id
+                self._check_numbers(frame[m.name], m.name)
                 tok, row, tpos = _tokens(as_text(frame[m.name]), m.sep)
                 lk = self.lookups[m.name]
                 codes = lk.get_indexer(tok) if len(lk) else np.full(len(tok), -1)

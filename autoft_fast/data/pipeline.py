@@ -444,6 +444,12 @@ class _Scan:
 
 def _scan(cfg: DataConfig, chunk_rows: int, spill: "_Spill") -> _Scan:
     infos = [inspect_file(p, cfg, chunk_rows) for p in cfg.files]
+    # One text form per Parquet float column over all files: a value that is '1' in one
+    # file and '1.0' in another would be two vocabulary entries (the encoder of new rows
+    # reuses this decision, see float_text_integral).
+    together = float_text_integral(infos)
+    for info in infos:
+        info.integral.update({c: together[c] for c in info.integral})
     while True:
         try:
             spill.reset()
@@ -451,6 +457,16 @@ def _scan(cfg: DataConfig, chunk_rows: int, spill: "_Spill") -> _Scan:
         except _ShortLine as exc:
             # pandas' reader gives such a line empty values: read that file with it.
             infos[exc.args[0]].engine = "pandas"
+
+
+def float_text_integral(infos: list[FileInfo]) -> dict[str, bool]:
+    """Per Parquet float column: whether its values are integral in every file that holds
+    it as floats (then 1.0 is the text '1', else '1.0'; see reading.as_text)."""
+    out: dict[str, bool] = {}
+    for info in infos:
+        for c, integral in info.integral.items():
+            out[c] = out.get(c, True) and bool(integral)
+    return out
 
 
 def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "_Spill") -> _Scan:
@@ -765,6 +781,7 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
         vocabularies[m.name], lookups[m.name] = vocab, pd.Index(vocab, dtype=object)
         offset += len(vocab) + 2
 
+    texts = {c: v for c, v in float_text_integral(sc.infos).items() if c in cfg.categorical}
     feature_map = FeatureMap(
         fields=fields,
         single_fields=[*cfg.categorical, *(c.name for c in cfg.numeric if c.mode == "bucket")],
@@ -778,6 +795,9 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
             "min_count": cfg.min_count,
             "bucket_edges": {k: v.tolist() for k, v in edges_of.items()},
             "dense_mean_std": {k: [v[1], v[2]] for k, v in dense.items()},
+            # Only where a categorical column is a Parquet float column (the key is absent
+            # otherwise, so the feature maps of other data keep their fingerprints).
+            **({"float_text_integral": texts} if texts else {}),
         },
     )
     feature_map.check()

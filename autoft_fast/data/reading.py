@@ -316,6 +316,16 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     """Any column -> text with NaN for missing; integral floats print as integers so that a
     Parquet ``1.0`` and a CSV ``1`` are the same value. ``integral`` says whether the whole
     file's column is integral (decided once per file, so chunks agree); None decides from ``s``."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        # A pandas categorical (a Parquet dictionary column): its values, in their own dtype.
+        cats = s.cat.categories
+        if pd.api.types.is_float_dtype(cats.dtype):
+            plain = s.astype(np.float64)
+        elif pd.api.types.is_integer_dtype(cats.dtype):
+            plain = s.astype("Int64")  # nullable: a missing value stays missing
+        else:
+            plain = s.astype(object)
+        return as_text(plain, integral)
     if pd.api.types.is_string_dtype(s) and not pd.api.types.is_object_dtype(s):
         return s
     if pd.api.types.is_float_dtype(s):

@@ -157,7 +157,7 @@ class SavedRun:
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
         self._checked_header(Path(data))
         parts, n = [], 0
-        for frame in self.read_frames(data):
+        for frame in self.read_frames(data, list(dict.fromkeys(self.feature_columns))):
             parts.append(self.score_frame(frame, first_row=n))
             n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
@@ -178,12 +178,15 @@ class SavedRun:
         logits = predict_logits(self.model, batch, self.batch_size, device=self.device)
         return torch.sigmoid(logits.double()).numpy()
 
-    def read_frames(self, path, columns: list[str] | None = None, chunk_rows: int | None = None):
-        """Frames of ``path`` (every column as text, or ``columns``), ``chunk_rows`` at a
-        time."""
+    def read_frames(self, path, columns: list[str] | None = None, chunk_rows: int | None = None,
+                    verbatim=()):
+        """Frames of ``path`` (every column, or ``columns``), ``chunk_rows`` at a time.
+        The ``verbatim`` columns are also given as text exactly as stored, in
+        ``frame.attrs["verbatim"]`` (what predict_file copies to its output)."""
         cfg = self.encoder.cfg
         return _read_frames(Path(path), cfg.csv_sep, columns, chunk_rows or PREDICT_CHUNK_ROWS,
-                            {m.name: m.sep for m in cfg.multihot})
+                            {m.name: m.sep for m in cfg.multihot}, frozenset(verbatim),
+                            frozenset(self.feature_columns))
 
     def predict_file(self, data, out, keep: list[str] | None = None, *,
                      force: bool = False) -> int:
@@ -229,8 +232,12 @@ class SavedRun:
         n = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                for frame in self.read_frames(data, needed):
-                    res = frame[keep].copy() if keep else pd.DataFrame(index=frame.index)
+                for frame in self.read_frames(data, needed, verbatim=keep):
+                    # The kept columns as the file stores them (a Parquet int64 id with
+                    # nulls would otherwise pass through float64 and lose digits).
+                    texts = frame.attrs.get("verbatim", {})
+                    res = pd.DataFrame({c: texts.get(c, frame[c]) for c in keep},
+                                       index=frame.index)
                     res[PROBABILITY_COLUMN] = self.score_frame(frame, first_row=n)
                     res.to_csv(f, index=False, header=n == 0, float_format="%.9g")
                     n += len(frame)
@@ -335,9 +342,12 @@ def _sep(path: Path, sep: str) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else sep
 
 
-def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict):
+def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict,
+                 verbatim=frozenset(), features=None):
     """The file's rows as frames (CSV: text columns, missing = NaN), chunk by chunk;
-    Parquet list columns of multi-hot fields are joined by their separator."""
+    Parquet list columns of multi-hot fields are joined by their separator. Parquet
+    ``verbatim`` columns also come as their stored text in ``frame.attrs['verbatim']``
+    (CSV columns are text already); a list column that is not a feature is only that."""
     import pyarrow as pa
 
     fmt = _format(path)
@@ -345,7 +355,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
-            yield _as_frame(batch, list_seps, path)
+            yield _as_frame(batch, list_seps, path, verbatim, features)
         return
     import pyarrow.csv as pcsv
     from ..data.reading import _block_bytes
@@ -395,18 +405,47 @@ def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int):
         raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
 
 
-def _as_frame(batch, list_seps: dict, path: Path) -> pd.DataFrame:
+def _as_frame(batch, list_seps: dict, path: Path, verbatim=frozenset(),
+              features=None) -> pd.DataFrame:
     import pyarrow as pa
 
     from ..data.reading import _list_as_text
 
-    out = {}
+    out, texts = {}, {}
     for name, col in zip(batch.schema.names, batch.columns):
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        if name in verbatim:
+            texts[name] = _stored_text(col)
+        is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+        if is_list and name in verbatim and features is not None and name not in features:
+            out[name] = texts[name]  # copied only, never encoded
+        elif is_list:
             if name not in list_seps:
                 raise DataError(f"column '{name}' in {path.name} is a Parquet list column; "
                                 "only multihot columns may hold lists")
             out[name] = _list_as_text(col, list_seps[name], name, path)
         else:
             out[name] = col.to_pandas()
-    return pd.DataFrame(out)
+    frame = pd.DataFrame(out)
+    if texts:
+        frame.attrs["verbatim"] = texts
+    return frame
+
+
+def _stored_text(col) -> pd.Series:
+    """A Parquet column as the text of its stored values (missing: None): integers keep
+    every digit, floats their shortest round-trip form; a list as JSON."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return pd.Series([None if v is None else json.dumps(v, default=str)
+                          for v in col.to_pylist()], dtype=object)
+    try:
+        return pd.Series(pc.cast(col, pa.string()).to_pylist(), dtype=object)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        return pd.Series([None if v is None else str(v) for v in col.to_pylist()],
+                         dtype=object)
