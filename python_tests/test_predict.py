@@ -199,6 +199,11 @@ def test_damaged_saved_model_is_a_one_line_error(finetuned, tmp_path, capsys):
                  "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "model.pt" in err and "could not be read" in err
+    assert "delete it" not in err and "fine-tune the run again" in err
+    # A model.pt of another model: what does not fit is named, not cut off at a colon.
+    torch.save({"not_a_weight": torch.zeros(2)}, broken / "run" / "model.pt")
+    with pytest.raises(ValueError, match=r"do not fit the model .*not_a_weight"):
+        load_run(broken)
     (broken / "run" / "model.json").write_text("{")
     with pytest.raises(ValueError, match="model.json.*could not be read"):
         load_run(broken)

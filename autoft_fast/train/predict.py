@@ -292,13 +292,26 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     model = build_transfer_model(strategy, pretrained, fm, mcfg, acfg, value_counts=value_counts)
     try:
         state = load_checkpoint(weights_path)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"{str(e).splitlines()[0]}; fine-tune the run again") from None
+    except FileNotFoundError:
+        raise ValueError(f"saved model {str(weights_path)!r} does not exist; fine-tune the "
+                         "run again (or name the folder that holds model.pt)") from None
+    except RuntimeError as e:
+        cause = getattr(e, "__cause__", None) or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"saved model {str(weights_path)!r} could not be read (damaged, "
+                         f"or not a model.pt) [{first[:200]}]; fine-tune the run again "
+                         "to write it anew") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"weights {str(weights_path)!r} do not fit the model in "
-                         f"{INFO_FILE}: {str(e).splitlines()[0]}") from None
+        # torch's message: a header line ending in ':', then one line per mismatch.
+        details = [ln.strip()[:300] + ("..." if len(ln.strip()) > 300 else "")
+                   for ln in str(e).splitlines()[1:] if ln.strip()]
+        shown = "; ".join(details[:3]) + (f"; and {len(details) - 3} more" if len(details) > 3
+                                           else "")
+        raise ValueError(f"weights {str(weights_path)!r} do not fit the model described by "
+                         f"{INFO_FILE} (a model.pt of another run or model?): "
+                         f"{shown or str(e).splitlines()[0]}") from None
     if info.get("tau") is not None and hasattr(model, "set_tau"):
         model.set_tau(float(info["tau"]))
     model.to(device)
