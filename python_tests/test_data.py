@@ -354,6 +354,18 @@ def test_domain_value_with_no_rows(tmp_path, role):
         prepare(tmp_path, domain=dom)
 
 
+def test_a_yaml_number_as_domain_value_gets_the_quoting_hint(tmp_path):
+    # YAML reads `target: 010` as 8: the hint says to quote it.
+    dom = yaml.safe_load("{column: dom, source: [s1, s2], target: 010}")
+    assert dom["target"] == 8
+    with pytest.raises(DataError, match="target domain value '8' matches no rows.*quote it in "
+                                        "the YAML, e.g. '010'"):
+        prepare(tmp_path, domain=dom)
+    with pytest.raises(DataError) as e:  # a name gets no such hint
+        prepare(tmp_path, domain={"column": "dom", "source": ["s1", "s9"], "target": "t"})
+    assert "quote" not in str(e.value)
+
+
 def test_rows_of_other_domains_are_dropped(tmp_path):
     b = prepare(tmp_path, domain={"column": "dom", "source": ["s1"], "target": "t"})
     assert b.stats["rows_other_domains"] == 200

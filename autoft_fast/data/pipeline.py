@@ -620,8 +620,14 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             seen = sc.domain_counts.sort_values(ascending=False, kind="stable").index[:10].tolist()
             where = (f"most common values there: {', '.join(map(repr, seen))}" if seen
                      else "the files have no data rows")
+            hint = ""
+            if str(value).lstrip("-").isdigit():
+                # YAML reads 010 as 8 and 0x1f as 31: the written form is gone by now.
+                hint = ("; a domain value YAML reads as a number loses how it was written "
+                        "(010, 0x1f, 1_000): quote it in the YAML, e.g. '010'")
             raise DataError(
-                f"{role} domain value '{value}' matches no rows of column '{cfg.domain_column}'; {where}"
+                f"{role} domain value '{value}' matches no rows of column "
+                f"'{cfg.domain_column}'; {where}{hint}"
             )
     keep = sc.dom_idx >= 0
     stats["rows_other_domains"] = int((~keep).sum())
