@@ -633,8 +633,9 @@ def test_parquet_list_column_elsewhere_is_an_error_naming_it(tmp_path):
         prepare_data(DataConfig.from_dict(base_dict(files=["data.parquet"]), tmp_path))
 
 
-def test_header_only_file_says_so(tmp_path):
-    (tmp_path / "data.csv").write_text(",".join(make_frame().columns) + "\n")
+@pytest.mark.parametrize("end", ["\n", ""])
+def test_header_only_file_says_so(tmp_path, end):
+    (tmp_path / "data.csv").write_text(",".join(make_frame().columns) + end)
     with pytest.raises(DataError, match="matches no rows of column 'dom'; the files have no data rows"):
         prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
 

@@ -264,6 +264,12 @@ def test_predict_never_writes_over_its_input_and_a_header_only_file_gets_a_line(
     assert main(["predict", "--run", str(run_dir), "--data", str(empty), "--out", str(out),
                  "--keep", "row_id"]) == 0
     assert out.read_text() == "row_id,probability\n"
+    # The header without a final line break is the same file of no rows.
+    empty.write_text(empty.read_text().rstrip("\n"))
+    out.unlink()
+    assert main(["predict", "--run", str(run_dir), "--data", str(empty), "--out", str(out),
+                 "--keep", "row_id"]) == 0
+    assert out.read_text() == "row_id,probability\n"
 
 
 def test_a_run_with_sampled_evaluation_gates_warns_that_predictions_are_draws(finetuned):

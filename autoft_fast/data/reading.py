@@ -188,6 +188,17 @@ def _block_bytes(path: Path, chunk_rows: int) -> int:
     return int(max(min(chunk_rows * len(sample) / lines, ARROW_BLOCK_BYTES), 4 * longest, 1 << 12))
 
 
+def header_only(path: Path) -> bool:
+    """True for a CSV file of one line (the header) without a final line break, which
+    Arrow's reader refuses ("Empty CSV file or block") where it reads a header with one as
+    a file of no rows."""
+    path = Path(path)
+    if path.stat().st_size > 1 << 20:
+        return False
+    text = path.read_bytes().rstrip(b"\r\n")
+    return bool(text) and b"\n" not in text
+
+
 def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Table"]:
     import pyarrow as pa
 
@@ -211,6 +222,8 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
     except pa.ArrowInvalid as exc:  # the first block is parsed on opening
         if short:
             raise _ShortLine() from None
+        if header_only(path):
+            return  # no data rows, as with a final line break
         raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
     pending, n_pending = [], 0
     while True:

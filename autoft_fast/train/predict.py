@@ -397,6 +397,9 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             done += len(frame)
             yield frame
     except pa.ArrowInvalid as e:
+        from ..data.reading import header_only
+        if not short and done == 0 and header_only(path):
+            return  # the header alone, without a final line break: no rows
         if not short:
             raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
         # A line with fewer fields than the header: its missing fields are empty, as in
