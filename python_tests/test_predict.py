@@ -264,6 +264,14 @@ def test_predict_never_writes_over_its_input_and_a_header_only_file_gets_a_line(
     assert main(["predict", "--run", str(run_dir), "--data", str(empty), "--out", str(out),
                  "--keep", "row_id"]) == 0
     assert out.read_text() == "row_id,probability\n"
+    # An --out under a file, or in a folder that cannot be written: named, one line.
+    assert main(["predict", "--run", str(run_dir), "--data", str(new), "--out",
+                 str(new / "x.csv")]) == 2
+    assert f"{str(new)!r} is a file, not a folder" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run_dir), "--data", str(new), "--out",
+                 "/proc/x.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "--out '/proc/x.csv' cannot be written in '/proc'" in err and ".tmp" not in err
     # The header without a final line break is the same file of no rows.
     empty.write_text(empty.read_text().rstrip("\n"))
     out.unlink()

@@ -227,8 +227,16 @@ class SavedRun:
                    "give --keep with the columns to copy (without it)"))
         check_columns([(c, "--keep") for c in keep], header, data)
         needed = list(dict.fromkeys([*self.feature_columns, *keep]))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        blocker = next((p for p in [*reversed(out.parents)] if p.exists() and not p.is_dir()),
+                       None)
+        if blocker is not None:
+            raise DataError(f"--out {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        except OSError as e:
+            raise DataError(f"--out {str(out)!r} cannot be written in {str(out.parent)!r} "
+                            f"({e.strerror or e})") from None
         n = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
