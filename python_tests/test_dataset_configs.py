@@ -118,6 +118,10 @@ def test_movielens_join_keeps_every_rating_and_derives_the_label(tmp_path):
     assert len(df) == len(ratings) and df["genres"].notna().all() and df["occupation"].notna().all()
     assert (df["click"].astype(int) == (ratings[2].astype(int) >= 4).astype(int)).all()
     assert list(df["timestamp"]) == list(ratings[3])
+    before = (tmp_path / "movies.dat").read_bytes()
+    with pytest.raises(ValueError, match="is the input file movies.dat"):
+        join_movielens_1m(tmp_path, tmp_path / "movies.dat")
+    assert (tmp_path / "movies.dat").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="users.dat"):
         (tmp_path / "users.dat").unlink()
         join_movielens_1m(tmp_path, tmp_path / "x.csv")

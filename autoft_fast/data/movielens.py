@@ -21,11 +21,15 @@ def join_movielens_1m(src_dir: Path | str, out_csv: Path | str) -> Path:
     """Read ``ratings.dat``, ``users.dat`` and ``movies.dat`` from ``src_dir`` ('::'-separated,
     no header, Latin-1 as GroupLens ships them), join the user and movie columns onto every
     rating, add ``click = rating >= 4``, drop the rating and the title, and write ``out_csv``
-    (rows in the ratings file's order). Returns ``out_csv``."""
+    (rows in the ratings file's order; an existing file of that name is replaced, never one
+    of the inputs). Returns ``out_csv``."""
     src = Path(src_dir)
     for name in ("ratings.dat", "users.dat", "movies.dat"):
         if not (src / name).is_file():
             raise FileNotFoundError(f"MovieLens-1M file not found: {src / name}")
+        if Path(out_csv).exists() and (src / name).samefile(out_csv):
+            raise ValueError(f"out_csv {str(out_csv)!r} is the input file {name}: give "
+                             "another name (e.g. ml1m.csv)")
 
     def read(name, cols):
         return pd.read_csv(src / name, sep="::", engine="python", header=None, names=cols,
@@ -38,5 +42,7 @@ def join_movielens_1m(src_dir: Path | str, out_csv: Path | str) -> Path:
     df["click"] = (df["rating"].astype(int) >= LIKED_RATING).astype(int)
     cols = ["user_id", "movie_id", "timestamp", "gender", "age", "occupation", "zip", "genres", "click"]
     out = Path(out_csv)
-    df[cols].to_csv(out, index=False)
+    tmp = out.with_name(f".{out.name}.tmp")
+    df[cols].to_csv(tmp, index=False)
+    tmp.replace(out)  # written whole, or not at all
     return out
