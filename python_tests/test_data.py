@@ -620,3 +620,15 @@ def test_a_numeric_column_meeting_zero_padded_values_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         enc.encode(numeric)  # once per column
+
+
+def test_a_file_without_a_header_line_is_named_as_such(tmp_path):
+    frame = make_frame()
+    (tmp_path / "data.csv").write_text(frame.to_csv(index=False, header=False).replace(
+        ",", ",,", 3))
+    with pytest.raises(DataError, match="column 'click' .* not found .* seems to have no header"):
+        prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
+    write(tmp_path, frame.rename(columns={"click": "clicked"}))
+    with pytest.raises(DataError) as e:  # a real header that lacks a column: no such hint
+        prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
+    assert "did you mean 'clicked'" in str(e.value) and "no header" not in str(e.value)

@@ -128,6 +128,10 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
             hint = same_case or difflib.get_close_matches(col, present, n=1)
             shown = ", ".join(present[:30]) + (" ..." if len(present) > 30 else "")
             seps = [c for c in ",;\t|" if len(present) == 1 and c in present[0]]
+            # A first line of numbers and empty fields is data, not names.
+            looks_like_data = len(present) > 1 and sum(
+                p.strip() == "" or p.strip().lstrip("+-").replace(".", "", 1).isdigit()
+                for p in present) >= 0.5 * len(present)
             raise DataError(
                 f"column '{col}' ({role}) not found in {path.name}"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
@@ -135,6 +139,9 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
                 + (f" (the header is one column holding {seps[0]!r}: is the file separated "
                    "by another character than the one it is read with? A .tsv file is read "
                    "as tab-separated, any other CSV with data.csv_sep)" if seps else "")
+                + (" (the first line holds numbers and empty fields: the file seems to have "
+                   "no header line; add one with the column names, e.g. as docs/datasets.md "
+                   "shows for Criteo's files)" if looks_like_data and not seps else "")
             )
 
 
