@@ -301,7 +301,9 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
                 raise _UserError(f"--resume {value!r} ran {k} {meta.get(k)!r}, not {v!r}")
         if meta.get("training_config_hash") != _training_hash(cfg):
             raise _UserError(f"--resume {value!r}: the config's data, model, pretrain, finetune "
-                             "or autoft section changed since that run started")
+                             "or autoft section changed since that run started (the data "
+                             "files count by their absolute paths: a moved project or data "
+                             "folder counts as a change)")
         return d
     prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
     cands = [d for d in Path(cfg.run_dir).glob(f"{prefix}-*") if (d / "run.json").is_file()]
