@@ -53,6 +53,10 @@ def test_aggregate_without_scores_keeps_the_old_columns():
     assert cells[0] == "autoft" and cells[3] == "-0.42%"
     assert cells[6:] == ["n/a", "n/a", "", "n/a"]
     assert [c.strip() for c in lines[2].strip("|").split("|")][6] == "ref"
+    alone = markdown_table(aggregate([{"strategy": "autoft", "seed": 0, "auc": 0.7,
+                                       "logloss": 0.5}]))
+    assert "which this comparison did not run" in alone
+    assert "did not run" not in markdown_table(rows)
 
 
 def test_a_strategy_without_a_finite_auc_reads_n_a_not_nan():

@@ -308,6 +308,9 @@ def markdown_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
             f"(same seed); interval and p from DeLong's test on the test rows with the spread "
             f"over seeds folded in (random effects). `*`: better than {baseline} at "
             f"p < {alpha:g}; `(-)*`: worse at p < {alpha:g}.")
+    if rows and not any(r["strategy"] == baseline for r in rows):
+        notes.append(f"The AUC gain and ΔAUC columns compare with {baseline}, which this "
+                     f"comparison did not run: add it to the strategies to fill them.")
     capped = [r for r in rows if r.get("runs_with_cap") is not None]
     if capped:
         k = sum(r["best_epoch_at_cap"] for r in capped)
