@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "feature or the label); --keep '' keeps none")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--backend", metavar="NAME",
-                   help="gated-embedding backend (default: auto, the fastest on the device)")
+                   help="gated-embedding backend (default: auto, the first of cpu, cuda, "
+                        "triton, reference available on the device)")
     p.add_argument("--device", metavar="DEV", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: cores minus the load average, at least 1)")

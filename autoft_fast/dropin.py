@@ -201,6 +201,10 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
         return self.table.frozen_weight
 
     @property
+    def tuned_weight(self) -> torch.Tensor:
+        return self.table.tuned_weight
+
+    @property
     def sparse(self) -> bool:
         return self.table.sparse
 
@@ -227,8 +231,10 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
 class GatedEmbeddingBagSlot(_EmbeddingAttributes, _Gated):
     """Stands in for an ``nn.EmbeddingBag``: same call ``(input, offsets, per_sample_weights)``.
 
-    Until the fused op pools bags, the frozen and the tuned table are pooled separately with
-    ``F.embedding_bag`` (the module's ``mode``, offsets and per-sample weights as given) and
+    The gated bag op takes no max pooling, padding_idx, include_last_offset or trained
+    per-sample weights, which a bag module may use; so the frozen and the tuned table are
+    pooled separately with ``F.embedding_bag`` (the module's ``mode``, offsets and per-sample
+    weights as given) and
     the two pooled vectors are mixed with one straight-through Gumbel gate per bag.
 
     Example::

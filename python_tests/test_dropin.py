@@ -497,6 +497,10 @@ def test_slots_keep_the_attributes_of_the_modules_they_replace():
                      "scale_grad_by_freq"):
             assert getattr(slot, attr) == getattr(original, attr), attr
     assert bag.mode == "mean" and bag.include_last_offset is False
+    for slot, original in ((table, base.table), (bag, base.bag)):  # the two tables, as documented
+        assert torch.equal(slot.frozen_weight, original.weight)
+        assert torch.equal(slot.tuned_weight, original.weight)
+        assert slot.tuned_weight.requires_grad and not slot.frozen_weight.requires_grad
 
 
 def test_a_layer_without_forward_is_refused_at_wrap_time():

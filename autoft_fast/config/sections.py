@@ -124,8 +124,9 @@ class AutoFTConfig(_Section):
     SECTION = "autoft"
 
     backend: str = setting("auto", after=_backend, doc=(
-        "the gated-embedding backend of the field gates; auto = the fastest available for "
-        "the device (the run directory's config.yaml records the one used)"))
+        "the gated-embedding backend of the field gates; auto = the first available for "
+        "the device in the registry's order cpu, cuda, triton, reference (the run "
+        "directory's config.yaml records the one used)"))
     sparse: bool = setting(False, doc=(
         "sparse (COO) gradients for the tuned embedding table (the trainer then uses "
         "SparseAdam for it)"))
@@ -239,7 +240,8 @@ class AutoFTConfig(_Section):
         "warm-up epochs are never the best epoch. 0 (no warm-up): chosen on validation AUC "
         "over four synthetic settings (benchmarks/RESULTS.md, 'Policy learning defaults')"))
     policy_warmup_gates: str = setting("random", choices=("random", "tuned"), doc=(
-        "the gates during the warm-up: random (50/50 Gumbel draws) or tuned (forced)"))
+        "the gates during the warm-up: random (Gumbel draws at the policy's prior, "
+        "policy_init_tuned: 50/50 by default) or tuned (forced)"))
     tuned_budget: float | None = setting(None, minimum=0.0, maximum=1.0, doc=(
         "a target for the fraction of tuned choices (SpotTune's global-policy idea as a "
         "budget): the loss gets tuned_budget_weight * max(0, fraction - tuned_budget); "

@@ -1,7 +1,7 @@
 """A synthetic multi-domain CTR data set in which the choice AutoFT makes matters.
 
 Designed from the method's premise, before any model was trained on it (and not tuned
-afterwards). The premise (docs/autoft-method.md): a model pre-trained on large source domains
+afterwards). The premise (AutoFT, arXiv 2106.04873; docs/models.md): a model pre-trained on large source domains
 is adapted to a small target domain; some of what it learnt transfers, some does not, and
 which is which differs per field and per instance. The generator builds exactly that world,
 with a known ground truth, so that each effect can be switched off to check what it does.
