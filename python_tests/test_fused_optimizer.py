@@ -244,3 +244,45 @@ def test_attach_fused_optimizers_rejects_unknown_name():
     from autoft_fast.modules import attach_fused_optimizers
     with pytest.raises(ValueError, match="embedding_optimizer = 'fused_lamb'"):
         attach_fused_optimizers(torch.nn.Linear(2, 2), "fused_lamb", lr=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_table_changed_before_its_backward_is_refused_not_read_stale(backend):
+    # Two calls of one fused table in one backward: the second backward would read rows the
+    # first already updated (a wrong logit gradient); a second backward through one call
+    # the same. Every backend refuses both, as autograd refuses a tensor edited in place.
+    message = "the tuned table changed between this call's forward and its backward"
+    emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(6, 4), optimizer="sgd",
+                                                     lr=1.0, backend=backend)
+    lp, ln = torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    pos, _ = emb(torch.tensor([0, 1, 2]), lp, hard=False, noise=False)
+    neg, _ = emb(torch.tensor([2, 0, 3]), ln, hard=False, noise=False)
+    with pytest.raises(RuntimeError, match=message):
+        (pos.sum() - neg.sum()).backward()
+    out, _ = emb(torch.tensor([0, 1, 1]), torch.randn(3, 2, requires_grad=True), noise=False)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        out.sum().backward()
+    # One call per step, step after step: no complaint, and the rows do move.
+    before = emb.tuned_weight.detach().clone()
+    for _ in range(3):
+        out, _ = emb(torch.tensor([0, 1, 1]), torch.tensor([[-9.0, 9.0]] * 3), noise=False)
+        out.sum().backward()
+    assert not torch.equal(before[:2], emb.tuned_weight.detach()[:2])
+    # An in-place edit between forward and backward: refused too.
+    logits = torch.randn(3, 2, requires_grad=True)
+    out, _ = emb(torch.tensor([0, 1, 2]), logits, hard=False, noise=False)
+    with torch.no_grad():
+        emb.tuned_weight.add_(1.0)
+    with pytest.raises(RuntimeError, match=message):
+        out.sum().backward()
+
+
+def test_a_computed_tuned_table_is_refused_with_an_optimizer():
+    base = torch.randn(5, 3, requires_grad=True)
+    opt = FusedOptimizer("sgd", lr=0.1)
+    tuned = base * 1.0
+    with pytest.raises(ValueError, match="tuned_weight must be a leaf tensor"):
+        autoft_fast.gated_embedding(torch.tensor([0, 1]), base.detach(), tuned,
+                                    torch.randn(2, 2), optimizer=opt,
+                                    optimizer_state=opt.new_state(tuned))

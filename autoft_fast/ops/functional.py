@@ -66,6 +66,9 @@ class _FusedStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.row, ctx.optimizer, ctx.state, ctx.inputs = row, optimizer, state, inputs
         ctx.tuned_weight = tuned_weight
+        # The backward reads the table's rows for the logit gradient: they must be the rows
+        # this forward read (see _check_unchanged).
+        ctx.version = tuned_weight._version
         ctx.logits_shape = logits.shape
         if row.is_reference:
             with torch.enable_grad():
@@ -84,9 +87,27 @@ class _FusedStep(torch.autograd.Function):
         return out, gates
 
     @staticmethod
+    def _check_unchanged(ctx, weight) -> None:
+        if weight._version != ctx.version:
+            raise RuntimeError(
+                "gated_embedding with optimizer=: the tuned table changed between this call's "
+                "forward and its backward (the fused update of another call of the same table "
+                "in this backward, an earlier backward through this call, or an in-place "
+                "edit), so the logit gradient would read updated rows. Look a step's rows of "
+                "one table up in one call (concatenate the indices and logits), and run one "
+                "backward per call")
+
+    @staticmethod
+    def _updated(weight) -> None:
+        # The kernels write the rows through a pointer: tell autograd the table changed, so
+        # that any later backward which saved it refuses (as for an in-place op).
+        torch.autograd.graph.increment_version(weight)
+
+    @staticmethod
     def backward(ctx, grad_out, grad_gates):
         indices, frozen_weight, seed, uniforms, tau, hard, noise = ctx.inputs
         row, weight = ctx.row, ctx.tuned_weight
+        _FusedStep._check_unchanged(ctx, weight)
         if row.is_reference:
             out, gates, t_leaf, l_leaf = ctx.graph
             g_t, g_l = torch.autograd.grad(
@@ -115,6 +136,7 @@ class _FusedStep(torch.autograd.Function):
                     None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
                     indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
                     hard, noise, *opt.kernel_args(weight, ctx.state))
+                _FusedStep._updated(weight)
             grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
             return None, grad_logits, None, None, None, None
         else:
@@ -134,6 +156,8 @@ class _FusedStep(torch.autograd.Function):
         if not fused_optim.updates_paused() and ctx.needs_input_grad[0]:
             with torch.no_grad():
                 opt.apply(weight.detach(), rows, values, ctx.state)
+            if not fused_optim.updates_are_redirected():
+                _FusedStep._updated(weight)
         grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
         return None, grad_logits, None, None, None, None
 
@@ -256,6 +280,10 @@ def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, 
     if not isinstance(optimizer, fused_optim.FusedOptimizer):
         raise TypeError(f"optimizer must be a FusedOptimizer or None, got {type(optimizer).__name__}")
     optimizer.check_state(tuned_weight, state)
+    if tuned_weight.requires_grad and not tuned_weight.is_leaf:
+        raise ValueError("tuned_weight must be a leaf tensor (a Parameter) when optimizer is "
+                         "given: the backward updates it in place, and the update of a "
+                         "computed tensor would never reach the weights it came from")
     if not tuned_weight.is_contiguous():
         raise ValueError("tuned_weight must be contiguous when optimizer is given (the backward "
                          f"updates its rows in place), got strides {tuned_weight.stride()}")
