@@ -380,3 +380,21 @@ def test_int8_quantisation_in_row_blocks_names_the_right_row_and_matches_one_blo
     w[777, 2] = float("nan")
     with pytest.raises(ValueError, match="weight row 777 "):
         quant.quantize_int8(w)
+
+
+@pytest.mark.parametrize("backend", LOW_BACKENDS + ["reference"])
+@pytest.mark.parametrize("rows", [0, 1, 2])
+def test_int8_rows_of_odd_width_read_one_row_or_none(backend, rows):
+    # One row (or none) of an int8 table with odd D sits at an odd byte offset: its float16
+    # scale must still be read (the evaluation path gathers exactly the frozen picks).
+    table = torch.randn(5, 3)
+    packed = quant.quantize_int8(table)
+    idx = torch.arange(rows)
+    assert torch.equal(quant.dequantize(packed[idx]), quant.dequantize(packed)[idx])
+    emb = autoft_fast.GatedEmbedding.from_pretrained(table, frozen_dtype="int8", backend=backend)
+    assert torch.equal(emb.frozen_rows(torch.tensor([4])), quant.dequantize(packed)[4:5])
+    # One lookup chooses the frozen row, the other the tuned one.
+    logits = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    with torch.no_grad():
+        out, _ = emb(torch.tensor([0, 1]), logits, noise=False)
+    assert torch.equal(out[0], quant.dequantize(packed)[0]) and torch.equal(out[1], table[1])

@@ -121,7 +121,10 @@ def _quantize_rows(weight: torch.Tensor, first_row: int) -> torch.Tensor:
 
 def int8_scales(packed: torch.Tensor) -> torch.Tensor:
     """The float16 per-row scales ``[...]`` of int8 rows ``[..., D + 2]``."""
-    return packed[..., -INT8_EXTRA_BYTES:].contiguous().view(torch.float16).squeeze(-1)
+    # A copy of its own, not .contiguous(): a slice of one row (or none) already counts as
+    # contiguous, at an odd storage offset when D is odd, which a view as float16 refuses.
+    scales = packed[..., -INT8_EXTRA_BYTES:].clone(memory_format=torch.contiguous_format)
+    return scales.view(torch.float16).squeeze(-1)
 
 
 def dequantize(frozen_weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
