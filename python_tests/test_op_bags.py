@@ -255,3 +255,19 @@ def test_gated_embedding_module_bag_matches_functional():
                                             mode="sum", noise=False)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(gates, torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("backend", BAG_BACKENDS + ["reference"])
+def test_a_hard_bag_gate_reads_only_the_chosen_pool(backend):
+    # As for lookups: with hard gates a NaN or inf in the pool not chosen cannot reach the
+    # output (z0 * F + z1 * T would give 0 * NaN = NaN).
+    frozen, tuned = torch.randn(4, 3), torch.randn(4, 3)
+    frozen[1] = float("nan")  # in bag 0's frozen pool; bag 0 takes the tuned one
+    tuned[2] = float("inf")   # in bag 1's tuned pool; bag 1 takes the frozen one
+    values, offsets = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 4])
+    logits = torch.tensor([[-5.0, 5.0], [5.0, -5.0]])
+    out, gates = autoft_fast.gated_embedding_bag(values, offsets, frozen, tuned, logits,
+                                                 noise=False, mode="sum", backend=backend)
+    assert gates.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    assert torch.equal(out[0], tuned[0] + tuned[1])
+    assert torch.equal(out[1], frozen[2] + frozen[3])

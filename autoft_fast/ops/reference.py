@@ -186,5 +186,8 @@ def reference_gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, 
     zeros = torch.zeros((bags, dim), dtype=compute, device=idx.device)
     pooled_frozen = zeros.index_add(0, bag_ids, frozen_rows * w[:, None])
     pooled_tuned = zeros.index_add(0, bag_ids, tuned_rows * w[:, None])
-    out = gates[:, 0:1] * pooled_frozen + gates[:, 1:2] * pooled_tuned
+    if hard:  # the chosen pool itself: a NaN / inf in the other cannot reach the output
+        out = _HardMix.apply(gates, pooled_frozen, pooled_tuned)
+    else:
+        out = gates[:, 0:1] * pooled_frozen + gates[:, 1:2] * pooled_tuned
     return out.to(tuned_weight.dtype), gates.to(compute)

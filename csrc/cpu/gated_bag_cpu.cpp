@@ -182,8 +182,17 @@ std::tuple<at::Tensor, at::Tensor> gated_embedding_bag_fwd_cpu(
           for (int64_t b = b0; b < b1; ++b) {
             const BagGate g = bag_gate(in.src, lp, b, static_cast<float>(tau), hard);
             pool_bag(vp, wp, op[b], op[b + 1], mode, fp, tp, D, pf.data(), pt.data());
-            for (int64_t d = 0; d < D; ++d) {
-              outp[b * D + d] = static_cast<scalar_t>(g.z0 * pf[d] + g.z1 * pt[d]);
+            if (hard) {
+              // The chosen pool itself (z is one-hot): a NaN or inf in the other pool cannot
+              // reach the output, as for lookups (0 * inf would be NaN).
+              const float* chosen = g.z1 != 0.0f ? pt.data() : pf.data();
+              for (int64_t d = 0; d < D; ++d) {
+                outp[b * D + d] = static_cast<scalar_t>(chosen[d]);
+              }
+            } else {
+              for (int64_t d = 0; d < D; ++d) {
+                outp[b * D + d] = static_cast<scalar_t>(g.z0 * pf[d] + g.z1 * pt[d]);
+              }
             }
             gp[2 * b] = g.z0;
             gp[2 * b + 1] = g.z1;
