@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from .ops import fused_optim, memory, quant
+from .ops import fused_optim, memory, quant, validate
 from .ops.functional import gated_embedding, gated_embedding_bag
 from .ops.fused_optim import STEP, FusedOptimizer, check_kind
 from .ops.registry import check_backend_name
@@ -308,16 +309,22 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
                  lr: float | None = None, eps: float | None = None, betas=(0.9, 0.999),
                  frozen_dtype=None):
         super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
         if num_embeddings <= 0 or embedding_dim <= 0:
             raise ValueError(f"num_embeddings = {num_embeddings} and embedding_dim = "
                              f"{embedding_dim} must both be positive")
+        num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         check_backend_name(backend)
         # Both tables in memory advised for huge pages where that applies (ops/memory.py).
         weight = memory.empty((num_embeddings, embedding_dim), device=device, dtype=dtype)
         nn.init.normal_(weight)
         self.register_buffer("frozen_weight", self._store_frozen(weight, frozen_dtype))
         self.tuned_weight = nn.Parameter(weight)
-        self.sparse = bool(sparse)
+        self.sparse = validate.check_flag("sparse", sparse)
         if self.sparse:
             keep_sparse_grad_coalesced(self.tuned_weight)
         self.backend = backend

@@ -117,3 +117,13 @@ def test_cpu_sparse_gradient_reaches_the_optimizer_coalesced():
     g2 = emb.tuned_weight.grad
     assert not g2.is_coalesced() or torch.equal(g2._indices()[0], torch.unique(g2._indices()[0]))
     torch.testing.assert_close(g2.to_dense(), g2.coalesce().to_dense())
+
+
+def test_bad_module_arguments_are_named():
+    from autoft_fast import GatedEmbedding
+    for args, kw, message in (((10.5, 4), {}, "num_embeddings must be an int, got 10.5"),
+                              (("10", 4), {}, "num_embeddings must be an int, got '10'"),
+                              ((10, 4), {"sparse": "False"}, "sparse must be True or False"),
+                              ((10, 4), {"dtype": torch.int64}, "dtype must be a floating")):
+        with pytest.raises(TypeError, match=message):
+            GatedEmbedding(*args, **kw)

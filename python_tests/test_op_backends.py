@@ -1,5 +1,6 @@
 """Every kernel backend against the float64 reference, on the contract of docs/op-contract.md."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,25 @@ def test_backend_auto_picks_first_available():
     out, _ = autoft_fast.gated_embedding(torch.tensor([1, 2]), f, f.clone(), torch.zeros(2, 2),
                                          noise=False)
     torch.testing.assert_close(out, f[[1, 2]])  # a tie picks the frozen row
+
+
+@pytest.mark.parametrize("backend", [b for b in autoft_fast.available_backends("cpu")])
+def test_a_loss_on_the_gates_alone_gives_the_table_no_gradient(backend):
+    # As autograd gives the reference: None, not a [V, D] table of zeros that an optimizer
+    # with weight decay or momentum would still step on.
+    tuned = torch.randn(6, 3, requires_grad=True)
+    logits = torch.randn(4, 2, requires_grad=True)
+    _, gates = autoft_fast.gated_embedding(torch.tensor([0, 1, 1, 5]), torch.randn(6, 3), tuned,
+                                           logits, seed=3, backend=backend)
+    (gates[:, 1] * torch.arange(4.0)).sum().backward()
+    assert tuned.grad is None and logits.grad is not None
+    tuned = torch.randn(6, 3, requires_grad=True)
+    _, gates = autoft_fast.gated_embedding_bag(torch.tensor([0, 1, 5]), torch.tensor([0, 2, 3]),
+                                               torch.randn(6, 3), tuned,
+                                               torch.randn(2, 2, requires_grad=True),
+                                               seed=3, backend=backend)
+    gates.sum().backward()
+    assert tuned.grad is None
+    for flag in (np.True_, np.False_):  # a NumPy bool is a bool
+        autoft_fast.gated_embedding(torch.tensor([1]), torch.randn(6, 3), torch.randn(6, 3),
+                                    torch.randn(1, 2), hard=flag, noise=flag, backend=backend)

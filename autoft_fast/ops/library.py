@@ -182,6 +182,9 @@ def _make_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
         indices, frozen_weight, tuned_weight, logits, seed, uniforms = saved
         tau, hard, noise, sparse = ctx.options
         name, coalesced = backend_of(indices.device.type)
+        # Only the gates got a gradient: none reaches the table (None, as autograd gives
+        # the reference), not a table of zeros that an optimizer would still step on.
+        out_used = grad_out is not None
         grad_out, anchors = _grad_inputs(grad_out, grad_gates, tuned_weight, logits,
                                          indices.shape[0])
         with torch.no_grad():
@@ -192,7 +195,7 @@ def _make_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
         grad_tuned, grad_logits = _grad_outputs(
             grad_tuned, grad_logits, grad_rows, name=name, anchors=anchors, sparse=sparse,
             coalesced=coalesced, tuned_weight=tuned_weight)
-        if not ctx.needs_input_grad[2]:
+        if not ctx.needs_input_grad[2] or not out_used:
             grad_tuned = None
         if not ctx.needs_input_grad[3]:
             grad_logits = None
@@ -261,6 +264,7 @@ def _make_bag_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
         values, offsets, weights, frozen_weight, tuned_weight, logits, seed, uniforms = ctx.saved_tensors
         tau, hard, noise, mode, sparse = ctx.options
         name, coalesced = backend_of(values.device.type)
+        out_used = grad_out is not None  # as for lookups: no table gradient without one
         grad_out, anchors = _grad_inputs(grad_out, grad_gates, tuned_weight, logits,
                                          logits.shape[0])
         with torch.no_grad():
@@ -272,7 +276,7 @@ def _make_bag_backward(bwd_op, backend_of: Callable[[str], tuple[str, bool]]):
             grad_tuned, grad_logits, grad_rows, name=name, anchors=anchors, sparse=sparse,
             coalesced=coalesced, tuned_weight=tuned_weight)
         grads = [None] * len(BAG_FWD.args)
-        grads[_BAG_TUNED] = grad_tuned if ctx.needs_input_grad[_BAG_TUNED] else None
+        grads[_BAG_TUNED] = grad_tuned if ctx.needs_input_grad[_BAG_TUNED] and out_used else None
         grads[_BAG_LOGITS] = grad_logits if ctx.needs_input_grad[_BAG_LOGITS] else None
         return tuple(grads)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .quant import INT8_EXTRA_BYTES, frozen_dim, is_quantised
@@ -77,7 +78,10 @@ def check_tau(tau) -> float:
 
 
 def check_flag(name: str, value) -> bool:
-    """A bool option (``hard``, ``noise``, ``sparse``): a bool, never a string or a number."""
+    """A bool option (``hard``, ``noise``, ``sparse``): a bool (NumPy's too), never a string
+    or a number."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
