@@ -320,3 +320,12 @@ def test_predict_copies_parquet_columns_exactly_and_ignores_unused_list_columns(
     assert out["amount"].tolist() == ["1234.56789012", "0.1", "3", "1e-12"]
     assert out["history"].tolist() == ["[1, 2]", "[3]", "", "[]"]
     np.testing.assert_allclose(out["probability"].astype(float), probs, rtol=1e-8)
+
+
+def test_stored_text_of_columns_arrow_cannot_cast():
+    import pyarrow as pa
+    from autoft_fast.train.predict import _stored_text
+    col = pa.array([{"a": 1}, None, {"a": 20000000000000001}])
+    assert _stored_text(col).tolist() == ["{'a': 1}", None, "{'a': 20000000000000001}"]
+    ids = pa.array(["x", None, "x"]).dictionary_encode()
+    assert _stored_text(ids).tolist() == ["x", None, "x"]

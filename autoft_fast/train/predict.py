@@ -470,6 +470,6 @@ def _stored_text(col) -> pd.Series:
                           for v in col.to_pylist()], dtype=object)
     try:
         return pd.Series(pc.cast(col, pa.string()).to_pylist(), dtype=object)
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+    except pa.ArrowException:  # a type Arrow cannot cast to text: Python's str of each value
         return pd.Series([None if v is None else str(v) for v in col.to_pylist()],
                          dtype=object)
