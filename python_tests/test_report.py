@@ -365,6 +365,20 @@ def test_plot_policy_by_frequency(tmp_path):
         plot_policy_by_frequency([{"field": "f", "bucket": "b"}], tmp_path / "bad.png")
 
 
+def test_a_bucket_where_no_instance_chose_tuned_is_marked(tmp_path, monkeypatch):
+    # A 0-height bar would look like a bucket without instances: it gets a dash on the axis.
+    import matplotlib.axes
+    dashes = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: dashes.append(list(a[0])) or real(self, *a, **k))
+    rows = [{"field": f, "bucket": b, "tuned_fraction": v, "count": 10}
+            for f in ("user_id", "item_id") for b, v in (("unseen", 0.0), (">=50", 0.9))]
+    rows.pop(2)  # item_id has no unseen instances: no bar and no dash there
+    plot_policy_by_frequency(rows, tmp_path / "zero.png")
+    assert len(dashes) == 1 and len(dashes[0]) == 1  # user_id's unseen bucket only
+
+
 def test_tuned_fraction_by_frequency_against_a_loop():
     rng = np.random.default_rng(7)
     train = {"f1": rng.integers(0, 30, 400), "f2": rng.integers(0, 5, 50)}

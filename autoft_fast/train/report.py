@@ -709,13 +709,22 @@ def plot_policy_by_frequency(rows: Sequence[dict], path: Path, *,
     for j, b in enumerate(buckets):
         vals = [acc[(f, b)][0] / acc[(f, b)][1] if (f, b) in acc and acc[(f, b)][1] > 0
                 else np.nan for f in fields]
-        ax.bar(x + (j - (len(buckets) - 1) / 2) * width, vals, width, label=b,
-               color=cmap(j / max(1, len(buckets) - 1)))
+        pos = x + (j - (len(buckets) - 1) / 2) * width
+        color = cmap(j / max(1, len(buckets) - 1))
+        ax.bar(pos, vals, width, label=b, color=color)
+        # A bucket with instances of which none chose the tuned path: a dash on the axis,
+        # so that it does not look like a bucket without instances (no bar at all).
+        zero = [p for p, v in zip(pos, vals) if v == 0]
+        if zero:
+            ax.plot(zero, [0.01] * len(zero), linestyle="none", marker="_",
+                    markersize=max(4.0, 60 * width), markeredgewidth=2.5, color=color)
     ax.set_xticks(x)
     ax.set_xticklabels(fields, rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction choosing the tuned path")
     ax.set_title(title or "Tuned-path fraction by the value's frequency in the target")
+    ax.text(1.01, 0.0, "a dash at 0: instances, none tuned;\nno bar: no instances",
+            transform=ax.transAxes, fontsize=7, va="bottom", color="0.35")
     ax.legend(title="count in target train", loc="upper left", bbox_to_anchor=(1.01, 1.0),
               frameon=False, fontsize=8)
     fig.tight_layout()
