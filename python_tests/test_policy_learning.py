@@ -525,3 +525,22 @@ def test_policy_init_tuned_refuses_a_certain_prior():
             AutoFTConfig.from_dict({"policy_init_tuned": bad})
         with pytest.raises(ValueError, match="init_tuned"):
             PolicyNetwork(4, [8], 3, init_tuned=bad)
+
+
+def test_a_resumed_run_counts_the_wall_time_of_its_first_start(tmp_path, monkeypatch):
+    # The checkpoint carries the fit's wall time over a resume (Trainer); the run's record
+    # adds it to this start's, so the table's time per run is the whole run's.
+    from autoft_fast.train import runner
+    cfg = _exp(tmp_path, strategies=["finetune_all"], seeds=[0])
+    bundle = runner.load_data(cfg)
+    state, _ = runner.pretrain(cfg, bundle, progress=False)
+
+    class Resumed(runner.Trainer):
+        def fit(self, *a, **k):
+            res = super().fit(*a, **k)
+            res.wall_seconds += 100.0  # as if 100 s had passed before a kill
+            return res
+
+    monkeypatch.setattr(runner, "Trainer", Resumed)
+    rec = runner.run_strategy(cfg, bundle, state, "finetune_all", 0, tmp_path / "run")
+    assert 100.0 <= rec["wall_seconds"] < 100.0 + 60.0

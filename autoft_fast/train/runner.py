@@ -674,6 +674,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     device = cfg.torch_device()
     model.to(device)
     domains = _domain_names(bundle)
+    prior_wall = 0.0
     rec = {"strategy": strategy, "seed": seed, "best_epoch": None, "epochs_run": 0,
            "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": [],
            "training_config_hash": settings}
@@ -687,7 +688,10 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                           policy_warmup=acfg.policy_warmup,
                           policy_warmup_gates=acfg.policy_warmup_gates,
                           policy_rotating=rotating)
+        fit_start = time.perf_counter()
         fit = trainer.fit(train, bundle.splits["target_valid"], resume=resume)
+        # A resumed fit: the wall time of its earlier start(s), kept in the checkpoint.
+        prior_wall = max(0.0, fit.wall_seconds - (time.perf_counter() - fit_start))
         rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
                    best_at_cap=fit.best_at_cap,
                    train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
@@ -719,7 +723,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     if main:
         np.save(out_dir / "test_scores.npy", logits.numpy().astype(np.float64))
     rec.update(auc=test["auc"], logloss=test["logloss"], per_domain=test["per_domain"],
-               policy_stats=stats, wall_seconds=time.perf_counter() - t0,
+               policy_stats=stats, wall_seconds=time.perf_counter() - t0 + prior_wall,
                test_scores_path=str(out_dir / "test_scores.npy"))
     if getattr(model, "field_gate_names", None):
         rec["policy_by_frequency"] = _policy_by_frequency(model, test_data, train, cfg, device)
