@@ -277,7 +277,9 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
     "int8"; default: the tuned table's dtype) stores the frozen copy in lower precision: int8
     is row-wise quantised (``autoft_fast.ops.quant``, 18 bytes a row at D = 16 instead of 64)
     and the kernels dequantise it as they read it; the tuned copy starts from the full-precision
-    weights. In train mode the gates are sampled with Gumbel noise; in
+    weights. ``.float()`` / ``.to(dtype)`` keep that precision of the frozen copy wherever the
+    new tuned dtype can be paired with it (bfloat16 / float16 under float32, int8 under any).
+    In train mode the gates are sampled with Gumbel noise; in
     eval mode they are the deterministic argmax of the logits (pass ``noise=True`` to
     ``forward`` to sample at evaluation too).
 
@@ -341,6 +343,19 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         super().__setstate__(state)
         if self.__dict__.get("sparse"):
             keep_sparse_grad_coalesced(self.tuned_weight)
+
+    def _apply(self, fn, recurse=True):
+        # .float() / .to(dtype) cast every floating buffer: a frozen copy stored in a lower
+        # precision on purpose (frozen_dtype) keeps it where the new tuned dtype can be
+        # paired with it, as the fused optimizer's state keeps float32.
+        frozen = self._buffers.get("frozen_weight")
+        chosen = frozen is not None and frozen.dtype != self.tuned_weight.dtype
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("frozen_weight")
+        if (chosen and new is not None and new.dtype != frozen.dtype
+                and frozen.dtype in frozen_dtypes_for(self.tuned_weight.dtype)):
+            self._buffers["frozen_weight"] = frozen.to(device=new.device)
+        return out
 
     def _store_frozen(self, weight: torch.Tensor, frozen_dtype) -> torch.Tensor:
         if frozen_dtype is None or quant.check_frozen_dtype(frozen_dtype) == weight.dtype:

@@ -398,3 +398,19 @@ def test_int8_rows_of_odd_width_read_one_row_or_none(backend, rows):
     with torch.no_grad():
         out, _ = emb(torch.tensor([0, 1]), logits, noise=False)
     assert torch.equal(out[0], quant.dequantize(packed)[0]) and torch.equal(out[1], table[1])
+
+
+def test_a_chosen_frozen_precision_survives_module_casts():
+    emb = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(8, 4), frozen_dtype="bfloat16")
+    before = emb.frozen_weight.clone()
+    for cast in (lambda m: m.float(), lambda m: m.to(torch.float32), lambda m: m.to("cpu")):
+        cast(emb)
+        assert emb.frozen_weight.dtype == torch.bfloat16 and torch.equal(emb.frozen_weight, before)
+        assert emb.tuned_weight.dtype == torch.float32
+    emb.bfloat16()  # a bfloat16 tuned table: the frozen copy is bfloat16 anyway
+    assert emb.frozen_weight.dtype == torch.bfloat16 == emb.tuned_weight.dtype
+    # A frozen copy of the tuned dtype follows the casts as any buffer does.
+    plain = autoft_fast.GatedEmbedding(8, 4).bfloat16()
+    assert plain.frozen_weight.dtype == torch.bfloat16
+    int8 = autoft_fast.GatedEmbedding.from_pretrained(torch.randn(8, 4), frozen_dtype="int8")
+    assert int8.half().frozen_weight.dtype == torch.int8
