@@ -149,9 +149,19 @@ def test_field_gates_follow_the_rule_in_training_and_evaluation(tmp_path):
         plain.set_frequency_threshold(3)
 
 
-def test_frequency_policy_refuses_the_heldout_objective():
-    with pytest.raises(ConfigError, match="field_policy: frequency"):
-        AutoFTConfig.from_dict({"field_policy": "frequency", "policy_objective": "heldout"})
+def test_frequency_policy_refuses_the_heldout_objective_where_fields_are_gated():
+    from autoft_fast.config import parse_config
+    both = {"field_policy": "frequency", "policy_objective": "heldout"}
+    for strategies in (["autoft"], ["finetune_all", "autoft_field"]):
+        with pytest.raises(ConfigError, match="does not combine with policy_objective: "
+                                              f"heldout in {strategies[-1]}"):
+            parse_config({"synthetic": {}, "autoft": both, "strategies": strategies})
+    # autoft_layer has no field policy: it may train its layer policy on a held-out slice.
+    cfg = parse_config({"synthetic": {}, "autoft": both,
+                        "strategies": ["finetune_all", "autoft_layer"]})
+    assert cfg.autoft.policy_objective == "heldout"
+    with pytest.raises(ConfigError, match="in autoft"):
+        cfg.with_overrides(strategies=["autoft_layer", "autoft"])
     with pytest.raises(ConfigError, match="field_policy"):
         AutoFTConfig.from_dict({"field_policy": "rule"})
 

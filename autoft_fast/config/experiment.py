@@ -332,13 +332,29 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
 
 
 def check_warmup(autoft: AutoFTConfig, finetune: TrainConfig, strategies) -> None:
-    """A warm-up as long as the training leaves no epoch to choose the best from."""
+    """A warm-up as long as the training leaves no epoch to choose the best from; and the
+    frequency field policy with a held-out policy objective, where a field-gated strategy
+    runs (see :func:`check_field_policy`)."""
+    check_field_policy(autoft, strategies)
     gated = [s for s in strategies if STRATEGY_TABLE[s].has_policy]
     if gated and autoft.policy_warmup >= finetune.epochs:
         raise ConfigError(f"autoft.policy_warmup = {autoft.policy_warmup} is not below "
                           f"finetune.epochs = {finetune.epochs}: every epoch of {gated[0]} would "
                           f"be a warm-up epoch, which is never the best one, and its policy would "
                           f"never choose; give fewer warm-up epochs or more epochs")
+
+
+def check_field_policy(autoft: AutoFTConfig, strategies) -> None:
+    """field_policy: frequency trains on every target training row and chooses its threshold
+    on validation: it does not combine with policy_objective: heldout in a strategy with
+    field gates (autoft_field, autoft). autoft_layer has none, so it may use heldout."""
+    fields = [s for s in strategies if STRATEGY_TABLE[s].field_policy]
+    if fields and autoft.field_policy == "frequency" and autoft.policy_objective == "heldout":
+        raise ConfigError(f"autoft: field_policy: frequency trains on every target training "
+                          f"row and chooses its threshold on validation; it does not combine "
+                          f"with policy_objective: heldout in {fields[0]} (set field_policy: "
+                          f"network to train the policy network on a held-out slice, or run "
+                          f"only autoft_layer, which has no field policy)")
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:

@@ -274,11 +274,9 @@ class AutoFTConfig(_Section):
                               "on a fixed held-out slice: it needs policy_objective: heldout with "
                               "policy_holdout_mode: fixed (the other settings train the model "
                               "on every training row already)")
-        if self.field_policy == "frequency" and self.policy_objective == "heldout":
-            raise ConfigError(f"{section}: field_policy: frequency trains on every target "
-                              "training row and chooses its threshold on validation; it does "
-                              "not combine with policy_objective: heldout (set field_policy: "
-                              "network to train the policy network on a held-out slice)")
+        # field_policy: frequency with policy_objective: heldout is refused where a field-gated
+        # strategy runs (experiment.check_warmup; the runner checks again): autoft_layer has
+        # no field policy, and may train its layer policy on a held-out slice.
 
     def tau_at(self, progress: float) -> float:
         """The temperature at training progress ``progress`` in [0, 1] (0 = start, 1 = end).

@@ -665,6 +665,9 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
             train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
     value_counts = None
     frequency = row.field_policy and acfg.field_policy == "frequency"
+    if frequency and acfg.policy_objective == "heldout":  # a config built past parse_config
+        from ..config.experiment import check_field_policy
+        check_field_policy(acfg, [strategy])
     if row.has_policy and ("freq" in acfg.policy_input or frequency):
         num_rows = bundle.feature_map.num_rows
         value_counts = (count_rows(bundle.splits["source_train"], num_rows),
