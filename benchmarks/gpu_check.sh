@@ -8,7 +8,8 @@
 # says so, checks that the benchmark's plan parses (gpu_bench.py --dry-run) and exits 0.
 #
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh
-#   PYTHON=python3 picks the interpreter; BUDGET_S (default 470) caps the whole run;
+#   PYTHON=python3 picks the interpreter; BUDGET_S (default 470) caps the whole run (every
+#   step's time limit is the smaller of its own and what is left of it, at least 30 s);
 #   SKIP_BUILD=1 reuses an extension already built in place; BAG_SHAPES="B:F:D:V:LEN ..."
 #   replaces the benchmark's bag shapes (BAG_SHAPES=none skips the bag op).
 set -uo pipefail
@@ -28,6 +29,8 @@ SECONDS=0
 status=0
 
 section() { echo; echo "=== $* ($SECONDS s) ==="; }
+# A step's time limit: its own ($1 s) or what is left of BUDGET_S, the smaller, at least 30 s.
+cap() { local left=$((BUDGET_S - SECONDS)); [ "$left" -gt "$1" ] && left=$1; [ "$left" -lt 30 ] && left=30; echo "$left"; }
 
 section "environment"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv 2>/dev/null || echo "nvidia-smi not available"
@@ -56,12 +59,12 @@ section "build (CUDA kernels, sm_90, in place)"
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
   export MAX_JOBS="${MAX_JOBS:-16}"
-  if ! AUTOFT_FAST_CUDA=1 timeout 240 "$PYTHON" setup.py -q build_ext --inplace; then
+  if ! AUTOFT_FAST_CUDA=1 timeout "$(cap 240)" "$PYTHON" setup.py -q build_ext --inplace; then
     echo "!! CUDA build failed; trying an editable pip install (no downloads)"
-    if ! AUTOFT_FAST_CUDA=1 timeout 240 "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e .; then
+    if ! AUTOFT_FAST_CUDA=1 timeout "$(cap 240)" "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e .; then
       echo "!! CUDA build failed twice; building the CPU kernels only so Triton can still be checked"
       status=1
-      AUTOFT_FAST_CUDA=0 timeout 120 "$PYTHON" setup.py -q build_ext --inplace || status=1
+      AUTOFT_FAST_CUDA=0 timeout "$(cap 120)" "$PYTHON" setup.py -q build_ext --inplace || status=1
     fi
   fi
 fi
@@ -72,7 +75,7 @@ if ! "$PYTHON" -c "import autoft_fast.kernels" 2>/dev/null && [ ! -e autoft_fast
 fi
 "$PYTHON" - <<'EOF' || status=1
 import autoft_fast
-from autoft_fast import _extension as ext
+from autoft_fast.ops import _extension as ext
 print("extension:", "loaded" if ext._C is not None else f"MISSING ({ext.EXTENSION_ERROR})")
 print("backends for cuda:", autoft_fast.available_backends("cuda"))
 if ext.TRITON_ERROR is not None:
@@ -84,12 +87,12 @@ bag_args=()
 if [ -n "${BAG_SHAPES:-}" ]; then
   if [ "$BAG_SHAPES" = "none" ]; then bag_args=(--bag-shapes); else read -r -a shapes <<< "$BAG_SHAPES"; bag_args=(--bag-shapes "${shapes[@]}"); fi
 fi
-timeout 300 "$PYTHON" benchmarks/gpu_bench.py --budget-s 170 "${bag_args[@]}" || { echo "!! gpu_bench exited with $?"; status=1; }
+bench_cap=$(cap 300)
+timeout "$bench_cap" "$PYTHON" benchmarks/gpu_bench.py --budget-s $((bench_cap * 170 / 300)) "${bag_args[@]}" || { echo "!! gpu_bench exited with $?"; status=1; }
 
 # The CPU emulation of the CUDA kernels already runs in CI; the GPU's minutes go to the GPU.
 section "GPU tests (pytest -k '(cuda or triton) and not emulated')"
-left=$((BUDGET_S - SECONDS))
-if [ "$left" -lt 45 ]; then left=45; fi
+left=$(cap "$BUDGET_S")
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   junit=()
   [ -n "${OUT:-}" ] && junit=(--junitxml "$OUT/gpu_tests.xml")

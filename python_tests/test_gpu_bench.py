@@ -63,3 +63,17 @@ def test_gpu_check_script_parses_and_skips_cleanly_without_a_gpu():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no GPU here: the build, the benchmark and the GPU tests are skipped" in res.stdout
     assert "plan: bags B=" in res.stdout
+
+
+def test_gpu_check_scripts_python_snippets_run_here():
+    # The script's inline Python (environment report, extension report) runs on a GPU
+    # machine only after the build; an import it names wrongly would fail only there.
+    import re
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    snippets = re.findall(r"<<'EOF'[^\n]*\n(.*?)\nEOF\n", text, flags=re.S)
+    assert len(snippets) >= 2
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for code in snippets:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert res.returncode == 0, code + "\n" + res.stdout + res.stderr
