@@ -347,6 +347,34 @@ def test_bench_train_refuses_a_backend_not_available_here(tmp_path, capsys):
     assert "--backends: 'cuda' is not available for cpu tensors" in capsys.readouterr().err
 
 
+def test_bench_train_times_the_strategy_as_its_runs_train_it(tmp_path, capsys, monkeypatch):
+    # A config whose policy reads value counts, or trains on a held-out slice: bench train
+    # builds the model and the trainer as a run does (it needed the counts, and ignored the
+    # held-out slice), and its one-epoch runs do not warn about their best epoch.
+    import autoft_fast.train.runner as runner
+    seen = []
+    real = runner.Trainer.fit
+
+    def fit(self, train, valid, **kw):
+        seen.append((len(train), self.policy_data is not None))
+        return real(self, train, valid, **kw)
+
+    monkeypatch.setattr(runner.Trainer, "fit", fit)
+    for autoft, held in (({"policy_input": "frozen+freq"}, False),
+                         ({"policy_objective": "heldout", "field_policy": "network"}, True)):
+        exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, autoft=autoft)
+        seen.clear()
+        assert main(["bench", "train", "-c", str(exp), "--backends", "cpu", "--reps", "1"]) == 0
+        out = capsys.readouterr()
+        assert "samples/s" in out.out
+        # (the tiny config's one pre-training epoch may warn; the timed epochs do not)
+        assert all("pretrain" in ln for ln in out.err.splitlines() if "best validation" in ln)
+        assert seen and all(h == held for _, h in seen)
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "-c", str(exp), "--backends", "cpu", "cpu"])
+    assert "--backends names a backend twice" in capsys.readouterr().err
+
+
 def test_too_many_threads_and_an_allocation_failure_are_one_line(tmp_path, capsys, monkeypatch):
     exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
     assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--threads", "100000",

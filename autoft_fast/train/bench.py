@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -11,7 +12,7 @@ import torch
 from ..config import load_config
 from ..models import build_base_model, build_transfer_model
 from .checkpoint import seed_everything
-from .progress import setup_logging
+from .progress import LOGGER_NAME, setup_logging
 from .runner import load_data, pretrain
 from .trainer import Trainer
 
@@ -22,15 +23,23 @@ def measure(cfg, bundle, state: dict, strategy: str, backend: str, seed: int = 0
             epochs: int = 1) -> float:
     """Samples/s of `epochs` training epochs of `strategy` on target_train with `backend`
     (evaluation excluded), from the pre-trained `state`."""
+    from .runner import policy_inputs
     seed_everything(seed)
     pre = build_base_model(bundle.feature_map, cfg.model)
     pre.load_state_dict(state)
-    model = build_transfer_model(strategy, pre, bundle.feature_map, cfg.model,
-                                 cfg.autoft.with_backend(backend))
+    acfg = cfg.autoft.with_backend(backend)
+    # The policy's inputs and held-out rows as a run of the strategy has them.
+    train, policy_data, rotating, value_counts = policy_inputs(cfg, bundle, strategy, seed)
+    model = build_transfer_model(strategy, pre, bundle.feature_map, cfg.model, acfg,
+                                 value_counts=value_counts)
+    # A training-speed run of one epoch or so: its best epoch is the last by design.
+    quiet = logging.getLogger(LOGGER_NAME + ".bench")
+    quiet.setLevel(logging.ERROR)
     fit = Trainer(model, cfg.finetune.with_epochs(epochs), seed=seed, progress=False,
-                  device=cfg.torch_device(), policy_lr=cfg.autoft.policy_lr,
-                  policy_weight_decay=cfg.autoft.policy_weight_decay).fit(
-        bundle.splits["target_train"], bundle.splits["target_valid"])
+                  device=cfg.torch_device(), policy_lr=acfg.policy_lr,
+                  policy_weight_decay=acfg.policy_weight_decay, policy_data=policy_data,
+                  policy_rotating=rotating, logger=quiet).fit(
+        train, bundle.splits["target_valid"])
     return fit.samples_per_s
 
 
@@ -64,6 +73,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config).with_overrides(run_dir=args.run_dir, device=args.device,
                                                   strategies=[args.strategy])
     available = available_backends(cfg.torch_device())
+    if len(set(args.backends)) != len(args.backends):
+        p.error(f"--backends names a backend twice: {args.backends}")
     for b in args.backends:
         if b not in available:
             p.error(f"--backends: {b!r} is not available for {cfg.torch_device()} tensors; "

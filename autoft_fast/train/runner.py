@@ -611,6 +611,35 @@ def _policy_by_frequency(model, test, train, cfg, device) -> list[dict]:
         {n: train.sparse[:, i].numpy() for i, n in enumerate(names)})
 
 
+def policy_inputs(cfg, bundle, strategy: str, seed: int):
+    """What a strategy's policy trains on, as ``autoft:`` says: (the model's training rows,
+    the fixed held-out slice of the policy or None, the rotating held-out fraction or None,
+    the value counts (source, model's training rows) or None). The same for every run
+    and for `autoft-fast bench train`.
+
+    Example:
+        >>> train, policy_data, rotating, counts = policy_inputs(cfg, bundle, "autoft", 0)
+    """
+    row, acfg = STRATEGY_TABLE[strategy], cfg.autoft
+    train = bundle.splits["target_train"]
+    policy_data = rotating = value_counts = None
+    if row.has_policy and acfg.policy_objective == "heldout":
+        if acfg.policy_holdout_mode == "rotating":
+            rotating = acfg.policy_holdout  # a fresh slice each epoch (Trainer)
+        else:
+            # The policy's rows are never used for model weights (see train/holdout.py).
+            train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
+    frequency = row.field_policy and acfg.field_policy == "frequency"
+    if frequency and acfg.policy_objective == "heldout":  # a config built past parse_config
+        from ..config.experiment import check_field_policy
+        check_field_policy(acfg, [strategy])
+    if row.has_policy and ("freq" in acfg.policy_input or frequency):
+        num_rows = bundle.feature_map.num_rows
+        value_counts = (count_rows(bundle.splits["source_train"], num_rows),
+                        count_rows(train, num_rows))
+    return train, policy_data, rotating, value_counts
+
+
 def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed: int,
                  out_dir: Path, *, resume: bool = False, keep_model: bool = False,
                  progress: bool | None = None) -> dict:
@@ -654,24 +683,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
         pretrained = build_base_model(bundle.feature_map, cfg.model)
         pretrained.load_state_dict(pretrained_state)
     acfg = cfg.autoft
-    train = bundle.splits["target_train"]
-    policy_data = None
-    rotating = None
-    if row.has_policy and acfg.policy_objective == "heldout":
-        if acfg.policy_holdout_mode == "rotating":
-            rotating = acfg.policy_holdout  # a fresh slice each epoch (Trainer)
-        else:
-            # The policy's rows are never used for model weights (see train/holdout.py).
-            train, policy_data = split_holdout(train, acfg.policy_holdout, seed)
-    value_counts = None
+    train, policy_data, rotating, value_counts = policy_inputs(cfg, bundle, strategy, seed)
     frequency = row.field_policy and acfg.field_policy == "frequency"
-    if frequency and acfg.policy_objective == "heldout":  # a config built past parse_config
-        from ..config.experiment import check_field_policy
-        check_field_policy(acfg, [strategy])
-    if row.has_policy and ("freq" in acfg.policy_input or frequency):
-        num_rows = bundle.feature_map.num_rows
-        value_counts = (count_rows(bundle.splits["source_train"], num_rows),
-                        count_rows(train, num_rows))
     model = build_transfer_model(strategy, pretrained, bundle.feature_map, cfg.model, acfg,
                                  value_counts=value_counts)
     device = cfg.torch_device()
