@@ -1,4 +1,5 @@
-"""End-to-end training step at real table sizes: every strategy with its default path.
+"""End-to-end training step at real table sizes: every strategy that trains an embedding
+table (freeze_embedding trains none), with its default path.
 
 26 single-valued fields whose vocabularies follow a long tail (field i holds about V / (i + 1)
 rows, normalised so that the vocabularies sum to V rows) and whose ids are drawn Zipf-like
@@ -220,7 +221,9 @@ def measure_v(v_rows: int, args, largest: bool) -> dict[str, dict]:
     torch.manual_seed(0)
     pre = build_base_model(fmap, MODEL)  # the "pre-trained" weights: timing needs no training
     counts = sum(count_rows(b, fmap.num_rows) for b in data)
-    names = list(args.strategies) + [PLAIN] + ([INT8] if largest else [])
+    # The int8 row is autoft's with an int8 frozen table: only beside autoft's own row.
+    names = list(args.strategies) + [PLAIN] + ([INT8] if largest and "autoft" in
+                                                args.strategies else [])
     times: dict[str, list[float]] = {n: [] for n in names}
     rss: dict[str, int] = {n: 0 for n in names}
     frozen: dict[str, int] = {n: 0 for n in names}
@@ -321,8 +324,12 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
     if args.warmup < 0:
         p.error(f"--warmup = {args.warmup} must be >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        from autoft_fast.train.progress import check_threads
+        try:
+            torch.set_num_threads(check_threads(args.threads, "--threads"))
+        except ValueError as e:
+            p.error(str(e))
     pretouch(args.pretouch_gb)
     vs = sorted(set(args.vs))
     print(f"# training step, {NUM_FIELDS} fields, D={MODEL['embedding_dim']}, DNN "

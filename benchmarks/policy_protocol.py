@@ -126,14 +126,25 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out or tempfile.mkdtemp(prefix="autoft-protocol-"))
     names = [c for c in args.candidates.split(",") if c]
+    unknown = [c for c in names if c not in CANDIDATES]
+    if unknown or not names:
+        ap.error(f"--candidates: unknown {unknown} (known: {', '.join(CANDIDATES)})" if unknown
+                 else "--candidates names none")
+    try:
+        chosen = ([int(i) for i in args.only.split(",")] if args.only
+                  else list(range(min(args.settings, len(SETTINGS)))))
+    except ValueError:
+        ap.error(f"--only must be comma-separated setting numbers, got {args.only!r}")
+    bad = [i for i in chosen if not 0 <= i < len(SETTINGS)]
+    if bad or args.seeds < 1 or args.threads < 1:
+        ap.error(f"--only: settings {bad} do not exist (0..{len(SETTINGS) - 1})" if bad
+                 else "--seeds and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or tempfile.mkdtemp(prefix="autoft-protocol-"))
     rows = []
     t0 = time.perf_counter()
-    chosen = ([int(i) for i in args.only.split(",")] if args.only
-              else list(range(min(args.settings, len(SETTINGS)))))
     for si in chosen:
         syn = SETTINGS[si]
         raw = {"name": f"protocol{si}", "synthetic": setting_synthetic(syn),
