@@ -309,6 +309,16 @@ def test_cli_sets_a_passive_openmp_wait_policy_before_torch_loads(tmp_path):
     assert "does not exist" in res.stderr.strip().splitlines()[-1]
 
 
+def test_bench_ops_says_when_its_targets_do_not_apply(capsys):
+    assert main(["bench", "ops", "--no-compile", "--batch", "8", "--fields", "2", "--reps", "1",
+                 "--shapes", "4:50"]) == 0
+    assert "no target lines: they are measured on the shape 16:1000000" in capsys.readouterr().out
+    assert main(["bench", "ops", "--no-compile", "--batch", "8", "--fields", "2", "--reps", "1",
+                 "--shapes", "16:1000000", "--backends", "cpu"]) == 0
+    assert "the targets are stated for B=4096, F=24; this run used B=8, F=2" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--reps", "0"], "--reps must be >= 1"),
     (["--batch", "-5"], "--batch must be >= 1"),
