@@ -77,8 +77,11 @@ def main() -> None:
     args = ap.parse_args()
     optimizers = [o for o in args.optimizers.split(",") if o]
     bad = [o for o in optimizers if o not in EMBEDDING_OPTIMIZERS]
-    if bad:
-        ap.error(f"--optimizers: {bad} not among {list(EMBEDDING_OPTIMIZERS)}")
+    if bad or not optimizers:
+        ap.error(f"--optimizers: {bad} not among {list(EMBEDDING_OPTIMIZERS)}" if bad
+                 else "--optimizers names none")
+    if args.seeds < 1 or args.threads < 1:
+        ap.error(f"--seeds ({args.seeds}) and --threads ({args.threads}) must be >= 1")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out or tempfile.mkdtemp(prefix="autoft-emb-opt-"))

@@ -605,6 +605,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-check", action="store_true", help="skip the correctness passes")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (any machine)")
     args = p.parse_args(argv)
+    if args.copy_mb < 1 or args.target_s <= 0 or args.budget_s <= 0:
+        p.error("--copy-mb must be >= 1, and --target-s and --budget-s > 0")
+    if args.backends:
+        from autoft_fast.ops.registry import backend_names
+        unknown = [b for b in args.backends if b not in backend_names()]
+        if unknown:
+            p.error(f"--backends: unknown {unknown} (known: {', '.join(backend_names())})")
     shapes = args.shapes or [parse_shape(s) for s in FOUNDATION + LARGE]
     bag_shapes = [parse_bag_shape(s) for s in BAG_SHAPES] if args.bag_shapes is None else args.bag_shapes
     dtype = getattr(torch, args.dtype)
