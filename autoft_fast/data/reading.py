@@ -36,7 +36,8 @@ CHUNK_ROWS = 1 << 18
 class FileInfo:
     """What the first read of a file found out, reused by the later passes: which reader
     to use, and for Parquet float columns whether every value is integral (a Parquet
-    ``1.0`` is then the text ``1``, as the same file as CSV would say)."""
+    ``1.0`` is then the text ``1``, as the same file as CSV would say; the pipeline then
+    makes that decision one for all files, see pipeline.float_text_integral)."""
 
     path: Path
     engine: str                      # "arrow" or "pandas" (CSV) or "parquet"
@@ -334,8 +335,10 @@ def _list_as_text(arr, sep: str, col: str, path: Path) -> pd.Series:
 
 def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     """Any column -> text with NaN for missing; integral floats print as integers so that a
-    Parquet ``1.0`` and a CSV ``1`` are the same value. ``integral`` says whether the whole
-    file's column is integral (decided once per file, so chunks agree); None decides from ``s``."""
+    Parquet ``1.0`` and a CSV ``1`` are the same value. ``integral`` says whether the column
+    is integral in every training file that holds it as floats (decided once, before the
+    first chunk, by pipeline.float_text_integral, and kept in the feature map for new rows,
+    so chunks, files and predictions agree); None decides from ``s``."""
     if isinstance(s.dtype, pd.CategoricalDtype):
         # A pandas categorical (a Parquet dictionary column): its values, in their own dtype.
         cats = s.cat.categories
