@@ -34,7 +34,8 @@ def _criteo(tmp: Path, dom: dict) -> None:
     for i in range(1, 27):
         cols[f"C{i}"] = _hex(rng, N, 30)
     cols["C20"] = rng.choice([*dom["source"], dom["target"]], N)
-    pd.DataFrame(cols).to_csv(tmp / "criteo.tsv", sep="\t", index=False)
+    # The Kaggle file's layout: tab-separated, no header line.
+    pd.DataFrame(cols).to_csv(tmp / "train.txt", sep="\t", index=False, header=False)
 
 
 def _avazu(tmp: Path, dom: dict) -> None:

@@ -227,6 +227,10 @@ class DataConfig:
     min_count: int = setting(2, minimum=1, doc="values rarer than this in training rows map to OOV")
     on_bad_rows: str = setting("fail", choices=("skip", "fail"), doc="what a malformed row does")
     csv_sep: str = setting(",", after=_one_char, doc="the CSV field separator (one character)")
+    columns: tuple[str, ...] = setting((), after=_column, doc=(
+        "the column names of CSV / TSV files that have no header line, in file order "
+        "(Criteo's train.txt); empty: every CSV file starts with a header. Parquet files "
+        "carry their own names"))
     cache: bool = setting(True, doc="cache the processed tensors")
     cache_dir: Path = setting(Path(".autoft_cache"), after=_under_base,
                               doc="where the processed tensors are cached")
@@ -270,6 +274,17 @@ class DataConfig:
                     raise DataError(f"column '{col}' is listed twice in {role}")
                 raise DataError(f"column '{col}' is used twice: as {seen[col]} and as {role}")
             seen[col] = role
+        if self.columns:
+            repeated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if repeated:
+                raise DataError(f"data.columns names {repeated[0]!r} twice; every column name "
+                                "must be unique")
+            missing = [c for c, role in self.required_columns() if c not in self.columns]
+            if missing:
+                role = dict(self.required_columns())[missing[0]]
+                raise DataError(f"column '{missing[0]}' ({role}) is not in data.columns "
+                                f"({len(self.columns)} names: {', '.join(self.columns[:30])}"
+                                f"{' ...' if len(self.columns) > 30 else ''})")
         tc = self.target_split.time_column
         if tc is not None and tc == self.label:
             raise DataError(f"{section}.split.target.time_column '{tc}' is the label column")
@@ -321,6 +336,8 @@ class DataConfig:
         d = self.to_dict()
         for key in ("files", "cache", "cache_dir", "name", "numeric_mode"):
             d.pop(key)
+        if not d["columns"]:
+            d.pop("columns")  # files with a header: the key as before the option existed
         return d
 
 

@@ -54,7 +54,7 @@ def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
     fmt = FILE_SUFFIXES[path.suffix.lower()]
     required = cfg.required_columns()
     if fmt == "csv":
-        present = _csv_header(path, cfg)
+        present, _ = csv_layout(path, _csv_sep(path, cfg), cfg.columns)
         check_columns(required, present, path)
         return FileInfo(path, "arrow")
     import pyarrow as pa
@@ -95,8 +95,43 @@ def _csv_sep(path: Path, cfg: DataConfig) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else cfg.csv_sep
 
 
-def _csv_header(path: Path, cfg: DataConfig) -> list[str]:
-    return csv_header(path, _csv_sep(path, cfg))
+def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
+               features=None) -> tuple[list[str], bool]:
+    """``(names, header)``: a CSV file's column names, and whether its first line holds them.
+
+    Without ``columns`` the first line is the header. With ``columns`` (``data.columns``: files
+    without a header line) the names are ``columns``, and a first line that repeats them (the
+    file has a header after all) or has another field count is refused. ``features`` is for
+    files to score, which may come with a header or without one: a first line holding every
+    feature column is a header; otherwise the file has the names of ``columns``, or of
+    ``columns`` without ``label`` when it is one field short (a file to score need not have
+    the label, like Criteo's test.txt).
+
+    Example::
+
+        csv_layout(Path("train.txt"), "\t", ["label", "I1", "C1"])   # (['label', 'I1', 'C1'], False)
+    """
+    first = csv_header(path, sep)
+    if not columns:
+        return first, True
+    names = list(columns)
+    if features is not None:
+        if set(features) <= set(first):
+            return first, True
+        if label in names and len(first) == len(names) - 1:
+            return [c for c in names if c != label], False
+    elif [c.strip() for c in first] == names:
+        raise DataError(f"the first line of {path.name} is a header ({', '.join(first[:8])}"
+                        f"{' ...' if len(first) > 8 else ''}), but data.columns says the files "
+                        "have none: remove the header line, or data.columns")
+    if len(first) != len(names):
+        short = (f", or {len(names) - 1} without the label '{label}'"
+                 if features is not None and label in names else "")
+        fields = f"{len(first)} field{'' if len(first) == 1 else 's'}"
+        raise DataError(f"the first line of {path.name} has {fields} (sep={sep!r}), "
+                        f"but data.columns names {len(names)} columns{short}: is the separator "
+                        "or the column list wrong?")
+    return names, False
 
 
 def csv_header(path: Path, sep: str) -> list[str]:
@@ -230,7 +265,7 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
     except pa.ArrowInvalid as exc:  # the first block is parsed on opening
         if short:
             raise _ShortLine() from None
-        if header_only(path):
+        if not cfg.columns and header_only(path):
             return  # no data rows, as with a final line break
         raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
     pending, n_pending = [], 0
@@ -259,9 +294,11 @@ def _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid):
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
+    names = {"column_names": list(cfg.columns)} if cfg.columns else {}
     return pcsv.open_csv(
         path,
-        read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows), use_threads=False),
+        read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows), use_threads=False,
+                                      **names),
         parse_options=pcsv.ParseOptions(delimiter=_csv_sep(path, cfg), invalid_row_handler=on_invalid),
         convert_options=pcsv.ConvertOptions(
             include_columns=cols, column_types={c: pa.string() for c in cols},
@@ -273,8 +310,11 @@ def _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid):
 def _pandas_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.DataFrame]:
     sep = _csv_sep(path, cfg)
     # No usecols: with usecols pandas stops reporting lines with too many fields.
+    # A header-less file: its names, and no column taken as the index (pandas' way with a
+    # line longer than the names).
+    names = dict(header=None, names=list(cfg.columns), index_col=False) if cfg.columns else {}
     reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                         on_bad_lines="warn", engine="c", chunksize=chunk_rows)
+                         on_bad_lines="warn", engine="c", chunksize=chunk_rows, **names)
     while True:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)

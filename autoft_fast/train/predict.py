@@ -167,9 +167,15 @@ class SavedRun:
         """The file's header, after checking that every feature column is in it once."""
         from ..data.reading import check_columns
 
-        header = _header(path, self.encoder.cfg.csv_sep)
+        header, _ = self._layout(path)
         check_columns([(c, "feature") for c in self.feature_columns], header, path)
         return header
+
+    def _layout(self, path: Path) -> tuple[list[str], bool]:
+        """The file's column names and whether its first line is a header (a CSV file of a
+        run whose data had no header, ``data.columns``, may come with one or without)."""
+        cfg = self.encoder.cfg
+        return _header(path, cfg.csv_sep, cfg.columns, cfg.label, self.feature_columns)
 
     def score_frame(self, frame: pd.DataFrame, first_row: int | None = None) -> np.ndarray:
         """float64 probabilities of the rows of one frame (``first_row``: the file's rows
@@ -184,9 +190,13 @@ class SavedRun:
         The ``verbatim`` columns are also given as text exactly as stored, in
         ``frame.attrs["verbatim"]`` (what predict_file copies to its output)."""
         cfg = self.encoder.cfg
+        names = None
+        if _format(Path(path)) == "csv":
+            header, has_header = self._layout(Path(path))
+            names = None if has_header else header
         return _read_frames(Path(path), cfg.csv_sep, columns, chunk_rows or PREDICT_CHUNK_ROWS,
                             {m.name: m.sep for m in cfg.multihot}, frozenset(verbatim),
-                            frozenset(self.feature_columns))
+                            frozenset(self.feature_columns), names)
 
     def predict_file(self, data, out, keep: list[str] | None = None, *,
                      force: bool = False) -> int:
@@ -332,18 +342,20 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return SavedRun(model, encoder, info, folder, device, batch_size)
 
 
-def _header(path: Path, sep: str) -> list[str]:
-    """The file's column names as written (a repeated name stays repeated)."""
-    from ..data.reading import csv_header
+def _header(path: Path, sep: str, columns=(), label=None, features=None) -> tuple[list[str], bool]:
+    """The file's column names as written (a repeated name stays repeated), and whether its
+    first line is a header (see data.reading.csv_layout: ``columns`` are the names of a
+    header-less file)."""
+    from ..data.reading import csv_layout
 
     fmt = _format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
-            return list(pq.ParquetFile(path).schema_arrow.names)
+            return list(pq.ParquetFile(path).schema_arrow.names), True
         except Exception as exc:
             raise DataError(f"cannot read {path} as Parquet: {exc}") from None
-    return csv_header(path, _sep(path, sep))
+    return csv_layout(path, _sep(path, sep), columns, label=label, features=features)
 
 
 def _format(path: Path) -> str:
@@ -364,11 +376,12 @@ def _sep(path: Path, sep: str) -> str:
 
 
 def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict,
-                 verbatim=frozenset(), features=None):
+                 verbatim=frozenset(), features=None, names=None):
     """The file's rows as frames (CSV: text columns, missing = NaN), chunk by chunk;
     Parquet list columns of multi-hot fields are joined by their separator. Parquet
     ``verbatim`` columns also come as their stored text in ``frame.attrs['verbatim']``
-    (CSV columns are text already); a list column that is not a feature is only that."""
+    (CSV columns are text already); a list column that is not a feature is only that.
+    ``names``: the column names of a CSV file without a header line."""
     import pyarrow as pa
 
     fmt = _format(path)
@@ -381,7 +394,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
     import pyarrow.csv as pcsv
     from ..data.reading import _block_bytes
 
-    header = _header(path, sep)
+    header = names if names is not None else _header(path, sep)[0]
     cols = columns or header
     short = []
 
@@ -394,7 +407,8 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
     try:
         reader = pcsv.open_csv(
             path,
-            read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows)),
+            read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows),
+                                          **({"column_names": names} if names else {})),
             parse_options=pcsv.ParseOptions(delimiter=_sep(path, sep),
                                             invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
@@ -406,23 +420,25 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             yield frame
     except pa.ArrowInvalid as e:
         from ..data.reading import header_only
-        if not short and done == 0 and header_only(path):
+        if not short and done == 0 and names is None and header_only(path):
             return  # the header alone, without a final line break: no rows
         if not short:
             raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
         # A line with fewer fields than the header: its missing fields are empty, as in
         # training (data/reading.py); the rows after those already read, by pandas' reader.
-        yield from _pandas_frames(path, _sep(path, sep), cols, chunk_rows, done)
+        yield from _pandas_frames(path, _sep(path, sep), cols, chunk_rows, done, names)
 
 
-def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int):
+def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int, names=None):
     """Text frames of ``cols`` from data row ``skip`` on; a short line's missing fields are
     empty (NaN), a line with too many fields is a DataError. (The C parser's ``skiprows``
     counts rows, a quoted line break inside one included: tested.)"""
+    first = 0 if names else 1  # the data's first line
+    layout = dict(header=None, names=list(names), index_col=False) if names else {}
     try:
         reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
                              engine="c", chunksize=chunk_rows,
-                             skiprows=range(1, skip + 1) if skip else None)
+                             skiprows=range(first, first + skip) if skip else None, **layout)
         for df in reader:
             yield df[list(cols)].reset_index(drop=True)
     except pd.errors.ParserError as e:

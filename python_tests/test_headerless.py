@@ -1,0 +1,145 @@
+"""CSV files without a header line (``data.columns``): the same tensors as the same file with
+a header, clear errors where the file and the names disagree, and predictions on files with
+or without a header (and without the label) equal to predictions on the frame."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from autoft_fast.cli import main
+from autoft_fast.data import DataConfig, DataError, load_data_config, prepare_data
+from autoft_fast.train.predict import load_run
+
+from test_cli import last_line_run_dir, tiny_experiment
+from test_data import base_dict, make_frame, write
+from test_pipeline import assert_same
+from test_predict import _dataset
+
+
+def _headerless(path: Path, name: str, drop: str | None = None) -> tuple[Path, list[str]]:
+    """A copy of the CSV file at ``path`` without its header line (and without column
+    ``drop``), as ``name`` beside it; returns the copy and the original column names."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    names = list(frame.columns)
+    if drop is not None:
+        frame = frame.drop(columns=[drop])
+    out = path.parent / name
+    frame.to_csv(out, index=False, header=False)
+    return out, names
+
+
+@pytest.mark.parametrize("short_line", [False, True])
+def test_headerless_file_gives_the_tensors_of_the_file_with_a_header(tmp_path, short_line):
+    path = write(tmp_path, make_frame(seed=3))
+    if short_line:  # a line with fewer fields: its missing fields are empty (pandas' reader)
+        lines = path.read_text().splitlines()
+        lines[7] = ",".join(lines[7].split(",")[:-2])
+        path.write_text("\n".join(lines) + "\n")
+    plain, names = _headerless(path, "data.txt")
+    with_header = prepare_data(DataConfig.from_dict(base_dict(), tmp_path), chunk_rows=64)
+    cfg = DataConfig.from_dict(base_dict(files=["data.txt"], columns=names), tmp_path)
+    without = prepare_data(cfg, chunk_rows=64)
+    assert_same(without, with_header)
+    assert without.stats["rows_read"] == len(make_frame(seed=3))
+
+
+def test_headerless_tsv_with_the_columns_in_another_order(tmp_path):
+    frame = make_frame(seed=4)
+    write(tmp_path, frame)
+    order = list(reversed(frame.columns))
+    frame[order].to_csv(tmp_path / "data.tsv", sep="\t", index=False, header=False)
+    a = prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
+    b = prepare_data(DataConfig.from_dict(base_dict(files=["data.tsv"], columns=order), tmp_path))
+    assert_same(b, a)
+
+
+def test_columns_key_is_checked_against_the_config_and_the_file(tmp_path):
+    path = write(tmp_path, make_frame())
+    plain, names = _headerless(path, "data.txt")
+    with pytest.raises(DataError, match=r"column 'item' \(categorical\) is not in data.columns"):
+        DataConfig.from_dict(base_dict(files=["data.txt"], columns=[c for c in names if c != "item"]),
+                             tmp_path)
+    with pytest.raises(DataError, match="data.columns names 'user' twice"):
+        DataConfig.from_dict(base_dict(files=["data.txt"], columns=[*names, "user"]), tmp_path)
+    # The file with its header, read as header-less: the header line is named, not parsed.
+    with pytest.raises(DataError, match="the first line of data.csv is a header .* remove the "
+                                        "header line, or data.columns"):
+        prepare_data(DataConfig.from_dict(base_dict(columns=names), tmp_path))
+    with pytest.raises(DataError, match=r"the first line of data.txt has 8 fields \(sep=','\), "
+                                        "but data.columns names 9 columns"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.txt"], columns=[*names, "extra"]),
+                                          tmp_path))
+    with pytest.raises(DataError, match="the first line of data.txt has 1 field \\(sep=';'\\), but data.columns "
+                                        "names 8 columns: is the separator"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.txt"], columns=names, csv_sep=";"),
+                                          tmp_path))
+
+
+def test_cache_key_of_a_config_without_columns_is_unchanged(tmp_path):
+    write(tmp_path, make_frame())
+    d = DataConfig.from_dict(base_dict(), tmp_path).processing_dict()
+    assert "columns" not in d  # caches built before the key existed stay valid
+    names = list(make_frame().columns)
+    d = DataConfig.from_dict(base_dict(columns=names), tmp_path).processing_dict()
+    assert d["columns"] == names
+
+
+@pytest.fixture(scope="module")
+def headerless_run(tmp_path_factory):
+    """(run directory, data file with a header, its header-less copy, the column names):
+    one autoft run trained on the tiny synthetic data set read without its header."""
+    root = tmp_path_factory.mktemp("headerless")
+    dataset = _dataset(root, dense=False)
+    doc = yaml.safe_load(dataset.read_text())
+    src = dataset.parent / doc["data"]["files"][0]
+    plain, names = _headerless(src, "synthetic.txt")
+    doc["data"]["files"] = ["synthetic.txt"]
+    doc["data"]["columns"] = names
+    dataset.write_text(yaml.safe_dump(doc))
+    exp = tiny_experiment(root, {"data": str(dataset)}, finetune={"epochs": 1, "batch_size": 256})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["finetune", "--config", str(exp), "--strategy", "autoft",
+                     "--no-progress"]) == 0
+    return last_line_run_dir(out.getvalue()), src, plain, names
+
+
+def test_predict_reads_files_with_or_without_a_header_and_without_the_label(headerless_run,
+                                                                            tmp_path):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    assert run.encoder.cfg.columns == tuple(names)
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False, na_values=[""])
+    want = run.predict(frame).to_numpy()
+    label = run.encoder.cfg.label
+    unlabelled, _ = _headerless(src, "unlabelled.txt", drop=label)
+    for path in (src, plain, unlabelled):
+        np.testing.assert_allclose(run.predict(path).to_numpy(), want, rtol=0, atol=1e-12)
+    # predict_file on a header-less file keeps its non-feature columns, by their names.
+    n = run.predict_file(unlabelled, tmp_path / "preds.csv", keep=["row_id"])
+    got = pd.read_csv(tmp_path / "preds.csv", dtype={"row_id": str})
+    assert n == len(frame) and list(got.columns) == ["row_id", "probability"]
+    assert list(got["row_id"]) == list(frame["row_id"])
+    np.testing.assert_allclose(got["probability"].to_numpy(), want, rtol=0, atol=1e-8)
+    # A file of other width is named, with both counts it could have had.
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1,2,3\n")
+    with pytest.raises(DataError, match=rf"has 3 fields .* names {len(names)} columns, or "
+                                        rf"{len(names) - 1} without the label '{label}'"):
+        run.predict(bad)
+
+
+def test_shipped_criteo_config_reads_the_kaggle_file_as_it_is():
+    import autoft_fast
+
+    cfg = load_data_config(Path(autoft_fast.__file__).parent / "configs" / "datasets" / "criteo.yaml")
+    assert cfg.files[0].name == "train.txt" and cfg.csv_sep == "\t"
+    assert cfg.columns == ("label", *[f"I{i}" for i in range(1, 14)],
+                           *[f"C{i}" for i in range(1, 27)])
