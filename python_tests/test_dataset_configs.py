@@ -14,7 +14,7 @@ import yaml
 import autoft_fast
 from autoft_fast.cli import main
 from autoft_fast.data import load_data_config, prepare_data
-from autoft_fast.data.movielens import join_movielens_1m
+from autoft_fast.data.movielens import join_movielens_1m, join_movielens_100k
 
 DATASETS = Path(autoft_fast.__file__).parent / "configs" / "datasets"
 N = 2000
@@ -74,7 +74,35 @@ def _movielens(tmp: Path, dom: dict) -> None:
     join_movielens_1m(tmp, tmp / "ml1m.csv")
 
 
-MAKERS = {"criteo": _criteo, "avazu": _avazu, "movielens1m": _movielens}
+GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+               "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def _movielens100k(tmp: Path, dom: dict) -> None:
+    # The four GroupLens files of ml-100k, then the documented join.
+    rng = np.random.default_rng(3)
+    n_users, n_movies = 300, 90
+    occ = [*dom["source"], dom["target"]]
+    users = [f"{u + 1}|{rng.integers(7, 74)}|{rng.choice(['M', 'F'])}|{occ[u % len(occ)]}|"
+             f"{rng.integers(10000, 10100)}" for u in range(n_users)]
+    movies = []
+    for m in range(n_movies):
+        flags = (rng.random(len(GENRES_100K)) < 0.15).astype(int)
+        date = "" if m == 0 else f"01-Jan-{rng.integers(1930, 1999)}"  # one movie has none
+        movies.append(f"{m + 1}|Title {m} ({date[-4:]})|{date}||http://x/{m}|"
+                      + "|".join(map(str, flags)))
+    ratings = [f"{rng.integers(1, n_users + 1)}\t{rng.integers(1, n_movies + 1)}\t"
+               f"{rng.integers(1, 6)}\t{880000000 + i}" for i in range(N)]
+    genre = [f"{g}|{i}" for i, g in enumerate(GENRES_100K)] + [""]
+    for name, lines in (("u.user", users), ("u.item", movies), ("u.data", ratings),
+                        ("u.genre", genre)):
+        (tmp / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+    join_movielens_100k(tmp, tmp / "ml100k.csv")
+
+
+MAKERS = {"criteo": _criteo, "avazu": _avazu, "movielens1m": _movielens,
+          "movielens100k": _movielens100k}
 
 
 def test_every_shipped_dataset_config_is_tested():
@@ -126,3 +154,25 @@ def test_movielens_join_keeps_every_rating_and_derives_the_label(tmp_path):
     with pytest.raises(FileNotFoundError, match="users.dat"):
         (tmp_path / "users.dat").unlink()
         join_movielens_1m(tmp_path, tmp_path / "x.csv")
+
+
+def test_movielens_100k_join_keeps_every_rating_with_its_genres_and_year(tmp_path):
+    _movielens100k(tmp_path, yaml.safe_load((DATASETS / "movielens100k.yaml").read_text())
+                   ["data"]["domain"])
+    df = pd.read_csv(tmp_path / "ml100k.csv", dtype=str, keep_default_na=False)
+    ratings = pd.read_csv(tmp_path / "u.data", sep="\t", header=None, dtype=str)
+    items = pd.read_csv(tmp_path / "u.item", sep="|", header=None, dtype=str,
+                        keep_default_na=False).set_index(0)
+    assert len(df) == len(ratings) and list(df["timestamp"]) == list(ratings[3])
+    assert (df["click"].astype(int) == (ratings[2].astype(int) >= 4).astype(int)).all()
+    for _, row in df.head(200).iterrows():  # genres and year from the movie's own line
+        item = items.loc[row["movie_id"]]
+        assert row["genres"] == "|".join(g for g, f in zip(GENRES_100K, item.loc[5:]) if f == "1")
+        assert row["release_year"] == item[2][-4:]
+    assert (df["occupation"] != "").all() and (df["release_year"] == "").any()
+    with pytest.raises(ValueError, match="is the input file u.data"):
+        join_movielens_100k(tmp_path, tmp_path / "u.data")
+    (tmp_path / "u.data").write_text("999\t1\t5\t880000000\n")
+    with pytest.raises(ValueError, match="ratings of 1 user id.*not in u.user"):
+        join_movielens_100k(tmp_path, tmp_path / "again.csv")
+    assert not (tmp_path / "again.csv").exists()
