@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+import autoft_fast
 from autoft_fast.data import load_data_config, prepare_data
 cfg = load_data_config(Path(sys.argv[1]))
 t0 = time.perf_counter()
@@ -44,7 +45,8 @@ cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 rows = sum(int(t.label.shape[0]) for t in bundle.splits.values())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows_kept": rows,
-                  "rows_read": bundle.stats["rows_read"], "peak_rss": peak}))
+                  "rows_read": bundle.stats["rows_read"], "peak_rss": peak,
+                  "package": str(Path(autoft_fast.__file__).resolve().parent)}))
 """
 
 
@@ -85,6 +87,9 @@ def measure(yaml_path: Path, pythonpath: str | None) -> dict:
         res = subprocess.run([sys.executable, "-c", CHILD, str(yaml_path), str(cache)],
                              env=env, check=True, capture_output=True, text=True)
         out = json.loads(res.stdout.strip().splitlines()[-1])
+        if pythonpath is not None and Path(out["package"]) != Path(pythonpath).resolve() / "autoft_fast":
+            raise SystemExit(f"bench_prep.py: --pythonpath {pythonpath!r}: the child imported "
+                             f"autoft_fast from {out['package']}, not from that folder")
         out["output_bytes"] = sum(p.stat().st_size for p in cache.rglob("*.npy"))
         return out
     finally:
@@ -105,6 +110,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rows < 1:
         ap.error(f"--rows must be positive, got {args.rows}")
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.pythonpath is not None:
+        other = Path(args.pythonpath).resolve()
+        if not (other / "autoft_fast" / "__init__.py").is_file():
+            ap.error(f"--pythonpath {args.pythonpath!r} holds no autoft_fast package (give the "
+                     "folder that contains autoft_fast/, e.g. an unpacked checkout)")
+        if other == REPO:
+            ap.error(f"--pythonpath {args.pythonpath!r} is this checkout: it would be compared "
+                     "with itself")
     files = build_files(args.work, args.rows)
     versions = [("this", None)] + ([("other", args.pythonpath)] if args.pythonpath else [])
     best: dict = {}

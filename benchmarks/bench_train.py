@@ -266,7 +266,8 @@ def ratios(results: dict[int, dict[str, dict]]) -> list[tuple[str, float | None]
 
     labels = [s.format(vmax=_v(vmax), vmin=_v(vmin), vsmall=_v(vsmall)) for s in RATIO_LABELS]
     values = [div(get(top, "autoft", "samples_s"), get(top, PLAIN, "samples_s")),
-              div(get(top, "autoft", "ms"), get(low, "autoft", "ms")),
+              # one V: no growth to measure
+              div(get(top, "autoft", "ms"), get(low, "autoft", "ms")) if vmax != vmin else None,
               div(get(small, "autoft", "ms"), get(small, "finetune_all", "ms")),
               div(get(top, INT8, "frozen_bytes"), get(top, "autoft", "frozen_bytes"))]
     if TARGET_V in results and TARGET_V != vmax:

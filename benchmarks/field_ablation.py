@@ -13,6 +13,9 @@ field tuned) is fine-tuned from the pre-trained model on the target training row
 validation and test AUC are printed per seed beside finetune_all's. With no field named, the
 fixed all-tuned policy reproduces finetune_all exactly (a check of the comparison itself).
 
+The data and the pre-trained model come from the config's cache and go to it, as `compare`
+uses them: after `autoft-fast demo` in the same folder, the demo's are reused.
+
 Usage:
     python benchmarks/field_ablation.py [--config exp.yaml] [--seeds 3] [--target tgt]
     python benchmarks/field_ablation.py --retrain app_id,publisher [--seeds 3]
@@ -25,8 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from autoft_fast.train.runner import load_data, pretrain
 from autoft_fast.train.trainer import Trainer, evaluate
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="experiment YAML (default: the demo)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -45,16 +46,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--retrain", default=None, metavar="FIELDS",
                     help="comma-separated fields to fix to the frozen row and retrain with")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    # The config's own cache (data, pre-trained model): what `compare` on it made is reused.
     cfg = load_config(args.config)
-    out = Path(tempfile.mkdtemp(prefix="autoft-ablation-"))
-    cfg = cfg.with_overrides(run_dir=out)
+    if args.target is not None and cfg.targets and args.target not in cfg.targets:
+        ap.error(f"--target {args.target!r} is not one of the config's targets {list(cfg.targets)}")
     target = args.target or (cfg.targets[0] if cfg.targets else None)
     bundle = load_data(cfg, target)
-    state, _ = pretrain(cfg, bundle, progress=False)
     fmap, valid = bundle.feature_map, bundle.splits["target_valid"]
+    if args.retrain is not None:  # before the minutes of pre-training
+        unknown = sorted(set(f for f in args.retrain.split(",") if f) - {f.name for f in fmap.fields})
+        if unknown:
+            ap.error(f"--retrain: unknown field(s) {unknown}; the fields are "
+                     f"{[f.name for f in fmap.fields]}")
+    state, _ = pretrain(cfg, bundle, progress=False)
     pre = build_base_model(fmap, cfg.model)
     pre.load_state_dict(state)
     if args.retrain is not None:

@@ -77,3 +77,7 @@ def test_ratios_add_the_target_v_when_it_was_measured(bench):
     assert got["autoft samples/s / plain samples/s at V=4,000,000"] == pytest.approx(1.5)
     assert "autoft samples/s / plain samples/s at V=4,000,000" not in dict(
         bench.ratios({10**5: rows(1.0, 1.0), 10**7: rows(2.0, 1.0)}))
+    # One V measures no growth: n/a, not a ratio of a row to itself.
+    one = dict(bench.ratios({10**5: rows(100.0, 100.0)}))
+    assert one["autoft step at V=1e5 / at V=1e5"] is None
+    assert one["autoft step / finetune_all step at V=1e5"] == pytest.approx(10.0)
