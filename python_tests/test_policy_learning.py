@@ -3,6 +3,7 @@ budget, value-frequency policy inputs, and the comparison over several targets."
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -233,7 +234,7 @@ def test_targets_key_is_checked(tmp_path):
         "tgt", "tgt_b"]
 
 
-def test_search_grid_and_tune_pick_on_validation(tmp_path):
+def test_search_grid_and_tune_pick_on_validation(tmp_path, caplog):
     from autoft_fast.train.runner import compare, search_grid
     cfg = _exp(tmp_path, search={"lr": [1e-3, 3e-3], "l2sp_alpha": [0.01], "policy_lr": [0.01],
                                  "tuned_budget": [1.0, 0.5]},
@@ -242,7 +243,11 @@ def test_search_grid_and_tune_pick_on_validation(tmp_path):
     assert search_grid(cfg, "source_only") == [{"finetune": {}, "autoft": {}}]
     assert {g["autoft"]["tuned_budget"] for g in search_grid(cfg, "autoft")} == {None, 0.5}
     run_dir = tmp_path / "tuned"
-    table, rows, runs = compare(cfg, run_dir, tune=True, progress=False)
+    with caplog.at_level(logging.INFO, logger="autoft_fast"):
+        table, rows, runs = compare(cfg, run_dir, tune=True, progress=False)
+    tune_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tune: ")]
+    assert "tune: source_only trains nothing: no setting to pick" in tune_lines
+    assert any(m.startswith("tune: l2sp picked ") and "valid AUC 0." in m for m in tune_lines)
     import csv
     grid = list(csv.DictReader(open(run_dir / "grid.csv")))
     assert len(grid) == 1 + 2 + 4

@@ -889,8 +889,11 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
     best = int(pick(scores)) if not all(math.isnan(x) for x in scores) else 0
     rows[best]["picked"] = True
     picked = [dict(r, setting=rows[best]["setting"]) for r in by_setting[best]]
-    log.info("tune: %s picked %s (valid %s %.4f)", strategy, rows[best]["setting"],
-             "AUC" if monitor == "auc" else "LogLoss", rows[best][column])
+    if not STRATEGY_TABLE[strategy].trains:
+        log.info("tune: %s trains nothing: no setting to pick", strategy)
+    else:
+        log.info("tune: %s picked %s (valid %s %.4f)", strategy, rows[best]["setting"],
+                 "AUC" if monitor == "auc" else "LogLoss", rows[best][column])
     return picked, rows
 
 
