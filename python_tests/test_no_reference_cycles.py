@@ -80,8 +80,11 @@ def test_a_gated_bag_step_leaves_no_tensor_in_a_cycle(backend):
     assert tuned.grad is not None and logits.grad is not None
 
 
-def test_a_trainer_step_of_the_autoft_model_leaves_no_tensor_in_a_cycle(tmp_path):
-    # The whole model: gated fields (fused optimizer), gated layers, the policy network.
+@pytest.mark.parametrize("strategy", ["finetune_all", "l2sp", "freeze_dnn", "autoft_layer",
+                                      "autoft_field", "autoft"])
+def test_a_trainer_step_leaves_no_tensor_in_a_cycle(tmp_path, strategy):
+    # The whole model: fused plain tables, gated fields (fused optimizer), gated layers, the
+    # policy network.
     from autoft_fast.config import parse_config
     from autoft_fast.data import iterate_batches
     from autoft_fast.models import build_base_model, build_transfer_model
@@ -95,7 +98,7 @@ def test_a_trainer_step_of_the_autoft_model_leaves_no_tensor_in_a_cycle(tmp_path
                         "autoft": {"backend": BACKENDS[-1] if "cpu" not in BACKENDS else "cpu"}})
     bundle = load_data(cfg)
     pre = build_base_model(bundle.feature_map, cfg.model)
-    model = build_transfer_model("autoft", pre, bundle.feature_map, cfg.model, cfg.autoft)
+    model = build_transfer_model(strategy, pre, bundle.feature_map, cfg.model, cfg.autoft)
     trainer = Trainer(model, cfg.finetune, seed=0, progress=False)
     batch = next(iter(iterate_batches(bundle.splits["target_train"], 64, shuffle=False)))
     model.train()
