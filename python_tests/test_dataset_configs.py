@@ -176,3 +176,46 @@ def test_movielens_100k_join_keeps_every_rating_with_its_genres_and_year(tmp_pat
     with pytest.raises(ValueError, match="ratings of 1 user id.*not in u.user"):
         join_movielens_100k(tmp_path, tmp_path / "again.csv")
     assert not (tmp_path / "again.csv").exists()
+
+
+def test_movielens_100k_join_refuses_files_that_would_shift_or_lose_values(tmp_path):
+    # A line of another width, a table of another width (pandas would take the extra field
+    # as an index and shift every column), bad ratings, unknown movies, an empty file, and a
+    # folder as out_csv: each a ValueError naming the file (and line), nothing written.
+    _movielens100k(tmp_path, yaml.safe_load((DATASETS / "movielens100k.yaml").read_text())
+                   ["data"]["domain"])
+    good = (tmp_path / "u.data").read_text().splitlines()
+    out = tmp_path / "out.csv"
+
+    def refused(lines, match):
+        (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=match):
+            join_movielens_100k(tmp_path, out)
+        assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+    refused([ln + "\t7" for ln in good], "u.data has 5 fields per line where MovieLens-100k's "
+                                        r"u.data has 4 \(user_id, movie_id, rating, timestamp\)")
+    refused(good[:2] + [good[2] + "\t7"] + good[3:], "cannot read .*u.data.*line 3")
+    refused(good[:4] + ["1\t1\t4.5\t880000000"] + good[5:], r"u.data, line 5: rating '4.5' is "
+                                                            "not an integer from 1 to 5")
+    refused(good[:1] + ["1\t1\t3\t"] + good[2:], "u.data, line 2: the timestamp is empty")
+    refused(good + ["1\t99999\t3\t880000000"], "ratings of 1 movie id.*not in u.item")
+    (tmp_path / "u.data").write_text("")
+    with pytest.raises(ValueError, match="u.data is empty"):
+        join_movielens_100k(tmp_path, out)
+    (tmp_path / "u.data").write_text("\n".join(good) + "\n")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="out_csv .*folder' is a folder: give a file name"):
+        join_movielens_100k(tmp_path, tmp_path / "folder")
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert join_movielens_100k(tmp_path, out) == out and out.is_file()
+
+
+def test_movielens_1m_join_refuses_a_ratings_file_of_another_width(tmp_path):
+    _movielens(tmp_path, yaml.safe_load((DATASETS / "movielens1m.yaml").read_text())["data"]["domain"])
+    lines = (tmp_path / "ratings.dat").read_text(encoding="latin-1").splitlines()
+    (tmp_path / "ratings.dat").write_text("\n".join(ln + "::x" for ln in lines) + "\n")
+    with pytest.raises(ValueError, match="ratings.dat has 5 fields per line where "
+                                         "MovieLens-1M's ratings.dat has 4"):
+        join_movielens_1m(tmp_path, tmp_path / "again.csv")
+    assert not (tmp_path / "again.csv").exists()
