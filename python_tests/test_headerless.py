@@ -69,7 +69,7 @@ def test_columns_key_is_checked_against_the_config_and_the_file(tmp_path):
     with pytest.raises(DataError, match="data.columns names 'user' twice"):
         DataConfig.from_dict(base_dict(files=["data.txt"], columns=[*names, "user"]), tmp_path)
     # The file with its header, read as header-less: the header line is named, not parsed.
-    with pytest.raises(DataError, match="the first line of data.csv is a header .* remove the "
+    with pytest.raises(DataError, match="the first line of data.csv looks like a header .* remove the "
                                         "header line, or data.columns"):
         prepare_data(DataConfig.from_dict(base_dict(columns=names), tmp_path))
     with pytest.raises(DataError, match=r"the first line of data.txt has 8 fields \(sep=','\), "
@@ -143,3 +143,32 @@ def test_shipped_criteo_config_reads_the_kaggle_file_as_it_is():
     assert cfg.files[0].name == "train.txt" and cfg.csv_sep == "\t"
     assert cfg.columns == ("label", *[f"I{i}" for i in range(1, 14)],
                            *[f"C{i}" for i in range(1, 27)])
+
+
+def test_a_header_of_another_order_or_other_names_is_not_read_as_a_row(tmp_path):
+    # Read as data, such a line would be one row with every column mislabelled (dropped only
+    # because its domain value is no domain): refused, with the reason.
+    frame = make_frame(seed=6)
+    names = list(frame.columns)
+    path = tmp_path / "data.txt"
+    frame.to_csv(path, index=False)                      # a header, in the file's order
+    shuffled = names[1:] + names[:1]
+    with pytest.raises(DataError, match=r"looks like a header \(8 of its 8 fields are column "
+                                        "names"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.txt"], columns=shuffled),
+                                          tmp_path))
+    body = path.read_text().split("\n", 1)[1]
+    path.write_text("y,d,u,i,p,a,t,s\n" + body)          # a header of other names
+    cfg = DataConfig.from_dict(base_dict(files=["data.txt"], columns=names), tmp_path)
+    with pytest.raises(DataError, match=r"looks like a header \(its label field 'click' holds "
+                                        "'y', not a number"):
+        prepare_data(cfg)
+    path.write_text(body)                                # no header: the first line is a row
+    assert prepare_data(cfg).stats["rows_read"] == len(frame)
+
+
+def test_a_missing_column_of_data_columns_gets_a_suggestion(tmp_path):
+    names = [c if c != "user" else "usr" for c in make_frame().columns]
+    with pytest.raises(DataError, match="column 'user' .categorical. is not in data.columns; "
+                                        "did you mean 'usr'"):
+        DataConfig.from_dict(base_dict(files=["data.txt"], columns=names), tmp_path)

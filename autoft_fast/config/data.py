@@ -281,8 +281,11 @@ class DataConfig:
                                 "must be unique")
             missing = [c for c, role in self.required_columns() if c not in self.columns]
             if missing:
+                import difflib
                 role = dict(self.required_columns())[missing[0]]
-                raise DataError(f"column '{missing[0]}' ({role}) is not in data.columns "
+                hint = difflib.get_close_matches(missing[0], self.columns, n=1)
+                raise DataError(f"column '{missing[0]}' ({role}) is not in data.columns"
+                                + (f"; did you mean '{hint[0]}'?" if hint else "") + " "
                                 f"({len(self.columns)} names: {', '.join(self.columns[:30])}"
                                 f"{' ...' if len(self.columns) > 30 else ''})")
         tc = self.target_split.time_column

@@ -54,7 +54,7 @@ def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
     fmt = FILE_SUFFIXES[path.suffix.lower()]
     required = cfg.required_columns()
     if fmt == "csv":
-        present, _ = csv_layout(path, _csv_sep(path, cfg), cfg.columns)
+        present, _ = csv_layout(path, _csv_sep(path, cfg), cfg.columns, label=cfg.label)
         check_columns(required, present, path)
         return FileInfo(path, "arrow")
     import pyarrow as pa
@@ -100,8 +100,10 @@ def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
     """``(names, header)``: a CSV file's column names, and whether its first line holds them.
 
     Without ``columns`` the first line is the header. With ``columns`` (``data.columns``: files
-    without a header line) the names are ``columns``, and a first line that repeats them (the
-    file has a header after all) or has another field count is refused. ``features`` is for
+    without a header line) the names are ``columns``, and a first line that looks like a header
+    (half of its fields are column names, or its ``label`` field is not a number) or has
+    another field count is refused: read as data, a header of another order would be a row
+    with the columns mislabelled and silently dropped. ``features`` is for
     files to score, which may come with a header or without one: a first line holding every
     feature column is a header; otherwise the file has the names of ``columns``, or of
     ``columns`` without ``label`` when it is one field short (a file to score need not have
@@ -120,18 +122,34 @@ def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
             return first, True
         if label in names and len(first) == len(names) - 1:
             return [c for c in names if c != label], False
-    elif [c.strip() for c in first] == names:
-        raise DataError(f"the first line of {path.name} is a header ({', '.join(first[:8])}"
-                        f"{' ...' if len(first) > 8 else ''}), but data.columns says the files "
-                        "have none: remove the header line, or data.columns")
+    else:
+        stripped = [c.strip() for c in first]
+        named = sum(c in names for c in stripped)
+        value = stripped[names.index(label)] if label in names and len(first) == len(names) else ""
+        if named >= max(1, len(names) // 2) or (value and not _is_number(value)):
+            why = (f"{named} of its {len(first)} fields are column names" if named
+                   else f"its label field '{label}' holds {value!r}, not a number")
+            raise DataError(f"the first line of {path.name} looks like a header ({why}: "
+                            f"{', '.join(first[:8])}{' ...' if len(first) > 8 else ''}), but "
+                            "data.columns says the files have none: remove the header line, "
+                            "or data.columns")
     if len(first) != len(names):
         short = (f", or {len(names) - 1} without the label '{label}'"
                  if features is not None and label in names else "")
         fields = f"{len(first)} field{'' if len(first) == 1 else 's'}"
-        raise DataError(f"the first line of {path.name} has {fields} (sep={sep!r}), "
-                        f"but data.columns names {len(names)} columns{short}: is the separator "
-                        "or the column list wrong?")
+        listed = f"{len(names)} column{'' if len(names) == 1 else 's'}"
+        raise DataError(f"the first line of {path.name} has {fields} (sep={sep!r}), but "
+                        f"data.columns names {listed}{short}: is the separator or the column "
+                        "list wrong?")
     return names, False
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def csv_header(path: Path, sep: str) -> list[str]:
@@ -176,8 +194,9 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
                    "by another character than the one it is read with? A .tsv file is read "
                    "as tab-separated, any other CSV with data.csv_sep)" if seps else "")
                 + (" (the first line holds numbers and empty fields: the file seems to have "
-                   "no header line; add one with the column names, e.g. as docs/datasets.md "
-                   "shows for Criteo's files)" if looks_like_data and not seps else "")
+                   "no header line; name its columns in file order with data.columns, as "
+                   "the Criteo config does, or add a header line)"
+                   if looks_like_data and not seps else "")
             )
 
 
