@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns copied to --out (default: every column that is not a "
                         "feature or the label); --keep '' keeps none")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--sep", metavar="CHAR",
+                   help="the field separator of a CSV --data file (default: the run's "
+                        "data.csv_sep; tab for a .tsv file); --sep '\\t' for tabs")
     p.add_argument("--backend", metavar="NAME",
                    help="gated-embedding backend (default: auto, the first of cpu, cuda, "
                         "triton, reference available on the device)")
@@ -511,7 +514,12 @@ def _cmd_predict(args) -> int:
     t0 = time.perf_counter()
     run = load_run(args.run, device=args.device, backend=args.backend)
     log.info("model: %s (%s) from %s", run.strategy, run.info["model"]["name"], run.path)
-    n = run.predict_file(args.data, out, keep, force=args.force)
+    sep = args.sep
+    if sep is not None:
+        sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep)  # a shell passes '\t' as two characters
+        if len(sep) != 1:
+            raise _UserError(f"--sep must be one character (or '\\t' for a tab), got {args.sep!r}")
+    n = run.predict_file(args.data, out, keep, force=args.force, sep=sep)
     print(f"{n:,} rows scored in {time.perf_counter() - t0:.1f} s -> {out}")
     return 0
 

@@ -172,3 +172,29 @@ def test_a_missing_column_of_data_columns_gets_a_suggestion(tmp_path):
     with pytest.raises(DataError, match="column 'user' .categorical. is not in data.columns; "
                                         "did you mean 'usr'"):
         DataConfig.from_dict(base_dict(files=["data.txt"], columns=names), tmp_path)
+
+
+def test_predict_sep_reads_a_file_of_another_separator(headerless_run, tmp_path, capsys, caplog):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False, na_values=[""])
+    want = run.predict(frame).to_numpy()
+    tabbed = tmp_path / "rows.txt"   # a .txt file: read with the run's csv_sep (',') by default
+    frame.drop(columns=[run.encoder.cfg.label]).to_csv(tabbed, sep="\t", index=False, header=False)
+    with pytest.raises(DataError, match=r"has 1 field \(sep=','\)"):
+        run.predict(tabbed)
+    with caplog.at_level("INFO", logger="autoft_fast"):
+        got = run.predict(tabbed, sep="\t").to_numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert "rows.txt has no header line and one field fewer than data.columns: read as its " \
+           "columns without the label 'click'" in caplog.text
+    with pytest.raises(DataError, match="sep must be one character"):
+        run.predict(tabbed, sep="\t\t")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(run_dir), "--data", str(tabbed), "--out", str(out),
+                 "--sep", "\\t", "--keep", "row_id"]) == 0
+    np.testing.assert_allclose(pd.read_csv(out)["probability"].to_numpy(), want, rtol=0,
+                               atol=1e-8)
+    assert main(["predict", "--run", str(run_dir), "--data", str(tabbed), "--out", str(out),
+                 "--sep", ";;", "--force"]) == 2
+    assert "--sep must be one character" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import warnings
 import tempfile
@@ -38,6 +39,7 @@ from ..data.config import DataError
 from ..data.encode import RowEncoder, feature_columns
 from ..models import build_base_model, build_transfer_model
 from .checkpoint import load_checkpoint
+from .progress import LOGGER_NAME
 from .trainer import predict as predict_logits
 
 __all__ = ["save_model", "load_run", "SavedRun", "find_model_dir", "MODEL_FILE", "INFO_FILE",
@@ -49,6 +51,8 @@ INFO_FORMAT = 1
 # Rows read, encoded and scored at a time: memory grows with it, results do not.
 PREDICT_CHUNK_ROWS = 1 << 18
 PROBABILITY_COLUMN = "probability"
+
+log = logging.getLogger(LOGGER_NAME)
 
 
 def save_model(out_dir: Path, model: torch.nn.Module, cfg, bundle, strategy: str,
@@ -144,10 +148,11 @@ class SavedRun:
         """The input columns the model reads."""
         return feature_columns(self.encoder.cfg)
 
-    def predict(self, data) -> pd.Series:
+    def predict(self, data, *, sep: str | None = None) -> pd.Series:
         """Click probabilities of the rows of ``data`` (a CSV / TSV / Parquet path or a
         pandas DataFrame), one per row in row order, as a float64 Series named
-        'probability' (index: the frame's, or 0..N-1 for a file).
+        'probability' (index: the frame's, or 0..N-1 for a file). ``sep``: the field
+        separator of a CSV file (default: the run's ``data.csv_sep``, tab for a .tsv file).
 
         Example:
             >>> load_run("runs/x").predict(pd.DataFrame({"user": ["u1"], "item": ["i2"]}))
@@ -155,27 +160,41 @@ class SavedRun:
         if isinstance(data, pd.DataFrame):
             probs = self.score_frame(data)
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
-        self._checked_header(Path(data))
+        self._checked_header(Path(data), sep)
         parts, n = [], 0
-        for frame in self.read_frames(data, list(dict.fromkeys(self.feature_columns))):
+        for frame in self.read_frames(data, list(dict.fromkeys(self.feature_columns)), sep=sep):
             parts.append(self.score_frame(frame, first_row=n))
             n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
         return pd.Series(probs, name=PROBABILITY_COLUMN)
 
-    def _checked_header(self, path: Path) -> list[str]:
+    def _checked_header(self, path: Path, sep: str | None = None) -> list[str]:
         """The file's header, after checking that every feature column is in it once."""
         from ..data.reading import check_columns
 
-        header, _ = self._layout(path)
+        header, _ = self._layout(path, sep)
         check_columns([(c, "feature") for c in self.feature_columns], header, path)
         return header
 
-    def _layout(self, path: Path) -> tuple[list[str], bool]:
+    def _sep(self, path: Path, sep: str | None) -> str:
+        """The separator a CSV ``path`` is read with: ``sep``, else tab for a .tsv file, else
+        the run's ``data.csv_sep``."""
+        if sep is not None:
+            if not isinstance(sep, str) or len(sep) != 1:
+                raise DataError(f"sep must be one character (e.g. ',' or '\\t'), got {sep!r}")
+            return sep
+        return "\t" if Path(path).suffix.lower() == ".tsv" else self.encoder.cfg.csv_sep
+
+    def _layout(self, path: Path, sep: str | None = None) -> tuple[list[str], bool]:
         """The file's column names and whether its first line is a header (a CSV file of a
         run whose data had no header, ``data.columns``, may come with one or without)."""
         cfg = self.encoder.cfg
-        return _header(path, cfg.csv_sep, cfg.columns, cfg.label, self.feature_columns)
+        names, has_header = _header(path, self._sep(path, sep), cfg.columns, cfg.label,
+                                    self.feature_columns)
+        if not has_header and len(names) < len(cfg.columns):
+            log.info("%s has no header line and one field fewer than data.columns: read as "
+                     "its columns without the label '%s'", Path(path).name, cfg.label)
+        return names, has_header
 
     def score_frame(self, frame: pd.DataFrame, first_row: int | None = None) -> np.ndarray:
         """float64 probabilities of the rows of one frame (``first_row``: the file's rows
@@ -185,21 +204,21 @@ class SavedRun:
         return torch.sigmoid(logits.double()).numpy()
 
     def read_frames(self, path, columns: list[str] | None = None, chunk_rows: int | None = None,
-                    verbatim=()):
+                    verbatim=(), sep: str | None = None):
         """Frames of ``path`` (every column, or ``columns``), ``chunk_rows`` at a time.
         The ``verbatim`` columns are also given as text exactly as stored, in
         ``frame.attrs["verbatim"]`` (what predict_file copies to its output)."""
         cfg = self.encoder.cfg
         names = None
         if _format(Path(path)) == "csv":
-            header, has_header = self._layout(Path(path))
+            header, has_header = self._layout(Path(path), sep)
             names = None if has_header else header
-        return _read_frames(Path(path), cfg.csv_sep, columns, chunk_rows or PREDICT_CHUNK_ROWS,
+        return _read_frames(Path(path), self._sep(path, sep), columns, chunk_rows or PREDICT_CHUNK_ROWS,
                             {m.name: m.sep for m in cfg.multihot}, frozenset(verbatim),
                             frozenset(self.feature_columns), names)
 
     def predict_file(self, data, out, keep: list[str] | None = None, *,
-                     force: bool = False) -> int:
+                     force: bool = False, sep: str | None = None) -> int:
         """Write ``out`` (CSV): the ``keep`` columns of ``data`` (default: every column
         that is not a feature) then 'probability', one line per input row; returns the
         number of rows. An existing ``out`` is kept unless ``force``.
@@ -218,7 +237,7 @@ class SavedRun:
             raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
         from ..data.reading import check_columns
 
-        header = self._checked_header(data)
+        header = self._checked_header(data, sep)
         features = set(self.feature_columns)
         chosen = keep is not None
         if keep is None:
@@ -250,7 +269,7 @@ class SavedRun:
         n = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                for frame in self.read_frames(data, needed, verbatim=keep):
+                for frame in self.read_frames(data, needed, verbatim=keep, sep=sep):
                     # The kept columns as the file stores them (a Parquet int64 id with
                     # nulls would otherwise pass through float64 and lose digits).
                     texts = frame.attrs.get("verbatim", {})
@@ -355,7 +374,7 @@ def _header(path: Path, sep: str, columns=(), label=None, features=None) -> tupl
             return list(pq.ParquetFile(path).schema_arrow.names), True
         except Exception as exc:
             raise DataError(f"cannot read {path} as Parquet: {exc}") from None
-    return csv_layout(path, _sep(path, sep), columns, label=label, features=features)
+    return csv_layout(path, sep, columns, label=label, features=features)
 
 
 def _format(path: Path) -> str:
@@ -369,10 +388,6 @@ def _format(path: Path) -> str:
         raise DataError(f"--data {str(path)!r}: unknown file type {path.suffix!r}; one of "
                         f"{sorted(FILE_SUFFIXES)}")
     return fmt
-
-
-def _sep(path: Path, sep: str) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else sep
 
 
 def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict,
@@ -409,7 +424,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             path,
             read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows),
                                           **({"column_names": names} if names else {})),
-            parse_options=pcsv.ParseOptions(delimiter=_sep(path, sep),
+            parse_options=pcsv.ParseOptions(delimiter=sep,
                                             invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 include_columns=cols, column_types={c: pa.string() for c in cols},
@@ -426,7 +441,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
         # A line with fewer fields than the header: its missing fields are empty, as in
         # training (data/reading.py); the rows after those already read, by pandas' reader.
-        yield from _pandas_frames(path, _sep(path, sep), cols, chunk_rows, done, names)
+        yield from _pandas_frames(path, sep, cols, chunk_rows, done, names)
 
 
 def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int, names=None):
