@@ -354,6 +354,13 @@ def test_domain_value_with_no_rows(tmp_path, role):
         prepare(tmp_path, domain=dom)
 
 
+def test_a_misspelled_domain_value_gets_a_suggestion(tmp_path):
+    dom = {"column": "dom", "source": ["s1", "s2"], "target": "tt"}
+    with pytest.raises(DataError, match="target domain value 'tt' matches no rows of column "
+                                        "'dom'; .*; did you mean 't'"):
+        prepare(tmp_path, domain=dom)
+
+
 def test_a_yaml_number_as_domain_value_gets_the_quoting_hint(tmp_path):
     # YAML reads `target: 010` as 8: the hint says to quote it.
     dom = yaml.safe_load("{column: dom, source: [s1, s2], target: 010}")

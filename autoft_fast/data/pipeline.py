@@ -621,7 +621,12 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             where = (f"most common values there: {', '.join(map(repr, seen))}" if seen
                      else "the files have no data rows")
             hint = ""
-            if str(value).lstrip("-").isdigit():
+            import difflib
+            close = difflib.get_close_matches(str(value), [str(v) for v in sc.domain_counts.index],
+                                              n=1)
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+            elif str(value).lstrip("-").isdigit():
                 # YAML reads 010 as 8 and 0x1f as 31: the written form is gone by now.
                 hint = ("; a domain value YAML reads as a number loses how it was written "
                         "(010, 0x1f, 1_000): quote it in the YAML, e.g. '010'")
