@@ -390,8 +390,8 @@ def _cmd_compare(args, demo: bool = False) -> int:
     print(table)
     targets = f" x {len(cfg.targets)} targets" if cfg.targets and len(cfg.targets) > 1 else ""
     written = ", ".join(sorted(p.name for p in run_dir.iterdir() if p.is_file()))
-    print(f"\n{len(cfg.strategies)} strategies x {len(cfg.seeds)} seeds{targets} in "
-          f"{time.perf_counter() - t0:.1f} s; {written}")
+    print(f"\n{_count(len(cfg.strategies), 'strategy', 'strategies')} x "
+          f"{_count(len(cfg.seeds), 'seed')}{targets} in {time.perf_counter() - t0:.1f} s; {written}")
     print(f"run directory: {run_dir}")
     return 0
 
@@ -501,6 +501,11 @@ def _cmd_bench(args) -> int:
     return int(bench.main(rest[1:]) or 0)
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """'1 seed', '3 seeds', '1,000 rows'."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
 def _cmd_predict(args) -> int:
     from .train.predict import load_run
     from .train.progress import setup_logging
@@ -520,7 +525,7 @@ def _cmd_predict(args) -> int:
         if len(sep) != 1:
             raise _UserError(f"--sep must be one character (or '\\t' for a tab), got {args.sep!r}")
     n = run.predict_file(args.data, out, keep, force=args.force, sep=sep)
-    print(f"{n:,} rows scored in {time.perf_counter() - t0:.1f} s -> {out}")
+    print(f"{_count(n, 'row')} scored in {time.perf_counter() - t0:.1f} s -> {out}")
     return 0
 
 

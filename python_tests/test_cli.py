@@ -229,3 +229,11 @@ def test_device_option_is_checked(tmp_path, capsys):
     exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, device="cuda:x")
     assert main(["compare", "--config", str(exp)]) == 2
     assert "device = 'cuda:x' is not a device" in capsys.readouterr().err
+
+
+def test_counts_in_the_closing_lines_agree_in_number():
+    from autoft_fast.cli import _count
+    assert _count(1, "seed") == "1 seed" and _count(2, "seed") == "2 seeds"
+    assert _count(1, "strategy", "strategies") == "1 strategy"
+    assert _count(9, "strategy", "strategies") == "9 strategies"
+    assert _count(1_000, "row") == "1,000 rows" and _count(1, "row") == "1 row"
