@@ -410,3 +410,15 @@ def test_tuned_fraction_by_frequency_against_a_loop():
         tuned_fraction_by_frequency(test, {"f1": tuned["f1"]}, train)
     assert math.isclose(sum(r["tuned_fraction"] * r["count"] for r in rows
                             if r["field"] == "f2") / 300, float(tuned["f2"].mean()))
+
+
+def test_policy_table_says_when_frozen_choices_at_k0_change_nothing():
+    from autoft_fast.train.report import policy_table
+    stats = {"field": {"user_id": 0.9}, "layer": {}}
+    runs = [{"strategy": "autoft", "policy_stats": stats, "frequency_threshold": 0.0},
+            {"strategy": "autoft", "policy_stats": stats, "frequency_threshold": 10.0},
+            {"strategy": "autoft_layer", "policy_stats": {"field": {}, "layer": {"mlp_0": 1.0}}}]
+    text = policy_table(runs)
+    assert "| field user_id | 0.900 |" in text
+    assert "In 1 of the 2 runs with the rule it kept k = 0" in text
+    assert "change no prediction" not in policy_table(runs[1:])

@@ -435,6 +435,7 @@ def policy_table(runs: Iterable[dict]) -> str:
         | --- | --- | --- |
         | field user_id | 0.31 | 0.28 |
     """
+    runs = list(runs)
     rows = policy_summary(runs)
     if not rows:
         return ""
@@ -446,6 +447,17 @@ def policy_table(runs: Iterable[dict]) -> str:
     for r in rows:
         vals = " | ".join(_fmt(r.get(s), ".3f") for s in strategies)
         lines.append(f"| {r['kind']} {r['name']} | {vals} |")
+    # The frequency rule at k = 0 holds frozen exactly the values the target's training rows
+    # never hold: their tuned row never moved, so those "frozen" choices change no prediction.
+    at_zero = [r for r in runs if r.get("frequency_threshold") == 0.0]
+    rule = [r for r in runs if r.get("frequency_threshold") is not None]
+    if at_zero:
+        lines.append(
+            f"\nField fractions count the lookups the frequency rule holds frozen. In "
+            f"{len(at_zero)} of the {len(rule)} runs with the rule it kept k = 0: there those "
+            "are the values the target's training rows never hold, whose tuned row the "
+            "default fused embedding optimizer (touched rows only) leaves at the pre-trained "
+            "one: such choices change no prediction.")
     return "\n".join(lines)
 
 
