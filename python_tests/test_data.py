@@ -539,6 +539,32 @@ def test_shuffled_batches_cover_every_row_once(n, bs):
         assert not torch.equal(batches[0].sparse[:, 0], torch.arange(bs))
 
 
+@pytest.mark.parametrize("n, bs, drop_last, min_last", [
+    (100, 7, False, 1), (100, 7, True, 1), (100, 7, False, 5), (28, 7, False, 1), (3, 7, False, 1)])
+def test_shuffled_batches_are_gathered_a_chunk_at_a_time_in_the_permutation_order(
+        monkeypatch, n, bs, drop_last, min_last):
+    # The oracle: the whole split gathered in the permutation's order, then cut into batches.
+    # Gathered a chunk of whole batches at a time (here 3 batches), the batches are the same
+    # rows in the same order, and no batch holds more than its chunk's copy.
+    from autoft_fast.data import tensors
+    monkeypatch.setattr(tensors, "GATHER_ROWS", 3 * bs)
+    data = _toy(n)
+    got = list(iterate_batches(data, bs, shuffle=True, generator=torch.Generator().manual_seed(4),
+                               drop_last=drop_last, min_last=min_last))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    whole = data.index(perm)
+    stop = n - n % bs if drop_last else n
+    starts = list(range(0, stop, bs))
+    if len(starts) > 1 and n - starts[-1] < min_last:
+        starts.pop()
+    ends = [min(s + bs, n) for s in starts[:-1]] + ([stop] if starts else [])
+    want = [whole.slice(s, e) for s, e in zip(starts, ends)]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.sparse, b.sparse) and torch.equal(a.label, b.label)
+        assert a.label.untyped_storage().nbytes() <= 4 * (3 * bs + bs)  # a chunk, not the split
+
+
 def test_unshuffled_batches_are_in_order_and_drop_last():
     data = _toy(10)
     got = [b.sparse[:, 0].tolist() for b in iterate_batches(data, 4, shuffle=False)]
