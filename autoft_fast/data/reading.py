@@ -268,7 +268,9 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
     short = []
 
     def on_invalid(row) -> str:
-        if row.actual_columns < row.expected_columns:
+        # A short line of a file with a header gets empty values (pandas' rule, below); in a
+        # header-less file of a fixed layout (data.columns) it is a damaged line: malformed.
+        if row.actual_columns < row.expected_columns and not cfg.columns:
             short.append(row)
             return "error"
         where = f"line {row.number}" if row.number is not None else "a line"
