@@ -10,7 +10,29 @@ import torch
 import yaml
 
 __all__ = ["save_atomic", "write_text_atomic", "load_yaml", "DuplicateKeyError",
-           "remove_stale_temps"]
+           "remove_stale_temps", "umask_mode"]
+
+
+def umask_mode(fd: int) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would
+    give it (0666 less the umask), so that files renamed from it into place can be shared as
+    any other output."""
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # Read, not set-and-restore, where Linux says it (os.umask would change it process-wide
+    # for a moment, under every other thread's file creations).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
@@ -41,6 +63,7 @@ def _write_atomic(path, mode: str, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask_mode(fd)
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
             f.flush()

@@ -451,3 +451,22 @@ def test_tune_picks_the_best_validation_score_of_the_monitored_metric(monitor, m
     chosen = [r for r in rows if r["picked"]]
     assert len(chosen) == 1
     assert chosen[0][f"valid_{monitor}"] == (0.55 if monitor == "auc" else 0.20)
+
+
+def test_written_files_get_the_umask_mode_not_mkstemp_s_0600(tmp_path):
+    import os
+    import stat
+
+    from autoft_fast._io import save_atomic, write_text_atomic
+    old = os.umask(0o027)
+    try:
+        a = write_text_atomic("x", tmp_path / "a.json")
+        b = save_atomic({"k": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == 0o640 and stat.S_IMODE(b.stat().st_mode) == 0o640
+    os.umask(0o022)
+    try:
+        assert stat.S_IMODE(write_text_atomic("y", tmp_path / "c.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._io import save_atomic, write_text_atomic
+from .._io import save_atomic, umask_mode, write_text_atomic
 from ..config import AutoFTConfig, DataConfig, ModelConfig
 from ..config.data import FILE_SUFFIXES
 from ..config.strategies import STRATEGY_TABLE
@@ -189,12 +189,7 @@ class SavedRun:
         """The file's column names and whether its first line is a header (a CSV file of a
         run whose data had no header, ``data.columns``, may come with one or without)."""
         cfg = self.encoder.cfg
-        names, has_header = _header(path, self._sep(path, sep), cfg.columns, cfg.label,
-                                    self.feature_columns)
-        if not has_header and len(names) < len(cfg.columns):
-            log.info("%s has no header line and one field fewer than data.columns: read as "
-                     "its columns without the label '%s'", Path(path).name, cfg.label)
-        return names, has_header
+        return _header(path, self._sep(path, sep), cfg.columns, cfg.label, self.feature_columns)
 
     def score_frame(self, frame: pd.DataFrame, first_row: int | None = None) -> np.ndarray:
         """float64 probabilities of the rows of one frame (``first_row``: the file's rows
@@ -213,6 +208,9 @@ class SavedRun:
         if _format(Path(path)) == "csv":
             header, has_header = self._layout(Path(path), sep)
             names = None if has_header else header
+            if not has_header and len(header) < len(cfg.columns):
+                log.info("%s has no header line and one field fewer than data.columns: read "
+                         "as its columns without the label '%s'", Path(path).name, cfg.label)
         return _read_frames(Path(path), self._sep(path, sep), columns, chunk_rows or PREDICT_CHUNK_ROWS,
                             {m.name: m.sep for m in cfg.multihot}, frozenset(verbatim),
                             frozenset(self.feature_columns), names)
@@ -263,6 +261,7 @@ class SavedRun:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            umask_mode(fd)
         except OSError as e:
             raise DataError(f"--out {str(out)!r} cannot be written in {str(out.parent)!r} "
                             f"({e.strerror or e})") from None
