@@ -215,3 +215,62 @@ def test_predict_sep_reads_a_file_of_another_separator(headerless_run, tmp_path,
     assert main(["predict", "--run", str(run_dir), "--data", str(tabbed), "--out", str(out),
                  "--sep", ";;", "--force"]) == 2
     assert "--sep must be one character" in capsys.readouterr().err
+
+
+def _gzip(path: Path, name: str) -> Path:
+    import gzip
+    out = path.parent / name
+    with gzip.open(out, "wb") as f:
+        f.write(path.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("short_line", [False, True])
+def test_gzip_compressed_files_give_the_tensors_of_the_plain_ones(tmp_path, short_line):
+    path = write(tmp_path, make_frame(seed=8))
+    if short_line:  # a short line of a file with a header: pandas' reader takes over
+        lines = path.read_text().splitlines()
+        lines[9] = ",".join(lines[9].split(",")[:-2])
+        path.write_text("\n".join(lines) + "\n")
+    plain = prepare_data(DataConfig.from_dict(base_dict(), tmp_path), chunk_rows=64)
+    _gzip(path, "data.csv.gz")
+    _gzip(path, "train.gz")   # a bare .gz, as Avazu's download is named: CSV
+    for name in ("data.csv.gz", "train.gz"):
+        got = prepare_data(DataConfig.from_dict(base_dict(files=[name]), tmp_path), chunk_rows=64)
+        assert_same(got, plain)
+    # Header-less and tab-separated, as Criteo's train.txt, compressed.
+    frame = make_frame(seed=8)
+    txt = tmp_path / "train.txt"
+    frame.to_csv(txt, sep="\t", index=False, header=False)
+    _gzip(txt, "train.txt.gz")
+    cfg = base_dict(files=["train.txt.gz"], columns=list(frame.columns), csv_sep="\t")
+    got = prepare_data(DataConfig.from_dict(cfg, tmp_path))
+    want = prepare_data(DataConfig.from_dict(dict(cfg, files=["train.txt"]), tmp_path))
+    assert_same(got, want)
+
+
+def test_gzip_content_under_a_plain_name_and_a_compressed_parquet_are_named(tmp_path):
+    path = write(tmp_path, make_frame())
+    _gzip(path, "hidden.csv")
+    with pytest.raises(DataError, match="hidden.csv is gzip-compressed: name it hidden.csv.gz"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["hidden.csv"]), tmp_path))
+    with pytest.raises(DataError, match="gzip-compressed Parquet file"):
+        DataConfig.from_dict(base_dict(files=["data.parquet.gz"]), tmp_path)
+    with pytest.raises(DataError, match="cannot tell the format of 'data.json.gz'"):
+        DataConfig.from_dict(base_dict(files=["data.json.gz"]), tmp_path)
+
+
+def test_predict_reads_a_gzip_compressed_file(headerless_run, tmp_path):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    want = run.predict(src).to_numpy()
+    for name, source in (("rows.csv.gz", src), ("rows.txt.gz", plain)):
+        np.testing.assert_allclose(run.predict(_gzip(source, name)).to_numpy(), want,
+                                   rtol=0, atol=1e-12)
+    # A short line: pandas' reader takes over, on the compressed stream too.
+    lines = src.read_text().splitlines()
+    lines[5] = ",".join(lines[5].split(",")[:-1])
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(lines) + "\n")
+    np.testing.assert_allclose(run.predict(_gzip(short, "short.csv.gz")).to_numpy(),
+                               run.predict(short).to_numpy(), rtol=0, atol=1e-12)

@@ -23,10 +23,38 @@ from typing import Any, Mapping
 from .schema import ConfigError, parse_section, section_to_dict, setting
 
 __all__ = ["DataError", "DataConfig", "NumericColumn", "MultiHotColumn", "DomainSpec",
-           "TargetSplit", "SourceSplit", "SplitSpec", "load_data_config", "FILE_SUFFIXES"]
+           "TargetSplit", "SourceSplit", "SplitSpec", "load_data_config", "FILE_SUFFIXES",
+           "file_format", "file_suffix"]
 
 NUMERIC_MODES = ("bucket", "dense")
 FILE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+GZIP_SUFFIX = ".gz"
+
+
+def file_suffix(path: Path) -> tuple[str, bool]:
+    """``(suffix, gzip)``: the suffix that names a data file's format, and whether the file is
+    gzip-compressed (named ``*.gz``). ``train.txt.gz`` -> ``('.txt', True)``; a bare
+    ``train.gz`` (Avazu's download) -> ``('.csv', True)``, read as CSV with ``csv_sep``."""
+    path = Path(path)
+    if path.suffix.lower() != GZIP_SUFFIX:
+        return path.suffix.lower(), False
+    inner = Path(path.stem).suffix.lower()
+    return (inner or ".csv"), True
+
+
+def file_format(path: Path) -> tuple[str, bool] | None:
+    """``('csv' | 'parquet', gzip)`` of a data file by its name, or None when the suffix names
+    no format. A gzip-compressed Parquet file is refused (Parquet compresses inside)."""
+    suffix, gz = file_suffix(path)
+    fmt = FILE_SUFFIXES.get(suffix)
+    if fmt is None:
+        return None
+    if gz and fmt == "parquet":
+        raise DataError(f"'{Path(path).name}' is a gzip-compressed Parquet file: Parquet "
+                        "compresses its own columns; gunzip it and give the .parquet file")
+    return fmt, gz
 
 
 class DataError(ConfigError):
@@ -91,9 +119,10 @@ def _files(value, where, ctx):
     out = []
     for p in value:
         p = p if p.is_absolute() else base / p
-        if p.suffix.lower() not in FILE_SUFFIXES:
+        if file_format(p) is None:
             raise DataError(f"{where}: cannot tell the format of '{p.name}' from its suffix; "
-                            f"use one of {sorted(FILE_SUFFIXES)}")
+                            f"use one of {sorted(FILE_SUFFIXES)} (CSV and TSV also "
+                            "gzip-compressed, e.g. train.txt.gz)")
         out.append(p)
     return tuple(out)
 

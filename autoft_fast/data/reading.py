@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .config import FILE_SUFFIXES, DataConfig, DataError
+from ..config.data import file_format, file_suffix
+from .config import DataConfig, DataError
 
 # Rows per chunk: peak memory grows with it (a few hundred bytes per row and used column).
 CHUNK_ROWS = 1 << 18
@@ -51,7 +52,7 @@ class _ShortLine(Exception):
 
 def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
     """Check the file's columns and decide how to read it (see :class:`FileInfo`)."""
-    fmt = FILE_SUFFIXES[path.suffix.lower()]
+    fmt, _ = file_format(path)
     required = cfg.required_columns()
     if fmt == "csv":
         present, _ = csv_layout(path, _csv_sep(path, cfg), cfg.columns, label=cfg.label)
@@ -92,7 +93,39 @@ def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
 
 
 def _csv_sep(path: Path, cfg: DataConfig) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else cfg.csv_sep
+    return "\t" if file_suffix(path)[0] == ".tsv" else cfg.csv_sep
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_bytes(path: Path):
+    """A binary file object of ``path``'s content: decompressed for a ``*.gz`` file. A
+    gzip-compressed file under another name is an error that says so (its bytes would
+    otherwise reach the CSV reader as garbage)."""
+    path = Path(path)
+    if file_suffix(path)[1]:
+        import gzip
+        return gzip.open(path, "rb")
+    f = open(path, "rb")
+    if f.read(2) == GZIP_MAGIC:
+        f.close()
+        raise DataError(f"{path} is gzip-compressed: name it {path.name}.gz (it is then read as "
+                        "gzip), or gunzip it")
+    f.seek(0)
+    return f
+
+
+def arrow_source(path: Path):
+    """What pyarrow's CSV reader opens for ``path``: the path, or a gzip stream."""
+    if file_suffix(path)[1]:
+        import pyarrow as pa
+        return pa.input_stream(str(path), compression="gzip")
+    return path
+
+
+def pandas_compression(path: Path):
+    return "gzip" if file_suffix(path)[1] else None
 
 
 def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
@@ -156,9 +189,12 @@ def csv_header(path: Path, sep: str) -> list[str]:
     """The column names of a CSV file's header line as written (a repeated name stays
     repeated: pandas would rename the second 'u' to 'u.1'). A UTF-8 byte-order mark is
     dropped."""
+    import io
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             row = next(csv.reader(f, delimiter=sep), None)
+    except (OSError, EOFError) as exc:  # a damaged gzip stream
+        raise DataError(f"cannot read {path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
     except csv.Error as exc:
@@ -243,7 +279,7 @@ ARROW_BLOCK_BYTES = 1 << 20
 def _block_bytes(path: Path, chunk_rows: int) -> int:
     # Arrow cuts blocks by bytes: estimate bytes per row from the file's start; a block must
     # hold the longest line, hence the generous floor.
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         sample = f.read(1 << 16)
     lines = sample.count(b"\n") or 1
     longest = max((len(x) for x in sample.split(b"\n")), default=0)
@@ -257,7 +293,8 @@ def header_only(path: Path) -> bool:
     path = Path(path)
     if path.stat().st_size > 1 << 20:
         return False
-    text = path.read_bytes().rstrip(b"\r\n")
+    with open_bytes(path) as f:
+        text = f.read(2 << 20).rstrip(b"\r\n")
     return bool(text) and b"\n" not in text
 
 
@@ -317,7 +354,7 @@ def _open_arrow_csv(path, cfg, cols, chunk_rows, on_invalid):
 
     names = {"column_names": list(cfg.columns)} if cfg.columns else {}
     return pcsv.open_csv(
-        path,
+        arrow_source(path),
         read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows), use_threads=False,
                                       **names),
         parse_options=pcsv.ParseOptions(delimiter=_csv_sep(path, cfg), invalid_row_handler=on_invalid),
@@ -335,7 +372,8 @@ def _pandas_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.Da
     # line longer than the names).
     names = dict(header=None, names=list(cfg.columns), index_col=False) if cfg.columns else {}
     reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                         on_bad_lines="warn", engine="c", chunksize=chunk_rows, **names)
+                         on_bad_lines="warn", engine="c", chunksize=chunk_rows,
+                         compression=pandas_compression(path), **names)
     while True:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)

@@ -32,7 +32,7 @@ import torch
 
 from .._io import save_atomic, umask_mode, write_text_atomic
 from ..config import AutoFTConfig, DataConfig, ModelConfig
-from ..config.data import FILE_SUFFIXES
+from ..config.data import FILE_SUFFIXES, file_format, file_suffix
 from ..config.strategies import STRATEGY_TABLE
 from ..data import FeatureMap
 from ..data.config import DataError
@@ -183,7 +183,7 @@ class SavedRun:
             if not isinstance(sep, str) or len(sep) != 1:
                 raise DataError(f"sep must be one character (e.g. ',' or '\\t'), got {sep!r}")
             return sep
-        return "\t" if Path(path).suffix.lower() == ".tsv" else self.encoder.cfg.csv_sep
+        return "\t" if file_suffix(Path(path))[0] == ".tsv" else self.encoder.cfg.csv_sep
 
     def _layout(self, path: Path, sep: str | None = None) -> tuple[list[str], bool]:
         """The file's column names and whether its first line is a header (a CSV file of a
@@ -382,11 +382,11 @@ def _format(path: Path) -> str:
             raise IsADirectoryError(f"--data {str(path)!r} is a directory; give a CSV, TSV or "
                                     "Parquet file")
         raise FileNotFoundError(f"--data {str(path)!r} does not exist")
-    fmt = FILE_SUFFIXES.get(path.suffix.lower())
+    fmt = file_format(path)
     if fmt is None:
         raise DataError(f"--data {str(path)!r}: unknown file type {path.suffix!r}; one of "
-                        f"{sorted(FILE_SUFFIXES)}")
-    return fmt
+                        f"{sorted(FILE_SUFFIXES)} (CSV and TSV also gzip-compressed, *.gz)")
+    return fmt[0]
 
 
 def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict,
@@ -406,7 +406,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             yield _as_frame(batch, list_seps, path, verbatim, features)
         return
     import pyarrow.csv as pcsv
-    from ..data.reading import _block_bytes
+    from ..data.reading import _block_bytes, arrow_source, pandas_compression
 
     header = names if names is not None else _header(path, sep)[0]
     cols = columns or header
@@ -420,7 +420,7 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
     done = 0
     try:
         reader = pcsv.open_csv(
-            path,
+            arrow_source(path),
             read_options=pcsv.ReadOptions(block_size=_block_bytes(path, chunk_rows),
                                           **({"column_names": names} if names else {})),
             parse_options=pcsv.ParseOptions(delimiter=sep,
@@ -447,11 +447,13 @@ def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int, names
     """Text frames of ``cols`` from data row ``skip`` on; a short line's missing fields are
     empty (NaN), a line with too many fields is a DataError. (The C parser's ``skiprows``
     counts rows, a quoted line break inside one included: tested.)"""
+    from ..data.reading import pandas_compression
+
     first = 0 if names else 1  # the data's first line
     layout = dict(header=None, names=list(names), index_col=False) if names else {}
     try:
         reader = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                             engine="c", chunksize=chunk_rows,
+                             engine="c", chunksize=chunk_rows, compression=pandas_compression(path),
                              skiprows=range(first, first + skip) if skip else None, **layout)
         for df in reader:
             yield df[list(cols)].reset_index(drop=True)
