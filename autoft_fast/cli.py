@@ -305,7 +305,8 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
                 raise _UserError(f"--resume {value!r} ran {k} {meta.get(k)!r}, not {v!r}")
         if meta.get("training_config_hash") != _training_hash(cfg):
             raise _UserError(f"--resume {value!r}: the config's data, model, pretrain, finetune "
-                             "or autoft section changed since that run started (the data "
+                             "or autoft section changed since that run started"
+                             + _changes_since(cfg, d) + " (the data "
                              "files count by their absolute paths: a moved project or data "
                              "folder counts as a change)")
         return d
@@ -324,7 +325,53 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
                 except _UserError:
                     continue
             return d
+    same = [d for d in cands if _meta(d).get("command") == command]
+    if same:
+        newest = max(same, key=lambda d: (d / "run.json").stat().st_mtime)
+        raise _UserError(
+            f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir} has this "
+            f"config; the newest, {str(newest)!r}, differs"
+            + (_changes_since(cfg, newest) or " in its data, model, pretrain, finetune or autoft "
+               "section, or in what it ran")
+            + ". A resume continues the same settings: run without --resume to start afresh")
     raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
+
+
+def _meta(d: Path) -> dict:
+    try:
+        return json.loads((d / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _changes_since(cfg, run_dir: Path, most: int = 5) -> str:
+    """': finetune.epochs 3 -> 4, ...' for the training settings that differ between ``cfg``
+    and the config.yaml of ``run_dir``; '' when that file cannot be read or nothing differs
+    (the data files' content, say)."""
+    from .config import load_config
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    try:
+        old = flat(load_config(run_dir / "config.yaml").training_dict())
+    except Exception:  # an unreadable or older config file: no details, the refusal stands
+        return ""
+    new = flat(cfg.training_dict())
+    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)
+             # config.yaml holds the backend 'auto' resolved to
+             and not (k == "autoft.backend" and "auto" in (old.get(k), new.get(k)))]
+    if not diffs:
+        return ""
+    more = f" (and {len(diffs) - most} more)" if len(diffs) > most else ""
+    return ": " + ", ".join(diffs[:most]) + more
 
 
 def _progress(args):

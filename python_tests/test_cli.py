@@ -217,9 +217,12 @@ def test_compare_killed_mid_run_then_resumed_matches_uninterrupted(tmp_path, cap
                            finetune={"epochs": 3, "batch_size": 256, "patience": 5},
                            strategies=["finetune_all", "autoft"])
     assert main(["compare", "--config", str(exp2), "--resume", str(resumed)]) == 2
-    assert "changed since that run started" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "changed since that run started: finetune.epochs 2 -> 3 (the data files" in err
     assert main(["compare", "--config", str(exp2), "--resume"]) == 2
-    assert "no earlier compare run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no earlier compare run of 'tiny' under" in err and "has this config; the newest" in err
+    assert "differs: finetune.epochs 2 -> 3" in err and "run without --resume" in err
 
 
 def test_device_option_is_checked(tmp_path, capsys):
