@@ -422,3 +422,10 @@ def test_policy_table_says_when_frozen_choices_at_k0_change_nothing():
     assert "| field user_id | 0.900 |" in text
     assert "In 1 of the 2 runs with the rule it kept k = 0" in text
     assert "change no prediction" not in policy_table(runs[1:])
+
+
+def test_frequency_buckets_are_plotted_in_the_order_of_their_counts():
+    from autoft_fast.train.report import _by_count
+    assert _by_count([">=50", "unseen", "1-4", "5-49"]) == ["unseen", "1-4", "5-49", ">=50"]
+    assert _by_count(["7", ">=8", "unseen"]) == ["unseen", "7", ">=8"]
+    assert _by_count(["rare", "common"]) == ["rare", "common"]  # other names: as given

@@ -712,6 +712,8 @@ def plot_policy_by_frequency(rows: Sequence[dict], path: Path, *,
         a[1] += w
     if not acc:
         return None
+    if not bucket_order:
+        buckets = _by_count(buckets)
     plt = _pyplot()
     width = 0.8 / len(buckets)
     # About 0.15 inch a bar, at most 16 inches wide: 22 fields x 4 buckets stay readable.
@@ -743,6 +745,20 @@ def plot_policy_by_frequency(rows: Sequence[dict], path: Path, *,
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _by_count(buckets: list[str]) -> list[str]:
+    """Frequency buckets named as `_bucket_names` names them ('unseen', '1-4', '7', '>=50')
+    in the order of their counts; other names keep their order."""
+    def low(name: str) -> int | None:
+        if name == "unseen":
+            return 0
+        text = name[2:] if name.startswith(">=") else name.split("-")[0]
+        return int(text) if text.isdigit() else None
+    lows = [low(b) for b in buckets]
+    if any(v is None for v in lows):
+        return buckets
+    return [b for _, b in sorted(zip(lows, buckets))]
 
 
 def _bucket_names(edges: Sequence[int]) -> list[str]:
