@@ -274,3 +274,23 @@ def test_predict_reads_a_gzip_compressed_file(headerless_run, tmp_path):
     short.write_text("\n".join(lines) + "\n")
     np.testing.assert_allclose(run.predict(_gzip(short, "short.csv.gz")).to_numpy(),
                                run.predict(short).to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_predict_file_says_how_many_rows_are_of_other_domains(headerless_run, tmp_path, caplog):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    cfg = run.encoder.cfg
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    others = int((frame[cfg.domain_column] != cfg.target_domain).sum())
+    assert 0 < others < len(frame)
+    with caplog.at_level("INFO", logger="autoft_fast"):
+        n = run.predict_file(src, tmp_path / "p.csv")
+    assert n == len(frame)
+    assert (f"{others:,} of the {n:,} rows of {src.name} are not of the model's target domain "
+            f"'{cfg.target_domain}' (column '{cfg.domain_column}')") in caplog.text
+    caplog.clear()
+    only = tmp_path / "target.csv"
+    frame[frame[cfg.domain_column] == cfg.target_domain].to_csv(only, index=False)
+    with caplog.at_level("INFO", logger="autoft_fast"):
+        run.predict_file(only, tmp_path / "q.csv")
+    assert "not of the model's target domain" not in caplog.text

@@ -37,6 +37,7 @@ from ..config.strategies import STRATEGY_TABLE
 from ..data import FeatureMap
 from ..data.config import DataError
 from ..data.encode import RowEncoder, feature_columns
+from ..data.reading import as_text
 from ..models import build_base_model, build_transfer_model
 from .checkpoint import load_checkpoint
 from .progress import LOGGER_NAME
@@ -253,7 +254,9 @@ class SavedRun:
                 + ("leave it out of --keep" if chosen else
                    "give --keep with the columns to copy (without it)"))
         check_columns([(c, "--keep") for c in keep], header, data)
-        needed = list(dict.fromkeys([*self.feature_columns, *keep]))
+        cfg = self.encoder.cfg
+        dom = cfg.domain_column if cfg.domain_column in header else None
+        needed = list(dict.fromkeys([*self.feature_columns, *keep, *([dom] if dom else [])]))
         blocker = next((p for p in [*reversed(out.parents)] if p.exists() and not p.is_dir()),
                        None)
         if blocker is not None:
@@ -265,10 +268,12 @@ class SavedRun:
         except OSError as e:
             raise DataError(f"--out {str(out)!r} cannot be written in {str(out.parent)!r} "
                             f"({e.strerror or e})") from None
-        n = 0
+        n = other = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 for frame in self.read_frames(data, needed, verbatim=keep, sep=sep):
+                    if dom is not None:
+                        other += int((as_text(frame[dom]).fillna("") != cfg.target_domain).sum())
                     # The kept columns as the file stores them (a Parquet int64 id with
                     # nulls would otherwise pass through float64 and lose digits).
                     texts = frame.attrs.get("verbatim", {})
@@ -283,6 +288,10 @@ class SavedRun:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if other:
+            log.info("%s of the %s rows of %s are not of the model's target domain %r (column "
+                     "%r): the model was fine-tuned for that domain", f"{other:,}", f"{n:,}",
+                     data.name, cfg.target_domain, dom)
         return n
 
 
