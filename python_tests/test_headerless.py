@@ -294,3 +294,37 @@ def test_predict_file_says_how_many_rows_are_of_other_domains(headerless_run, tm
     with caplog.at_level("INFO", logger="autoft_fast"):
         run.predict_file(only, tmp_path / "q.csv")
     assert "not of the model's target domain" not in caplog.text
+
+
+def test_a_damaged_gzip_file_is_named_in_one_error(tmp_path, headerless_run):
+    path = write(tmp_path, make_frame(seed=9, n_source=3000, n_target=1000))
+    gz = _gzip(path, "data.csv.gz").read_bytes()
+    damaged = {"early.csv.gz": gz[:1000], "cut.csv.gz": gz[: len(gz) // 2],
+               "flipped.csv.gz": gz[:len(gz) // 2] + bytes(64) + gz[len(gz) // 2 + 64:]}
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"cannot (read|parse) .*{name}"):
+            prepare_data(DataConfig.from_dict(base_dict(files=[name]), tmp_path))
+    run = load_run(headerless_run[0])
+    src = headerless_run[1]
+    raw = _gzip(src, "rows.csv.gz").read_bytes()
+    (tmp_path / "bad.csv.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cannot (read|parse) .*bad.csv.gz"):
+        run.predict(tmp_path / "bad.csv.gz")
+
+
+def test_predict_refuses_a_cut_or_long_line_of_a_headerless_file_with_its_line(headerless_run,
+                                                                               tmp_path):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    lines = plain.read_text().splitlines()
+    cut = tmp_path / "cut.txt"
+    cut.write_text("\n".join(lines[:5] + ["1,2,3"] + lines[5:]) + "\n")
+    with pytest.raises(DataError, match=rf"cannot score cut.txt, line 6: expected {len(names)} "
+                                        r"fields, saw 3 \(a cut line\?\)"):
+        run.predict(cut)
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join(lines[:3] + [lines[3] + ",x"] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=rf"long.txt, line 4: expected {len(names)} fields, "
+                                        rf"saw {len(names) + 1}"):
+        run.predict(long)

@@ -116,6 +116,17 @@ def open_bytes(path: Path):
     return f
 
 
+def read_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of ``path``'s content (decompressed), or a DataError naming the
+    file when its gzip stream is damaged or cut."""
+    import zlib
+    try:
+        with open_bytes(path) as f:
+            return f.read(n)
+    except (EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
+
+
 def arrow_source(path: Path):
     """What pyarrow's CSV reader opens for ``path``: the path, or a gzip stream."""
     if file_suffix(path)[1]:
@@ -193,8 +204,8 @@ def csv_header(path: Path, sep: str) -> list[str]:
     try:
         with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             row = next(csv.reader(f, delimiter=sep), None)
-    except (OSError, EOFError) as exc:  # a damaged gzip stream
-        raise DataError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError, __import__("zlib").error) as exc:  # a damaged gzip stream
+        raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
     except csv.Error as exc:
@@ -279,8 +290,7 @@ ARROW_BLOCK_BYTES = 1 << 20
 def _block_bytes(path: Path, chunk_rows: int) -> int:
     # Arrow cuts blocks by bytes: estimate bytes per row from the file's start; a block must
     # hold the longest line, hence the generous floor.
-    with open_bytes(path) as f:
-        sample = f.read(1 << 16)
+    sample = read_head(path, 1 << 16)
     lines = sample.count(b"\n") or 1
     longest = max((len(x) for x in sample.split(b"\n")), default=0)
     return int(max(min(chunk_rows * len(sample) / lines, ARROW_BLOCK_BYTES), 4 * longest, 1 << 12))
@@ -293,8 +303,7 @@ def header_only(path: Path) -> bool:
     path = Path(path)
     if path.stat().st_size > 1 << 20:
         return False
-    with open_bytes(path) as f:
-        text = f.read(2 << 20).rstrip(b"\r\n")
+    text = read_head(path, 2 << 20).rstrip(b"\r\n")
     return bool(text) and b"\n" not in text
 
 
@@ -326,6 +335,8 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
         if not cfg.columns and header_only(path):
             return  # no data rows, as with a final line break
         raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
+    except OSError as exc:  # a damaged gzip stream, seen by Arrow's decompressor
+        raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
     pending, n_pending = [], 0
     while True:
         try:
@@ -336,6 +347,8 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
             if short:
                 raise _ShortLine() from None
             raise DataError(f"cannot parse {path} as CSV (sep={_csv_sep(path, cfg)!r}): {exc}") from None
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
         if malformed is not None:
             malformed.extend(found)
         found.clear()
@@ -383,6 +396,8 @@ def _pandas_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator[pd.Da
                 break
             except pd.errors.ParserError as exc:
                 raise DataError(f"cannot parse {path} as CSV (sep={sep!r}): {exc}") from None
+            except (OSError, EOFError) as exc:  # a damaged gzip stream
+                raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
         for w in caught:
             if issubclass(w.category, pd.errors.ParserWarning):
                 if malformed is not None:

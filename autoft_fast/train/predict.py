@@ -419,12 +419,24 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
 
     header = names if names is not None else _header(path, sep)[0]
     cols = columns or header
-    short = []
+    short, bad = [], []
 
     def on_invalid(row) -> str:
-        if row.actual_columns < row.expected_columns:
+        bad.append(row)
+        # A short line of a file with a header gets empty values, as in training; in a
+        # header-less file (data.columns, a fixed layout) it is damage, as in training.
+        if row.actual_columns < row.expected_columns and names is None:
             short.append(row)
         return "error"  # every input row gets its prediction: no line is skipped
+
+    def bad_line() -> str:
+        r = bad[0]
+        number = r.number if r.number is not None else _first_line_of_width(
+            path, sep, r.expected_columns, names is None)
+        where = f"line {number}" if number is not None else "a line"
+        return (f"{path.name}, {where}: expected {r.expected_columns} fields, saw "
+                f"{r.actual_columns}" + (" (a cut line?)" if r.actual_columns < r.expected_columns
+                                         else ""))
 
     done = 0
     try:
@@ -441,15 +453,37 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
             frame = _as_frame(batch, {}, path)
             done += len(frame)
             yield frame
+    except OSError as e:  # a damaged gzip stream, seen by Arrow's decompressor
+        raise DataError(f"cannot read {path}: {e} (a damaged or cut file?)") from None
     except pa.ArrowInvalid as e:
         from ..data.reading import header_only
         if not short and done == 0 and names is None and header_only(path):
             return  # the header alone, without a final line break: no rows
         if not short:
+            if bad:
+                raise DataError(f"cannot score {bad_line()}; every line must have the "
+                                "file's fields") from None
             raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
         # A line with fewer fields than the header: its missing fields are empty, as in
         # training (data/reading.py); the rows after those already read, by pandas' reader.
         yield from _pandas_frames(path, sep, cols, chunk_rows, done, names)
+
+
+def _first_line_of_width(path: Path, sep: str, width: int, header: bool) -> int | None:
+    """The file line (1-based) of the first record without ``width`` fields (Arrow's
+    multi-threaded reader does not number the line it refuses); None if none is found."""
+    import io
+
+    from ..data.reading import open_bytes
+    try:
+        with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=sep)
+            for i, row in enumerate(reader):
+                if (i > 0 or not header) and row and len(row) != width:
+                    return reader.line_num
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
 
 
 def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int, names=None):
@@ -468,6 +502,8 @@ def _pandas_frames(path: Path, sep: str, cols, chunk_rows: int, skip: int, names
             yield df[list(cols)].reset_index(drop=True)
     except pd.errors.ParserError as e:
         raise DataError(f"cannot parse {path} as CSV: {str(e).splitlines()[0]}") from None
+    except (OSError, EOFError) as e:  # a damaged gzip stream
+        raise DataError(f"cannot read {path}: {e} (a damaged or cut file?)") from None
 
 
 def _as_frame(batch, list_seps: dict, path: Path, verbatim=frozenset(),
