@@ -328,3 +328,31 @@ def test_predict_refuses_a_cut_or_long_line_of_a_headerless_file_with_its_line(h
     with pytest.raises(DataError, match=rf"long.txt, line 4: expected {len(names)} fields, "
                                         rf"saw {len(names) + 1}"):
         run.predict(long)
+
+
+def test_predict_warns_when_a_missing_column_shifts_a_headerless_file(headerless_run, tmp_path):
+    # One field short because a feature is missing, not the label: read as "without the
+    # label", every column after the gap takes its neighbour's values. It cannot be told
+    # from the field count; the unknown values show it.
+    import warnings
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    # The last feature missing: every feature column after the label's place takes its left
+    # neighbour's values (the multi-hot tags get prices, the device item ids).
+    last_feature = [c for c in names if c in run.feature_columns][-1]
+    shifted = tmp_path / "shifted.txt"
+    frame.drop(columns=[last_feature]).to_csv(shifted, index=False, header=False)
+    with pytest.warns(UserWarning, match="shifted.txt: most values of column.* are unknown to "
+                                         "the model.*if another column is missing instead"):
+        run.predict(shifted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right file: no such warning
+        run.predict(plain)
+        run.predict_file(plain, tmp_path / "ok.csv")
+    new_users = frame.copy()
+    cat = run.encoder.cfg.categorical[0]
+    new_users[cat] = [f"new{i}" for i in range(len(frame))]
+    with pytest.warns(UserWarning, match=f"the frame: most values of column.*'{cat}' 100%.*"
+                                         "expected for values the model never saw"):
+        run.predict(new_users)

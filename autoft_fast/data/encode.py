@@ -73,6 +73,20 @@ class RowEncoder:
         # The text form of float columns the training data fixed (see reading.as_text).
         self.integral = dict(extra.get("float_text_integral", {}))
         self._checked: set = set()  # columns _check_numbers has looked at
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Start a new count of the categorical and multi-hot values that ``encode`` met
+        (``present``) and of those unknown to the vocabulary (``unknown``), per column."""
+        self.present: dict[str, int] = {c: 0 for c in self.lookups}
+        self.unknown: dict[str, int] = {c: 0 for c in self.lookups}
+
+    def mostly_unknown(self, share: float = 0.9, least: int = 20) -> dict[str, float]:
+        """The columns, counted since ``reset_counts``, whose non-empty values were unknown to
+        the vocabulary more than ``share`` of the time (of at least ``least`` values): the
+        sign of columns read under the wrong names, or of a population the model never saw."""
+        return {c: self.unknown[c] / n for c, n in self.present.items()
+                if n >= least and self.unknown[c] > share * n}
 
     def _check_numbers(self, column: pd.Series, name: str) -> None:
         """Warn (once per column) when a numeric dtype meets a vocabulary of zero-padded
@@ -117,6 +131,9 @@ class RowEncoder:
             text = as_text(frame[c], self.integral.get(c)).fillna("")
             lk = self.lookups[c]
             codes = lk.get_indexer(text) if len(lk) else np.full(n, -1)
+            given = (text != "").to_numpy()
+            self.present[c] += int(given.sum())
+            self.unknown[c] += int((given & (codes < 0)).sum())
             info = by_name[c]
             sparse[:, j] = np.where(codes >= 0, codes + 1, info.vocab_size - 1) + info.offset
         j = len(cfg.categorical)
@@ -149,6 +166,8 @@ class RowEncoder:
                 tok, row, tpos = _tokens(as_text(frame[m.name]), m.sep)
                 lk = self.lookups[m.name]
                 codes = lk.get_indexer(tok) if len(lk) else np.full(len(tok), -1)
+                self.present[m.name] += int(len(tok))
+                self.unknown[m.name] += int((codes < 0).sum())
                 local = np.where(codes >= 0, codes + 1, info.vocab_size - 1)
                 keep = tpos < m.max_len
                 multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset

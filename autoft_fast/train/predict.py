@@ -158,8 +158,10 @@ class SavedRun:
         Example:
             >>> load_run("runs/x").predict(pd.DataFrame({"user": ["u1"], "item": ["i2"]}))
         """
+        self.encoder.reset_counts()
         if isinstance(data, pd.DataFrame):
             probs = self.score_frame(data)
+            self._warn_unknown("the frame")
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
         self._checked_header(Path(data), sep)
         parts, n = [], 0
@@ -167,7 +169,29 @@ class SavedRun:
             parts.append(self.score_frame(frame, first_row=n))
             n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
+        self._warn_unknown(Path(data).name, self._without_label(Path(data), sep))
         return pd.Series(probs, name=PROBABILITY_COLUMN)
+
+    def _without_label(self, path: Path, sep: str | None) -> bool:
+        """Whether ``path`` is a header-less CSV file read as the columns without the label."""
+        if _format(path) != "csv" or not self.encoder.cfg.columns:
+            return False
+        names, has_header = self._layout(path, sep)
+        return not has_header and len(names) < len(self.encoder.cfg.columns)
+
+    def _warn_unknown(self, name: str, without_label: bool = False) -> None:
+        """Warn when the rows just scored had columns of mostly unknown values."""
+        bad = self.encoder.mostly_unknown()
+        if not bad:
+            return
+        shown = ", ".join(f"'{c}' {v:.0%}" for c, v in sorted(bad.items(), key=lambda kv: -kv[1]))
+        hint = ("; the file has no header and was read as data.columns without the label: if "
+                "another column is missing instead, every column after it is misread"
+                if without_label else
+                "; expected for values the model never saw (new users or items), otherwise "
+                "check the columns: their names, or for a file without a header, their order")
+        warnings.warn(f"{name}: most values of column(s) {shown} are unknown to the model and "
+                      f"get their field's OOV row{hint}", UserWarning, stacklevel=3)
 
     def _checked_header(self, path: Path, sep: str | None = None) -> list[str]:
         """The file's header, after checking that every feature column is in it once."""
@@ -269,6 +293,7 @@ class SavedRun:
             raise DataError(f"--out {str(out)!r} cannot be written in {str(out.parent)!r} "
                             f"({e.strerror or e})") from None
         n = other = 0
+        self.encoder.reset_counts()
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
                 for frame in self.read_frames(data, needed, verbatim=keep, sep=sep):
@@ -288,6 +313,7 @@ class SavedRun:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._warn_unknown(data.name, self._without_label(data, sep))
         if other:
             log.info("%s of the %s rows of %s are not of the model's target domain %r (column "
                      "%r): the model was fine-tuned for that domain", f"{other:,}", f"{n:,}",
