@@ -10,17 +10,17 @@ import torch
 import yaml
 
 __all__ = ["save_atomic", "write_text_atomic", "load_yaml", "DuplicateKeyError",
-           "remove_stale_temps", "umask_mode"]
+           "remove_stale_temps", "umask_mode", "current_umask"]
 
 
 def umask_mode(fd: int) -> None:
     """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would
     give it (0666 less the umask), so that files renamed from it into place can be shared as
     any other output."""
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~current_umask())
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # Read, not set-and-restore, where Linux says it (os.umask would change it process-wide
     # for a moment, under every other thread's file creations).
     try:

@@ -141,8 +141,8 @@ def test_predict_reads_files_with_or_without_a_header_and_without_the_label(head
     n = run.predict_file(unlabelled, tmp_path / "preds.csv", keep=["row_id"])
     got = pd.read_csv(tmp_path / "preds.csv", dtype={"row_id": str})
     assert n == len(frame) and list(got.columns) == ["row_id", "probability"]
-    from autoft_fast._io import _umask
-    assert (tmp_path / "preds.csv").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    from autoft_fast._io import current_umask
+    assert (tmp_path / "preds.csv").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert list(got["row_id"]) == list(frame["row_id"])
     np.testing.assert_allclose(got["probability"].to_numpy(), want, rtol=0, atol=1e-8)
     # A file of other width is named, with both counts it could have had.

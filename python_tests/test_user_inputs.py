@@ -470,3 +470,20 @@ def test_written_files_get_the_umask_mode_not_mkstemp_s_0600(tmp_path):
         assert stat.S_IMODE(write_text_atomic("y", tmp_path / "c.json").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_the_data_cache_folder_gets_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from autoft_fast.data import DataConfig, prepare_data
+
+    from test_data import base_dict, make_frame, write
+    write(tmp_path, make_frame())
+    old = os.umask(0o002)
+    try:
+        prepare_data(DataConfig.from_dict(base_dict(cache=True, cache_dir="cache"), tmp_path))
+    finally:
+        os.umask(old)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o775

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._io import current_umask
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
 from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks, prefetched
@@ -129,6 +130,7 @@ def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None, *,
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=cache_dir))
+        os.chmod(build, 0o777 & ~current_umask())  # mkdtemp's 0700: a shared cache as any folder
     except OSError as exc:  # e.g. a read-only data folder: the data are fine, only uncached
         warnings.warn(f"could not write the data cache {final} ({exc}); continuing without it")
         return prepare_data(dataclasses.replace(cfg, cache=False), chunk_rows=chunk_rows)
