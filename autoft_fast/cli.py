@@ -302,7 +302,8 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
             raise _UserError(f"--resume {value!r} is a {meta.get('command')!r} run, not {command!r}")
         for k, v in match.items():
             if meta.get(k) != v:
-                raise _UserError(f"--resume {value!r} ran {k} {meta.get(k)!r}, not {v!r}")
+                raise _UserError(f"--resume {value!r} ran {k} {_shown(meta.get(k))}, not "
+                                 f"{_shown(v)}")
         if meta.get("training_config_hash") != _training_hash(cfg):
             raise _UserError(f"--resume {value!r}: the config's data, model, pretrain, finetune "
                              "or autoft section changed since that run started"
@@ -328,13 +329,27 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
     same = [d for d in cands if _meta(d).get("command") == command]
     if same:
         newest = max(same, key=lambda d: (d / "run.json").stat().st_mtime)
+        ran = _meta(newest)
+        what = [f"{k} {_shown(ran.get(k))} -> {_shown(v)}" for k, v in match.items()
+                if ran.get(k) != v]
         raise _UserError(
             f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir} has this "
             f"config; the newest, {str(newest)!r}, differs"
-            + (_changes_since(cfg, newest) or " in its data, model, pretrain, finetune or autoft "
-               "section, or in what it ran")
+            + (_changes_since(cfg, newest, extra=what) or " in its data, model, pretrain, "
+               "finetune or autoft section, or in what it ran")
             + ". A resume continues the same settings: run without --resume to start afresh")
     raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
+
+
+def _shown(v) -> str:
+    """A run.json value as a user would write it: 'healthcare,lawyer', 'none', 'on'."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return repr(v)
 
 
 def _meta(d: Path) -> dict:
@@ -344,7 +359,7 @@ def _meta(d: Path) -> dict:
         return {}
 
 
-def _changes_since(cfg, run_dir: Path, most: int = 5) -> str:
+def _changes_since(cfg, run_dir: Path, most: int = 5, extra: list | None = None) -> str:
     """': finetune.epochs 3 -> 4, ...' for the training settings that differ between ``cfg``
     and the config.yaml of ``run_dir``; '' when that file cannot be read or nothing differs
     (the data files' content, say)."""
@@ -359,15 +374,16 @@ def _changes_since(cfg, run_dir: Path, most: int = 5) -> str:
                 out[f"{prefix}{k}"] = v
         return out
 
+    keys = cfg.training_dict()
     try:
         old = flat(load_config(run_dir / "config.yaml").training_dict())
+        # config.yaml holds the backend 'auto' resolved to: compare with this one's resolved
+        new = flat({k: v for k, v in cfg.to_dict(resolve_backend=True).items() if k in keys})
     except Exception:  # an unreadable or older config file: no details, the refusal stands
         return ""
-    new = flat(cfg.training_dict())
     diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)
-             # config.yaml holds the backend 'auto' resolved to
-             and not (k == "autoft.backend" and "auto" in (old.get(k), new.get(k)))]
+             if old.get(k) != new.get(k)]
+    diffs += extra or []
     if not diffs:
         return ""
     more = f" (and {len(diffs) - most} more)" if len(diffs) > most else ""
@@ -405,8 +421,9 @@ def _check_compare_resume(run_dir: Path, shape: dict, value: str) -> dict:
             how = {"targets": (f"pass --targets {','.join(was)}" if isinstance(was, list)
                                else "pass the run's --targets"),
                    "tune": "pass --tune" if was else "leave out --tune"}[key]
-            raise _UserError(f"--resume {value!r} ran {key} {was!r}, not {now!r}; {how} to "
-                             "continue that run, or start a new one without --resume")
+            shown_was = was if isinstance(was, str) and " " in was else _shown(was)
+            raise _UserError(f"--resume {value!r} ran {key} {shown_was}, not {_shown(now)}; "
+                             f"{how} to continue that run, or start a new one without --resume")
     return meta
 
 

@@ -249,10 +249,10 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
     before = (run / "runs.csv").read_bytes()
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--tune",
                  "--resume", str(run), "--no-progress"]) == 2
-    assert "ran tune False, not True; leave out --tune" in capsys.readouterr().err
+    assert "ran tune off, not on; leave out --tune" in capsys.readouterr().err
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
                  "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
-    assert "ran targets None, not ['tgt', 'src_a']" in capsys.readouterr().err
+    assert "ran targets none, not tgt,src_a" in capsys.readouterr().err
     assert (run / "runs.csv").read_bytes() == before
     # A run.json from before targets were recorded: the folder says what it ran. This one
     # is a single-target run, so a resume with two targets is refused ...
@@ -260,12 +260,12 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
     (run / "run.json").write_text(json.dumps(meta))
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
                  "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
-    assert "ran targets None, not ['tgt', 'src_a']" in capsys.readouterr().err
+    assert "ran targets none, not tgt,src_a" in capsys.readouterr().err
     # ... and a folder of a target's own (here made by hand) marks a run of several.
     (run / "tgt" / "runs").mkdir(parents=True)
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all",
                  "--resume", str(run), "--no-progress"]) == 2
-    assert "ran targets 'several (see the run folder)'" in capsys.readouterr().err
+    assert "ran targets several (see the run folder), not none" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_run_whose_data_file_changed(tmp_path, capsys):
@@ -487,3 +487,19 @@ def test_the_data_cache_folder_gets_the_umask_mode(tmp_path):
         os.umask(old)
     (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o775
+
+
+def test_an_implicit_resume_names_what_differs_backend_and_strategy_included(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, autoft={"backend": "auto"})
+    assert main(["finetune", "-c", str(exp), "--strategy", "autoft_field", "--backend",
+                 "reference", "--no-progress"]) == 0
+    capsys.readouterr()
+    import autoft_fast
+    if "cpu" in autoft_fast.available_backends("cpu"):  # 'auto' resolves to another backend
+        assert main(["finetune", "-c", str(exp), "--strategy", "autoft_field", "--resume",
+                     "--no-progress"]) == 2
+        assert "autoft.backend 'reference' -> 'cpu'" in capsys.readouterr().err
+    assert main(["finetune", "-c", str(exp), "--strategy", "autoft", "--backend", "reference",
+                 "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the newest" in err and "strategy 'autoft_field' -> 'autoft'" in err
