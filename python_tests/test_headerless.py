@@ -356,3 +356,31 @@ def test_predict_warns_when_a_missing_column_shifts_a_headerless_file(headerless
     with pytest.warns(UserWarning, match=f"the frame: most values of column.*'{cat}' 100%.*"
                                          "expected for values the model never saw"):
         run.predict(new_users)
+
+
+def test_predict_hints_name_what_predict_can_change(headerless_run, tmp_path):
+    run_dir, src, plain, names = headerless_run
+    run = load_run(run_dir)
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    tabbed = tmp_path / "rows.txt"
+    frame.to_csv(tabbed, sep="\t", index=False, header=False)
+    with pytest.raises(DataError, match=r"--sep sets the separator of a file to score"):
+        run.predict(tabbed)
+    # A run trained on files with a header: a header-less file to score needs one.
+    from test_predict import _dataset
+    import contextlib, io
+    root = tmp_path / "headed"
+    root.mkdir()
+    exp = tiny_experiment(root, {"data": str(_dataset(root, dense=False))},
+                          finetune={"epochs": 1, "batch_size": 256})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
+                     "--no-progress"]) == 0
+    headed = load_run(last_line_run_dir(out.getvalue()))
+    with pytest.raises(DataError, match="give it one with the feature columns' names"):
+        headed.predict(plain)
+    semi = tmp_path / "semi.csv"
+    frame.to_csv(semi, sep=";", index=False)
+    with pytest.raises(DataError, match="the run's data.csv_sep unless --sep names another"):
+        headed.predict(semi)

@@ -184,7 +184,8 @@ def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
         listed = f"{len(names)} column{'' if len(names) == 1 else 's'}"
         raise DataError(f"the first line of {path.name} has {fields} (sep={sep!r}), but "
                         f"data.columns names {listed}{short}: is the separator or the column "
-                        "list wrong?")
+                        "list wrong?" + (" (--sep sets the separator of a file to score)"
+                                         if features is not None else ""))
     return names, False
 
 
@@ -215,7 +216,8 @@ def csv_header(path: Path, sep: str) -> list[str]:
     return row
 
 
-def check_columns(required: list[tuple[str, str]], present: list[str], path: Path) -> None:
+def check_columns(required: list[tuple[str, str]], present: list[str], path: Path,
+                  scoring: bool = False) -> None:
     """Every required column is there exactly once, or an error naming it (a missing one
     with the closest match, a different case first)."""
     present = [str(p) for p in present]
@@ -239,10 +241,15 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
                 + f"; columns present: {shown}"
                 + (f" (the header is one column holding {seps[0]!r}: is the file separated "
                    "by another character than the one it is read with? A .tsv file is read "
-                   "as tab-separated, any other CSV with data.csv_sep)" if seps else "")
-                + (" (the first line holds numbers and empty fields: the file seems to have "
-                   "no header line; name its columns in file order with data.columns, as "
-                   "the Criteo config does, or add a header line)"
+                   "as tab-separated, any other CSV with "
+                   + ("the run's data.csv_sep unless --sep names another)" if scoring
+                      else "data.csv_sep)") if seps else "")
+                + ((" (the first line holds numbers and empty fields: the file seems to have "
+                    "no header line; give it one with the feature columns' names, as the "
+                    "files the model was trained on had)" if scoring else
+                    " (the first line holds numbers and empty fields: the file seems to have "
+                    "no header line; name its columns in file order with data.columns, as "
+                    "the Criteo config does, or add a header line)")
                    if looks_like_data and not seps else "")
             )
 

@@ -198,7 +198,7 @@ class SavedRun:
         from ..data.reading import check_columns
 
         header, _ = self._layout(path, sep)
-        check_columns([(c, "feature") for c in self.feature_columns], header, path)
+        check_columns([(c, "feature") for c in self.feature_columns], header, path, scoring=True)
         return header
 
     def _sep(self, path: Path, sep: str | None) -> str:
