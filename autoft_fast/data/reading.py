@@ -123,6 +123,8 @@ def read_head(path: Path, n: int) -> bytes:
     try:
         with open_bytes(path) as f:
             return f.read(n)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
     except (EOFError, zlib.error, OSError) as exc:
         raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
 
@@ -170,7 +172,7 @@ def csv_layout(path: Path, sep: str, columns=(), *, label: str | None = None,
         stripped = [c.strip() for c in first]
         named = sum(c in names for c in stripped)
         value = stripped[names.index(label)] if label in names and len(first) == len(names) else ""
-        if named >= max(1, len(names) // 2) or (value and not _is_number(value)):
+        if named >= max(2, len(names) // 2) or (value and not _is_number(value)):
             why = (f"{named} of its {len(first)} fields are column names" if named
                    else f"its label field '{label}' holds {value!r}, not a number")
             raise DataError(f"the first line of {path.name} looks like a header ({why}: "
@@ -205,6 +207,8 @@ def csv_header(path: Path, sep: str) -> list[str]:
     try:
         with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             row = next(csv.reader(f, delimiter=sep), None)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
     except (OSError, EOFError, __import__("zlib").error) as exc:  # a damaged gzip stream
         raise DataError(f"cannot read {path}: {exc} (a damaged or cut file?)") from None
     except UnicodeDecodeError as exc:
