@@ -116,6 +116,13 @@ def open_bytes(path: Path):
     return f
 
 
+def open_text(path: Path):
+    """``path``'s content as text for the csv module (UTF-8, a byte-order mark dropped, line
+    ends as written), through gzip for a ``*.gz`` file."""
+    import io
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8-sig", newline="")
+
+
 def read_head(path: Path, n: int) -> bytes:
     """The first ``n`` bytes of ``path``'s content (decompressed), or a DataError naming the
     file when its gzip stream is damaged or cut."""
@@ -203,9 +210,8 @@ def csv_header(path: Path, sep: str) -> list[str]:
     """The column names of a CSV file's header line as written (a repeated name stays
     repeated: pandas would rename the second 'u' to 'u.1'). A UTF-8 byte-order mark is
     dropped."""
-    import io
     try:
-        with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        with open_text(path) as f:
             row = next(csv.reader(f, delimiter=sep), None)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise

@@ -163,20 +163,20 @@ class SavedRun:
             probs = self.score_frame(data)
             self._warn_unknown("the frame")
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
-        self._checked_header(Path(data), sep)
+        layout = self._checked_layout(Path(data), sep)
         parts, n = [], 0
-        for frame in self.read_frames(data, list(dict.fromkeys(self.feature_columns)), sep=sep):
+        for frame in self.read_frames(data, list(dict.fromkeys(self.feature_columns)), sep=sep,
+                                      layout=layout):
             parts.append(self.score_frame(frame, first_row=n))
             n += len(frame)
         probs = np.concatenate(parts) if parts else np.zeros(0)
-        self._warn_unknown(Path(data).name, self._without_label(Path(data), sep))
+        self._warn_unknown(Path(data).name, self._without_label(layout))
         return pd.Series(probs, name=PROBABILITY_COLUMN)
 
-    def _without_label(self, path: Path, sep: str | None) -> bool:
-        """Whether ``path`` is a header-less CSV file read as the columns without the label."""
-        if _format(path) != "csv" or not self.encoder.cfg.columns:
-            return False
-        names, has_header = self._layout(path, sep)
+    def _without_label(self, layout: tuple[list[str], bool]) -> bool:
+        """Whether a file of ``layout`` (see _layout) is header-less and read as the columns
+        without the label."""
+        names, has_header = layout
         return not has_header and len(names) < len(self.encoder.cfg.columns)
 
     def _warn_unknown(self, name: str, without_label: bool = False) -> None:
@@ -193,13 +193,15 @@ class SavedRun:
         warnings.warn(f"{name}: most values of column(s) {shown} are unknown to the model and "
                       f"get their field's OOV row{hint}", UserWarning, stacklevel=3)
 
-    def _checked_header(self, path: Path, sep: str | None = None) -> list[str]:
-        """The file's header, after checking that every feature column is in it once."""
+    def _checked_layout(self, path: Path, sep: str | None = None) -> tuple[list[str], bool]:
+        """The file's layout (see _layout), after checking that every feature column is in
+        it once."""
         from ..data.reading import check_columns
 
-        header, _ = self._layout(path, sep)
-        check_columns([(c, "feature") for c in self.feature_columns], header, path, scoring=True)
-        return header
+        layout = self._layout(path, sep)
+        check_columns([(c, "feature") for c in self.feature_columns], layout[0], path,
+                      scoring=True)
+        return layout
 
     def _sep(self, path: Path, sep: str | None) -> str:
         """The separator a CSV ``path`` is read with: ``sep``, else tab for a .tsv file, else
@@ -224,14 +226,15 @@ class SavedRun:
         return torch.sigmoid(logits.double()).numpy()
 
     def read_frames(self, path, columns: list[str] | None = None, chunk_rows: int | None = None,
-                    verbatim=(), sep: str | None = None):
+                    verbatim=(), sep: str | None = None, layout=None):
         """Frames of ``path`` (every column, or ``columns``), ``chunk_rows`` at a time.
         The ``verbatim`` columns are also given as text exactly as stored, in
-        ``frame.attrs["verbatim"]`` (what predict_file copies to its output)."""
+        ``frame.attrs["verbatim"]`` (what predict_file copies to its output). ``layout``:
+        the file's ``_layout`` when the caller has it already."""
         cfg = self.encoder.cfg
         names = None
         if _format(Path(path)) == "csv":
-            header, has_header = self._layout(Path(path), sep)
+            header, has_header = layout or self._layout(Path(path), sep)
             names = None if has_header else header
             if not has_header and len(header) < len(cfg.columns):
                 log.info("%s has no header line and one field fewer than data.columns: read "
@@ -260,7 +263,8 @@ class SavedRun:
             raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
         from ..data.reading import check_columns
 
-        header = self._checked_header(data, sep)
+        layout = self._checked_layout(data, sep)
+        header = layout[0]
         features = set(self.feature_columns)
         chosen = keep is not None
         if keep is None:
@@ -296,7 +300,8 @@ class SavedRun:
         self.encoder.reset_counts()
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                for frame in self.read_frames(data, needed, verbatim=keep, sep=sep):
+                for frame in self.read_frames(data, needed, verbatim=keep, sep=sep,
+                                              layout=layout):
                     if dom is not None:
                         other += int((as_text(frame[dom]).fillna("") != cfg.target_domain).sum())
                     # The kept columns as the file stores them (a Parquet int64 id with
@@ -313,7 +318,7 @@ class SavedRun:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._warn_unknown(data.name, self._without_label(data, sep))
+        self._warn_unknown(data.name, self._without_label(layout))
         if other:
             log.info("%s of the %s rows of %s are not of the model's target domain %r (column "
                      "%r): the model was fine-tuned for that domain", f"{other:,}", f"{n:,}",
@@ -498,11 +503,9 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
 def _first_line_of_width(path: Path, sep: str, width: int, header: bool) -> int | None:
     """The file line (1-based) of the first record without ``width`` fields (Arrow's
     multi-threaded reader does not number the line it refuses); None if none is found."""
-    import io
-
-    from ..data.reading import open_bytes
+    from ..data.reading import open_text
     try:
-        with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        with open_text(path) as f:
             reader = csv.reader(f, delimiter=sep)
             for i, row in enumerate(reader):
                 if (i > 0 or not header) and row and len(row) != width:
