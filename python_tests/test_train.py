@@ -152,6 +152,49 @@ def test_early_stopping_restores_best_weights():
         assert torch.equal(v, best[k]), k
 
 
+@pytest.mark.parametrize("patience_steps, extra", [(0, 2), (38, 2), (39, 3), (100, 6)])
+def test_patience_steps_waits_for_that_many_steps_too(tmp_path, patience_steps, extra):
+    # 1,200 rows at batch 64: 19 steps an epoch. Validation falls from the first epoch on, so
+    # training stops once both 2 epochs and `patience_steps` steps have passed without a
+    # better score: 2 epochs are 38 steps, 39 need a third, 100 need six.
+    train, valid = toy_data(seed=1), toy_data(400, seed=2, flip=True)
+    cfg = {"epochs": 20, "patience": 2, "patience_steps": patience_steps}
+    torch.manual_seed(0)
+    res = make_trainer(ToyModel(), cfg=cfg).fit(train, valid)
+    assert res.stopped_early and res.best_epoch == 1
+    assert res.epochs_run == res.best_epoch + extra
+
+    # The count of steps without improvement survives a resume: a run killed after its
+    # third epoch and resumed stops where the uncut run stopped.
+    def kill(epoch, _):
+        if epoch == 3:
+            raise TrainingInterrupted("simulated kill")
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        make_trainer(ToyModel(), tmp_path, cfg=cfg, on_epoch_end=kill).fit(train, valid)
+    again = make_trainer(ToyModel(), tmp_path, cfg=cfg).fit(train, valid, resume=True)
+    assert again.epochs_run == res.epochs_run and again.best_metric == res.best_metric
+
+
+def test_cap_steps_raises_the_epoch_cap_to_that_many_steps(tmp_path):
+    # 19 steps an epoch: a cap of 2 epochs raised to allow 60 steps is 4 epochs (76 steps).
+    train, valid = toy_data(seed=1), toy_data(400, seed=2)
+    cfg = {"epochs": 2, "cap_steps": 60, "patience": 10}
+    torch.manual_seed(0)
+    res = make_trainer(ToyModel(), tmp_path, cfg=cfg).fit(train, valid)
+    assert res.epochs_run == 4 and res.epoch_cap == 4 and not res.stopped_early
+    assert res.best_at_cap == (res.best_epoch == 4)
+    # A finished run read back on resume reports the same cap.
+    again = make_trainer(ToyModel(), tmp_path, cfg=cfg).fit(train, valid, resume=True)
+    assert again.epoch_cap == 4 and again.epochs_run == 4
+    # Below the epochs' own steps the cap stays as given.
+    small = make_trainer(ToyModel(), cfg={**cfg, "cap_steps": 30}).fit(train, valid)
+    assert small.epochs_run == 2 and small.epoch_cap == 2
+    # An exact number of epochs (TrainConfig.with_epochs) ignores cap_steps.
+    assert TrainConfig(epochs=50, cap_steps=10_000).with_epochs(3).cap_steps == 0
+
+
 def test_monitor_logloss_minimised():
     torch.manual_seed(0)
     tr = make_trainer(ToyModel(), cfg={"epochs": 3, "patience": 3, "monitor": "logloss"})

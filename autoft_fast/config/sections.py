@@ -348,6 +348,14 @@ class TrainConfig(_Section):
         "pre-trained model untrained)"))
     patience: int = setting(3, minimum=1, doc=(
         "stop after this many epochs without improvement of the monitored metric"))
+    cap_steps: int = setting(0, minimum=0, doc=(
+        "the epoch cap is raised where needed to allow at least this many optimizer steps "
+        "(batches): a small target's epoch is a few steps, and an epoch cap alone would end "
+        "its runs before they converge"))
+    patience_steps: int = setting(0, minimum=0, doc=(
+        "and only once at least this many optimizer steps (batches) have passed without "
+        "improvement: patience counted in epochs alone can stop a small target's run within "
+        "its first plateau"))
     monitor: str = setting("auc", choices=("auc", "logloss"),
                            doc="the validation metric early stopping watches")
     min_delta: float = setting(0.0, minimum=0.0, doc="the smallest change that counts as better")
@@ -359,7 +367,8 @@ class TrainConfig(_Section):
             >>> TrainConfig().with_epochs(1).patience
             3
         """
-        return replace(self, epochs=int(epochs), patience=max(self.patience, int(epochs) + 1))
+        return replace(self, epochs=int(epochs), patience=max(self.patience, int(epochs) + 1),
+                       cap_steps=0)
 
 
 @dataclass(frozen=True)

@@ -427,7 +427,8 @@ def _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strate
     history = fit.history + [dict(h, stage="retrain") for h in second.history]
     return again, {
         "search_best_epoch": fit.best_epoch, "search_valid_best": fit.best_metric,
-        "best_epoch": second.best_epoch, "epochs_run": fit.epochs_run + second.epochs_run,
+        "best_epoch": second.best_epoch, "epoch_cap": second.epoch_cap,
+        "epochs_run": fit.epochs_run + second.epochs_run,
         "best_at_cap": fit.best_at_cap or second.best_at_cap, "history": history,
         "valid_best": second.best_metric,
         "train_seconds": fit.train_seconds + second.train_seconds}
@@ -553,7 +554,7 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     if crossfit:  # chosen and tested on the held-out training rows: kept
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
-                      best_at_cap=second.best_at_cap)
+                      best_at_cap=second.best_at_cap, epoch_cap=second.epoch_cap)
         return again, fields
     first_scores = predict(model, valid, batch, device=device).numpy()
     second_scores = predict(again, valid, batch, device=device).numpy()
@@ -568,7 +569,7 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     if test is not None and test["diff"] > 0 and p_one < level:
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
-                      best_at_cap=second.best_at_cap)
+                      best_at_cap=second.best_at_cap, epoch_cap=second.epoch_cap)
         return again, fields
     return model, fields
 
@@ -709,7 +710,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
         # A resumed fit: the wall time of its earlier start(s), kept in the checkpoint.
         prior_wall = max(0.0, fit.wall_seconds - (time.perf_counter() - fit_start))
         rec.update(best_epoch=fit.best_epoch, epochs_run=fit.epochs_run,
-                   best_at_cap=fit.best_at_cap,
+                   best_at_cap=fit.best_at_cap, epoch_cap=fit.epoch_cap,
                    train_samples_per_s=fit.samples_per_s, train_seconds=fit.train_seconds,
                    history=fit.history, valid_best=fit.best_metric)
         if policy_data is not None and acfg.policy_refit == "continue":
@@ -726,7 +727,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                                             domains, strategy, value_counts, resume=resume,
                                             progress=progress, device=device)
             rec.update(stage)
-    rec["epoch_cap"] = cfg.finetune.epochs
+    # The cap of the fit whose best epoch is reported (finetune.epochs, or more by cap_steps).
+    rec["epoch_cap"] = rec.get("epoch_cap") or cfg.finetune.epochs
     rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):
         model.reset_policy_stats()

@@ -42,6 +42,7 @@ class FitResult:
     wall_seconds: float = 0.0
     stopped_early: bool = False
     best_at_cap: bool = False
+    epoch_cap: int | None = None  # the cap in epochs (cfg.epochs, raised by cfg.cap_steps)
 
     @property
     def samples_per_s(self) -> float:
@@ -52,6 +53,19 @@ def _default_iterate(data, batch_size: int, shuffle: bool,
                      generator: torch.Generator | None, min_last: int = 1) -> Iterator:
     from autoft_fast.data import iterate_batches  # data sits below train; import when used
     return iterate_batches(data, batch_size, shuffle, generator, min_last=min_last)
+
+
+def _epoch_cap(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The cap in epochs: ``cfg.epochs``, raised so that it allows ``cfg.cap_steps`` steps at
+    ``steps_per_epoch`` (the last epoch's count: every epoch of a fit has the same rows).
+
+    Example:
+        >>> _epoch_cap(TrainConfig(epochs=50, cap_steps=1000), 2)
+        500
+    """
+    if cfg.cap_steps <= 0 or steps_per_epoch <= 0:
+        return cfg.epochs
+    return max(cfg.epochs, -(-cfg.cap_steps // steps_per_epoch))
 
 
 def _has_batch_norm(model: torch.nn.Module) -> bool:
@@ -148,6 +162,8 @@ class Trainer:
       random fraction of `train` out of the model's steps and gives it to the policy's (so
       the model sees every row over the epochs, and the policy is judged on rows this
       epoch's steps did not fit).
+    - Early stopping: after `cfg.patience` epochs and `cfg.patience_steps` optimizer steps
+      without improvement; the cap is `cfg.epochs`, raised to allow `cfg.cap_steps` steps.
     - `start_best`: the validation score the given weights already have; the fit then
       keeps them (best_epoch 0) unless an epoch beats it (a continued fit).
     - The validation pass of every epoch also records the policy's tuned fractions
@@ -341,6 +357,8 @@ class Trainer:
                              f"give a batch_size of at least {self.min_rows}")
         res = FitResult()
         start_epoch, bad_epochs, best_state, finished = 0, 0, None, False
+        bad_steps = 0  # optimizer steps since the last improvement (cfg.patience_steps)
+        steps_per_epoch = 0  # known after the first epoch (cfg.cap_steps)
         prior_wall = 0.0
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             ck = load_checkpoint(self.checkpoint_path)
@@ -350,7 +368,8 @@ class Trainer:
                 now = self.cfg.to_dict()
                 # epochs and patience may grow or shrink (a run can be extended), and the
                 # evaluation batch size changes no weight.
-                free = ("epochs", "patience", "eval_batch_size")
+                free = ("epochs", "cap_steps", "patience", "patience_steps",
+                        "eval_batch_size")
                 changed = sorted(k for k in set(saved) | set(now)
                                  if k not in free and saved.get(k) != now.get(k))
                 if changed:
@@ -367,6 +386,8 @@ class Trainer:
                                           "policy_shuffler": self.policy_shuffler})
             start_epoch = int(ck["epoch"])
             bad_epochs = int(ck["bad_epochs"])
+            bad_steps = int(ck.get("bad_steps", 0))
+            steps_per_epoch = int(ck.get("steps_per_epoch", 0))
             best_state = ck["best_state"]
             finished = bool(ck["finished"])
             res.history = list(ck["history"])
@@ -394,7 +415,8 @@ class Trainer:
         if self.policy_data is not None and heldout and len(self.policy_data) == 0:
             raise ValueError(f"{self.desc}: policy_data has no rows")
         epoch = start_epoch
-        while not finished and epoch < cfg.epochs:
+        cap = _epoch_cap(cfg, steps_per_epoch)
+        while not finished and epoch < cap:
             warming = epoch < self.policy_warmup and bool(policy_opts)
             forced = warming and self.policy_warmup_gates == "tuned"
             if forced:
@@ -408,9 +430,9 @@ class Trainer:
             if self.tau_schedule is not None and hasattr(self.model, "set_tau"):
                 self.model.set_tau(float(self.tau_schedule(epoch)))
             self.model.train()
-            bar = ProgressBar(len(train), desc=f"{self.desc} epoch {epoch + 1}/{cfg.epochs}",
+            bar = ProgressBar(len(train), desc=f"{self.desc} epoch {epoch + 1}/{cap}",
                               enabled=self.progress)
-            loss_sum, n_seen = 0.0, 0
+            loss_sum, n_seen, n_steps = 0.0, 0, 0
             t0 = time.perf_counter()
             for batch in self.iterate(epoch_train, cfg.batch_size, True, self.shuffler):
                 batch = _to_device(batch, self.device)
@@ -422,6 +444,7 @@ class Trainer:
                     with fused_updates_paused():  # the policy's step trains the policy only
                         self._step(_to_device(next(policy_batches), self.device), policy_opts)
                 b = len(batch)
+                n_steps += 1  # every rank takes the same number of steps (global batches)
                 loss_sum += float(bce.detach()) * b
                 n_seen += b
                 bar.update(b, loss=loss_sum / n_seen)
@@ -458,20 +481,26 @@ class Trainer:
             elif is_better(cfg.monitor, score, res.best_metric, cfg.min_delta):
                 res.best_metric, res.best_epoch = float(score), epoch + 1
                 best_state = _clone_state(self.model)
-                bad_epochs = 0
+                bad_epochs, bad_steps = 0, 0
             else:
                 bad_epochs += 1
+                bad_steps += n_steps
             self.log.debug("%s epoch %d: train loss %.5f, valid auc %.5f logloss %.5f, "
                            "%.0f samples/s%s", self.desc, epoch + 1, entry["train_loss"],
                            metrics["auc"], metrics["logloss"], entry["samples_per_s"],
                            " (best)" if res.best_epoch == epoch + 1 else "")
             epoch += 1
-            if bad_epochs >= cfg.patience and epoch < cfg.epochs:
+            steps_per_epoch = n_steps
+            cap = _epoch_cap(cfg, steps_per_epoch)
+            if bad_epochs >= cfg.patience and bad_steps >= cfg.patience_steps \
+                    and epoch < cap:
                 res.stopped_early = True
                 finished = True
-            if epoch >= cfg.epochs:
+            if epoch >= cap:
                 finished = True
-            self._save({"epoch": epoch, "bad_epochs": bad_epochs, "best_state": best_state,
+            self._save({"epoch": epoch, "bad_epochs": bad_epochs, "bad_steps": bad_steps,
+                        "steps_per_epoch": steps_per_epoch,
+                        "best_state": best_state,
                         "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                         "history": res.history, "finished": finished,
                         "train_samples": res.train_samples, "train_seconds": res.train_seconds,
@@ -487,11 +516,12 @@ class Trainer:
             # evaluation samples its gates), also after resuming a finished run.
             self.model.set_tau(float(self.tau_schedule((res.best_epoch or epoch) - 1)))
         res.epochs_run = epoch
-        res.best_at_cap = res.best_epoch is not None and res.best_epoch >= cfg.epochs
+        res.epoch_cap = cap
+        res.best_at_cap = res.best_epoch is not None and res.best_epoch >= cap
         if res.best_at_cap:
             self.log.warning("%s: the best validation epoch was the last allowed one (%d): "
-                             "training stopped while still improving; raise epochs", self.desc,
-                             cfg.epochs)
+                             "training stopped while still improving; raise epochs%s",
+                             self.desc, cap, " or cap_steps" if cfg.cap_steps else "")
         res.wall_seconds = prior_wall + time.perf_counter() - wall0
         if res.stopped_early:
             self.log.debug("%s: early stop after epoch %d, best epoch %s", self.desc, epoch,
