@@ -43,6 +43,13 @@ def _mark_coalesced_if_sorted(param) -> None:
 EMBEDDING_OPTIMIZERS = ("dense", "fused_sgd", "fused_rowwise_adagrad", "fused_adam")
 
 
+def _float32_logits(logits):
+    # Upcasting a float16 / bfloat16 tensor is exact; the op takes float32 logits only.
+    if isinstance(logits, torch.Tensor) and logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
 def fused_tables(model: nn.Module) -> list:
     """The tables of ``model`` that update themselves in the backward, in module order.
 
@@ -466,9 +473,12 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         """Return ``(out, gates)`` for ``indices`` [*S] and policy ``logits`` [*S, 2].
 
         ``noise=None`` samples Gumbel noise in train mode and takes the argmax in eval mode.
+        16-bit ``logits`` (a policy under ``torch.autocast``) are taken as float32, the
+        op's dtype for them.
         """
         if noise is None:
             noise = self.training
+        logits = _float32_logits(logits)
         return gated_embedding(indices, self.frozen_weight, self.tuned_weight, logits, tau=tau,
                                hard=hard, noise=noise, seed=seed, uniforms=uniforms,
                                sparse=self.sparse, backend=self.backend,
@@ -495,6 +505,7 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         """
         if noise is None:
             noise = self.training
+        logits = _float32_logits(logits)
         return gated_embedding_bag(values, offsets, self.frozen_weight, self.tuned_weight, logits,
                                    per_sample_weights=per_sample_weights, mode=mode, tau=tau,
                                    hard=hard, noise=noise, seed=seed, uniforms=uniforms,

@@ -127,3 +127,24 @@ def test_bad_module_arguments_are_named():
                               ((10, 4), {"dtype": torch.int64}, "dtype must be a floating")):
         with pytest.raises(TypeError, match=message):
             GatedEmbedding(*args, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_logits_are_taken_as_float32(dtype):
+    # A policy under torch.autocast gives 16-bit logits: the module upcasts them (exactly),
+    # for lookups and bags, and their gradient comes back in their own dtype.
+    emb = GatedEmbedding.from_pretrained(torch.randn(20, 4)).train()
+    with torch.no_grad():
+        emb.tuned_weight.add_(torch.randn(20, 4))
+    idx = torch.randint(0, 20, (16, 3))
+    low = torch.randn(16, 3, 2).to(dtype).requires_grad_()
+    out, gates = emb(idx, low, seed=5)
+    ref, ref_gates = emb(idx, low.detach().float(), seed=5)
+    assert torch.equal(out, ref) and torch.equal(gates, ref_gates)
+    out.sum().backward()
+    assert low.grad is not None and low.grad.dtype == dtype and low.grad.abs().sum() > 0
+    bag_logits = torch.randn(2, 2).to(dtype)
+    values, offsets = torch.tensor([1, 2, 2]), torch.tensor([0, 1, 3])
+    got, _ = emb.bag(values, offsets, bag_logits, seed=5)
+    want, _ = emb.bag(values, offsets, bag_logits.float(), seed=5)
+    assert torch.equal(got, want)

@@ -346,6 +346,27 @@ def test_state_dict_round_trip(strategy, fmap, data):
     assert torch.equal(fresh.eval()(data), model.eval()(data))
 
 
+@pytest.mark.parametrize("strategy", ["autoft", "autoft_field", "autoft_layer"])
+def test_a_gated_model_deep_copies_after_training_and_runs_under_autocast(strategy, fmap, data):
+    pre = pretrained_model("deepfm", fmap, data)
+    torch.manual_seed(7)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), {})
+    train_steps(model, data, steps=2)  # the tuned copy moves away from the frozen one
+    F.binary_cross_entropy_with_logits(model(data), data.label).backward()
+    # After a training forward (the usual `best = copy.deepcopy(model)` of early stopping):
+    # the gates kept for inspection hold no autograd graph.
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.eval()(data), model.eval()(data))
+    # Under bfloat16 autocast the policy's logits reach the gated ops as float32.
+    model.train()
+    model.policy.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(data)
+    assert out.shape == (len(data),) and bool(torch.isfinite(out).all())
+    F.binary_cross_entropy_with_logits(out.float(), data.label).backward()
+    assert model.policy.out.bias.grad is not None and model.policy.out.bias.grad.abs().sum() > 0
+
+
 def test_multihot_mean_pooling_skips_padding(fmap):
     model = build_base_model(fmap, model_cfg("dnn"))
     tags = fmap.field("tags")

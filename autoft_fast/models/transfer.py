@@ -352,9 +352,12 @@ class TransferModel(nn.Module):
             apply = net.apply_own_layer
 
         out = net.interact(fields, first, batch.dense, apply)
-        # Kept for inspection (tests, debugging): the forward gate values of this batch.
-        self.last_gates = {"field": gates[0] if self.field_embedding is not None else None,
-                           "layer": gates[-1] if self.layer_gate_names else None}
+        # Kept for inspection (tests, debugging): the forward gate values of this batch,
+        # detached (a graph kept here would live until the next forward and make the model
+        # refuse copy.deepcopy).
+        self.last_gates = {"field": gates[0].detach() if self.field_embedding is not None
+                           else None,
+                           "layer": gates[-1].detach() if self.layer_gate_names else None}
         self._record(gates, batch)
         return out
 
@@ -370,7 +373,8 @@ class TransferModel(nn.Module):
         with torch.no_grad():  # detached: the policy's input does not move with the tuned copy
             x = _POLICY_INPUTS[self.autoft_config.policy_input](self, batch)
         if self._forced is None:
-            logits = self.policy(x)
+            # float32 whatever the autocast: the gated ops take float32 logits.
+            logits = self.policy(x).float()
             if self.frequency_rule is not None:
                 # A lookup of a value the target saw at most k times: the frozen row, by a
                 # margin no noise overturns; every other field gate: the network's.
