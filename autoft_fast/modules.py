@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -99,6 +101,28 @@ def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: floa
     return mods
 
 
+def set_fused_lr(model: nn.Module, lr: float) -> int:
+    """Set the learning rate of every fused-optimizer table of ``model`` (state kept).
+
+    For a learning-rate schedule in your own loop: step your scheduler, then pass its value
+    on, e.g. ``set_fused_lr(model, scheduler.get_last_lr()[0])``. Returns the number of tables
+    changed.
+
+    Example::
+
+        >>> import torch, autoft_fast
+        >>> from autoft_fast.modules import set_fused_lr
+        >>> model = torch.nn.ModuleDict({"emb": autoft_fast.GatedEmbedding(10, 4, optimizer="sgd",
+        ...                                                                lr=0.1)})
+        >>> set_fused_lr(model, 0.05)
+        1
+    """
+    tables = fused_tables(model)
+    for m in tables:
+        m.set_lr(lr)
+    return len(tables)
+
+
 _STATE_PREFIX = "optimizer_"
 
 
@@ -132,6 +156,27 @@ class FusedTableMixin:
         self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
         for name, t in self.fused_optimizer.new_state(self.fused_weight.detach()).items():
             self.register_buffer(f"{_STATE_PREFIX}{name}", t)
+
+    def set_lr(self, lr: float) -> None:
+        """Change the fused optimizer's learning rate, keeping its state (a schedule's step).
+
+        ``torch.optim.lr_scheduler`` acts on a ``torch.optim`` optimizer's param groups and
+        never reaches a rule fused into the backward; call this (or :func:`set_fused_lr` for
+        every table of a model) with the scheduler's new value instead. Calling
+        :meth:`use_fused_optimizer` again would start the state afresh.
+
+        Example::
+
+            >>> import autoft_fast
+            >>> emb = autoft_fast.GatedEmbedding(10, 4, optimizer="adam", lr=1e-3)
+            >>> emb.set_lr(5e-4)
+            >>> emb.fused_optimizer.lr
+            0.0005
+        """
+        if self.fused_optimizer is None:
+            raise ValueError("set_lr: this table has no fused optimizer (use_fused_optimizer "
+                             "first; without one its rows train with your own optimizer)")
+        self.fused_optimizer = dataclasses.replace(self.fused_optimizer, lr=lr)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() / .bfloat16() cast every floating buffer, but the fused

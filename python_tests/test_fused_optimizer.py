@@ -286,3 +286,31 @@ def test_a_computed_tuned_table_is_refused_with_an_optimizer():
         autoft_fast.gated_embedding(torch.tensor([0, 1]), base.detach(), tuned,
                                     torch.randn(2, 2), optimizer=opt,
                                     optimizer_state=opt.new_state(tuned))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(RULES))
+def test_a_loss_on_the_gates_alone_leaves_the_table_and_its_state(backend, kind):
+    # As a plain optimizer skips a table whose gradient is None: no step at all (fused Adam
+    # would otherwise move every touched row by its moments on a zero gradient).
+    torch.manual_seed(3)
+    frozen = torch.randn(30, 4)
+    tuned = (frozen + torch.randn(30, 4)).requires_grad_()
+    opt = FusedOptimizer(kind, lr=0.1)
+    state = opt.new_state(tuned.detach())
+    idx = torch.randint(0, 30, (64,))
+    for _ in range(2):  # two real steps first, so that the moments are nonzero
+        logits = torch.randn(64, 2)
+        out, _ = autoft_fast.gated_embedding(idx, frozen, tuned, logits, seed=1, backend=backend,
+                                             optimizer=opt, optimizer_state=state)
+        out.sum().backward()
+    before = tuned.detach().clone()
+    saved = {k: v.clone() for k, v in state.items()}
+    logits = torch.randn(64, 2, requires_grad=True)
+    _, gates = autoft_fast.gated_embedding(idx, frozen, tuned, logits, seed=2, backend=backend,
+                                           optimizer=opt, optimizer_state=state)
+    gates[:, 1].sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert torch.equal(tuned.detach(), before)
+    for k, v in state.items():
+        assert torch.equal(v, saved[k]), k

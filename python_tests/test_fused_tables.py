@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import autoft_fast
 from autoft_fast.models import build_transfer_model
 from autoft_fast.modules import EmbeddingTable, attach_fused_optimizers, fused_tables
 from autoft_fast.ops.fused_optim import (RULES, FusedOptimizer, Lookup, fused_lookup,
@@ -385,3 +386,38 @@ def test_rows_update_kernel_refuses_bad_input_before_touching_the_table(op_name)
         rows_update(torch.tensor([1]), torch.ones(1, 4), w,
                                           torch.zeros(3), torch.zeros(5, 4), 2, 0.1, 1e-8, 0.9,
                                           0.999, 1)
+
+
+def test_set_fused_lr_follows_a_schedule_and_keeps_the_state():
+    # A warm-up-then-decay schedule passed on with set_fused_lr: the fused lazy Adam equals
+    # nn.Embedding(sparse=True) + SparseAdam whose param group follows the same values (an lr
+    # of 0 moves the moments, not the rows); use_fused_optimizer again would reset the state.
+    from autoft_fast.modules import set_fused_lr
+    torch.manual_seed(0)
+    init = torch.randn(40, 5)
+    emb = autoft_fast.GatedEmbedding.from_pretrained(init, optimizer="adam", lr=1e-2)
+    model = torch.nn.ModuleDict({"emb": emb, "head": torch.nn.Linear(5, 1)})
+    plain = torch.nn.Embedding.from_pretrained(init.clone(), freeze=False, sparse=True)
+    opt = torch.optim.SparseAdam([plain.weight], lr=1e-2)
+    tuned = torch.tensor([[-30.0, 30.0]])  # every lookup takes the tuned row
+    for step, lr in enumerate([0.0, 0.0, 1e-2, 5e-3, 2.5e-3]):
+        assert set_fused_lr(model, lr) == 1
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, 40, (32, 3))
+        w = torch.randn(32, 3, 5)
+        out, _ = emb(idx, tuned.expand(32, 3, 2), noise=False)
+        (out * w).sum().backward()
+        opt.zero_grad()
+        (plain(idx) * w).sum().backward()
+        opt.step()
+        assert int(emb.optimizer_step) == step + 1
+        torch.testing.assert_close(emb.tuned_weight.detach(), plain.weight.detach(),
+                                   atol=1e-6, rtol=1e-5)
+        if step < 2:
+            assert torch.equal(emb.tuned_weight.detach(), init)
+    assert emb.fused_optimizer.lr == 2.5e-3
+    with pytest.raises(ValueError, match="no fused optimizer"):
+        autoft_fast.GatedEmbedding(4, 2).set_lr(0.1)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        emb.set_lr(-1.0)

@@ -112,6 +112,11 @@ class _FusedStep(torch.autograd.Function):
         indices, frozen_weight, seed, uniforms, tau, hard, noise = ctx.inputs
         row, weight = ctx.row, ctx.tuned_weight
         _FusedStep._check_unchanged(ctx, weight)
+        # No update: paused, a frozen table, or a loss that reads only the gates (the rows'
+        # gradient is None then, and a plain optimizer would skip the table: no zero-gradient
+        # step that Adam's moments would still move the rows by).
+        no_update = (fused_optim.updates_paused() or not ctx.needs_input_grad[0]
+                     or grad_out is None)
         if row.is_reference:
             out, gates, t_leaf, l_leaf = ctx.graph
             g_t, g_l = torch.autograd.grad(
@@ -127,8 +132,7 @@ class _FusedStep(torch.autograd.Function):
             n, dim = indices.shape[0], weight.shape[1]
             grad_out = weight.new_zeros((n, dim)) if grad_out is None else grad_out
             opt = ctx.optimizer
-            if fused_optim.updates_paused() or not ctx.needs_input_grad[0]:
-                # (A tuned table that does not require a gradient is frozen: no update.)
+            if no_update:
                 g_l = row.ops()[1](
                     grad_out.reshape(n, dim).contiguous(),
                     None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
@@ -157,7 +161,7 @@ class _FusedStep(torch.autograd.Function):
         if hard and not row.touched_only:
             keep = fused_optim.touched_rows_mask(rows, indices, ctx.gates)
             rows, values = rows[keep], values[keep]
-        if not fused_optim.updates_paused() and ctx.needs_input_grad[0]:
+        if not no_update:
             with torch.no_grad():
                 opt.apply(weight.detach(), rows, values, ctx.state)
             if not fused_optim.updates_are_redirected():

@@ -126,9 +126,10 @@ class FusedOptimizer:
 
     def __post_init__(self):
         check_kind(self.kind)
+        # lr = 0 is allowed (the first steps of a warm-up schedule): the state still moves.
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) \
-                or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr = {self.lr!r} must be a positive finite number")
+                or not math.isfinite(self.lr) or self.lr < 0:
+            raise ValueError(f"lr = {self.lr!r} must be a finite number >= 0")
         eps = _DEFAULT_EPS[self.kind] if self.eps is None else self.eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps = {self.eps!r} must be a number >= 0")
