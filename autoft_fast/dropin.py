@@ -34,6 +34,7 @@ from torch import nn
 
 from .models.policy import PolicyNetwork
 from .modules import GatedEmbedding
+from .ops.fused_optim import Lookup
 from .ops import gumbel_gates, validate
 
 
@@ -152,6 +153,8 @@ class _EmbeddingAttributes:
 def _padding_hook(padding_idx: int):
     # Keep the original module's rule: the padding row never gets a gradient.
     def hook(grad):
+        if grad is None:
+            return None
         if grad.is_sparse:
             grad = grad.coalesce()
             keep = (grad.indices()[0] != padding_idx).to(grad.dtype).unsqueeze(-1)
@@ -219,7 +222,14 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
             return rows
         if self.role == "freeze":
             return F.embedding(input, table.frozen_weight)
+        if table.fused and self.padding_idx is not None:
+            raise ValueError(f"{self.name}: padding_idx = {self.padding_idx} with a fused "
+                             "optimizer: the update in the backward would move the padding row, "
+                             "which nn.Embedding keeps; train this table with your optimizer "
+                             "(no use_fused_optimizer / attach_fused_optimizers on it)")
         if self.role == "tune":
+            if table.fused:  # the tuned rows update themselves, as the gated role's do
+                return table.lookup([Lookup(input)])[0]
             return F.embedding(input, table.tuned_weight, sparse=table.sparse)
         logits = state.logits_for(self.gate, self.name)
         logits = logits.reshape(logits.shape[0], *([1] * (input.dim() - 1)), 2).expand(*input.shape, 2)

@@ -266,7 +266,8 @@ class EmbeddingTable(FusedTableMixin, nn.Embedding):
 
     Without a fused optimizer it is ``nn.Embedding`` exactly (same init, state_dict and
     gradients). With one (``use_fused_optimizer``, or ``autoft.embedding_optimizer: fused_*``
-    through the trainer), :meth:`lookup` runs ``fused_optim.fused_lookup``: the looked-up rows
+    through the trainer), :meth:`lookup` (and the forward, ``table(indices)``) runs
+    ``fused_optim.fused_lookup``: the looked-up rows
     are updated inside the backward with the rule's lazy formula and ``weight`` never gets a
     ``.grad``. ``set_l2sp(anchor, alpha)`` adds the lazy L2-SP pull toward ``anchor`` to the
     fused update (see ``fused_lookup``).
@@ -301,6 +302,17 @@ class EmbeddingTable(FusedTableMixin, nn.Embedding):
     @property
     def fused_weight(self) -> nn.Parameter:
         return self.weight
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``nn.Embedding``'s forward; with a fused optimizer (in training, gradients on) the
+        fused lookup of ``input`` (``table(idx)`` is ``table.lookup([Lookup(idx)])[0]``)."""
+        if not self.fused:
+            return super().forward(input)
+        if self.padding_idx is not None or self.max_norm is not None or self.scale_grad_by_freq:
+            raise ValueError("EmbeddingTable with a fused optimizer: padding_idx, max_norm and "
+                             "scale_grad_by_freq are not fused (give a PAD lookup weight 0 "
+                             "with lookup([Lookup(indices, weights)]) instead)")
+        return self.lookup([fused_optim.Lookup(input)])[0]
 
 
 class FrozenRows:

@@ -535,3 +535,29 @@ def test_l2sp_keeps_a_sparse_tables_gradient_sparse():
     assert torch.allclose(dense[3] - only_loss[3], torch.full((4,), 2.0))
     opt = torch.optim.SparseAdam([table], lr=1e-2)
     opt.step()  # SparseAdam accepts it
+
+
+def test_fused_optimizers_on_a_dropin_model_train_the_tuned_tables_and_refuse_padding():
+    # attach_fused_optimizers on a wrapped model: a "tune" slot's rows update themselves as a
+    # "gate" slot's do (no .grad for the user's optimizer to miss), and a table whose module
+    # had a padding_idx is refused instead of moving its padding row.
+    from autoft_fast.dropin import GatedEmbeddingSlot
+    from autoft_fast.modules import attach_fused_optimizers
+    x, y = next(iter(_batches()))
+    for strategy, role in (("autoft_layer", "tune"), ("autoft", "gate")):
+        net = autoft(_pretrained(), strategy=strategy)
+        slots = [m for m in net.modules() if isinstance(m, GatedEmbeddingSlot)]
+        assert slots and {m.role for m in slots} == {role}
+        assert len(attach_fused_optimizers(net, "fused_sgd", lr=0.5)) == len(slots)
+        before = [m.tuned_weight.detach().clone() for m in slots]
+        net.train()
+        F.binary_cross_entropy_with_logits(net(x), y).backward()
+        for m, b in zip(slots, before):
+            assert m.tuned_weight.grad is None
+            assert not torch.equal(m.tuned_weight.detach(), b), (strategy, m.name)
+
+    padded = autoft(nn.Sequential(nn.Embedding(10, 4, padding_idx=0)), strategy="autoft_field")
+    attach_fused_optimizers(padded, "fused_sgd", lr=0.5)
+    padded.train()
+    with pytest.raises(ValueError, match="padding_idx = 0 with a fused optimizer"):
+        padded(torch.tensor([[0, 2]]))

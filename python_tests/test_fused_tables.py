@@ -421,3 +421,25 @@ def test_set_fused_lr_follows_a_schedule_and_keeps_the_state():
         autoft_fast.GatedEmbedding(4, 2).set_lr(0.1)
     with pytest.raises(ValueError, match="finite number >= 0"):
         emb.set_lr(-1.0)
+
+
+def test_calling_a_fused_table_is_its_fused_lookup():
+    # table(idx) as nn.Embedding is called: with a fused optimizer the same update as
+    # table.lookup([Lookup(idx)]), and no .grad; in eval / no_grad the plain forward.
+    torch.manual_seed(0)
+    idx = torch.randint(0, 12, (8, 3))
+    w = torch.randn(8, 3, 4)
+    a, b = EmbeddingTable(12, 4), EmbeddingTable(12, 4)
+    b.load_state_dict(a.state_dict())
+    for t in (a, b):
+        t.use_fused_optimizer("adam", lr=0.1)
+    (a(idx) * w).sum().backward()
+    (b.lookup([Lookup(idx)])[0] * w).sum().backward()
+    assert a.weight.grad is None and int(a.optimizer_step) == 1
+    assert torch.equal(a.weight.detach(), b.weight.detach())
+    with torch.no_grad():
+        assert torch.equal(a(idx), F.embedding(idx, a.weight))
+    padded = EmbeddingTable(12, 4, padding_idx=0)
+    padded.use_fused_optimizer("sgd", lr=0.1)
+    with pytest.raises(ValueError, match="padding_idx, max_norm and scale_grad_by_freq"):
+        padded(idx)
