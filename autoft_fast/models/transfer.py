@@ -651,6 +651,12 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
     :func:`~autoft_fast.models.frequency.count_rows`), is needed when ``policy_input``
     includes ``freq``.
 
+    The tables train with ordinary gradients (your optimizer) as built: ``autoft.
+    embedding_optimizer`` (fused lazy Adam by default) is applied by the library's
+    :class:`~autoft_fast.train.Trainer` when it trains the model. In your own loop call
+    ``autoft_fast.modules.attach_fused_optimizers(model, model.embedding_optimizer, lr)`` to
+    train as the CLI does (the fused tables then get no ``.grad``).
+
     Example::
 
         >>> pre = build_base_model(fmap, {"name": "dnn"})          # ... trained on the source
