@@ -141,6 +141,9 @@ def test_fused_lookup_rejects_bad_input():
         fused_lookup(w, [Lookup(torch.tensor([1]))], "sgd", {})
     with pytest.raises(ValueError, match="anchor of shape"):
         EmbeddingTable(4, 2).set_l2sp(torch.zeros(3, 2), 0.1)
+    for bad, pos in (([1, 4], 1), ([[0, -1]], 1)):  # named, and before any update
+        with pytest.raises(IndexError, match=rf"indices\[{pos}\] = -?\d+ is out of range"):
+            fused_lookup(w, [Lookup(torch.tensor(bad))], opt, opt.new_state(w))
 
 
 # ----- the strategies ----------------------------------------------------------------------

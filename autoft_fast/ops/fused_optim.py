@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from . import memory
+from . import memory, validate
 
 STEP = "step"
 
@@ -496,6 +496,8 @@ def fused_lookup(weight: torch.Tensor, lookups, optimizer: FusedOptimizer,
         if lk.weights is not None and tuple(lk.weights.shape) != tuple(lk.indices.shape):
             raise ValueError(f"weights of shape {tuple(lk.weights.shape)} must have the indices' "
                              f"shape {tuple(lk.indices.shape)}")
+        # Before any update: the contract's IndexError naming the position, not the gather's.
+        validate.check_index_range(lk.indices, weight.shape[0])
     tensors = []
     for lk in lookups:
         tensors += [lk.indices, lk.weights]
