@@ -76,7 +76,8 @@ def test_experiment_holds_parsed_sections(tmp_path):
     assert isinstance(cfg.model, ModelConfig) and cfg.model.name == "deepfm"
     assert isinstance(cfg.autoft, AutoFTConfig) and cfg.autoft.policy_lr == 0.01
     assert isinstance(cfg.pretrain, PretrainConfig) and cfg.pretrain.seed == 4
-    assert cfg.pretrain.epochs == 10 and cfg.finetune.epochs == 50  # the stages' own defaults
+    assert cfg.pretrain.epochs == 10 and cfg.finetune.base_epochs == 50  # the stages' own defaults
+    assert cfg.finetune.epochs is None  # unset: 50, raised by cap_steps for a small target
     assert isinstance(cfg.synthetic, SyntheticConfig) and cfg.synthetic.n_target_rows == 200
     assert cfg.data is None
     # The effective config reads back to an equal config.

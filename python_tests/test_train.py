@@ -177,22 +177,27 @@ def test_patience_steps_waits_for_that_many_steps_too(tmp_path, patience_steps, 
     assert again.epochs_run == res.epochs_run and again.best_metric == res.best_metric
 
 
-def test_cap_steps_raises_the_epoch_cap_to_that_many_steps(tmp_path):
-    # 19 steps an epoch: a cap of 2 epochs raised to allow 60 steps is 4 epochs (76 steps).
+def test_cap_steps_raises_the_default_epoch_cap_to_that_many_steps(tmp_path):
+    # 19 steps an epoch: with epochs unset, the cap of 50 epochs raised to allow 988 steps is
+    # 52 epochs; an explicit epochs is the cap as given.
     train, valid = toy_data(seed=1), toy_data(400, seed=2)
-    cfg = {"epochs": 2, "cap_steps": 60, "patience": 10}
+    cfg = {"epochs": None, "cap_steps": 19 * 52, "patience": 100, "batch_size": 64}
+    tr = Trainer(ToyModel(), TrainConfig(**cfg), iterate=toy_iterate, progress=False,
+                 checkpoint_path=tmp_path / "last.pt")
     torch.manual_seed(0)
-    res = make_trainer(ToyModel(), tmp_path, cfg=cfg).fit(train, valid)
-    assert res.epochs_run == 4 and res.epoch_cap == 4 and not res.stopped_early
-    assert res.best_at_cap == (res.best_epoch == 4)
+    res = tr.fit(train, valid)
+    assert res.epochs_run == 52 and res.epoch_cap == 52 and not res.stopped_early
+    assert res.best_at_cap == (res.best_epoch == 52)
     # A finished run read back on resume reports the same cap.
-    again = make_trainer(ToyModel(), tmp_path, cfg=cfg).fit(train, valid, resume=True)
-    assert again.epoch_cap == 4 and again.epochs_run == 4
-    # Below the epochs' own steps the cap stays as given.
-    small = make_trainer(ToyModel(), cfg={**cfg, "cap_steps": 30}).fit(train, valid)
-    assert small.epochs_run == 2 and small.epoch_cap == 2
+    again = Trainer(ToyModel(), TrainConfig(**cfg), iterate=toy_iterate, progress=False,
+                    checkpoint_path=tmp_path / "last.pt").fit(train, valid, resume=True)
+    assert again.epoch_cap == 52 and again.epochs_run == 52
+    # Below the default cap's own steps, or with epochs given, the cap stays as it is.
+    assert TrainConfig(cap_steps=19 * 40).epoch_cap(19) == 50
+    explicit = make_trainer(ToyModel(), cfg={"epochs": 2, "cap_steps": 10_000}).fit(train, valid)
+    assert explicit.epochs_run == 2 and explicit.epoch_cap == 2
     # An exact number of epochs (TrainConfig.with_epochs) ignores cap_steps.
-    assert TrainConfig(epochs=50, cap_steps=10_000).with_epochs(3).cap_steps == 0
+    assert TrainConfig(cap_steps=10_000).with_epochs(3).epoch_cap(1) == 3
 
 
 def test_monitor_logloss_minimised():

@@ -337,9 +337,9 @@ def check_warmup(autoft: AutoFTConfig, finetune: TrainConfig, strategies) -> Non
     runs (see :func:`check_field_policy`)."""
     check_field_policy(autoft, strategies)
     gated = [s for s in strategies if STRATEGY_TABLE[s].has_policy]
-    if gated and autoft.policy_warmup >= finetune.epochs:
+    if gated and autoft.policy_warmup >= finetune.base_epochs:
         raise ConfigError(f"autoft.policy_warmup = {autoft.policy_warmup} is not below "
-                          f"finetune.epochs = {finetune.epochs}: every epoch of {gated[0]} would "
+                          f"finetune.epochs = {finetune.base_epochs}: every epoch of {gated[0]} would "
                           f"be a warm-up epoch, which is never the best one, and its policy would "
                           f"never choose; give fewer warm-up epochs or more epochs")
 

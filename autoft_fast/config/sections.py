@@ -341,17 +341,18 @@ class TrainConfig(_Section):
         "0: embedding tables are sparse-updated and decay would shrink unseen rows"))
     batch_size: int = setting(1024, minimum=1, doc="large batches keep the CPU kernels busy")
     eval_batch_size: int = setting(8192, minimum=1, doc="batch size of evaluation")
-    epochs: int = setting(50, minimum=1, doc=(
-        "at most this many epochs: a cap large enough that early stopping, not the cap, ends "
+    epochs: int | None = setting(None, minimum=1, doc=(
+        "at most this many epochs, a cap large enough that early stopping, not the cap, ends "
         "training (a run whose best epoch is the cap is warned about and counted in the "
-        "report); the same rule for every strategy (the source_only strategy evaluates the "
-        "pre-trained model untrained)"))
+        "report); unset (null): 50, or more where the target's epochs are too few steps to "
+        "reach cap_steps; the same rule for every strategy (the source_only strategy "
+        "evaluates the pre-trained model untrained)"))
     patience: int = setting(3, minimum=1, doc=(
         "stop after this many epochs without improvement of the monitored metric"))
     cap_steps: int = setting(0, minimum=0, doc=(
-        "the epoch cap is raised where needed to allow at least this many optimizer steps "
-        "(batches): a small target's epoch is a few steps, and an epoch cap alone would end "
-        "its runs before they converge"))
+        "with epochs unset: the cap allows at least this many optimizer steps (batches), "
+        "since a small target's epoch is a few steps and 50 of them can end its runs before "
+        "they converge"))
     patience_steps: int = setting(0, minimum=0, doc=(
         "and only once at least this many optimizer steps (batches) have passed without "
         "improvement: patience counted in epochs alone can stop a small target's run within "
@@ -359,6 +360,31 @@ class TrainConfig(_Section):
     monitor: str = setting("auc", choices=("auc", "logloss"),
                            doc="the validation metric early stopping watches")
     min_delta: float = setting(0.0, minimum=0.0, doc="the smallest change that counts as better")
+
+    #: The cap when ``epochs`` is unset (before ``cap_steps`` raises it).
+    DEFAULT_EPOCHS = 50
+
+    @property
+    def base_epochs(self) -> int:
+        """``epochs``, or :attr:`DEFAULT_EPOCHS` when unset: the cap before ``cap_steps``.
+
+        Example:
+            >>> TrainConfig().base_epochs, TrainConfig(epochs=3).base_epochs
+            (50, 3)
+        """
+        return self.DEFAULT_EPOCHS if self.epochs is None else int(self.epochs)
+
+    def epoch_cap(self, steps_per_epoch: int) -> int:
+        """The cap in epochs for a fit of ``steps_per_epoch`` optimizer steps an epoch:
+        ``epochs`` when given; unset, 50 raised to allow ``cap_steps`` steps.
+
+        Example:
+            >>> TrainConfig(cap_steps=1000).epoch_cap(2), TrainConfig(epochs=5).epoch_cap(2)
+            (500, 5)
+        """
+        if self.epochs is not None or self.cap_steps <= 0 or steps_per_epoch <= 0:
+            return self.base_epochs
+        return max(self.base_epochs, -(-int(self.cap_steps) // int(steps_per_epoch)))
 
     def with_epochs(self, epochs: int) -> "TrainConfig":
         """A copy that runs exactly ``epochs`` epochs (patience beyond them).

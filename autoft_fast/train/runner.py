@@ -381,7 +381,7 @@ def load_pretrained(path: Path) -> dict | None:
 
 def _tau_schedule(cfg):
     acfg = cfg.autoft
-    epochs = cfg.finetune.epochs
+    epochs = cfg.finetune.base_epochs
     # progress runs 0 -> 1 over the configured epochs, so an early-stopped run has seen the
     # same temperatures as the first epochs of a full one.
     return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
@@ -728,7 +728,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                                             progress=progress, device=device)
             rec.update(stage)
     # The cap of the fit whose best epoch is reported (finetune.epochs, or more by cap_steps).
-    rec["epoch_cap"] = rec.get("epoch_cap") or cfg.finetune.epochs
+    rec["epoch_cap"] = rec.get("epoch_cap") or cfg.finetune.base_epochs
     rec["target"] = bundle.feature_map.domain_values[-1]
     if hasattr(model, "reset_policy_stats"):
         model.reset_policy_stats()

@@ -42,7 +42,7 @@ class FitResult:
     wall_seconds: float = 0.0
     stopped_early: bool = False
     best_at_cap: bool = False
-    epoch_cap: int | None = None  # the cap in epochs (cfg.epochs, raised by cfg.cap_steps)
+    epoch_cap: int | None = None  # the cap in epochs (TrainConfig.epoch_cap)
 
     @property
     def samples_per_s(self) -> float:
@@ -53,19 +53,6 @@ def _default_iterate(data, batch_size: int, shuffle: bool,
                      generator: torch.Generator | None, min_last: int = 1) -> Iterator:
     from autoft_fast.data import iterate_batches  # data sits below train; import when used
     return iterate_batches(data, batch_size, shuffle, generator, min_last=min_last)
-
-
-def _epoch_cap(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The cap in epochs: ``cfg.epochs``, raised so that it allows ``cfg.cap_steps`` steps at
-    ``steps_per_epoch`` (the last epoch's count: every epoch of a fit has the same rows).
-
-    Example:
-        >>> _epoch_cap(TrainConfig(epochs=50, cap_steps=1000), 2)
-        500
-    """
-    if cfg.cap_steps <= 0 or steps_per_epoch <= 0:
-        return cfg.epochs
-    return max(cfg.epochs, -(-cfg.cap_steps // steps_per_epoch))
 
 
 def _has_batch_norm(model: torch.nn.Module) -> bool:
@@ -163,7 +150,8 @@ class Trainer:
       the model sees every row over the epochs, and the policy is judged on rows this
       epoch's steps did not fit).
     - Early stopping: after `cfg.patience` epochs and `cfg.patience_steps` optimizer steps
-      without improvement; the cap is `cfg.epochs`, raised to allow `cfg.cap_steps` steps.
+      without improvement; the cap is `cfg.epoch_cap(steps per epoch)` (`epochs`, or unset
+      50 raised to allow `cap_steps` steps).
     - `start_best`: the validation score the given weights already have; the fit then
       keeps them (best_epoch 0) unless an epoch beats it (a continued fit).
     - The validation pass of every epoch also records the policy's tuned fractions
@@ -249,10 +237,10 @@ class Trainer:
                 self.optimizers[name] = _make_adam(opt_cls, dense, lr, wd)
             if sparse:
                 self.optimizers[f"{name}_sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
-        if policy_warmup and policy_warmup >= cfg.epochs \
+        if policy_warmup and policy_warmup >= cfg.base_epochs \
                 and any(k.startswith("policy") for k in self.optimizers):
             raise ValueError(f"{desc}: policy_warmup = {policy_warmup} is not below epochs = "
-                             f"{cfg.epochs}: every epoch would be a warm-up epoch, which is never "
+                             f"{cfg.base_epochs}: every epoch would be a warm-up epoch, which is never "
                              f"the best one, and the policy would never choose")
         # -- data-parallel (torchrun): sharded batches, combined gradients, rank-0 files --
         self.dp = distributed.DataParallel.create(model, self.device)
@@ -415,7 +403,7 @@ class Trainer:
         if self.policy_data is not None and heldout and len(self.policy_data) == 0:
             raise ValueError(f"{self.desc}: policy_data has no rows")
         epoch = start_epoch
-        cap = _epoch_cap(cfg, steps_per_epoch)
+        cap = cfg.epoch_cap(steps_per_epoch)
         while not finished and epoch < cap:
             warming = epoch < self.policy_warmup and bool(policy_opts)
             forced = warming and self.policy_warmup_gates == "tuned"
@@ -491,7 +479,7 @@ class Trainer:
                            " (best)" if res.best_epoch == epoch + 1 else "")
             epoch += 1
             steps_per_epoch = n_steps
-            cap = _epoch_cap(cfg, steps_per_epoch)
+            cap = cfg.epoch_cap(steps_per_epoch)
             if bad_epochs >= cfg.patience and bad_steps >= cfg.patience_steps \
                     and epoch < cap:
                 res.stopped_early = True
