@@ -137,7 +137,7 @@ def test_early_stopping_restores_best_weights():
     torch.manual_seed(0)
     snapshots = {}
     model = ToyModel()
-    tr = make_trainer(model, cfg={"epochs": 10, "patience": 2},
+    tr = make_trainer(model, cfg={"epochs": 10, "patience": 2, "patience_steps": 0},
                       on_epoch_end=lambda e, h: snapshots.__setitem__(
                           e, {k: v.clone() for k, v in model.state_dict().items()}))
     res = tr.fit(toy_data(seed=1), toy_data(400, seed=2, flip=True))

@@ -349,11 +349,11 @@ class TrainConfig(_Section):
         "evaluates the pre-trained model untrained)"))
     patience: int = setting(3, minimum=1, doc=(
         "stop after this many epochs without improvement of the monitored metric"))
-    cap_steps: int = setting(0, minimum=0, doc=(
+    cap_steps: int = setting(500, minimum=0, doc=(
         "with epochs unset: the cap allows at least this many optimizer steps (batches), "
         "since a small target's epoch is a few steps and 50 of them can end its runs before "
         "they converge"))
-    patience_steps: int = setting(0, minimum=0, doc=(
+    patience_steps: int = setting(50, minimum=0, doc=(
         "and only once at least this many optimizer steps (batches) have passed without "
         "improvement: patience counted in epochs alone can stop a small target's run within "
         "its first plateau"))
@@ -412,6 +412,10 @@ class PretrainConfig(TrainConfig):
     epochs: int = setting(10, minimum=1, doc=(
         "the source set is large: few epochs suffice, and early stopping decides"))
     patience: int = setting(1, minimum=1, doc="stop after this many epochs without improvement")
+    cap_steps: int = setting(0, minimum=0, doc=(
+        "the source set is large (its epochs are many steps): no step floor on the cap"))
+    patience_steps: int = setting(0, minimum=0, doc=(
+        "the source set is large: patience in epochs alone"))
     seed: int = setting(0, minimum=0, doc="seed of the pre-training (model init and shuffling)")
 
 
