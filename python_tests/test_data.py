@@ -665,3 +665,41 @@ def test_a_file_without_a_header_line_is_named_as_such(tmp_path):
     with pytest.raises(DataError) as e:  # a real header that lacks a column: no such hint
         prepare_data(DataConfig.from_dict(base_dict(), tmp_path))
     assert "did you mean 'clicked'" in str(e.value) and "no header" not in str(e.value)
+
+
+def test_a_file_listed_twice_is_an_error_and_a_copy_a_warning(tmp_path):
+    # Both used to be read twice: every row duplicated, in train and in test.
+    write(tmp_path, make_frame())
+    with pytest.raises(DataError, match=r"data.files lists one file twice: .*data.csv' and "
+                                        r"'.*data.csv' are both '.*data.csv'; its rows would be "
+                                        r"read twice"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.csv", "./data.csv"]), tmp_path))
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "data.csv", tmp_path / "sub" / "link.csv")
+    with pytest.raises(DataError, match="lists one file twice"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.csv", "sub/link.csv"]), tmp_path))
+    write(tmp_path, make_frame(), "copy.csv")
+    with pytest.warns(UserWarning, match=r"data.files: '.*data.csv' and '.*copy.csv' have the "
+                                         r"same content"):
+        bundle = prepare_data(DataConfig.from_dict(base_dict(files=["data.csv", "copy.csv"]),
+                                                   tmp_path))
+    assert bundle.stats["rows_read"] == 2 * len(make_frame())
+
+
+def test_cache_key_follows_the_format_and_separator_a_file_is_read_with(tmp_path):
+    # A CSV renamed .parquet (or .csv -> .tsv) trained from the old cache entry.
+    write(tmp_path, make_frame())
+    prepare_data(DataConfig.from_dict(base_dict(cache=True), tmp_path))  # the CSV's entry
+    k_csv = cache_key(DataConfig.from_dict(base_dict(), tmp_path))
+    (tmp_path / "data.csv").rename(tmp_path / "data.tsv")
+    k_tsv = cache_key(DataConfig.from_dict(base_dict(files=["data.tsv"]), tmp_path))
+    (tmp_path / "data.tsv").rename(tmp_path / "data.parquet")
+    k_pq = cache_key(DataConfig.from_dict(base_dict(files=["data.parquet"]), tmp_path))
+    (tmp_path / "data.parquet").rename(tmp_path / "data.txt")
+    k_txt = cache_key(DataConfig.from_dict(base_dict(files=["data.txt"]), tmp_path))
+    assert len({k_csv, k_tsv, k_pq}) == 3
+    assert k_txt == k_csv  # .txt is read as .csv is: the same input
+    (tmp_path / "data.txt").rename(tmp_path / "data.parquet")
+    with pytest.raises(DataError, match="cannot read .*data.parquet as Parquet"):
+        prepare_data(DataConfig.from_dict(base_dict(files=["data.parquet"], cache=True),
+                                          tmp_path))

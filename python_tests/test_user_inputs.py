@@ -1,10 +1,15 @@
 """What a user's files and configs can get wrong, and what the library then does: repeated
 column names, a column missing from new rows, a comma file named .tsv, day-first dates,
 dense values beyond float32, a split with one label, a list of targets with a bad one, a
-resumed comparison of another shape, and number settings YAML 1.1 would read as text."""
+resumed comparison of another shape, number settings YAML 1.1 would read as text, a stray
+quote that swallows rows, numbers and UTC offsets in a time column, ids spelled 'N' and
+'N.0', lines with an extra field, domain values of another case, true/false labels, a
+single-quoted '\t' and a repeated column predict does not read."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +181,61 @@ def test_a_time_split_of_day_first_dates_is_in_time_order(tmp_path):
     mean, std = bundle.feature_map.extra["dense_mean_std"]["x"]
     got = order["target_test"].dense[:, 0].numpy() * np.float32(std) + np.float32(mean)
     np.testing.assert_allclose(np.sort(got), np.sort(latest), rtol=1e-5, atol=1e-5)
+
+
+def test_times_with_different_utc_offsets_are_compared_in_utc(tmp_path):
+    # pandas' own "Mixed timezones detected. Pass utc=True ..." ValueError came through.
+    state = {}
+    vals = _parse_dates(pd.Series(["2024-01-05T04:00:00+01:00", "2024-01-05T03:30:00Z",
+                                   "2024-01-05T04:00:00-0130"]), state, "ts")
+    utc = pd.to_datetime(vals.astype(np.int64)).strftime("%H:%M").tolist()
+    assert utc == ["03:00", "03:30", "05:30"]
+    # A later chunk of times with offsets is fine; one without is as mixed as in one chunk.
+    _parse_dates(pd.Series(["2024-01-06T00:00:00Z"]), state, "ts")
+    with pytest.raises(DataError, match=r"time column 'ts' holds times with a UTC offset \(e.g. "
+                                        r"'2024-01-05T04:00:00\+01:00'\) and times without one "
+                                        r"\(e.g. '2024-01-06T01:00:00'\).*time_format"):
+        _parse_dates(pd.Series(["2024-01-06T01:00:00"]), state, "ts")
+    with pytest.raises(DataError, match=r"times without one \(e.g. '2024-01-05 04:02'\)"):
+        _parse_dates(pd.Series(["2024-01-05T04:00:00+01:00", "2024-01-05 04:02"]), {}, "ts")
+    # A time split of such a file: the offsets move rows, so UTC order is not file order.
+    frame = _frame(200)
+    local = pd.date_range("2024-01-01", periods=200, freq="h")
+    frame["ts"] = [t.strftime("%Y-%m-%dT%H:%M:%S") + ("Z" if i % 4 else "+05:00")
+                   for i, t in enumerate(local)]
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    bundle = prepare_data(_config(tmp_path, method="time", time_column="ts"))
+    assert sum(len(bundle.splits[k]) for k in ("target_train", "target_valid",
+                                               "target_test")) == 100
+
+
+def test_a_number_in_a_date_column_is_a_bad_value_not_the_column_s_format(tmp_path):
+    # One number in a source row (whose time is never used) used to make the column
+    # "numbers", so every target date was unparseable and `skip` dropped every target row.
+    frame = _frame(200)
+    frame["ts"] = pd.date_range("2024-01-01", periods=200, freq="h").strftime("%Y-%m-%d %H:%M")
+    frame.loc[0, "ts"] = "0"                       # a source row
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    bundle = prepare_data(_config(tmp_path, method="time", time_column="ts"))
+    assert sum(len(bundle.splits[k]) for k in ("target_train", "target_valid",
+                                               "target_test")) == 100
+    frame.loc[5, "ts"] = "12345"                   # a target row: that row is the bad one
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"1 rows with time column 'ts' missing or unparseable "
+                                        r"\(target rows\) \(e.g. '12345' in f.csv, data row 6\)"):
+        prepare_data(_config(tmp_path, method="time", time_column="ts"))
+    cfg = dataclasses.replace(_config(tmp_path, method="time", time_column="ts"),
+                              on_bad_rows="skip")
+    with pytest.warns(UserWarning, match="skipping bad rows: 1 rows with time column 'ts'"):
+        bundle = prepare_data(cfg)
+    assert sum(len(bundle.splits[k]) for k in ("target_train", "target_valid",
+                                               "target_test")) == 99
+    # A column of numbers with one date among the target rows: the date is the odd one.
+    frame["ts"] = [str(i) for i in range(200)]
+    frame.loc[7, "ts"] = "2024-01-01"
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"\(e.g. '2024-01-01' in f.csv, data row 8\)"):
+        prepare_data(_config(tmp_path, method="time", time_column="ts"))
 
 
 def test_time_format_needs_a_time_column(tmp_path):
@@ -503,3 +563,208 @@ def test_an_implicit_resume_names_what_differs_backend_and_strategy_included(tmp
                  "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "the newest" in err and "strategy 'autoft_field' -> 'autoft'" in err
+
+
+# ------------------------------------------------------------------------- line breaks in values
+
+def _lines_with_stray_quote(frame: pd.DataFrame, at: int, close_at: int | None = None) -> str:
+    """``frame`` as CSV text, with a stray '"' opening the last field of data row ``at``
+    (1-based) and, with ``close_at``, a stray '"' closing the last field of that row."""
+    lines = frame.to_csv(index=False).splitlines()
+    lines[at] = lines[at].rsplit(",", 1)[0] + ',"' + lines[at].rsplit(",", 1)[1]
+    if close_at is not None:
+        lines[close_at] += '"'
+    return "\n".join(lines) + "\n"
+
+
+# (pandas' reader refuses an unterminated quote itself: 'EOF inside string')
+@pytest.mark.parametrize("close_at, short_line", [(None, False), (330, False), (330, True)])
+def test_a_stray_quote_that_swallows_rows_is_an_error(tmp_path, close_at, short_line):
+    # Without the check, every row after the quote (or up to the closing one) vanished into
+    # one value of x with no message. A short line makes pandas' reader read the file.
+    frame = _frame(400)
+    text = _lines_with_stray_quote(frame, 30, close_at)
+    if short_line:
+        lines = text.splitlines()
+        lines[5] = lines[5].rsplit(",", 1)[0]
+        text = "\n".join(lines) + "\n"
+    (tmp_path / "f.csv").write_text(text)
+    n = (close_at or 401) - 30
+    with pytest.raises(DataError, match=rf"f.csv, data row 30: the value of column 'x' "
+                                        rf"\(numeric\) holds {n} line breaks and \d+ ',' "
+                                        r"separators.*a stray quote\?"):
+        prepare_data(_config(tmp_path))
+
+
+def test_a_quoted_line_break_in_a_used_column_is_a_warning_and_kept(tmp_path):
+    frame = _frame(400)
+    frame["note"] = "plain"
+    frame.loc[3, "note"] = "two\nlines, unused"
+    frame.loc[7, "a"] = "v1\nv2"       # a used column: kept, with a warning
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.warns(UserWarning, match=r"1 value of the columns in use holds a line break "
+                                         r"\(e.g. column 'a' \(categorical\) in f.csv, data "
+                                         r"row 8: 'v1\\nv2'\)"):
+        bundle = prepare_data(dataclasses.replace(_config(tmp_path), min_count=1))
+    assert sum(bundle.splits[s].label.shape[0] for s in bundle.splits) == 400
+    assert "v1\nv2" in bundle.vocabularies["a"]
+    frame.loc[7, "a"] = "v1"           # only the unused column holds one: no warning
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_data(_config(tmp_path))
+
+
+def test_predict_refuses_a_stray_quote_that_swallows_rows(saved_run, tmp_path):
+    from autoft_fast.train.predict import load_run
+    _, frame, run = saved_run
+    (tmp_path / "new.csv").write_text(_lines_with_stray_quote(frame, 50))
+    loaded = load_run(run)
+    with pytest.raises(DataError, match=r"new.csv, data row 50: the value of column 'x' "
+                                        r"\(feature\) holds 351 line breaks.*a stray quote\?"):
+        loaded.predict(tmp_path / "new.csv")
+    with pytest.raises(DataError, match=r"new.csv, data row 50: .*a stray quote\?"):
+        loaded.predict_file(tmp_path / "new.csv", tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+# ------------------------------------------------------------------------- 'N' and 'N.0'
+
+def test_integer_ids_spelled_n_and_n_0_are_warned_about_in_training_and_predict(tmp_path):
+    # An id column with missing values, as pandas writes it to CSV ('26.0'), and the same
+    # data as Parquet ('26'): two vocabulary entries for one id, silently.
+    from autoft_fast.data.reading import integer_spelling_pairs, other_integer_spelling
+    from autoft_fast.train.predict import SavedRun
+    assert other_integer_spelling(["26", "-3.0", "2.5", "u1"]).tolist() == ["26.0", "-3", None, None]
+    assert integer_spelling_pairs(["26", "26.0", "7", "8.0", "u1"]) == (1, "26")
+    frame = _frame(400)
+    frame["a"] = pd.Series(np.arange(400) % 7, dtype="Int64").astype("float64")
+    frame.loc[3, "a"] = np.nan
+    frame.iloc[:200].to_csv(tmp_path / "f.csv", index=False)          # '3.0'
+    frame.iloc[200:].to_parquet(tmp_path / "f.parquet", index=False)  # '3'
+    cfg = _config(tmp_path)
+    cfg = dataclasses.replace(cfg, files=(tmp_path / "f.csv", tmp_path / "f.parquet"))
+    with pytest.warns(UserWarning, match=r"column 'a' \(categorical\) holds 7 integer values in "
+                                         r"two spellings, 'N' and 'N.0' \(e.g. '\d' and '\d.0'\)"
+                                         r".*a CSV written from a float column"):
+        bundle = prepare_data(cfg)
+    assert {"3", "3.0"} <= set(bundle.vocabularies["a"])
+    # The Parquet file alone: one spelling, no warning; new rows spelled 'N.0' are unknown,
+    # and the warning about them says why.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bundle = prepare_data(dataclasses.replace(cfg, files=(tmp_path / "f.parquet",)))
+    enc = RowEncoder(cfg, bundle.feature_map, bundle.vocabularies)
+    enc.encode(pd.read_csv(tmp_path / "f.csv", dtype=str), 0)
+    with pytest.warns(UserWarning, match=r"f.csv: most values of column\(s\) 'a' 100% are "
+                                         r"unknown.*of the unknown values of 'a' are integers "
+                                         r"the model knows in the other spelling \(e.g. "
+                                         r"'0.0' here, '0' in training\)"):
+        SavedRun(None, enc, {}, tmp_path, None, 1)._warn_unknown("f.csv")
+    enc.reset_counts()
+    enc.encode(pd.DataFrame({"a": ["u9"] * 50, "x": ["1"] * 50}), 0)
+    with pytest.warns(UserWarning, match="most values") as caught:
+        SavedRun(None, enc, {}, tmp_path, None, 1)._warn_unknown("g.csv")
+    assert "other spelling" not in str(caught[0].message)
+
+
+# ------------------------------------------------------------------------- lines, domains, labels
+
+def test_lines_with_an_extra_field_are_reported_before_an_empty_domain(tmp_path):
+    # Every data line ends with a separator the header lacks: all are skipped as malformed,
+    # and the message used to be "source domain value 's' matches no rows ...; the files
+    # have no data rows".
+    lines = _frame(80).to_csv(index=False).splitlines()
+    (tmp_path / "f.csv").write_text("\n".join([lines[0]] + [x + "," for x in lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"bad rows in the data: 80 malformed CSV lines \(wrong "
+                                        r"number of fields, e.g. f.csv: Skipping line 2: "
+                                        r"expected 4 fields, saw 5; do the data lines end with "
+                                        r"a separator that the header line lacks\?\); no rows "
+                                        r"of the source domain 's' \(column 'd'\) are left"):
+        prepare_data(_config(tmp_path))
+
+
+def test_domain_values_that_differ_in_case_or_spaces_are_named(tmp_path):
+    frame = _frame(400)
+    frame.loc[frame.index[:40], "d"] = "S"        # 40 rows: 20 were 's', 20 't'
+    frame.loc[frame.index[40:50], "d"] = " t "
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.warns(UserWarning, match=r"dropping 50 rows whose d is not a configured domain, "
+                                         r"50 of them with a value that differs from a "
+                                         r"configured one only in case or spaces: 'S' \(40 "
+                                         r"rows\) looks like 's', ' t ' \(10 rows\) looks like "
+                                         r"'t'"):
+        bundle = prepare_data(_config(tmp_path))
+    assert bundle.stats["rows_other_domains"] == 50
+    cfg = DataConfig.from_dict({**_config(tmp_path).to_dict(),
+                                "domain": {"column": "d", "source": ["s"], "target": "T"}})
+    frame["d"] = ["s", "t"] * 200
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"target domain value 'T' matches no rows of column "
+                                        r"'d'; most common values there: .*; did you mean 't'\?"):
+        prepare_data(cfg)
+
+
+def test_csv_labels_true_and_false_read_as_1_and_0(tmp_path):
+    # They were "missing or not a number", while a Parquet boolean label was accepted.
+    frame = _frame(400)
+    frame.to_csv(tmp_path / "num.csv", index=False)
+    spell = np.array([["false", "true"], ["False", "True"], [" FALSE ", "TRUE"]], dtype=object)
+    frame["y"] = spell[np.arange(400) % 3, frame["y"].astype(int)]
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    words = prepare_data(_config(tmp_path))
+    numbers = prepare_data(dataclasses.replace(_config(tmp_path), files=(tmp_path / "num.csv",)))
+    for name in words.splits:
+        assert bool((words.splits[name].label == numbers.splits[name].label).all())
+    assert float(words.splits["source_train"].label.sum()) > 0
+
+
+def test_when_every_row_of_a_domain_is_bad_skip_is_not_offered(tmp_path):
+    frame = _frame(80)
+    frame.loc[frame["d"] == "t", "y"] = "yes"
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"40 rows with label 'y' missing or not a number.*Fix "
+                                        r"them: every row of the domain 't' is bad, so "
+                                        r"data.on_bad_rows: skip would leave it without rows$"):
+        prepare_data(_config(tmp_path))
+    frame.loc[5, "y"] = "1"                    # one good target row: skipping is an option
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"Fix them, or set data.on_bad_rows: skip$"):
+        prepare_data(_config(tmp_path))
+
+
+def test_a_tab_separator_in_single_quotes_says_to_write_it_double_quoted(tmp_path):
+    # YAML keeps '\t' in single quotes as a backslash and a t.
+    (tmp_path / "d.yaml").write_text("files: f.csv\nlabel: y\ncategorical: [a]\n"
+                                     "domain: {column: d, source: [s], target: t}\n"
+                                     "csv_sep: '\\t'\n")
+    from autoft_fast.data import load_data_config
+    with pytest.raises(DataError, match=r"data.csv_sep is the two characters \\t \(a backslash "
+                                        r"and 't'\), not a tab: .* write it double-quoted, "
+                                        r'"\\t"'):
+        load_data_config(tmp_path / "d.yaml")
+    (tmp_path / "d.yaml").write_text((tmp_path / "d.yaml").read_text().replace("'\\t'", '"\\t"'))
+    assert load_data_config(tmp_path / "d.yaml").csv_sep == "\t"
+    with pytest.raises(DataError, match=r"data.csv_sep must be one character \(e.g. ',' or "
+                                        r"'\\t'\), got ';;'"):
+        DataConfig.from_dict({**_config(tmp_path).to_dict(), "csv_sep": ";;"})
+
+
+def test_predict_ignores_a_repeated_column_it_neither_reads_nor_is_told_to_keep(saved_run,
+                                                                                  tmp_path):
+    # It refused with "column 'row_id' (--keep) appears 2 times" though no --keep was given.
+    from autoft_fast.train.predict import load_run
+    _, frame, run = saved_run
+    text = frame.to_csv(index=False).splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join([text[0] + ",row_id"] +
+                                                [r + ",again" for r in text[1:]]) + "\n")
+    loaded = load_run(run)
+    want = loaded.predict(tmp_path / "dup.csv")
+    with pytest.warns(UserWarning, match=r"dup.csv: column\(s\) \['row_id'\] appear more than "
+                                         r"once in the header, so they are not copied"):
+        assert loaded.predict_file(tmp_path / "dup.csv", tmp_path / "p.csv") == len(frame)
+    out = pd.read_csv(tmp_path / "p.csv")
+    assert out.columns.tolist() == ["d", "probability"]
+    np.testing.assert_allclose(out["probability"].to_numpy(), want.to_numpy(), atol=1e-8)
+    with pytest.raises(DataError, match=r"column 'row_id' \(--keep\) appears 2 times"):
+        loaded.predict_file(tmp_path / "dup.csv", tmp_path / "q.csv", keep=["row_id"])

@@ -84,8 +84,19 @@ def _non_empty(value, where, ctx):
 
 def _one_char(value, where, ctx):
     if not isinstance(value, str) or len(value) != 1:
-        raise DataError(f"{where} must be one character (e.g. ',' or '\\t'), got {value!r}")
+        raise DataError(one_char_message(where, value))
     return value
+
+
+def one_char_message(where: str, value) -> str:
+    """Why ``value`` is not a separator; a backslash escape written where YAML (single
+    quotes) or a shell keeps it as two characters gets the way to write it."""
+    escapes = {"\\t": "a tab", "\\n": "a line break", "\\r": "a carriage return"}
+    if value in escapes:
+        return (f"{where} is the two characters {value} (a backslash and "
+                f"'{value[1]}'), not {escapes[value]}: YAML reads '\\{value[1]}' in single "
+                f"quotes as written; write it double-quoted, \"\\{value[1]}\"")
+    return f"{where} must be one character (e.g. ',' or '\\t'), got {value!r}"
 
 
 def _domain_values(value, where, ctx):

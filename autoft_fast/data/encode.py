@@ -23,8 +23,8 @@ import torch
 
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap
-from .pipeline import _parse_numbers, _tokens
-from .reading import as_text
+from .pipeline import _parse_numbers, _tokens, label_text
+from .reading import as_text, other_integer_spelling
 from .stats import clip_dense, power_of_two_above
 from .store import id_dtype
 from .tensors import TensorData
@@ -80,6 +80,25 @@ class RowEncoder:
         (``present``) and of those unknown to the vocabulary (``unknown``), per column."""
         self.present: dict[str, int] = {c: 0 for c in self.lookups}
         self.unknown: dict[str, int] = {c: 0 for c in self.lookups}
+        # Unknown values the vocabulary knows in the other spelling, 'N' vs 'N.0': per
+        # column [count, (the value met, the value known)] (see reading.other_integer_spelling).
+        self.respelled: dict[str, list] = {c: [0, None] for c in self.lookups}
+
+    def _count_unknown(self, c: str, values: pd.Series | pd.Index, unknown: np.ndarray) -> None:
+        self.unknown[c] += int(unknown.sum())
+        if not unknown.any() or not len(self.lookups[c]):
+            return
+        missed = np.asarray(values, dtype=object)[unknown]
+        alt = other_integer_spelling(missed)
+        known = alt.notna().to_numpy().copy()
+        if known.any():
+            known[known] = self.lookups[c].get_indexer(alt[known]) >= 0
+        if known.any():
+            slot = self.respelled[c]
+            slot[0] += int(known.sum())
+            if slot[1] is None:
+                i = int(np.flatnonzero(known)[0])
+                slot[1] = (str(missed[i]), str(alt.iloc[i]))
 
     def mostly_unknown(self, share: float = 0.9, least: int = 20) -> dict[str, float]:
         """The columns, counted since ``reset_counts``, whose non-empty values were unknown to
@@ -133,7 +152,7 @@ class RowEncoder:
             codes = lk.get_indexer(text) if len(lk) else np.full(n, -1)
             given = (text != "").to_numpy()
             self.present[c] += int(given.sum())
-            self.unknown[c] += int((given & (codes < 0)).sum())
+            self._count_unknown(c, text, given & (codes < 0))
             info = by_name[c]
             sparse[:, j] = np.where(codes >= 0, codes + 1, info.vocab_size - 1) + info.offset
         j = len(cfg.categorical)
@@ -167,13 +186,13 @@ class RowEncoder:
                 lk = self.lookups[m.name]
                 codes = lk.get_indexer(tok) if len(lk) else np.full(len(tok), -1)
                 self.present[m.name] += int(len(tok))
-                self.unknown[m.name] += int((codes < 0).sum())
+                self._count_unknown(m.name, tok, codes < 0)
                 local = np.where(codes >= 0, codes + 1, info.vocab_size - 1)
                 keep = tpos < m.max_len
                 multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
         label = np.zeros(n, dtype=np.float32)
         if cfg.label in frame.columns:
-            lab, _ = _parse_numbers(as_text(frame[cfg.label]))
+            lab, _ = _parse_numbers(label_text(as_text(frame[cfg.label])))
             ok = (lab == 0) | (lab == 1)
             label[ok] = lab[ok]
         domain = np.full(n, len(fm.domain_values) - 1, dtype=np.int64)

@@ -50,9 +50,11 @@ import numpy as np
 import pandas as pd
 
 from .._io import current_umask
+from ..config.data import file_format
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap, FieldInfo
-from .reading import CHUNK_ROWS, FileInfo, _ShortLine, inspect_file, iter_chunks, prefetched
+from .reading import (CHUNK_ROWS, FileInfo, LineBreakCheck, _csv_sep, _ShortLine, inspect_file,
+                      integer_spelling_pairs, iter_chunks, prefetched)
 from .stats import (MeanStd, QuantileSketch, ValueCounter, clip_dense, fit_vocab,
                     power_of_two_above, quantile_edges)
 from .store import SplitWriter, id_dtype, load_store, write_meta
@@ -61,7 +63,7 @@ from .tensors import SPLIT_NAMES, DataBundle
 log = logging.getLogger("autoft_fast.data")
 
 # Bump when the processing rules or the cache layout change, so old caches are not reused.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 
 # Text that means "no value" in a numeric, label or time column (compared lower-cased,
 # stripped). Categorical columns keep such text as an ordinary value (it may be a real one,
@@ -104,6 +106,7 @@ def prepare_data(cfg: DataConfig, cache_dir: Path | str | None = None, *,
     for path in cfg.files:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
+    _check_distinct_files(cfg.files)
     if cache_dir is None and cfg.cache:
         cache_dir = cfg.cache_dir
     if cache_dir is None:
@@ -171,13 +174,21 @@ def _remove_stale_builds(cache_dir: Path, name: str) -> None:
 
 
 def cache_key(cfg: DataConfig) -> str:
-    """Hex SHA-256 of the pipeline version, the processing config and each file's content hash."""
+    """Hex SHA-256 of the pipeline version, the processing config and, per file, its
+    content hash and how it is read (format, gzip, CSV separator): a CSV renamed .parquet,
+    or .csv renamed .tsv (tab-separated), is another input, not the cached one."""
     payload = {
         "version": PIPELINE_VERSION,
         "config": cfg.processing_dict(),
-        "files": [file_sha256(p) for p in cfg.files],
+        "files": [[file_sha256(p), *_read_as(p, cfg)] for p in cfg.files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _read_as(path: Path, cfg: DataConfig) -> tuple[str, bool, str | None]:
+    """(format, gzip, CSV separator or None) that ``path`` is read with."""
+    fmt, gz = file_format(path)
+    return fmt, gz, (_csv_sep(path, cfg) if fmt == "csv" else None)
 
 
 def file_sha256(path: Path) -> str:
@@ -187,6 +198,38 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _check_distinct_files(files) -> None:
+    """A file listed twice (``data.csv`` and ``./data.csv``, or a link to it) is a
+    DataError: its rows would be read twice, duplicated across train and test. Two files
+    with the same content are a warning (a copy listed by mistake, or data that repeats);
+    only files of equal size are hashed for it."""
+    first: dict[tuple[int, int], Path] = {}
+    for p in files:
+        st = os.stat(p)
+        ident = (st.st_dev, st.st_ino)
+        if ident in first:
+            raise DataError(f"data.files lists one file twice: {str(first[ident])!r} and "
+                            f"{str(p)!r} are both {str(Path(p).resolve())!r}; its rows would "
+                            "be read twice (duplicated in train and test): list it once")
+        first[ident] = p
+    by_size: dict[int, list[Path]] = {}
+    for p in files:
+        by_size.setdefault(os.stat(p).st_size, []).append(p)
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        by_hash: dict[str, Path] = {}
+        for p in same_size:
+            h = file_sha256(p)
+            if h in by_hash:
+                warnings.warn(f"data.files: {str(by_hash[h])!r} and {str(p)!r} have the same "
+                              "content, so every row of it is read twice (duplicated in train "
+                              "and test); list one of them if that is not meant",
+                              UserWarning, stacklevel=3)
+            else:
+                by_hash[h] = p
 
 
 # ---------------------------------------------------------------------------- parsing helpers
@@ -211,6 +254,20 @@ def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
         lowered = _text_series(arr.filter(pa.array(nan))).fillna("").str.strip().str.lower()
         bad[nan] = ~lowered.isin(MISSING_TEXT).to_numpy()
     return vals, bad
+
+
+def label_text(text):
+    """A label column's text with ``true`` / ``false`` (any case, spaces around) as ``1`` /
+    ``0``, as a Parquet boolean label reads: a CSV of a boolean column says True / False."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = _arrow_text(text)
+    if not len(arr) or pa.types.is_null(arr.type):
+        return arr
+    word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+    arr = pc.if_else(pc.equal(word, "true"), pa.scalar("1", arr.type), arr)
+    return pc.if_else(pc.equal(word, "false"), pa.scalar("0", arr.type), arr)
 
 
 def _arrow_text(text):
@@ -243,7 +300,11 @@ def _parse_dates(text, fmt: dict | None = None, column: str = "time") -> np.ndar
     value some format reads; else pandas' per-value parser when reading day-first or
     month-first changes no value; else the one strict format, day-first or month-first,
     that reads every value (both, e.g. with every day <= 12, or neither: a DataError).
-    What a chunk settles on is kept in ``fmt`` for the next."""
+    What a chunk settles on is kept in ``fmt`` for the next.
+
+    Times with a UTC offset (``+01:00``, ``Z``) are compared in UTC, so offsets may differ
+    from value to value; times with an offset and times without one in the same column are
+    a DataError (the zone of the latter is unknown)."""
     if not isinstance(text, pd.Series):
         text = _text_series(_arrow_text(text))
     fmt = {} if fmt is None else fmt
@@ -251,7 +312,17 @@ def _parse_dates(text, fmt: dict | None = None, column: str = "time") -> np.ndar
     def parse(**kw):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return pd.to_datetime(text, errors="coerce", **kw)
+            try:
+                return pd.to_datetime(text, errors="coerce", **kw)
+            except ValueError as exc:  # "Mixed timezones detected": offsets differ
+                if "timezone" not in str(exc):
+                    raise
+                dt = pd.to_datetime(text, errors="coerce", utc=True, **kw)
+        offset = text.str.contains(_UTC_OFFSET, na=False) & dt.notna()
+        naive = dt.notna() & ~offset
+        if bool(naive.any()) and bool(offset.any()):
+            _mixed_zones(column, text[offset].iloc[0], text[naive].iloc[0])
+        return dt
 
     if fmt.get("format"):
         dt = parse(format=fmt["format"])
@@ -274,9 +345,31 @@ def _parse_dates(text, fmt: dict | None = None, column: str = "time") -> np.ndar
                 fmt["format"] = _one_date_format(str(text[differ].iloc[0]), parse, readable,
                                                  column)
                 dt = parse(format=fmt["format"])
+    if bool(dt.notna().any()):
+        # One kind of time for the whole column: an earlier chunk's times with offsets and
+        # this one's without (or the other way round) are as mixed as in one chunk.
+        first = str(text[dt.notna()].iloc[0])
+        has_zone = isinstance(dt.dtype, pd.DatetimeTZDtype)
+        seen = fmt.setdefault("zone", (has_zone, first))
+        if seen[0] != has_zone:
+            _mixed_zones(column, *((seen[1], first) if seen[0] else (first, seen[1])))
+    # A time with an offset is given in UTC (to_numpy of a zone-aware column converts).
     vals = dt.to_numpy(dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
     vals[dt.isna().to_numpy()] = np.nan
     return vals
+
+
+# A time's UTC offset as ISO 8601 writes it after the time of day: Z, +01, +0100, +01:00.
+_UTC_OFFSET = r"\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)\s*$"
+
+
+def _mixed_zones(column: str, with_offset: str, without: str) -> None:
+    raise DataError(
+        f"time column '{column}' holds times with a UTC offset (e.g. {with_offset!r}) and "
+        f"times without one (e.g. {without!r}): in which zone the latter are is unknown. "
+        "Write every time with its offset (times with offsets are compared in UTC, so they "
+        "may differ) or every time without one; data.split.target.time_format can name the "
+        "one form (e.g. '%Y-%m-%dT%H:%M:%S%z': times of another form are then bad rows)")
 
 
 def _one_date_format(sample: str, parse, readable, column: str) -> str:
@@ -492,13 +585,20 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     if time_col is not None:
         reasons.append(time_reason)
     sc.reasons = {r: [0, None] for r in reasons}
-    dom_parts, bad_parts, label_parts, tnum_parts, tdate_parts = [], [], [], [], []
-    time_any_number = False
+    dom_parts, bad_parts, label_parts, time_parts = [], [], [], []
+    # Target rows whose time is a number, and those whose time is other text (a date): the
+    # column is numbers when most target times are, else dates; a time of the other kind is
+    # then a bad row. Source rows' times are never used, so they do not decide it.
+    n_time_numbers = n_time_dates = 0
+    line_breaks = LineBreakCheck(dict(reversed(cfg.required_columns())))
     g0 = 0
     # closing(): the reader thread ends with the loop, also when the loop raises
     with contextlib.closing(prefetched(_chunks(infos, cfg, chunk_rows, sc.malformed))) as chunks:
         for k, fname, r0, df in chunks:
             n = df.num_rows
+            if infos[k].engine != "parquet":
+                line_breaks.check(df, fname, r0, _csv_sep(infos[k].path, cfg), infos[k].n_fields,
+                                  lambda r, f=fname: _file_row(sc.malformed, f, r))
             dom_text = _arrow_text(df.column(cfg.domain_column))
             vc = pc.value_counts(pc.drop_null(dom_text))
             dom_counter.add_counts(pd.Series(vc.field("counts").to_numpy(),
@@ -506,7 +606,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
             dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
             keep = dom >= 0
             masks = {}
-            label, label_bad = _parse_numbers(df.column(cfg.label))
+            label, label_bad = _parse_numbers(label_text(df.column(cfg.label)))
             masks[label_reason] = (label_bad | np.isnan(label)) & keep
             numbers = {}
             for c in numeric:
@@ -520,14 +620,18 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
                         max_abs[c] = max(max_abs[c], float(v.max()))
             tgt = np.flatnonzero(dom == target_index)
             if time_col is not None:
-                text = _arrow_text(df.column(time_col))
+                text = _arrow_text(df.column(time_col)).take(pa.array(tgt))
                 tvals, tbad = _parse_numbers(text)
-                present = text.is_valid().to_numpy(zero_copy_only=False)
-                # Numbers as they are, or dates when no kept row's time is a number at all.
-                time_any_number |= bool((present & ~tbad & keep).any())
-                tnum_parts.append(tvals[tgt])
-                tdate_parts.append(_parse_dates(text.take(pa.array(tgt)), date_format, time_col)
-                                   if not time_any_number else np.zeros(0))
+                # Per target row: its number, or its date (ns) when it is not a number
+                # (dates are parsed only for those), NaN when missing; and which kind it is.
+                is_num = ~np.isnan(tvals)
+                n_time_numbers += int(is_num.sum())
+                n_time_dates += int(tbad.sum())
+                times = np.where(is_num, tvals, np.nan)
+                if tbad.any():
+                    at = np.flatnonzero(tbad)
+                    times[at] = _parse_dates(text.take(pa.array(at)), date_format, time_col)
+                time_parts.append((times, is_num))
             any_bad = np.zeros(n, dtype=bool)
             for reason, m in masks.items():
                 _count(sc.reasons[reason], m, df, _reason_column(reason), fname, r0)
@@ -542,6 +646,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
             del df, masks, numbers
             _release_memory()
     sc.n_read = g0
+    line_breaks.warn(stacklevel=4)
     # One array at a time, each list emptied once joined: the parts and the whole never
     # coexist for more than one of them.
     sc.dom_idx = _join(dom_parts, np.int16)
@@ -550,10 +655,12 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     sc.tgt_rows = _rows_where(sc.dom_idx == target_index)  # the chunks' `tgt`, joined
     sc.domain_counts = dom_counter.counts()
     if time_col is not None:
-        if time_any_number:
-            times = np.concatenate(tnum_parts) if tnum_parts else np.zeros(0)
-        else:
-            times = np.concatenate(tdate_parts) if tdate_parts else np.zeros(0)
+        times = np.concatenate([t for t, _ in time_parts]) if time_parts else np.zeros(0)
+        is_num = np.concatenate([m for _, m in time_parts]) if time_parts else np.zeros(0, bool)
+        time_parts.clear()
+        # The minority kind is the odd one out: its rows are bad, quoting their own value.
+        times[~is_num if n_time_numbers > n_time_dates else is_num] = np.nan
+        del is_num
         sc.tgt_times = times
         # A target row without a usable time cannot be placed in a time split.
         bad_t = np.isnan(times)
@@ -616,16 +723,27 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
     domain_values = [*cfg.source_domains, cfg.target_domain]
     # Counted per value: bincount would first widen the whole column to int64.
     counts = [int(np.count_nonzero(sc.dom_idx == k)) for k in range(len(domain_values))]
+    for reason, slot in sc.reasons.items():
+        if slot[0] and slot[1][0] == "row":
+            slot[1] = _describe_row(cfg, sc, slot[1][1], _reason_column(reason))
+    n_malformed = len(sc.malformed)
     for value, n in zip(domain_values, counts):
         if n == 0:
             role = "target" if value == cfg.target_domain else "source"
+            if n_malformed:
+                # Lines skipped as malformed (e.g. every line ends with a separator the
+                # header lacks) explain an empty domain, which then says nothing useful.
+                raise DataError(f"bad rows in the data: {_bad_rows_text(sc)}; no rows of the "
+                                f"{role} domain '{value}' (column '{cfg.domain_column}') are "
+                                "left. Fix the lines")
             seen = sc.domain_counts.sort_values(ascending=False, kind="stable").index[:10].tolist()
             where = (f"most common values there: {', '.join(map(repr, seen))}" if seen
                      else "the files have no data rows")
             hint = ""
             import difflib
-            close = difflib.get_close_matches(str(value), [str(v) for v in sc.domain_counts.index],
-                                              n=1)
+            present = [str(v) for v in sc.domain_counts.index]
+            close = ([v for v in present if v.strip().casefold() == value.strip().casefold()]
+                     or difflib.get_close_matches(str(value), present, n=1))
             if close:
                 hint = f"; did you mean '{close[0]}'?"
             elif str(value).lstrip("-").isdigit():
@@ -639,22 +757,18 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
     keep = sc.dom_idx >= 0
     stats["rows_other_domains"] = int((~keep).sum())
     if not keep.all():
-        log.info("dropping %d rows whose %s is not a configured domain", (~keep).sum(), cfg.domain_column)
-    for reason, slot in sc.reasons.items():
-        if slot[0] and slot[1][0] == "row":
-            slot[1] = _describe_row(cfg, sc, slot[1][1], _reason_column(reason))
-    n_malformed = len(sc.malformed)
+        _report_other_domains(cfg, sc, int((~keep).sum()))
     if n_malformed or any(slot[0] for slot in sc.reasons.values()):
-        parts = []
-        if n_malformed:
-            parts.append(f"{n_malformed} malformed CSV lines (wrong number of fields, e.g. {sc.malformed[0]})")
-        for reason, (count, ex) in sc.reasons.items():
-            if count:
-                row = _file_row(sc.malformed, ex[1], ex[2])
-                parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, "
-                             f"data row {row + 1})")
-        msg = "; ".join(parts)
+        msg = _bad_rows_text(sc)
         if cfg.on_bad_rows == "fail":
+            # When skipping would leave a domain without rows, skipping is not the fix.
+            ok = keep & ~sc.bad
+            empty = [v for k, v in enumerate(domain_values)
+                     if not np.count_nonzero(ok & (sc.dom_idx == k))]
+            if empty:
+                raise DataError(f"bad rows in the data: {msg}. Fix them: every row of the "
+                                f"domain '{empty[0]}' is bad, so data.on_bad_rows: skip would "
+                                "leave it without rows")
             raise DataError(f"bad rows in the data: {msg}. Fix them, or set data.on_bad_rows: skip")
         warnings.warn(f"skipping bad rows: {msg}", stacklevel=3)
         stats["bad_rows_skipped"] = int((sc.bad & keep).sum()) + n_malformed
@@ -668,6 +782,49 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
         )
     keep &= ~sc.bad
     return keep
+
+
+def _bad_rows_text(sc: _Scan) -> str:
+    """The bad rows by kind, each counted with one example (the message's body)."""
+    parts = []
+    if sc.malformed:
+        first = sc.malformed[:MAX_MALFORMED_KEPT]
+        extra = re.compile(r"expected (\d+) fields, saw (\d+)")
+        seen = [extra.search(m) for m in first]
+        # A separator at the end of every data line but not of the header: one field more.
+        trailing = all(m and int(m.group(2)) == int(m.group(1)) + 1 for m in seen)
+        parts.append(f"{len(sc.malformed)} malformed CSV lines (wrong number of fields, e.g. "
+                     f"{sc.malformed[0]}"
+                     + ("; do the data lines end with a separator that the header line lacks?"
+                        if trailing else "") + ")")
+    for reason, (count, ex) in sc.reasons.items():
+        if count:
+            row = _file_row(sc.malformed, ex[1], ex[2])
+            parts.append(f"{count} rows with {reason} (e.g. {ex[0]!r} in {ex[1]}, "
+                         f"data row {row + 1})")
+    return "; ".join(parts)
+
+
+def _report_other_domains(cfg: DataConfig, sc: _Scan, n: int) -> None:
+    """Log the rows of other domains, or warn when some of their values look like a
+    configured one but for case or spaces ('SRC1', 'src1 '): probably the same domain."""
+    configured = {v.strip().casefold(): v for v in [*cfg.source_domains, cfg.target_domain]}
+    counts = sc.domain_counts
+    values = pd.Index(counts.index.astype(str))
+    like = pd.Series(values.str.strip().str.casefold().map(configured), dtype=object)
+    alike = like.notna().to_numpy() & ~values.isin(list(configured.values()))
+    if not alike.any():
+        log.info("dropping %d rows whose %s is not a configured domain", n, cfg.domain_column)
+        return
+    shown = counts[alike].sort_values(ascending=False, kind="stable")
+    examples = ", ".join(f"{v!r} ({int(c):,} rows) looks like {configured[v.strip().casefold()]!r}"
+                         for v, c in list(shown.items())[:3])
+    warnings.warn(
+        f"dropping {n:,} rows whose {cfg.domain_column} is not a configured domain, "
+        f"{int(shown.sum()):,} of them with a value that differs from a configured one only in "
+        f"case or spaces: {examples}{' ...' if len(shown) > 3 else ''}. Domain values are "
+        "compared exactly: fix them in the files, or list them in data.domain",
+        UserWarning, stacklevel=4)
 
 
 def _rows_where(mask: np.ndarray) -> np.ndarray:
@@ -772,6 +929,9 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
     edges_of: dict[str, np.ndarray] = {}
     dense: dict = {}
     offset = 0
+    for c, role in [*((c, "categorical") for c in cfg.categorical),
+                    *((m.name, "multihot") for m in cfg.multihot)]:
+        _warn_integer_spellings(c, role, counters[c].counts().index)
     for c in cfg.categorical:
         vocab = fit_vocab(counters[c].counts(), cfg.min_count)
         fields.append(FieldInfo(c, "categorical", len(vocab) + 2, offset))
@@ -815,6 +975,20 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
     )
     feature_map.check()
     return _Fitted(feature_map, vocabularies, lookups, edges_of, dense)
+
+
+def _warn_integer_spellings(column: str, role: str, values: pd.Index) -> None:
+    """Warn when the training values of ``column`` spell some integers both 'N' and 'N.0':
+    two vocabulary entries (two embedding rows) for one id."""
+    n, example = integer_spelling_pairs(values)
+    if n:
+        warnings.warn(
+            f"column '{column}' ({role}) holds {n} integer value{'s' if n > 1 else ''} in two "
+            f"spellings, 'N' and 'N.0' (e.g. '{example}' and '{example}.0'), which are two "
+            "vocabulary entries for one id: a CSV written from a float column (pandas writes "
+            "an integer column with missing values as floats) spells ids 'N.0', a Parquet "
+            "file or an integer column 'N'. Write the ids one way in every file (e.g. "
+            f"df['{column}'].astype('Int64') before to_csv)", UserWarning, stacklevel=6)
 
 
 def _tokens(text: pd.Series, sep: str) -> tuple[pd.Series, np.ndarray, np.ndarray]:

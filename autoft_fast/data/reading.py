@@ -44,6 +44,7 @@ class FileInfo:
     engine: str                      # "arrow" or "pandas" (CSV) or "parquet"
     integral: dict[str, bool] = field(default_factory=dict)
     list_seps: dict[str, str] = field(default_factory=dict)   # list column -> multi-hot sep
+    n_fields: int = 0                # CSV: fields per line (the header's, or data.columns')
 
 
 class _ShortLine(Exception):
@@ -57,7 +58,7 @@ def inspect_file(path: Path, cfg: DataConfig, chunk_rows: int) -> FileInfo:
     if fmt == "csv":
         present, _ = csv_layout(path, _csv_sep(path, cfg), cfg.columns, label=cfg.label)
         check_columns(required, present, path)
-        return FileInfo(path, "arrow")
+        return FileInfo(path, "arrow", n_fields=len(present))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -264,6 +265,84 @@ def check_columns(required: list[tuple[str, str]], present: list[str], path: Pat
             )
 
 
+class LineBreakCheck:
+    """Finds the values of the used columns of a CSV file that hold a line break.
+
+    A quoted field may hold line breaks, but in a column the model reads one is rarely
+    meant, and a stray ``"`` opening a field makes the reader take everything up to the
+    next ``"`` (or the end of the file) as that one value: the rows in between vanish into
+    it. Such a value holds the text of whole lines of the file, so it is told apart by its
+    separators: a value that holds at least ``fields - 1`` separators (a line's worth) per
+    line break, not counting one line break for the partial lines at its ends (and at
+    least one line's worth), swallowed rows, and is a DataError naming the file, the data
+    row, the column and the line breaks; any other value with a line break is counted and
+    reported by :meth:`warn` (quoted text over two lines is legitimate data). Parquet files
+    have no quoting and are not checked, nor are the columns no role reads.
+
+    Example::
+
+        check = LineBreakCheck({"tags": "multihot"})
+        check.check(table, "data.csv", 0, ",", 8)   # raises on a value that swallowed rows
+        check.warn()                                 # a UserWarning if any value had a break
+    """
+
+    def __init__(self, roles: dict[str, str]) -> None:
+        self.roles = roles
+        self.count = 0
+        self.example: tuple[str, str, int, str] | None = None   # column, file, data row, value
+
+    def check(self, table, fname: str, first_row: int, sep: str, n_fields: int,
+              file_row=None) -> None:
+        """Check one chunk (an Arrow table) whose first row is data row ``first_row`` + 1
+        (0-based ``first_row``) of ``fname``; ``file_row`` maps a 0-based row of the table's
+        file to its 0-based data row when they differ (skipped malformed lines)."""
+        import pyarrow.compute as pc
+
+        per_line = max(n_fields - 1, 1)
+        for col in table.column_names:
+            if col not in self.roles:
+                continue
+            arr = table.column(col)
+            breaks = pc.fill_null(pc.count_substring(arr, "\n"), 0)
+            if not pc.max(breaks).as_py():
+                continue
+            breaks = breaks.to_numpy(zero_copy_only=False)
+            hit = np.flatnonzero(breaks > 0)
+            values = arr.take(hit)
+            seps = pc.count_substring(values, sep).to_numpy(zero_copy_only=False)
+            swallowed = seps >= per_line * np.maximum(breaks[hit] - 1, 1)
+            if swallowed.any():
+                j = int(np.flatnonzero(swallowed)[0])
+                i = int(hit[j])
+                row = first_row + i if file_row is None else file_row(first_row + i)
+                text = values[j].as_py()
+                raise DataError(
+                    f"{fname}, data row {row + 1}: the value of column '{col}' "
+                    f"({self.roles[col]}) holds {int(breaks[i])} line breaks and "
+                    f"{int(seps[j])} {sep!r} separators, as whole lines of the file do: the "
+                    f"lines after it were read into this one value, so their rows are lost "
+                    f"(a stray quote? a field that starts with \" runs to the next \"). The "
+                    f"value starts {text[:60]!r}; remove the stray quote, or double a quote "
+                    "meant inside a quoted field (\"\")")
+            if self.example is None:
+                i = int(hit[0])
+                row = first_row + i if file_row is None else file_row(first_row + i)
+                self.example = (col, fname, row, values[0].as_py())
+            self.count += int(hit.size)
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """One UserWarning for the values with a line break found so far, if any."""
+        if not self.count:
+            return
+        col, fname, row, text = self.example
+        warnings.warn(
+            f"{self.count} value{'s' if self.count > 1 else ''} of the columns in use "
+            f"hold{'' if self.count > 1 else 's'} a line break (e.g. column '{col}' "
+            f"({self.roles[col]}) in {fname}, data row {row + 1}: {text[:60]!r}); a quoted "
+            "line break is kept as part of the value: if it is not meant, look for a stray "
+            "quote there", UserWarning, stacklevel=stacklevel + 1)
+
+
 def iter_chunks(info: FileInfo, cfg: DataConfig, chunk_rows: int,
                 malformed: list[str] | None = None) -> Iterator["pa.Table"]:
     """Arrow tables of the required columns as text (type ``string``, missing = null),
@@ -359,6 +438,10 @@ def _arrow_csv_chunks(path, cfg, cols, chunk_rows, malformed) -> Iterator["pa.Ta
         try:
             batch = reader.read_next_batch()
         except StopIteration:
+            # Lines skipped after the last batch (or in a file whose every line is skipped,
+            # which gives no batch at all) are counted too.
+            if malformed is not None:
+                malformed.extend(found)
             break
         except pa.ArrowInvalid as exc:
             if short:
@@ -494,6 +577,45 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     if missing.any():
         text = text.mask(missing)
     return text.astype("str")
+
+
+def other_integer_spelling(values) -> pd.Series:
+    """Each text value's other spelling of the same integer ('26' -> '26.0', '-3.0' -> '-3'),
+    None for the rest (index: 0..n-1). An integer id column with missing values is a float
+    column in pandas, which ``to_csv`` writes as '26.0', where a Parquet file of the same
+    data reads '26' (reading.as_text): one id, two values. The spellings are kept as they
+    are (caches and saved runs depend on them); this finds the pairs, for the warnings.
+
+    Example::
+
+        other_integer_spelling(["26", "26.0", "u1"]).tolist()   # ['26.0', '26', None]
+    """
+    s = pd.Series(np.asarray(values, dtype=object)).astype(str)
+    out = pd.Series([None] * len(s), dtype=object)
+    if not len(s):
+        return out
+    dotted = s.str.fullmatch(r"[+-]?\d+\.0").to_numpy(dtype=bool)
+    if not dotted.any():  # the usual case: no 'N.0' value at all, nothing to pair
+        return out
+    plain = s.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool)
+    out[plain] = s[plain] + ".0"
+    out[dotted] = s[dotted].str[:-2]
+    return out
+
+
+def integer_spelling_pairs(values) -> tuple[int, str | None]:
+    """(how many integers the distinct text ``values`` spell both 'N' and 'N.0', the 'N' of
+    the first of them), for the warning at vocabulary build.
+
+    Example::
+
+        integer_spelling_pairs(["26", "26.0", "7", "u1"])   # (1, '26')
+    """
+    values = pd.Index(np.asarray(values, dtype=object)).astype(str)
+    alt = other_integer_spelling(values)
+    plain = np.flatnonzero(alt.notna().to_numpy() & ~values.str.endswith(".0"))  # the 'N's
+    twins = plain[pd.Index(alt.to_numpy()[plain]).isin(values)]
+    return int(twins.size), (str(values[twins[0]]) if twins.size else None)
 
 
 def prefetched(items: Iterator, depth: int = 1) -> Iterator:

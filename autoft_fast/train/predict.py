@@ -190,6 +190,14 @@ class SavedRun:
                 if without_label else
                 "; expected for values the model never saw (new users or items), otherwise "
                 "check the columns: their names, or for a file without a header, their order")
+        respelled = [(c, self.encoder.respelled[c]) for c in bad if self.encoder.respelled[c][0]]
+        if respelled:
+            c, (k, (met, known)) = respelled[0]
+            hint += (f"; {k:,} of the unknown values of '{c}' are integers the model knows in "
+                     f"the other spelling (e.g. {met!r} here, {known!r} in training): a CSV "
+                     "written from a float column (pandas writes an integer column with "
+                     "missing values as floats) spells ids 'N.0', a Parquet file or an integer "
+                     "column 'N'; write them as the training files did")
         warnings.warn(f"{name}: most values of column(s) {shown} are unknown to the model and "
                       f"get their field's OOV row{hint}", UserWarning, stacklevel=3)
 
@@ -246,8 +254,9 @@ class SavedRun:
     def predict_file(self, data, out, keep: list[str] | None = None, *,
                      force: bool = False, sep: str | None = None) -> int:
         """Write ``out`` (CSV): the ``keep`` columns of ``data`` (default: every column
-        that is not a feature) then 'probability', one line per input row; returns the
-        number of rows. An existing ``out`` is kept unless ``force``.
+        that is not a feature; a name the header repeats is left out of it, with a warning)
+        then 'probability', one line per input row; returns the number of rows. An existing
+        ``out`` is kept unless ``force``.
 
         Example:
             >>> load_run("runs/x").predict_file("new.csv", "preds.csv", keep=["row_id"])
@@ -271,6 +280,14 @@ class SavedRun:
             keep = [c for c in dict.fromkeys(header)
                     if c not in features and c != self.encoder.cfg.label
                     and not c.startswith("__index_level_")]  # a pandas index stored in Parquet
+            # A name the header repeats cannot be copied as one column; the model does not
+            # read it, so the rest is scored and the output says what it lacks.
+            repeated = [c for c in keep if header.count(c) > 1]
+            if repeated:
+                keep = [c for c in keep if c not in repeated]
+                warnings.warn(f"{data.name}: column(s) {repeated} appear more than once in the "
+                              "header, so they are not copied to the output; --keep names the "
+                              "columns to copy", UserWarning, stacklevel=2)
         unknown = [c for c in keep if c not in header]
         if unknown:
             raise DataError(f"--keep column(s) {unknown} not in {data.name}; columns: "
@@ -283,7 +300,7 @@ class SavedRun:
                    "give --keep with the columns to copy (without it)"))
         check_columns([(c, "--keep") for c in keep], header, data)
         cfg = self.encoder.cfg
-        dom = cfg.domain_column if cfg.domain_column in header else None
+        dom = cfg.domain_column if header.count(cfg.domain_column) == 1 else None
         needed = list(dict.fromkeys([*self.feature_columns, *keep, *([dom] if dom else [])]))
         blocker = next((p for p in [*reversed(out.parents)] if p.exists() and not p.is_dir()),
                        None)
@@ -448,9 +465,14 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
     import pyarrow.csv as pcsv
     from ..data.reading import _block_bytes, arrow_source, pandas_compression
 
+    from ..data.reading import LineBreakCheck
+
     header = names if names is not None else _header(path, sep)[0]
     cols = columns or header
     short, bad = [], []
+    features = features or frozenset()
+    line_breaks = LineBreakCheck({c: "feature" if c in features else
+                                  "--keep" if c in verbatim else "domain column" for c in cols})
 
     def on_invalid(row) -> str:
         bad.append(row)
@@ -481,9 +503,11 @@ def _read_frames(path: Path, sep: str, columns, chunk_rows: int, list_seps: dict
                 include_columns=cols, column_types={c: pa.string() for c in cols},
                 strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True))
         for batch in reader:
+            line_breaks.check(batch, path.name, done, sep, len(header))
             frame = _as_frame(batch, {}, path)
             done += len(frame)
             yield frame
+        line_breaks.warn(stacklevel=3)
     except OSError as e:  # a damaged gzip stream, seen by Arrow's decompressor
         raise DataError(f"cannot read {path}: {e} (a damaged or cut file?)") from None
     except pa.ArrowInvalid as e:
