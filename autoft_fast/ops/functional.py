@@ -31,8 +31,12 @@ class _DenseGradThroughView(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight):
+    def forward(weight):
         return weight.contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,6 +187,26 @@ def _eval_rows(indices, frozen_weight, tuned_weight, logits, tau):
     return out.reshape(*indices.shape, dim), gates
 
 
+def _func_transform_backend(backend: str, optimizer) -> str:
+    """The backend under a torch.func transform: PyTorch's custom ops (the kernels' form) do
+    not reach torch.func's autograd, the reference's autograd functions do; ``auto`` picks the
+    reference there, a kernel backend named by the caller is an error that says so."""
+    if not validate.under_func_transform():
+        return backend
+    if optimizer is not None:
+        raise ValueError(validate.FUSED_UNDER_FUNC_TRANSFORM.format(
+            what="gated_embedding with optimizer="))
+    if backend == registry.AUTO:
+        return "reference"
+    row = registry.REGISTRY.get(backend)
+    if row is not None and not row.is_reference:
+        raise ValueError(f"backend {backend!r} cannot run under a torch.func transform "
+                         "(torch.func.grad, vjp, ...): PyTorch's custom ops, the kernels' "
+                         "form, do not support them; use backend='reference' (or 'auto', "
+                         "which picks it under a transform)")
+    return backend
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -246,6 +270,7 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         (torch.Size([32, 8, 16]), torch.Size([32, 8, 2]))
         >>> out.sum().backward()
     """
+    backend = _func_transform_backend(backend, optimizer)
     row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
                           reference=row is not None and row.is_reference)
@@ -385,6 +410,7 @@ def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
     if optimizer is not None:
         raise ValueError("gated_embedding_bag does not fuse an optimizer into its backward "
                          "(optimizer must be None): give tuned_weight an ordinary gradient")
+    backend = _func_transform_backend(backend, None)
     row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_weight,
                               logits, uniforms, reference=row is not None and row.is_reference)

@@ -486,6 +486,8 @@ def fused_lookup(weight: torch.Tensor, lookups, optimizer: FusedOptimizer,
     """
     if not isinstance(optimizer, FusedOptimizer):
         raise TypeError(f"optimizer must be a FusedOptimizer, got {type(optimizer).__name__}")
+    if validate.under_func_transform():
+        raise ValueError(validate.FUSED_UNDER_FUNC_TRANSFORM.format(what="fused_lookup"))
     optimizer.check_state(weight, state)
     lookups = list(lookups)
     for lk in lookups:

@@ -137,9 +137,12 @@ class _NoDoubleBackward(torch.autograd.Function):
     """Passes a first-order gradient through; differentiating it again raises the one error."""
 
     @staticmethod
-    def forward(ctx, backend, value, *anchors):
-        ctx.backend = backend
+    def forward(backend, value, *anchors):
         return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):

@@ -20,8 +20,10 @@ from .quant import frozen_rows as _frozen_rows
 class _StraightThroughGate(torch.autograd.Function):
     """(logits [..., 2], noise l [...]) -> (z, y1); z hard or soft, gradient the soft Jacobian."""
 
+    # forward / setup_context split (not forward(ctx, ...)): torch.func transforms
+    # (torch.func.grad, functional_call-based training) accept only this form.
     @staticmethod
-    def forward(ctx, logits, noise, tau, hard):
+    def forward(logits, noise, tau, hard):
         x = (logits[..., 1] - logits[..., 0] + noise) / tau
         y1 = torch.sigmoid(x)
         y0 = torch.sigmoid(-x)
@@ -32,10 +34,14 @@ class _StraightThroughGate(torch.autograd.Function):
             z = torch.stack((1 - pick, pick), dim=-1)
         else:
             z = torch.stack((y0, y1), dim=-1)
+        return z, y1
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, noise, tau, _hard = inputs
         ctx.save_for_backward(logits, noise)
         ctx.tau = tau
-        ctx.mark_non_differentiable(y1)
-        return z, y1
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_z, _grad_y1):
@@ -53,9 +59,12 @@ class _HardMix(torch.autograd.Function):
     Gradients are the formula's: d z = (<g, f>, <g, t>), d t = z1 * g, d f = z0 * g."""
 
     @staticmethod
-    def forward(ctx, z, f, t):
-        ctx.save_for_backward(z, f, t)
+    def forward(z, f, t):
         return torch.where(z[..., 1:2] > 0.5, t, f)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -70,12 +79,16 @@ class _TunedRows(torch.autograd.Function):
     """tuned_weight[idx] in ``compute``; the gradient sums repeated rows in ``compute`` precision."""
 
     @staticmethod
-    def forward(ctx, weight, idx, sparse, compute):
+    def forward(weight, idx, sparse, compute):
+        flat = idx.reshape(-1)
+        return weight.index_select(0, flat).reshape(*idx.shape, weight.shape[1]).to(compute)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, idx, sparse, _compute = inputs
         ctx.save_for_backward(idx)
         ctx.table = (weight.shape, weight.dtype)
         ctx.sparse = sparse
-        flat = idx.reshape(-1)
-        return weight.index_select(0, flat).reshape(*idx.shape, weight.shape[1]).to(compute)
 
     @staticmethod
     def backward(ctx, grad):

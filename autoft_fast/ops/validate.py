@@ -333,3 +333,17 @@ def check_bag_data(values: torch.Tensor, offsets: torch.Tensor, num_rows: int) -
             pos = int(torch.nonzero(bad)[0, 0].item())
             raise IndexError(f"values[{pos}] = {int(values[pos].item())} is out of range for a "
                              f"table of {num_rows} rows")
+
+
+def under_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running this call (never
+    while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+FUSED_UNDER_FUNC_TRANSFORM = (
+    "{what} updates the table inside the backward, which a torch.func transform "
+    "(torch.func.grad, ...) cannot run: call it without a fused optimizer and step on the "
+    "gradient the transform returns")
