@@ -176,6 +176,38 @@ def test_reference_compiles_with_seeded_noise():
     assert set(g.sum(-1).flatten().tolist()) == {1.0}
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_compiled_reference_refuses_an_out_of_range_index_with_the_contracts_error(index_dtype):
+    # Under compilation the wrapper's Python check is skipped; the graph keeps the
+    # checked_indices / checked_bag_values ops instead, so the error still names the position.
+    f = torch.randn(10, 4)
+    t = f.clone().requires_grad_()
+    logits = torch.randn(2, 2, 2)
+    train = torch.compile(lambda i: autoft_fast.gated_embedding(
+        i, f, t, logits, seed=0, backend="reference")[0], fullgraph=True, backend="aot_eager")
+
+    def ev(i):
+        with torch.no_grad():
+            return autoft_fast.gated_embedding(i, f, t, logits, noise=False, backend="reference")[0]
+
+    ev_c = torch.compile(ev, fullgraph=True, backend="aot_eager")
+    offsets = torch.tensor([0, 2, 3])
+    bag = torch.compile(lambda v: autoft_fast.gated_embedding_bag(
+        v, offsets, f, t, logits[0], seed=0, backend="reference")[0], fullgraph=True,
+        backend="aot_eager")
+    good = torch.tensor([[1, 2], [3, 9]], dtype=index_dtype)
+    bad = torch.tensor([[1, 12], [3, 4]], dtype=index_dtype)
+    torch.testing.assert_close(train(good), autoft_fast.gated_embedding(
+        good, f, t, logits, seed=0, backend="reference")[0])
+    torch.testing.assert_close(ev_c(good), ev(good))
+    for fn in (train, ev_c):
+        with pytest.raises(IndexError, match=r"indices\[1\] = 12 is out of range for a table of 10 rows"):
+            fn(bad)
+    assert bag(torch.tensor([1, 2, 9], dtype=index_dtype)).shape == (2, 4)
+    with pytest.raises(IndexError, match=r"values\[2\] = -1 is out of range"):
+        bag(torch.tensor([1, 2, -1], dtype=index_dtype))
+
+
 @pytest.mark.parametrize("backend,device", ALL, ids=lambda p: str(p))
 def test_hard_choice_without_noise_is_the_rule_d_over_tau_in_float32(backend, device):
     # Logit differences near zero and tiny ones whose d / tau underflows to 0 (the frozen

@@ -207,6 +207,24 @@ def _func_transform_backend(backend: str, optimizer) -> str:
     return backend
 
 
+def _checked_reference_indices(indices, num_rows: int):
+    """The reference's indices after the contract's range check. Under torch.compile the
+    check is the ``checked_indices`` op, which the graph keeps and runs (the Python check
+    would be skipped there, and the compiled gather's own bounds error names no position)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.autoft_fast.checked_indices(indices, num_rows)
+    validate.check_index_range(indices, num_rows)
+    return indices
+
+
+def _checked_reference_bag_values(values, offsets, num_rows: int):
+    """As :func:`_checked_reference_indices`, for a bag's values and offsets."""
+    if torch.compiler.is_compiling():
+        return torch.ops.autoft_fast.checked_bag_values(values, offsets, num_rows)
+    validate.check_bag_data(values, offsets, num_rows)
+    return values
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -284,11 +302,11 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     if optimizer_state is not None:
         raise ValueError("optimizer_state is given without optimizer: pass the FusedOptimizer "
                          "whose state it is")
+    if row.is_reference:
+        indices = _checked_reference_indices(indices, frozen_weight.shape[0])
     if row.is_reference and hard and not noise and not _needs_grad(tuned_weight, logits):
-        validate.check_index_range(indices, frozen_weight.shape[0])
         return _eval_rows(indices, frozen_weight, tuned_weight, logits, tau)
     if row.is_reference:
-        validate.check_index_range(indices, frozen_weight.shape[0])
         return reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, tau=tau,
                                          hard=hard, noise=noise, seed=seed_t, uniforms=uniforms,
                                          sparse=sparse)
@@ -321,7 +339,7 @@ def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, 
         raise ValueError("tuned_weight must be contiguous when optimizer is given (the backward "
                          f"updates its rows in place), got strides {tuned_weight.stride()}")
     if row.is_reference:
-        validate.check_index_range(indices, frozen_weight.shape[0])
+        indices = _checked_reference_indices(indices, frozen_weight.shape[0])
         inputs = (indices, frozen_weight.detach(), seed_t, uniforms, tau, hard, noise)
         return _FusedStep.apply(tuned_weight, logits, row, optimizer, state, inputs)
     shape, dim = indices.shape, tuned_weight.shape[1]
@@ -424,7 +442,7 @@ def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
                          "gradient; pass per_sample_weights.detach(), or backend='reference' "
                          "for its gradient")
     if row.is_reference:
-        validate.check_bag_data(values, offsets, frozen_weight.shape[0])
+        values = _checked_reference_bag_values(values, offsets, frozen_weight.shape[0])
         return reference_gated_embedding_bag(
             values, offsets, frozen_weight, tuned_weight, logits,
             per_sample_weights=per_sample_weights, mode=mode, tau=tau, hard=hard, noise=noise,

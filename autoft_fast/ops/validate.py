@@ -185,7 +185,7 @@ def index_error(position: int, value: int, num_rows: int) -> IndexError:
 def check_index_range(indices: torch.Tensor, num_rows: int) -> None:
     """Raise the contract's IndexError naming the first bad flat position."""
     if indices.numel() == 0 or _no_data(indices):
-        return  # compiled reference code relies on the gather's own bounds check
+        return  # nothing to read here (compiling, meta): see checked_indices for a traced check
     flat = indices.reshape(-1)
     bad = (flat < 0) | (flat >= num_rows)
     if bool(bad.any()):
