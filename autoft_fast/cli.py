@@ -270,7 +270,7 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     elif main:
         # A resume may add seeds or strategies: run.json lists each resume's command line.
-        meta = json.loads((run_dir / "run.json").read_text())
+        meta = _read_run_json(run_dir)
         meta.setdefault("resumed", []).append({"argv": getattr(args, "argv", sys.argv[1:]),
                                                "at": now})
         write_text_atomic(json.dumps(meta, indent=2), run_dir / "run.json")
@@ -297,7 +297,7 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
         d = Path(value)
         if not (d / "run.json").is_file():
             raise _UserError(f"--resume {value!r} is not a run directory (no run.json in it)")
-        meta = json.loads((d / "run.json").read_text())
+        meta = _read_run_json(d)
         if meta.get("command") != command:
             raise _UserError(f"--resume {value!r} is a {meta.get('command')!r} run, not {command!r}")
         for k, v in match.items():
@@ -317,6 +317,12 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
         try:
             meta = json.loads((d / "run.json").read_text())
         except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            import warnings
+            warnings.warn(f"--resume: skipped {str(d)!r}: its run.json could not be read "
+                          "(damaged); name a run folder to resume with --resume RUN_DIR",
+                          UserWarning, stacklevel=2)
             continue
         if (meta.get("command") == command and all(meta.get(k) == v for k, v in match.items())
                 and meta.get("training_config_hash") == _training_hash(cfg)):
@@ -352,11 +358,29 @@ def _shown(v) -> str:
     return repr(v)
 
 
+def _read_run_json(d: Path) -> dict:
+    """The run.json of the run folder ``d``, or a _UserError naming it when it is damaged
+    (a resume must not guess what the run was)."""
+    path = Path(d) / "run.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _UserError(f"--resume: {str(path)!r} could not be read "
+                         f"({getattr(e, 'strerror', None) or e}); it records what the run "
+                         "ran, so the run cannot be continued: start a new one without "
+                         "--resume") from None
+    if not isinstance(meta, dict):
+        raise _UserError(f"--resume: {str(path)!r} is not a run record (a JSON object); "
+                         "start a new run without --resume")
+    return meta
+
+
 def _meta(d: Path) -> dict:
     try:
-        return json.loads((d / "run.json").read_text())
+        meta = json.loads((d / "run.json").read_text())
     except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _changes_since(cfg, run_dir: Path, most: int = 5, extra: list | None = None) -> str:
@@ -404,7 +428,7 @@ def _compare_shape(cfg, args) -> dict:
 def _check_compare_resume(run_dir: Path, shape: dict, value: str) -> dict:
     """Refuse to resume a comparison of other targets or another --tune setting (it would
     write a different experiment's tables into that folder); returns the run's run.json."""
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = _read_run_json(run_dir)
     recorded = {k: meta[k] for k in shape if k in meta}
     # A run.json written before these were recorded: what the folder shows (a comparison of
     # several targets keeps each target's outputs in a folder of its own).
@@ -481,7 +505,11 @@ def _cmd_generate(args) -> int:
     if taken and not args.force:
         raise _UserError(f"--out {args.out!r} already holds {', '.join(taken)}; pass --force "
                          "to overwrite them, or choose another directory")
-    path = generate_data(cfg, out)
+    try:
+        path = generate_data(cfg, out)
+    except OSError as e:  # a read-only or full disk, a file in the way: name --out, not a temp
+        raise _UserError(f"--out {args.out!r} cannot be written ({e.strerror or e}); choose a "
+                         "writable directory") from None
     print(f"dataset YAML: {path}")
     print(f"output directory: {out.resolve()}")
     return 0
@@ -597,6 +625,11 @@ COMMANDS = {"demo": _cmd_demo, "generate": _cmd_generate, "pretrain": _cmd_pretr
             "finetune": _cmd_finetune, "compare": _cmd_compare, "predict": _cmd_predict,
             "bench": _cmd_bench}
 
+# What the interruption message adds per command: only finetune and compare have --resume;
+# pretrain continues from its cached checkpoint when run again; the rest start afresh.
+INTERRUPTED_HINT = {"finetune": " (resume with --resume)", "compare": " (resume with --resume)",
+                    "pretrain": " (run it again to continue from its last finished epoch)"}
+
 # Commands whose thread count is set (and printed) by main; bench chooses its own.
 THREADED = ("demo", "pretrain", "finetune", "compare", "predict")
 
@@ -627,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         log_to_file(logging.ERROR, "interrupted")
-        print(f"{PROG}: interrupted (resume with --resume)", file=sys.stderr)
+        print(f"{PROG}: interrupted{INTERRUPTED_HINT.get(args.command, '')}", file=sys.stderr)
         return 130
     except (ConfigError, _UserError, ValueError, CheckpointError, OSError) as e:
         # FileNotFoundError, PermissionError, a read-only disk: all OSErrors.

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -420,3 +421,91 @@ def test_pretrain_logs_what_came_before_its_run_folder_and_prefixes_warnings(tmp
     assert main(["finetune", "-c", str(exp), "-s", "finetune_all", "--no-progress"]) == 0
     log = (last_line_run_dir(capsys.readouterr().out) / "log.txt").read_text()
     assert log.count("data ready") == 1
+
+
+def test_predict_into_a_directory_does_not_suggest_force(finetuned, tmp_path, capsys):
+    exp, run_dir = finetuned
+    from autoft_fast.train.predict import load_run
+    data = tmp_path / "new.csv"
+    pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(20).to_csv(
+        data, index=False)
+    folder = tmp_path / "out_folder"
+    folder.mkdir()
+    capsys.readouterr()
+    for extra in ([], ["--force"]):
+        assert main(["predict", "--run", str(run_dir), "--data", str(data),
+                     "--out", str(folder), *extra]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "is a directory" in line and "--force" not in line
+    assert folder.is_dir() and not list(folder.iterdir())
+
+
+def test_damaged_result_json_on_resume_names_the_file(finetuned, capsys):
+    exp, run_dir = finetuned
+    result = run_dir / "run" / "result.json"
+    result.write_text(result.read_text()[:100])  # truncated
+    capsys.readouterr()
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(result) in line and "damaged" in line and "delete" in line
+
+
+def test_damaged_run_json_on_resume_names_the_file(finetuned, capsys):
+    exp, run_dir = finetuned
+    meta = run_dir / "run.json"
+    meta.write_text(meta.read_text()[:40])  # truncated
+    capsys.readouterr()
+    args = ["finetune", "--config", str(exp), "--strategy", "finetune_all", "--no-progress"]
+    assert main([*args, "--resume", str(run_dir)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(meta) in line and "could not be read" in line
+    # "latest" does not pass over it in silence
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --resume: skipped" in err and str(run_dir) in err
+    assert "no earlier finetune run" in _one_error_line(err)
+
+
+def test_damaged_test_scores_name_the_file(tmp_path):
+    from autoft_fast.train.report import load_test_scores
+    path = tmp_path / "test_scores.npy"
+    np_bytes = io.BytesIO()
+    np.save(np_bytes, np.arange(50, dtype=np.float64))
+    path.write_bytes(np_bytes.getvalue()[:100])  # truncated
+    with pytest.raises(ValueError, match="could not be read from .*test_scores.npy"):
+        load_test_scores({"strategy": "autoft", "seed": 1, "test_scores_path": str(path)})
+
+
+@pytest.mark.parametrize("command, hint", [("generate", False), ("predict", False),
+                                           ("finetune", True)])
+def test_interrupted_message_offers_resume_only_where_it_exists(command, hint, tmp_path,
+                                                                capsys, monkeypatch):
+    import autoft_fast.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    argv = {"generate": ["generate", "--out", str(tmp_path / "d")],
+            "predict": ["predict", "--run", str(tmp_path), "--data", "x.csv", "--out", "y.csv"],
+            "finetune": ["finetune", "--strategy", "autoft"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "autoft-fast: interrupted" in err
+    assert ("--resume" in err) == hint
+
+
+def test_generate_into_a_read_only_folder_names_out(tmp_path, capsys, monkeypatch):
+    import autoft_fast.train.runner as runner
+    out = tmp_path / "ro"
+
+    def read_only(cfg, out_dir):
+        raise OSError(errno.EROFS, "Read-only file system", str(out_dir / "synthetic.csv.tmp"))
+
+    monkeypatch.setattr(runner, "generate_data", read_only)
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["generate", "--config", str(exp), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {str(out)!r} cannot be written (Read-only file system)" in line
+    assert ".tmp" not in line

@@ -266,10 +266,10 @@ class SavedRun:
         if out.exists() and data.exists() and os.path.samefile(out, data):
             raise DataError(f"--out {str(out)!r} is the input file: the predictions would "
                             "overwrite the rows they are made from; give another file name")
+        if out.is_dir():  # before the --force hint: --force cannot replace a folder
+            raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
         if out.exists() and not force:
             raise FileExistsError(f"--out {str(out)!r} exists; pass --force to overwrite it")
-        if out.is_dir():
-            raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a file name")
         from ..data.reading import check_columns
 
         layout = self._checked_layout(data, sep)

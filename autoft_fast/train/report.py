@@ -77,7 +77,13 @@ def load_test_scores(rec: dict) -> np.ndarray | None:
     if not path.is_file():
         raise ValueError(f"test_scores_path of run ({rec.get('strategy')!r}, seed "
                          f"{rec.get('seed')!r}) is not a file: {str(path)!r}")
-    return np.asarray(np.load(path), dtype=np.float64).reshape(-1)
+    try:
+        scores = np.load(path)
+    except (OSError, ValueError, EOFError) as e:  # truncated, or not a .npy file
+        raise ValueError(f"test scores of run ({rec.get('strategy')!r}, seed {rec.get('seed')!r}) "
+                         f"could not be read from {str(path)!r} (damaged: {e}); delete it and "
+                         "the run's result.json to run it again") from None
+    return np.asarray(scores, dtype=np.float64).reshape(-1)
 
 
 def _labels_for(labels, seed) -> np.ndarray | None:

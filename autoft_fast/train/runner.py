@@ -664,7 +664,15 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     # run of other settings in this folder is refused on resume, never reused.
     settings = config_hash(cfg.training_dict())
     if resume and result_path.is_file():
-        rec = json.loads(result_path.read_text())
+        try:
+            rec = json.loads(result_path.read_text())
+            if not isinstance(rec, dict) or "auc" not in rec:
+                raise ValueError("not a run record")
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"--resume: the finished {strategy} run (seed {seed}) in {out_dir} has a "
+                f"damaged {result_path.name} ({getattr(e, 'strerror', None) or e}); delete "
+                f"{str(result_path)!r} to run it again") from None
         if rec.get("training_config_hash", settings) != settings:
             raise ValueError(
                 f"--resume: {out_dir} holds a finished {strategy} run (seed {seed}) of other "
