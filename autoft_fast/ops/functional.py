@@ -304,9 +304,8 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
                          "whose state it is")
     if row.is_reference:
         indices = _checked_reference_indices(indices, frozen_weight.shape[0])
-    if row.is_reference and hard and not noise and not _needs_grad(tuned_weight, logits):
-        return _eval_rows(indices, frozen_weight, tuned_weight, logits, tau)
-    if row.is_reference:
+        if hard and not noise and not _needs_grad(tuned_weight, logits):
+            return _eval_rows(indices, frozen_weight, tuned_weight, logits, tau)
         return reference_gated_embedding(indices, frozen_weight, tuned_weight, logits, tau=tau,
                                          hard=hard, noise=noise, seed=seed_t, uniforms=uniforms,
                                          sparse=sparse)
