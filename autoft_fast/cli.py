@@ -313,6 +313,7 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
         return d
     prefix = cfg.name if cfg.name == command else f"{cfg.name}-{command}"
     cands = [d for d in Path(cfg.run_dir).glob(f"{prefix}-*") if (d / "run.json").is_file()]
+    refused = None  # the newest run of this config that ``accept`` refused, and why
     for d in sorted(cands, key=lambda d: (d / "run.json").stat().st_mtime, reverse=True):
         try:
             meta = json.loads((d / "run.json").read_text())
@@ -329,9 +330,14 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
             if accept is not None:
                 try:
                     accept(d)
-                except _UserError:
+                except _UserError as e:
+                    refused = refused or (d, str(e))
                     continue
             return d
+    if refused is not None:
+        # Same config, another shape (--tune, --targets): say which, not "differs".
+        raise _UserError(f"{refused[1]} (the newest {command} run of this config: "
+                         f"{str(refused[0])!r})")
     same = [d for d in cands if _meta(d).get("command") == command]
     if same:
         newest = max(same, key=lambda d: (d / "run.json").stat().st_mtime)

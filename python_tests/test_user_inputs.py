@@ -313,6 +313,12 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
                  "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
     assert "ran targets none, not tgt,src_a" in capsys.readouterr().err
+    # The same with --resume alone (the newest run): the refusal names what differs and
+    # the run it looked at, not only "no earlier run has this config".
+    assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--tune",
+                 "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "ran tune off, not on; leave out --tune" in err and run.name in err
     assert (run / "runs.csv").read_bytes() == before
     # A run.json from before targets were recorded: the folder says what it ran. This one
     # is a single-target run, so a resume with two targets is refused ...
