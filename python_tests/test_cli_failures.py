@@ -423,6 +423,27 @@ def test_pretrain_logs_what_came_before_its_run_folder_and_prefixes_warnings(tmp
     assert log.count("data ready") == 1
 
 
+def test_predict_removes_the_partial_output_of_a_killed_predict(finetuned, tmp_path):
+    exp, run_dir = finetuned
+    from autoft_fast.train.predict import load_run
+    run = load_run(run_dir)
+    data = tmp_path / "new.csv"
+    pd.read_csv(run.info["data"]["files"][0], dtype=str).head(20).to_csv(data, index=False)
+    out = tmp_path / "preds.csv"
+    # A kill -9 during a write leaves the temporary file; one written just now may be a
+    # live predict of the same --out, and is left alone.
+    old, live = tmp_path / ".preds.csv.k1ll3d.tmp", tmp_path / ".preds.csv.l1ve.tmp"
+    other = tmp_path / ".other.csv.k1ll3d.tmp"
+    for p in (old, live, other):
+        p.write_text("row_id,probability\n1,0.5\n")
+    stamp = time.time() - 3600
+    os.utime(old, (stamp, stamp))
+    os.utime(other, (stamp, stamp))
+    assert run.predict_file(data, out) == 20
+    assert not old.exists() and live.exists() and other.exists()
+    assert len(pd.read_csv(out)) == 20
+
+
 def test_predict_into_a_directory_does_not_suggest_force(finetuned, tmp_path, capsys):
     exp, run_dir = finetuned
     from autoft_fast.train.predict import load_run

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._io import save_atomic, umask_mode, write_text_atomic
+from .._io import remove_stale_temps, save_atomic, umask_mode, write_text_atomic
 from ..config import AutoFTConfig, DataConfig, ModelConfig
 from ..config.data import FILE_SUFFIXES, file_format, file_suffix
 from ..config.strategies import STRATEGY_TABLE
@@ -308,6 +308,11 @@ class SavedRun:
             raise DataError(f"--out {str(out)!r}: {str(blocker)!r} is a file, not a folder")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            # What a killed predict of this --out left (a hidden partial file that can be
+            # as large as the output); one idle for 10 minutes is no live write.
+            if remove_stale_temps(out.parent, out.name, older_than=600):
+                log.info("removed the partial output of an earlier, interrupted predict "
+                         "into %s", out)
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
             umask_mode(fd)
         except OSError as e:
