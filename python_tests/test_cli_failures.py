@@ -444,6 +444,25 @@ def test_predict_removes_the_partial_output_of_a_killed_predict(finetuned, tmp_p
     assert len(pd.read_csv(out)) == 20
 
 
+def test_predict_on_an_interrupted_finetune_points_at_resume(finetuned, tmp_path, capsys):
+    exp, run_dir = finetuned
+    from autoft_fast.train.predict import load_run
+    data = tmp_path / "new.csv"
+    pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(5).to_csv(
+        data, index=False)
+    # As a kill during the fine-tuning leaves it: the epoch checkpoint, no model yet.
+    for name in ("model.json", "model.pt", "result.json"):
+        (run_dir / "run" / name).unlink()
+    (run_dir / "run" / "last.pt").write_bytes(b"checkpoint")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir), "--data", str(data),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "holds no saved model" in line and "interrupted" in line
+    assert f"--resume {str(run_dir)!r}" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_predict_into_a_directory_does_not_suggest_force(finetuned, tmp_path, capsys):
     exp, run_dir = finetuned
     from autoft_fast.train.predict import load_run

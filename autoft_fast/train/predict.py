@@ -113,8 +113,14 @@ def find_model_dir(path: str | os.PathLike) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        hint = (" (it has model.pt but no model.json: a run saved before models were "
-                "self-contained; fine-tune it again)" if any(path.rglob(MODEL_FILE)) else "")
+        if any(path.rglob(MODEL_FILE)):
+            hint = (" (it has model.pt but no model.json: a run saved before models were "
+                    "self-contained; fine-tune it again)")
+        elif any(path.rglob("last.pt")):  # the checkpoint of a fine-tuning not yet finished
+            hint = (" (a fine-tuning in it was interrupted before its model was saved: "
+                    f"--resume {str(path)!r} on the command that started it continues it)")
+        else:
+            hint = ""
         raise FileNotFoundError(f"--run {str(path)!r} holds no saved model ({INFO_FILE}){hint}; "
                                 "finetune saves one, compare with --keep-models")
     shown = ", ".join(str(p.relative_to(path)) for p in found[:8])
