@@ -238,7 +238,10 @@ def fused_updates_paused():
     """Inside this block, backward passes through the op compute the logit gradients only.
 
     For steps that train something else (a held-out policy step) on a model whose tables
-    update themselves in the backward.
+    update themselves in the backward. The pause is process-wide, not per thread: autograd
+    runs the backward of CUDA tensors on its own device threads, which a thread-local flag
+    would not reach; so two threads training in one process must not overlap such a block
+    with another's ordinary backward.
 
     Example::
 
