@@ -165,8 +165,11 @@ inline void check_row_update(const at::Tensor& weight, const char* weight_name,
     TORCH_CHECK_VALUE(t.is_contiguous() && t.sizes() == at::IntArrayRef(shape), name,
                       " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
                       ", got shape ", t.sizes());
-    TORCH_CHECK(t.device().type() == expected, name, " must be on the ",
-                c10::DeviceTypeName(expected), " with ", weight_name, ", got ", t.device());
+    // The device itself, not only its type: a state on another GPU than the table would
+    // be read through the wrong device's pointer.
+    TORCH_CHECK(t.device().type() == expected && t.device() == weight.device(), name,
+                " must be on the device of ", weight_name, " (", weight.device(), "), got ",
+                t.device());
   };
   if (rule == 1) {
     check_state(state_a, "state_a", {V});
