@@ -8,7 +8,7 @@ The CUDA kernels are compiled in when a CUDA toolkit is found (CUDA_HOME or nvcc
 the installed torch is a CUDA build; whether a GPU is present does not matter.
 AUTOFT_FAST_CUDA=0 builds the CPU kernels only; AUTOFT_FAST_CUDA=1 insists on CUDA and fails
 clearly if it cannot be built. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default
-"8.0;9.0"). The source list is csrc/sources.txt, shared with CMakeLists.txt.
+"8.0;9.0+PTX": PTX for newer GPUs). The source list is csrc/sources.txt, shared with CMakeLists.txt.
 """
 
 import glob
@@ -66,7 +66,7 @@ def extensions():
     cuda_sources = sources.get("cuda", [])
     cxx_flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for is header code compiled here
     if use_cuda(cuda_sources):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return [
             CUDAExtension(
                 "autoft_fast._C",
