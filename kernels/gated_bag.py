@@ -41,7 +41,7 @@ from autoft_fast.ops.interface import (BAG_BWD, BAG_FWD, BAG_MODES, NAMESPACE, B
                                        BagFwdArgs, with_signature)
 
 from .gated_embedding import (_block_sizes, _check_device, _frozen_scale, _gate_logit,
-                              _interpreting, _is_concrete, _seed_args)
+                              _interpreting, _is_concrete, _launch_device, _seed_args)
 
 _MEAN = BAG_MODES.index("mean")
 
@@ -258,15 +258,16 @@ def _fwd_launch(values, offsets, weights, frozen_weight, tuned_weight, logits, s
     seed_ptr, seed_val, seed_from_ptr = _seed_args(seed, noise and not use_uniforms, device, concrete)
     block_b, block_d, num_warps = _block_sizes(bags, d, concrete)
     kernel = _bag_fwd_kernel if concrete else wrap_triton(_bag_fwd_kernel)
-    kernel[(triton.cdiv(bags, block_b),)](
-        values, offsets, weights if weights is not None else logits, frozen_weight, tuned_weight,
-        logits, seed_ptr if seed_from_ptr else logits, seed_val,
-        uniforms if use_uniforms else logits, out, gates, bags, d, frozen_weight.shape[1],
-        float(tau),
-        HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-        QUANT=quant.is_quantised(frozen_weight), HAS_WEIGHTS=weights is not None,
-        MEAN=mode == _MEAN, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _launch_device(values, concrete):
+        kernel[(triton.cdiv(bags, block_b),)](
+            values, offsets, weights if weights is not None else logits, frozen_weight, tuned_weight,
+            logits, seed_ptr if seed_from_ptr else logits, seed_val,
+            uniforms if use_uniforms else logits, out, gates, bags, d, frozen_weight.shape[1],
+            float(tau),
+            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+            QUANT=quant.is_quantised(frozen_weight), HAS_WEIGHTS=weights is not None,
+            MEAN=mode == _MEAN, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return out, gates
 
 
@@ -292,17 +293,18 @@ def _bwd_launch(grad_out, grad_gates, values, offsets, weights, frozen_weight, t
                                                        concrete)
         block_b, block_d, num_warps = _block_sizes(bags, d, concrete)
         kernel = _bag_bwd_kernel if concrete else wrap_triton(_bag_bwd_kernel)
-        kernel[(triton.cdiv(bags, block_b),)](
-            grad_out, grad_gates if grad_gates is not None else logits, values, offsets,
-            weights if weights is not None else logits, frozen_weight, tuned_weight, logits,
-            seed_ptr if seed_from_ptr else logits, seed_val,
-            uniforms if use_uniforms else logits, accum, grad_logits, bags, d,
-            frozen_weight.shape[1], float(tau),
-            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-            HAS_GRAD_GATES=grad_gates is not None, PER_VALUE=per_value,
-            QUANT=quant.is_quantised(frozen_weight), HAS_WEIGHTS=weights is not None,
-            MEAN=mode == _MEAN, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
-        )
+        with _launch_device(values, concrete):
+            kernel[(triton.cdiv(bags, block_b),)](
+                grad_out, grad_gates if grad_gates is not None else logits, values, offsets,
+                weights if weights is not None else logits, frozen_weight, tuned_weight, logits,
+                seed_ptr if seed_from_ptr else logits, seed_val,
+                uniforms if use_uniforms else logits, accum, grad_logits, bags, d,
+                frozen_weight.shape[1], float(tau),
+                HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+                HAS_GRAD_GATES=grad_gates is not None, PER_VALUE=per_value,
+                QUANT=quant.is_quantised(frozen_weight), HAS_WEIGHTS=weights is not None,
+                MEAN=mode == _MEAN, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+            )
     if sparse:
         # Coalesced: sorted unique rows, each the float32 sum of its values' rows, cast once.
         grad_rows, inverse = torch.unique(values.to(torch.int64), return_inverse=True)

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -301,6 +302,16 @@ def _noise_args(seed, uniforms, noise: bool, placeholder, concrete: bool):
             uniforms if use_uniforms else placeholder)
 
 
+def _launch_device(t: torch.Tensor, concrete: bool):
+    """The device a launch must run on: Triton launches on the current CUDA device and its
+    stream, not on the tensors' device, so tensors on another GPU (cuda:1 while cuda:0 is
+    current) make that device current for the launch. Under torch.compile (not
+    ``concrete``) Inductor places the launch itself."""
+    if concrete and t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
                 tau: float, hard: bool, noise: bool, concrete: bool):
     n = indices.shape[0]
@@ -314,13 +325,14 @@ def _fwd_launch(indices, frozen_weight, tuned_weight, logits, seed, uniforms,
         seed, uniforms, noise, logits, concrete)
     block_n, block_d, num_warps = _block_sizes(n, d, concrete)
     kernel = _fwd_kernel if concrete else wrap_triton(_fwd_kernel)
-    kernel[(triton.cdiv(n, block_n),)](
-        indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
-        out, gates, n, d, frozen_weight.shape[1], float(tau),
-        HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-        QUANT=quant.is_quantised(frozen_weight),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _launch_device(indices, concrete):
+        kernel[(triton.cdiv(n, block_n),)](
+            indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
+            out, gates, n, d, frozen_weight.shape[1], float(tau),
+            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+            QUANT=quant.is_quantised(frozen_weight),
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return out, gates
 
 
@@ -339,16 +351,17 @@ def _bwd_kernel_launch(grad_out, grad_gates, indices, frozen_weight, tuned_weigh
         seed, uniforms, noise, logits, concrete)
     block_n, block_d, num_warps = _block_sizes(n, d, concrete)
     kernel = _bwd_kernel if concrete else wrap_triton(_bwd_kernel)
-    kernel[(triton.cdiv(n, block_n),)](
-        grad_out, grad_gates if grad_gates is not None else logits,
-        indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
-        accum, grad_logits, z1 if z1 is not None else logits, n, d, frozen_weight.shape[1],
-        float(tau),
-        HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
-        HAS_GRAD_GATES=grad_gates is not None, SPARSE=per_lookup,
-        QUANT=quant.is_quantised(frozen_weight), STORE_Z1=z1 is not None,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _launch_device(indices, concrete):
+        kernel[(triton.cdiv(n, block_n),)](
+            grad_out, grad_gates if grad_gates is not None else logits,
+            indices, frozen_weight, tuned_weight, logits, seed_arg, seed_val, uniforms_arg,
+            accum, grad_logits, z1 if z1 is not None else logits, n, d, frozen_weight.shape[1],
+            float(tau),
+            HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,
+            HAS_GRAD_GATES=grad_gates is not None, SPARSE=per_lookup,
+            QUANT=quant.is_quantised(frozen_weight), STORE_Z1=z1 is not None,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return grad_logits
 
 

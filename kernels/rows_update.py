@@ -171,12 +171,13 @@ def update_rows(indices, values, weight, state_a, state_b, rule, lr, eps, beta1,
     block_d = min(triton.next_power_of_2(max(int(d), 1)), 1024)
     kernel = _rows_update_kernel if concrete else wrap_triton(_rows_update_kernel)
     empty = values  # a placeholder pointer for the state a rule does not have
-    kernel[(rows.shape[0],)](
-        order, seg, rows, values, weight,
-        state_a if rule >= 1 else empty, state_b if rule == 2 else empty, d,
-        *_hyper(rule, lr, eps, beta1, beta2, step),
-        RULE=rule, BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 4,
-    )
+    with _ge._launch_device(weight, concrete):
+        kernel[(rows.shape[0],)](
+            order, seg, rows, values, weight,
+            state_a if rule >= 1 else empty, state_b if rule == 2 else empty, d,
+            *_hyper(rule, lr, eps, beta1, beta2, step),
+            RULE=rule, BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 4,
+        )
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:

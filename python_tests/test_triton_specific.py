@@ -200,3 +200,35 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device, not the tensors': each launch is wrapped
+    # so that tensors on another GPU make their device current for it.
+    import contextlib
+    import inspect
+    import types
+
+    import importlib
+    gated_embedding, gated_bag, rows_update = (
+        importlib.import_module(f"{kernels.__name__}.{m}")
+        for m in ("gated_embedding", "gated_bag", "rows_update"))
+    for mod in (gated_embedding, gated_bag, rows_update):
+        lines = inspect.getsource(mod).splitlines()
+        launches = [i for i, line in enumerate(lines) if line.lstrip().startswith("kernel[(")]
+        assert launches, mod.__name__
+        for i in launches:
+            assert "_launch_device(" in lines[i - 1], f"{mod.__name__}: {lines[i].strip()}"
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device",
+                        lambda d: entered.append(d) or contextlib.nullcontext())
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))
+    with gated_embedding._launch_device(on_gpu1, True):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    # CPU tensors (the interpreter) and traced launches (Inductor places them): untouched.
+    with gated_embedding._launch_device(torch.zeros(1), True):
+        pass
+    with gated_embedding._launch_device(on_gpu1, False):
+        pass
+    assert entered == [torch.device("cuda", 1)]
