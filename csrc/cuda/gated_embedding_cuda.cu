@@ -316,7 +316,9 @@ at::Tensor gated_embedding_bwd_update_cuda(
     const at::Tensor& logits, const at::Tensor& seed, const std::optional<at::Tensor>& uniforms,
     double tau, bool hard, bool noise, at::Tensor& state_a, at::Tensor& state_b, int64_t rule,
     double lr, double eps, double beta1, double beta2, int64_t step) {
-  const c10::cuda::CUDAGuard guard(indices.device());
+  // No device guard here: make_rule is host work, and backward_cuda checks the inputs'
+  // devices before it sets one (a guard on a CPU `indices` would fail with an internal
+  // assert instead of the contract's message).
   const RowRule u = make_rule(tuned_weight, "tuned_weight", state_a, state_b, rule, lr, eps,
                               beta1, beta2, step);
   return std::get<1>(backward_cuda(grad_out, grad_gates, indices, frozen_weight, tuned_weight,
