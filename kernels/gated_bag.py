@@ -260,8 +260,8 @@ def _fwd_launch(values, offsets, weights, frozen_weight, tuned_weight, logits, s
     kernel = _bag_fwd_kernel if concrete else wrap_triton(_bag_fwd_kernel)
     with _launch_device(values, concrete):
         kernel[(triton.cdiv(bags, block_b),)](
-            values, offsets, weights if weights is not None else logits, frozen_weight, tuned_weight,
-            logits, seed_ptr if seed_from_ptr else logits, seed_val,
+            values, offsets, weights if weights is not None else logits, frozen_weight,
+            tuned_weight, logits, seed_ptr if seed_from_ptr else logits, seed_val,
             uniforms if use_uniforms else logits, out, gates, bags, d, frozen_weight.shape[1],
             float(tau),
             HARD=hard, NOISE=noise, USE_UNIFORMS=use_uniforms, SEED_FROM_PTR=seed_from_ptr,

@@ -460,6 +460,10 @@ def test_predict_on_an_interrupted_finetune_points_at_resume(finetuned, tmp_path
     line = _one_error_line(capsys.readouterr().err)
     assert "holds no saved model" in line and "interrupted" in line
     assert f"--resume {str(run_dir)!r}" in line
+    # Named by its model folder (run/): --resume still gets the run folder.
+    assert main(["predict", "--run", str(run_dir / "run"), "--data", str(data),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    assert f"--resume {str(run_dir)!r}" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "p.csv").exists()
 
 

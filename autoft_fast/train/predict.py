@@ -117,8 +117,11 @@ def find_model_dir(path: str | os.PathLike) -> Path:
             hint = (" (it has model.pt but no model.json: a run saved before models were "
                     "self-contained; fine-tune it again)")
         elif any(path.rglob("last.pt")):  # the checkpoint of a fine-tuning not yet finished
+            # --resume takes the run folder (the one with run.json), not its run/ subfolder.
+            run = path.parent if not (path / "run.json").is_file() and (
+                path.parent / "run.json").is_file() else path
             hint = (" (a fine-tuning in it was interrupted before its model was saved: "
-                    f"--resume {str(path)!r} on the command that started it continues it)")
+                    f"--resume {str(run)!r} on the command that started it continues it)")
         else:
             hint = ""
         raise FileNotFoundError(f"--run {str(path)!r} holds no saved model ({INFO_FILE}){hint}; "
