@@ -46,6 +46,15 @@ from .gated_embedding import (_block_sizes, _check_device, _frozen_scale, _gate_
 _MEAN = BAG_MODES.index("mean")
 
 
+def _bag_block_sizes(bags: int, d: int, concrete: bool):
+    """The lookup kernels' block sizes, with at most one warp per 32 bags of a block: with more
+    threads than bags, Triton 3.7's sm_90 compiler fails on the bag kernels ('tt.load' op
+    failed to verify that mask type matches ptr type; measured for D = 32, 64, 128 at the
+    lookup kernels' warp counts), and one warp per 32 bags compiles for every D."""
+    block_b, block_d, num_warps = _block_sizes(bags, d, concrete)
+    return block_b, block_d, max(1, min(num_warps, block_b // 32))
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -256,7 +265,7 @@ def _fwd_launch(values, offsets, weights, frozen_weight, tuned_weight, logits, s
         return out, gates
     use_uniforms = noise and uniforms is not None
     seed_ptr, seed_val, seed_from_ptr = _seed_args(seed, noise and not use_uniforms, device, concrete)
-    block_b, block_d, num_warps = _block_sizes(bags, d, concrete)
+    block_b, block_d, num_warps = _bag_block_sizes(bags, d, concrete)
     kernel = _bag_fwd_kernel if concrete else wrap_triton(_bag_fwd_kernel)
     with _launch_device(values, concrete):
         kernel[(triton.cdiv(bags, block_b),)](
@@ -291,7 +300,7 @@ def _bwd_launch(grad_out, grad_gates, values, offsets, weights, frozen_weight, t
         use_uniforms = noise and uniforms is not None
         seed_ptr, seed_val, seed_from_ptr = _seed_args(seed, noise and not use_uniforms, device,
                                                        concrete)
-        block_b, block_d, num_warps = _block_sizes(bags, d, concrete)
+        block_b, block_d, num_warps = _bag_block_sizes(bags, d, concrete)
         kernel = _bag_bwd_kernel if concrete else wrap_triton(_bag_bwd_kernel)
         with _launch_device(values, concrete):
             kernel[(triton.cdiv(bags, block_b),)](

@@ -158,12 +158,12 @@ target = GPUTarget("cuda", 90, 32)
 aligned = [["tt.divisibility", 16]]
 
 
-def compile_kernel(kernel, types, constexprs):
+def compile_kernel(kernel, types, constexprs, num_warps=8):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: types.get(n, "constexpr") for n in names}
     attrs = {(i,): aligned for i, n in enumerate(names) if n.endswith("_ptr") or n == "D"}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=target, options={"num_warps": 8}).asm["ptx"]
+    return triton.compile(src, target=target, options={"num_warps": num_warps}).asm["ptx"]
 
 
 # (tuned table, frozen table, hard, seed from a pointer); int8: row-quantised frozen table.
@@ -186,6 +186,41 @@ for table, frozen, hard, from_ptr in (("fp32", "fp32", True, False), ("bf16", "b
             dict(HARD=hard, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=from_ptr,
                  HAS_GRAD_GATES=True, SPARSE=sparse, QUANT=quant, BLOCK_N=64, BLOCK_D=64))
         assert ("red.global" in ptx or "atom.global" in ptx) == (not sparse)
+# The backward that also stores each lookup's tuned weight (the fused optimizer's path).
+compile_kernel(ge._bwd_kernel, dict(
+    grad_out_ptr="*fp32", grad_gates_ptr="*fp32", idx_ptr="*i64", frozen_ptr="*fp32",
+    tuned_ptr="*fp32", logits_ptr="*fp32", seed_ptr="*i64", seed_val="i64", uniforms_ptr="*fp32",
+    grad_tuned_ptr="*fp32", grad_logits_ptr="*fp32", z1_ptr="*fp32", N="i32", D="i32", FS="i32",
+    tau="fp32"), dict(HARD=True, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False,
+                      HAS_GRAD_GATES=False, SPARSE=True, QUANT=False, STORE_Z1=True,
+                      BLOCK_N=64, BLOCK_D=16))
+# The bag kernels at the block sizes and warp counts their launchers choose (Triton 3.7's
+# compiler fails on them with more threads than bags in a block).
+from autoft_fast.kernels import gated_bag as gb, rows_update as ru
+for d, quant in ((16, False), (32, False), (64, True), (128, False)):
+    block_b, block_d, warps = gb._bag_block_sizes(4096, d, True)
+    f = "*i8" if quant else "*fp32"
+    compile_kernel(gb._bag_fwd_kernel, dict(
+        values_ptr="*i64", offsets_ptr="*i64", weights_ptr="*fp32", frozen_ptr=f,
+        tuned_ptr="*fp32", logits_ptr="*fp32", seed_ptr="*i64", seed_val="i64",
+        uniforms_ptr="*fp32", out_ptr="*fp32", gates_ptr="*fp32", B="i32", D="i32", FS="i32",
+        tau="fp32"), dict(HARD=True, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False,
+                          QUANT=quant, HAS_WEIGHTS=quant, MEAN=not quant, BLOCK_B=block_b,
+                          BLOCK_D=block_d), num_warps=warps)
+    compile_kernel(gb._bag_bwd_kernel, dict(
+        grad_out_ptr="*fp32", grad_gates_ptr="*fp32", values_ptr="*i64", offsets_ptr="*i64",
+        weights_ptr="*fp32", frozen_ptr=f, tuned_ptr="*fp32", logits_ptr="*fp32",
+        seed_ptr="*i64", seed_val="i64", uniforms_ptr="*fp32", accum_ptr="*fp32",
+        grad_logits_ptr="*fp32", B="i32", D="i32", FS="i32", tau="fp32"),
+        dict(HARD=not quant, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False,
+             HAS_GRAD_GATES=True, PER_VALUE=quant, QUANT=quant, HAS_WEIGHTS=False,
+             MEAN=False, BLOCK_B=block_b, BLOCK_D=block_d), num_warps=warps)
+# The fused optimizer's row update, every rule, float32 and bfloat16 tables.
+for weight, rule in (("*fp32", 0), ("*fp32", 1), ("*bf16", 2)):
+    compile_kernel(ru._rows_update_kernel, dict(
+        order_ptr="*i64", seg_ptr="*i64", rows_ptr="*i64", values_ptr="*fp32", weight_ptr=weight,
+        sa_ptr="*fp32", sb_ptr="*fp32", D="i32", lr="fp32", eps="fp32", omb1="fp32",
+        omb2="fp32", neg_step="fp32"), dict(RULE=rule, BLOCK_D=16), num_warps=1)
 print("compiled")
 """
 
