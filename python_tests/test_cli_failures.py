@@ -423,12 +423,19 @@ def test_pretrain_logs_what_came_before_its_run_folder_and_prefixes_warnings(tmp
     assert log.count("data ready") == 1
 
 
+def _new_rows(run_dir, path, n):
+    """The first n rows of the run's data file, written to path (rows to predict)."""
+    from autoft_fast.train.predict import load_run
+    pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(n).to_csv(
+        path, index=False)
+    return path
+
+
 def test_predict_removes_the_partial_output_of_a_killed_predict(finetuned, tmp_path):
     exp, run_dir = finetuned
     from autoft_fast.train.predict import load_run
     run = load_run(run_dir)
-    data = tmp_path / "new.csv"
-    pd.read_csv(run.info["data"]["files"][0], dtype=str).head(20).to_csv(data, index=False)
+    data = _new_rows(run_dir, tmp_path / "new.csv", 20)
     out = tmp_path / "preds.csv"
     # A kill -9 during a write leaves the temporary file; one written just now may be a
     # live predict of the same --out, and is left alone.
@@ -446,10 +453,7 @@ def test_predict_removes_the_partial_output_of_a_killed_predict(finetuned, tmp_p
 
 def test_predict_on_an_interrupted_finetune_points_at_resume(finetuned, tmp_path, capsys):
     exp, run_dir = finetuned
-    from autoft_fast.train.predict import load_run
-    data = tmp_path / "new.csv"
-    pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(5).to_csv(
-        data, index=False)
+    data = _new_rows(run_dir, tmp_path / "new.csv", 5)
     # As a kill during the fine-tuning leaves it: the epoch checkpoint, no model yet.
     for name in ("model.json", "model.pt", "result.json"):
         (run_dir / "run" / name).unlink()
@@ -469,10 +473,7 @@ def test_predict_on_an_interrupted_finetune_points_at_resume(finetuned, tmp_path
 
 def test_predict_into_a_directory_does_not_suggest_force(finetuned, tmp_path, capsys):
     exp, run_dir = finetuned
-    from autoft_fast.train.predict import load_run
-    data = tmp_path / "new.csv"
-    pd.read_csv(load_run(run_dir).info["data"]["files"][0], dtype=str).head(20).to_csv(
-        data, index=False)
+    data = _new_rows(run_dir, tmp_path / "new.csv", 20)
     folder = tmp_path / "out_folder"
     folder.mkdir()
     capsys.readouterr()

@@ -194,8 +194,8 @@ compile_kernel(ge._bwd_kernel, dict(
     tau="fp32"), dict(HARD=True, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False,
                       HAS_GRAD_GATES=False, SPARSE=True, QUANT=False, STORE_Z1=True,
                       BLOCK_N=64, BLOCK_D=16))
-# The bag kernels at the block sizes and warp counts their launchers choose (Triton 3.7's
-# compiler fails on them with more threads than bags in a block).
+# The bag kernels at the block sizes and warp counts their launchers choose (at the lookup
+# kernels' warp counts Triton 3.7's compiler failed on them for D = 32, 64, 128).
 from autoft_fast.kernels import gated_bag as gb, rows_update as ru
 for d, quant in ((16, False), (32, False), (64, True), (128, False)):
     block_b, block_d, warps = gb._bag_block_sizes(4096, d, True)
@@ -241,10 +241,10 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     # Triton launches on the current CUDA device, not the tensors': each launch is wrapped
     # so that tensors on another GPU make their device current for it.
     import contextlib
+    import importlib
     import inspect
     import types
 
-    import importlib
     gated_embedding, gated_bag, rows_update = (
         importlib.import_module(f"{kernels.__name__}.{m}")
         for m in ("gated_embedding", "gated_bag", "rows_update"))
