@@ -16,6 +16,10 @@ contiguous and in lookup order), and one program takes one touched row. It sums 
 gradients in float32 in lookup order, then applies the rule with the formulas and the float32
 operations of the C++ kernel (``apply_row_update``; square roots and divisions correctly
 rounded), so the result does not depend on scheduling: a run is bit-identical to the next.
+A hot row whose lookups cross a window of ``SEGMENT_WINDOW`` sorted positions is summed in
+pieces instead, as the CUDA kernels sum one (``kSegmentWindow`` there, the same windows and
+slots): ``_pieces_kernel`` sums its run within each window in lookup order, and the row's
+program adds those sums in window order, so no program walks a whole hot row.
 No coalesced gradient is formed and no torch-ops optimizer step runs; what is stored between
 the two kernels is the per-lookup row (float32 [N, D]) and the sort.
 
@@ -59,6 +63,58 @@ def _segment_sum(values_ptr, order_ptr, start, end, cols, cmask, D):
     return acc
 
 
+SEGMENT_WINDOW = 128  # = kSegmentWindow of csrc/cuda/gated_embedding_kernels.cuh
+
+
+@triton.jit(do_not_specialize=["N", "D"])
+def _pieces_kernel(order_ptr, inv_ptr, seg_ptr, values_ptr, part_ptr, N, D,
+                   WINDOW: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Slot g of window w = g // 2 (the CUDA kernels' layout): 2w the piece that starts at the
+    window's first position when its segment crosses a window boundary, 2w + 1 the piece of
+    the window's last segment when it starts after that position and runs on into the next
+    window. Sums the piece in lookup order into part[g]; a slot of no such piece is left."""
+    g = tl.program_id(0)
+    w0 = (g // 2).to(tl.int64) * WINDOW
+    w1 = tl.minimum(w0 + WINDOW, N)
+    if g % 2 == 0:
+        u = tl.load(inv_ptr + w0)
+        s_u = tl.load(seg_ptr + u)
+        e_u = tl.load(seg_ptr + u + 1)
+        valid = (s_u < w0) | (e_u > w1)
+        begin = w0
+        end = tl.minimum(e_u, w1)
+    else:
+        u = tl.load(inv_ptr + w1 - 1)
+        s_u = tl.load(seg_ptr + u)
+        e_u = tl.load(seg_ptr + u + 1)
+        valid = (e_u > w1) & (s_u > w0)
+        begin = s_u
+        end = w1
+    if valid:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            acc = _segment_sum(values_ptr, order_ptr, begin, end, cols, cmask, D)
+            tl.store(part_ptr + g.to(tl.int64) * D + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _row_sum(values_ptr, order_ptr, part_ptr, start, end, cols, cmask, D, WINDOW: tl.constexpr):
+    """The row's gradient sum: in lookup order, or from its piece sums in window order when its
+    lookups cross a window boundary (the order of the CUDA kernels' add_pieces)."""
+    fw = start // WINDOW
+    lw = (end - 1) // WINDOW
+    if lw > fw:
+        first = 2 * fw + (start % WINDOW != 0).to(start.dtype)
+        acc = tl.zeros(cols.shape, dtype=tl.float32)
+        acc += tl.load(part_ptr + first * D + cols, mask=cmask, other=0.0)
+        for w in range(fw + 1, lw + 1):
+            acc += tl.load(part_ptr + (2 * w) * D + cols, mask=cmask, other=0.0)
+    else:
+        acc = _segment_sum(values_ptr, order_ptr, start, end, cols, cmask, D)
+    return acc
+
+
 @triton.jit
 def _to_bfloat16(x):
     """float32 -> bfloat16 rounded to nearest even (NaN -> the canonical quiet NaN): the bits of
@@ -71,9 +127,9 @@ def _to_bfloat16(x):
 
 @triton.jit(do_not_specialize=["D"])
 def _rows_update_kernel(
-    order_ptr, seg_ptr, rows_ptr, values_ptr, weight_ptr, sa_ptr, sb_ptr, D,
+    order_ptr, seg_ptr, rows_ptr, values_ptr, part_ptr, weight_ptr, sa_ptr, sb_ptr, D,
     lr, eps, omb1, omb2, neg_step,
-    RULE: tl.constexpr, BLOCK_D: tl.constexpr,
+    RULE: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr,
 ):
     u = tl.program_id(0)
     start = tl.load(seg_ptr + u)
@@ -87,7 +143,7 @@ def _rows_update_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < D
-            g = _segment_sum(values_ptr, order_ptr, start, end, cols, cmask, D)
+            g = _row_sum(values_ptr, order_ptr, part_ptr, start, end, cols, cmask, D, WINDOW)
             sq += tl.sum(g * g, axis=0)
         acc = tl.load(sa_ptr + row) + tl.div_rn(sq, D.to(tl.float32))
         tl.store(sa_ptr + row, acc)
@@ -95,7 +151,7 @@ def _rows_update_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        g = _segment_sum(values_ptr, order_ptr, start, end, cols, cmask, D)
+        g = _row_sum(values_ptr, order_ptr, part_ptr, start, end, cols, cmask, D, WINDOW)
         off = row * D + cols
         w = tl.load(weight_ptr + off, mask=cmask, other=0.0).to(tl.float32)
         if RULE == 0:
@@ -165,18 +221,28 @@ def update_rows(indices, values, weight, state_a, state_b, rule, lr, eps, beta1,
     d = weight.shape[1]
     # Stable: a row's lookups stay in lookup order, so its sum is formed in that order.
     sorted_rows, order = torch.sort(indices.to(torch.int64), stable=True)
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    rows, inverse, counts = torch.unique_consecutive(sorted_rows, return_inverse=True,
+                                                     return_counts=True)
     seg = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=seg[1:])
     block_d = min(triton.next_power_of_2(max(int(d), 1)), 1024)
+    warps = 1 if block_d <= 64 else 4
+    parts = values  # read only for a row whose lookups cross a window: none when n fits one
+    if n > SEGMENT_WINDOW:
+        slots = 2 * triton.cdiv(n, SEGMENT_WINDOW)
+        parts = torch.empty((slots, d), dtype=torch.float32, device=values.device)
+        kernel = _pieces_kernel if concrete else wrap_triton(_pieces_kernel)
+        with _ge._launch_device(weight, concrete):
+            kernel[(slots,)](order, inverse, seg, values, parts, n, d,
+                             WINDOW=SEGMENT_WINDOW, BLOCK_D=block_d, num_warps=warps)
     kernel = _rows_update_kernel if concrete else wrap_triton(_rows_update_kernel)
     empty = values  # a placeholder pointer for the state a rule does not have
     with _ge._launch_device(weight, concrete):
         kernel[(rows.shape[0],)](
-            order, seg, rows, values, weight,
+            order, seg, rows, values, parts, weight,
             state_a if rule >= 1 else empty, state_b if rule == 2 else empty, d,
             *_hyper(rule, lr, eps, beta1, beta2, step),
-            RULE=rule, BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 4,
+            RULE=rule, BLOCK_D=block_d, WINDOW=SEGMENT_WINDOW, num_warps=warps,
         )
 
 

@@ -213,7 +213,22 @@ EMULATED = [
                               for c in EMULATED])
 def test_emulated_cuda_kernels_match_reference(emulator, tmp_path, dim, dtype, vec1, hard, noise,
                                                mode):
-    n, rows, tau = 133, 11, 0.8
+    check_emulated_backward(emulator, tmp_path, 133, dim, dtype, vec1, hard, noise, mode)
+
+
+# Long segments (gated_embedding_kernels.cuh kSegmentWindow = 128 sorted lookups): hot rows
+# whose segments span several windows, one of them starting on a window boundary, summed from
+# their pieces; and random rows, some of whose segments cross a boundary.
+@pytest.mark.parametrize("dim,dtype,vec1,hard,noise,mode,n", [
+    (8, 0, False, True, 1, 3, 700), (6, 1, True, False, 2, 3, 517), (40, 0, False, False, 1, 2, 600),
+], ids=["D8-f32-hot-hard", "D6-bf16-hot-soft", "D40-f32-random"])
+def test_emulated_long_segments_match_reference(emulator, tmp_path, dim, dtype, vec1, hard, noise,
+                                                mode, n):
+    check_emulated_backward(emulator, tmp_path, n, dim, dtype, vec1, hard, noise, mode)
+
+
+def check_emulated_backward(emulator, tmp_path, n, dim, dtype, vec1, hard, noise, mode):
+    rows, tau = 11, 0.8
     grad_f32 = dim in (64, 304)
     inp, got = run_emulated(emulator, tmp_path, N=n, V=rows, D=dim, dtype=dtype, idx64=dim % 2,
                             grad_f32=grad_f32, vec1=vec1, hard=hard, noise=noise, mode=mode, tau=tau)
@@ -253,14 +268,28 @@ EMULATED_UPDATE = [
                               f"{'hard' if c[3] else 'soft'}-{c[5]}" for c in EMULATED_UPDATE])
 def test_emulated_cuda_fused_update_matches_the_rule_on_the_reference_gradient(
         emulator, tmp_path, dim, dtype, vec1, hard, noise, kind):
-    from autoft_fast.ops.fused_optim import RULES, STEP, FusedOptimizer
     # More rows than lookups: some rows are never looked up, and under hard gates some are
     # looked up only by lookups that chose the frozen row; both must stay as they were.
-    n, rows, tau = 133, 150, 0.8
+    check_emulated_update(emulator, tmp_path, 133, dim, dtype, vec1, hard, noise, kind, hot=False)
+
+
+@pytest.mark.parametrize("dim,dtype,vec1,hard,noise,kind", [
+    (8, 0, False, True, 1, "rowwise_adagrad"), (16, 1, False, False, 2, "adam"),
+    (6, 0, True, True, 1, "sgd"),
+], ids=["D8-f32-hard-rowwise_adagrad", "D16-bf16-soft-adam", "D6-f32-elem-hard-sgd"])
+def test_emulated_cuda_fused_update_of_hot_rows(emulator, tmp_path, dim, dtype, vec1, hard, noise,
+                                                kind):
+    # 700 lookups on three rows: segments of several windows, updated from their piece sums.
+    check_emulated_update(emulator, tmp_path, 700, dim, dtype, vec1, hard, noise, kind, hot=True)
+
+
+def check_emulated_update(emulator, tmp_path, n, dim, dtype, vec1, hard, noise, kind, *, hot):
+    from autoft_fast.ops.fused_optim import RULES, STEP, FusedOptimizer
+    rows, tau = 150, 0.8
     rule = list(RULES).index(kind)
     inp, got = run_emulated(emulator, tmp_path, N=n, V=rows, D=dim, dtype=dtype, idx64=dim % 2,
-                            grad_f32=dim == 64, vec1=vec1, hard=hard, noise=noise, mode=4 + rule,
-                            tau=tau)
+                            grad_f32=dim == 64, vec1=vec1, hard=hard, noise=noise,
+                            mode=(7 if hot else 4) + rule, tau=tau)
     table_dtype = [torch.float32, torch.bfloat16, torch.float16][dtype]
 
     def load(name, shape):
@@ -287,7 +316,9 @@ def test_emulated_cuda_fused_update_matches_the_rule_on_the_reference_gradient(
     torch.testing.assert_close(new_w, want_w.to(table_dtype).float(), rtol=tol, atol=tol)
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[touched] = False
-    if hard:  # rows looked up, but only by frozen choices
+    if hot:
+        assert inp["idx"].max() == 2 and len(touched) == 3
+    elif hard:  # rows looked up, but only by frozen choices
         assert (untouched & torch.isin(torch.arange(rows), inp["idx"])).any()
     assert torch.equal(new_w[untouched], inp["tuned"][untouched])  # lazy: bit for bit
     for name, file in zip(names, ("state_a.bin", "state_b.bin")):

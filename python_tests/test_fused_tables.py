@@ -351,16 +351,21 @@ def test_rows_update_kernel_equals_combine_rows_then_apply(op_name, kind, index_
     w_k = w_py.clone()
     s_py, s_k = opt.new_state(w_py), opt.new_state(w_k)
     for step in range(3):
-        n = 200 + step
-        rows = torch.randint(0, 6 if step == 1 else v, (n,), generator=gen)  # step 1: heavy repeats
+        # Step 1: three hot rows whose 700 lookups span several of the GPU kernels' windows of
+        # 128 sorted lookups (summed there in pieces); steps 0 and 2: some rows cross one.
+        n = 700 if step == 1 else 200 + step
+        rows = torch.randint(0, 3 if step == 1 else v, (n,), generator=gen)
         values = torch.randn(n, dim, generator=gen)
         u_rows, sums = combine_rows(rows, values, deterministic=True)
         opt.apply_now(w_py, u_rows, sums, s_py)
         rows_update(rows.to(index_dtype), values, w_k,
                                           *opt.kernel_args(w_k, s_k))
-        assert torch.allclose(w_k.float(), w_py.float(), rtol=1e-6, atol=1e-6), step
+        # A hot row's float32 sum of ~230 gradients in another order (pieces) differs by ~1e-6,
+        # and the state carries that on.
+        rtol = 1e-5 if step >= 1 else 1e-6
+        assert torch.allclose(w_k.float(), w_py.float(), rtol=rtol, atol=1e-6), step
         for name in s_py:
-            assert torch.allclose(s_k[name].float(), s_py[name].float(), rtol=1e-6, atol=1e-6)
+            assert torch.allclose(s_k[name].float(), s_py[name].float(), rtol=rtol, atol=1e-6)
     again = w_py.clone()
     state = opt.new_state(again)
     rows = torch.zeros(50, dtype=index_dtype)  # all duplicates, twice: bit-identical runs

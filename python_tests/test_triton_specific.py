@@ -215,12 +215,18 @@ for d, quant in ((16, False), (32, False), (64, True), (128, False)):
         dict(HARD=not quant, NOISE=True, USE_UNIFORMS=False, SEED_FROM_PTR=False,
              HAS_GRAD_GATES=True, PER_VALUE=quant, QUANT=quant, HAS_WEIGHTS=False,
              MEAN=False, BLOCK_B=block_b, BLOCK_D=block_d), num_warps=warps)
-# The fused optimizer's row update, every rule, float32 and bfloat16 tables.
+# The fused optimizer's row update, every rule, float32 and bfloat16 tables, and the piece sums
+# of its hot rows.
 for weight, rule in (("*fp32", 0), ("*fp32", 1), ("*bf16", 2)):
     compile_kernel(ru._rows_update_kernel, dict(
-        order_ptr="*i64", seg_ptr="*i64", rows_ptr="*i64", values_ptr="*fp32", weight_ptr=weight,
-        sa_ptr="*fp32", sb_ptr="*fp32", D="i32", lr="fp32", eps="fp32", omb1="fp32",
-        omb2="fp32", neg_step="fp32"), dict(RULE=rule, BLOCK_D=16), num_warps=1)
+        order_ptr="*i64", seg_ptr="*i64", rows_ptr="*i64", values_ptr="*fp32", part_ptr="*fp32",
+        weight_ptr=weight, sa_ptr="*fp32", sb_ptr="*fp32", D="i32", lr="fp32", eps="fp32",
+        omb1="fp32", omb2="fp32", neg_step="fp32"),
+        dict(RULE=rule, BLOCK_D=16, WINDOW=ru.SEGMENT_WINDOW), num_warps=1)
+for n in ("i32", "i64"):
+    compile_kernel(ru._pieces_kernel, dict(
+        order_ptr="*i64", inv_ptr="*i64", seg_ptr="*i64", values_ptr="*fp32", part_ptr="*fp32",
+        N=n, D="i32"), dict(WINDOW=ru.SEGMENT_WINDOW, BLOCK_D=64), num_warps=1)
 print("compiled")
 """
 

@@ -7,7 +7,8 @@
 //   for 16-bit tables); a row hit several times is summed in scheduling order;
 // - dense under torch.use_deterministic_algorithms(True): one float32 row per value, the values
 //   sorted by a stable sort, each table row's segment summed in value order by one group of
-//   lanes (segment_sum_kernel): bit-identical from run to run;
+//   lanes (segment_sum_kernel; a hot row in pieces, as the lookup backward sums one):
+//   bit-identical from run to run;
 // - sparse: one row per value in the table dtype, grad_rows the values as int64 (uncoalesced
 //   COO, the registry's cuda row says coalesced=False).
 //
@@ -18,6 +19,7 @@
 #include "../gated_common.h"
 #include "gated_bag_kernels.cuh"
 #include "launch_shape.h"
+#include "segment_pieces.cuh"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -213,10 +215,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bag_bwd_cuda(
             const at::Tensor ones = at::ones({L}, in.logits.options());
             const int groups_per_block = kThreads / G;
             const unsigned blocks = static_cast<unsigned>((L + groups_per_block - 1) / groups_per_block);
+            const SegmentPieces pieces = sum_segment_pieces<float, VEC>(
+                rows, order, ones.const_data_ptr<float>(), value_grad.const_data_ptr<float>(), L,
+                D, G, /*skip_zero=*/true, stream);
             segment_sum_kernel<float, VEC><<<blocks, kThreads, 0, stream>>>(
                 rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
                 ones.const_data_ptr<float>(), value_grad.const_data_ptr<float>(), L, D, G,
-                dense_grad.mutable_data_ptr<float>());
+                pieces.sum_ptr(), pieces.touched_ptr(), dense_grad.mutable_data_ptr<float>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
         }

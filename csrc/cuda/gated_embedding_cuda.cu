@@ -17,8 +17,9 @@
 // - deterministic (torch.use_deterministic_algorithms(True)): the backward pass writes the
 //   per-lookup gate z1 instead, the indices are sorted by a stable sort (lookup order kept
 //   within a row), and one group of lanes sums each row's segment in that order with no
-//   atomics. Gradients are then bit-identical from run to run. A row that takes most of the
-//   batch is summed by one group, so this mode trades speed on hot rows for reproducibility.
+//   atomics. Gradients are then bit-identical from run to run. A row whose lookups cross a
+//   window of 128 sorted positions (a hot row) is summed in pieces, one per window, whose sums
+//   its group then adds in order (segment_pieces_kernel), so no group walks a whole hot row.
 // The sparse backward writes one [D] value per lookup and never accumulates; its third output,
 // grad_rows, is the indices as int64 (uncoalesced COO rows, as nn.Embedding(sparse=True)).
 //
@@ -30,6 +31,7 @@
 #include "../gated_common.h"
 #include "launch_shape.h"
 #include "gated_embedding_kernels.cuh"
+#include "segment_pieces.cuh"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -238,17 +240,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
               const int groups_per_block = kThreads / G;
               const unsigned blocks =
                   static_cast<unsigned>((s.N + groups_per_block - 1) / groups_per_block);
+              // The dense sum skips a weight of 0; the update only for hard gates.
+              const SegmentPieces pieces = sum_segment_pieces<grad_t, VEC>(
+                  rows, order, z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D,
+                  G, update == nullptr || hard, stream);
               if (update != nullptr) {
                 // The logit gradients are made above, from the step's weights; then the rows.
                 segment_update_kernel<scalar_t, grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
                     rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
                     z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G, hard,
-                    *update, tuned.mutable_data_ptr<scalar_t>());
+                    *update, pieces.sum_ptr(), pieces.touched_ptr(),
+                    tuned.mutable_data_ptr<scalar_t>());
               } else {
                 segment_sum_kernel<grad_t, VEC><<<blocks, kThreads, 0, stream>>>(
                     rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
                     z1.const_data_ptr<float>(), go.const_data_ptr<grad_t>(), s.N, s.D, G,
-                    dense_grad.mutable_data_ptr<float>());
+                    pieces.sum_ptr(), pieces.touched_ptr(), dense_grad.mutable_data_ptr<float>());
               }
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
@@ -308,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_embedding_bwd_cuda(
 }
 
 // The backward with the fused optimizer's update of the touched tuned rows: the deterministic
-// mode's sorted segments, each summed by one group in lookup order and applied to its row, so a
-// run is bit-identical to the next. Returns grad_logits.
+// mode's sorted segments, each summed by one group in lookup order (a hot row from its pieces)
+// and applied to its row, so a run is bit-identical to the next. Returns grad_logits.
 at::Tensor gated_embedding_bwd_update_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& indices, const at::Tensor& frozen_weight, at::Tensor& tuned_weight,
@@ -357,10 +364,13 @@ void rows_update_cuda(const at::Tensor& indices, const at::Tensor& values, at::T
     dispatch_vec(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       if constexpr (VEC == 1 || VEC == 4) {
+        const SegmentPieces pieces = sum_segment_pieces<float, VEC>(
+            rows, order, nullptr, vals.const_data_ptr<float>(), N, D, G, /*skip_zero=*/false,
+            stream);
         segment_update_kernel<scalar_t, float, VEC><<<blocks, kThreads, 0, stream>>>(
             rows.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), nullptr,
-            vals.const_data_ptr<float>(), N, D, G, /*hard=*/false, u,
-            weight.mutable_data_ptr<scalar_t>());
+            vals.const_data_ptr<float>(), N, D, G, /*hard=*/false, u, pieces.sum_ptr(),
+            pieces.touched_ptr(), weight.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -385,14 +385,155 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Long segments. The sorted lookups are cut into windows of kSegmentWindow positions. A row's
+// segment that lies inside one window is summed by one group, alone and in lookup order. A
+// segment that crosses a window boundary (a hot row: a field of few values, or every lookup on
+// one row) would make that one group walk it serially while the rest of the grid idles, so it
+// is summed in pieces instead: its run within each window is one piece, which
+// segment_pieces_kernel sums in lookup order into a float32 slot, and the segment's group adds
+// its piece sums in window order. The serial walk is then at most kSegmentWindow lookups plus
+// one slot per window. Run-to-run identity holds (the cut depends only on the sort); only a
+// segment that crosses a boundary is summed in another order than one serial sum (float32
+// rounding). Slots, two per window w: 2w for the piece that starts at the window's first
+// position (when its segment crosses a boundary), 2w + 1 for the piece of the window's last
+// segment when that segment starts after the window's first position and runs on into the
+// next window.
+constexpr int64_t kSegmentWindow = 128;
+
+__host__ __device__ __forceinline__ int64_t segment_windows(int64_t N) {
+  return (N + kSegmentWindow - 1) / kSegmentWindow;
+}
+
+// The first slot of the segment of `row` that starts at sorted position p, or -1 when the
+// segment lies inside one window (then it is summed serially).
+__device__ __forceinline__ int64_t first_piece_slot(const int64_t* __restrict__ sorted_rows,
+                                                    int64_t N, int64_t p, int64_t row) {
+  const int64_t w = p / kSegmentWindow;
+  const int64_t next = (w + 1) * kSegmentWindow;
+  if (next >= N || sorted_rows[next] != row) {
+    return -1;
+  }
+  return p == w * kSegmentWindow ? 2 * w : 2 * w + 1;
+}
+
+// acc += the piece sums of chunk [c, c + VEC) of the long segment of `row` that starts at p,
+// in window order from slot `first`; returns whether a piece was touched.
+template <int VEC>
+__device__ __forceinline__ bool add_pieces(const int64_t* __restrict__ sorted_rows, int64_t N,
+                                           int64_t D, int64_t p, int64_t row, int64_t first,
+                                           const float* __restrict__ piece_sum,
+                                           const int* __restrict__ piece_touched, int64_t c,
+                                           float (&acc)[VEC]) {
+  bool touched = false;
+  int64_t slot = first;
+  for (int64_t w = p / kSegmentWindow + 1;; ++w) {
+    touched = touched || piece_touched[slot] != 0;
+    RowChunk<float, VEC> raw;
+    raw.load(piece_sum + slot * D + c);
+    float g[VEC];
+    raw.to_floats(g);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      acc[i] += g[i];
+    }
+    if (w * kSegmentWindow >= N || sorted_rows[w * kSegmentWindow] != row) {
+      return touched;
+    }
+    slot = 2 * w;
+  }
+}
+
+// The pieces of the long segments: group g takes slot g (window g / 2) and, when the slot
+// belongs to a segment that crosses a window boundary, sums that piece's weighted rows
+// w * grad[n] (w = z1[n], or 1 without z1) in lookup order into piece_sum[g] and writes
+// piece_touched[g]. `skip_zero`: a lookup of weight 0 adds nothing and does not touch.
+// Launched over 2 * segment_windows(N) groups before the segment kernels, when N exceeds a
+// window; slots of no long segment are neither written nor read.
+template <typename grad_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    segment_pieces_kernel(const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
+                          const float* __restrict__ z1, const grad_t* __restrict__ grad, int64_t N,
+                          int64_t D, int G, bool skip_zero, float* __restrict__ piece_sum,
+                          int* __restrict__ piece_touched) {
+  const int groups_per_block = kThreads / G;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  if (g >= 2 * segment_windows(N)) {
+    return;
+  }
+  const int64_t w0 = (g / 2) * kSegmentWindow;
+  const int64_t w1 = w0 + kSegmentWindow < N ? w0 + kSegmentWindow : N;
+  int64_t begin;
+  int64_t end;
+  int64_t row;
+  if (g % 2 == 0) {
+    row = sorted_rows[w0];
+    const bool from_before = w0 > 0 && sorted_rows[w0 - 1] == row;
+    const bool into_next = w1 < N && sorted_rows[w1] == row;
+    if (!from_before && !into_next) {
+      return;  // a segment inside this window: its own group sums it
+    }
+    begin = w0;
+    end = w0 + 1;
+    while (end < w1 && sorted_rows[end] == row) {
+      ++end;
+    }
+  } else {
+    if (w1 >= N) {
+      return;
+    }
+    row = sorted_rows[w1 - 1];
+    if (sorted_rows[w1] != row) {
+      return;  // the window's last segment ends in it
+    }
+    begin = w1 - 1;
+    while (begin > w0 && sorted_rows[begin - 1] == row) {
+      --begin;
+    }
+    if (begin == w0) {
+      return;  // that segment's piece in this window is slot 2w
+    }
+    end = w1;
+  }
+  bool touched = false;
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      acc[i] = 0.0f;
+    }
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = order[q];
+      const float wt = z1 != nullptr ? z1[n] : 1.0f;
+      if (skip_zero && wt == 0.0f) {
+        continue;
+      }
+      touched = true;
+      RowChunk<grad_t, VEC> raw;
+      raw.load(grad + n * D + c);
+      float v[VEC];
+      raw.to_floats(v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        acc[i] += wt * v[i];
+      }
+    }
+    store_floats<float, VEC>(piece_sum + g * D + c, acc);
+  }
+  if (lane == 0) {
+    piece_touched[g] = touched ? 1 : 0;
+  }
+}
+
 // Deterministic dense gradient: sorted_rows / order come from a stable sort of the indices, so
 // each row's lookups are contiguous and in lookup order. The group that finds the start of a
-// segment sums it, alone and in order, and writes the row.
+// segment sums it, alone and in order (a long segment from its piece sums), and writes the row.
 template <typename grad_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     segment_sum_kernel(const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
                        const float* __restrict__ z1, const grad_t* __restrict__ grad_out,
-                       int64_t N, int64_t D, int G, float* __restrict__ dense_grad) {
+                       int64_t N, int64_t D, int G, const float* __restrict__ piece_sum,
+                       const int* __restrict__ piece_touched, float* __restrict__ dense_grad) {
   const int groups_per_block = kThreads / G;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int lane = threadIdx.x % G;
@@ -403,23 +544,28 @@ __global__ void __launch_bounds__(kThreads)
   if (p > 0 && sorted_rows[p - 1] == row) {
     return;
   }
+  const int64_t first = first_piece_slot(sorted_rows, N, p, row);
   for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       acc[i] = 0.0f;
     }
-    for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
-      const int64_t n = order[q];
-      const float w = z1[n];
-      if (w != 0.0f) {
-        RowChunk<grad_t, VEC> raw;
-        raw.load(grad_out + n * D + c);
-        float g[VEC];
-        raw.to_floats(g);
+    if (first >= 0) {
+      add_pieces<VEC>(sorted_rows, N, D, p, row, first, piece_sum, piece_touched, c, acc);
+    } else {
+      for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
+        const int64_t n = order[q];
+        const float w = z1[n];
+        if (w != 0.0f) {
+          RowChunk<grad_t, VEC> raw;
+          raw.load(grad_out + n * D + c);
+          float g[VEC];
+          raw.to_floats(g);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          acc[i] += w * g[i];
+          for (int i = 0; i < VEC; ++i) {
+            acc[i] += w * g[i];
+          }
         }
       }
     }
@@ -440,8 +586,9 @@ struct RowRule {
 // row, so each row's lookups are contiguous and in lookup order. The group that finds the start
 // of a segment sums its weighted gradients w * grad[n] (w = z1[n], or 1 without z1) alone and in
 // order, and updates the row of `weight` and of the rule's state in place with the CPU kernel's
-// float32 formulas (apply_row_update). `hard`: a lookup of weight 0 adds nothing, and a row
-// whose every lookup has weight 0 (its hard gates all chose the frozen row) is left as it is.
+// float32 formulas (apply_row_update); a long segment adds its piece sums instead (see
+// kSegmentWindow). `hard`: a lookup of weight 0 adds nothing, and a row whose every lookup has
+// weight 0 (its hard gates all chose the frozen row) is left as it is.
 // Row-wise Adagrad sums the squares of the row over the group's lanes (every lane of a warp
 // reaches that shuffle), then sums the segment a second time, in the same order, to update.
 template <typename scalar_t, typename grad_t, int VEC>
@@ -449,18 +596,25 @@ __global__ void __launch_bounds__(kThreads)
     segment_update_kernel(const int64_t* __restrict__ sorted_rows, const int64_t* __restrict__ order,
                           const float* __restrict__ z1, const grad_t* __restrict__ grad,
                           int64_t N, int64_t D, int G, bool hard, RowRule u,
-                          scalar_t* __restrict__ weight) {
+                          const float* __restrict__ piece_sum,
+                          const int* __restrict__ piece_touched, scalar_t* __restrict__ weight) {
   const int groups_per_block = kThreads / G;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int lane = threadIdx.x % G;
   const bool starts = p < N && (p == 0 || sorted_rows[p - 1] != sorted_rows[p]);
   const int64_t row = starts ? sorted_rows[p] : -1;
   bool touched = false;
+  const int64_t first = starts ? first_piece_slot(sorted_rows, N, p, row) : -1;
   // acc = the segment's sum of chunk [c, c + VEC).
   auto segment_sum = [&](int64_t c, float (&acc)[VEC]) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       acc[i] = 0.0f;
+    }
+    if (first >= 0) {
+      touched = add_pieces<VEC>(sorted_rows, N, D, p, row, first, piece_sum, piece_touched, c,
+                                acc) || touched;
+      return;
     }
     for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
       const int64_t n = order[q];
@@ -482,8 +636,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(G) * VEC;
   float denom = 1.0f;
   if (u.rule == 1) {
-    // Every lane reads the row's sum before the shuffle and lane 0 writes it after, so no lane
-    // sees the new value.
+    // Every lane reads the row's sum before the warp barrier below and lane 0 writes it after,
+    // so no lane sees the new value.
     const float old_sum = starts ? u.state_a[row] : 0.0f;
     float sq = 0.0f;
     if (starts) {
@@ -497,6 +651,9 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     sq = group_sum(sq, G);
+    // The shuffle orders no memory access: the barrier makes every lane's read of the old sum
+    // happen before lane 0's write (all 32 lanes of the warp arrive here).
+    __syncwarp();
     const float a = old_sum + sq / static_cast<float>(D);
     if (starts && (touched || !hard) && lane == 0) {
       u.state_a[row] = a;

@@ -81,9 +81,12 @@ int run(int64_t B, int64_t V, int64_t D, bool hard, int noise_mode, int grad_mod
     std::vector<float> ones(L, 1.0f);
     const int gpb = kThreads / G;
     if (L > 0) {
+      const EmulatedPieces<float, VEC> pieces(rows.data(), order.data(), ones.data(), value32.data(), L,
+                                              D, G, true);
       launch(static_cast<unsigned>((L + gpb - 1) / gpb), segment_sum_kernel<float, VEC>,
              (const int64_t*)rows.data(), (const int64_t*)order.data(), (const float*)ones.data(),
-             (const float*)value32.data(), L, D, G, dense.data());
+             (const float*)value32.data(), L, D, G, pieces.sum_ptr(), pieces.touched_ptr(),
+             dense.data());
     }
   }
   dump(out + "/values.bin", values64);

@@ -9,7 +9,8 @@
 //   emulate_kernels N V D dtype(0 f32, 1 bf16, 2 f16) idx64 grad_f32 vec1 hard noise(0 none,
 //                   1 seed, 2 uniforms) mode(0 atomic, 1 sparse, 2 deterministic, 3 deterministic
 //                   on three hot rows, 4 + r the fused optimizer's update by rule r: 4 sgd,
-//                   5 rowwise_adagrad, 6 adam, at step 3 with lr 0.05 from a random state)
+//                   5 rowwise_adagrad, 6 adam, at step 3 with lr 0.05 from a random state;
+//                   7 + r that update on three hot rows)
 //                   seed tau with_grad_gates out_dir
 // It draws the inputs from a fixed xorshift stream, runs forward and backward as the host code
 // of gated_embedding_cuda.cu would launch them, and writes inputs and outputs as raw float32 /
@@ -28,7 +29,7 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
         float tau, bool with_gg, const std::string& out) {
   std::vector<int64_t> idx64(N);
   for (auto& i : idx64) i = static_cast<int64_t>(urand() * V) % V;
-  if (mode == 3) for (auto& i : idx64) i %= 3;  // hot rows
+  if (mode == 3 || mode >= 7) for (auto& i : idx64) i %= 3;  // hot rows
   std::vector<index_t> idx(idx64.begin(), idx64.end());
   std::vector<scalar_t> frozen(V * D), tuned(V * D);
   for (auto& x : frozen) x = static_cast<scalar_t>(static_cast<float>(nrand()));
@@ -46,7 +47,7 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
   std::vector<float> gates(2 * N, -7.f), glog(2 * N, -7.f), dense(V * D, 0.f), z1(N, -7.f);
   std::vector<scalar_t> sparse(N * D);
   const std::vector<scalar_t> tuned0 = tuned;  // the update (modes 4..6) rewrites `tuned`
-  const int rule = mode - 4;
+  const int rule = mode >= 4 ? (mode - 4) % 3 : -1;
   std::vector<float> state_a(rule == 1 ? V : V * D), state_b(V * D);
   for (auto& x : state_a) x = static_cast<float>(rule == 1 ? urand() : 0.1 * nrand());
   for (auto& x : state_b) x = static_cast<float>(0.1 * urand());
@@ -87,12 +88,18 @@ int run(int64_t N, int64_t V, int64_t D, bool hard, int noise_mode, int mode, ui
           -(lr * std::sqrt(1.0 - std::pow(beta2, step)) / (1.0 - std::pow(beta1, step))));
       u.state_a = state_a.data();
       u.state_b = state_b.data();
+      const EmulatedPieces<grad_t, VEC> pieces(rows.data(), order.data(), z1.data(), go.data(), N, D, G,
+                                               hard);
       launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_update_kernel<scalar_t, grad_t, VEC>,
              (const int64_t*)rows.data(), (const int64_t*)order.data(), (const float*)z1.data(),
-             (const grad_t*)go.data(), N, D, G, hard, u, tuned.data());
+             (const grad_t*)go.data(), N, D, G, hard, u, pieces.sum_ptr(), pieces.touched_ptr(),
+             tuned.data());
     } else {
-      launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_sum_kernel<grad_t, VEC>, rows.data(),
-             order.data(), z1.data(), go.data(), N, D, G, dense.data());
+      const EmulatedPieces<grad_t, VEC> pieces(rows.data(), order.data(), z1.data(), go.data(), N, D, G,
+                                               true);
+      launch(static_cast<unsigned>((N + gpb - 1) / gpb), segment_sum_kernel<grad_t, VEC>,
+             (const int64_t*)rows.data(), (const int64_t*)order.data(), (const float*)z1.data(),
+             (const grad_t*)go.data(), N, D, G, pieces.sum_ptr(), pieces.touched_ptr(), dense.data());
     }
   }
   dump(out + "/idx.bin", idx64);

@@ -1,6 +1,6 @@
 // The CUDA stand-ins of the launch-grid emulation (see emulate_kernels.cpp): threadIdx and
 // blockIdx per std::thread, a barrier per block for __syncthreads, a barrier per warp around
-// each shuffle, std::atomic_ref for atomicAdd, a function-level static for __shared__ memory
+// each shuffle and for __syncwarp, std::atomic_ref for atomicAdd, a function-level static for __shared__ memory
 // (blocks run one after another), and the inputs' random stream and raw file output. Include
 // it before a kernel header; shared by emulate_kernels.cpp and emulate_bag_kernels.cpp.
 #pragma once
@@ -41,6 +41,7 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
   g_warp_barriers[w]->arrive_and_wait();
   return r;
 }
+inline void __syncwarp() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 #include "gated_embedding_kernels.cuh"
@@ -68,6 +69,25 @@ void launch(unsigned blocks, K kernel, Args... args) {
     for (auto& t : ts) t.join();
   }
 }
+
+// The long segments' pieces as segment_pieces.cuh launches them: slots only past one window.
+template <typename grad_t, int VEC>
+struct EmulatedPieces {
+  std::vector<float> sum;
+  std::vector<int> touched;
+  EmulatedPieces(const int64_t* rows, const int64_t* order, const float* z1, const grad_t* grad,
+                 int64_t N, int64_t D, int G, bool skip_zero) {
+    if (N <= kSegmentWindow) return;
+    const int64_t slots = 2 * segment_windows(N);
+    sum.assign(slots * D, -7.f);  // never read unless written
+    touched.assign(slots, -7);
+    const int gpb = kThreads / G;
+    launch(static_cast<unsigned>((slots + gpb - 1) / gpb), segment_pieces_kernel<grad_t, VEC>,
+           rows, order, z1, grad, N, D, G, skip_zero, sum.data(), touched.data());
+  }
+  const float* sum_ptr() const { return sum.empty() ? nullptr : sum.data(); }
+  const int* touched_ptr() const { return touched.empty() ? nullptr : touched.data(); }
+};
 
 static uint64_t rng = 88172645463325252ull;
 double urand() { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (rng >> 11) * (1.0 / 9007199254740992.0); }
