@@ -44,6 +44,9 @@ import torch
 
 FOUNDATION = ["4096:24:16:1000000", "4096:24:64:1000000", "4096:24:16:100000"]
 LARGE = ["65536:26:64:10000000", "65536:26:128:10000000"]
+# Hot rows: 98,304 lookups on 16 rows, about 6,000 per row (a field of a few values), where the
+# fused update and the deterministic gradient sum each row in pieces of 128 sorted lookups.
+HOT = ["4096:24:16:16"]
 FWD_ROWS = 3
 STEP_ROWS = 8
 # B:F:D:V:LEN: B instances, F multi-hot fields (B * F bags), bag lengths uniform in
@@ -277,8 +280,9 @@ def _fused_provider(backend: str, kind: str):
     return fn
 
 
-KERNEL_NAMES = {"triton": (["_fwd_kernel"], ["_bwd_kernel", "_rows_update_kernel"]),
-                "cuda": (["forward_kernel"], ["backward_kernel", "segment_update_kernel"])}
+KERNEL_NAMES = {"triton": (["_fwd_kernel"], ["_bwd_kernel", "_pieces_kernel", "_rows_update_kernel"]),
+                "cuda": (["forward_kernel"], ["backward_kernel", "segment_pieces_kernel",
+                                              "segment_update_kernel"])}
 
 
 def bench_shape(shape, device, dtype, clock, providers, copy_gbs, backends):
@@ -587,7 +591,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="B:F:D:V",
-                   help="default: the foundation shapes and the large ones")
+                   help="default: the foundation shapes, the large ones and a hot-row one")
     p.add_argument("--backends", nargs="*", default=None,
                    help="autoft_fast backends (default: triton and cuda where available)")
     p.add_argument("--compile", default="dynamic", choices=["dynamic", "static", "off"],
@@ -612,7 +616,7 @@ def main(argv=None) -> int:
         unknown = [b for b in args.backends if b not in backend_names()]
         if unknown:
             p.error(f"--backends: unknown {unknown} (known: {', '.join(backend_names())})")
-    shapes = args.shapes or [parse_shape(s) for s in FOUNDATION + LARGE]
+    shapes = args.shapes or [parse_shape(s) for s in FOUNDATION + LARGE + HOT]
     bag_shapes = [parse_bag_shape(s) for s in BAG_SHAPES] if args.bag_shapes is None else args.bag_shapes
     dtype = getattr(torch, args.dtype)
 
