@@ -267,6 +267,19 @@ def _fit(strategy, fmap, data, valid, tmp, *, kill=None, resume=False, optimizer
     return model, tr, tr.fit(data, valid, resume=resume)
 
 
+def test_trainer_steps_keep_the_update_inside_the_kernel(fmap, data, tmp_path, monkeypatch):
+    # One call per table per step: no step may take the deferred path that combines several
+    # calls of one table (it leaves the fused kernel for the sparse backward plus an update).
+    from autoft_fast.ops import functional
+
+    def deferred(*_):
+        raise AssertionError("a training step deferred a fused update")
+
+    monkeypatch.setattr(functional, "_defer_update", deferred)
+    model, _, _ = _fit("autoft", fmap, data, tiny_batch(fmap, 64, seed=1), tmp_path)
+    assert int(model.field_embedding.optimizer_step) > 0
+
+
 @pytest.mark.parametrize("strategy", ["finetune_all", "l2sp"])
 def test_trainer_trains_every_plain_table_fused_and_resume_is_exact(strategy, fmap, data,
                                                                     tmp_path):
