@@ -130,6 +130,37 @@ def test_fused_lookup_paused_and_lazy_l2sp():
     assert torch.equal(w.detach()[[0, 2, 4, 5]], torch.ones(4, 2))
 
 
+@pytest.mark.parametrize("kind", ["adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("l2sp", [False, True])
+def test_calls_of_one_plain_table_in_one_backward_are_one_step(kind, l2sp):
+    # Two fused_lookup calls of one table in one backward: one optimizer step on their
+    # combined rows (a stateful rule would otherwise step twice), equal to one call with both
+    # lookups; a weighted lookup's weight gradient reads the rows of the step's forward.
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(8, 3, generator=gen)
+    anchor = (torch.zeros(8, 3), 0.3) if l2sp else None
+    ids_a, ids_b = torch.tensor([1, 1, 4]), torch.tensor([[4, 7], [1, 0]])
+    weights = torch.rand(2, 2, generator=gen)
+    coef_a, coef_b = torch.randn(3, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    opt = FusedOptimizer(kind, lr=0.1)
+    split, joint = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    s_split, s_joint = opt.new_state(split), opt.new_state(joint)
+    for _ in range(2):
+        wb_s, wb_j = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+        (a,) = fused_lookup(split, [Lookup(ids_a)], opt, s_split, l2sp=anchor)
+        (b,) = fused_lookup(split, [Lookup(ids_b, wb_s, pooled=True)], opt, s_split, l2sp=anchor)
+        ((a * coef_a).sum() + (b * coef_b).sum()).backward()
+        a, b = fused_lookup(joint, [Lookup(ids_a), Lookup(ids_b, wb_j, pooled=True)], opt,
+                            s_joint, l2sp=anchor)
+        ((a * coef_a).sum() + (b * coef_b).sum()).backward()
+        torch.testing.assert_close(split.detach(), joint.detach())
+        torch.testing.assert_close(wb_s.grad, wb_j.grad)
+        for name in s_joint:
+            torch.testing.assert_close(s_split[name], s_joint[name], msg=name)
+    assert int(s_split["step"]) == 2
+    assert not torch.equal(split.detach(), start)
+
+
 def test_fused_lookup_rejects_bad_input():
     w = torch.nn.Parameter(torch.zeros(4, 2))
     opt = FusedOptimizer("sgd", lr=0.1)
@@ -268,14 +299,15 @@ def _fit(strategy, fmap, data, valid, tmp, *, kill=None, resume=False, optimizer
 
 
 def test_trainer_steps_keep_the_update_inside_the_kernel(fmap, data, tmp_path, monkeypatch):
-    # One call per table per step: no step may take the deferred path that combines several
-    # calls of one table (it leaves the fused kernel for the sparse backward plus an update).
-    from autoft_fast.ops import functional
+    # One call per table per step: no step of the gated table or of the plain first-order
+    # table may take the deferred path that combines several calls of one table (it leaves
+    # the fused kernel for the sparse backward plus an update).
+    from autoft_fast.ops import fused_optim
 
-    def deferred(*_):
+    def deferred(*_, **__):
         raise AssertionError("a training step deferred a fused update")
 
-    monkeypatch.setattr(functional, "_defer_update", deferred)
+    monkeypatch.setattr(fused_optim, "defer_update", deferred)
     model, _, _ = _fit("autoft", fmap, data, tiny_batch(fmap, 64, seed=1), tmp_path)
     assert int(model.field_embedding.optimizer_step) > 0
 

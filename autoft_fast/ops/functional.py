@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from . import fused_optim, quant, registry, validate
@@ -57,84 +55,13 @@ def _seed_tensor(seed: int | None, noise: bool, uniforms) -> torch.Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
-class _OpenCall:
-    """One fused call of a table, from its forward until its backward has run (``done``).
-
-    ``shared``: another call of the same table was open at the same table version, so the
-    two may meet in one backward, where an update inside the first backward would change the
-    rows the second reads. A shared call's backward defers its update to the end of the
-    backward pass (:func:`_defer_update`), where the row sums of every shared call of the table
-    are combined into one step: the result of one call with the lookups concatenated.
-    """
-
-    __slots__ = ("done", "shared", "__weakref__")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.shared = False
-
-
-# id(table) -> (table version, the open calls at that version); a call's entry lives as long
-# as its autograd graph (a weak set), the table's entry as long as the table.
-_open_calls: dict[int, tuple[int, weakref.WeakSet]] = {}
-
-
-def _open_call(weight: torch.Tensor) -> _OpenCall:
-    call = _OpenCall()
-    key = id(weight)
-    entry = _open_calls.get(key)
-    if entry is None or entry[0] != weight._version:
-        if entry is None:
-            weakref.finalize(weight, _open_calls.pop, key, None)
-        entry = (weight._version, weakref.WeakSet())
-        _open_calls[key] = entry
-    for other in entry[1]:
-        if not other.done:
-            other.shared = call.shared = True
-    entry[1].add(call)
-    return call
-
-
-# graph task id -> id(table) -> the deferred updates of the shared calls of one backward pass.
-_deferred: dict[int, dict[int, list]] = {}
-
-
-def _defer_update(optimizer, weight, rows, values, state) -> None:
-    """Queue a shared call's update (sorted unique rows, their sums) for the end of this
-    backward pass. Updates left by a backward that raised before its end are dropped: one
-    backward at a time runs the fused tables (as ``fused_updates_paused`` assumes)."""
-    task = torch._C._current_graph_task_id()
-    if task not in _deferred:
-        _deferred.clear()
-        _deferred[task] = {}
-        torch.autograd.Variable._execution_engine.queue_callback(
-            lambda: _apply_deferred(task))
-    _deferred[task].setdefault(id(weight), []).append((optimizer, weight, rows, values, state))
-
-
-def _apply_deferred(task: int) -> None:
-    for entries in _deferred.pop(task, {}).values():
-        optimizer, weight, _, _, state = entries[0]
-        if any(e[0] is not optimizer or e[4].keys() != state.keys()
-               or any(e[4][k] is not v for k, v in state.items()) for e in entries):
-            raise RuntimeError("gated_embedding with optimizer=: calls of one tuned table in one "
-                               "backward were given different optimizers or optimizer states")
-        rows = torch.cat([e[2].to(torch.int64) for e in entries])
-        values = torch.cat([e[3].to(torch.float32) for e in entries])
-        rows, values = fused_optim.combine_rows(rows, values,
-                                                deterministic=optimizer.deterministic)
-        with torch.no_grad():
-            optimizer.apply(weight.detach(), rows, values, state)
-        if not fused_optim.updates_are_redirected():
-            _FusedStep._updated(weight)
-
-
 class _FusedStep(torch.autograd.Function):
     """The op whose backward updates the tuned rows in place (see ``ops/fused_optim.py``).
 
     ``tuned_weight`` is an input so that the backward runs even when the logits need no
     gradient; its gradient is always None (the update took its place). Calls of one table
-    that meet in one backward are combined into one step at its end (see :class:`_OpenCall`).
+    that meet in one backward are combined into one step at its end
+    (``fused_optim.open_call``).
     """
 
     @staticmethod
@@ -148,7 +75,7 @@ class _FusedStep(torch.autograd.Function):
         # The backward reads the table's rows for the logit gradient: they must be the rows
         # this forward read (see _check_unchanged).
         ctx.version = tuned_weight._version
-        ctx.call = _open_call(tuned_weight)
+        ctx.call = fused_optim.open_call(tuned_weight)
         ctx.logits_shape = logits.shape
         if row.is_reference:
             with torch.enable_grad():
@@ -245,7 +172,7 @@ class _FusedStep(torch.autograd.Function):
         if no_update:
             pass
         elif shared:
-            _defer_update(opt, weight, rows, values, ctx.state)
+            fused_optim.defer_update(opt, weight, rows, values, ctx.state, bump_version=True)
         else:
             with torch.no_grad():
                 opt.apply(weight.detach(), rows, values, ctx.state)

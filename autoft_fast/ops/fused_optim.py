@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -381,6 +382,100 @@ def _rows_update_kernel(weight: torch.Tensor):
     return registry.rows_update_op(weight.device)
 
 
+class OpenCall:
+    """One fused call of a table, from its forward until its backward has run (``done``).
+
+    ``shared``: another call of the same table was open at the same table version, so the
+    two may meet in one backward, where an update inside the first backward would change the
+    rows the second reads (and a rule with state would take two steps). A shared call's
+    backward hands its rows to :func:`defer_update` instead, and at the end of the backward
+    pass the row sums of every shared call of the table are combined into one step: the step
+    of one call with the lookups concatenated. A call left open (a forward never run backward)
+    makes later calls shared, which costs them only the fused kernel's speed.
+    """
+
+    __slots__ = ("done", "shared", "__weakref__")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.shared = False
+
+
+# id(table) -> (table version, the open calls at that version); a call's entry lives as long
+# as its autograd graph (a weak set), the table's entry as long as the table.
+_open_calls: dict[int, tuple[int, weakref.WeakSet]] = {}
+
+
+def open_call(weight: torch.Tensor) -> OpenCall:
+    """Register a fused call of ``weight`` made now (from its op's forward); see OpenCall.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import open_call
+        >>> w = torch.zeros(3, 2)
+        >>> a, b = open_call(w), open_call(w)
+        >>> a.shared, b.shared
+        (True, True)
+    """
+    call = OpenCall()
+    key = id(weight)
+    entry = _open_calls.get(key)
+    if entry is None or entry[0] != weight._version:
+        if entry is None:
+            weakref.finalize(weight, _open_calls.pop, key, None)
+        entry = (weight._version, weakref.WeakSet())
+        _open_calls[key] = entry
+    for other in entry[1]:
+        if not other.done:
+            other.shared = call.shared = True
+    entry[1].add(call)
+    return call
+
+
+# graph task id -> id(table) -> the deferred updates of the shared calls of one backward pass.
+_deferred: dict[int, dict[int, list]] = {}
+
+
+def defer_update(optimizer: "FusedOptimizer", weight: torch.Tensor, rows: torch.Tensor,
+                 values: torch.Tensor, state: dict, *, l2sp=None,
+                 bump_version: bool = False) -> None:
+    """Queue a shared call's update for the end of the backward pass that is running.
+
+    ``rows`` [K] and ``values`` [K, D] need not be unique: the queued calls of a table are
+    concatenated and combined (:func:`combine_rows`), then ``l2sp`` is added and one
+    :meth:`FusedOptimizer.apply` runs (``bump_version``: and autograd is told the table
+    changed). Updates left by a backward that raised before its end are dropped: one backward
+    at a time runs the fused tables (as :func:`fused_updates_paused` assumes).
+    """
+    task = torch._C._current_graph_task_id()
+    if task not in _deferred:
+        _deferred.clear()
+        _deferred[task] = {}
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _apply_deferred(task))
+    _deferred[task].setdefault(id(weight), []).append(
+        (optimizer, weight, rows, values, state, l2sp, bump_version))
+
+
+def _apply_deferred(task: int) -> None:
+    for entries in _deferred.pop(task, {}).values():
+        optimizer, weight, _, _, state, l2sp, bump = entries[0]
+        if any(e[0] is not optimizer or e[4].keys() != state.keys()
+               or any(e[4][k] is not v for k, v in state.items()) for e in entries):
+            raise RuntimeError("fused optimizer: calls of one table in one backward were given "
+                               "different optimizers or optimizer states")
+        rows = torch.cat([e[2].to(torch.int64) for e in entries])
+        values = torch.cat([e[3].to(torch.float32) for e in entries])
+        rows, values = combine_rows(rows, values, deterministic=optimizer.deterministic)
+        w = weight.detach()
+        if not _redirects:  # a redirect (data-parallel) adds L2-SP after combining ranks
+            values = add_l2sp(w, rows, values, l2sp)
+        with torch.no_grad():
+            optimizer.apply(w, rows, values, state)
+        if bump and not _redirects:
+            torch.autograd.graph.increment_version(weight)
+
+
 class _FusedLookup(torch.autograd.Function):
     """The plain lookups of one table whose backward updates the touched rows in place."""
 
@@ -389,11 +484,13 @@ class _FusedLookup(torch.autograd.Function):
         optimizer, state, pooled, l2sp = spec
         lookups = [Lookup(tensors[2 * i], tensors[2 * i + 1], p) for i, p in enumerate(pooled)]
         ctx.weight, ctx.spec, ctx.lookups = weight, spec, lookups
+        ctx.call = open_call(weight)
         return tuple(plain_lookup(weight.detach(), lk) for lk in lookups)
 
     @staticmethod
     def backward(ctx, *grads):
         optimizer, state, _, l2sp = ctx.spec
+        ctx.call.done = True
         w = ctx.weight.detach()
         dim = w.shape[1]
         rows, values, grad_weights = [], [], []
@@ -422,7 +519,9 @@ class _FusedLookup(torch.autograd.Function):
         if not updates_paused():
             all_rows, all_values = torch.cat(rows), torch.cat(values)
             kernel = None if _redirects or l2sp is not None else _rows_update_kernel(w)
-            if kernel is not None:
+            if ctx.call.shared:
+                defer_update(optimizer, ctx.weight, all_rows, all_values, state, l2sp=l2sp)
+            elif kernel is not None:
                 # One kernel pass: rows combined as combine_rows does (sorted, float32 sums in
                 # lookup order) and updated by the rule as apply_now does.
                 with torch.no_grad():
@@ -464,13 +563,14 @@ def fused_lookup(weight: torch.Tensor, lookups, optimizer: FusedOptimizer,
     """Plain lookups of ``weight`` [V, D] whose backward applies ``optimizer`` to the touched rows.
 
     ``lookups``: a sequence of :class:`Lookup`; returns one output per lookup, the values of
-    ``plain_lookup`` bit for bit. All lookups of one table and
-    one step go in one call, so that the step's update is one optimizer step: the backward
+    ``plain_lookup`` bit for bit. The step's update is one optimizer step: the backward
     takes every lookup's gradient row (times its weight), drops the lookups of weight 0,
     combines repeated rows exactly (sorted segments, :func:`combine_rows`) and hands the sorted
     unique rows with their float32 sums to :meth:`FusedOptimizer.apply`; ``weight`` never gets
     a ``.grad`` and no [V, D] gradient is made. The result equals the plain optimizer (SGD,
-    SparseAdam, ...) given the step's gradient on the touched rows.
+    SparseAdam, ...) given the step's gradient on the touched rows. Several calls of one
+    table that meet in one backward are one step as well, applied at its end (:class:`OpenCall`);
+    one call is the fast path (its rows go straight to the update kernel).
 
     ``l2sp = (anchor, alpha)``: lazy L2-SP. The penalty alpha / 2 * ||weight - anchor||^2 adds
     alpha * (weight[r] - anchor[r]) to the gradient of every touched row r (rows not looked up
