@@ -161,6 +161,67 @@ def test_calls_of_one_plain_table_in_one_backward_are_one_step(kind, l2sp):
     assert not torch.equal(split.detach(), start)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_accumulated_micro_batches_are_one_step_on_the_summed_gradient(kind):
+    # Gradient accumulation: two micro-batches' backwards inside fused_updates_accumulated
+    # give what one backward of both takes (one step on the summed gradient), for a gated
+    # table (its logit gradients read the block's starting rows) and for a plain one.
+    from autoft_fast.ops.fused_optim import fused_updates_accumulated
+    gen = torch.Generator().manual_seed(8)
+    pre = torch.randn(6, 3, generator=gen)
+    idx, logits = torch.tensor([0, 2, 2, 5, 1]), torch.randn(5, 2, generator=gen)
+    coef = torch.randn(5, 3, generator=gen)
+
+    def gated():
+        return autoft_fast.GatedEmbedding.from_pretrained(pre, optimizer=kind, lr=0.1)
+
+    acc, one = gated(), gated()
+    plain_acc, plain_one = torch.nn.Parameter(pre.clone()), torch.nn.Parameter(pre.clone())
+    opt = FusedOptimizer(kind, lr=0.1)
+    s_acc, s_one = opt.new_state(plain_acc), opt.new_state(plain_one)
+    grads = []
+    with fused_updates_accumulated():
+        for part in (slice(0, 2), slice(2, 5)):
+            lg = logits[part].clone().requires_grad_()
+            out, _ = acc(idx[part], lg, hard=False, noise=False)
+            (p_out,) = fused_lookup(plain_acc, [Lookup(idx[part])], opt, s_acc)
+            ((out * coef[part]).sum() + (p_out * coef[part]).sum()).backward()
+            grads.append(lg.grad)
+        assert torch.equal(acc.tuned_weight.detach(), pre)  # nothing applied inside
+        assert torch.equal(plain_acc.detach(), pre)
+    lg = logits.clone().requires_grad_()
+    out, _ = one(idx, lg, hard=False, noise=False)
+    (p_out,) = fused_lookup(plain_one, [Lookup(idx)], opt, s_one)
+    ((out * coef).sum() + (p_out * coef).sum()).backward()
+    torch.testing.assert_close(torch.cat(grads), lg.grad)
+    torch.testing.assert_close(acc.tuned_weight.detach(), one.tuned_weight.detach())
+    torch.testing.assert_close(plain_acc.detach(), plain_one.detach())
+    assert int(acc.optimizer_step) == int(s_acc["step"]) == 1
+    assert not torch.equal(plain_acc.detach(), pre)
+
+
+def test_accumulation_adds_l2sp_per_backward_and_an_exception_applies_nothing():
+    from autoft_fast.ops.fused_optim import fused_updates_accumulated
+    w = torch.nn.Parameter(torch.ones(4, 2))
+    anchor = torch.zeros(4, 2)
+    opt = FusedOptimizer("sgd", lr=0.5)
+    state = opt.new_state(w)
+    with pytest.raises(KeyError):
+        with fused_updates_accumulated():
+            fused_lookup(w, [Lookup(torch.tensor([1]))], opt, state)[0].sum().backward()
+            raise KeyError("a failed micro-batch")
+    assert torch.equal(w.detach(), torch.ones(4, 2))
+    with fused_updates_accumulated():
+        for _ in range(2):
+            out = fused_lookup(w, [Lookup(torch.tensor([1, 3]))], opt, state,
+                               l2sp=(anchor, 0.2))[0]
+            out.sum().backward()
+    # rows 1 and 3: g = 2 x (1 + 0.2 * (1 - 0)) over the two backwards; the rest unmoved
+    assert w[1].tolist() == pytest.approx([1 - 0.5 * 2.4] * 2)
+    assert w[3].tolist() == pytest.approx([1 - 0.5 * 2.4] * 2)
+    assert torch.equal(w.detach()[[0, 2]], torch.ones(2, 2))
+
+
 def test_fused_lookup_rejects_bad_input():
     w = torch.nn.Parameter(torch.zeros(4, 2))
     opt = FusedOptimizer("sgd", lr=0.1)

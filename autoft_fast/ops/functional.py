@@ -118,7 +118,7 @@ class _FusedStep(torch.autograd.Function):
         indices, frozen_weight, seed, uniforms, tau, hard, noise = ctx.inputs
         row, weight = ctx.row, ctx.tuned_weight
         _FusedStep._check_unchanged(ctx, weight)
-        shared = ctx.call.shared
+        shared = ctx.call.shared or fused_optim.updates_accumulated()
         ctx.call.done = True
         # No update: paused, a frozen table, or a loss that reads only the gates (the rows'
         # gradient is None then, and a plain optimizer would skip the table: no zero-gradient

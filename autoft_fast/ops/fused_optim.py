@@ -440,40 +440,105 @@ _deferred: dict[int, dict[int, list]] = {}
 def defer_update(optimizer: "FusedOptimizer", weight: torch.Tensor, rows: torch.Tensor,
                  values: torch.Tensor, state: dict, *, l2sp=None,
                  bump_version: bool = False) -> None:
-    """Queue a shared call's update for the end of the backward pass that is running.
+    """Queue a call's update for the end of the backward pass that is running (a shared
+    call), or for the end of the :func:`fused_updates_accumulated` block around it.
 
-    ``rows`` [K] and ``values`` [K, D] need not be unique: the queued calls of a table are
-    concatenated and combined (:func:`combine_rows`), then ``l2sp`` is added and one
-    :meth:`FusedOptimizer.apply` runs (``bump_version``: and autograd is told the table
-    changed). Updates left by a backward that raised before its end are dropped: one backward
-    at a time runs the fused tables (as :func:`fused_updates_paused` assumes).
+    ``rows`` [K] and ``values`` [K, D] need not be unique: the queued calls of a table in one
+    backward are concatenated and combined (:func:`combine_rows`) and ``l2sp`` is added once
+    per backward; then one :meth:`FusedOptimizer.apply` runs on the sum over the backward
+    passes (``bump_version``: and autograd is told the table changed). Updates left by a
+    backward that raised before its end are dropped: one backward at a time runs the fused
+    tables (as :func:`fused_updates_paused` assumes).
     """
     task = torch._C._current_graph_task_id()
+    entry = (optimizer, weight, rows, values, state, l2sp, bump_version)
+    if _accumulations:
+        _accumulations[-1].setdefault(id(weight), {}).setdefault(task, []).append(entry)
+        return
     if task not in _deferred:
         _deferred.clear()
         _deferred[task] = {}
         torch.autograd.Variable._execution_engine.queue_callback(lambda: _apply_deferred(task))
-    _deferred[task].setdefault(id(weight), []).append(
-        (optimizer, weight, rows, values, state, l2sp, bump_version))
+    _deferred[task].setdefault(id(weight), []).append(entry)
 
 
 def _apply_deferred(task: int) -> None:
     for entries in _deferred.pop(task, {}).values():
-        optimizer, weight, _, _, state, l2sp, bump = entries[0]
+        _step_table([entries])
+
+
+def _step_table(passes: list) -> None:
+    """One step of one table from its queued calls, grouped by backward pass."""
+    optimizer, weight, _, _, state, l2sp, _ = passes[0][0]
+    w = weight.detach()
+    rows, values = [], []
+    for entries in passes:
         if any(e[0] is not optimizer or e[4].keys() != state.keys()
                or any(e[4][k] is not v for k, v in state.items()) for e in entries):
-            raise RuntimeError("fused optimizer: calls of one table in one backward were given "
-                               "different optimizers or optimizer states")
-        rows = torch.cat([e[2].to(torch.int64) for e in entries])
-        values = torch.cat([e[3].to(torch.float32) for e in entries])
-        rows, values = combine_rows(rows, values, deterministic=optimizer.deterministic)
-        w = weight.detach()
+            raise RuntimeError("fused optimizer: calls of one table were given different "
+                               "optimizers or optimizer states")
+        r, v = combine_rows(torch.cat([e[2].to(torch.int64) for e in entries]),
+                            torch.cat([e[3].to(torch.float32) for e in entries]),
+                            deterministic=optimizer.deterministic)
         if not _redirects:  # a redirect (data-parallel) adds L2-SP after combining ranks
-            values = add_l2sp(w, rows, values, l2sp)
-        with torch.no_grad():
-            optimizer.apply(w, rows, values, state)
-        if bump and not _redirects:
-            torch.autograd.graph.increment_version(weight)
+            v = add_l2sp(w, r, v, l2sp)
+        rows.append(r)
+        values.append(v)
+    if len(passes) > 1:
+        r, v = combine_rows(torch.cat(rows), torch.cat(values),
+                            deterministic=optimizer.deterministic)
+    else:
+        r, v = rows[0], values[0]
+    with torch.no_grad():
+        optimizer.apply(w, r, v, state)
+    if any(e[6] for entries in passes for e in entries) and not _redirects:
+        torch.autograd.graph.increment_version(weight)
+
+
+_accumulations: list[dict] = []
+
+
+def updates_accumulated() -> bool:
+    """Whether a :func:`fused_updates_accumulated` block is active."""
+    return bool(_accumulations)
+
+
+@contextlib.contextmanager
+def fused_updates_accumulated():
+    """Gradient accumulation for tables with a fused optimizer.
+
+    Inside this block no fused table is updated: each backward hands its row gradients on,
+    and every backward's logit gradients read the rows the block started with. On leaving
+    the block each table takes one optimizer step on the sum of its row gradients over the
+    block's backward passes: the step ``torch.optim`` takes after gradients accumulated over
+    micro-batches (lazy L2-SP adds its term once per backward, as a penalty in each
+    micro-batch's loss would). A block left by an exception applies nothing. Process-wide,
+    as :func:`fused_updates_paused`.
+
+    Example::
+
+        >>> import torch
+        >>> from autoft_fast.ops.fused_optim import (FusedOptimizer, Lookup, fused_lookup,
+        ...                                          fused_updates_accumulated)
+        >>> w = torch.nn.Parameter(torch.zeros(4, 1))
+        >>> opt = FusedOptimizer("adam", lr=0.1)
+        >>> state = opt.new_state(w)
+        >>> with fused_updates_accumulated():
+        ...     for ids in ([1], [1, 2]):
+        ...         fused_lookup(w, [Lookup(torch.tensor(ids))], opt, state)[0].sum().backward()
+        ...     w[1].item()                          # nothing applied yet
+        0.0
+        >>> int(state["step"]), round(w[1].item(), 4)  # one Adam step on the summed gradient
+        (1, -0.1)
+    """
+    pending: dict = {}
+    _accumulations.append(pending)
+    try:
+        yield
+    finally:
+        _accumulations.pop()
+    for per_pass in pending.values():
+        _step_table(list(per_pass.values()))
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -519,7 +584,7 @@ class _FusedLookup(torch.autograd.Function):
         if not updates_paused():
             all_rows, all_values = torch.cat(rows), torch.cat(values)
             kernel = None if _redirects or l2sp is not None else _rows_update_kernel(w)
-            if ctx.call.shared:
+            if ctx.call.shared or _accumulations:
                 defer_update(optimizer, ctx.weight, all_rows, all_values, state, l2sp=l2sp)
             elif kernel is not None:
                 # One kernel pass: rows combined as combine_rows does (sorted, float32 sums in
