@@ -193,11 +193,28 @@ def test_a_float64_table_on_a_kernel_backend_points_to_the_reference():
     fr = torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64 tables are served by backend='reference' only"):
         autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(),
-                                    torch.zeros(1, 2, dtype=torch.float64))
+                                    torch.zeros(1, 2, dtype=torch.float64), backend="cpu")
     out, _ = autoft_fast.gated_embedding(torch.tensor([1]), fr, fr.clone(),
                                          torch.zeros(1, 2, dtype=torch.float64),
                                          backend="reference", seed=0)
     assert out.dtype == torch.float64
+
+
+def test_auto_runs_a_float64_module_on_the_reference():
+    # module.double() (gradcheck, a float64 pipeline): `auto` picks the backend that serves
+    # float64, for the lookup, the bag and the fused optimizer, with the reference's result.
+    emb = autoft_fast.GatedEmbedding(10, 4).double()
+    idx, logits = torch.tensor([1, 2, 2]), torch.randn(3, 2, dtype=torch.float64)
+    out, _ = emb(idx, logits, seed=4)
+    want, _ = autoft_fast.gated_embedding(
+        idx, emb.frozen_weight, emb.tuned_weight, logits, seed=4, backend="reference")
+    assert out.dtype == torch.float64 and torch.equal(out, want)
+    bag, _ = emb.bag(idx, torch.tensor([0, 1, 3]), logits[:2], seed=4)
+    assert bag.dtype == torch.float64
+    emb.use_fused_optimizer("adam", lr=0.1)
+    lg = logits.clone().requires_grad_()
+    emb(idx, lg, noise=False)[0].sum().backward()
+    assert int(emb.optimizer_step) == 1 and lg.grad.dtype == torch.float64
 
 
 def test_optimizer_settings_without_an_optimizer_are_refused():

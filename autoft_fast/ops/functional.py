@@ -215,6 +215,14 @@ def _func_transform_backend(backend: str, optimizer) -> str:
     return backend
 
 
+def _auto_for_float64(backend: str, *tensors) -> str:
+    """``auto`` with a float64 table or logits: the reference, the backend that serves them."""
+    if backend == registry.AUTO and any(t is not None and t.dtype == torch.float64
+                                        for t in tensors):
+        return "reference"
+    return backend
+
+
 def _checked_reference_indices(indices, num_rows: int):
     """The reference's indices after the contract's range check. Under torch.compile the
     check is the ``checked_indices`` op, which the graph keeps and runs (the Python check
@@ -296,7 +304,8 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         (torch.Size([32, 8, 16]), torch.Size([32, 8, 2]))
         >>> out.sum().backward()
     """
-    backend = _func_transform_backend(backend, optimizer)
+    backend = _auto_for_float64(_func_transform_backend(backend, optimizer), frozen_weight,
+                                tuned_weight, logits)
     row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms,
                           reference=row is not None and row.is_reference)
@@ -435,7 +444,8 @@ def gated_embedding_bag(values, offsets, frozen_weight, tuned_weight, logits, *,
     if optimizer is not None:
         raise ValueError("gated_embedding_bag does not fuse an optimizer into its backward "
                          "(optimizer must be None): give tuned_weight an ordinary gradient")
-    backend = _func_transform_backend(backend, None)
+    backend = _auto_for_float64(_func_transform_backend(backend, None), frozen_weight,
+                                tuned_weight, logits)
     row = registry.REGISTRY.get(backend) if backend != registry.AUTO else None
     validate.check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_weight,
                               logits, uniforms, reference=row is not None and row.is_reference)
