@@ -102,10 +102,9 @@ class _FusedStep(torch.autograd.Function):
         if weight._version != ctx.version:
             raise RuntimeError(
                 "gated_embedding with optimizer=: the tuned table changed between this call's "
-                "forward and its backward (the fused update of another call of the same table "
-                "in this backward, an earlier backward through this call, or an in-place "
-                "edit), so the logit gradient would read updated rows. Run one backward per "
-                "call, and no in-place edit of the table before it")
+                "forward and its backward (an earlier backward through this call, or an "
+                "in-place edit), so the logit gradient would read updated rows. Run one "
+                "backward per call, and no in-place edit of the table before it")
 
     @staticmethod
     def _updated(weight) -> None:
