@@ -435,6 +435,7 @@ def open_call(weight: torch.Tensor) -> OpenCall:
 
 # graph task id -> id(table) -> the deferred updates of the shared calls of one backward pass.
 _deferred: dict[int, dict[int, list]] = {}
+_MAX_DEFERRED_PASSES = 8
 
 
 def defer_update(optimizer: "FusedOptimizer", weight: torch.Tensor, rows: torch.Tensor,
@@ -446,9 +447,10 @@ def defer_update(optimizer: "FusedOptimizer", weight: torch.Tensor, rows: torch.
     ``rows`` [K] and ``values`` [K, D] need not be unique: the queued calls of a table in one
     backward are concatenated and combined (:func:`combine_rows`) and ``l2sp`` is added once
     per backward; then one :meth:`FusedOptimizer.apply` runs on the sum over the backward
-    passes (``bump_version``: and autograd is told the table changed). Updates left by a
-    backward that raised before its end are dropped: one backward at a time runs the fused
-    tables (as :func:`fused_updates_paused` assumes).
+    passes (``bump_version``: and autograd is told the table changed). A backward that
+    raised before its end never applies its queued updates; the oldest such leftovers are
+    dropped once more than a few backward passes have updates queued (a backward nested in
+    another, as reentrant checkpointing runs one, keeps the outer one's).
     """
     task = torch._C._current_graph_task_id()
     entry = (optimizer, weight, rows, values, state, l2sp, bump_version)
@@ -456,7 +458,8 @@ def defer_update(optimizer: "FusedOptimizer", weight: torch.Tensor, rows: torch.
         _accumulations[-1].setdefault(id(weight), {}).setdefault(task, []).append(entry)
         return
     if task not in _deferred:
-        _deferred.clear()
+        while len(_deferred) >= _MAX_DEFERRED_PASSES:
+            _deferred.pop(next(iter(_deferred)))  # the oldest: a backward that raised
         _deferred[task] = {}
         torch.autograd.Variable._execution_engine.queue_callback(lambda: _apply_deferred(task))
     _deferred[task].setdefault(id(weight), []).append(entry)

@@ -404,6 +404,43 @@ __host__ __device__ __forceinline__ int64_t segment_windows(int64_t N) {
   return (N + kSegmentWindow - 1) / kSegmentWindow;
 }
 
+// acc += w * p[0 .. VEC).
+template <typename T, int VEC>
+__device__ __forceinline__ void add_chunk(const T* p, float w, float (&acc)[VEC]) {
+  RowChunk<T, VEC> raw;
+  raw.load(p);
+  float v[VEC];
+  raw.to_floats(v);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    acc[i] += w * v[i];
+  }
+}
+
+// acc += w * grad[n] over chunk [c, c + VEC) of the lookups n = order[q] at the sorted
+// positions q = begin, begin + 1, ... below `limit` that hold `row`, in that order (w = z1[n],
+// or 1 without z1). `skip_zero`: a lookup of weight 0 adds nothing and does not touch.
+// Returns whether a lookup touched.
+template <typename grad_t, int VEC>
+__device__ __forceinline__ bool add_run(const int64_t* __restrict__ sorted_rows,
+                                        const int64_t* __restrict__ order,
+                                        const float* __restrict__ z1,
+                                        const grad_t* __restrict__ grad, int64_t D, int64_t row,
+                                        int64_t begin, int64_t limit, int64_t c, bool skip_zero,
+                                        float (&acc)[VEC]) {
+  bool touched = false;
+  for (int64_t q = begin; q < limit && sorted_rows[q] == row; ++q) {
+    const int64_t n = order[q];
+    const float w = z1 != nullptr ? z1[n] : 1.0f;
+    if (skip_zero && w == 0.0f) {
+      continue;
+    }
+    touched = true;
+    add_chunk<grad_t, VEC>(grad + n * D + c, w, acc);
+  }
+  return touched;
+}
+
 // The first slot of the segment of `row` that starts at sorted position p, or -1 when the
 // segment lies inside one window (then it is summed serially).
 __device__ __forceinline__ int64_t first_piece_slot(const int64_t* __restrict__ sorted_rows,
@@ -428,14 +465,7 @@ __device__ __forceinline__ bool add_pieces(const int64_t* __restrict__ sorted_ro
   int64_t slot = first;
   for (int64_t w = p / kSegmentWindow + 1;; ++w) {
     touched = touched || piece_touched[slot] != 0;
-    RowChunk<float, VEC> raw;
-    raw.load(piece_sum + slot * D + c);
-    float g[VEC];
-    raw.to_floats(g);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      acc[i] += g[i];
-    }
+    add_chunk<float, VEC>(piece_sum + slot * D + c, 1.0f, acc);
     if (w * kSegmentWindow >= N || sorted_rows[w * kSegmentWindow] != row) {
       return touched;
     }
@@ -463,8 +493,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t w0 = (g / 2) * kSegmentWindow;
   const int64_t w1 = w0 + kSegmentWindow < N ? w0 + kSegmentWindow : N;
+  // The piece: the positions from `begin` on that hold `row`, up to the window's end.
   int64_t begin;
-  int64_t end;
   int64_t row;
   if (g % 2 == 0) {
     row = sorted_rows[w0];
@@ -474,10 +504,6 @@ __global__ void __launch_bounds__(kThreads)
       return;  // a segment inside this window: its own group sums it
     }
     begin = w0;
-    end = w0 + 1;
-    while (end < w1 && sorted_rows[end] == row) {
-      ++end;
-    }
   } else {
     if (w1 >= N) {
       return;
@@ -493,7 +519,6 @@ __global__ void __launch_bounds__(kThreads)
     if (begin == w0) {
       return;  // that segment's piece in this window is slot 2w
     }
-    end = w1;
   }
   bool touched = false;
   for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
@@ -502,22 +527,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < VEC; ++i) {
       acc[i] = 0.0f;
     }
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = order[q];
-      const float wt = z1 != nullptr ? z1[n] : 1.0f;
-      if (skip_zero && wt == 0.0f) {
-        continue;
-      }
-      touched = true;
-      RowChunk<grad_t, VEC> raw;
-      raw.load(grad + n * D + c);
-      float v[VEC];
-      raw.to_floats(v);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        acc[i] += wt * v[i];
-      }
-    }
+    touched = add_run<grad_t, VEC>(sorted_rows, order, z1, grad, D, row, begin, w1, c,
+                                   skip_zero, acc) || touched;
     store_floats<float, VEC>(piece_sum + g * D + c, acc);
   }
   if (lane == 0) {
@@ -554,20 +565,8 @@ __global__ void __launch_bounds__(kThreads)
     if (first >= 0) {
       add_pieces<VEC>(sorted_rows, N, D, p, row, first, piece_sum, piece_touched, c, acc);
     } else {
-      for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
-        const int64_t n = order[q];
-        const float w = z1[n];
-        if (w != 0.0f) {
-          RowChunk<grad_t, VEC> raw;
-          raw.load(grad_out + n * D + c);
-          float g[VEC];
-          raw.to_floats(g);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            acc[i] += w * g[i];
-          }
-        }
-      }
+      add_run<grad_t, VEC>(sorted_rows, order, z1, grad_out, D, row, p, N, c,
+                           /*skip_zero=*/true, acc);
     }
     store_floats<float, VEC>(dense_grad + row * D + c, acc);
   }
@@ -616,22 +615,8 @@ __global__ void __launch_bounds__(kThreads)
                                 acc) || touched;
       return;
     }
-    for (int64_t q = p; q < N && sorted_rows[q] == row; ++q) {
-      const int64_t n = order[q];
-      const float w = z1 != nullptr ? z1[n] : 1.0f;
-      if (hard && w == 0.0f) {
-        continue;
-      }
-      touched = true;
-      RowChunk<grad_t, VEC> raw;
-      raw.load(grad + n * D + c);
-      float g[VEC];
-      raw.to_floats(g);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        acc[i] += w * g[i];
-      }
-    }
+    touched = add_run<grad_t, VEC>(sorted_rows, order, z1, grad, D, row, p, N, c, hard, acc) ||
+              touched;
   };
   const int64_t stride = static_cast<int64_t>(G) * VEC;
   float denom = 1.0f;
