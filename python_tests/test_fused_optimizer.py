@@ -281,6 +281,47 @@ def test_calls_of_one_table_in_one_backward_are_one_step(backend, kind, hard):
     assert not torch.equal(joint.tuned_weight.detach(), pretrained)
 
 
+@pytest.mark.parametrize("reentrant,inside", [(False, "both"), (False, "second"),
+                                               (True, "both")])
+def test_shared_calls_under_checkpointing_are_one_step(reentrant, inside):
+    # Checkpointing recomputes a segment's forward in the backward; reentrant checkpointing
+    # runs that segment's backward as a backward nested in the outer one. Two calls of one
+    # table in the segment, or (non-reentrant) one outside and one inside it, still make one
+    # step, as without checkpointing. (Reentrant with the calls split between inside and
+    # outside is two steps: the segment's first forward runs without gradients, so the two
+    # calls never meet; docs/op-contract.md says so.)
+    from torch.utils.checkpoint import checkpoint
+    pre = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+
+    def run(ckpt):
+        emb = autoft_fast.GatedEmbedding.from_pretrained(pre, optimizer="adam", lr=0.1)
+        logits = torch.zeros(3, 2, requires_grad=True)
+
+        def first(lg):
+            return (emb(torch.tensor([0, 1, 2]), lg, noise=False, hard=False)[0]
+                    * torch.arange(4.0)).sum()
+
+        def second(lg):
+            return -emb(torch.tensor([2, 3, 3]), lg, noise=False, hard=False)[0].sum()
+
+        def both(lg):
+            return first(lg) + second(lg)
+
+        if not ckpt:
+            loss = both(logits)
+        elif inside == "both":
+            loss = checkpoint(both, logits, use_reentrant=reentrant)
+        else:
+            loss = checkpoint(second, logits, use_reentrant=reentrant) + first(logits) * 1.0
+        loss.backward()
+        return emb.tuned_weight.detach(), logits.grad, int(emb.optimizer_step)
+
+    plain, nested = run(False), run(True)
+    torch.testing.assert_close(nested[0], plain[0])
+    torch.testing.assert_close(nested[1], plain[1])
+    assert nested[2] == plain[2] == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_call_whose_partner_never_runs_backward_still_takes_its_step(backend):
     # A call left open (a forward whose graph was never run backward) shares nothing with a
