@@ -221,19 +221,22 @@ def update_rows(indices, values, weight, state_a, state_b, rule, lr, eps, beta1,
     d = weight.shape[1]
     # Stable: a row's lookups stay in lookup order, so its sum is formed in that order.
     sorted_rows, order = torch.sort(indices.to(torch.int64), stable=True)
-    rows, inverse, counts = torch.unique_consecutive(sorted_rows, return_inverse=True,
-                                                     return_counts=True)
+    # The piece kernel maps a sorted position to its row's segment (inverse); a batch that
+    # fits one window has no row crossing a window and needs neither.
+    pieces = n > SEGMENT_WINDOW
+    unique = torch.unique_consecutive(sorted_rows, return_inverse=pieces, return_counts=True)
+    rows, counts = unique[0], unique[-1]
     seg = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=seg[1:])
     block_d = min(triton.next_power_of_2(max(int(d), 1)), 1024)
     warps = 1 if block_d <= 64 else 4
     parts = values  # read only for a row whose lookups cross a window: none when n fits one
-    if n > SEGMENT_WINDOW:
+    if pieces:
         slots = 2 * triton.cdiv(n, SEGMENT_WINDOW)
         parts = torch.empty((slots, d), dtype=torch.float32, device=values.device)
         kernel = _pieces_kernel if concrete else wrap_triton(_pieces_kernel)
         with _ge._launch_device(weight, concrete):
-            kernel[(slots,)](order, inverse, seg, values, parts, n, d,
+            kernel[(slots,)](order, unique[1], seg, values, parts, n, d,
                              WINDOW=SEGMENT_WINDOW, BLOCK_D=block_d, num_warps=warps)
     kernel = _rows_update_kernel if concrete else wrap_triton(_rows_update_kernel)
     empty = values  # a placeholder pointer for the state a rule does not have
