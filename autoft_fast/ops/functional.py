@@ -341,6 +341,11 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     return out.reshape(*shape, dim), gates.reshape(*shape, 2)
 
 
+# Run eagerly under torch.compile (a graph break): the call's bookkeeping (open_call, which
+# finds the calls of one table that meet in one backward) is Python state that a traced graph
+# would run once at trace time and never again, so two compiled calls of one table would each
+# update it in their own backward, and the second would find the rows changed.
+@torch.compiler.disable
 def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau, hard,
            noise, optimizer, state):
     if not isinstance(optimizer, fused_optim.FusedOptimizer):

@@ -626,6 +626,7 @@ def add_l2sp(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, l2sp)
                            - anchor.detach().index_select(0, rows).float())
 
 
+@torch.compiler.disable  # eager under torch.compile, as functional._fused (open_call's state)
 def fused_lookup(weight: torch.Tensor, lookups, optimizer: FusedOptimizer,
                  state: dict[str, torch.Tensor], *, l2sp=None) -> tuple:
     """Plain lookups of ``weight`` [V, D] whose backward applies ``optimizer`` to the touched rows.
