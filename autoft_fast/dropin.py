@@ -260,7 +260,12 @@ class GatedEmbeddingBagSlot(_EmbeddingAttributes, _Gated):
         super().__init__(name, role, state)
         _check_embedding_options(name, module)
         if table is not None:  # tied to another bag module: share its two tables
-            self.frozen_weight, self.tuned_weight = table
+            # The frozen table is read from that slot at every use (see __getattr__): a buffer
+            # held here too would be replaced on the owner alone by .to() / .double(), and a
+            # later load_state_dict would reach the owner's copy only. The tuned Parameter is
+            # converted in place, so both slots keep the one object.
+            object.__setattr__(self, "_tables_owner", table)
+            self.tuned_weight = table.tuned_weight
         else:
             weight = module.weight.detach()
             self.register_buffer("frozen_weight", weight.clone())
@@ -269,6 +274,13 @@ class GatedEmbeddingBagSlot(_EmbeddingAttributes, _Gated):
         self.padding_idx = module.padding_idx
         self.include_last_offset = module.include_last_offset
         self.sparse = module.sparse
+
+    def __getattr__(self, name):
+        if name == "frozen_weight":
+            owner = self.__dict__.get("_tables_owner")
+            if owner is not None:
+                return owner.frozen_weight
+        return super().__getattr__(name)
 
     def _pool(self, weight, input, offsets, per_sample_weights):
         return F.embedding_bag(input, weight, offsets, mode=self.mode, sparse=self.sparse,
@@ -418,14 +430,19 @@ def _check_inputs_unchanged(before: list, args, kwargs) -> None:
                                f"policy), so the forward must leave its inputs as it found them")
 
 
-def _replaced_module_called(name: str):
-    def hook(module, args):
-        raise RuntimeError(f"{name}: the model called its original {type(module).__name__}, which "
-                           f"autoft() replaced by a gated one; the model must also hold it "
+class _replaced_module_called:
+    """The forward pre-hook left on a replaced module: calling it is an error. A class, not a
+    closure, so that a model holding the module outside its tree still pickles."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module, args):
+        raise RuntimeError(f"{self.name}: the model called its original {type(module).__name__}, "
+                           f"which autoft() replaced by a gated one; the model must also hold it "
                            f"outside its module tree (a plain Python list or dict): hold it in "
                            f"an nn.ModuleList or nn.ModuleDict so that the gated module is the "
                            f"one called")
-    return hook
 
 
 class AutoFTModel(nn.Module):
@@ -486,8 +503,7 @@ class AutoFTModel(nn.Module):
                 kwargs = {"backend": backend} if cls is GatedEmbeddingSlot else {}
                 slot = cls(name, module, role, state, table=shared, **kwargs)
                 if shared is None:
-                    tables[id(module.weight)] = (slot.table if cls is GatedEmbeddingSlot
-                                                 else (slot.frozen_weight, slot.tuned_weight))
+                    tables[id(module.weight)] = slot.table if cls is GatedEmbeddingSlot else slot
                 slot.slot = len(slots)
                 if role == "gate":
                     slot.gate = len(self.gate_names)

@@ -416,20 +416,30 @@ def test_an_embedding_subclass_with_its_own_forward_is_refused():
     assert net.gate_names == ["0"]
 
 
+class _Listed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.user, self.item = nn.Embedding(10, 4), nn.Embedding(12, 4)
+        self.fields = [self.user, self.item]  # a plain list: not replaced
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([m(x[:, i]) for i, m in enumerate(self.fields)], 1))
+
+
 def test_an_embedding_also_held_in_a_plain_list_is_an_error_when_called():
-    class Listed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.user, self.item = nn.Embedding(10, 4), nn.Embedding(12, 4)
-            self.fields = [self.user, self.item]  # a plain list: not replaced
-            self.out = nn.Linear(8, 1)
-
-        def forward(self, x):
-            return self.out(torch.cat([m(x[:, i]) for i, m in enumerate(self.fields)], 1))
-
-    net = autoft(Listed(), strategy="autoft_field")
+    import io
+    net = autoft(_Listed(), strategy="autoft_field")
     with pytest.raises(RuntimeError, match="user: the model called its original Embedding.*ModuleList"):
         net(torch.tensor([[1, 2]]))
+    # The list (and the hook on its modules) pickles: saving the wrapped model works, and the
+    # loaded copy still names the problem (the hook was once a closure, which cannot pickle).
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with pytest.raises(RuntimeError, match="user: the model called its original Embedding"):
+        loaded(torch.tensor([[1, 2]]))
 
 
 def test_a_table_the_user_froze_stays_frozen_and_ungated():
@@ -470,6 +480,48 @@ def test_tied_tables_share_their_gated_tables():
     with pytest.raises(ValueError, match=r"dec\.weight is the weight of embedding module emb"):
         autoft(TiedOutput(), strategy="autoft_field")
     assert autoft(TiedOutput(), strategy="finetune_all")(torch.tensor([1, 2])).shape == (2,)
+
+
+class _TiedBags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.EmbeddingBag(20, 4, mode="sum")
+        self.b = nn.EmbeddingBag(20, 4, mode="sum")
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x[:, :2]), self.b(x[:, 2:])], 1)).squeeze(1)
+
+
+def test_tied_bags_stay_tied_through_conversion_copy_and_loading():
+    # Two nn.EmbeddingBag modules tied by one weight share one frozen table: after .double()
+    # / .float(), a deepcopy, or a pickle round trip the second slot reads the table the first
+    # holds, and a loaded state reaches both (the second slot once kept the old table).
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    base, x = _TiedBags(), torch.randint(0, 20, (5, 4))
+    state = autoft(base, strategy="autoft_field").state_dict()
+    state = {k: (v + 1 if "frozen_weight" in k else v) for k, v in state.items()}
+    expected = autoft(base, strategy="autoft_field")
+    expected.load_state_dict(state)
+    converted = autoft(base, strategy="autoft_field").double()
+    assert converted.model.b.frozen_weight.dtype == torch.float64
+    converted = converted.float()
+    converted.load_state_dict(state)
+    buf = io.BytesIO()
+    torch.save(converted, buf)
+    buf.seek(0)
+    for net in (converted, copy.deepcopy(converted), torch.load(buf, weights_only=False)):
+        assert net.model.b.frozen_weight is net.model.a.frozen_weight
+        assert net.model.b.tuned_weight is net.model.a.tuned_weight
+        for m in (net, expected):
+            m.eval()
+            m.force_gates("frozen")
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), expected(x))
 
 
 def test_a_forward_that_changes_its_inputs_is_reported():
