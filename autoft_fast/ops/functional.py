@@ -79,11 +79,17 @@ class _FusedStep(torch.autograd.Function):
         ctx.logits_shape = logits.shape
         if row.is_reference:
             with torch.enable_grad():
-                t_leaf = tuned_weight.detach().requires_grad_()
+                # A 16-bit table is read through a float32 copy, so that its row sums reach the
+                # update in float32, as the kernels' are (the output is rounded as before).
+                t_leaf = tuned_weight.detach()
+                if t_leaf.dtype in (torch.float16, torch.bfloat16):
+                    t_leaf = t_leaf.float()
+                t_leaf.requires_grad_()
                 l_leaf = logits.detach().requires_grad_()
                 out, gates = reference_gated_embedding(
                     indices, frozen_weight, t_leaf, l_leaf, tau=tau, hard=hard, noise=noise,
                     seed=seed, uniforms=uniforms, sparse=True)
+                out = out.to(tuned_weight.dtype)
             ctx.graph = (out, gates, t_leaf, l_leaf)
             ctx.gates = gates.detach()
             return out.detach(), gates.detach()
@@ -131,6 +137,8 @@ class _FusedStep(torch.autograd.Function):
                 (torch.zeros_like(out) if grad_out is None else grad_out,
                  torch.zeros_like(gates) if grad_gates is None else grad_gates))
             rows, values = g_t._indices()[0], g_t._values()
+            if shared:  # handed on in the table dtype, as the kernels' sparse backward does
+                values = values.to(weight.dtype)
         elif (row.fused_backward is not None and weight.device.type in row.update_devices
               and not fused_optim.updates_are_redirected() and not shared):
             # The kernel updates the touched rows itself; no gradient rows leave it. (Under a
