@@ -234,6 +234,27 @@ def test_bad_optimizer_settings_are_named():
     with pytest.raises(TypeError, match="optimizer must be a FusedOptimizer"):
         autoft_fast.gated_embedding(torch.tensor([1]), torch.zeros(10, 2), w, torch.zeros(1, 2),
                                     optimizer="adam", optimizer_state={})
+    for step in (torch.zeros(3, dtype=torch.int64), torch.zeros(()), 0):
+        bad = dict(opt.new_state(w), step=step)
+        with pytest.raises(ValueError, match=r"optimizer_state\['step'\] must be a 0-dim int64"):
+            autoft_fast.gated_embedding(torch.tensor([1]), torch.zeros(10, 2), w,
+                                        torch.zeros(1, 2), optimizer=opt, optimizer_state=bad)
+    with pytest.raises(TypeError, match="lr must be a real number, got str"):
+        FusedOptimizer("sgd", lr="0.1")
+    with pytest.raises(TypeError, match="lr must be a real number, got bool"):
+        FusedOptimizer("sgd", lr=True)
+
+
+def test_a_learning_rate_from_numpy_or_a_tensor_is_a_learning_rate():
+    # A schedule's value often comes as a NumPy scalar or a 0-dim tensor: taken as a float.
+    import numpy as np
+    emb = autoft_fast.GatedEmbedding(10, 2, optimizer="adam", lr=np.float32(0.5))
+    assert isinstance(emb.fused_optimizer.lr, float) and emb.fused_optimizer.lr == 0.5
+    for lr in (np.float32(0.25), torch.tensor(0.25), np.int64(0)):
+        emb.set_lr(lr)
+        assert type(emb.fused_optimizer.lr) is float and emb.fused_optimizer.lr == float(lr)
+    with pytest.raises(ValueError, match="lr = .*must be a finite number >= 0"):
+        emb.set_lr(np.float32("nan"))
 
 
 class _GatedToy(torch.nn.Module):

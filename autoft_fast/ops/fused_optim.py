@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -128,11 +129,12 @@ class FusedOptimizer:
     def __post_init__(self):
         check_kind(self.kind)
         # lr = 0 is allowed (the first steps of a warm-up schedule): the state still moves.
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) \
-                or not math.isfinite(self.lr) or self.lr < 0:
+        lr = _real("lr", self.lr)
+        if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr = {self.lr!r} must be a finite number >= 0")
-        eps = _DEFAULT_EPS[self.kind] if self.eps is None else self.eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        object.__setattr__(self, "lr", lr)
+        eps = _real("eps", _DEFAULT_EPS[self.kind] if self.eps is None else self.eps)
+        if not eps >= 0:
             raise ValueError(f"eps = {self.eps!r} must be a number >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas = {self.betas!r} must be two numbers in [0, 1)")
@@ -163,6 +165,12 @@ class FusedOptimizer:
             if name not in state:
                 raise ValueError(f"optimizer_state lacks {name!r} (a {self.kind} state has "
                                  f"{sorted(want)})")
+        step = state[STEP]
+        if not (isinstance(step, torch.Tensor) and step.dim() == 0 and step.dtype == torch.int64):
+            got = (f"{step.dtype} of shape {tuple(step.shape)}" if isinstance(step, torch.Tensor)
+                   else type(step).__name__)
+            raise ValueError(f"optimizer_state[{STEP!r}] must be a 0-dim int64 tensor (the step "
+                             f"count), got {got}")
         for name, kind in self.rule.state.items():
             shape = (weight.shape[0],) if kind == "row" else tuple(weight.shape)
             if tuple(state[name].shape) != shape or state[name].dtype != torch.float32:
@@ -222,6 +230,16 @@ class FusedOptimizer:
         weight.index_copy_(0, rows, new_w.to(weight.dtype))
         for k, v in new_s.items():
             state[k].index_copy_(0, rows, v)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float: a Python or NumPy real number, or a one-element tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
