@@ -213,8 +213,11 @@ def test_bad_bag_arguments_name_themselves():
     v, o = torch.tensor([1, 2]), torch.tensor([0, 2])
     with pytest.raises(ValueError, match=r"mode = 'max' is not one of \['sum', 'mean'\]"):
         autoft_fast.gated_embedding_bag(v, o, f, f, torch.zeros(1, 2), mode="max")
-    with pytest.raises(ValueError, match=r"logits must have shape .*\(1, 2\), got \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, 2\] = \(1, 2\) \(one gate "
+                                         r"per bag; B \+ 1 = 2 offsets\), got \(2, 2\)"):
         autoft_fast.gated_embedding_bag(v, o, f, f, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"uniforms must have shape \[B\] = \(1,\) \(one per bag"):
+        autoft_fast.gated_embedding_bag(v, o, f, f, torch.zeros(1, 2), uniforms=torch.rand(2))
     with pytest.raises(TypeError, match="offsets must be int32 or int64, got torch.float32"):
         autoft_fast.gated_embedding_bag(v, o.float(), f, f, torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r"per_sample_weights must have the shape of values \(2,\), got \(3,\)"):

@@ -290,6 +290,13 @@ def check_bag_inputs(values, offsets, per_sample_weights, frozen_weight, tuned_w
     if offsets.shape[0] < 1:
         raise ValueError("offsets must hold B + 1 entries (0, the end of each bag), got an empty tensor")
     bags = offsets.shape[0] - 1
+    # The shapes first, in the bag op's words (the lookup checks below name indices).
+    if isinstance(logits, torch.Tensor) and tuple(logits.shape) != (bags, 2):
+        raise ValueError(f"logits must have shape [B, 2] = {(bags, 2)} (one gate per bag; B + 1 "
+                         f"= {bags + 1} offsets), got {tuple(logits.shape)}")
+    if isinstance(uniforms, torch.Tensor) and tuple(uniforms.shape) != (bags,):
+        raise ValueError(f"uniforms must have shape [B] = {(bags,)} (one per bag; B + 1 = "
+                         f"{bags + 1} offsets), got {tuple(uniforms.shape)}")
     # The lookup checks on the tables, logits [B, 2] and uniforms [B], with the bags as lookups.
     check_inputs(values.new_empty((bags,)), frozen_weight, tuned_weight, logits, uniforms,
                  reference=reference)
