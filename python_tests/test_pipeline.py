@@ -599,6 +599,19 @@ def test_huge_dense_value_keeps_its_column(tmp_path):
     assert abs(float(train.mean())) < 1e-3 and abs(float(train.std(unbiased=False)) - 1) < 1e-3
 
 
+def test_dense_column_of_tiny_values_is_standardised_not_flattened(tmp_path):
+    # Squares of values near 1e-200 underflow to 0 in float64: without a matching scale the
+    # column's std was 0, replaced by 1.0, and every standardised value was 0.
+    frame = make_frame()
+    frame["age"] = (np.arange(len(frame)) % 7 + 1) * 1e-200
+    b = prepare_data(DataConfig.from_dict(base_dict(), _w(tmp_path, frame)))
+    mean, std = b.feature_map.extra["dense_mean_std"]["age"]
+    assert 1e-201 < std < 1e-199 and 1e-200 < mean < 7e-200
+    train = torch.cat([b.splits["source_train"].dense, b.splits["target_train"].dense])[:, 0].double()
+    assert len(set(train.tolist())) == 7  # seven distinct values stay seven
+    assert abs(float(train.mean())) < 1e-3 and abs(float(train.std(unbiased=False)) - 1) < 1e-3
+
+
 def test_dense_column_at_float64_limit_standardises(tmp_path):
     frame = make_frame()
     frame["age"] = np.where(np.arange(len(frame)) % 2, 1.7e308, -1.7e308)

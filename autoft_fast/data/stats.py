@@ -265,8 +265,14 @@ def scale_of(vals: np.ndarray) -> float:
 
 
 def power_of_two_above(x: float) -> float:
-    """The smallest power of two >= x (1.0 for x <= 1)."""
-    if not x > 1.0:
+    """The smallest power of two >= x, within 2^-1022 .. 2^1023 (float64's normal powers);
+    1.0 for x <= 0 or not finite.
+
+    Small values get small scales too: a column whose values are all near 1e-200 squares
+    them to 1e-400, which is 0 in float64, unless they are first divided by such a power."""
+    if not (x > 0.0 and math.isfinite(x)):
         return 1.0
     m, e = math.frexp(x)
-    return math.ldexp(1.0, min(e, 1023)) if m != 0.5 else x  # 2^1023: the largest power
+    if m == 0.5:
+        e -= 1  # x is itself a power of two
+    return math.ldexp(1.0, max(-1022, min(e, 1023)))
