@@ -132,3 +132,12 @@ def test_strategy_table_rows():
     assert t["l2sp"].l2sp and not any(t[s].l2sp for s in t if s != "l2sp")
     with pytest.raises(ValueError, match="embeddings = 'melted'"):
         type(t["autoft"])("x", "melted", "tuned")
+
+
+@pytest.mark.parametrize("value,advice", [(3, r"seeds: \[3\] for the one seed 3, or seeds: \[0, 1, 2\] for 3 seeds"),
+                                          (0, r"seeds: \[0\] for the one seed 0, or a list such as")])
+def test_a_bare_number_of_seeds_is_refused_not_read_as_one_seed(value, advice):
+    # `--seeds 3` counts seeds; `seeds: 3` in the YAML used to mean the one seed 3.
+    with pytest.raises(ConfigError, match=advice):
+        parse_config({"synthetic": {}, "seeds": value})
+    assert parse_config({"synthetic": {}, "seeds": [value]}).seeds == [value]
