@@ -111,8 +111,8 @@ def _seeds(value) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         # `--seeds 3` on the command line is a count; `seeds: 3` read as the one seed 3
         # would silently mean something else, so the YAML asks for the list.
-        count = (f"seeds: {list(range(value))} for {value} seeds (what --seeds {value} means "
-                 f"on the command line)" if 1 < value <= 10 else "a list such as [0, 1, 2]")
+        count = (f"seeds: {list(range(value))} for {value} seeds (--seeds {value} on the command "
+                 f"line is such a count)" if 1 < value <= 10 else "a list such as [0, 1, 2]")
         raise ConfigError(f"seeds is a list of seed values, got the number {value}: write "
                           f"seeds: [{value}] for the one seed {value}, or {count}")
     if (not isinstance(value, list) or not value
