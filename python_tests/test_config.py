@@ -141,3 +141,12 @@ def test_a_bare_number_of_seeds_is_refused_not_read_as_one_seed(value, advice):
     with pytest.raises(ConfigError, match=advice):
         parse_config({"synthetic": {}, "seeds": value})
     assert parse_config({"synthetic": {}, "seeds": [value]}).seeds == [value]
+
+
+@pytest.mark.parametrize("grid,shown", [({"lr": [1e-3, 3e-3, 0.001]}, "0.001"),
+                                        ({"tuned_budget": [1, 1.0]}, "1.0")])
+def test_a_search_grid_listing_a_value_twice_is_refused(grid, shown):
+    from autoft_fast.config import SearchConfig
+    with pytest.raises(ConfigError, match=rf"search\.{next(iter(grid))} lists {shown} more than once"):
+        parse_config({"synthetic": {}, "search": grid})
+    assert SearchConfig.from_dict({"lr": [1e-3, 3e-3]}).lr == [1e-3, 3e-3]

@@ -450,5 +450,10 @@ class SearchConfig(_Section):
 
     def check(self, section: str) -> None:
         for name in ("lr", "l2sp_alpha", "policy_lr", "tuned_budget"):
-            if not getattr(self, name):
+            values = getattr(self, name)
+            if not values:
                 raise ConfigError(f"{section}.{name} must list at least one value")
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:  # the same setting would be trained again for nothing
+                raise ConfigError(f"{section}.{name} lists {twice[0]!r} more than once: "
+                                  f"{values!r}")
