@@ -240,3 +240,25 @@ def test_counts_in_the_closing_lines_agree_in_number():
     assert _count(1, "strategy", "strategies") == "1 strategy"
     assert _count(9, "strategy", "strategies") == "9 strategies"
     assert _count(1_000, "row") == "1,000 rows" and _count(1, "row") == "1 row"
+
+
+def test_run_files_are_standard_json_and_a_resume_reads_their_undefined_numbers_back(tmp_path, capsys):
+    # source_only trains nothing: its samples/s is undefined (NaN), written as null.
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, strategies=["source_only"])
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON number {name}")
+    files = sorted(run_dir.rglob("*.json"))
+    assert any(p.name == "result.json" for p in files)
+    for p in files:
+        json.loads(p.read_text(), parse_constant=refuse)  # no NaN or Infinity anywhere
+    rec = json.loads(next(p for p in files if p.name == "result.json").read_text())
+    assert rec["train_samples_per_s"] is None
+    assert main(["compare", "--config", str(exp), "--resume", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    with open(run_dir / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["strategy"] for r in rows] == ["source_only"] and rows[0]["auc"] == str(rec["auc"])
+    assert "source_only" in out

@@ -121,17 +121,46 @@ def check_run_data(out: Path, bundle, resume: bool) -> None:
                 "rows": {k: len(v) for k, v in bundle.splits.items()}}, path)
 
 
+def _strict_json(obj):
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no such numbers
+    (Python writes a bare NaN, which jq, JavaScript and most other readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
+# The numbers of a run record that are NaN when undefined (written as null; read back as NaN).
+_RECORD_FLOATS = ("auc", "logloss", "train_samples_per_s", "train_seconds", "wall_seconds")
+
+
+def _record_from_json(rec: dict) -> dict:
+    """A result.json record as the run made it: its undefined numbers NaN again."""
+    for k in _RECORD_FLOATS:
+        if k in rec and rec[k] is None:
+            rec[k] = float("nan")
+    for m in (rec.get("per_domain") or {}).values():
+        if isinstance(m, dict):
+            for k in ("auc", "logloss"):
+                if k in m and m[k] is None:
+                    m[k] = float("nan")
+    return rec
+
+
 def write_json(obj, path: Path) -> Path:
-    """Write `obj` as indented JSON atomically (autoft_fast._io); Paths and tensors are
-    written as strings and lists.
+    """Write `obj` as indented, standard JSON atomically (autoft_fast._io); Paths and
+    tensors are written as strings and lists, NaN and infinities as null.
 
     Example:
         >>> write_json({"auc": 0.71}, run_dir / "result.json")   # doctest: +SKIP
     """
     if not distributed.is_main_process():  # torchrun: only rank 0 writes files
         return Path(path)
-    return write_text_atomic(json.dumps(obj, indent=2, default=_json_default, allow_nan=True),
-                             path)
+    obj = json.loads(json.dumps(obj, default=_json_default))  # Paths, tensors -> JSON types
+    return write_text_atomic(json.dumps(_strict_json(obj), indent=2, allow_nan=False), path)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -668,6 +697,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
             rec = json.loads(result_path.read_text())
             if not isinstance(rec, dict) or "auc" not in rec:
                 raise ValueError("not a run record")
+            rec = _record_from_json(rec)
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"--resume: the finished {strategy} run (seed {seed}) in {out_dir} has a "
