@@ -361,6 +361,19 @@ def test_a_misspelled_domain_value_gets_a_suggestion(tmp_path):
         prepare(tmp_path, domain=dom)
 
 
+def test_a_domain_number_spelled_otherwise_in_the_column_gets_its_spelling(tmp_path):
+    # The column holds '1.0' and '2.5'; `target: 1` is the same number, spelled otherwise.
+    frame = make_frame()
+    frame["dom"] = frame["dom"].map({"s1": "2.5", "s2": "s2", "t": "1.0"})
+    dom = yaml.safe_load("{column: dom, source: ['2.5', s2], target: 1}")
+    with pytest.raises(DataError, match="target domain value '1' matches no rows.*the column "
+                                        "spells that number '1.0'.*write '1.0' \\(quoted\\)") as e:
+        prepare(tmp_path, frame, domain=dom)
+    assert "e.g. '010'" not in str(e.value)  # not the advice for 010 read as 8
+    dom["target"] = "1.0"
+    assert len(prepare(tmp_path, frame, domain=dom).splits["target_test"]) > 0
+
+
 def test_a_yaml_number_as_domain_value_gets_the_quoting_hint(tmp_path):
     # YAML reads `target: 010` as 8: the hint says to quote it.
     dom = yaml.safe_load("{column: dom, source: [s1, s2], target: 010}")

@@ -670,6 +670,23 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
     return sc
 
 
+def _same_number(value: str, present: list) -> list:
+    """The values of ``present`` that spell the number ``value`` otherwise (1 and '1.0'):
+    domains are matched as text, so the YAML's spelling must be the column's."""
+    try:
+        x = float(value)
+    except ValueError:
+        return []
+    out = []
+    for v in present:
+        try:
+            if float(v) == x:
+                out.append(v)
+        except ValueError:
+            pass
+    return out
+
+
 def _release_memory() -> None:
     """Hand the memory that freed chunks leave in the allocators back to the system.
 
@@ -744,7 +761,11 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             present = [str(v) for v in sc.domain_counts.index]
             close = ([v for v in present if v.strip().casefold() == value.strip().casefold()]
                      or difflib.get_close_matches(str(value), present, n=1))
-            if close:
+            number = _same_number(str(value), present)
+            if number:
+                hint = (f"; the column spells that number '{number[0]}': domain values are "
+                        f"matched as text, so write '{number[0]}' (quoted) in the YAML")
+            elif close:
                 hint = f"; did you mean '{close[0]}'?"
             elif str(value).lstrip("-").isdigit():
                 # YAML reads 010 as 8 and 0x1f as 31: the written form is gone by now.
