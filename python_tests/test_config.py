@@ -150,3 +150,14 @@ def test_a_search_grid_listing_a_value_twice_is_refused(grid, shown):
     with pytest.raises(ConfigError, match=rf"search\.{next(iter(grid))} lists {shown} more than once"):
         parse_config({"synthetic": {}, "search": grid})
     assert SearchConfig.from_dict({"lr": [1e-3, 3e-3]}).lr == [1e-3, 3e-3]
+
+
+@pytest.mark.parametrize("name", ["clicks.csv", "clicks.parquet", "train.gz"])
+def test_a_data_file_given_as_the_data_section_says_what_data_takes(tmp_path, name):
+    (tmp_path / name).write_text("user,click,domain\nu1,0,a\n")
+    with pytest.raises(DataError, match=rf"data: '.*{name}' is a data file; data: takes a "
+                                        rf"mapping that describes it .*files: \[{name}\]"):
+        parse_config({"data": name}, tmp_path)
+    (tmp_path / "d.yaml").write_text("- not a mapping\n")
+    with pytest.raises(DataError, match="is not a YAML mapping"):
+        parse_config({"data": "d.yaml"}, tmp_path)

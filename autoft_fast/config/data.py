@@ -404,6 +404,15 @@ def read_data_yaml(path: Path | str) -> dict:
     """
     from .._io import read_yaml_file
 
+    name = Path(path).name.lower()
+    if name.endswith(GZIP_SUFFIX) or Path(name).suffix in FILE_SUFFIXES:
+        # `data: clicks.csv`: the data file itself where a dataset YAML belongs (not read as
+        # YAML: a large CSV would take long to fail).
+        raise DataError(
+            f"data: {str(path)!r} is a data file; data: takes a mapping that describes it "
+            f"(or the path of a dataset YAML holding one), e.g. data: {{files: "
+            f"[{Path(path).name}], label: click, categorical: [user, item], domain: {{column: "
+            f"domain, source: [a, b], target: c}}}} (docs/data.md lists every key)")
     doc = read_yaml_file(path, "data: file", DataError)
     if isinstance(doc, Mapping) and "data" in doc and isinstance(doc["data"], Mapping):
         doc = doc["data"]
