@@ -647,6 +647,31 @@ def test_a_float_categorical_has_one_text_form_across_files_and_at_predict(tmp_p
     assert torch.equal(enc.encode(cat).sparse, enc.encode(plain).sparse)
 
 
+def test_a_boolean_numeric_column_reads_as_0_and_1_from_parquet_csv_and_at_predict(tmp_path):
+    from autoft_fast.data.encode import RowEncoder
+    rng = np.random.default_rng(4)
+    frame = make_frame()
+    flags = rng.integers(0, 2, len(frame)).astype(bool)
+    as_bool, as_int = frame.assign(age=flags, price=~flags), frame.assign(age=flags.astype(int),
+                                                                             price=(~flags).astype(int))
+    as_bool.to_parquet(tmp_path / "b.parquet", index=False)  # a Parquet boolean column
+    as_bool.to_csv(tmp_path / "b.csv", index=False)           # ... written as True / False
+    as_int.to_csv(tmp_path / "i.csv", index=False)
+    got = {f: prepare_data(DataConfig.from_dict(base_dict(files=[f]), tmp_path))
+           for f in ("b.parquet", "b.csv", "i.csv")}
+    for f in ("b.parquet", "b.csv"):  # age dense, price bucketed: both as from 0 / 1
+        for name in SPLIT_NAMES:
+            assert torch.equal(got[f].splits[name].dense, got["i.csv"].splits[name].dense), (f, name)
+            assert torch.equal(got[f].splits[name].sparse, got["i.csv"].splits[name].sparse), (f, name)
+    bundle = got["b.parquet"]
+    enc = RowEncoder(DataConfig.from_dict(base_dict(files=["b.parquet"]), tmp_path),
+                     bundle.feature_map, bundle.vocabularies)
+    rows = as_bool.head(20).reset_index(drop=True)
+    ints = as_int.head(20).reset_index(drop=True)
+    assert torch.equal(enc.encode(rows).dense, enc.encode(ints).dense)
+    assert enc.encode(rows).dense.std() > 0.5
+
+
 def test_a_numeric_column_meeting_zero_padded_values_is_warned_about(tmp_path):
     from autoft_fast.data.encode import RowEncoder
     frame = make_frame()

@@ -23,7 +23,7 @@ import torch
 
 from .config import DataConfig, DataError
 from .feature_map import FeatureMap
-from .pipeline import _parse_numbers, _tokens, label_text
+from .pipeline import _parse_numbers, _tokens
 from .reading import as_text, other_integer_spelling
 from .stats import clip_dense, power_of_two_above
 from .store import id_dtype
@@ -192,7 +192,7 @@ class RowEncoder:
                 multihot[row[keep], jm, tpos[keep]] = local[keep] + info.offset
         label = np.zeros(n, dtype=np.float32)
         if cfg.label in frame.columns:
-            lab, _ = _parse_numbers(label_text(as_text(frame[cfg.label])))
+            lab, _ = _parse_numbers(as_text(frame[cfg.label]))
             ok = (lab == 0) | (lab == 1)
             label[ok] = lab[ok]
         domain = np.full(n, len(fm.domain_values) - 1, dtype=np.int64)

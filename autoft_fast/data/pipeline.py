@@ -233,9 +233,10 @@ def _check_distinct_files(files) -> None:
 
 
 # ---------------------------------------------------------------------------- parsing helpers
-def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
+def _parse_numbers(text, truth_words: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Text (a pandas Series or an Arrow array) -> float64 values (NaN when missing) and a
-    mask of unparseable (bad) entries.
+    mask of unparseable (bad) entries; with ``truth_words``, ``true`` / ``false`` are 1 / 0
+    (a Parquet boolean column, or its CSV export: see :func:`truth_as_digits`).
 
     Arrow's cast parses a column of plain numbers about 20x faster than ``pd.to_numeric``
     (both round correctly, so the values are the same); a column with any text the cast
@@ -247,6 +248,8 @@ def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
     try:
         vals = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
+        if truth_words:  # only where the fast cast failed: a column of numbers pays nothing
+            return _parse_numbers(truth_as_digits(arr), truth_words=False)
         vals = pd.to_numeric(_text_series(arr), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     nan = np.isnan(vals)
     bad = np.zeros(len(vals), dtype=bool)
@@ -256,9 +259,10 @@ def _parse_numbers(text) -> tuple[np.ndarray, np.ndarray]:
     return vals, bad
 
 
-def label_text(text):
-    """A label column's text with ``true`` / ``false`` (any case, spaces around) as ``1`` /
-    ``0``, as a Parquet boolean label reads: a CSV of a boolean column says True / False."""
+def truth_as_digits(text):
+    """Text with ``true`` / ``false`` (any case, spaces around) as ``1`` / ``0``: the label
+    and the numeric columns, so that a Parquet boolean column reads as 0 / 1 and its CSV
+    export (which says True / False) reads the same."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -606,7 +610,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
             dom = pc.fill_null(pc.index_in(pc.fill_null(dom_text, ""), value_set=dom_set), -1).to_numpy()
             keep = dom >= 0
             masks = {}
-            label, label_bad = _parse_numbers(label_text(df.column(cfg.label)))
+            label, label_bad = _parse_numbers(df.column(cfg.label))
             masks[label_reason] = (label_bad | np.isnan(label)) & keep
             numbers = {}
             for c in numeric:
@@ -621,7 +625,7 @@ def _scan_once(cfg: DataConfig, infos: list[FileInfo], chunk_rows: int, spill: "
             tgt = np.flatnonzero(dom == target_index)
             if time_col is not None:
                 text = _arrow_text(df.column(time_col)).take(pa.array(tgt))
-                tvals, tbad = _parse_numbers(text)
+                tvals, tbad = _parse_numbers(text, truth_words=False)
                 # Per target row: its number, or its date (ns) when it is not a number
                 # (dates are parsed only for those), NaN when missing; and which kind it is.
                 is_num = ~np.isnan(tvals)
