@@ -741,3 +741,16 @@ def test_cache_key_follows_the_format_and_separator_a_file_is_read_with(tmp_path
     with pytest.raises(DataError, match="cannot read .*data.parquet as Parquet"):
         prepare_data(DataConfig.from_dict(base_dict(files=["data.parquet"], cache=True),
                                           tmp_path))
+
+
+def test_a_max_len_far_beyond_the_longest_list_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PADDING_WARN_BYTES", 1 << 20)  # the tables here are small
+    frame = make_frame()  # tags: at most 3 tokens a row
+    with pytest.warns(UserWarning, match="multihot column 'tags': max_len 2,000 pads every row "
+                                         ".* the longest list in the data has 3 tokens.*set "
+                                         "max_len to 3"):
+        b = prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 2000}])
+    assert b.splits["target_train"].multihot.shape[2] == 2000  # a warning, nothing changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 6}])

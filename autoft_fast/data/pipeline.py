@@ -424,11 +424,13 @@ class _Spill:
 
     def __init__(self, folder: Path, cfg: DataConfig) -> None:
         self.folder, self.cfg, self.sizes = folder, cfg, []
+        self.longest = {m.name: 0 for m in cfg.multihot}  # tokens in a multi-hot row, at most
 
     def reset(self) -> None:
         self.remove()
         self.folder.mkdir(parents=True)
         self.sizes = []
+        self.longest = {m.name: 0 for m in self.cfg.multihot}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -447,6 +449,8 @@ class _Spill:
         self._save(f"{k}.arrow", pa.table(cols))
         for m in self.cfg.multihot:
             tok, row, pos = _token_arrays(df.column(m.name), m.sep)
+            if pos.size:
+                self.longest[m.name] = max(self.longest[m.name], int(pos.max()) + 1)
             self._save(f"{k}.{self.cfg.multihot.index(m)}.arrow", pa.table({
                 "tok": pc.dictionary_encode(tok), "row": pa.array(row.astype(np.int32)),
                 "pos": pa.array(pos.astype(np.int32))}))
@@ -1002,6 +1006,28 @@ def _fit(cfg: DataConfig, sc: _Scan, code: np.ndarray, chunk_rows: int) -> _Fitt
     return _Fitted(feature_map, vocabularies, lookups, edges_of, dense)
 
 
+# A multi-hot tensor this much larger than its longest list needs is worth a warning.
+PADDING_WARN_BYTES = 1 << 30
+
+
+def _warn_padding(cfg: DataConfig, longest: dict, n_rows: int, id_bytes: int) -> None:
+    """Warn when ``max_len`` pads every row far beyond the longest list in the data: each row
+    stores ``max_len`` ids per multi-hot column (the widest column's ``max_len`` for all of
+    them), and a cap of 100,000 for lists of 10 makes the tensors 10,000 times larger and
+    every batch that much slower."""
+    width = max((m.max_len for m in cfg.multihot), default=0)
+    need = max(longest.values(), default=0)
+    padded = n_rows * len(cfg.multihot) * width * id_bytes
+    if width > 2 * max(need, 1) and padded > PADDING_WARN_BYTES:
+        widest = max(cfg.multihot, key=lambda m: m.max_len)
+        warnings.warn(
+            f"multihot column '{widest.name}': max_len {widest.max_len:,} pads every row of "
+            f"every multi-hot column to {widest.max_len:,} slots, but the longest list in the "
+            f"data has {need:,} token{'s' if need != 1 else ''}: the multi-hot tensor takes "
+            f"about {padded / 2**30:,.1f} GB and every batch reads it; set max_len to "
+            f"{max(need, 1):,} (max_len only caps a list's length)", UserWarning, stacklevel=5)
+
+
 def _warn_integer_spellings(column: str, role: str, values: pd.Index) -> None:
     """Warn when the training values of ``column`` spell some integers both 'N' and 'N.0':
     two vocabulary entries (two embedding rows) for one id."""
@@ -1199,6 +1225,8 @@ def _stages(cfg: DataConfig, out: Path, chunk_rows: int, spill: "_Spill", stats:
     splits = _assign_splits(cfg, sc, kept)
     del kept  # _assign_splits freed the scan's per-row arrays (label and domain are spilled)
     fitted = _fit(cfg, sc, splits.code, chunk_rows)
+    _warn_padding(cfg, spill.longest, sum(int(v) for v in splits.sizes.values()),
+                  np.dtype(id_dtype(fitted.feature_map.num_rows)).itemsize)
     _encode(cfg, sc, splits, fitted, out, stats)
     for name in SPLIT_NAMES:
         stats[f"rows_{name}"] = int(splits.sizes[name])
