@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import io
 import os
 import threading
@@ -554,3 +555,24 @@ def test_generate_into_a_read_only_folder_names_out(tmp_path, capsys, monkeypatc
     line = _one_error_line(capsys.readouterr().err)
     assert f"--out {str(out)!r} cannot be written (Read-only file system)" in line
     assert ".tmp" not in line
+
+
+def test_a_source_domain_of_one_label_is_logged_as_undefined_not_nan(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    out = tmp_path / "data"
+    assert main(["generate", "--config", str(exp), "--out", str(out)]) == 0
+    doc = yaml.safe_load((out / "dataset.yaml").read_text())
+    domain, label = doc["data"]["domain"], doc["data"]["label"]
+    frame = pd.read_csv(out / "synthetic.csv", dtype=str)
+    first = domain["source"][0]
+    frame.loc[frame[domain["column"]] == first, label] = "0"  # that domain never clicks
+    frame.to_csv(out / "synthetic.csv", index=False)
+    exp = tiny_experiment(tmp_path, {"data": str(out / "dataset.yaml")})
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+    log_text = (run_dir / "log.txt").read_text()
+    assert f"source valid {first}: AUC undefined (its rows hold one label)" in log_text
+    assert "AUC nan" not in log_text
+    info = json.loads((run_dir / "pretrain.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert info["valid_per_domain"][first]["auc"] is None

@@ -357,8 +357,9 @@ def pretrain(cfg, bundle, *, resume: bool = True, force: bool = False,
             "train_samples_per_s": fit.samples_per_s, "wall_seconds": time.perf_counter() - t0,
             "history": fit.history, "model": model_cfg, "key": key}
     for dom, m in valid["per_domain"].items():
-        log.info("pretrain: source valid %s: AUC %.4f LogLoss %.4f (%d rows)", dom, m["auc"],
-                 m["logloss"], m["n"])
+        log.info("pretrain: source valid %s: AUC %s LogLoss %.4f (%d rows)", dom,
+                 "undefined (its rows hold one label)" if math.isnan(m["auc"])
+                 else f"{m['auc']:.4f}", m["logloss"], m["n"])
     if distributed.is_main_process():  # torchrun: only rank 0 writes files
         save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()},
                      "info": info}, path)
