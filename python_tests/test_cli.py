@@ -262,3 +262,30 @@ def test_run_files_are_standard_json_and_a_resume_reads_their_undefined_numbers_
         rows = list(csv.DictReader(f))
     assert [r["strategy"] for r in rows] == ["source_only"] and rows[0]["auc"] == str(rec["auc"])
     assert "source_only" in out
+
+
+def test_a_run_record_round_trips_through_standard_json(tmp_path):
+    import math
+    from autoft_fast.train.runner import _record_from_json, write_json
+    nan = float("nan")
+    rec = {"strategy": "autoft", "seed": 0, "best_epoch": None, "auc": nan, "logloss": 0.5,
+           "train_samples_per_s": nan, "valid_best": nan,
+           "per_domain": {"t": {"auc": nan, "logloss": nan, "n": 3}},
+           "policy_stats": {"field": {"tags": nan, "user": 0.5}, "layer": {"mlp_0": 1.0}},
+           "history": [{"epoch": 1, "valid_auc": nan, "tau": None, "samples_per_s": nan,
+                        "policy": {"field": {"tags": nan}, "layer": {}}}],
+           "policy_by_frequency": [{"field": "tags", "bucket": "1", "tuned_fraction": nan}]}
+    path = write_json(rec, tmp_path / "result.json")
+    text = path.read_text()
+    assert "NaN" not in text and json.loads(text)["auc"] is None
+    back = _record_from_json(json.loads(text))
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, float) and math.isnan(a):
+            return isinstance(b, float) and math.isnan(b)
+        return a == b and type(a) is type(b)
+    assert same(rec, back)  # NaN where it was NaN, None (best_epoch, tau) where it was None

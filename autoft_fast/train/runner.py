@@ -133,20 +133,40 @@ def _strict_json(obj):
     return obj
 
 
-# The numbers of a run record that are NaN when undefined (written as null; read back as NaN).
-_RECORD_FLOATS = ("auc", "logloss", "train_samples_per_s", "train_seconds", "wall_seconds")
+# The numbers of a run record that are NaN when undefined (written as null, read back as
+# NaN): top-level keys, and the keys of its nested metric tables.
+_RECORD_FLOATS = ("auc", "logloss", "train_samples_per_s", "train_seconds", "wall_seconds",
+                  "valid_best")
+_HISTORY_FLOATS = ("train_loss", "valid_auc", "valid_logloss", "samples_per_s")
+
+
+def _nan_for_none(d: dict, keys=None) -> None:
+    for k, v in d.items():
+        if v is None and (keys is None or k in keys):
+            d[k] = float("nan")
+
+
+def _policy_from_json(stats) -> None:
+    for kind in ("field", "layer"):  # a field whose every bag was empty has no fraction: NaN
+        if isinstance(stats, dict) and isinstance(stats.get(kind), dict):
+            _nan_for_none(stats[kind])
 
 
 def _record_from_json(rec: dict) -> dict:
-    """A result.json record as the run made it: its undefined numbers NaN again."""
-    for k in _RECORD_FLOATS:
-        if k in rec and rec[k] is None:
-            rec[k] = float("nan")
+    """A result.json record as the run made it: its undefined numbers NaN again (legitimate
+    Nones, such as best_epoch of a run that did not train, stay None)."""
+    _nan_for_none(rec, _RECORD_FLOATS)
     for m in (rec.get("per_domain") or {}).values():
         if isinstance(m, dict):
-            for k in ("auc", "logloss"):
-                if k in m and m[k] is None:
-                    m[k] = float("nan")
+            _nan_for_none(m, ("auc", "logloss"))
+    _policy_from_json(rec.get("policy_stats"))
+    for h in rec.get("history") or []:
+        if isinstance(h, dict):
+            _nan_for_none(h, _HISTORY_FLOATS)
+            _policy_from_json(h.get("policy"))
+    for row in rec.get("policy_by_frequency") or []:
+        if isinstance(row, dict):
+            _nan_for_none(row, ("tuned_fraction",))
     return rec
 
 
