@@ -754,3 +754,53 @@ def test_a_max_len_far_beyond_the_longest_list_is_warned_about(tmp_path, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 6}])
+
+
+def test_parquet_19_digit_ids_with_nulls_keep_every_digit(tmp_path):
+    # pandas reads an int64 Parquet column with nulls as float64, which merged all these ids.
+    frame = make_frame()
+    ids = 1_700_000_000_000_000_000 + np.arange(len(frame)) % 30
+    frame["item"] = pd.array(ids, dtype="Int64")
+    frame.loc[::20, "item"] = pd.NA
+    frame.to_parquet(tmp_path / "ids.parquet", index=False)
+    frame.to_csv(tmp_path / "ids.csv", index=False)
+    a = prepare_data(DataConfig.from_dict(base_dict(files=["ids.parquet"]), tmp_path))
+    b = prepare_data(DataConfig.from_dict(base_dict(files=["ids.csv"]), tmp_path))
+    assert len(a.vocabularies["item"]) == 31 and "1700000000000000029" in a.vocabularies["item"]
+    assert a.vocabularies["item"] == b.vocabularies["item"]
+    for name in SPLIT_NAMES:
+        assert torch.equal(a.splits[name].sparse, b.splits[name].sparse)
+
+
+def test_a_float_parquet_id_column_holding_inf_trains_with_inf_as_a_value(tmp_path):
+    frame = make_frame()
+    frame["item"] = frame["item"].astype(np.float64)
+    frame.loc[5, "item"] = np.inf
+    frame.to_parquet(tmp_path / "f.parquet", index=False)  # raised OverflowError
+    b = prepare_data(DataConfig.from_dict(base_dict(files=["f.parquet"]), tmp_path))
+    assert "inf" in b.vocabularies["item"] and "3" in b.vocabularies["item"]
+    assert "3.0" not in b.vocabularies["item"]  # the integral ids keep their integer form
+
+
+def test_a_null_element_of_a_parquet_list_drops_only_itself(tmp_path):
+    frame = make_frame()
+    lists = [[t for t in s.split("|") if t] for s in frame["tags"]]
+    holed = [x + [None] if i % 3 == 0 else ([None] + x if i % 3 == 1 else x)
+             for i, x in enumerate(lists)]
+    frame.assign(tags=lists).to_parquet(tmp_path / "clean.parquet", index=False)
+    frame.assign(tags=holed).to_parquet(tmp_path / "holed.parquet", index=False)
+    a = prepare_data(DataConfig.from_dict(base_dict(files=["clean.parquet"]), tmp_path))
+    b = prepare_data(DataConfig.from_dict(base_dict(files=["holed.parquet"]), tmp_path))
+    assert a.vocabularies["tags"] == b.vocabularies["tags"]
+    for name in SPLIT_NAMES:  # a row with a null element kept its tokens (it lost them all)
+        assert torch.equal(a.splits[name].multihot, b.splits[name].multihot), name
+    from autoft_fast.data.encode import RowEncoder
+    from autoft_fast.train.predict import _as_frame
+    import pyarrow as pa
+    enc = RowEncoder(DataConfig.from_dict(base_dict(files=["holed.parquet"]), tmp_path),
+                     b.feature_map, b.vocabularies)
+    rows = frame.head(12).assign(tags=holed[:12])
+    batch = pa.RecordBatch.from_pandas(rows, preserve_index=False)
+    got = enc.encode(_as_frame(batch, {"tags": "|"}, tmp_path / "holed.parquet"))
+    want = enc.encode(frame.head(12).assign(tags=["|".join(x) for x in lists[:12]]))
+    assert torch.equal(got.multihot, want.multihot)

@@ -331,3 +331,29 @@ def test_stored_text_of_columns_arrow_cannot_cast():
     assert _stored_text(col).tolist() == ["{'a': 1}", None, "{'a': 20000000000000001}"]
     ids = pa.array(["x", None, "x"]).dictionary_encode()
     assert _stored_text(ids).tolist() == ["x", None, "x"]
+
+
+@pytest.mark.parametrize("last", ["null", "7.5", "inf"])
+def test_a_parquet_id_column_predicts_row_by_row_whatever_its_dtype(finetuned, tmp_path, last):
+    # Trained on CSV text ids. A Parquet copy of the rows with the ids as nullable integers
+    # (one null) or floats (one 7.5 or inf): one odd value in the last row changes no other
+    # row (a null made pandas read the ids as float64, a 7.5 turned every id into '834.0',
+    # an inf raised OverflowError).
+    _, run_dir = finetuned
+    run = load_run(run_dir / "run")  # (a test above adds a second saved model)
+    frame = pd.read_csv(run.info["data"]["files"][0], dtype=str).head(40)
+    base = run.predict(frame).to_numpy()
+    new = frame.copy()
+    if last == "null":
+        new["item_id"] = pd.array(frame["item_id"].astype(np.int64), dtype="Int64")
+        new.loc[39, "item_id"] = pd.NA
+        unknown = frame.assign(item_id=frame["item_id"].where(frame.index != 39))
+    else:
+        new["item_id"] = frame["item_id"].astype(np.float64)
+        new.loc[39, "item_id"] = float(last)
+        unknown = frame.assign(item_id=frame["item_id"].where(frame.index != 39, "never-seen"))
+    new.to_parquet(tmp_path / "new.parquet", index=False)
+    got = run.predict(tmp_path / "new.parquet").to_numpy()
+    np.testing.assert_array_equal(got[:39], base[:39])
+    np.testing.assert_array_equal(got[39:], run.predict(unknown).to_numpy()[39:])
+    assert got[39] != base[39]

@@ -42,6 +42,26 @@ def feature_columns(cfg: DataConfig) -> list[str]:
     return [*cfg.categorical, *(c.name for c in cfg.numeric), *(m.name for m in cfg.multihot)]
 
 
+def _holds_floats(col: pd.Series) -> bool:
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return pd.api.types.is_float_dtype(col.cat.categories.dtype)
+    return pd.api.types.is_float_dtype(col.dtype)
+
+
+def _spells_integers(vocab: pd.Index) -> bool:
+    """Whether new float values of a column that was text in training should print as
+    integers (7.0 -> '7', as a CSV of integer ids spells them) rather than as floats
+    ('7.0', as pandas writes a float column): the spelling most of its integral values have.
+    Decided once per column, so that a row's text never depends on the other rows read
+    with it."""
+    if not len(vocab):
+        return True
+    text = pd.Series(vocab.astype(str))
+    dotted = int(text.str.fullmatch(r"[+-]?\d+\.0").sum())
+    plain = int(text.str.fullmatch(r"[+-]?\d+").sum())
+    return plain >= dotted
+
+
 class RowEncoder:
     """Turns frames of new rows into :class:`TensorData` with a fitted feature map.
 
@@ -147,6 +167,9 @@ class RowEncoder:
         sparse = np.empty((n, len(fm.single_fields)), dtype=self.ids)
         for j, c in enumerate(cfg.categorical):
             self._check_numbers(frame[c], c)
+            if c not in self.integral and _holds_floats(frame[c]):
+                # Text in training: float rows follow its spelling (decided once).
+                self.integral[c] = _spells_integers(self.lookups[c])
             text = as_text(frame[c], self.integral.get(c)).fillna("")
             lk = self.lookups[c]
             codes = lk.get_indexer(text) if len(lk) else np.full(n, -1)

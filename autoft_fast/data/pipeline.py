@@ -63,7 +63,7 @@ from .tensors import SPLIT_NAMES, DataBundle
 log = logging.getLogger("autoft_fast.data")
 
 # Bump when the processing rules or the cache layout change, so old caches are not reused.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 
 # Text that means "no value" in a numeric, label or time column (compared lower-cased,
 # stripped). Categorical columns keep such text as an ordinary value (it may be a real one,

@@ -525,8 +525,23 @@ def _parquet_chunks(info: FileInfo, cols, chunk_rows, label: str | None = None) 
                 text[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
                 out[c] = pd.Series(text, dtype=object)
             else:
-                out[c] = as_text(arr.to_pandas(), info.integral.get(c))
+                out[c] = as_text(arrow_to_pandas(arr), info.integral.get(c))
         yield pd.DataFrame(out)
+
+
+def arrow_to_pandas(arr) -> pd.Series:
+    """An Arrow column as pandas without losing integer digits: an integer column with nulls
+    becomes a nullable integer Series (pandas' default makes it float64, which holds integers
+    exactly only up to 2**53: 19-digit ids would merge)."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(arr.type) and arr.null_count:
+        return arr.to_pandas(types_mapper={
+            pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+            pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(),
+            pa.uint16(): pd.UInt16Dtype(), pa.uint32(): pd.UInt32Dtype(),
+            pa.uint64(): pd.UInt64Dtype()}.get)
+    return arr.to_pandas()
 
 
 def _list_as_text(arr, sep: str, col: str, path: Path) -> pd.Series:
@@ -542,6 +557,12 @@ def _list_as_text(arr, sep: str, col: str, path: Path) -> pd.Series:
             f"its separator {sep!r}; pick another data.multihot sep"
         )
     lists = pc.cast(arr, pa.list_(pa.string()))
+    if flat.null_count:
+        # A null element would make the whole row's join null (every token of the row lost):
+        # it is an empty token instead, which the tokenizer drops like any other.
+        whole = pa.concat_arrays([lists])  # unsliced: from_arrays takes no sliced offsets
+        lists = pa.ListArray.from_arrays(whole.offsets, pc.fill_null(whole.values, ""),
+                                         mask=whole.is_null())
     joined = pc.binary_join(lists, sep)
     return pd.Series(joined.to_numpy(zero_copy_only=False), dtype=object).where(
         pd.Series(joined.is_valid().to_numpy(zero_copy_only=False)), np.nan)
@@ -552,7 +573,8 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     Parquet ``1.0`` and a CSV ``1`` are the same value. ``integral`` says whether the column
     is integral in every training file that holds it as floats (decided once, before the
     first chunk, by pipeline.float_text_integral, and kept in the feature map for new rows,
-    so chunks, files and predictions agree); None decides from ``s``."""
+    so chunks, files and predictions agree); None decides from ``s``. Where ``integral`` is
+    true, a value that is not integral (inf; a new 7.5) keeps its float text."""
     if isinstance(s.dtype, pd.CategoricalDtype):
         # A pandas categorical (a Parquet dictionary column): its values, in their own dtype.
         cats = s.cat.categories
@@ -567,11 +589,20 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
         return s
     if pd.api.types.is_float_dtype(s):
         vals = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        whole = np.isfinite(vals) & (vals == np.round(vals)) & (np.abs(vals) < 2**62)
         if integral is None:
-            finite = np.isfinite(vals)
-            integral = bool(np.all(vals[finite] == np.round(vals[finite])) and np.all(np.abs(vals[finite]) < 2**62))
-        if integral:
+            integral = bool(np.all(whole | np.isnan(vals)))
+        if integral and np.all(whole | np.isnan(vals)):
             s = pd.Series(vals, index=s.index).astype("Int64")
+        elif integral:
+            # Integral values as integers; a value that is not one (inf, or a 7.5 the
+            # training files never held) keeps its float text, row by row, so that one
+            # such value changes nothing else.
+            text = s.astype(str)
+            ints = pd.Series(vals[whole].astype(np.int64), dtype=np.int64).astype(str)
+            text = text.to_numpy(dtype=object)
+            text[whole] = ints.to_numpy(dtype=object)
+            s = pd.Series(text, index=s.index, dtype=object).mask(np.isnan(vals))
     missing = s.isna().to_numpy()
     text = s.astype(str)
     if missing.any():

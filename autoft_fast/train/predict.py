@@ -577,7 +577,7 @@ def _as_frame(batch, list_seps: dict, path: Path, verbatim=frozenset(),
               features=None) -> pd.DataFrame:
     import pyarrow as pa
 
-    from ..data.reading import _list_as_text
+    from ..data.reading import _list_as_text, arrow_to_pandas
 
     out, texts = {}, {}
     for name, col in zip(batch.schema.names, batch.columns):
@@ -592,7 +592,7 @@ def _as_frame(batch, list_seps: dict, path: Path, verbatim=frozenset(),
                                 "only multihot columns may hold lists")
             out[name] = _list_as_text(col, list_seps[name], name, path)
         else:
-            out[name] = col.to_pandas()
+            out[name] = arrow_to_pandas(col)
     frame = pd.DataFrame(out)
     if texts:
         frame.attrs["verbatim"] = texts
