@@ -3,6 +3,7 @@ bucketing, cache, every bad input, and batching."""
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -804,3 +805,16 @@ def test_a_null_element_of_a_parquet_list_drops_only_itself(tmp_path):
     got = enc.encode(_as_frame(batch, {"tags": "|"}, tmp_path / "holed.parquet"))
     want = enc.encode(frame.head(12).assign(tags=["|".join(x) for x in lists[:12]]))
     assert torch.equal(got.multihot, want.multihot)
+
+
+def test_multihot_rows_cut_to_max_len_are_counted_in_a_warning(tmp_path, caplog):
+    frame = make_frame()  # tags: 0-3 tokens a row
+    n_long = int((frame["tags"].str.count(r"\|") >= 1).sum())  # rows of 2 or 3 tokens
+    with pytest.warns(UserWarning, match=rf"multihot column 'tags': {n_long:,} of 600 rows hold "
+                                         r"more than max_len 1 tokens .*longest list has 3"):
+        prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 1}])
+    frame["tags"] = np.where(np.arange(len(frame)) == 0, "a|b|c|d", frame["tags"])
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, "autoft_fast.data"):
+        warnings.simplefilter("error")  # one row of 600 cut: a log line, no warning
+        prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 3}])
+    assert "multihot column 'tags': 1 of 600 rows hold more than max_len 3" in caplog.text

@@ -1028,6 +1028,27 @@ def _warn_padding(cfg: DataConfig, longest: dict, n_rows: int, id_bytes: int) ->
             f"{max(need, 1):,} (max_len only caps a list's length)", UserWarning, stacklevel=5)
 
 
+# Rows cut to max_len above this share of the rows are warned about (below it, logged).
+TRUNCATION_WARN_SHARE = 0.01
+
+
+def _report_truncation(cfg: DataConfig, truncated: dict, longest: dict, n_rows: int) -> None:
+    """Say how many rows of each multi-hot column lost tokens past ``max_len``: a warning
+    when that is more than TRUNCATION_WARN_SHARE of the rows (a max_len below the lists'
+    usual length), else a log line."""
+    for m in cfg.multihot:
+        k = int(truncated.get(m.name, 0))
+        if not k:
+            continue
+        text = (f"multihot column '{m.name}': {k:,} of {n_rows:,} rows hold more than max_len "
+                f"{m.max_len:,} tokens and keep only their first {m.max_len:,} (the longest "
+                f"list has {longest.get(m.name, 0):,})")
+        if k > TRUNCATION_WARN_SHARE * n_rows:
+            warnings.warn(f"{text}; raise max_len to keep more", UserWarning, stacklevel=5)
+        else:
+            log.info("%s", text)
+
+
 def _warn_integer_spellings(column: str, role: str, values: pd.Index) -> None:
     """Warn when the training values of ``column`` spell some integers both 'N' and 'N.0':
     two vocabulary entries (two embedding rows) for one id."""
@@ -1228,6 +1249,8 @@ def _stages(cfg: DataConfig, out: Path, chunk_rows: int, spill: "_Spill", stats:
     _warn_padding(cfg, spill.longest, sum(int(v) for v in splits.sizes.values()),
                   np.dtype(id_dtype(fitted.feature_map.num_rows)).itemsize)
     _encode(cfg, sc, splits, fitted, out, stats)
+    _report_truncation(cfg, stats.get("multihot_rows_truncated", {}), spill.longest,
+                       sum(int(v) for v in splits.sizes.values()))
     for name in SPLIT_NAMES:
         stats[f"rows_{name}"] = int(splits.sizes[name])
     return fitted.feature_map.to_dict(), fitted.vocabularies
