@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a finetune run directory (or a model folder of a compare run made "
                         "with --keep-models)")
     p.add_argument("--data", required=True, metavar="FILE", help="CSV, TSV or Parquet rows")
-    p.add_argument("--out", "-o", required=True, metavar="CSV", help="the predictions file")
+    p.add_argument("--out", "-o", required=True, metavar="FILE",
+                   help="the predictions file: CSV, or Parquet / TSV / gzip by its name "
+                        "(.parquet, .tsv, .gz)")
     p.add_argument("--keep", metavar="A,B,...",
                    help="input columns copied to --out (default: every column that is not a "
                         "feature or the label); --keep '' keeps none")

@@ -357,3 +357,31 @@ def test_a_parquet_id_column_predicts_row_by_row_whatever_its_dtype(finetuned, t
     np.testing.assert_array_equal(got[:39], base[:39])
     np.testing.assert_array_equal(got[39:], run.predict(unknown).to_numpy()[39:])
     assert got[39] != base[39]
+
+
+def test_predictions_are_written_in_the_format_the_out_name_says(finetuned, tmp_path):
+    _, run_dir = finetuned
+    run = load_run(run_dir / "run")
+    frame = pd.read_csv(run.info["data"]["files"][0], dtype=str).head(300)
+    frame.to_csv(tmp_path / "new.csv", index=False)
+    paths = {k: tmp_path / f"p.{k}" for k in ("csv", "parquet", "csv.gz", "tsv", "tsv.gz")}
+    for p in paths.values():
+        assert run.predict_file(tmp_path / "new.csv", p, keep=["row_id", "ts"]) == 300
+    want = pd.read_csv(paths["csv"], dtype={"row_id": str, "ts": str})
+    got = {"parquet": pd.read_parquet(paths["parquet"]),
+           "csv.gz": pd.read_csv(paths["csv.gz"], dtype={"row_id": str, "ts": str}),
+           "tsv": pd.read_csv(paths["tsv"], sep="\t", dtype={"row_id": str, "ts": str}),
+           "tsv.gz": pd.read_csv(paths["tsv.gz"], sep="\t", dtype={"row_id": str, "ts": str})}
+    assert paths["parquet"].read_bytes()[:4] == b"PAR1"
+    assert paths["csv.gz"].read_bytes()[:2] == b"\x1f\x8b"
+    for k, g in got.items():
+        assert g.columns.tolist() == ["row_id", "ts", "probability"], k
+        assert g["row_id"].tolist() == want["row_id"].tolist(), k
+        np.testing.assert_allclose(g["probability"].to_numpy(), want["probability"].to_numpy(),
+                                   rtol=1e-8, err_msg=k)
+    # No rows: the header alone (Parquet: the schema), never an empty or broken file.
+    frame.head(0).to_csv(tmp_path / "none.csv", index=False)
+    run.predict_file(tmp_path / "none.csv", tmp_path / "none.parquet", keep=["row_id"])
+    empty = pd.read_parquet(tmp_path / "none.parquet")
+    assert empty.columns.tolist() == ["row_id", "probability"] and len(empty) == 0
+    assert not list(tmp_path.glob(".*.tmp"))  # no partial file left behind

@@ -262,7 +262,8 @@ class SavedRun:
 
     def predict_file(self, data, out, keep: list[str] | None = None, *,
                      force: bool = False, sep: str | None = None) -> int:
-        """Write ``out`` (CSV): the ``keep`` columns of ``data`` (default: every column
+        """Write ``out`` (CSV; Parquet, TSV or gzip when its name ends in .parquet, .tsv or
+        .gz): the ``keep`` columns of ``data`` (default: every column
         that is not a feature; a name the header repeats is left out of it, with a warning)
         then 'probability', one line per input row; returns the number of rows. An existing
         ``out`` is kept unless ``force``.
@@ -330,7 +331,7 @@ class SavedRun:
         n = other = 0
         self.encoder.reset_counts()
         try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            with _OutputWriter(fd, out, [*keep, PROBABILITY_COLUMN]) as writer:
                 for frame in self.read_frames(data, needed, verbatim=keep, sep=sep,
                                               layout=layout):
                     if dom is not None:
@@ -341,10 +342,8 @@ class SavedRun:
                     res = pd.DataFrame({c: texts.get(c, frame[c]) for c in keep},
                                        index=frame.index)
                     res[PROBABILITY_COLUMN] = self.score_frame(frame, first_row=n)
-                    res.to_csv(f, index=False, header=n == 0, float_format="%.9g")
+                    writer.write(res)
                     n += len(frame)
-                if n == 0:  # the header alone, as a line
-                    csv.writer(f, lineterminator="\n").writerow([*keep, PROBABILITY_COLUMN])
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -355,6 +354,73 @@ class SavedRun:
                      "%r): the model was fine-tuned for that domain", f"{other:,}", f"{n:,}",
                      data.name, cfg.target_domain, dom)
         return n
+
+
+class _OutputWriter:
+    """The predictions file in the format its name says: ``.parquet`` / ``.pq`` Parquet (the
+    copied columns as text, as the CSV has them; probability float64), ``.gz`` gzip, ``.tsv``
+    tab-separated, anything else CSV. Written to the open temporary file ``fd``."""
+
+    def __init__(self, fd: int, out: Path, columns: list[str]) -> None:
+        import io
+
+        name = out.name.lower()
+        self.columns, self.n = list(dict.fromkeys(columns)), 0  # as the frames' columns
+        self.parquet = name.endswith((".parquet", ".pq"))
+        self.sep = "\t" if name.removesuffix(".gz").endswith(".tsv") else ","
+        self.raw = os.fdopen(fd, "wb")
+        self.pq_writer = None
+        self.f = None
+        if name.endswith(".gz"):
+            import gzip
+            gz = gzip.GzipFile(fileobj=self.raw, mode="wb", filename=name.removesuffix(".gz"),
+                               mtime=0)
+            self.f = io.TextIOWrapper(gz, encoding="utf-8", newline="")
+        elif not self.parquet:
+            self.f = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
+
+    def _schema(self):
+        import pyarrow as pa
+        return pa.schema([(c, pa.float64() if c == PROBABILITY_COLUMN else pa.string())
+                          for c in self.columns])
+
+    def write(self, res: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            if self.pq_writer is None:
+                self.pq_writer = pq.ParquetWriter(self.raw, self._schema())
+            arrays = [pa.array(res.iloc[:, i].to_numpy(dtype=np.float64))
+                      if c == PROBABILITY_COLUMN else
+                      pa.array(as_text(res.iloc[:, i]).to_numpy(dtype=object), type=pa.string(),
+                               from_pandas=True)
+                      for i, c in enumerate(self.columns)]
+            self.pq_writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema()))
+        else:
+            res.to_csv(self.f, index=False, header=self.n == 0, float_format="%.9g",
+                       sep=self.sep)
+        self.n += len(res)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None and self.parquet and self.pq_writer is None:
+                import pyarrow.parquet as pq  # no rows: the schema alone
+                self.pq_writer = pq.ParquetWriter(self.raw, self._schema())
+            elif kind is None and self.n == 0:  # the header alone, as a line
+                csv.writer(self.f, delimiter=self.sep,
+                           lineterminator="\n").writerow(self.columns)
+        finally:
+            try:
+                if self.pq_writer is not None:
+                    self.pq_writer.close()
+                if self.f is not None:
+                    self.f.close()  # flushes; closes the gzip stream (and a plain file)
+            finally:
+                if not self.raw.closed:
+                    self.raw.close()
 
 
 def load_run(path: str | os.PathLike, *, device: str | torch.device = "cpu",
