@@ -375,6 +375,23 @@ def test_a_domain_number_spelled_otherwise_in_the_column_gets_its_spelling(tmp_p
     assert len(prepare(tmp_path, frame, domain=dom).splits["target_test"]) > 0
 
 
+def test_a_domain_value_differing_only_in_unicode_normalization_is_shown_encoded(tmp_path):
+    import unicodedata
+    frame = make_frame()
+    nfd = unicodedata.normalize("NFD", "café")  # e + combining accent, as macOS writes it
+    frame["dom"] = frame["dom"].replace({"t": nfd})
+    with pytest.raises(DataError, match=r"target domain value 'café' matches no rows.*differs "
+                                        r"from it only in how its accented letters are encoded"
+                                        r".*'cafe\\u0301', the YAML 'caf\\xe9'") as e:
+        prepare(tmp_path, frame, domain={"column": "dom", "source": ["s1", "s2"],
+                                         "target": unicodedata.normalize("NFC", "café")})
+    assert "did you mean" not in str(e.value)
+    with pytest.raises(DataError) as e:  # a case difference is no encoding difference
+        prepare(tmp_path, frame.assign(dom=frame["dom"].replace({nfd: "T"})),
+                domain={"column": "dom", "source": ["s1", "s2"], "target": "t"})
+    assert "encoded" not in str(e.value)
+
+
 def test_a_yaml_number_as_domain_value_gets_the_quoting_hint(tmp_path):
     # YAML reads `target: 010` as 8: the hint says to quote it.
     dom = yaml.safe_load("{column: dom, source: [s1, s2], target: 010}")

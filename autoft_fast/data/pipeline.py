@@ -770,7 +770,20 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             close = ([v for v in present if v.strip().casefold() == value.strip().casefold()]
                      or difflib.get_close_matches(str(value), present, n=1))
             number = _same_number(str(value), present)
-            if number:
+            import unicodedata
+            def nfc(v: str) -> str:
+                return unicodedata.normalize("NFC", v)
+            # Equal once both are NFC (accents as one code point, not letter + combining
+            # mark): a difference that prints the same, so the hint shows both encodings.
+            look_alike = [v for v in present if v != value
+                          and nfc(v).casefold() == nfc(str(value)).casefold()
+                          and (nfc(v) != v or nfc(str(value)) != str(value))]
+            if look_alike:
+                hint = (f"; the column's {look_alike[0]!r} differs from it only in how its "
+                        f"accented letters are encoded (Unicode normalization: the file has "
+                        f"{ascii(look_alike[0])}, the YAML {ascii(str(value))}); write the "
+                        f"value as the file does, or normalise the file (NFC)")
+            elif number:
                 hint = (f"; the column spells that number '{number[0]}': domain values are "
                         f"matched as text, so write '{number[0]}' (quoted) in the YAML")
             elif close:
