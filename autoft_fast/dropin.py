@@ -621,12 +621,17 @@ class AutoFTModel(nn.Module):
             if rows is None:  # a module this call did not use
                 parts.append(torch.zeros(state.batch, dim, device=device, dtype=dtype))
             else:
-                parts.append(torch.cat(rows, dim=1).float().mean(dim=1).to(dtype))
+                looked = torch.cat(rows, dim=1).float()
+                if looked.shape[1] == 0:  # a [B, 0] lookup (a batch where a field is empty):
+                    parts.append(torch.zeros(state.batch, dim, device=device, dtype=dtype))
+                else:  # its mean would be NaN, and NaN policy weights after one step
+                    parts.append(looked.mean(dim=1).to(dtype))
         logits = self.policy(torch.cat(parts, dim=1).detach()).float()  # the gates read float32
         if self._force is not None:
             sign = 1.0 if self._force == "tuned" else -1.0
             forced = torch.tensor([-sign, sign], device=logits.device) * (_FORCE_MARGIN / 2)
-            logits = logits * 0 + forced  # keeps the graph, so a backward still runs
+            # keeps the graph, so a backward still runs (a NaN logit is forced too)
+            logits = logits.nan_to_num(0.0, 0.0, 0.0) * 0 + forced
         return logits
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

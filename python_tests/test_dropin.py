@@ -613,3 +613,34 @@ def test_fused_optimizers_on_a_dropin_model_train_the_tuned_tables_and_refuse_pa
     padded.train()
     with pytest.raises(ValueError, match="padding_idx = 0 with a fused optimizer"):
         padded(torch.tensor([[0, 2]]))
+
+
+def test_a_batch_where_a_field_has_no_lookups_leaves_the_policy_finite():
+    # A multi-hot field padded to the batch's longest list is [B, 0] when every list is
+    # empty: its policy input was the mean over 0 rows (NaN), and NaN policy weights after one
+    # step sent every gate to the frozen row for good.
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user, self.tags, self.out = nn.Embedding(10, 4), nn.Embedding(10, 4), nn.Linear(8, 1)
+
+        def forward(self, user, tags):
+            return self.out(torch.cat([self.user(user), self.tags(tags).sum(1)], 1)).squeeze(1)
+
+    torch.manual_seed(0)
+    net = autoft(M(), strategy="autoft")
+    opt = torch.optim.Adam([p for g in net.parameter_groups().values() for p in g], lr=0.01)
+    user, y = torch.tensor([1, 2, 3, 4]), torch.rand(4)
+    for tags in (torch.zeros(4, 0, dtype=torch.long), torch.tensor([[1, 2]] * 4)):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(user, tags), y).backward()
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in net.policy.parameters())
+    logits = net._policy_logits((user, torch.tensor([[1, 2]] * 4)), {})
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():  # a NaN logit is forced too (it stayed NaN, and the gate frozen)
+        next(net.policy.parameters()).fill_(float("nan"))
+    net.force_gates("tuned")
+    net.eval()
+    net(user, torch.tensor([[1, 2]] * 4))
+    assert set(net.tuned_fraction().values()) == {1.0}
