@@ -150,22 +150,6 @@ class _EmbeddingAttributes:
         return self.frozen_weight.shape[1]
 
 
-def _padding_hook(padding_idx: int):
-    # Keep the original module's rule: the padding row never gets a gradient.
-    def hook(grad):
-        if grad is None:
-            return None
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            keep = (grad.indices()[0] != padding_idx).to(grad.dtype).unsqueeze(-1)
-            return torch.sparse_coo_tensor(grad.indices(), grad.values() * keep, grad.shape,
-                                           check_invariants=False, is_coalesced=True)
-        grad = grad.clone()
-        grad[padding_idx] = 0
-        return grad
-    return hook
-
-
 class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
     """Stands in for an ``nn.Embedding``: same call ``(input) -> rows``, frozen and tuned table.
 
@@ -187,17 +171,6 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
         self.padding_idx = module.padding_idx
         if role == "freeze":
             self.table.tuned_weight.requires_grad_(False)
-        self._hook_padding()
-
-    def _hook_padding(self) -> None:
-        # A tensor hook belongs to the Parameter: a copy (deepcopy, pickling) has none, so
-        # __setstate__ registers it again.
-        if self.role != "freeze" and self.padding_idx is not None:
-            self.table.tuned_weight.register_hook(_padding_hook(self.padding_idx))
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._hook_padding()
 
     @property
     def frozen_weight(self) -> torch.Tensor:
@@ -230,11 +203,19 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
         if self.role == "tune":
             if table.fused:  # the tuned rows update themselves, as the gated role's do
                 return table.lookup([Lookup(input)])[0]
-            return F.embedding(input, table.tuned_weight, sparse=table.sparse)
+            return F.embedding(input, table.tuned_weight, padding_idx=self.padding_idx,
+                               sparse=table.sparse)
         logits = state.logits_for(self.gate, self.name)
         logits = logits.reshape(logits.shape[0], *([1] * (input.dim() - 1)), 2).expand(*input.shape, 2)
         out, gates = table(input, logits, tau=state.tau)
         state.gates[self.name] = gates.detach()
+        if self.padding_idx is not None:
+            # nn.Embedding's rule, applied in the forward as F.embedding applies it (so that
+            # it holds whatever replaces the Parameter: to_empty, load_state_dict(assign=True),
+            # torch.func): a padding lookup gives no gradient, to the row or to its gate (whose
+            # two rows are equal while the padding row is untrained).
+            pad = (input == self.padding_idx).unsqueeze(-1)
+            out = torch.where(pad, out.detach(), out)
         return out
 
 
