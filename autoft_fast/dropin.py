@@ -380,12 +380,15 @@ def _record_rows(module, args, output) -> None:
 
 def _input_versions(args, kwargs) -> list:
     """(where, tensor, version) of every tensor among the arguments, one level into lists,
-    tuples and dicts, and the key set of every dict: what the collect pass must not change."""
+    tuples and dicts, and the key set of every dict: what the collect pass must not change.
+    Inference tensors (made under torch.inference_mode) keep no version, so they are not
+    checked."""
     out = []
 
     def visit(where, value, depth):
         if isinstance(value, torch.Tensor):
-            out.append((where, value, value._version))
+            if not value.is_inference():  # an inference tensor has no version counter
+                out.append((where, value, value._version))
         elif depth < 2 and isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
                 visit(f"{where}[{i}]", v, depth + 1)

@@ -673,3 +673,18 @@ def test_the_padding_row_gets_no_gradient_through_torch_func(strategy):
     grads = grad(lambda p: functional_call(net, p, (x,)).sum())(params)
     g = grads[name].to_dense() if grads[name].is_sparse else grads[name]
     assert g[0].abs().max() == 0 and g[3].abs().max() > 0
+
+
+def test_inputs_made_under_inference_mode_are_accepted():
+    # Inference tensors have no version counter, which the input check read (RuntimeError).
+    torch.manual_seed(0)
+    base = _PaddedModel()
+    net = autoft(base, strategy="autoft")
+    net.force_gates("tuned")
+    net.eval()
+    with torch.inference_mode():
+        x = torch.tensor([[0, 1], [5, 2], [3, 4]]).long()
+        inside = net(x)
+        assert torch.allclose(inside, base(x))
+    with torch.no_grad():
+        assert torch.equal(net(x), inside)
