@@ -458,10 +458,9 @@ class AutoFTModel(nn.Module):
             raise ValueError(f"strategy = {strategy!r} is not one of {list(STRATEGIES)}")
         self.strategy = strategy
         plan = STRATEGIES[strategy]
-        self.tau = validate.check_tau(tau)
         self.l2sp_weight = float(l2sp_weight)
         self._force = None
-        state = _CallState(self.tau)
+        state = _CallState(validate.check_tau(tau))
         object.__setattr__(self, "_state", state)
 
         self.model = copy.deepcopy(model)
@@ -617,6 +616,15 @@ class AutoFTModel(nn.Module):
             # keeps the graph, so a backward still runs (a NaN logit is forced too)
             logits = logits.nan_to_num(0.0, 0.0, 0.0) * 0 + forced
         return logits
+
+    @property
+    def tau(self) -> float:
+        """The Gumbel-softmax temperature of every gate; set it to anneal (``net.tau = 0.5``)."""
+        return self._state.tau
+
+    @tau.setter
+    def tau(self, value) -> None:
+        self._state.tau = validate.check_tau(value)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters: ``{"model": [...], "policy": [...]}`` for the user's optimizer.

@@ -688,3 +688,30 @@ def test_inputs_made_under_inference_mode_are_accepted():
         assert torch.allclose(inside, base(x))
     with torch.no_grad():
         assert torch.equal(net(x), inside)
+
+
+def test_setting_tau_changes_the_temperature_the_gates_use():
+    # `net.tau = ...` (an annealing schedule) was stored beside the copy the gates read.
+    def policy_grad(net):
+        torch.manual_seed(3)
+        net.train()
+        net.zero_grad()
+        net(torch.tensor([[1, 1], [5, 2], [3, 4]])).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in net.policy.parameters()]).norm().item()
+
+    def made(tau):
+        torch.manual_seed(0)
+        net = autoft(_PaddedModel(), strategy="autoft", tau=tau)
+        with torch.no_grad():  # tuned != frozen, or no gate has a gradient
+            for p in net.parameter_groups()["model"]:
+                p.add_(torch.randn_like(p) * 0.3)
+        return net
+
+    net = made(5.0)
+    at5 = policy_grad(net)
+    net.tau = 0.5
+    assert net.tau == 0.5 and "tau=0.5" in repr(net)
+    fresh = made(0.5)
+    assert policy_grad(net) == pytest.approx(policy_grad(fresh)) and policy_grad(net) != pytest.approx(at5)
+    with pytest.raises(ValueError, match="tau"):
+        net.tau = 0.0
