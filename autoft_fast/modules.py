@@ -549,7 +549,8 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
         One gate per bag from ``logits`` [B, 2]; the bag's frozen and tuned rows are pooled
         by ``mode`` ("sum" or "mean") and mixed (``autoft_fast.gated_embedding_bag``). The
         tuned table gets an ordinary gradient (dense, or COO when ``sparse``); a module with a
-        fused optimizer refuses, since the bag op does not fuse one.
+        fused optimizer refuses where a backward could run (the bag op does not fuse one),
+        and evaluates under ``torch.no_grad()``.
 
         Example::
 
@@ -567,7 +568,9 @@ class GatedEmbedding(FusedTableMixin, nn.Module):
                                    per_sample_weights=per_sample_weights, mode=mode, tau=tau,
                                    hard=hard, noise=noise, seed=seed, uniforms=uniforms,
                                    sparse=self.sparse, backend=self.backend,
-                                   optimizer=self.fused_optimizer)
+                                   # no backward can run (no_grad, a frozen table): nothing
+                                   # to fuse, so evaluation works with an optimizer attached
+                                   optimizer=self.fused_optimizer if self.fused else None)
 
     def extra_repr(self) -> str:
         frozen = ("" if self.frozen_weight.dtype == self.tuned_weight.dtype

@@ -253,3 +253,20 @@ def test_a_copied_sparse_module_still_hands_over_a_coalesced_gradient(how):
     out.sum().backward()
     grad = other.tuned_weight.grad
     assert grad.is_sparse and grad.is_coalesced()
+
+
+def test_a_fused_module_evaluates_bags_under_no_grad_and_refuses_them_where_it_trains():
+    torch.manual_seed(0)
+    emb = autoft_fast.GatedEmbedding(10, 4, optimizer="adam", lr=1e-2)
+    values, offsets = torch.tensor([1, 2, 2, 7]), torch.tensor([0, 1, 3, 4])
+    logits = torch.randn(3, 2)
+    emb.eval()
+    with torch.no_grad():  # no backward can run: nothing to fuse (it refused before)
+        out, gates = emb.bag(values, offsets, logits, mode="mean")
+    plain = autoft_fast.GatedEmbedding.from_pretrained(emb.frozen_weight.clone())
+    with torch.no_grad():
+        plain.tuned_weight.copy_(emb.tuned_weight)
+        want, _ = plain.bag(values, offsets, logits, mode="mean", noise=False)
+    assert torch.equal(out, want) and gates.shape == (3, 2)
+    with pytest.raises(ValueError, match="does not fuse an optimizer"):
+        emb.bag(values, offsets, logits)  # gradients on: its backward would need one
