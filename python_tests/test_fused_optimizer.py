@@ -506,3 +506,27 @@ def test_a_loss_on_the_gates_alone_leaves_the_table_and_its_state(backend, kind)
     assert torch.equal(tuned.detach(), before)
     for k, v in state.items():
         assert torch.equal(v, saved[k]), k
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("how", ["gated", "plain"])
+def test_create_graph_through_a_fused_call_is_refused_before_any_update(backend, how):
+    from autoft_fast.ops.fused_optim import Lookup, fused_lookup
+    torch.manual_seed(0)
+    idx = torch.tensor([[1, 2], [2, 3]])
+    opt = FusedOptimizer("sgd", lr=0.1)
+    if how == "gated":
+        emb = autoft_fast.GatedEmbedding(10, 4, backend=backend, optimizer="sgd", lr=0.1)
+        logits = torch.zeros(2, 2, 2, requires_grad=True)
+        out, _ = emb(idx, logits, noise=False, hard=False)
+        table, wrt = emb.tuned_weight, logits
+    else:
+        table = torch.randn(10, 4, requires_grad=True)
+        weights = torch.ones(2, 2, requires_grad=True)
+        out = fused_lookup(table, [Lookup(idx, weights, True)], opt, opt.new_state(table))[0]
+        wrt = weights
+    before = table.detach().clone()
+    with pytest.raises(RuntimeError, match="with optimizer= has no double backward.*no update "
+                                           "was made"):
+        torch.autograd.grad((out ** 2).sum(), wrt, create_graph=True)
+    assert torch.equal(table.detach(), before)

@@ -120,6 +120,7 @@ class _FusedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_gates):
+        fused_optim.refuse_double_backward("gated_embedding")
         indices, frozen_weight, seed, uniforms, tau, hard, noise = ctx.inputs
         row, weight = ctx.row, ctx.tuned_weight
         _FusedStep._check_unchanged(ctx, weight)

@@ -562,6 +562,17 @@ def fused_updates_accumulated():
         _step_table(list(per_pass.values()))
 
 
+def refuse_double_backward(op: str) -> None:
+    """Raise, before any update, in a fused backward asked to build a graph (create_graph=
+    True): the step it takes cannot be differentiated, and a second backward would read rows
+    the first one updated."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} with optimizer= has no double backward: its backward updates the table, "
+            "so create_graph=True cannot hold (no update was made); differentiate without "
+            "create_graph, or train this table without a fused optimizer")
+
+
 class _FusedLookup(torch.autograd.Function):
     """The plain lookups of one table whose backward updates the touched rows in place."""
 
@@ -575,6 +586,7 @@ class _FusedLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        refuse_double_backward("fused_lookup")
         optimizer, state, _, l2sp = ctx.spec
         ctx.call.done = True
         w = ctx.weight.detach()
