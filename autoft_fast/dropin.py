@@ -83,6 +83,12 @@ class _CallState:
         self.first: str | None = None
         self.logits: torch.Tensor | None = None
         self.gates: dict[str, torch.Tensor] = {}
+        # Gates forced (force_gates): no Gumbel noise is drawn, so the global generator (and
+        # every dropout mask after it) moves as in the original model.
+        self.forced = False
+
+    def noise(self, training: bool) -> bool:
+        return training and not self.forced
 
     def check_batch(self, size: int, where: str) -> None:
         if self.batch is None:
@@ -207,7 +213,7 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
                                sparse=table.sparse)
         logits = state.logits_for(self.gate, self.name)
         logits = logits.reshape(logits.shape[0], *([1] * (input.dim() - 1)), 2).expand(*input.shape, 2)
-        out, gates = table(input, logits, tau=state.tau)
+        out, gates = table(input, logits, tau=state.tau, noise=state.noise(self.training))
         state.gates[self.name] = gates.detach()
         if self.padding_idx is not None:
             # nn.Embedding's rule, applied in the forward as F.embedding applies it (so that
@@ -280,7 +286,7 @@ class GatedEmbeddingBagSlot(_EmbeddingAttributes, _Gated):
         if self.role == "tune":
             return tuned
         z = gumbel_gates(state.logits_for(self.gate, self.name), tau=state.tau, hard=True,
-                         noise=self.training).to(tuned.dtype)
+                         noise=state.noise(self.training)).to(tuned.dtype)
         state.gates[self.name] = z.detach()
         return z[:, :1] * frozen + z[:, 1:] * tuned
 
@@ -326,7 +332,8 @@ class GatedLayer(_Gated):
             shape = tuple(tuned.shape) if isinstance(tuned, torch.Tensor) else type(tuned).__name__
             raise ValueError(f"layer {self.name!r} returned {shape}; a gated layer must return a "
                              f"tensor with the batch of {logits.shape[0]} instances as its first axis")
-        z = gumbel_gates(logits, tau=state.tau, hard=True, noise=self.training).to(tuned.dtype)
+        z = gumbel_gates(logits, tau=state.tau, hard=True,
+                         noise=state.noise(self.training)).to(tuned.dtype)
         state.gates[self.name] = z.detach()
         z = z.reshape(z.shape[0], *([1] * (tuned.dim() - 1)), 2)
         return z[..., 0] * frozen + z[..., 1] * tuned
@@ -574,6 +581,7 @@ class AutoFTModel(nn.Module):
         state = self._state
         try:
             before = _input_versions(args, kwargs)
+            state.forced = self._force is not None
             logits = self._policy_logits(args, kwargs)
             _check_inputs_unchanged(before, args, kwargs)
             state.collecting, state.logits, state.gates = False, logits, {}

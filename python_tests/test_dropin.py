@@ -715,3 +715,29 @@ def test_setting_tau_changes_the_temperature_the_gates_use():
     assert policy_grad(net) == pytest.approx(policy_grad(fresh)) and policy_grad(net) != pytest.approx(at5)
     with pytest.raises(ValueError, match="tau"):
         net.tau = 0.0
+
+
+@pytest.mark.parametrize("strategy", ["autoft_field", "autoft_layer", "autoft"])
+def test_forced_tuned_gates_draw_no_noise_so_dropout_masks_match_the_original(strategy):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user, self.tags = nn.Embedding(10, 4), nn.EmbeddingBag(10, 4, mode="mean")
+            self.drop, self.mlp, self.out = nn.Dropout(0.5), nn.Linear(8, 8), nn.Linear(8, 1)
+
+        def forward(self, user, tags):
+            e = self.drop(torch.cat([self.user(user), self.tags(tags)], 1))
+            return self.out(self.drop(torch.relu(self.mlp(e)))).squeeze(1)
+
+    torch.manual_seed(0)
+    base = M()
+    net = autoft(base, strategy=strategy, layers=["mlp"] if strategy != "autoft_field" else None)
+    net.force_gates("tuned")
+    user, tags = torch.tensor([1, 2, 3, 4]), torch.tensor([[1, 2], [3, 3], [4, 5], [6, 7]])
+    torch.manual_seed(7)
+    want = base(user, tags)
+    after_base = torch.rand(1)
+    torch.manual_seed(7)
+    got = net(user, tags)
+    assert torch.equal(torch.rand(1), after_base)  # the same draws, no more
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
