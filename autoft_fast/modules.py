@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -98,6 +99,17 @@ def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: floa
             if isinstance(m, FusedTableMixin) and m.fused_weight.requires_grad]
     for m in mods:
         m.use_fused_optimizer(kind, lr=lr)
+    plain = [n for n, m in model.named_modules()
+             if type(m) in (nn.Embedding, nn.EmbeddingBag) and m.weight.requires_grad]
+    if plain:
+        # e.g. a dropin wrapper of a strategy without a policy (finetune_all, l2sp, ...),
+        # which keeps the user's own modules: the comparison would mix two optimizers.
+        shown = ", ".join(repr(n) for n in plain[:3]) + (", ..." if len(plain) > 3 else "")
+        warnings.warn(
+            f"attach_fused_optimizers: {len(plain)} nn.Embedding / nn.EmbeddingBag module(s) "
+            f"({shown}) get no fused rule and stay with your optimizer: only GatedEmbedding "
+            f"and EmbeddingTable modules carry one ({len(mods)} fused here)", UserWarning,
+            stacklevel=2)
     return mods
 
 

@@ -8,6 +8,7 @@ import inspect
 import io
 import threading
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -741,3 +742,15 @@ def test_forced_tuned_gates_draw_no_noise_so_dropout_masks_match_the_original(st
     got = net(user, tags)
     assert torch.equal(torch.rand(1), after_base)  # the same draws, no more
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_attaching_fused_optimizers_warns_about_the_plain_tables_it_leaves_alone():
+    from autoft_fast.modules import attach_fused_optimizers
+    plain = autoft(_PaddedModel(), strategy="finetune_all")  # keeps the user's modules
+    with pytest.warns(UserWarning, match=r"2 nn.Embedding / nn.EmbeddingBag module\(s\) "
+                                         r"\('model.emb.user', 'model.emb.item'\) get no fused"):
+        assert attach_fused_optimizers(plain, "fused_adam", lr=1e-3) == []
+    gated = autoft(_PaddedModel(), strategy="autoft_field")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(attach_fused_optimizers(gated, "fused_sgd", lr=1e-3)) == 2
