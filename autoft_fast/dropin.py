@@ -25,6 +25,7 @@ wrapper runs the model twice per call on the same arguments.
 from __future__ import annotations
 
 import copy
+import warnings
 import math
 from dataclasses import dataclass
 
@@ -352,6 +353,17 @@ def _locations(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return found
 
 
+def _warn_user_hooks(name: str, module: nn.Module, what: str) -> None:
+    """Warn when a module autoft() replaces carries the user's hooks (a feature logger, an
+    activation penalty): they no longer mean what they did."""
+    hooks = sum(len(getattr(module, a, {})) for a in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+    if hooks:
+        warnings.warn(f"autoft(): module {name!r} has {hooks} hook(s) (register_forward_hook "
+                      f"and the like); {what}. Register them on the wrapped model's modules "
+                      f"instead", UserWarning, stacklevel=4)
+
+
 def _replace(root, module, new, where) -> None:
     for parent, attr in where[id(module)]:
         setattr(parent, attr, new)
@@ -498,6 +510,7 @@ class AutoFTModel(nn.Module):
                 if role == "gate":
                     slot.gate = len(self.gate_names)
                     self.gate_names.append(name)
+                _warn_user_hooks(name, module, "its replacement runs none of them")
                 _replace(self.model, module, slot, where)
                 module.register_forward_pre_hook(_replaced_module_called(name))
                 slots.append(slot)
@@ -506,6 +519,9 @@ class AutoFTModel(nn.Module):
                 module.requires_grad_(False)
         if plan.layers != "tune":
             for name in layer_names:
+                _warn_user_hooks(name, named[name], "its frozen and tuned copies each run "
+                                 "them, also in the pass that reads the frozen rows for the "
+                                 "policy, so they fire up to three times a call")
                 layer = GatedLayer(name, named[name], plan.layers, state)
                 if plan.layers == "gate":
                     layer.gate = len(self.gate_names)

@@ -754,3 +754,20 @@ def test_attaching_fused_optimizers_warns_about_the_plain_tables_it_leaves_alone
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(attach_fused_optimizers(gated, "fused_sgd", lr=1e-3)) == 2
+
+
+def test_user_hooks_on_replaced_modules_are_warned_about():
+    base = _PaddedModel()
+    seen = []
+    base.emb["user"].register_forward_hook(lambda m, i, o: seen.append("emb"))
+    base.out.register_forward_hook(lambda m, i, o: seen.append("out"))
+    with pytest.warns(UserWarning) as caught:
+        autoft(base, strategy="autoft")
+    text = "\n".join(str(w.message) for w in caught)
+    assert "module 'emb.user' has 1 hook(s)" in text and "its replacement runs none" in text
+    assert "module 'out' has 1 hook(s)" in text and "up to three times" in text
+    with warnings.catch_warnings():  # the strategies that keep the user's modules: no warning
+        warnings.simplefilter("error")
+        net = autoft(base, strategy="finetune_all")
+    net(torch.tensor([[1, 2]]))
+    assert seen == ["emb", "out"]
