@@ -42,6 +42,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,6 +696,16 @@ def _same_number(value: str, present: list) -> list:
     return out
 
 
+def _same_once_normalised(value: str, present: list) -> list:
+    """The values of ``present`` equal to ``value`` once both are Unicode NFC (an accent as
+    one code point, not a letter and a combining mark) and not before: a difference that
+    prints the same, so a message must show both encodings."""
+    def nfc(v: str) -> str:
+        return unicodedata.normalize("NFC", v)
+    return [v for v in present if v != value and nfc(v).casefold() == nfc(value).casefold()
+            and (nfc(v) != v or nfc(value) != value)]
+
+
 def _release_memory() -> None:
     """Hand the memory that freed chunks leave in the allocators back to the system.
 
@@ -770,14 +781,7 @@ def _check_rows(cfg: DataConfig, sc: _Scan, stats: dict) -> np.ndarray:
             close = ([v for v in present if v.strip().casefold() == value.strip().casefold()]
                      or difflib.get_close_matches(str(value), present, n=1))
             number = _same_number(str(value), present)
-            import unicodedata
-            def nfc(v: str) -> str:
-                return unicodedata.normalize("NFC", v)
-            # Equal once both are NFC (accents as one code point, not letter + combining
-            # mark): a difference that prints the same, so the hint shows both encodings.
-            look_alike = [v for v in present if v != value
-                          and nfc(v).casefold() == nfc(str(value)).casefold()
-                          and (nfc(v) != v or nfc(str(value)) != str(value))]
+            look_alike = _same_once_normalised(str(value), present)
             if look_alike:
                 hint = (f"; the column's {look_alike[0]!r} differs from it only in how its "
                         f"accented letters are encoded (Unicode normalization: the file has "

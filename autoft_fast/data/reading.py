@@ -590,8 +590,8 @@ def as_text(s: pd.Series, integral: bool | None = None) -> pd.Series:
     if pd.api.types.is_float_dtype(s):
         vals = s.to_numpy(dtype=np.float64, na_value=np.nan)
         whole = np.isfinite(vals) & (vals == np.round(vals)) & (np.abs(vals) < 2**62)
-        if integral is None:
-            integral = bool(np.all(whole | np.isnan(vals)))
+        if integral is None:  # the files' rule (FileInfo): every finite value integral
+            integral = bool(np.all(whole | ~np.isfinite(vals)))
         if integral and np.all(whole | np.isnan(vals)):
             s = pd.Series(vals, index=s.index).astype("Int64")
         elif integral:
