@@ -556,3 +556,35 @@ def test_a_resumed_run_counts_the_wall_time_of_its_first_start(tmp_path, monkeyp
     monkeypatch.setattr(runner, "Trainer", Resumed)
     rec = runner.run_strategy(cfg, bundle, state, "finetune_all", 0, tmp_path / "run")
     assert 100.0 <= rec["wall_seconds"] < 100.0 + 60.0
+
+
+def test_an_interrupted_run_resumed_under_another_autoft_section_is_refused(tmp_path, monkeypatch):
+    # The checkpoint records what its weights depend on beyond the finetune section; only a
+    # finished run's result.json was checked, so a run could switch configs halfway.
+    import dataclasses
+    from autoft_fast.train import runner
+    cfg = _exp(tmp_path, strategies=["autoft"], seeds=[0],
+               finetune={"epochs": 3, "batch_size": 128, "patience": 5})
+    bundle = runner.load_data(cfg)
+    state, _ = runner.pretrain(cfg, bundle, progress=False)
+
+    class Killed(runner.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+
+            def kill(epoch, _):
+                if epoch == 1:
+                    raise KeyboardInterrupt
+            self.on_epoch_end = kill
+
+    monkeypatch.setattr(runner, "Trainer", Killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / "run")
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "last.pt").is_file()
+    other = dataclasses.replace(cfg, autoft=dataclasses.replace(cfg.autoft, tau=0.2))
+    with pytest.raises(ValueError, match="was written under other settings .*autoft"):
+        runner.run_strategy(other, bundle, state, "autoft", 0, tmp_path / "run", resume=True)
+    longer = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=4))
+    rec = runner.run_strategy(longer, bundle, state, "autoft", 0, tmp_path / "run", resume=True)
+    assert rec["epochs_run"] >= 2  # more epochs may be given to a resumed run

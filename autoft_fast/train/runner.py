@@ -170,6 +170,16 @@ def _record_from_json(rec: dict) -> dict:
     return rec
 
 
+def checkpoint_settings(cfg) -> str:
+    """Hash of what a fine-tuning checkpoint's weights depend on: the config's training
+    sections but the settings a resume may change (trainer.RESUMABLE_CHANGES); a checkpoint
+    written under another hash is refused on resume."""
+    from .trainer import RESUMABLE_CHANGES
+    d = cfg.training_dict()
+    d["finetune"] = {k: v for k, v in d["finetune"].items() if k not in RESUMABLE_CHANGES}
+    return config_hash(d)
+
+
 def write_json(obj, path: Path) -> Path:
     """Write `obj` as indented, standard JSON atomically (autoft_fast._io); Paths and
     tensors are written as strings and lists, NaN and infinities as null.
@@ -443,7 +453,8 @@ def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume,
     rows from the stage-one best, kept only where validation improves."""
     for p in model.policy.parameters():
         p.requires_grad_(False)
-    trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last_refit.pt",
+    trainer = Trainer(model, cfg.finetune, settings=checkpoint_settings(cfg),
+                      checkpoint_path=out_dir / "last_refit.pt",
                       seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
                       desc=f"{strategy} seed {seed} refit", progress=progress, device=device,
                       start_best=fit.best_metric)
@@ -468,7 +479,8 @@ def _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strate
     again.policy.load_state_dict(model.policy.state_dict())
     again.fix_policy()
     again.to(device)
-    trainer = Trainer(again, cfg.finetune, checkpoint_path=out_dir / "last_retrain.pt",
+    trainer = Trainer(again, cfg.finetune, settings=checkpoint_settings(cfg),
+                      checkpoint_path=out_dir / "last_retrain.pt",
                       seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
                       desc=f"{strategy} seed {seed} retrain", progress=progress, device=device)
     second = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
@@ -517,7 +529,8 @@ def _crossfit_scores(cfg, pretrained, bundle, seed, out_dir, domains, strategy, 
         half.set_frequency_threshold(0.0)
         half.to(device)
         ckpt = out_dir / f"last_crossfit{j}.pt"
-        trainer = Trainer(half, cfg.finetune, checkpoint_path=ckpt, seed=seed + 2 + j,
+        trainer = Trainer(half, cfg.finetune, settings=checkpoint_settings(cfg),
+                          checkpoint_path=ckpt, seed=seed + 2 + j,
                           tau_schedule=_tau_schedule(cfg), policy_lr=cfg.autoft.policy_lr,
                           policy_weight_decay=cfg.autoft.policy_weight_decay,
                           domain_names=domains, desc=f"{strategy} seed {seed} half {j}",
@@ -587,7 +600,8 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
                                  value_counts=value_counts)
     again.set_frequency_threshold(best_k)
     again.to(device)
-    trainer = Trainer(again, cfg.finetune, checkpoint_path=out_dir / "last_frequency.pt",
+    trainer = Trainer(again, cfg.finetune, settings=checkpoint_settings(cfg),
+                      checkpoint_path=out_dir / "last_frequency.pt",
                       seed=seed + 1, tau_schedule=_tau_schedule(cfg),
                       policy_lr=cfg.autoft.policy_lr,
                       policy_weight_decay=cfg.autoft.policy_weight_decay, domain_names=domains,
@@ -755,7 +769,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
            "train_samples_per_s": float("nan"), "train_seconds": 0.0, "history": [],
            "training_config_hash": settings}
     if row.trains:
-        trainer = Trainer(model, cfg.finetune, checkpoint_path=out_dir / "last.pt", seed=seed,
+        trainer = Trainer(model, cfg.finetune, settings=checkpoint_settings(cfg),
+                          checkpoint_path=out_dir / "last.pt", seed=seed,
                           tau_schedule=_tau_schedule(cfg),
                           policy_lr=cfg.autoft.policy_lr,
                           policy_weight_decay=cfg.autoft.policy_weight_decay,

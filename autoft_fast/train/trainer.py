@@ -126,6 +126,11 @@ def _clone_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# Training settings a resumed run may change: epochs and patience may grow or shrink (a run
+# can be extended), and the evaluation batch size changes no weight.
+RESUMABLE_CHANGES = ("epochs", "cap_steps", "patience", "patience_steps", "eval_batch_size")
+
+
 class Trainer:
     """Trains one model with early stopping and resumable checkpoints.
 
@@ -173,7 +178,8 @@ class Trainer:
                  on_epoch_end: Callable[[int, dict], None] | None = None,
                  device: str | torch.device | None = None, policy_data=None,
                  policy_warmup: int = 0, policy_warmup_gates: str = "random",
-                 start_best: float | None = None, policy_rotating: float | None = None):
+                 start_best: float | None = None, policy_rotating: float | None = None,
+                 settings: str | None = None):
         self.device = torch.device(device) if device is not None else None
         if (self.device is not None and self.device.type == "cuda"
                 and not torch.cuda.is_available()):
@@ -188,6 +194,9 @@ class Trainer:
         self.model = model
         self.cfg = cfg
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        # What the run's weights depend on beyond `cfg` (the runner's hash of the model,
+        # pretrain, autoft and search sections): kept in the checkpoint, checked on resume.
+        self.settings = settings
         self.seed = int(seed)
         self.tau_schedule = tau_schedule
         self.domain_names = domain_names
@@ -310,6 +319,7 @@ class Trainer:
         state["rng"] = capture_rng_state({"shuffler": self.shuffler,
                                           "policy_shuffler": self.policy_shuffler})
         state["train_config"] = self.cfg.to_dict()
+        state["settings"] = self.settings
         if self.dp is not None:  # every rank's random state; only rank 0 writes
             state["rng_ranks"] = distributed.gather_objects(state["rng"])
             state["world_size"] = self.dp.size
@@ -354,17 +364,20 @@ class Trainer:
             saved = ck.get("train_config")
             if saved is not None:
                 now = self.cfg.to_dict()
-                # epochs and patience may grow or shrink (a run can be extended), and the
-                # evaluation batch size changes no weight.
-                free = ("epochs", "cap_steps", "patience", "patience_steps",
-                        "eval_batch_size")
                 changed = sorted(k for k in set(saved) | set(now)
-                                 if k not in free and saved.get(k) != now.get(k))
+                                 if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
                 if changed:
                     raise ValueError(
                         f"{self.desc}: the checkpoint {str(self.checkpoint_path)!r} was written "
                         f"with other training settings ({', '.join(f'{k} {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
                         "resuming would not continue that run: start afresh (resume=False)")
+            if (ck.get("settings") is not None and self.settings is not None
+                    and ck["settings"] != self.settings):
+                raise ValueError(
+                    f"{self.desc}: the checkpoint {str(self.checkpoint_path)!r} was written "
+                    "under other settings (the config's model, pretrain, autoft or search "
+                    "section changed since), so resuming would train one run under two "
+                    "configs: start afresh (a new run, or resume=False)")
             if self.dp is not None:
                 ck["rng"] = ck["rng_ranks"][self.dp.rank]
             self.model.load_state_dict(ck["model"])
