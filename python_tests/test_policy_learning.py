@@ -588,3 +588,30 @@ def test_an_interrupted_run_resumed_under_another_autoft_section_is_refused(tmp_
     longer = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=4))
     rec = runner.run_strategy(longer, bundle, state, "autoft", 0, tmp_path / "run", resume=True)
     assert rec["epochs_run"] >= 2  # more epochs may be given to a resumed run
+
+
+def test_the_held_out_slice_leaves_no_trace_in_batchnorm_statistics(tmp_path):
+    # policy_objective heldout: the policy's train-mode forward on held-out rows moved the
+    # tuned BatchNorm layers' running statistics, which evaluation uses.
+    from autoft_fast.models import build_base_model, build_transfer_model
+    from autoft_fast.train import TrainConfig, Trainer
+    from autoft_fast.train import runner
+    cfg = _exp(tmp_path)
+    bundle = runner.load_data(cfg)
+    train, valid = bundle.splits["source_train"], bundle.splits["source_valid"]
+    fit_rows = train.slice(600, 1600)
+    mc = {"name": "dnn", "embedding_dim": 4, "hidden_units": [8], "batch_norm": True}
+    torch.manual_seed(0)
+    pre = build_base_model(bundle.feature_map, mc)
+    states = []
+    for hold in (train.slice(0, 300), train.slice(300, 600)):  # two different slices
+        torch.manual_seed(0)
+        m = build_transfer_model("autoft", pre, bundle.feature_map, mc,
+                                 {"policy_hidden_units": [4], "policy_init_tuned": 0.9})
+        Trainer(m, TrainConfig(epochs=2, batch_size=128), policy_lr=0.0, policy_data=hold,
+                seed=0, progress=False).fit(fit_rows, valid)
+        states.append(m.state_dict())
+    a, b = states
+    assert any("running_mean" in k for k in a)
+    differ = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert differ == []  # the policy did not move (lr 0), so nothing else may differ

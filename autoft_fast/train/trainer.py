@@ -2,6 +2,7 @@
 validation metric with best-weights restore, atomic per-epoch checkpoints and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -124,6 +125,22 @@ def _make_adam(opt_cls, params, lr: float, weight_decay: float) -> torch.optim.O
 
 def _clone_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _running_stats_kept(model: torch.nn.Module):
+    """Restore every BatchNorm running statistic (and batch count) of ``model`` on leaving:
+    a train-mode forward over rows the model must not learn from (the held-out slice of
+    ``policy_objective: heldout``) would otherwise move them."""
+    kept = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+            for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in kept:
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
 
 
 # Training settings a resumed run may change: epochs and patience may grow or shrink (a run
@@ -442,7 +459,9 @@ class Trainer:
                 else:
                     bce = self._step(batch, model_opts + policy_opts)
                 if heldout and not warming:
-                    with fused_updates_paused():  # the policy's step trains the policy only
+                    # The policy's step trains the policy only: no fused table update, and
+                    # the held-out rows leave no trace in BatchNorm's running statistics.
+                    with fused_updates_paused(), _running_stats_kept(self.model):
                         self._step(_to_device(next(policy_batches), self.device), policy_opts)
                 b = len(batch)
                 n_steps += 1  # every rank takes the same number of steps (global batches)
