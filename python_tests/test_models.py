@@ -581,3 +581,22 @@ def test_skipping_the_unused_frozen_layers_backward_changes_no_gradient(name, fm
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_policy_stats_of_soft_gates_are_the_tuned_paths_mean_weight(fmap, data):
+    # With hard: false a gate of 0.503 mixes the paths 50/50; it was counted as "tuned".
+    pre = pretrained_model("dnn", fmap, data)
+    model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"),
+                                 {"hard": False, "field_policy": "network"}).eval()
+    with torch.no_grad():
+        model.policy.out.bias.normal_(0, 0.5)
+        model.policy.out.weight.normal_(0, 0.5)
+    model(data)
+    gates = model.last_gates
+    assert not torch.equal(gates["layer"][..., 1], gates["layer"][..., 1].round())  # soft
+    stats = model.policy_stats()
+    want = gates["layer"][..., 1].double().mean(dim=0)
+    assert list(stats["layer"].values()) == pytest.approx(want.tolist(), rel=1e-9)
+    single = len(model.net.single_fields)
+    want_f = gates["field"][:, :single, 1].double().mean(dim=0)
+    assert list(stats["field"].values())[:single] == pytest.approx(want_f.tolist(), rel=1e-9)

@@ -291,7 +291,8 @@ class TransferModel(nn.Module):
         self._stat_count = 0
 
     def policy_stats(self) -> dict[str, dict[str, float]]:
-        """Fraction of instances whose gate chose the tuned path, per field and per layer.
+        """Fraction of instances whose gate chose the tuned path, per field and per layer
+        (with soft gates, ``hard: false``, the mean weight of the tuned path).
 
         Counts the eval-mode forwards since ``reset_policy_stats()``; ``{'field': {},
         'layer': {}}`` when the strategy has no policy or nothing was counted yet.
@@ -570,16 +571,19 @@ class TransferModel(nn.Module):
             return
         gates = _joined(parts)
         self._last_tuned_fraction = None
-        picked = gates[..., 1] > 0.5                                        # [B, G]
+        # The tuned weight of each choice: 0 or 1 with hard gates; with soft gates
+        # (autoft.hard: false) the share the tuned path really has in the output, where a
+        # count of weights above 0.5 would call a 50/50 mix "tuned".
+        picked = gates[..., 1].to(torch.float64)                            # [B, G]
         counted = None
         net = self.net
         if self.field_embedding is not None and net.multihot_fields:
             ns, nm = len(net.single_fields), len(net.multihot_fields)
-            counted = torch.ones_like(picked)
+            counted = torch.ones_like(picked, dtype=torch.bool)
             counted[:, ns:ns + nm] = (batch.multihot
                                       != net.multihot_pad.view(1, -1, 1)).any(dim=2)
-            picked = picked & counted
-        chosen = picked.sum(dim=0).to(torch.float64)
+            picked = picked * counted
+        chosen = picked.sum(dim=0)
         seen = (counted.sum(dim=0).to(torch.float64) if counted is not None
                 else torch.full_like(chosen, float(gates.shape[0])))
         if self._stat_tuned is None or self._stat_tuned.device != chosen.device:
