@@ -161,3 +161,27 @@ def test_a_data_file_given_as_the_data_section_says_what_data_takes(tmp_path, na
     (tmp_path / "d.yaml").write_text("- not a mapping\n")
     with pytest.raises(DataError, match="is not a YAML mapping"):
         parse_config({"data": "d.yaml"}, tmp_path)
+
+
+@pytest.mark.parametrize("given,needs", [
+    ({"policy_holdout": 0.5}, "policy_objective: heldout"),
+    ({"policy_holdout_mode": "rotating"}, "policy_objective: heldout"),
+    ({"tuned_budget_weight": 50.0}, "a tuned_budget"),
+    ({"policy_warmup_gates": "tuned"}, "policy_warmup > 0"),
+    ({"tau_min": 0.1}, "anneal: exp or linear"),
+    ({"frequency_thresholds": [5.0], "field_policy": "network"}, "field_policy: frequency"),
+])
+def test_an_autoft_option_whose_setting_is_off_is_warned_about(given, needs):
+    import warnings
+    from autoft_fast.config import AutoFTConfig
+    name = next(iter(given))
+    with pytest.warns(UserWarning, match=rf"autoft\.{name} = .* has no effect without {needs}"):
+        AutoFTConfig.from_dict(given)
+    on = {"policy_holdout": {"policy_objective": "heldout"},
+          "policy_holdout_mode": {"policy_objective": "heldout"},
+          "tuned_budget_weight": {"tuned_budget": 0.5}, "policy_warmup_gates": {"policy_warmup": 1},
+          "tau_min": {"anneal": "exp"}, "frequency_thresholds": {"field_policy": "frequency"}}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoFTConfig.from_dict({**given, **on})
+        AutoFTConfig.from_dict({})  # defaults: nothing to say

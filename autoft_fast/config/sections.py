@@ -9,7 +9,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
 
 from ..modules import EMBEDDING_OPTIMIZERS
 from ..ops.quant import FROZEN_DTYPES
@@ -279,6 +279,31 @@ class AutoFTConfig(_Section):
         # field_policy: frequency with policy_objective: heldout is refused where a field-gated
         # strategy runs (experiment.check_warmup; the runner checks again): autoft_layer has
         # no field policy, and may train its layer policy on a held-out slice.
+        self._warn_idle(section)
+
+    # (option, the setting it needs, whether that setting is on): an option set away from its
+    # default while the setting it belongs to is off changes nothing, which a user should hear.
+    _IDLE_RULES = (
+        ("policy_holdout", "policy_objective: heldout", lambda c: c.policy_objective == "heldout"),
+        ("policy_holdout_mode", "policy_objective: heldout",
+         lambda c: c.policy_objective == "heldout"),
+        ("tuned_budget_weight", "a tuned_budget", lambda c: c.tuned_budget is not None),
+        ("policy_warmup_gates", "policy_warmup > 0", lambda c: c.policy_warmup > 0),
+        ("tau_min", "anneal: exp or linear", lambda c: c.anneal != "none"),
+        ("frequency_thresholds", "field_policy: frequency",
+         lambda c: c.field_policy == "frequency"),
+        ("frequency_select", "field_policy: frequency", lambda c: c.field_policy == "frequency"),
+    )
+
+    def _warn_idle(self, section: str) -> None:
+        import warnings
+        fields = type(self).__dataclass_fields__
+        for name, needs, on in self._IDLE_RULES:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(self, name) != default and not on(self):
+                warnings.warn(f"{section}.{name} = {getattr(self, name)!r} has no effect without "
+                              f"{needs}", UserWarning, stacklevel=4)
 
     def tau_at(self, progress: float) -> float:
         """The temperature at training progress ``progress`` in [0, 1] (0 = start, 1 = end).
