@@ -615,3 +615,25 @@ def test_the_held_out_slice_leaves_no_trace_in_batchnorm_statistics(tmp_path):
     assert any("running_mean" in k for k in a)
     differ = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
     assert differ == []  # the policy did not move (lr 0), so nothing else may differ
+
+
+def test_kept_start_weights_keep_the_temperature_they_came_with(tmp_path):
+    # A refit that never beats stage one keeps stage one's weights (best_epoch 0); the model
+    # was then left at the refit's last temperature, one those weights were never validated at.
+    from autoft_fast.models import build_base_model, build_transfer_model
+    from autoft_fast.train import TrainConfig, Trainer
+    from autoft_fast.train import runner
+    cfg = _exp(tmp_path)
+    bundle = runner.load_data(cfg)
+    train, valid = bundle.splits["source_train"], bundle.splits["source_valid"]
+    mc = {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]}
+    torch.manual_seed(0)
+    pre = build_base_model(bundle.feature_map, mc)
+    m = build_transfer_model("autoft", pre, bundle.feature_map, mc, {"tau": 5.0})
+    res = Trainer(m, TrainConfig(epochs=2, batch_size=256), tau_schedule=lambda e: 0.1 * (e + 1),
+                  start_best=1.0, progress=False).fit(train.slice(0, 1000), valid)
+    assert res.best_epoch == 0 and float(m.tau) == 5.0
+    m2 = build_transfer_model("autoft", pre, bundle.feature_map, mc, {"tau": 5.0})
+    res = Trainer(m2, TrainConfig(epochs=2, batch_size=256, patience=5),
+                  tau_schedule=lambda e: 0.1 * (e + 1), progress=False).fit(train.slice(0, 1000), valid)
+    assert float(m2.tau) == pytest.approx(0.1 * res.best_epoch)  # the best epoch's temperature

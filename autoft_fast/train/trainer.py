@@ -358,6 +358,9 @@ class Trainer:
         if not self.optimizers:
             raise ValueError(f"{self.desc}: the model has no trainable parameters to fit")
         wall0 = time.perf_counter()
+        # The temperature the model arrives with: that of the weights start_best stands for
+        # (a refit whose stage-one weights are kept is evaluated at stage one's temperature).
+        tau0 = float(self.model.tau) if hasattr(self.model, "tau") else None
         cfg = self.cfg
         if len(train) == 0:
             raise ValueError(f"{self.desc}: the training split has no rows")
@@ -530,7 +533,9 @@ class Trainer:
                 self.on_epoch_end(epoch, entry)
         if best_state is not None:
             self.model.load_state_dict(best_state)
-        if (self.tau_schedule is not None and hasattr(self.model, "set_tau")
+        if res.best_epoch == 0 and tau0 is not None and hasattr(self.model, "set_tau"):
+            self.model.set_tau(tau0)  # the start weights were kept, with their temperature
+        elif (self.tau_schedule is not None and hasattr(self.model, "set_tau")
                 and (res.best_epoch or epoch)):
             # The temperature the kept weights were validated with (it matters when
             # evaluation samples its gates), also after resuming a finished run.
