@@ -637,3 +637,21 @@ def test_kept_start_weights_keep_the_temperature_they_came_with(tmp_path):
     res = Trainer(m2, TrainConfig(epochs=2, batch_size=256, patience=5),
                   tau_schedule=lambda e: 0.1 * (e + 1), progress=False).fit(train.slice(0, 1000), valid)
     assert float(m2.tau) == pytest.approx(0.1 * res.best_epoch)  # the best epoch's temperature
+
+
+@pytest.mark.parametrize("how", ["fixed", "rotating"])
+def test_a_held_out_slice_too_small_for_batchnorm_is_named(tmp_path, how):
+    from autoft_fast.models import build_base_model, build_transfer_model
+    from autoft_fast.train import TrainConfig, Trainer
+    from autoft_fast.train import runner
+    bundle = runner.load_data(_exp(tmp_path))
+    train, valid = bundle.splits["source_train"], bundle.splits["source_valid"]
+    mc = {"name": "dnn", "embedding_dim": 4, "hidden_units": [8], "batch_norm": True}
+    pre = build_base_model(bundle.feature_map, mc)
+    m = build_transfer_model("autoft", pre, bundle.feature_map, mc, {})
+    extra = ({"policy_data": train.slice(60, 61)} if how == "fixed"
+             else {"policy_rotating": 0.01})
+    with pytest.raises(ValueError, match=r"held-out slice for the policy's steps has 1 row\(s\), "
+                                         r"and BatchNorm .*raise autoft.policy_holdout"):
+        Trainer(m, TrainConfig(epochs=1, batch_size=32), progress=False,
+                **extra).fit(train.slice(0, 60), valid)

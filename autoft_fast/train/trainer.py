@@ -435,6 +435,14 @@ class Trainer:
         heldout = (self.policy_data is not None or rotating) and bool(policy_opts)
         if self.policy_data is not None and heldout and len(self.policy_data) == 0:
             raise ValueError(f"{self.desc}: policy_data has no rows")
+        if heldout and self.min_rows:
+            held = (len(self.policy_data) if self.policy_data is not None else
+                    min(max(int(round(self.policy_rotating * len(train))), 1), len(train) - 1))
+            if held < self.min_rows:
+                raise ValueError(
+                    f"{self.desc}: the held-out slice for the policy's steps has {held} "
+                    f"row(s), and BatchNorm cannot train on fewer than {self.min_rows} a batch: "
+                    "raise autoft.policy_holdout, or give the target more training rows")
         epoch = start_epoch
         cap = cfg.epoch_cap(steps_per_epoch)
         while not finished and epoch < cap:
