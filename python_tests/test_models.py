@@ -600,3 +600,14 @@ def test_policy_stats_of_soft_gates_are_the_tuned_paths_mean_weight(fmap, data):
     single = len(model.net.single_fields)
     want_f = gates["field"][:, :single, 1].double().mean(dim=0)
     assert list(stats["field"].values())[:single] == pytest.approx(want_f.tolist(), rel=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["freeze_dnn", "autoft_field"])
+def test_a_strategy_with_nothing_to_train_on_dense_only_data_is_named(strategy):
+    from autoft_fast.data.feature_map import FeatureMap
+    fm = FeatureMap([], [], [], 0, ["d0", "d1"], ["a", "b"])
+    mc = {"name": "dnn", "embedding_dim": 4, "hidden_units": [8]}
+    pre = build_base_model(fm, mc)
+    with pytest.raises(ValueError, match=f"strategy = '{strategy}' .*only dense fields"):
+        build_transfer_model(strategy, pre, fm, mc, {})
+    build_transfer_model("finetune_all", pre, fm, mc, {})  # its stack trains

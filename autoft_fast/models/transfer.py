@@ -677,4 +677,8 @@ def build_transfer_model(strategy: str, pretrained: BaseCTRModel | None, feature
         if STRATEGY_TABLE[strategy].field_policy and not pretrained.field_names:
             raise ValueError(f"strategy = {strategy!r} gates embedding fields, but the feature "
                              f"map has none (only dense fields {pretrained.dense_fields})")
+        if strategy == "freeze_dnn" and not pretrained.field_names:
+            raise ValueError(f"strategy = 'freeze_dnn' trains only the embedding tables, but "
+                             f"the feature map has no embedded field (only dense fields "
+                             f"{pretrained.dense_fields}): nothing would be trained")
     return TransferModel(strategy, pretrained, feature_map, mcfg, acfg, value_counts)
