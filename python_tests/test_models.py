@@ -611,3 +611,17 @@ def test_a_strategy_with_nothing_to_train_on_dense_only_data_is_named(strategy):
     with pytest.raises(ValueError, match=f"strategy = '{strategy}' .*only dense fields"):
         build_transfer_model(strategy, pre, fm, mc, {})
     build_transfer_model("finetune_all", pre, fm, mc, {})  # its stack trains
+
+
+@pytest.mark.parametrize("name", ["dnn", "deepfm"])
+def test_dcn_only_keys_do_not_count_for_other_models(fmap, data, name):
+    pre = pretrained_model(name, fmap, data)
+    other = {**model_cfg(name), "cross_layers": 5, "structure": "stacked"}
+    build_transfer_model("finetune_all", pre, fmap, other, {})  # was: "disagree on cross_layers"
+    from autoft_fast.config import ModelConfig
+    a, b = ModelConfig.from_dict(model_cfg(name)), ModelConfig.from_dict(other)
+    assert a.used_dict() == b.used_dict() and a.to_dict() != b.to_dict()
+    dcn = ModelConfig.from_dict({"name": "dcnv2", "cross_layers": 3})
+    assert "cross_layers" in dcn.arch_keys() and dcn.used_dict()["cross_layers"] == 3
+    with pytest.raises(ValueError, match="disagree on hidden_units"):
+        build_transfer_model("finetune_all", pre, fmap, {**model_cfg(name), "hidden_units": [3]}, {})

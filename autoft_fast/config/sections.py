@@ -95,6 +95,28 @@ class ModelConfig(_Section):
     embedding_init_std: float = setting(1e-4, minimum=0.0, doc=(
         "normal init std of embedding rows, FuxiCTR's default"))
 
+    # Keys only one model reads: a DNN built with cross_layers 5 is the DNN built without.
+    MODEL_ONLY_KEYS = {"cross_layers": "dcnv2", "structure": "dcnv2"}
+
+    def arch_keys(self) -> tuple:
+        """The ARCH_KEYS this model reads (DCN-v2's cross_layers and structure for dcnv2 only).
+
+        Example:
+            >>> ModelConfig.from_dict({"name": "dnn"}).arch_keys()[-1]
+            'dropout'
+        """
+        return tuple(k for k in ARCH_KEYS if self.MODEL_ONLY_KEYS.get(k, self.name) == self.name)
+
+    def used_dict(self) -> dict:
+        """``to_dict()`` without the keys another model reads (what the model depends on).
+
+        Example:
+            >>> "cross_layers" in ModelConfig.from_dict({"name": "dnn"}).used_dict()
+            False
+        """
+        return {k: v for k, v in self.to_dict().items()
+                if self.MODEL_ONLY_KEYS.get(k, self.name) == self.name}
+
     def check(self, section: str) -> None:
         if self.name == "dcnv2" and self.cross_layers == 0 and not self.hidden_units:
             raise ConfigError(f"{section}: dcnv2 needs cross_layers > 0 or a non-empty "

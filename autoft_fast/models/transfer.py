@@ -50,7 +50,7 @@ from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
 from ..ops import gumbel_gates, memory
 from ..ops import philox
 from .base import BaseCTRModel, build_base_model
-from .config import ARCH_KEYS, AutoFTConfig, ModelConfig
+from .config import AutoFTConfig, ModelConfig
 from .frequency import FrequencyRule, ValueFrequencies
 from .policy import PolicyNetwork
 
@@ -633,7 +633,7 @@ def _check_pretrained(pretrained, feature_map, model_cfg: ModelConfig, strategy:
         raise ValueError(f"pretrained was built for fields {pretrained.field_names} (dense "
                          f"{pretrained.dense_fields}), feature_map has {names} (dense "
                          f"{list(feature_map.dense_fields or [])})")
-    diff = {k: (getattr(pretrained.config, k), getattr(model_cfg, k)) for k in ARCH_KEYS
+    diff = {k: (getattr(pretrained.config, k), getattr(model_cfg, k)) for k in model_cfg.arch_keys()
             if getattr(pretrained.config, k) != getattr(model_cfg, k)}
     if diff:
         raise ValueError("pretrained model and model config disagree on "

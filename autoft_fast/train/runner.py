@@ -408,7 +408,7 @@ def pretrained_path(cfg, bundle) -> Path:
     Example:
         >>> pretrained_path(cfg, bundle).is_file()     # True: `pretrain` would reuse it
     """
-    model_cfg = cfg.model.to_dict()
+    model_cfg = cfg.model.used_dict()  # a DCN-only key does not re-train a DNN
     key = config_hash({"data": _data_fingerprint(bundle), "model": model_cfg,
                        "pretrain": cfg.pretrain.to_dict()})
     return Path(cfg.cache_dir) / "pretrained" / f"{model_cfg['name']}-{key}.pt"
