@@ -274,7 +274,8 @@ def test_a_test_split_needs_two_rows_of_each_label():
     for labels, counts in (([0, 0, 0, 1], "1 row of label 1 and 3 of label 0"),
                            ([1, 1, 1, 0], "3 rows of label 1 and 1 of label 0")):
         with pytest.raises(DataError, match=f"split 'target_test' of target domain 'tgt' "
-                                            f"holds {counts}: the paired significance tests"):
+                                            f"holds {counts}: an AUC from fewer than 2 of "
+                                            f"each says next to nothing, and compare's paired"):
             check_label_classes(bundle(labels), data_cfg)
 
 

@@ -318,9 +318,9 @@ def check_label_classes(bundle, data_cfg) -> None:
             raise DataError(
                 f"split '{name}' of target domain '{data_cfg.domain.target}' holds "
                 f"{positives} row{'s' if positives != 1 else ''} of label 1 and "
-                f"{n - positives} of label 0: the paired significance tests of the report "
-                "need at least 2 of each; give the split more rows (data.split fractions, "
-                "or more data)")
+                f"{n - positives} of label 0: an AUC from fewer than 2 of each says next to "
+                "nothing, and compare's paired significance tests (DeLong) cannot be "
+                "computed; give the split more rows (data.split fractions, or more data)")
 
 
 def _data_fingerprint(bundle) -> str:
