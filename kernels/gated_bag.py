@@ -103,10 +103,11 @@ def _bag_fwd_kernel(
         # The contract's rule x > 0; NaN compares false, so a NaN logit picks the frozen rows.
         pick_tuned = x > 0.0
         z1 = tl.where(pick_tuned, 1.0, 0.0)
+        z0 = 1.0 - z1
     else:
         pick_tuned = bmask
         z1 = y1
-    z0 = 1.0 - z1
+        z0 = 1.0 / (1.0 + tl.exp(x))  # sigmoid(-x): 1 - y1 cancels when the gate is nearly sure
     tl.store(gates_ptr + 2 * b, z0, mask=bmask)
     tl.store(gates_ptr + 2 * b + 1, z1, mask=bmask)
 
@@ -125,12 +126,14 @@ def _bag_fwd_kernel(
                 frow_off = row * FS
             else:
                 frow_off = row * D
-            scale = _frozen_scale(frozen_ptr, frow_off, vmask, D, QUANT)
             if HARD:
-                # Only the chosen table's rows are read.
+                # Only the chosen table's rows are read (their int8 scales too: a NaN in a
+                # row not chosen stays out).
+                scale = _frozen_scale(frozen_ptr, frow_off, vmask & (~pick_tuned), D, QUANT)
                 fmask = mk & (~pick_tuned)[:, None]
                 tmask = mk & pick_tuned[:, None]
             else:
+                scale = _frozen_scale(frozen_ptr, frow_off, vmask, D, QUANT)
                 fmask = mk
                 tmask = mk
             f = tl.load(frozen_ptr + frow_off[:, None] + cols[None, :], mask=fmask,

@@ -119,9 +119,10 @@ def _fwd_kernel(
         # The contract's rule x > 0; NaN compares false, so a NaN logit picks the frozen row.
         pick_tuned = x > 0.0
         z1 = tl.where(pick_tuned, 1.0, 0.0)
+        z0 = 1.0 - z1
     else:
         z1 = y1
-    z0 = 1.0 - z1
+        z0 = 1.0 / (1.0 + tl.exp(x))  # sigmoid(-x): 1 - y1 cancels when the gate is nearly sure
     tl.store(gates_ptr + 2 * n, z0, mask=nmask)
     tl.store(gates_ptr + 2 * n + 1, z1, mask=nmask)
 
@@ -132,7 +133,10 @@ def _fwd_kernel(
         frow_off = row * FS
     else:
         frow_off = row_off
-    scale = _frozen_scale(frozen_ptr, frow_off, nmask, D, QUANT)
+    if HARD:  # the scale of a frozen row not chosen is not read (a NaN there stays out)
+        scale = _frozen_scale(frozen_ptr, frow_off, nmask & (~pick_tuned), D, QUANT)
+    else:
+        scale = _frozen_scale(frozen_ptr, frow_off, nmask, D, QUANT)
     out_off = n * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

@@ -226,3 +226,48 @@ def test_hard_choice_without_noise_is_the_rule_d_over_tau_in_float32(backend, de
         want = ((d / tau) > 0).float()
         assert gates[:, 1].cpu().tolist() == want.tolist(), (backend, tau)
         assert out[:, 0].detach().cpu().tolist() == want.tolist(), (backend, tau)
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=lambda p: str(p))
+@pytest.mark.parametrize("op", ["lookup", "bag"])
+def test_soft_gate_channel_0_keeps_its_relative_precision(backend, device, op):
+    # The contract: y0 = sigmoid(-x), not 1 - y1 (which is 0 from x ~ 17 on in float32; the
+    # Triton forward did that, so a huge frozen row's share vanished from the output).
+    xs = torch.tensor([5.0, 10.0, 15.0, 17.0, 20.0, -20.0], device=device)
+    n = xs.numel()
+    frozen = torch.full((n, 2), 1e12, device=device)
+    tuned = torch.ones(n, 2, device=device)
+    logits = torch.stack([torch.zeros_like(xs), xs], dim=1)
+    idx = torch.arange(n, device=device)
+    if op == "lookup":
+        out, gates = autoft_fast.gated_embedding(idx, frozen, tuned, logits, hard=False,
+                                                 noise=False, backend=backend)
+    else:
+        out, gates = autoft_fast.gated_embedding_bag(idx, torch.arange(n + 1, device=device),
+                                                     frozen, tuned, logits, hard=False,
+                                                     noise=False, backend=backend)
+    want0 = torch.sigmoid(-xs.double())
+    torch.testing.assert_close(gates[:, 0].double().cpu(), want0.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[:, 0].double().cpu(), (want0 * 1e12 + torch.sigmoid(xs.double())).cpu(),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=lambda p: str(p))
+@pytest.mark.parametrize("op", ["lookup", "bag"])
+def test_a_nan_int8_scale_of_a_frozen_row_not_chosen_stays_out(backend, device, op):
+    from autoft_fast.ops import quant
+    frozen = quant.quantize_int8(torch.randn(2, 4)).to(device)
+    frozen[0, 4:6] = torch.tensor([0x00, 0x7e], dtype=torch.uint8).view(torch.int8).to(device)  # NaN
+    tuned = torch.ones(2, 4, device=device)
+    idx = torch.tensor([0], device=device)
+    logits = torch.tensor([[0.0, 5.0]], device=device)  # the hard gate picks the tuned row
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            if op == "lookup":
+                out, _ = autoft_fast.gated_embedding(idx, frozen, tuned, logits, noise=False,
+                                                     backend=backend)
+            else:
+                out, _ = autoft_fast.gated_embedding_bag(idx, torch.tensor([0, 1], device=device),
+                                                         frozen, tuned, logits, noise=False,
+                                                         backend=backend)
+        assert out.cpu().tolist() == [[1.0] * 4], (grad, out)
