@@ -530,3 +530,31 @@ def test_create_graph_through_a_fused_call_is_refused_before_any_update(backend,
                                            "was made"):
         torch.autograd.grad((out ** 2).sum(), wrt, create_graph=True)
     assert torch.equal(table.detach(), before)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_non_contiguous_optimizer_state_is_refused_at_the_call_with_nothing_counted(backend):
+    # It was accepted by the forward and refused by the kernel inside backward(), after the
+    # step had been counted (the reference took it and updated it).
+    torch.manual_seed(0)
+    v, d = 6, 3
+    opt = FusedOptimizer("adam", lr=0.1)
+    tuned = torch.randn(v, d, requires_grad=True)
+    state = opt.new_state(tuned)
+    state["exp_avg"] = torch.zeros(d, v).t()
+    with pytest.raises(ValueError, match=r"optimizer_state\['exp_avg'\] must be contiguous "
+                                         r"\(strides \(1, 6\)\)"):
+        autoft_fast.gated_embedding(torch.tensor([[1, 2]]), tuned.detach().clone(), tuned,
+                                    torch.zeros(1, 2, 2), optimizer=opt, optimizer_state=state,
+                                    backend=backend, noise=False)
+    assert int(state["step"]) == 0
+
+
+def test_a_kernel_that_raises_gives_back_the_step_it_counted():
+    from autoft_fast.ops import fused_optim
+    state = {"step": torch.tensor(4)}
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        with fused_optim._step_undone_on_error(state):
+            state["step"].add_(1)
+            raise RuntimeError("kernel failed")
+    assert int(state["step"]) == 4

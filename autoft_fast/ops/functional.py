@@ -155,11 +155,12 @@ class _FusedStep(torch.autograd.Function):
                     indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
                     hard, noise, True)[1]
             else:
-                g_l = row.fused_backward()(
-                    grad_out.reshape(n, dim).contiguous(),
-                    None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
-                    indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms, tau,
-                    hard, noise, *opt.kernel_args(weight, ctx.state))
+                with fused_optim._step_undone_on_error(ctx.state):
+                    g_l = row.fused_backward()(
+                        grad_out.reshape(n, dim).contiguous(),
+                        None if grad_gates is None else grad_gates.reshape(n, 2).contiguous(),
+                        indices, frozen_weight, weight.detach(), ctx.logits2d, seed, uniforms,
+                        tau, hard, noise, *opt.kernel_args(weight, ctx.state))
                 _FusedStep._updated(weight)
             grad_logits = g_l.reshape(ctx.logits_shape) if ctx.needs_input_grad[1] else None
             return None, grad_logits, None, None, None, None

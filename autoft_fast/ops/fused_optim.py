@@ -173,9 +173,23 @@ class FusedOptimizer:
                              f"count), got {got}")
         for name, kind in self.rule.state.items():
             shape = (weight.shape[0],) if kind == "row" else tuple(weight.shape)
-            if tuple(state[name].shape) != shape or state[name].dtype != torch.float32:
+            t = state[name]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"optimizer_state[{name!r}] must be a tensor, got "
+                                 f"{type(t).__name__}")
+            if tuple(t.shape) != shape or t.dtype != torch.float32:
                 raise ValueError(f"optimizer_state[{name!r}] must be float32 of shape {shape}, got "
-                                 f"{state[name].dtype} {tuple(state[name].shape)}")
+                                 f"{t.dtype} {tuple(t.shape)}")
+            if not t.is_contiguous():  # the kernels write rows through a pointer
+                raise ValueError(f"optimizer_state[{name!r}] must be contiguous (strides "
+                                 f"{t.stride()}); pass optimizer.new_state(...) or "
+                                 f".contiguous() of it")
+            if t.device != weight.device:
+                raise ValueError(f"optimizer_state[{name!r}] is on {t.device}, the table on "
+                                 f"{weight.device}; move the state with the table")
+        if step.device != weight.device and step.device.type != "cpu":
+            raise ValueError(f"optimizer_state[{STEP!r}] is on {step.device}, the table on "
+                             f"{weight.device}")
 
     def kernel_args(self, weight: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple:
         """Counts this step and returns the trailing arguments of a kernel that updates in place.
@@ -573,6 +587,18 @@ def refuse_double_backward(op: str) -> None:
             "create_graph, or train this table without a fused optimizer")
 
 
+@contextlib.contextmanager
+def _step_undone_on_error(state: dict):
+    """Give back the step that ``kernel_args`` counted when the kernel then raises: a failed
+    call leaves the state as it found it (Adam's bias correction reads the count)."""
+    before = int(state[STEP].item())
+    try:
+        yield
+    except BaseException:
+        state[STEP].fill_(before)
+        raise
+
+
 class _FusedLookup(torch.autograd.Function):
     """The plain lookups of one table whose backward updates the touched rows in place."""
 
@@ -622,7 +648,7 @@ class _FusedLookup(torch.autograd.Function):
             elif kernel is not None:
                 # One kernel pass: rows combined as combine_rows does (sorted, float32 sums in
                 # lookup order) and updated by the rule as apply_now does.
-                with torch.no_grad():
+                with torch.no_grad(), _step_undone_on_error(state):
                     kernel(all_rows, all_values, w, *optimizer.kernel_args(w, state))
             else:
                 u_rows, sums = combine_rows(all_rows, all_values,
