@@ -271,3 +271,18 @@ def test_a_nan_int8_scale_of_a_frozen_row_not_chosen_stays_out(backend, device, 
                                                          frozen, tuned, logits, noise=False,
                                                          backend=backend)
         assert out.cpu().tolist() == [[1.0] * 4], (grad, out)
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=lambda p: str(p))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_zero_width_table_gives_empty_rows_and_gradients(backend, device, sparse):
+    # D = 0: the reference's backward raised (reshape(-1, 0) is ambiguous); cpu worked.
+    frozen = torch.zeros(3, 0, device=device)
+    tuned = frozen.clone().requires_grad_()
+    logits = torch.randn(2, 2, device=device, requires_grad=True)
+    out, gates = autoft_fast.gated_embedding(torch.tensor([0, 2], device=device), frozen, tuned,
+                                             logits, seed=1, sparse=sparse, backend=backend)
+    assert out.shape == (2, 0)
+    (out.sum() + gates[:, 1].sum()).backward()
+    grad = tuned.grad.to_dense() if tuned.grad.is_sparse else tuned.grad
+    assert grad.shape == (3, 0) and torch.isfinite(logits.grad).all()

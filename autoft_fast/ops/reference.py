@@ -95,7 +95,7 @@ class _TunedRows(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         (rows, dim), dtype = ctx.table
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        g = grad.reshape(-1, dim).to(acc)
+        g = grad.reshape(idx.numel(), dim).to(acc)  # (-1 is ambiguous when dim is 0)
         flat = idx.reshape(-1)
         if ctx.sparse:
             unique, inverse = torch.unique(flat, return_inverse=True)
