@@ -289,3 +289,19 @@ def test_a_run_record_round_trips_through_standard_json(tmp_path):
             return isinstance(b, float) and math.isnan(b)
         return a == b and type(a) is type(b)
     assert same(rec, back)  # NaN where it was NaN, None (best_epoch, tau) where it was None
+
+
+def test_a_run_with_backend_auto_resumes_from_its_own_config_yaml(tmp_path, capsys):
+    # config.yaml records 'auto' resolved (cpu here); the resume hashed the unresolved 'auto'
+    # and refused the run's own file.
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, autoft={"backend": "auto"},
+                          strategies=["finetune_all", "autoft"])
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["autoft"]["backend"] != "auto"
+    before = (run_dir / "runs.csv").read_text()
+    assert main(["compare", "--config", str(run_dir / "config.yaml"), "--resume", str(run_dir),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert last_line_run_dir(capsys.readouterr().out) == run_dir
+    assert (run_dir / "runs.csv").read_text() == before  # every run reused, none trained again

@@ -205,13 +205,16 @@ class ExperimentConfig:
 
     def training_dict(self) -> dict:
         """What a checkpoint depends on: every section but seeds, strategies and paths (a
-        comparison may be extended with more seeds or strategies and resumed).
+        comparison may be extended with more seeds or strategies and resumed), with
+        autoft.backend 'auto' resolved to the backend it picks.
 
         Example:
             >>> sorted(parse_config({"synthetic": {}}).training_dict())
             ['autoft', 'data', 'finetune', 'model', 'pretrain', 'synthetic']
         """
-        d = self.to_dict()
+        # The backend actually used ('auto' resolved): a run folder's config.yaml records it
+        # so, and a resume from that file is the same run.
+        d = self.to_dict(resolve_backend=True)
         return {k: d[k] for k in ("data", "synthetic", "model", "pretrain", "finetune", "autoft")}
 
     def with_overrides(self, *, backend: str | None = None, seeds: int | None = None,
