@@ -576,3 +576,17 @@ def test_a_source_domain_of_one_label_is_logged_as_undefined_not_nan(tmp_path, c
     assert "AUC nan" not in log_text
     info = json.loads((run_dir / "pretrain.json").read_text(), parse_constant=lambda c: 1 / 0)
     assert info["valid_per_domain"][first]["auc"] is None
+
+
+def test_a_finished_run_without_its_test_scores_is_named_on_resume(finetuned, tmp_path, capsys):
+    # The record's absolute test_scores_path was kept when the folder's own file was missing,
+    # so a copied run folder reported the original folder's scores.
+    import shutil
+    exp, run_dir = finetuned
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "run" / "test_scores.npy").unlink()
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(copy), "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "lacks its test_scores.npy" in line and "result.json" in line and "copy" in line

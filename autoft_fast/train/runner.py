@@ -743,8 +743,15 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                 f"--resume: {out_dir} holds a finished {strategy} run (seed {seed}) of other "
                 "settings than this config gives it (the config's data, model, pretrain, "
                 "finetune, autoft or search section changed): start a new run folder")
-        # Where the scores are now (the folder may have moved, or the path been relative).
-        if (out_dir / "test_scores.npy").is_file():
+        # Where the scores are now (the folder may have moved, or the path been relative):
+        # always this folder's own file, never one the record names elsewhere (a copied
+        # folder would report the original's scores).
+        if rec.get("test_scores_path") is not None:
+            if not (out_dir / "test_scores.npy").is_file():
+                raise ValueError(
+                    f"--resume: the finished {strategy} run (seed {seed}) in {out_dir} lacks "
+                    f"its test_scores.npy, which the report's paired tests read; delete "
+                    f"{str(result_path)!r} to run it again")
             rec["test_scores_path"] = str(out_dir / "test_scores.npy")
         log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
         return rec
