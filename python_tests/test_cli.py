@@ -305,3 +305,18 @@ def test_a_run_with_backend_auto_resumes_from_its_own_config_yaml(tmp_path, caps
                  "--no-progress"]) == 0, capsys.readouterr().err
     assert last_line_run_dir(capsys.readouterr().out) == run_dir
     assert (run_dir / "runs.csv").read_text() == before  # every run reused, none trained again
+
+
+def test_runs_csv_written_during_a_resume_keeps_the_rows_it_found(tmp_path):
+    # A resume killed early rewrote runs.csv from the runs it had re-read so far.
+    from autoft_fast.train.runner import _write_runs_so_far
+    from autoft_fast.train.report import write_runs_csv
+    path = tmp_path / "runs.csv"
+    write_runs_csv([{"strategy": s, "seed": k, "auc": 0.6} for s in ("finetune_all", "autoft")
+                    for k in (0, 1)], path)
+    _write_runs_so_far([{"strategy": "finetune_all", "seed": 0, "auc": 0.7},
+                        {"strategy": "finetune_all", "seed": 2, "auc": 0.8}], path)
+    with open(path) as f:
+        got = [(r["strategy"], r["seed"], r["auc"]) for r in csv.DictReader(f)]
+    assert got == [("finetune_all", "0", "0.7"), ("finetune_all", "2", "0.8"),
+                   ("finetune_all", "1", "0.6"), ("autoft", "0", "0.6"), ("autoft", "1", "0.6")]

@@ -180,6 +180,23 @@ def checkpoint_settings(cfg) -> str:
     return config_hash(d)
 
 
+def _write_runs_so_far(rows: list, path: Path) -> None:
+    """runs.csv while a comparison runs: these rows, then the rows the file already holds
+    for other (strategy, seed, target) runs, so that a resume killed early never leaves a
+    shorter file than the one it found (the finished comparison writes the whole table)."""
+    import csv
+    key = lambda r: (str(r.get("strategy")), str(r.get("seed")), str(r.get("target") or ""))
+    mine = {key(r) for r in rows}
+    kept = []
+    if path.is_file():
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                kept = [r for r in csv.DictReader(f) if key(r) not in mine]
+        except (OSError, csv.Error, UnicodeDecodeError):
+            kept = []  # a damaged file is rewritten from what this start knows
+    write_runs_csv(list(rows) + kept, path)
+
+
 def write_json(obj, path: Path) -> Path:
     """Write `obj` as indented, standard JSON atomically (autoft_fast._io); Paths and
     tensors are written as strings and lists, NaN and infinities as null.
@@ -1048,7 +1065,7 @@ def compare(cfg, run_dir: Path, *, resume: bool = False, tune: bool = False,
                                               resume=resume, progress=progress,
                                               keep_model=keep_models))
             if distributed.is_main_process():  # torchrun: only rank 0 writes files
-                write_runs_csv(runs + these, run_dir / "runs.csv")  # survives a kill
+                _write_runs_so_far(runs + these, run_dir / "runs.csv")  # survives a kill
         runs += these
         labels = bundle.splits["target_test"].label.numpy()
         labels_of[name] = labels
