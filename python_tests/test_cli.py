@@ -320,3 +320,15 @@ def test_runs_csv_written_during_a_resume_keeps_the_rows_it_found(tmp_path):
         got = [(r["strategy"], r["seed"], r["auc"]) for r in csv.DictReader(f)]
     assert got == [("finetune_all", "0", "0.7"), ("finetune_all", "2", "0.8"),
                    ("finetune_all", "1", "0.6"), ("autoft", "0", "0.6"), ("autoft", "1", "0.6")]
+
+
+def test_resuming_with_keep_models_names_the_runs_finished_without_one(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, strategies=["finetune_all"])
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+    assert main(["compare", "--config", str(exp), "--resume", str(run_dir), "--keep-models",
+                 "--no-progress"]) == 0
+    said = capsys.readouterr()
+    text = said.out + said.err + (run_dir / "log.txt").read_text()
+    assert "finetune_all: finished without --keep-models" in text
+    assert "finetune_all-seed0" in text and "result.json" in text

@@ -771,6 +771,11 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                     f"{str(result_path)!r} to run it again")
             rec["test_scores_path"] = str(out_dir / "test_scores.npy")
         log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
+        if keep_model and not (out_dir / "model.pt").is_file():
+            # Finished before --keep-models was given: its weights are gone.
+            log.warning("[seed %d] %s: finished without --keep-models, so %s has no model for "
+                        "predict; delete %s to train it again with one", seed, strategy,
+                        out_dir, result_path)
         return rec
     t0 = time.perf_counter()
     seed_everything(seed)
