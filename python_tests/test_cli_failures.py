@@ -590,3 +590,14 @@ def test_a_finished_run_without_its_test_scores_is_named_on_resume(finetuned, tm
                  str(copy), "--no-progress"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "lacks its test_scores.npy" in line and "result.json" in line and "copy" in line
+
+
+def test_a_resume_clears_what_a_kill_left_beside_a_finished_run(finetuned, capsys):
+    exp, run_dir = finetuned
+    run = run_dir / "run"
+    (run / "last.pt").write_bytes(b"a checkpoint the kill kept")    # killed before its delete
+    (run / ".result.json.abc123.tmp").write_text("{")               # killed inside the write
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 0
+    assert not (run / "last.pt").exists() and not list(run.glob(".result.json.*.tmp"))
+    assert (run / "result.json").is_file()

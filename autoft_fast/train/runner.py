@@ -740,6 +740,7 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir, "last.pt")  # left by a kill during a checkpoint write
+    remove_stale_temps(out_dir, "result.json")  # ... or during the result's write
     result_path = out_dir / "result.json"
     # What this run's result depends on (the setting of a --tune grid included): a finished
     # run of other settings in this folder is refused on resume, never reused.
@@ -771,6 +772,8 @@ def run_strategy(cfg, bundle, pretrained_state: dict | None, strategy: str, seed
                     f"{str(result_path)!r} to run it again")
             rec["test_scores_path"] = str(out_dir / "test_scores.npy")
         log.info("[seed %d] %s: already done (AUC %.4f)", seed, strategy, rec["auc"])
+        if distributed.is_main_process():  # a kill between the result's write and this
+            (out_dir / "last.pt").unlink(missing_ok=True)
         if keep_model and not (out_dir / "model.pt").is_file():
             # Finished before --keep-models was given: its weights are gone.
             log.warning("[seed %d] %s: finished without --keep-models, so %s has no model for "
