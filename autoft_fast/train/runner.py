@@ -185,7 +185,9 @@ def _write_runs_so_far(rows: list, path: Path) -> None:
     for other (strategy, seed, target) runs, so that a resume killed early never leaves a
     shorter file than the one it found (the finished comparison writes the whole table)."""
     import csv
-    key = lambda r: (str(r.get("strategy")), str(r.get("seed")), str(r.get("target") or ""))
+
+    def key(r) -> tuple:
+        return str(r.get("strategy")), str(r.get("seed")), str(r.get("target") or "")
     mine = {key(r) for r in rows}
     kept = []
     if path.is_file():
