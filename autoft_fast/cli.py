@@ -223,7 +223,16 @@ def _set_threads(args) -> str | None:
 
 def _load(args):
     from .config import load_config
-    cfg = load_config(getattr(args, "config", None))
+    config = getattr(args, "config", None)
+    resume = getattr(args, "resume", None)
+    if config is None and resume not in (None, "latest"):
+        # --resume RUN_DIR without --config continues that run under the config it recorded
+        # (its config.yaml: the effective settings of its latest start, paths absolute), not
+        # under the embedded demo config.
+        recorded = Path(resume) / "config.yaml"
+        if (Path(resume) / "run.json").is_file() and recorded.is_file():
+            config = args.config = str(recorded)
+    cfg = load_config(config)
     strategies = None
     if getattr(args, "strategies", None) is not None:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -275,6 +284,9 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
         meta = _read_run_json(run_dir)
         meta.setdefault("resumed", []).append({"argv": getattr(args, "argv", sys.argv[1:]),
                                                "at": now})
+        if (extra or {}).get("keep_models"):
+            # --keep-models given on a resume holds for every later resume too.
+            meta["keep_models"] = True
         write_text_atomic(json.dumps(meta, indent=2), run_dir / "run.json")
     if main:
         # The effective config of the latest start (defaults filled in, backend 'auto'
@@ -559,7 +571,12 @@ def _cmd_finetune(args) -> int:
     from .train.runner import check_run_data, load_data, pretrain, run_strategy, write_json
     cfg = _load(args)
     strategy = resolve_strategies([args.strategy])[0]
-    seed = cfg.seeds[0] if args.seed is None else args.seed
+    seed = args.seed
+    if seed is None and args.resume not in (None, "latest"):
+        # --resume RUN_DIR continues that run's seed unless --seed names another.
+        ran = _meta(Path(args.resume)).get("seed")
+        seed = ran if isinstance(ran, int) and not isinstance(ran, bool) else None
+    seed = cfg.seeds[0] if seed is None else seed
     if seed < 0:
         raise _UserError(f"--seed must be >= 0, got {seed}")
     run_dir = None

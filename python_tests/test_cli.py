@@ -332,3 +332,54 @@ def test_resuming_with_keep_models_names_the_runs_finished_without_one(tmp_path,
     text = said.out + said.err + (run_dir / "log.txt").read_text()
     assert "finetune_all: finished without --keep-models" in text
     assert "finetune_all-seed0" in text and "result.json" in text
+
+
+def test_resume_of_a_named_run_without_config_uses_the_runs_own_config(tmp_path, capsys,
+                                                                       monkeypatch):
+    # Relative run_dir and cache_dir, resumed from another working directory without --config:
+    # the run's config.yaml (absolute paths) is the config, so the cached pre-trained model is
+    # found and nothing is compared against the embedded demo config.
+    first, other = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), other.mkdir()
+    exp = tiny_experiment(first, {"synthetic": TINY_SYNTHETIC}, run_dir="runs",
+                          cache_dir="mycache")
+    monkeypatch.chdir(first)
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = (first / last_line_run_dir(capsys.readouterr().out)).resolve()
+    before = {(r["strategy"], r["auc"]) for r in csv.DictReader(open(run_dir / "runs.csv"))}
+    import shutil
+    shutil.rmtree(run_dir / "runs" / "autoft-seed0")
+    monkeypatch.chdir(other)
+    assert main(["compare", "--resume", str(run_dir), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert last_line_run_dir(capsys.readouterr().out) == run_dir
+    after = {(r["strategy"], r["auc"]) for r in csv.DictReader(open(run_dir / "runs.csv"))}
+    assert after == before  # autoft trained again to the same result, finetune_all reused
+    assert json.loads((run_dir / "pretrain.json").read_text())["reused"] is True
+    assert not (other / "mycache").exists() and not (other / "runs").exists()
+
+
+def test_finetune_resume_of_a_named_run_keeps_its_seed(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--seed", "1",
+                 "--no-progress"]) == 0
+    out1 = capsys.readouterr().out
+    run_dir = last_line_run_dir(out1)
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 0, capsys.readouterr().err
+    out2 = capsys.readouterr().out
+    assert out2.splitlines()[0] == out1.splitlines()[0]  # "finetune_all (seed 1): ..."
+    # Another seed named on the command line is still refused.
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--seed", "0",
+                 "--resume", str(run_dir)]) == 2
+    assert "ran seed 1, not 0" in capsys.readouterr().err
+
+
+def test_keep_models_given_on_a_resume_is_recorded_for_later_resumes(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC}, strategies=["finetune_all"])
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 0
+    run_dir = last_line_run_dir(capsys.readouterr().out)
+    assert not json.loads((run_dir / "run.json").read_text()).get("keep_models")
+    assert main(["compare", "--config", str(exp), "--resume", str(run_dir), "--keep-models",
+                 "--no-progress"]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["keep_models"] is True
