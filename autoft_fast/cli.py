@@ -206,6 +206,21 @@ def _out_of_memory(e: BaseException) -> str | None:
     return None
 
 
+def _os_error_message(e: OSError) -> str:
+    """One line for an OSError: a write refused by a read-only or full disk names the file
+    and the settings that choose where the tool writes."""
+    import errno
+    full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if e.filename is not None and e.errno in (errno.EROFS, *full):
+        disk = "full" if e.errno in full else "read-only"
+        return (f"cannot write {str(e.filename)!r} ({e.strerror}: the disk is {disk}); the "
+                "run folder (run_dir or --run-dir), the cache (cache_dir: generated data, "
+                "processed data, pre-trained models) and --out must be on a writable disk "
+                "with room")
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _set_threads(args) -> str | None:
     """Apply --threads or the default; returns the line logged at the start of a run."""
     import torch
@@ -267,8 +282,10 @@ def _start_run(cfg, command: str, args, extra: dict | None = None,
         setup_logging(run_dir / "log.txt" if main else None,
                       verbose=getattr(args, "verbose", False), console=main)
     except OSError as e:
+        where = ("a resumed run folder must be writable: copy it to a writable disk and "
+                 "--resume the copy" if resumed else "choose a writable folder with --run-dir")
         raise _UserError(f"cannot write {str(run_dir / 'log.txt')!r} ({e.strerror or e}); "
-                         "choose a writable folder with --run-dir") from None
+                         f"{where}") from None
     log = logging.getLogger("autoft_fast")
     if getattr(args, "threads_line", None):
         log.info("%s", args.threads_line)
@@ -689,7 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, _UserError, ValueError, CheckpointError, OSError) as e:
         # FileNotFoundError, PermissionError, a read-only disk: all OSErrors.
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError):
+            msg = _os_error_message(e)
+        else:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         log_to_file(logging.ERROR, "error: %s", msg, exc_info=e)
         if getattr(args, "debug", False):
             raise

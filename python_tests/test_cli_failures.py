@@ -122,6 +122,40 @@ def test_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
     assert "Read-only file system" in line and "--run-dir" in line
 
 
+def test_read_only_cache_dir_names_the_file_and_the_settings(tmp_path, capsys, monkeypatch):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},
+                          cache_dir=str(tmp_path / "cache"))
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if str(self).startswith(str(tmp_path / "cache")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["compare", "--config", str(exp), "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot write '{tmp_path / 'cache'}" in line
+    assert "read-only" in line and "cache_dir" in line and "[Errno" not in line
+
+
+def test_resume_of_a_read_only_run_folder_says_to_copy_it(finetuned, capsys, monkeypatch):
+    exp, run_dir = finetuned
+    import autoft_fast.train.progress as progress
+    real = progress.setup_logging
+
+    def read_only(path, *a, **k):
+        if path is not None and str(path).startswith(str(run_dir)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(progress, "setup_logging", read_only)
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "resumed run folder must be writable" in line and "--run-dir" not in line
+
+
 def test_make_run_dir_is_atomic_under_a_race(tmp_path):
     from autoft_fast.config import load_config
     from autoft_fast.train.runner import make_run_dir
