@@ -106,16 +106,21 @@ def test_stale_checkpoint_temp_files_are_removed(finetuned, capsys):
     assert not stale.exists()
 
 
-def test_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
-    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+def _read_only_below(monkeypatch, root: Path) -> None:
+    """Path.mkdir below ``root`` fails as on a read-only disk (the tests run as any user)."""
     real_mkdir = Path.mkdir
 
     def read_only(self, *a, **k):
-        if str(self).startswith(str(tmp_path / "runs")):
+        if str(self).startswith(str(root)):
             raise OSError(errno.EROFS, "Read-only file system", str(self))
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
+
+
+def test_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC})
+    _read_only_below(monkeypatch, tmp_path / "runs")
     assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
                  "--no-progress"]) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -125,14 +130,7 @@ def test_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
 def test_read_only_cache_dir_names_the_file_and_the_settings(tmp_path, capsys, monkeypatch):
     exp = tiny_experiment(tmp_path, {"synthetic": TINY_SYNTHETIC},
                           cache_dir=str(tmp_path / "cache"))
-    real_mkdir = Path.mkdir
-
-    def read_only(self, *a, **k):
-        if str(self).startswith(str(tmp_path / "cache")):
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real_mkdir(self, *a, **k)
-
-    monkeypatch.setattr(Path, "mkdir", read_only)
+    _read_only_below(monkeypatch, tmp_path / "cache")
     assert main(["compare", "--config", str(exp), "--no-progress"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert f"cannot write '{tmp_path / 'cache'}" in line
