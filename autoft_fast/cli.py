@@ -384,6 +384,34 @@ def _find_resume_dir(cfg, command: str, value: str, match: dict, accept=None) ->
     raise _UserError(f"--resume: no earlier {command} run of {cfg.name!r} under {cfg.run_dir}")
 
 
+def _with_run_cache(cfg, run_dir: Path):
+    """(cfg, note): on a resume whose cache_dir names no folder while the run's own cache (its
+    config.yaml, absolute) exists, the run's cache, so a relative cache_dir or run_dir given
+    from another working directory finds the run's generated data and pre-trained model
+    instead of building them again elsewhere; the note says so (None when nothing changed)."""
+    import dataclasses
+
+    import yaml
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return cfg, None
+    if not isinstance(saved, dict):
+        return cfg, None
+    recorded = saved.get("cache_dir")
+    if recorded is None and isinstance(saved.get("run_dir"), str):
+        recorded = str(Path(saved["run_dir"]) / "cache")
+    if not isinstance(recorded, str) or not Path(recorded).is_absolute():
+        return cfg, None
+    ours, theirs = Path(cfg.cache_dir).resolve(), Path(recorded)
+    if ours == theirs or ours.exists() or not theirs.is_dir():
+        return cfg, None
+    note = (f"--resume: using the run's own cache {str(theirs)!r}: this start's cache_dir "
+            f"{str(ours)!r} does not exist (relative run_dir and cache_dir follow the working "
+            "directory)")
+    return dataclasses.replace(cfg, cache_dir=theirs, cache_dir_given=True), note
+
+
 def _shown(v) -> str:
     """A run.json value as a user would write it: 'healthcare,lawyer', 'none', 'on'."""
     if v is None:
@@ -495,17 +523,21 @@ def _cmd_compare(args, demo: bool = False) -> int:
     shape = _compare_shape(cfg, args)
     keep_models = bool(getattr(args, "keep_models", False))
     inherited = False
+    cache_note = None
     if getattr(args, "resume", None):
         # "latest": the newest run of the same shape; a named folder must have it.
         run_dir = _find_resume_dir(cfg, "compare", args.resume, {},
                                    lambda d: _check_compare_resume(d, shape, args.resume))
         meta = _check_compare_resume(run_dir, shape, args.resume)
+        cfg, cache_note = _with_run_cache(cfg, run_dir)
         # The runs made so far kept their models: the rest do too.
         inherited = bool(meta.get("keep_models")) and not keep_models
         keep_models = keep_models or inherited
     command = "demo" if demo else "compare"
     run_dir = _start_run(cfg, command, args, run_dir=run_dir,
                          extra={**shape, "keep_models": keep_models})
+    if cache_note:
+        logging.getLogger("autoft_fast").info("%s", cache_note)
     if inherited:
         logging.getLogger("autoft_fast").info("--resume: keeping every run's model, as the run did")
     t0 = time.perf_counter()
@@ -596,11 +628,14 @@ def _cmd_finetune(args) -> int:
     seed = cfg.seeds[0] if seed is None else seed
     if seed < 0:
         raise _UserError(f"--seed must be >= 0, got {seed}")
-    run_dir = None
+    run_dir, cache_note = None, None
     if args.resume:
         run_dir = _find_resume_dir(cfg, "finetune", args.resume,
                                    {"strategy": strategy, "seed": seed})
+        cfg, cache_note = _with_run_cache(cfg, run_dir)
     run_dir = _start_run(cfg, "finetune", args, {"strategy": strategy, "seed": seed}, run_dir)
+    if cache_note:
+        logging.getLogger("autoft_fast").info("%s", cache_note)
     bundle = load_data(cfg)
     check_run_data(run_dir, bundle, resume=bool(args.resume))
     state = None

@@ -383,3 +383,26 @@ def test_keep_models_given_on_a_resume_is_recorded_for_later_resumes(tmp_path, c
     assert main(["compare", "--config", str(exp), "--resume", str(run_dir), "--keep-models",
                  "--no-progress"]) == 0
     assert json.loads((run_dir / "run.json").read_text())["keep_models"] is True
+
+
+@pytest.mark.parametrize("cache_dir", ["mycache", None])
+def test_resume_from_another_directory_finds_the_runs_own_cache(tmp_path, capsys, monkeypatch,
+                                                               cache_dir):
+    # With --config and relative paths, this start's cache_dir (mycache, or runs/cache when
+    # cache_dir is unset) names a folder under the new working directory that does not exist:
+    # the run's own cache is used, not filled afresh with a second pre-trained model.
+    first, other = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), other.mkdir()
+    over = {"run_dir": "runs"} | ({"cache_dir": cache_dir} if cache_dir else {})
+    exp = tiny_experiment(first, {"synthetic": TINY_SYNTHETIC}, strategies=["finetune_all"],
+                          **over)
+    monkeypatch.chdir(first)
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all",
+                 "--no-progress"]) == 0
+    run_dir = (first / last_line_run_dir(capsys.readouterr().out)).resolve()
+    monkeypatch.chdir(other)
+    assert main(["finetune", "--config", str(exp), "--strategy", "finetune_all", "--resume",
+                 str(run_dir), "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "pretrain.json").read_text())["reused"] is True
+    assert not (other / (cache_dir or "runs")).exists()
+    assert "using the run's own cache" in (run_dir / "log.txt").read_text()
