@@ -285,3 +285,34 @@ def test_seed_summary_rejects_bad_input():
         seed_paired_summary([{"labels": y, "scores_a": np.arange(6), "scores_b": np.ones(6)},
                              {"labels": y[::-1], "scores_a": np.arange(6),
                               "scores_b": np.ones(6)}], same_rows=True)
+
+
+def test_tail_p_values_keep_their_digits_on_every_path():
+    from autoft_fast.train.stats import _t_two_sided_p
+    for z in (9.0, 15.0):
+        exact = normal_two_sided_p(z)
+        assert exact > 0
+        assert _t_two_sided_p(z, math.inf) == pytest.approx(exact, rel=1e-12)
+        assert _t_two_sided_p(z, 2e6) == pytest.approx(exact, rel=1e-3)
+    # One seed: the combined test's p is DeLong's (the same statistic, the normal).
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < 0.5).astype(float)
+    a, b = y * 1.3 + rng.normal(size=y.size), y * 0.8 + rng.normal(size=y.size)
+    s = seed_paired_summary([{"labels": y, "scores_a": a, "scores_b": b}])
+    d = delong_test(y, a, b)
+    assert 0 < s["p_value"] == pytest.approx(d["p_value"], rel=1e-9)
+
+
+def test_weighted_auc_of_a_nan_score_is_undefined_as_auc_is():
+    from autoft_fast.train.stats import weighted_auc
+    assert math.isnan(weighted_auc([0, 0, 1, 1], [0.1, float("nan"), 0.3, 0.4], [1, 1, 1, 1]))
+    got = weighted_auc([0, 0, 1, 1], [0.1, 0.2, float("nan"), 0.4], [[1, 1, 1, 1], [1, 0, 1, 1]])
+    assert got.shape == (2,) and np.isnan(got).all()
+    assert math.isnan(auc([0, 0, 1, 1], [0.1, 0.2, float("nan"), 0.4]))
+
+
+@pytest.mark.parametrize("domains", [[0, 0, -1, -1], [0, 0, 1.7, 1.7], [0, 0, 2, 2]])
+def test_compute_metrics_refuses_domain_ids_that_name_no_domain(domains):
+    from autoft_fast.train.metrics import compute_metrics
+    with pytest.raises(ValueError, match="domains must be indices into domain_names"):
+        compute_metrics([0, 1, 1, 0], [-1.0, 2.0, 0.5, 0.1], domains, ["a", "b"])

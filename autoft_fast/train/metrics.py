@@ -119,9 +119,19 @@ def compute_metrics(labels, logits, domains=None,
     x = _as_numpy(logits, "logits")
     out = {"auc": auc(y, x), "logloss": logloss(y, x), "n": int(y.size), "per_domain": {}}
     if domains is not None:
-        d = _as_numpy(domains, "domains").astype(np.int64)
-        if d.size != y.size:
-            raise ValueError(f"domains must have one entry per row, got {d.size} for {y.size} rows")
+        raw = _as_numpy(domains, "domains")
+        if raw.size != y.size:
+            raise ValueError(f"domains must have one entry per row, got {raw.size} for {y.size} rows")
+        n_names = len(domain_names) if domain_names is not None else None
+        ok = np.isfinite(raw) & (raw >= 0) & (raw == np.floor(raw))
+        if n_names is not None:
+            ok &= raw < n_names
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            want = (f"indices into domain_names (0 to {n_names - 1})" if n_names is not None
+                    else "non-negative integers")
+            raise ValueError(f"domains must be {want}, got {raw[i]:g} at row {i}")
+        d = raw.astype(np.int64)
         for k in np.unique(d):
             name = domain_names[k] if domain_names is not None else str(int(k))
             mask = d == k

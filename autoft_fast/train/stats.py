@@ -108,18 +108,29 @@ def t_cdf(t: float, df: float) -> float:
     if math.isnan(t):
         return float("nan")
     if math.isinf(df):
-        return _NORMAL.cdf(t)
+        return _phi(t)
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
     if df > 1e6:
         # The beta function's log-gamma terms cancel badly for huge df; the first-order
-        # expansion around the normal is exact to O(1/df^2) there (< 1e-12).
-        return _NORMAL.cdf(t) - _NORMAL.pdf(t) * (t ** 3 + t) / (4.0 * df)
+        # expansion around the normal is exact to O(1/df^2) there (< 1e-12). In the lower
+        # tail the correction is applied as a factor, which keeps the relative precision
+        # of tiny tail probabilities (an absolute correction swamped them).
+        corr = _NORMAL.pdf(t) * (t ** 3 + t) / (4.0 * df)
+        if t < 0:
+            return _phi(t) * max(0.0, 1.0 - corr / _phi(t)) if _phi(t) > 0 else 0.0
+        return _phi(t) - corr
     # P(T > |t|) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2); 1 - x is passed as
     # t^2 / (df + t^2), which keeps its digits near t = 0 where x rounds to 1.
     t2 = t * t
     tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
     return 1.0 - tail if t >= 0 else tail
+
+
+def _phi(t: float) -> float:
+    """The standard normal CDF through erfc: exact to relative precision in the lower tail,
+    where 0.5 * (1 + erf(t / sqrt 2)) underflows to 0 from about t = -8.3 on."""
+    return 0.5 * math.erfc(-t / math.sqrt(2.0))
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -336,6 +347,10 @@ def weighted_auc(labels, scores, weights) -> float | np.ndarray:
                          f"{np.asarray(weights).shape}")
     if (w < 0).any() or not np.isfinite(w).all():
         raise ValueError("weights must be finite and non-negative")
+    if np.isnan(s).any():
+        # As `auc`: a NaN score (a diverged model) has no rank, so the AUC is undefined
+        # (sorting would rank it above every number).
+        return float("nan") if single else np.full(w.shape[0], np.nan)
     out = _SortedScores(y, s).auc(w)
     return float(out[0]) if single else out
 
