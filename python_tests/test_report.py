@@ -429,3 +429,56 @@ def test_frequency_buckets_are_plotted_in_the_order_of_their_counts():
     assert _by_count([">=50", "unseen", "1-4", "5-49"]) == ["unseen", "1-4", "5-49", ">=50"]
     assert _by_count(["7", ">=8", "unseen"]) == ["unseen", "7", ">=8"]
     assert _by_count(["rare", "common"]) == ["rare", "common"]  # other names: as given
+
+
+def test_a_strategy_with_most_seeds_diverged_says_how_many_it_rests_on(labels):
+    rng = np.random.default_rng(3)
+    runs = make_runs(rng, labels, {"finetune_all": 0.0, "autoft": 0.4}, seeds=3)
+    for r in runs:
+        if r["strategy"] == "autoft" and r["seed"] > 0:
+            r["test_scores"] = np.full(labels.size, np.nan)
+            r["auc"] = float("nan")
+    rows = aggregate(runs, labels=labels)
+    auto = next(r for r in rows if r["strategy"] == "autoft")
+    assert auto["auc_runs"] == 1 and auto["seeds"] == 3 and auto["paired_seeds"] == 1
+    table = markdown_table(rows)
+    cells = [c.strip() for c in table.splitlines()[3].strip("|").split("|")]
+    assert cells[1].endswith("(1/3 seeds)")
+    assert "only k of the strategy's n runs" in table and "autoft 1/3" in table
+    base = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    assert "seeds)" not in base[1]  # every finetune_all run finished
+
+
+def test_two_seeds_are_flagged_and_the_interval_header_follows_alpha(labels):
+    rng = np.random.default_rng(4)
+    runs = make_runs(rng, labels, {"finetune_all": 0.0, "autoft": 0.2}, seeds=2)
+    table = markdown_table(aggregate(runs, labels=labels))
+    assert "With 2 seeds" in table and "[95% CI]" in table
+    table = markdown_table(aggregate(make_runs(rng, labels, {"finetune_all": 0.0,
+                                                             "autoft": 0.2}, seeds=3),
+                                     labels=labels, alpha=0.1))
+    assert "[90% CI]" in table and "With 2 seeds" not in table
+
+
+@pytest.mark.parametrize("p, shown", [(0.0496, "0.0496"), (0.0504, "0.0504"), (0.2, "0.200"),
+                                      (0.0004, "<0.001")])
+def test_a_p_value_next_to_alpha_shows_the_digit_that_decides_the_mark(p, shown):
+    from autoft_fast.train.report import _p_cell
+    assert _p_cell(p, 0.05) == shown
+
+
+def test_a_pipe_in_a_name_does_not_shift_the_columns():
+    rows = aggregate([{"strategy": "finetune_all", "seed": 0, "auc": 0.70, "logloss": 0.5},
+                      {"strategy": "autoft|v2", "seed": 0, "auc": 0.71, "logloss": 0.5}])
+    table = markdown_table(rows).splitlines()
+    count = lambda line: line.replace("\\|", "").count("|")
+    assert count(table[3]) == count(table[0]) and "autoft\\|v2" in table[3]
+    summary = markdown_summary(summary_across_targets({"t": rows})).splitlines()
+    assert count(summary[3]) == count(summary[0])
+
+
+def test_the_auc_axis_stops_near_one_however_wide_the_spread():
+    lo, hi = auc_axis_limits([0.7], [0.6])
+    assert lo == 0.0 and hi <= 1.3
+    lo, hi = auc_axis_limits([0.995, 0.999], [0.004, 0.003])
+    assert hi <= 1.0 + 0.3 * (1.0 - lo) and lo < 0.991

@@ -37,8 +37,8 @@ RUN_COLUMNS = ("strategy", "seed", "auc", "logloss", "best_epoch", "epochs_run",
                "train_samples_per_s", "train_seconds", "wall_seconds", "target",
                "frequency_threshold", "setting")
 
-RESULT_COLUMNS = ("strategy", "seeds", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
-                  "auc_gain_pct", "train_samples_per_s", "wall_seconds", "paired_seeds",
+RESULT_COLUMNS = ("strategy", "seeds", "auc_runs", "auc_mean", "auc_std", "logloss_mean",
+                  "logloss_std", "auc_gain_pct", "train_samples_per_s", "wall_seconds", "paired_seeds",
                   "auc_diff_mean", "auc_diff_ci_low", "auc_diff_ci_high",
                   "auc_diff_seed_ci_low", "auc_diff_seed_ci_high", "p_value", "significant",
                   "mark", "best_epoch_at_cap", "runs_with_cap")
@@ -195,7 +195,9 @@ def aggregate(runs: Iterable[dict], order: Sequence[str] | None = None, *, label
         wall = mean_std([r.get("wall_seconds", float("nan")) for r in rs])[0]
         capped = [r for r in rs if r.get("best_epoch") is not None
                   and r.get("epoch_cap") is not None]
-        row = {"strategy": s, "seeds": len(rs), "auc_mean": auc_m, "auc_std": auc_s,
+        finite = sum(r.get("auc") is not None and not math.isnan(r["auc"]) for r in rs)
+        row = {"strategy": s, "seeds": len(rs), "auc_runs": finite,
+               "auc_mean": auc_m, "auc_std": auc_s,
                "logloss_mean": ll_m, "logloss_std": ll_s,
                "train_samples_per_s": sps, "wall_seconds": wall, "alpha": alpha,
                "paired_seeds": 0, "auc_diff_mean": None, "auc_diff_ci_low": None,
@@ -267,10 +269,26 @@ def _diff_cell(r: dict) -> str:
     return f"{d:+.4f} [{r['auc_diff_ci_low']:+.4f}, {r['auc_diff_ci_high']:+.4f}]"
 
 
-def _p_cell(p: float | None) -> str:
+def _p_cell(p: float | None, alpha: float = 0.05) -> str:
     if p is None or math.isnan(p):
         return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return "<0.001"
+    # Near alpha three decimals could show p = 0.050 both with and without the mark.
+    return f"{p:.4f}" if f"{p:.3f}" == f"{alpha:.3f}" else f"{p:.3f}"
+
+
+def _cell(text) -> str:
+    """A markdown table cell: a '|' in a name would start a new column."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _auc_cell(r: dict) -> str:
+    cell = f"{_fmt(r['auc_mean'], '.4f')} ± {_fmt(r['auc_std'], '.4f')}"
+    runs = r.get("auc_runs")
+    if runs is not None and 0 < runs < r["seeds"]:
+        cell += f" ({runs}/{r['seeds']} seeds)"
+    return cell
 
 
 def _cap_cell(r: dict) -> str:
@@ -294,21 +312,36 @@ def markdown_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
         >>> row.split(" | ")[6:]
         ['ref', 'n/a', '', 'n/a |']
     """
+    alpha = next((r.get("alpha", 0.05) for r in rows if r.get("auc_diff_mean") is not None),
+                 0.05)
     head = (f"| strategy | AUC | LogLoss | AUC gain vs {baseline} | train samples/s | "
-            f"time per run (s) | ΔAUC vs {baseline} [95% CI] | p | sig. | best epoch = cap |")
+            f"time per run (s) | ΔAUC vs {baseline} [{100 * (1 - alpha):g}% CI] | p | sig. | "
+            "best epoch = cap |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         gain_s = _pct(r.get("auc_gain_pct"))
         mark = "" if r.get("mark") == "ref" else r.get("mark", "")
         lines.append(
-            f"| {r['strategy']} | {_fmt(r['auc_mean'], '.4f')} ± {_fmt(r['auc_std'], '.4f')} | "
+            f"| {_cell(r['strategy'])} | {_auc_cell(r)} | "
             f"{_fmt(r['logloss_mean'], '.4f')} ± {_fmt(r['logloss_std'], '.4f')} | {gain_s} | "
             f"{_fmt(r.get('train_samples_per_s'), ',.0f')} | "
-            f"{_fmt(r.get('wall_seconds'), '.1f')} | {_diff_cell(r)} | {_p_cell(r.get('p_value'))} "
-            f"| {mark} | {_cap_cell(r)} |")
+            f"{_fmt(r.get('wall_seconds'), '.1f')} | {_diff_cell(r)} | "
+            f"{_p_cell(r.get('p_value'), alpha)} | {mark} | {_cap_cell(r)} |")
     notes = []
+    partial = [r for r in rows if r.get("auc_runs") and r["auc_runs"] < r["seeds"]]
+    if partial:
+        notes.append(
+            "(k/n seeds): only k of the strategy's n runs ended with a finite test AUC (the "
+            "others diverged); the mean, the spread and the paired test use those k alone: "
+            + ", ".join(f"{_cell(r['strategy'])} {r['auc_runs']}/{r['seeds']}"
+                        for r in partial) + ".")
+    if any(r.get("paired_seeds") == 2 for r in rows if r.get("auc_diff_mean") is not None):
+        notes.append(
+            "With 2 seeds the spread over seeds is estimated from one degree of freedom: "
+            "where seeds differ in quality, the paired test is liberal (more than twice the "
+            "nominal false-positive rate in simulation); 3 or more seeds are needed for marks "
+            "to be trusted.")
     if any(r.get("auc_diff_mean") is not None for r in rows):
-        alpha = next(r.get("alpha", 0.05) for r in rows if r.get("auc_diff_mean") is not None)
         notes.append(
             f"ΔAUC: mean over seeds of the paired test-AUC difference against {baseline} "
             f"(same seed); interval and p from DeLong's test on the test rows with the spread "
@@ -389,7 +422,7 @@ def markdown_summary(rows: Sequence[dict], baseline: str = BASELINE) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         n = r["targets"]
-        lines.append(f"| {r['strategy']} | {n} | {_pct(r.get('mean_auc_gain_pct'))} | "
+        lines.append(f"| {_cell(r['strategy'])} | {n} | {_pct(r.get('mean_auc_gain_pct'))} | "
                      f"{_fmt(r.get('mean_auc_diff'), '+.4f')} | {r['wins']}/{n} | "
                      f"{r['significant_better']}/{n} | {r['significant_worse']}/{n} |")
     return "\n".join(lines)
@@ -448,11 +481,11 @@ def policy_table(runs: Iterable[dict]) -> str:
     strategies: list[str] = []
     for r in rows:
         strategies += [k for k in r if k not in ("kind", "name") and k not in strategies]
-    lines = ["| tuned-path fraction | " + " | ".join(strategies) + " |",
+    lines = ["| tuned-path fraction | " + " | ".join(map(_cell, strategies)) + " |",
              "| --- |" + " --- |" * len(strategies)]
     for r in rows:
         vals = " | ".join(_fmt(r.get(s), ".3f") for s in strategies)
-        lines.append(f"| {r['kind']} {r['name']} | {vals} |")
+        lines.append(f"| {r['kind']} {_cell(r['name'])} | {vals} |")
     # The frequency rule at k = 0 holds frozen exactly the values the target's training rows
     # never hold: their tuned row never moved, so those "frozen" choices change no prediction.
     at_zero = [r for r in runs if r.get("frequency_threshold") == 0.0]
@@ -535,8 +568,10 @@ def auc_axis_limits(means: Sequence[float], spreads: Sequence[float] | None = No
     ok = np.isfinite(m)
     if not ok.any():
         return 0.0, 1.0
-    lo_data = float((m[ok] - sp[ok]).min())
-    hi_data = float((m[ok] + sp[ok]).max())
+    # An AUC lies in [0, 1]: a wide spread does not stretch the data's range past either end
+    # (above it only the headroom for the marks).
+    lo_data = max(0.0, float((m[ok] - sp[ok]).min()))
+    hi_data = min(1.0, float((m[ok] + sp[ok]).max()))
     span = max(hi_data - lo_data, min_span)
     return max(0.0, lo_data - 0.15 * span), hi_data + headroom * span
 
