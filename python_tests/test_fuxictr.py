@@ -299,3 +299,89 @@ def test_imported_experiment_runs_through_compare(fuxi):
     assert "| finetune_all |" in table and "| autoft |" in table
     for r in runs:
         assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0.0, r
+
+
+def _edited(fuxi, edit):
+    ds, mc = yaml.safe_load(DATASET_YAML), yaml.safe_load(MODEL_YAML)
+    edit(ds, mc)
+    (fuxi / "config" / "dataset_config.yaml").write_text(yaml.safe_dump(ds))
+    (fuxi / "config" / "model_config.yaml").write_text(yaml.safe_dump(mc))
+
+
+@pytest.mark.parametrize("monitor, mode, want", [
+    ({"logloss": -1}, "max", "logloss"), ({"logloss": 1}, "min", "logloss"),
+    ({"AUC": 0, "logloss": -1}, "max", "logloss"), ({"AUC": 1, "logloss": -1}, "max", "auc"),
+    ({"AUC": 1}, None, "auc"), ({"AUC": -1, "logloss": 1}, "min", "auc"),
+])
+def test_a_weighted_monitor_follows_its_signs_and_the_mode(fuxi, monitor, mode, want):
+    _edited(fuxi, lambda d, m: m["DeepFM_test"].update(monitor=monitor, monitor_mode=mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuxiCTRWarning)
+        exp = _import(fuxi).experiment
+    assert exp["pretrain"]["monitor"] == want and exp["finetune"]["monitor"] == want
+
+
+@pytest.mark.parametrize("monitor, mode", [({"logloss": 1}, "max"), ({"AUC": 1}, "min")])
+def test_a_weighted_monitor_that_prefers_worse_models_is_an_error(fuxi, monitor, mode):
+    _edited(fuxi, lambda d, m: m["DeepFM_test"].update(monitor=monitor, monitor_mode=mode))
+    with pytest.raises(ConfigError, match="prefer a worse model"):
+        _import(fuxi)
+
+
+def test_dataset_level_sep_and_num_buckets_are_applied(fuxi):
+    def edit(d, m):
+        d["tiny_csv"].update(sep="\t", num_buckets=20)
+        d["tiny_csv"]["feature_cols"][1] = {"name": "price", "active": True, "type": "categorical",
+                                            "category_processor": "quantile_bucket"}
+    _edited(fuxi, edit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FuxiCTRWarning)
+        imp = _import(fuxi)
+    data = imp.experiment["data"]
+    assert data["csv_sep"] == "\t" and data["num_buckets"] == 20
+    said = " ".join(str(w.message) for w in caught)
+    assert "sep has no counterpart" not in said and "num_buckets has no counterpart" not in said
+
+
+@pytest.mark.parametrize("train_data", ["./data/parts", "./data/parts/*.csv",
+                                        "./data/parts/a.csv.gz"])
+def test_train_data_as_a_folder_a_glob_or_gzip_csv_as_fuxictr_reads_it(fuxi, train_data):
+    import gzip
+    parts = fuxi / "data" / "parts"
+    parts.mkdir()
+    text = (fuxi / "data" / "train.csv").read_text()
+    (parts / "b.csv").write_text(text)
+    (parts / "a.csv").write_text(text)
+    with gzip.open(parts / "a.csv.gz", "wt") as f:
+        f.write(text)
+    _edited(fuxi, lambda d, m: d["tiny_csv"].update(train_data=train_data, valid_data=None,
+                                                     test_data=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuxiCTRWarning)
+        files = _import(fuxi).experiment["data"]["files"]
+    want = {"./data/parts": ["a.csv", "b.csv"], "./data/parts/*.csv": ["a.csv", "b.csv"],
+            "./data/parts/a.csv.gz": ["a.csv.gz"]}[train_data]
+    assert [Path(f).name for f in files] == want
+
+
+@pytest.mark.parametrize("train_data, match", [
+    ("./data/none/*.csv", "the pattern matches no file"),
+    ("./data", "is a folder without \\*.parquet files"),
+    ("./data/train.csv", "'train.csv' is named as a csv file"),
+])
+def test_train_data_that_names_no_file_of_the_format_says_which(fuxi, train_data, match):
+    _edited(fuxi, lambda d, m: d["tiny_csv"].update(
+        train_data=train_data, valid_data=None, test_data=None,
+        data_format="parquet" if "none" not in train_data else "csv"))
+    with pytest.raises(ConfigError, match=match):
+        _import(fuxi)
+
+
+def test_the_documented_fuxictr_section_loads_as_written():
+    # Its domain values must reach the data as the strings the pid column holds.
+    import re
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fuxictr.md").read_text()
+    line = re.search(r"^  domain: (\{.*\})$", doc, re.M).group(1)
+    domain = yaml.safe_load(line)
+    assert domain["source"] == ["430548_1007", "430549_1007"]
+    assert domain["target"] == "430539_1007"

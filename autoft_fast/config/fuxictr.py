@@ -27,7 +27,7 @@ The same through an experiment file (``load_config`` reads its ``fuxictr:`` sect
       dataset_config: config/dataset_config.yaml    # a file, or FuxiCTR's config folder
       model_config: config/model_config.yaml
       experiment_id: DeepFM_test
-      domain: {column: pid, source: [430548_1007], target: 430539_1007}
+      domain: {column: pid, source: ['430548_1007'], target: '430539_1007'}
     strategies: [finetune_all, autoft]              # any other section overrides the import
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .data import FILE_SUFFIXES, DomainSpec
+from .data import FILE_SUFFIXES, DomainSpec, file_format
 from .schema import ConfigError, parse_section, setting
 
 __all__ = ["FUXICTR_KEY", "FUXICTR_MODELS", "FuxiCTRImport", "FuxiCTRSection", "FuxiCTRWarning",
@@ -291,6 +291,33 @@ def _resolve(root: Path, value, where: str) -> Path:
     return p if p.is_absolute() else (root / p).resolve()
 
 
+def _data_paths(root: Path, value, fmt: str, where: str) -> list[Path]:
+    """The files a FuxiCTR ``train_data`` / ``valid_data`` / ``test_data`` value names, as
+    FuxiCTR reads them: a file, a folder (its ``*.<data_format>`` files, sorted) or a glob
+    pattern (its matches, sorted); each file's name must say ``fmt`` (``.csv.gz`` is CSV)."""
+    p = _resolve(root, value, where)
+    if any(ch in p.name for ch in "*?["):
+        paths = sorted(x for x in p.parent.glob(p.name) if x.is_file())
+        if not paths:
+            raise ConfigError(f"{where} = {value!r}: the pattern matches no file in "
+                              f"{str(p.parent)!r}")
+    elif p.is_dir():
+        paths = sorted(x for x in p.glob(f"*.{fmt}") if x.is_file())
+        if not paths:
+            raise ConfigError(f"{where} = {value!r} is a folder without *.{fmt} files "
+                              f"(data_format {fmt!r})")
+    else:
+        paths = [p]
+    for x in paths:
+        got = file_format(x)
+        if got is None or got[0] != fmt:
+            raise ConfigError(f"{where} = {value!r}: data_format is {fmt!r} but "
+                              f"{x.name!r} is named as "
+                              + (f"a {got[0]} file" if got else "no data file format")
+                              + f" (suffixes: {sorted(FILE_SUFFIXES)}, optionally .gz for csv)")
+    return paths
+
+
 def _columns(cols, where: str) -> list[dict]:
     # FuxiCTR's feature_cols entry may name several columns at once: one entry per column.
     if not isinstance(cols, list) or not cols:
@@ -325,12 +352,9 @@ def _convert_data(ds: dict, dataset_id: str, domain: dict, root: Path, fmap: dic
         value = ds.pop(key, None)
         if value is None:
             continue
-        p = _resolve(root, value, f"{where}.{key}")
-        if FILE_SUFFIXES.get(p.suffix.lower()) != fmt:
-            raise ConfigError(f"{where}.{key} = {value!r}: data_format is {fmt!r} but the file "
-                              f"suffix {p.suffix!r} is not a {fmt} suffix")
-        if p not in files:
-            files.append(p)
+        for p in _data_paths(root, value, fmt, f"{where}.{key}"):
+            if p not in files:
+                files.append(p)
     if not files:
         raise ConfigError(f"{where} names no data file (train_data, valid_data, test_data)")
     data["files"] = [str(p) for p in files]
@@ -341,6 +365,11 @@ def _convert_data(ds: dict, dataset_id: str, domain: dict, root: Path, fmap: dic
     data_root = ds.pop("data_root", None)
     if data_root is not None:
         data["cache_dir"] = str(_resolve(root, data_root, f"{where}.data_root"))
+    if "sep" in ds:
+        # FuxiCTR passes it to its CSV reader (tab-separated files named .csv, say).
+        data["csv_sep"] = ds.pop("sep")
+    # FuxiCTR's default bucket count for quantile_bucket columns without their own.
+    default_buckets = ds.pop("num_buckets", 10)
     if "min_categr_count" in ds:
         data["min_count"] = ds.pop("min_categr_count")
     else:
@@ -417,7 +446,7 @@ def _convert_data(ds: dict, dataset_id: str, domain: dict, root: Path, fmap: dic
             used.add("category_processor")
             if proc == "quantile_bucket":
                 used.add("num_buckets")
-                buckets.add(col.get("num_buckets", 10))
+                buckets.add(col.get("num_buckets", default_buckets))
                 numeric.append({"name": name, "mode": "bucket"})
             else:
                 if proc is not None:
@@ -498,12 +527,27 @@ def _monitor(mc: dict, where: str, rep: _Report) -> str | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        positive = [k for k, w in value.items() if isinstance(w, (int, float)) and w > 0]
-        pick = "auc" if "AUC" in positive or not positive else str(positive[0]).lower()
-        if len(value) > 1:
+        # FuxiCTR watches sum(weight * metric), maximised or minimised by monitor_mode (default
+        # max): a metric counts in its own direction (AUC up, logloss down) when the sign of
+        # its weight agrees with the mode.
+        sign = -1 if mode == "min" else 1
+        weighted = {str(k).lower(): w for k, w in value.items()
+                    if isinstance(w, (int, float)) and not isinstance(w, bool) and w != 0}
+        unknown = [k for k in weighted if k not in _METRICS]
+        if unknown:
+            raise ConfigError(f"{where}: monitor {value!r} weighs {unknown[0]!r}, which has no "
+                              "counterpart; use AUC or logloss")
+        right = [k for k, w in weighted.items() if sign * w * (1 if k == "auc" else -1) > 0]
+        if not right:
+            raise ConfigError(f"{where}: monitor {value!r} with monitor_mode "
+                              f"{mode or 'max'!r} would make early stopping prefer a worse "
+                              "model (AUC lower or logloss higher); give AUC a positive or "
+                              "logloss a negative weight under max")
+        pick = "auc" if "auc" in right else right[0]
+        if len(weighted) > 1:
             rep.add(f"{where}: monitor {value!r} (a weighted sum of metrics) is not applied; "
                     f"early stopping watches {pick}")
-        value = pick
+        return pick
     value = str(value).lower()
     if value not in _METRICS:
         raise ConfigError(f"{where}: monitor {mc['monitor']!r} has no counterpart; use AUC or "
