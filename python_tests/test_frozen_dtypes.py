@@ -194,9 +194,14 @@ def test_fused_optimizer_with_an_int8_frozen_table(backend, kind):
 def test_int8_table_of_the_wrong_width():
     inp = make_inputs((8,), 10, 4)
     low = quant.quantize_int8(torch.randn(10, 5))
+    # A plain cast to int8 has the tuned table's shape, and reads as rows of D - 2.
+    cast = torch.randint(-5, 5, (10, 4), dtype=torch.int8)
     for backend in LOW_BACKENDS + ["reference"]:
-        with pytest.raises(ValueError, match=r"same \[V, D\] shape.*int8 table stores \[V, D \+ 2\]"):
+        with pytest.raises(ValueError, match=r"holds rows of D = 5 .*int8 table stores \[V, D \+ 2\]"):
             autoft_fast.gated_embedding(inp["indices"], low, inp["tuned"], inp["logits"], backend=backend)
+        with pytest.raises(ValueError, match=r"shape \(10, 4\), which holds rows of D = 2.*"
+                                             r"quantize_int8 rather than casting"):
+            autoft_fast.gated_embedding(inp["indices"], cast, inp["tuned"], inp["logits"], backend=backend)
 
 
 def test_low_precision_pairs_that_are_refused():

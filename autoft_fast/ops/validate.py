@@ -136,11 +136,17 @@ def check_inputs(indices, frozen_weight, tuned_weight, logits, uniforms, *, refe
             f"{_names([tuned_weight.dtype])}, or a lower precision), got {frozen_weight.dtype}")
     dim = frozen_dim(frozen_weight)
     if (frozen_weight.shape[0], dim) != tuple(tuned_weight.shape):
-        layout = (f" (an int8 table stores [V, D + {INT8_EXTRA_BYTES}]: D values, then the "
-                  f"float16 row scale)" if is_quantised(frozen_weight) else "")
+        if is_quantised(frozen_weight):
+            # Its shape alone can look right: [V, D] where [V, D + extra] was meant.
+            raise ValueError(
+                f"frozen_weight is an int8 table of shape {tuple(frozen_weight.shape)}, which "
+                f"holds rows of D = {dim} (an int8 table stores [V, D + {INT8_EXTRA_BYTES}]: "
+                f"D values, then the float16 row scale); tuned_weight is "
+                f"{tuple(tuned_weight.shape)}: quantise the frozen table with "
+                "quantize_int8 rather than casting it to int8")
         raise ValueError(
             f"frozen_weight and tuned_weight must have the same [V, D] shape, got "
-            f"{tuple(frozen_weight.shape)} and {tuple(tuned_weight.shape)}{layout}")
+            f"{tuple(frozen_weight.shape)} and {tuple(tuned_weight.shape)}")
     expected = tuple(indices.shape) + (2,)
     if tuple(logits.shape) != expected:
         raise ValueError(f"logits must have shape indices.shape + (2,) = {expected}, got {tuple(logits.shape)}")
