@@ -508,7 +508,8 @@ def _check_compare_resume(run_dir: Path, shape: dict, value: str) -> dict:
         if key in recorded and recorded[key] != now:
             was = recorded[key]
             how = {"targets": (f"pass --targets {','.join(was)}" if isinstance(was, list)
-                               else "pass the run's --targets"),
+                               else "leave out --targets (and the config's targets:)"
+                               if was is None else "pass the run's --targets"),
                    "tune": "pass --tune" if was else "leave out --tune"}[key]
             shown_was = was if isinstance(was, str) and " " in was else _shown(was)
             raise _UserError(f"--resume {value!r} ran {key} {shown_was}, not {_shown(now)}; "

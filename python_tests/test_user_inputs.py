@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -313,7 +314,9 @@ def test_resume_refuses_a_comparison_of_other_targets(tmp_path, capsys):
     assert "ran tune off, not on; leave out --tune" in capsys.readouterr().err
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--targets",
                  "tgt,src_a", "--resume", str(run), "--no-progress"]) == 2
-    assert "ran targets none, not tgt,src_a" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ran targets none, not tgt,src_a; leave out --targets" in err
+    assert "pass the run's --targets" not in err
     # The same with --resume alone (the newest run): the refusal names what differs and
     # the run it looked at, not only "no earlier run has this config".
     assert main(["compare", "-c", str(exp), "--strategies", "finetune_all", "--tune",
@@ -518,6 +521,33 @@ def test_tune_picks_the_best_validation_score_of_the_monitored_metric(monitor, m
     chosen = [r for r in rows if r["picked"]]
     assert len(chosen) == 1
     assert chosen[0][f"valid_{monitor}"] == (0.55 if monitor == "auc" else 0.20)
+
+
+def test_tune_does_not_pick_a_setting_that_lost_a_seed(monkeypatch, caplog):
+    # lr 1e-2 diverged on seed 1: its mean over the surviving seed (0.70) beats lr 1e-3's
+    # over both (0.60), but a half-diverged setting must not win.
+    from autoft_fast.config import parse_config
+    import autoft_fast.train.runner as runner
+    nan = float("nan")
+    cfg = parse_config({"synthetic": {}, "search": {"lr": [1e-3, 1e-2]}, "seeds": [0, 1]})
+    scores = {(1e-3, 0): 0.60, (1e-3, 1): 0.60, (1e-2, 0): 0.70, (1e-2, 1): nan}
+
+    def fake_run(c, bundle, state, strategy, seed, out, **kw):
+        v = scores[(c.finetune.lr, seed)]
+        return {"valid_best": None if math.isnan(v) else v, "auc": v - 0.05}
+
+    monkeypatch.setattr(runner, "run_strategy", fake_run)
+    picked, rows = runner.tune_strategy(cfg, None, None, "finetune_all", Path("/nonexistent"))
+    by_lr = {r["finetune.lr"]: r for r in rows}
+    assert by_lr[1e-3]["picked"] and not by_lr[1e-2]["picked"]
+    assert by_lr[1e-2]["valid_runs"] == 1 and by_lr[1e-3]["valid_runs"] == 2
+    # grid.csv's test mean follows results.csv's rule: over the runs that ended with a score.
+    assert by_lr[1e-2]["test_auc"] == pytest.approx(0.65) and by_lr[1e-2]["test_runs"] == 1
+    assert "lr=0.01 lost a seed" in caplog.text
+    # When every setting lost a seed, the best survivor is still picked.
+    scores[(1e-3, 1)] = nan
+    picked, rows = runner.tune_strategy(cfg, None, None, "finetune_all", Path("/nonexistent"))
+    assert next(r for r in rows if r["picked"])["finetune.lr"] == 1e-2
 
 
 def test_written_files_get_the_umask_mode_not_mkstemp_s_0600(tmp_path):

@@ -475,8 +475,12 @@ class SearchConfig(_Section):
     Each strategy is run for every combination of the grids that apply to it (``lr`` for all
     that train; ``l2sp_alpha`` for l2sp; ``policy_lr`` and ``tuned_budget`` for the autoft
     strategies), every seed; the setting with the best mean validation AUC over the seeds is
-    picked, and the table reports the test metrics of the picked setting's runs. The same
-    budget of choices for every strategy, so that no strategy wins by being tuned alone.
+    picked, and the table reports the test metrics of the picked setting's runs. Every
+    strategy gets the same learning-rate grid and the same grid of each setting it shares;
+    the number of settings is not the same (defaults: 3 for finetune_all and the other
+    lr-only strategies, 9 for l2sp, 12 for each autoft strategy), and more settings picked
+    on the same validation rows favour the strategy with more of them by selection alone,
+    so read a small gain of a strategy with a larger grid with that in mind.
 
     Example::
 

@@ -661,7 +661,8 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
 def _write_grid(out: Path, grid: list[dict]) -> None:
     import csv
     keys = sorted({k for r in grid for k in r}, key=lambda k: (k not in (
-        "strategy", "setting", "valid_auc", "valid_logloss", "test_auc", "picked"), k))
+        "strategy", "setting", "valid_auc", "valid_logloss", "valid_runs", "test_auc",
+        "test_runs", "picked"), k))
     tmp = out / ".grid.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -988,13 +989,25 @@ def tune_strategy(cfg, bundle, state, strategy: str, out: Path, *, resume: bool 
                              progress=progress, keep_model=keep_models) for seed in cfg.seeds]
         valid = [r.get("valid_best") for r in recs]
         valid = [v for v in valid if v is not None and not math.isnan(v)]
+        test = [r["auc"] for r in recs if r.get("auc") is not None and not math.isnan(r["auc"])]
+        # The means are over the seeds that ended with a score (as results.csv's); the
+        # counts say how many, and a setting that lost a seed ranks below every one that
+        # kept all (averaged on its survivors, a half-diverged setting could win).
         rows.append({"strategy": strategy, "setting": _setting_name(setting),
                      column: float(np.mean(valid)) if valid else float("nan"),
-                     "test_auc": float(np.mean([r["auc"] for r in recs])), "picked": False,
+                     "valid_runs": len(valid),
+                     "test_auc": float(np.mean(test)) if test else float("nan"),
+                     "test_runs": len(test), "picked": False,
                      **{f"{sec}.{k}": v for sec in ("finetune", "autoft")
                         for k, v in setting[sec].items()}})
         by_setting.append(recs)
-    scores = [r[column] for r in rows]
+    complete = [r["valid_runs"] == len(cfg.seeds) for r in rows]
+    scores = [r[column] if ok or not any(complete) else float("nan")
+              for r, ok in zip(rows, complete)]
+    if any(complete) and not all(complete):
+        log.warning("tune: %s: %s lost a seed (no finite validation score: diverged?) and "
+                    "were not picked", strategy,
+                    ", ".join(r["setting"] for r, ok in zip(rows, complete) if not ok))
     pick = np.nanargmax if monitor == "auc" else np.nanargmin
     best = int(pick(scores)) if not all(math.isnan(x) for x in scores) else 0
     rows[best]["picked"] = True
