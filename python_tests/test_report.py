@@ -482,3 +482,18 @@ def test_the_auc_axis_stops_near_one_however_wide_the_spread():
     assert lo == 0.0 and hi <= 1.3
     lo, hi = auc_axis_limits([0.995, 0.999], [0.004, 0.003])
     assert hi <= 1.0 + 0.3 * (1.0 - lo) and lo < 0.991
+
+
+def test_the_policy_table_follows_the_comparisons_strategy_order(tmp_path):
+    from autoft_fast.train.report import policy_table, write_policy_csv
+    runs = [{"strategy": "autoft_layer", "policy_stats": {"field": {}, "layer": {"mlp_0": 0.4}}},
+            {"strategy": "autoft_field", "policy_stats": {"field": {"user": 0.9}, "layer": {}}},
+            {"strategy": "autoft", "policy_stats": {"field": {"user": 0.8},
+                                                    "layer": {"mlp_0": 0.7}}}]
+    lines = policy_table(runs).splitlines()
+    assert lines[0] == "| tuned-path fraction | autoft_layer | autoft_field | autoft |"
+    assert lines[2] == "| field user | n/a | 0.900 | 0.800 |"  # field rows first
+    assert lines[3] == "| layer mlp_0 | 0.400 | n/a | 0.700 |"
+    path = write_policy_csv(iter(runs), tmp_path / "policy.csv")
+    with open(path) as f:
+        assert next(csv.reader(f)) == ["kind", "name", "autoft_layer", "autoft_field", "autoft"]

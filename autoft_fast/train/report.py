@@ -457,12 +457,27 @@ def policy_summary(runs: Iterable[dict]) -> list[dict]:
         [{'kind': 'field', 'name': 'user_id', 'autoft': 0.25}]
     """
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    order: list[str] = []  # the strategies in the order of the runs (the comparison's)
     for r in runs:
         for kind in ("field", "layer"):
             for name, v in ((r.get("policy_stats") or {}).get(kind) or {}).items():
                 acc.setdefault((kind, name), {}).setdefault(r["strategy"], []).append(float(v))
-    return [{"kind": k, "name": n, **{s: float(np.mean(v)) for s, v in d.items()}}
-            for (k, n), d in acc.items()]
+                if r["strategy"] not in order:
+                    order.append(r["strategy"])
+    # Field rows first, then layer rows, whichever strategy ran first.
+    keys = sorted(acc, key=lambda kn: kn[0] != "field")
+    return [{"kind": k, "name": n, **{s: float(np.mean(acc[(k, n)][s])) for s in order
+                                      if s in acc[(k, n)]}} for k, n in keys]
+
+
+def _policy_strategies(runs: list[dict]) -> list[str]:
+    """The strategies with a policy, in the runs' order (the comparison's)."""
+    out: list[str] = []
+    for r in runs:
+        stats = r.get("policy_stats") or {}
+        if (stats.get("field") or stats.get("layer")) and r["strategy"] not in out:
+            out.append(r["strategy"])
+    return out
 
 
 def policy_table(runs: Iterable[dict]) -> str:
@@ -478,9 +493,7 @@ def policy_table(runs: Iterable[dict]) -> str:
     rows = policy_summary(runs)
     if not rows:
         return ""
-    strategies: list[str] = []
-    for r in rows:
-        strategies += [k for k in r if k not in ("kind", "name") and k not in strategies]
+    strategies = _policy_strategies(runs)
     lines = ["| tuned-path fraction | " + " | ".join(map(_cell, strategies)) + " |",
              "| --- |" + " --- |" * len(strategies)]
     for r in rows:
@@ -507,12 +520,11 @@ def write_policy_csv(runs: Iterable[dict], path: Path) -> Path | None:
         >>> write_policy_csv(runs, Path("policy.csv"))
         PosixPath('policy.csv')
     """
+    runs = list(runs)
     rows = policy_summary(runs)
     if not rows:
         return None
-    cols = ["kind", "name"]
-    for r in rows:
-        cols += [k for k in r if k not in cols]
+    cols = ["kind", "name"] + _policy_strategies(runs)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
