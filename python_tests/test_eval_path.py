@@ -64,3 +64,43 @@ def test_module_eval_mode_under_no_grad_saves_nothing():
     with torch.no_grad():
         (out, _), saved = _count_saved(lambda: emb(idx, logits))
     assert saved == 0 and out.shape == (16, 5, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_fused_call_where_no_backward_can_run_is_the_plain_evaluation(backend, mode):
+    # inference_mode refused the reference's fused step ("Inference tensors cannot be saved
+    # for backward"); no_grad and inference_mode both give the plain call's output and
+    # leave the table and the optimizer state alone.
+    from autoft_fast.ops import fused_optim
+    inp = make_inputs((17, 3), 40, 5, noise=False,
+                      gen=case_generator("eval-fused", backend, torch.int64))
+    tuned = torch.nn.Parameter(inp["tuned"].clone())
+    opt = fused_optim.FusedOptimizer("adam", lr=0.1)
+    state = opt.new_state(tuned)
+    before = {k: v.clone() for k, v in state.items()}
+    want, want_gates = autoft_fast.gated_embedding(
+        inp["indices"], inp["frozen"], tuned.detach(), inp["logits"], noise=False,
+        backend="reference")
+    with mode():
+        (out, gates), saved = _count_saved(lambda: autoft_fast.gated_embedding(
+            inp["indices"], inp["frozen"], tuned, inp["logits"], noise=False, backend=backend,
+            optimizer=opt, optimizer_state=state))
+    assert saved == 0 and torch.equal(out, want) and torch.equal(gates, want_gates)
+    assert torch.equal(tuned.detach(), inp["tuned"])
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    with mode(), pytest.raises(TypeError, match="optimizer must be a FusedOptimizer"):
+        autoft_fast.gated_embedding(inp["indices"], inp["frozen"], tuned, inp["logits"],
+                                    backend=backend, optimizer="adam")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_embedding_module_with_a_fused_optimizer_evaluates_under_inference_mode(backend):
+    e = autoft_fast.GatedEmbedding(30, 4, optimizer="adam", lr=0.1, backend=backend).eval()
+    idx = torch.randint(0, 30, (8, 3), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = e(idx, logits)[0]
+    with torch.inference_mode():
+        got = e(idx, logits)[0]
+    assert torch.equal(got, want)

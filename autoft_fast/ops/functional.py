@@ -323,8 +323,14 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         uniforms, tau, seed, hard, noise, sparse)
 
     if optimizer is not None:
-        return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau,
-                      hard, noise, optimizer, optimizer_state)
+        if torch.is_grad_enabled():
+            return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms,
+                          tau, hard, noise, optimizer, optimizer_state)
+        # No backward can run (no_grad, inference_mode): nothing to update, so the plain
+        # call, which saves nothing (the reference's fused step built a graph, which
+        # inference_mode refuses); the arguments are still checked.
+        _check_optimizer(optimizer, optimizer_state, tuned_weight)
+        optimizer = optimizer_state = None
     if optimizer_state is not None:
         raise ValueError("optimizer_state is given without optimizer: pass the FusedOptimizer "
                          "whose state it is")
@@ -356,11 +362,15 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
 # would run once at trace time and never again, so two compiled calls of one table would each
 # update it in their own backward, and the second would find the rows changed.
 @torch.compiler.disable
-def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau, hard,
-           noise, optimizer, state):
+def _check_optimizer(optimizer, state, tuned_weight) -> None:
     if not isinstance(optimizer, fused_optim.FusedOptimizer):
         raise TypeError(f"optimizer must be a FusedOptimizer or None, got {type(optimizer).__name__}")
     optimizer.check_state(tuned_weight, state)
+
+
+def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau, hard,
+           noise, optimizer, state):
+    _check_optimizer(optimizer, state, tuned_weight)
     if tuned_weight.requires_grad and not tuned_weight.is_leaf:
         raise ValueError("tuned_weight must be a leaf tensor (a Parameter) when optimizer is "
                          "given: the backward updates it in place, and the update of a "
