@@ -15,6 +15,7 @@ import yaml
 from autoft_fast.cli import main
 from autoft_fast.config import load_config
 from autoft_fast.data import DataConfig, prepare_data
+from autoft_fast.data.config import DataError
 from autoft_fast.data.encode import RowEncoder
 from autoft_fast.train.predict import find_model_dir, load_run
 from autoft_fast.train.runner import load_data
@@ -189,6 +190,31 @@ def test_predict_parquet_with_a_list_column(finetuned, tmp_path):
     listed.to_parquet(tmp_path / "new.parquet")
     np.testing.assert_allclose(run.predict(tmp_path / "new.parquet").to_numpy(),
                                run.predict(frame).to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_predict_of_a_frame_with_list_cells_reads_them_as_the_file_does(finetuned, tmp_path):
+    # pd.read_parquet gives numpy arrays in a list column, str.split lists: each cell was
+    # read as one unknown token, every tag to OOV.
+    _, run_dir = finetuned
+    run = load_run(run_dir)
+    frame = pd.read_csv(run.info["data"]["files"][0], dtype=str).head(50)
+    want = run.predict(frame).to_numpy()
+    listed = frame.copy()
+    listed["tags"] = [t.split("|") if isinstance(t, str) else [] for t in frame["tags"]]
+    listed.to_parquet(tmp_path / "new.parquet")
+    back = pd.read_parquet(tmp_path / "new.parquet")
+    assert isinstance(back["tags"].iloc[0], np.ndarray)
+    kept = back.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "most values ... are unknown" warning
+        got_arrays = run.predict(back).to_numpy()
+    np.testing.assert_allclose(got_arrays, want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(run.predict(listed).to_numpy(), want, rtol=0, atol=1e-12)
+    assert all(np.array_equal(a, b) for a, b in zip(back["tags"], kept["tags"]))  # untouched
+    bad = frame.copy()
+    bad["device"] = [["a"]] * len(bad)
+    with pytest.raises(DataError, match="column 'device' of the frame holds lists"):
+        run.predict(bad)
 
 
 def test_damaged_saved_model_is_a_one_line_error(finetuned, tmp_path, capsys):

@@ -169,7 +169,9 @@ class SavedRun:
         """
         self.encoder.reset_counts()
         if isinstance(data, pd.DataFrame):
-            probs = self.score_frame(data)
+            probs = self.score_frame(_frame_lists_as_text(
+                data, {m.name: m.sep for m in self.encoder.cfg.multihot},
+                set(self.feature_columns)))
             self._warn_unknown("the frame")
             return pd.Series(probs, index=data.index, name=PROBABILITY_COLUMN)
         layout = self._checked_layout(Path(data), sep)
@@ -663,6 +665,48 @@ def _as_frame(batch, list_seps: dict, path: Path, verbatim=frozenset(),
     if texts:
         frame.attrs["verbatim"] = texts
     return frame
+
+
+def _frame_lists_as_text(frame: pd.DataFrame, list_seps: dict, features: set) -> pd.DataFrame:
+    """A frame whose multi-hot cells are lists or arrays (``pd.read_parquet`` gives numpy
+    arrays, ``str.split`` lists) with those cells joined by the field's separator, as a
+    Parquet list column of a file is read; text cells are kept. A list in another feature
+    column is an error, as in a file. The caller's frame is not changed."""
+    def is_list(v) -> bool:
+        return isinstance(v, (list, tuple, np.ndarray))
+
+    def token(v) -> str:
+        if isinstance(v, (float, np.floating)) and np.isfinite(v) and v == int(v):
+            return str(int(v))  # 3.0 reads as the 3 a list<int64> column gives
+        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+    out = None
+    for name in frame.columns:
+        col = frame[name]
+        if name not in features or not pd.api.types.is_object_dtype(col):
+            continue
+        lists = col.map(is_list)
+        if not lists.any():
+            continue
+        if name not in list_seps:
+            raise DataError(f"column '{name}' of the frame holds lists (row "
+                            f"{int(np.flatnonzero(lists.to_numpy())[0])}); only multihot "
+                            "columns may hold lists")
+        sep = list_seps[name]
+
+        def joined(v, sep=sep, name=name):
+            if not is_list(v):
+                return v
+            parts = [token(x) for x in v]
+            bad = next((t for t in parts if sep in t), None)
+            if bad is not None:
+                raise DataError(f"multihot column '{name}' of the frame holds the token "
+                                f"{bad!r}, which contains its separator {sep!r}")
+            return sep.join(parts)
+
+        out = frame.copy() if out is None else out
+        out[name] = col.map(joined)
+    return frame if out is None else out
 
 
 def _stored_text(col) -> pd.Series:
