@@ -212,11 +212,14 @@ class FusedTableMixin:
 
     _l2sp = None
 
-    def set_l2sp(self, anchor: torch.Tensor, alpha: float) -> None:
+    def set_l2sp(self, anchor, alpha: float) -> None:
         """Pull the fused-updated rows toward ``anchor`` [V, D] with strength ``alpha`` (L2-SP).
 
         Only used with a fused optimizer (a dense table gets the penalty from the loss).
-        ``anchor`` is held by reference (a frozen table of the same model), not saved twice.
+        ``anchor`` is held by reference (a frozen table of the same model), not saved twice:
+        a tensor, or ``(module, name)``, the attribute ``name`` of ``module`` read at each
+        use, so that an anchor replaced by ``load_state_dict(assign=True)`` (a new Parameter
+        object on the same module) is the one pulled toward.
 
         Example::
 
@@ -225,12 +228,23 @@ class FusedTableMixin:
             >>> table = EmbeddingTable(10, 4)
             >>> table.set_l2sp(torch.zeros(10, 4), 0.01)
         """
-        if tuple(anchor.shape) != tuple(self.fused_weight.shape):
-            raise ValueError(f"anchor of shape {tuple(anchor.shape)} must have the table's shape "
+        if isinstance(anchor, tuple):
+            if (len(anchor) != 2 or not isinstance(anchor[0], nn.Module)
+                    or not isinstance(anchor[1], str)):
+                raise TypeError("anchor must be a tensor or a (module, attribute name) pair, "
+                                f"got {anchor!r}")
+            held = getattr(anchor[0], anchor[1])
+        else:
+            held = anchor
+        if not isinstance(held, torch.Tensor):
+            raise TypeError(f"anchor must be a tensor, got {type(held).__name__}")
+        if tuple(held.shape) != tuple(self.fused_weight.shape):
+            raise ValueError(f"anchor of shape {tuple(held.shape)} must have the table's shape "
                              f"{tuple(self.fused_weight.shape)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha = {alpha!r} must be a number >= 0")
-        # A tuple, so that the anchor is not registered as a second parameter of this module.
+        # A tuple, so that the anchor is not registered as a second parameter (or, given as
+        # its module, a submodule) of this module.
         self._l2sp = (anchor, float(alpha))
 
     @property
@@ -262,8 +276,13 @@ class FusedTableMixin:
                                         self.optimizer_state(), l2sp=self.active_l2sp())
 
     def active_l2sp(self):
-        """``(anchor, alpha)`` of :meth:`set_l2sp` when alpha > 0, else None."""
-        return self._l2sp if self._l2sp is not None and self._l2sp[1] > 0 else None
+        """``(anchor tensor, alpha)`` of :meth:`set_l2sp` when alpha > 0, else None."""
+        if self._l2sp is None or not self._l2sp[1] > 0:
+            return None
+        anchor, alpha = self._l2sp
+        if isinstance(anchor, tuple):
+            anchor = getattr(anchor[0], anchor[1])
+        return anchor, alpha
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.fused_optimizer is None:

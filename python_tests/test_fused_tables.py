@@ -557,3 +557,34 @@ def test_calling_a_fused_table_is_its_fused_lookup():
     padded.use_fused_optimizer("sgd", lr=0.1)
     with pytest.raises(ValueError, match="padding_idx, max_norm and scale_grad_by_freq"):
         padded(idx)
+
+
+def test_l2sp_anchor_follows_a_frozen_table_replaced_by_assign_load(fmap, data):
+    # load_run builds the model from a placeholder pre-trained model, then loads the saved
+    # weights; with assign=True the frozen table is a new Parameter, and the fused L2-SP
+    # pull kept pointing at the placeholder's random rows.
+    trained, _ = _pair("l2sp", fmap, data)
+    with torch.no_grad():
+        for p in trained.frozen_net.parameters():
+            p.add_(1.0)  # saved weights unlike any fresh initialisation
+    saved = trained.state_dict()
+    models = {}
+    for assign in (False, True):
+        torch.manual_seed(11)
+        placeholder = build_transfer_model("l2sp", pretrained_model("deepfm", fmap, data,
+                                                                    steps=0),
+                                           fmap, model_cfg("deepfm"), {"l2sp_alpha": 0.3})
+        placeholder.load_state_dict(saved, assign=assign)
+        attach_fused_optimizers(placeholder, "fused_adam", lr=0.05)
+        models[assign] = placeholder
+    for assign, m in models.items():
+        anchor, alpha = m.net.embedding.active_l2sp()
+        assert anchor is m.frozen_net.embedding.weight and alpha == 0.3, assign
+        torch.testing.assert_close(anchor, saved["frozen_net.embedding.weight"])
+    for m in models.values():
+        m.train()
+        for step in range(3):
+            torch.manual_seed(step)
+            loss = F.binary_cross_entropy_with_logits(m(data), data.label.float()) + m.penalty()
+            loss.backward()
+    assert torch.equal(models[False].net.embedding.weight, models[True].net.embedding.weight)

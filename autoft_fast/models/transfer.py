@@ -180,7 +180,9 @@ class TransferModel(nn.Module):
             for name in ("embedding", "linear"):
                 table = getattr(net, name)
                 if isinstance(table, FusedTableMixin):
-                    table.set_l2sp(getattr(self.frozen_net, name).weight, cfg.l2sp_alpha)
+                    # By module and name: load_state_dict(assign=True) puts a new
+                    # Parameter there, which a tensor held here would not follow.
+                    table.set_l2sp((getattr(self.frozen_net, name), "weight"), cfg.l2sp_alpha)
         self._last_tuned_fraction: torch.Tensor | None = None
         self.last_gates: dict[str, torch.Tensor | None] = {"field": None, "layer": None}
         self.reset_policy_stats()
