@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.policy import PolicyNetwork
-from .modules import GatedEmbedding
+from .modules import GatedEmbedding, freeze_as_buffers
 from .ops.fused_optim import Lookup
 from .ops import gumbel_gates, validate
 
@@ -311,7 +311,9 @@ class GatedLayer(_Gated):
 
     def __init__(self, name, module: nn.Module, role, state):
         super().__init__(name, role, state)
-        self.frozen = copy.deepcopy(module).requires_grad_(False).eval()
+        # Buffers, not parameters: no "unfreeze all" (requires_grad_(True), a loop over
+        # parameters()) can make the frozen copy trainable.
+        self.frozen = freeze_as_buffers(copy.deepcopy(module)).eval()
         self.tuned = module
         if role == "freeze":
             self.tuned.requires_grad_(False)

@@ -53,6 +53,29 @@ def _float32_logits(logits):
     return logits
 
 
+def freeze_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` (and its submodules) into a buffer of the same name
+    and value, in place: a frozen copy that ``requires_grad_(True)``, an "unfreeze all"
+    loop over ``parameters()`` (Lightning's ``unfreeze``) and an optimizer built from
+    ``parameters()`` cannot reach, while the module computes exactly as before (its forward
+    reads ``self.weight`` either way) and its state_dict keys stay the same.
+
+    Example::
+
+        >>> import torch
+        >>> lin = freeze_as_buffers(torch.nn.Linear(3, 2))
+        >>> list(lin.parameters()), sorted(dict(lin.named_buffers()))
+        ([], ['bias', 'weight'])
+    """
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None:
+                continue
+            del m._parameters[name]
+            m.register_buffer(name, p.detach().requires_grad_(False))
+    return module
+
+
 def fused_tables(model: nn.Module) -> list:
     """The tables of ``model`` that update themselves in the backward, in module order.
 

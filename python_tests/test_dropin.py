@@ -771,3 +771,33 @@ def test_user_hooks_on_replaced_modules_are_warned_about():
         net = autoft(base, strategy="finetune_all")
     net(torch.tensor([[1, 2]]))
     assert seen == ["emb", "out"]
+
+
+def test_unfreezing_everything_leaves_the_frozen_copies_frozen():
+    # requires_grad_(True), or Lightning's unfreeze() loop over parameters(), made the frozen
+    # layer copies trainable: an optimizer over parameters() moved them, and forcing every
+    # gate frozen no longer gave the pre-trained model.
+    base = SharedTableModel().eval()
+    x, tags, offsets = _shared_inputs()
+    want = base(x, tags, offsets).detach()
+    net = autoft(base, strategy="autoft", layers=["mlp"])
+    before = {n for n, _ in net.named_parameters()}
+    net.requires_grad_(False)
+    net.requires_grad_(True)
+    for p in net.parameters():
+        p.requires_grad = True
+    assert not any(".frozen." in n for n, _ in net.named_parameters())
+    assert {n for n, _ in net.named_parameters()} == before
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for seed in range(3):
+        xs, ts, os_ = _shared_inputs(seed=seed)
+        loss = net(xs, ts, os_).pow(2).mean() + net.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval().force_gates("frozen")
+    with torch.no_grad():
+        assert torch.equal(net(x, tags, offsets), want)
+    # The frozen copies are saved under the same keys as before.
+    assert any(".frozen." in k for k in net.state_dict())

@@ -625,3 +625,26 @@ def test_dcn_only_keys_do_not_count_for_other_models(fmap, data, name):
     assert "cross_layers" in dcn.arch_keys() and dcn.used_dict()["cross_layers"] == 3
     with pytest.raises(ValueError, match="disagree on hidden_units"):
         build_transfer_model("finetune_all", pre, fmap, {**model_cfg(name), "hidden_units": [3]}, {})
+
+
+@pytest.mark.parametrize("strategy", ["autoft", "l2sp", "autoft_layer"])
+def test_unfreezing_a_transfer_model_leaves_its_frozen_copy_out(strategy):
+    fmap = tiny_feature_map()
+    data = tiny_batch(fmap)
+    pre = pretrained_model("deepfm", fmap, data)
+    model = build_transfer_model(strategy, pre, fmap, model_cfg("deepfm"), {"l2sp_alpha": 0.1})
+    groups = {k: [id(p) for p in v] for k, v in model.parameter_groups().items()}
+    model.requires_grad_(True)
+    assert not any(n.startswith("frozen_net.") for n, _ in model.named_parameters())
+    if model.frozen_net is not None:
+        assert any(n.startswith("frozen_net.") for n in model.state_dict())
+    model.requires_grad_(False)
+    model.requires_grad_(True)
+    after = {k: [id(p) for p in v] for k, v in model.parameter_groups().items()}
+    assert set(after["model"]) >= set(groups["model"])
+    frozen_ids = {id(b) for b in model.frozen_net.buffers()} if model.frozen_net else set()
+    assert not frozen_ids & set(after["model"])
+    # The dense L2-SP penalty reads the frozen copy: zero at the start.
+    if strategy == "l2sp":
+        model(data)
+        assert float(model.penalty()) == 0.0

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..config.strategies import FIELD_GATED, LAYER_GATED, STRATEGIES, STRATEGY_TABLE
-from ..modules import FusedTableMixin, GatedEmbedding, fused_tables
+from ..modules import FusedTableMixin, GatedEmbedding, freeze_as_buffers, fused_tables
 from ..ops import gumbel_gates, memory
 from ..ops import philox
 from .base import BaseCTRModel, build_base_model
@@ -134,8 +134,8 @@ class TransferModel(nn.Module):
             self._freeze_stack()
         if row.l2sp or stack == "gated":
             # The layer gates' frozen path, or the L2-SP penalty's anchor.
-            self.frozen_net = _copy(pretrained)
-            _freeze(self.frozen_net)
+            # Buffers, not parameters: no "unfreeze all" can make the frozen copy trainable.
+            self.frozen_net = freeze_as_buffers(_copy(pretrained))
             self._fixed.append("frozen_net")
 
         if embeddings == "gated":
@@ -278,7 +278,7 @@ class TransferModel(nn.Module):
                 if id(self.net.get_parameter(name)) in fused:
                     continue
                 w = self.net.get_parameter(name)
-                sq = sq + (w - self.frozen_net.get_parameter(name)).pow(2).sum()
+                sq = sq + (w - self.frozen_net.get_buffer(name)).pow(2).sum()
             total = total + 0.5 * self.autoft_config.l2sp_alpha * sq
         frac, cfg = self._last_tuned_fraction, self.autoft_config
         if frac is not None and cfg.tuned_penalty > 0:
