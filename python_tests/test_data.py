@@ -117,6 +117,14 @@ def test_config_round_trip_and_yaml_forms(tmp_path):
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"data": base_dict(), "model": {}}))
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(base_dict()))
     assert load_data_config(tmp_path / "exp.yaml") == cfg == load_data_config(tmp_path / "data.yaml")
+    # The usual experiment form, data: naming a dataset YAML (relative to the experiment).
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "exp2.yaml").write_text(yaml.safe_dump({"data": "../data.yaml",
+                                                               "model": {}}))
+    assert load_data_config(tmp_path / "sub" / "exp2.yaml") == cfg
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump({"synthetic": {}, "model": {}}))
+    with pytest.raises(DataError, match="whose data are generated .*load_config"):
+        load_data_config(tmp_path / "gen.yaml")
 
 
 # ---------------------------------------------------------------------------- vocabulary

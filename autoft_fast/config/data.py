@@ -392,7 +392,22 @@ def load_data_config(path: Path | str) -> DataConfig:
 
         cfg = load_data_config(generate_synthetic(SyntheticConfig(), Path("demo_data")))
     """
-    return DataConfig.from_dict(read_data_yaml(path), base_dir=Path(path).parent)
+    from .._io import read_yaml_file
+
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(GZIP_SUFFIX) or Path(name).suffix in FILE_SUFFIXES):
+        doc = read_yaml_file(path, "data: file", DataError)
+        if isinstance(doc, Mapping) and isinstance(doc.get("data"), str):
+            # An experiment whose data: names a dataset YAML (the usual form): that file,
+            # relative to the experiment's folder as load_config takes it.
+            return load_data_config((path.parent.resolve() / doc["data"]).resolve())
+        if isinstance(doc, Mapping) and "data" not in doc and "synthetic" in doc:
+            raise DataError(f"{str(path)!r} is an experiment whose data are generated (its "
+                            "synthetic: section), not described by a data: section; load it "
+                            "with autoft_fast.config.load_config, or write the data set with "
+                            "`autoft-fast generate` and load its dataset.yaml")
+    return DataConfig.from_dict(read_data_yaml(path), base_dir=path.parent)
 
 
 def read_data_yaml(path: Path | str) -> dict:
