@@ -157,6 +157,12 @@ class _EmbeddingAttributes:
         return self.frozen_weight.shape[1]
 
 
+def _padding_refusal(name: str, padding_idx: int) -> str:
+    return (f"{name}: padding_idx = {padding_idx} with a fused optimizer: the update in the "
+            "backward would move the padding row, which nn.Embedding keeps; train this table "
+            "with your optimizer (no use_fused_optimizer / attach_fused_optimizers on it)")
+
+
 class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
     """Stands in for an ``nn.Embedding``: same call ``(input) -> rows``, frozen and tuned table.
 
@@ -176,6 +182,9 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
         self.table = table if table is not None else GatedEmbedding.from_pretrained(
             module.weight, sparse=module.sparse, backend=backend)
         self.padding_idx = module.padding_idx
+        if module.padding_idx is not None:
+            # Refused when the fused rule is attached, not only at the next forward.
+            self.table._fused_refusal = _padding_refusal(name, module.padding_idx)
         if role == "freeze":
             self.table.tuned_weight.requires_grad_(False)
 
@@ -203,10 +212,7 @@ class GatedEmbeddingSlot(_EmbeddingAttributes, _Gated):
         if self.role == "freeze":
             return F.embedding(input, table.frozen_weight)
         if table.fused and self.padding_idx is not None:
-            raise ValueError(f"{self.name}: padding_idx = {self.padding_idx} with a fused "
-                             "optimizer: the update in the backward would move the padding row, "
-                             "which nn.Embedding keeps; train this table with your optimizer "
-                             "(no use_fused_optimizer / attach_fused_optimizers on it)")
+            raise ValueError(_padding_refusal(self.name, self.padding_idx))
         if self.role == "tune":
             if table.fused:  # the tuned rows update themselves, as the gated role's do
                 return table.lookup([Lookup(input)])[0]

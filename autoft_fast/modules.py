@@ -120,6 +120,9 @@ def attach_fused_optimizers(model: nn.Module, embedding_optimizer: str, lr: floa
     kind = embedding_optimizer[len("fused_"):]
     mods = [m for m in model.modules()
             if isinstance(m, FusedTableMixin) and m.fused_weight.requires_grad]
+    refused = next((m._fused_refusal for m in mods if getattr(m, "_fused_refusal", None)), None)
+    if refused:  # before any table is changed
+        raise ValueError(refused)
     for m in mods:
         m.use_fused_optimizer(kind, lr=lr)
     plain = [n for n, m in model.named_modules()
@@ -188,6 +191,8 @@ class FusedTableMixin:
         check_kind(optimizer)
         if lr is None:
             raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
+        if getattr(self, "_fused_refusal", None):  # set by the module that owns this table
+            raise ValueError(self._fused_refusal)
         self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
         for name, t in self.fused_optimizer.new_state(self.fused_weight.detach()).items():
             self.register_buffer(f"{_STATE_PREFIX}{name}", t)

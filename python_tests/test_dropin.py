@@ -623,11 +623,18 @@ def test_fused_optimizers_on_a_dropin_model_train_the_tuned_tables_and_refuse_pa
             assert m.tuned_weight.grad is None
             assert not torch.equal(m.tuned_weight.detach(), b), (strategy, m.name)
 
-    padded = autoft(nn.Sequential(nn.Embedding(10, 4, padding_idx=0)), strategy="autoft_field")
-    attach_fused_optimizers(padded, "fused_sgd", lr=0.5)
-    padded.train()
+    padded = autoft(nn.Sequential(nn.Embedding(10, 4), nn.Embedding(10, 4, padding_idx=0)),
+                    strategy="autoft_field")
+    # Refused when attached (it was accepted and listed as fused, refused at the next
+    # forward), and before any table of the model changed.
+    with pytest.raises(ValueError, match="1: padding_idx = 0 with a fused optimizer"):
+        attach_fused_optimizers(padded, "fused_sgd", lr=0.5)
+    assert all(m.table.fused_optimizer is None for m in padded.modules()
+               if isinstance(m, GatedEmbeddingSlot))
+    slot = next(m for m in padded.modules() if isinstance(m, GatedEmbeddingSlot)
+                and m.padding_idx == 0)
     with pytest.raises(ValueError, match="padding_idx = 0 with a fused optimizer"):
-        padded(torch.tensor([[0, 2]]))
+        slot.table.use_fused_optimizer("sgd", lr=0.5)
 
 
 def test_a_batch_where_a_field_has_no_lookups_leaves_the_policy_finite():

@@ -51,10 +51,12 @@ def main(argv=None) -> int:
     """
     p = argparse.ArgumentParser(prog="autoft-fast bench train", description=main.__doc__)
     p.add_argument("--config", "-c", help="experiment YAML (default: the embedded demo)")
-    p.add_argument("--strategy", default="autoft")
-    p.add_argument("--backends", nargs="+", default=["reference", "cpu"])
-    p.add_argument("--reps", type=int, default=3, help="runs per backend, interleaved; median")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs per run")
+    p.add_argument("--strategy", default="autoft", help="the strategy trained (default: autoft)")
+    p.add_argument("--backends", nargs="+", default=["reference", "cpu"],
+                   help="the backends timed, the first the ratios' base (default: reference cpu)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="runs per backend, interleaved; median (default: 3)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per run (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--run-dir", help="run_dir override (the data and model caches live there)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
