@@ -193,6 +193,16 @@ class FusedTableMixin:
             raise ValueError(f"lr must be given with optimizer = {optimizer!r}")
         if getattr(self, "_fused_refusal", None):  # set by the module that owns this table
             raise ValueError(self._fused_refusal)
+        if hasattr(self, "_dropped_state"):
+            step = self.__dict__.pop("_dropped_state")
+            warnings.warn(
+                f"use_fused_optimizer({optimizer!r}) on a {type(self).__name__} whose loaded "
+                "state_dict held fused-optimizer state"
+                + (f" (step {step})" if step is not None else "")
+                + ", dropped because no fused optimizer was attached when it was loaded: the "
+                "rule starts from zero. To resume training, attach the fused optimizer "
+                "(use_fused_optimizer / attach_fused_optimizers) before load_state_dict",
+                UserWarning, stacklevel=3)
         self.fused_optimizer = FusedOptimizer(optimizer, lr=lr, eps=eps, betas=tuple(betas))
         for name, t in self.fused_optimizer.new_state(self.fused_weight.detach()).items():
             self.register_buffer(f"{_STATE_PREFIX}{name}", t)
@@ -314,8 +324,15 @@ class FusedTableMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.fused_optimizer is None:
-            for key in [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)
-                        and "." not in k[len(prefix):]]:
+            # A fused-trained model loads for prediction without its optimizer's state; a
+            # later use_fused_optimizer says it was dropped (a resume must attach first).
+            dropped = [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)
+                       and "." not in k[len(prefix):]]
+            step = state_dict.get(prefix + _STATE_PREFIX + STEP)
+            if dropped:
+                self._dropped_state = (int(step.max()) if isinstance(step, torch.Tensor)
+                                       and step.numel() else None)
+            for key in dropped:
                 del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -588,3 +588,27 @@ def test_l2sp_anchor_follows_a_frozen_table_replaced_by_assign_load(fmap, data):
             loss = F.binary_cross_entropy_with_logits(m(data), data.label.float()) + m.penalty()
             loss.backward()
     assert torch.equal(models[False].net.embedding.weight, models[True].net.embedding.weight)
+
+
+def test_attaching_after_a_load_that_dropped_fused_state_warns():
+    # A strict load into a table without a fused optimizer drops the optimizer's state (so a
+    # fused-trained model loads for prediction); attaching afterwards started Adam from step
+    # 0 with nothing said, while attaching first resumes it.
+    import warnings
+    trained = autoft_fast.GatedEmbedding(12, 3, optimizer="adam", lr=0.1)
+    idx = torch.tensor([[1, 2, 2]])
+    for _ in range(3):
+        trained(idx, torch.randn(1, 3, 2))[0].sum().backward()
+    saved = trained.state_dict()
+    assert int(saved["optimizer_step"].max()) == 3
+    late = autoft_fast.GatedEmbedding(12, 3)
+    late.load_state_dict(saved)  # strict, "All keys matched"
+    with pytest.warns(UserWarning, match=r"\(step 3\), dropped .* before load_state_dict"):
+        late.use_fused_optimizer("adam", lr=0.1)
+    assert int(late.optimizer_state()["step"].max()) == 0
+    first = autoft_fast.GatedEmbedding(12, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.use_fused_optimizer("adam", lr=0.1)
+        first.load_state_dict(saved)
+    assert torch.equal(first.optimizer_state()["step"], saved["optimizer_step"])
