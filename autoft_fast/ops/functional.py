@@ -323,12 +323,12 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
         uniforms, tau, seed, hard, noise, sparse)
 
     if optimizer is not None:
+        # Where no backward can run (gradients disabled: no_grad, inference_mode), nothing
+        # is updated: the plain call, which saves nothing (the reference's fused step builds
+        # a graph inside enable_grad, which inference_mode refuses); arguments still checked.
         if torch.is_grad_enabled():
             return _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms,
                           tau, hard, noise, optimizer, optimizer_state)
-        # No backward can run (no_grad, inference_mode): nothing to update, so the plain
-        # call, which saves nothing (the reference's fused step built a graph, which
-        # inference_mode refuses); the arguments are still checked.
         _check_optimizer(optimizer, optimizer_state, tuned_weight)
         optimizer = optimizer_state = None
     if optimizer_state is not None:
@@ -357,17 +357,17 @@ def gated_embedding(indices, frozen_weight, tuned_weight, logits, *, tau=1.0, ha
     return out.reshape(*shape, dim), gates.reshape(*shape, 2)
 
 
-# Run eagerly under torch.compile (a graph break): the call's bookkeeping (open_call, which
-# finds the calls of one table that meet in one backward) is Python state that a traced graph
-# would run once at trace time and never again, so two compiled calls of one table would each
-# update it in their own backward, and the second would find the rows changed.
-@torch.compiler.disable
 def _check_optimizer(optimizer, state, tuned_weight) -> None:
     if not isinstance(optimizer, fused_optim.FusedOptimizer):
         raise TypeError(f"optimizer must be a FusedOptimizer or None, got {type(optimizer).__name__}")
     optimizer.check_state(tuned_weight, state)
 
 
+# Run eagerly under torch.compile (a graph break): the call's bookkeeping (open_call, which
+# finds the calls of one table that meet in one backward) is Python state that a traced graph
+# would run once at trace time and never again, so two compiled calls of one table would each
+# update it in their own backward, and the second would find the rows changed.
+@torch.compiler.disable
 def _fused(row, indices, frozen_weight, tuned_weight, logits, seed_t, uniforms, tau, hard,
            noise, optimizer, state):
     _check_optimizer(optimizer, state, tuned_weight)
