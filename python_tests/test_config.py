@@ -170,6 +170,7 @@ def test_a_data_file_given_as_the_data_section_says_what_data_takes(tmp_path, na
     ({"policy_warmup_gates": "tuned"}, "policy_warmup > 0"),
     ({"tau_min": 0.1}, "anneal: exp or linear"),
     ({"frequency_thresholds": [5.0], "field_policy": "network"}, "field_policy: frequency"),
+    ({"sparse": True}, "embedding_optimizer: dense"),
 ])
 def test_an_autoft_option_whose_setting_is_off_is_warned_about(given, needs):
     import warnings
@@ -180,7 +181,8 @@ def test_an_autoft_option_whose_setting_is_off_is_warned_about(given, needs):
     on = {"policy_holdout": {"policy_objective": "heldout"},
           "policy_holdout_mode": {"policy_objective": "heldout"},
           "tuned_budget_weight": {"tuned_budget": 0.5}, "policy_warmup_gates": {"policy_warmup": 1},
-          "tau_min": {"anneal": "exp"}, "frequency_thresholds": {"field_policy": "frequency"}}[name]
+          "tau_min": {"anneal": "exp"}, "frequency_thresholds": {"field_policy": "frequency"},
+          "sparse": {"embedding_optimizer": "dense"}}[name]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutoFTConfig.from_dict({**given, **on})

@@ -100,6 +100,8 @@ def test_best_epoch_at_cap_is_flagged(caplog):
     res = _trainer(ToyModel(), epochs=1).fit(toy_data(300), toy_data(100, seed=1))
     assert res.best_epoch == 1 and res.best_at_cap
     assert "last allowed one" in caplog.text
+    # With epochs given, cap_steps raises nothing: the advice names epochs alone.
+    assert "raise epochs\n" in caplog.text + "\n" and "cap_steps" not in caplog.text
 
 
 def test_split_holdout_is_seeded_disjoint_and_complete():
@@ -655,3 +657,48 @@ def test_a_held_out_slice_too_small_for_batchnorm_is_named(tmp_path, how):
                                          r"and BatchNorm .*raise autoft.policy_holdout"):
         Trainer(m, TrainConfig(epochs=1, batch_size=32), progress=False,
                 **extra).fit(train.slice(0, 60), valid)
+
+
+@pytest.mark.parametrize("refit", ["continue", "retrain"])
+def test_refit_and_retrain_hold_the_temperature_the_search_best_was_validated_at(tmp_path,
+                                                                                 refit):
+    # Both restarted the annealed schedule at tau: with soft gates the refit's first epoch
+    # computed a near 50/50 blend, not the function the stage-one best scored.
+    from autoft_fast.train.runner import run_strategy
+    cfg, bundle, state, _ = _pretrained(tmp_path, autoft={
+        "policy_objective": "heldout", "policy_refit": refit, "policy_warmup": 0,
+        "anneal": "exp", "tau": 5.0, "tau_min": 0.5, "hard": False})
+    rec = run_strategy(cfg, bundle, state, "autoft", 0, tmp_path / refit)
+    search = [h for h in rec["history"] if h.get("stage") is None]
+    stage = "refit" if refit == "continue" else "retrain"
+    after = [h["tau"] for h in rec["history"] if h.get("stage") == stage]
+    best = rec["search_best_epoch"] if refit == "retrain" else max(
+        search, key=lambda h: h["valid_auc"])["epoch"]
+    want = next(h["tau"] for h in search if h["epoch"] == best)
+    assert len({h["tau"] for h in search}) > 1  # the search annealed
+    assert after and all(t == pytest.approx(want) for t in after)
+
+
+def test_a_fixed_policy_trains_under_its_noise_free_choices_even_when_evaluation_samples():
+    from autoft_fast.models import build_transfer_model
+    from test_models import model_cfg, pretrained_model, tiny_batch, tiny_feature_map
+    fmap = tiny_feature_map()
+    data = tiny_batch(fmap)
+    model = build_transfer_model("autoft", pretrained_model("deepfm", fmap, data), fmap,
+                                 model_cfg("deepfm"), {"eval_gates": "sample"})
+    model.fix_policy()
+    model.train()
+    gates = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model(data)
+        gates.append(model.last_gates["field"].clone())
+    assert torch.equal(gates[0], gates[1])
+    model.eval()  # evaluation still samples, as eval_gates says
+    draws = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model(data)
+        draws.append(model.last_gates["field"].clone())
+    assert not torch.equal(draws[0], draws[1])

@@ -151,7 +151,8 @@ class AutoFTConfig(_Section):
         "directory's config.yaml records the one used)"))
     sparse: bool = setting(False, doc=(
         "sparse (COO) gradients for the tuned embedding table (the trainer then uses "
-        "SparseAdam for it)"))
+        "SparseAdam for it); with embedding_optimizer: dense only (a fused table gets no "
+        "gradient; warned about otherwise)"))
     embedding_optimizer: str = setting("fused_adam", choices=EMBEDDING_OPTIMIZERS, doc=(
         "how every trained feature-indexed table (the gated field table's tuned copy, the "
         "plain embedding and DeepFM first-order tables of every strategy) is trained: dense = "
@@ -173,7 +174,9 @@ class AutoFTConfig(_Section):
                              doc="the temperature an annealed schedule ends at")
     anneal: str = setting("none", choices=("none", "exp", "linear"), doc=(
         "temperature schedule over training: exp: tau * (tau_min / tau) ** p, linear: "
-        "tau + (tau_min - tau) * p, p in [0, 1] the training progress (see tau_at)"))
+        "tau + (tau_min - tau) * p, p in [0, 1] the training progress: epoch / (epochs - 1) "
+        "over the configured finetune.epochs (50 when unset, also where cap_steps allows "
+        "more: those epochs run at tau_min; see tau_at)"))
     hard: bool = setting(True, doc=(
         "one-hot gates in the forward pass (straight-through backward), so each instance "
         "really uses one path, as at inference"))
@@ -214,9 +217,11 @@ class AutoFTConfig(_Section):
         "held-out slice); continue = freeze the policy and continue training the model from "
         "that best on all target training rows, kept only where validation improves; "
         "retrain = freeze the policy found and train the model again from the pre-trained "
-        "start on all target training rows under the policy's noise-free choices, early "
-        "stopped as usual (DARTS's search-then-retrain, Liu et al. 2019). true / false are "
-        "read as continue / none"))
+        "start on all target training rows under the policy's noise-free choices (also with "
+        "eval_gates: sample, which then applies to evaluation only), early stopped as usual "
+        "(DARTS's search-then-retrain, Liu et al. 2019). Both hold the temperature at the "
+        "one the stage-one best was validated at (soft gates depend on it, hard ones do "
+        "not). true / false are read as continue / none"))
     field_policy: str = setting("network", choices=("network", "frequency"), doc=(
         "what chooses the field gates of autoft and autoft_field: network = the policy "
         "network (Gumbel-softmax gates, trained as policy_objective says); frequency = the "
@@ -315,6 +320,8 @@ class AutoFTConfig(_Section):
         ("frequency_thresholds", "field_policy: frequency",
          lambda c: c.field_policy == "frequency"),
         ("frequency_select", "field_policy: frequency", lambda c: c.field_policy == "frequency"),
+        # A fused table gets no gradient at all: sparse or dense matters only to the dense rule.
+        ("sparse", "embedding_optimizer: dense", lambda c: c.embedding_optimizer == "dense"),
     )
 
     def _warn_idle(self, section: str) -> None:

@@ -319,7 +319,9 @@ class TransferModel(nn.Module):
         if self.policy is None:
             return self.net(batch)
         net, cfg = self.net, self.autoft_config
-        noise = (self.training and not self._policy_fixed) or cfg.eval_gates == "sample"
+        # Training draws noise until the policy is fixed (then its noise-free choices train
+        # the model, whatever eval_gates says); evaluation draws only with eval_gates: sample.
+        noise = (not self._policy_fixed) if self.training else cfg.eval_gates == "sample"
         logits = self._policy_logits(batch)
         # Single-valued fields are gated inside the fused op, multi-hot fields inside the bag
         # op, layers by gumbel_gates; the last two share one noise stream over their gates.

@@ -466,6 +466,15 @@ def _tau_schedule(cfg):
     return lambda epoch: tau_at(acfg, epoch / (epochs - 1) if epochs > 1 else 0.0)
 
 
+def _fixed_tau(model):
+    """The refit's and the retrain's schedule: the temperature the stage-one best was
+    validated at, held (annealing again from ``tau`` would make soft gates a near 50/50 blend
+    in the first epochs, a function the fixed policy never chose; hard gates do not depend
+    on it)."""
+    tau = float(model.tau)
+    return lambda epoch: tau
+
+
 def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume, progress,
            device) -> dict:
     """autoft.policy_refit: the policy frozen, the model trained on on all target training
@@ -474,7 +483,7 @@ def _refit(cfg, model, fit, bundle, seed, out_dir, domains, strategy, *, resume,
         p.requires_grad_(False)
     trainer = Trainer(model, cfg.finetune, settings=checkpoint_settings(cfg),
                       checkpoint_path=out_dir / "last_refit.pt",
-                      seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
+                      seed=seed + 1, tau_schedule=_fixed_tau(model), domain_names=domains,
                       desc=f"{strategy} seed {seed} refit", progress=progress, device=device,
                       start_best=fit.best_metric)
     again = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
@@ -500,7 +509,7 @@ def _retrain(cfg, model, fit, pretrained, bundle, seed, out_dir, domains, strate
     again.to(device)
     trainer = Trainer(again, cfg.finetune, settings=checkpoint_settings(cfg),
                       checkpoint_path=out_dir / "last_retrain.pt",
-                      seed=seed + 1, tau_schedule=_tau_schedule(cfg), domain_names=domains,
+                      seed=seed + 1, tau_schedule=_fixed_tau(model), domain_names=domains,
                       desc=f"{strategy} seed {seed} retrain", progress=progress, device=device)
     second = trainer.fit(bundle.splits["target_train"], bundle.splits["target_valid"],
                          resume=resume)

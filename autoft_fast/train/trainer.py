@@ -554,7 +554,9 @@ class Trainer:
         if res.best_at_cap:
             self.log.warning("%s: the best validation epoch was the last allowed one (%d): "
                              "training stopped while still improving; raise epochs%s",
-                             self.desc, cap, " or cap_steps" if cfg.cap_steps else "")
+                             self.desc, cap,
+                             # cap_steps raises the cap only where epochs is unset
+                             " or cap_steps" if cfg.cap_steps and cfg.epochs is None else "")
         res.wall_seconds = prior_wall + time.perf_counter() - wall0
         if res.stopped_early:
             self.log.debug("%s: early stop after epoch %d, best epoch %s", self.desc, epoch,
