@@ -327,7 +327,14 @@ def test_tuned_fraction_penalty_reaches_the_policy(fmap, data):
     model = build_transfer_model("autoft", pre, fmap, model_cfg("dnn"), {"tuned_penalty": 0.3})
     model.train()(data)
     g = model.last_gates
-    frac = torch.cat([g["field"][..., 1], g["layer"][..., 1]], dim=1).mean()
+    tuned = torch.cat([g["field"][..., 1], g["layer"][..., 1]], dim=1)
+    # The fraction of real choices: an empty multi-hot bag's gate chooses nothing.
+    net = model.net
+    ns, nm = len(net.single_fields), len(net.multihot_fields)
+    real = torch.ones_like(tuned, dtype=torch.bool)
+    real[:, ns:ns + nm] = (data.multihot != net.multihot_pad.view(1, -1, 1)).any(dim=2)
+    assert not real.all()  # the case this checks: some bags are empty
+    frac = tuned[real].mean()
     assert model.penalty().item() == pytest.approx(0.3 * frac.item())
     model.penalty().backward()
     assert model.policy.out.bias.grad.abs().sum() > 0

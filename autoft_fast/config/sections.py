@@ -185,7 +185,8 @@ class AutoFTConfig(_Section):
         "SpotTune's test code does)"))
     tuned_penalty: float = setting(0.0, minimum=0.0, doc=(
         "weight of the mean fraction of tuned choices added to the loss (SpotTune's "
-        "global-policy idea); 0 leaves the policy free"))
+        "global-policy idea; the gate of an empty multi-hot bag chooses nothing and is not "
+        "counted, as in policy_stats); 0 leaves the policy free"))
     policy_hidden_units: list[int] = setting([64], minimum=1, doc=(
         "the policy MLP over the instance's frozen embeddings"))
     policy_input: str = setting("frozen", choices=("frozen", "frozen+freq", "freq"), doc=(

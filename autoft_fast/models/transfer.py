@@ -562,6 +562,17 @@ class TransferModel(nn.Module):
 
         return apply
 
+    def _choice_mask(self, tuned: torch.Tensor, batch) -> torch.Tensor | None:
+        """[B, G] bool: the gates that choose something (False for the field gate of an
+        empty multi-hot bag); None when every gate does."""
+        net = self.net
+        if self.field_embedding is None or not net.multihot_fields:
+            return None
+        ns, nm = len(net.single_fields), len(net.multihot_fields)
+        counted = torch.ones(tuned.shape, dtype=torch.bool, device=tuned.device)
+        counted[:, ns:ns + nm] = (batch.multihot != net.multihot_pad.view(1, -1, 1)).any(dim=2)
+        return counted
+
     def _record(self, parts: list, batch) -> None:
         """``parts``: the batch's gate tensors [B, G_i, 2] (fields, then layers), joined only
         where they are used (a training step without a tuned penalty or budget needs none).
@@ -571,7 +582,14 @@ class TransferModel(nn.Module):
             # Only kept when it is used: it holds the batch's autograd graph until the next step.
             cfg = self.autoft_config
             wanted = cfg.tuned_penalty > 0 or cfg.tuned_budget is not None
-            self._last_tuned_fraction = _joined(parts)[..., 1].mean() if wanted else None
+            self._last_tuned_fraction = None
+            if wanted:
+                # The fraction of real choices, as policy_stats counts them: the gate of an
+                # empty bag chooses nothing and would only put a gradient on its logits.
+                tuned = _joined(parts)[..., 1]
+                mask = self._choice_mask(tuned, batch)
+                self._last_tuned_fraction = tuned.mean() if mask is None else (
+                    (tuned * mask).sum() / mask.sum().clamp(min=1))
             return
         gates = _joined(parts)
         self._last_tuned_fraction = None
@@ -579,13 +597,8 @@ class TransferModel(nn.Module):
         # (autoft.hard: false) the share the tuned path really has in the output, where a
         # count of weights above 0.5 would call a 50/50 mix "tuned".
         picked = gates[..., 1].to(torch.float64)                            # [B, G]
-        counted = None
-        net = self.net
-        if self.field_embedding is not None and net.multihot_fields:
-            ns, nm = len(net.single_fields), len(net.multihot_fields)
-            counted = torch.ones_like(picked, dtype=torch.bool)
-            counted[:, ns:ns + nm] = (batch.multihot
-                                      != net.multihot_pad.view(1, -1, 1)).any(dim=2)
+        counted = self._choice_mask(picked, batch)
+        if counted is not None:
             picked = picked * counted
         chosen = picked.sum(dim=0)
         seen = (counted.sum(dim=0).to(torch.float64) if counted is not None
