@@ -2,6 +2,7 @@
 and the one YAML reader of the package (duplicate keys are an error, not a silent overwrite)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -197,3 +198,20 @@ def remove_stale_temps(folder: str | os.PathLike, name: str, older_than: float =
         except FileNotFoundError:
             pass
     return removed
+
+
+def strict_json(obj):
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no such numbers
+    (Python writes a bare NaN, which jq, JavaScript and most other readers refuse).
+
+    Example:
+        >>> strict_json({"auc": float("nan"), "n": [1.0, float("inf")]})
+        {'auc': None, 'n': [1.0, None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

@@ -182,3 +182,46 @@ def test_synthetic_config_round_trip():
     assert cfg.fields == (SyntheticField("a", cardinality=10),)
     assert SyntheticConfig.from_dict(cfg.to_dict()) == cfg
     assert SyntheticConfig.from_dict(None) == SyntheticConfig()
+
+
+def test_a_wide_logit_spread_still_gets_each_domains_click_rate(tmp_path):
+    # The bias search stopped at -30: with main_effect_std 20 every domain clicked about
+    # twice as often as configured, and nothing said so.
+    import json
+    cfg = SyntheticConfig.from_dict({"n_source_rows": 20000, "n_target_rows": 5000,
+                                     "main_effect_std": 20, "interaction_std": 20})
+    out = tmp_path / "wide"
+    generate_synthetic(cfg, out)
+    truth = json.loads((out / "ground_truth.json").read_text())["domains"]
+    want = dict(zip(cfg.source_domains, cfg.source_ctr)) | {cfg.target_domain: cfg.target_ctr}
+    for name, ctr in want.items():
+        assert truth[name]["bias"] < -30
+        assert truth[name]["ctr"] == pytest.approx(ctr, abs=0.02), name
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"fields": [{"name": "a", "zipf": 60}, {"name": "b", "zipf": 60}]}, "hardly vary"),
+    ({"fields": [{"name": "tags", "kind": "multihot"}]}, "every field is multi-hot"),
+    ({"fields": [{"name": ""}, {"name": "b"}]}, "fields: a name must not be empty"),
+    ({"extra_targets": [""]}, "extra_targets: a name must not be empty"),
+    ({"source_weights": [1, 1, 0.0001]}, "a source domain would get 0 rows"),
+    ({"fields": [{"name": "a"}, {"name": "a"}]}, "the name 'a' is given to more than one"),
+    ({"fields": [{"name": "a"}, {"name": "click"}]}, "'click' is the name of a column"),
+])
+def test_settings_the_generator_cannot_honour_are_refused_by_name(tmp_path, over, match):
+    with pytest.raises(DataError, match=match):
+        cfg = SyntheticConfig.from_dict({"n_source_rows": 2000, "n_target_rows": 500, **over})
+        generate_synthetic(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "dataset.yaml").exists()
+
+
+def test_ground_truth_json_is_standard_json_when_a_metric_is_undefined(tmp_path):
+    import json
+    cfg = SyntheticConfig.from_dict({"n_source_rows": 1000, "n_target_rows": 20})
+    generate_synthetic(cfg, tmp_path / "small")
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON number {name}")
+    truth = json.loads((tmp_path / "small" / "ground_truth.json").read_text(),
+                       parse_constant=refuse)
+    assert any(d["oracle_auc"] is None for d in truth["domains"].values())

@@ -143,6 +143,28 @@ class SyntheticConfig:
                  "names without commas, double quotes or line breaks (they are written into "
                  "a CSV file)")
         names = [f.name for f in self.fields]
-        need(bool(names) and len(names) == len(set(names))
-             and not {"ts", "domain", "click"} & set(names), "fields",
-             "a non-empty list of fields with distinct names other than ts / domain / click")
+        if names and len(names) != len(set(names)):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"{section}.fields: the name {twice[0]!r} is given to more than one "
+                            "field; every field needs a name of its own")
+        reserved = sorted({"ts", "domain", "click"} & set(names))
+        if reserved:
+            raise DataError(f"{section}.fields: {reserved[0]!r} is the name of a column the "
+                            "generator writes itself (ts, domain, click); rename the field")
+        need(bool(names), "fields", "a non-empty list of fields")
+        empty = [key for key, vals in (("fields", names), ("extra_targets", self.extra_targets))
+                 if any(not str(v).strip() for v in vals)]
+        if empty:
+            raise DataError(f"{section}.{empty[0]}: a name must not be empty (it becomes a "
+                            "column name or a domain value)")
+        if not any(f.kind != "multihot" for f in self.fields):
+            raise DataError(f"{section}.fields: every field is multi-hot; give at least one "
+                            "categorical or numeric field (multi-hot fields alone leave the "
+                            "model no single-valued field to look up)")
+        w = [float(x) for x in self.source_weights]
+        smallest = min(int(self.n_source_rows * x / sum(w)) for x in w)
+        if smallest < 10:
+            raise DataError(f"{section}: a source domain would get {smallest} rows "
+                            f"(n_source_rows {self.n_source_rows} split by source_weights "
+                            f"{self.source_weights}); raise n_source_rows or even out the weights "
+                            "so that every source domain gets at least 10 rows")

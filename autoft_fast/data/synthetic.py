@@ -93,6 +93,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from .._io import strict_json
+from ..config.data import DataError
 from ..config.synthetic import DEFAULT_FIELDS, SyntheticConfig, SyntheticField
 
 log = logging.getLogger("autoft_fast.data")
@@ -244,6 +246,11 @@ def build_synthetic(cfg: SyntheticConfig) -> tuple[pd.DataFrame, GroundTruth, np
     src = dom < n_src
     # Scales from the source rows, applied to every domain: the target's spread then reflects
     # its own (shifted) parameters rather than being forced equal.
+    if main[src].std() < 1e-9:
+        raise DataError("synthetic: the fields' values hardly vary over the source rows (a "
+                        "zipf far above 1 puts nearly every row on one id, a cardinality of "
+                        "1 has one value), so no click model can be scaled to "
+                        "main_effect_std; lower zipf or raise the cardinalities")
     truth.scale_main = float(cfg.main_effect_std / max(main[src].std(), 1e-12))
     truth.scale_interaction = float(cfg.interaction_std / max(inter[src].std(), 1e-12))
     logit = truth.scale_main * main + truth.scale_interaction * inter
@@ -288,9 +295,24 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
         f.write("\n")
 
 
+def _mean_click(logit: np.ndarray, bias: float) -> float:
+    with np.errstate(over="ignore"):
+        return float(np.mean(1.0 / (1.0 + np.exp(-(logit + bias)))))
+
+
 def _solve_bias(logit: np.ndarray, ctr: float) -> float:
     lo, hi = -30.0, 30.0
-    for _ in range(80):  # bisection: mean sigmoid is monotone in the bias
+    # Widened (doubling) where [-30, 30] does not hold the root: large main_effect_std or
+    # interaction_std spread the logits so far that -30 still clicks too often.
+    steps = 80
+    while _mean_click(logit, lo) >= ctr and lo > -1e12:
+        lo, steps = lo * 2.0, 200
+    while _mean_click(logit, hi) < ctr and hi < 1e12:
+        hi, steps = hi * 2.0, 200
+    if not _mean_click(logit, lo) < ctr <= _mean_click(logit, hi):
+        raise DataError(f"synthetic: no domain bias gives the click rate {ctr} (the logits "
+                        "are too spread for it); lower main_effect_std / interaction_std")
+    for _ in range(steps):  # bisection: mean sigmoid is monotone in the bias
         mid = 0.5 * (lo + hi)
         if np.mean(1.0 / (1.0 + np.exp(-(logit + mid)))) < ctr:
             lo = mid
@@ -388,7 +410,9 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path | str) -> Path:
         "scale_interaction": round(truth.scale_interaction, 9),
         "domains": per_domain,
     }
-    (out_dir / "ground_truth.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Undefined numbers (a domain with one label has no AUC) as null: standard JSON.
+    (out_dir / "ground_truth.json").write_text(
+        json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
     log.info(
         "generated %d rows in %.1fs into %s", len(frame), time.perf_counter() - t0, out_dir
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import remove_stale_temps, write_text_atomic
+from .._io import remove_stale_temps, strict_json, write_text_atomic
 from ..config import ConfigError, DataConfig, DataError, config_hash, read_data_yaml
 from ..config.strategies import STRATEGY_TABLE
 from ..config.sections import tau_at
@@ -121,16 +121,6 @@ def check_run_data(out: Path, bundle, resume: bool) -> None:
                 "rows": {k: len(v) for k, v in bundle.splits.items()}}, path)
 
 
-def _strict_json(obj):
-    """``obj`` with every NaN or infinite float replaced by None: JSON has no such numbers
-    (Python writes a bare NaN, which jq, JavaScript and most other readers refuse)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
 
 
 # The numbers of a run record that are NaN when undefined (written as null, read back as
@@ -209,7 +199,7 @@ def write_json(obj, path: Path) -> Path:
     if not distributed.is_main_process():  # torchrun: only rank 0 writes files
         return Path(path)
     obj = json.loads(json.dumps(obj, default=_json_default))  # Paths, tensors -> JSON types
-    return write_text_atomic(json.dumps(_strict_json(obj), indent=2, allow_nan=False), path)
+    return write_text_atomic(json.dumps(strict_json(obj), indent=2, allow_nan=False), path)
 
 
 # -- data --------------------------------------------------------------------------------
