@@ -843,3 +843,20 @@ def test_multihot_rows_cut_to_max_len_are_counted_in_a_warning(tmp_path, caplog)
         warnings.simplefilter("error")  # one row of 600 cut: a log line, no warning
         prepare(tmp_path, frame, multihot=[{"name": "tags", "sep": "|", "max_len": 3}])
     assert "multihot column 'tags': 1 of 600 rows hold more than max_len 3" in caplog.text
+
+
+def test_a_data_set_of_multi_hot_fields_only_prepares(tmp_path):
+    # Its single-valued id table has no columns: writing it raised memoryview's "cannot cast
+    # view with zeros in shape or strides" as a traceback.
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame({
+        "click": rng.integers(0, 2, n), "dom": rng.choice(["s1", "s2", "t"], n),
+        "tags": ["|".join(map(str, rng.integers(0, 9, rng.integers(1, 4)))) for _ in range(n)]})
+    write(tmp_path, frame)
+    cfg = DataConfig.from_dict(base_dict(categorical=[], numeric=[], cache=True), tmp_path)
+    bundle = prepare_data(cfg, cache_dir=tmp_path / "cache")
+    train = bundle.splits["target_train"]
+    assert train.sparse.shape[1] == 0 and train.multihot.shape[0] == len(train.label) > 0
+    again = prepare_data(cfg, cache_dir=tmp_path / "cache")  # read back from the cache
+    assert torch.equal(again.splits["target_train"].multihot, train.multihot)

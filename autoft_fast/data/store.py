@@ -65,9 +65,9 @@ class SplitWriter:
     def write(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
         """Write ``values[i]`` as row ``positions[i]``; runs of consecutive positions are
         written with one system call each."""
-        if len(positions) == 0:
-            return
         fd, start, row_bytes = self.files[name]
+        if len(positions) == 0 or row_bytes == 0:  # nothing, or rows of no columns
+            return
         pos = np.asarray(positions)
         steps = np.diff(pos)
         if not np.all(steps > 0):  # sorted positions (the usual case) need no reordering
