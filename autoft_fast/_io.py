@@ -115,6 +115,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _construct_int(loader, node):
+    # YAML 1.1 (PyYAML) reads 010 as octal 8, 1:30 as base 60 (90) and 0b11 as binary; YAML
+    # 1.2 and every reader of "epochs: 010" would not. Refused, with both readings.
+    text = str(node.value).replace("_", "")
+    body = text.lstrip("+-")
+    if ":" in body or body[:2].lower() == "0b" or (len(body) > 1 and body[0] == "0"
+                                                   and body[1].isdigit()):
+        value = yaml.SafeLoader.construct_yaml_int(loader, node)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value} is read by YAML 1.1 as the number {value} (a leading 0 "
+            "is octal, a ':' base 60, 0b binary), likely not what was meant: write the number "
+            f"without that form, or quote it for text ('{node.value}')", node.start_mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_yaml(stream):
     """Parse YAML text or an open file like yaml.safe_load, but a key given twice in one
     mapping raises DuplicateKeyError (a yaml.YAMLError) naming the key and its lines.

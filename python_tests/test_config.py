@@ -187,3 +187,22 @@ def test_an_autoft_option_whose_setting_is_off_is_warned_about(given, needs):
         warnings.simplefilter("error")
         AutoFTConfig.from_dict({**given, **on})
         AutoFTConfig.from_dict({})  # defaults: nothing to say
+
+
+@pytest.mark.parametrize("text, read_as", [("010", 8), ("1:30", 90), ("0b11", 3), ("0500", 320)])
+def test_yaml_1_1_integer_forms_are_refused_with_both_readings(tmp_path, text, read_as):
+    # PyYAML read `epochs: 010` as 8 and `1:30` as 90, silently.
+    from autoft_fast.config import ConfigError, load_config
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"synthetic: {{}}\nfinetune: {{epochs: {text}}}\n")
+    with pytest.raises(ConfigError, match=rf"{text} is read by YAML 1.1 as the number {read_as}"
+                                          rf".*quote it for text \('{text}'\) \(line 2"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, value", [("10", 10), ("0", 0), ("0x10", 16), ("1_000", 1000),
+                                         ("-5", -5)])
+def test_plain_yaml_integers_still_read(text, value):
+    from autoft_fast._io import load_yaml
+    assert load_yaml(f"a: {text}") == {"a": value}
+    assert load_yaml(f"a: '{text}'") == {"a": text}
