@@ -206,3 +206,11 @@ def test_plain_yaml_integers_still_read(text, value):
     from autoft_fast._io import load_yaml
     assert load_yaml(f"a: {text}") == {"a": value}
     assert load_yaml(f"a: '{text}'") == {"a": text}
+
+
+def test_a_policy_learning_rate_of_zero_is_refused_as_finetune_lr_is():
+    # It was accepted, and the policy never trained.
+    from autoft_fast.config import AutoFTConfig, ConfigError
+    with pytest.raises(ConfigError, match="autoft.policy_lr must be > 0, got 0"):
+        AutoFTConfig.from_dict({"policy_lr": 0})
+    assert AutoFTConfig.from_dict({"policy_lr": None}).policy_lr is None

@@ -285,7 +285,7 @@ class AutoFTConfig(_Section):
     l2sp_alpha: float = setting(0.01, minimum=0.0, doc=(
         "the l2sp strategy's penalty alpha / 2 * ||w - w_src||^2 over every trained "
         "parameter; 0.01 is the L2-SP paper's usual setting"))
-    policy_lr: float | None = setting(None, minimum=0.0, doc=(
+    policy_lr: float | None = setting(None, minimum=0.0, min_open=True, doc=(
         "learning rate of the policy's own optimizer (None: finetune.lr)"))
     policy_weight_decay: float | None = setting(None, minimum=0.0, doc=(
         "weight decay of the policy's optimizer (None: finetune.weight_decay)"))
