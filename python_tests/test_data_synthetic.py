@@ -225,3 +225,16 @@ def test_ground_truth_json_is_standard_json_when_a_metric_is_undefined(tmp_path)
     truth = json.loads((tmp_path / "small" / "ground_truth.json").read_text(),
                        parse_constant=refuse)
     assert any(d["oracle_auc"] is None for d in truth["domains"].values())
+
+
+@pytest.mark.parametrize("over, match", [({"price_shift": 1000}, "price_shift must be >= -50"),
+                                         ({"days": 10 ** 15}, "days must be >= 1 and <= 36500")])
+def test_generator_settings_that_would_overflow_are_refused(over, match):
+    # price_shift 1000 wrote inf prices; days 1e15 overflowed the timestamps to negatives.
+    with pytest.raises(DataError, match=match):
+        SyntheticConfig.from_dict(over)
+
+
+def test_an_empty_synthetic_section_means_the_defaults():
+    from autoft_fast.config import parse_config
+    assert parse_config({"synthetic": None}).synthetic == SyntheticConfig()

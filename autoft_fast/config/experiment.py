@@ -313,6 +313,8 @@ def parse_config(raw: dict, base_dir: str | Path = ".", name: str = "experiment"
     else:
         raise ConfigError(f"data: must be a mapping or a path to a dataset YAML, got {data_raw!r}")
     synthetic = raw.get("synthetic")
+    if synthetic is None and "synthetic" in raw and data_raw is None:
+        synthetic = {}  # `synthetic:` with nothing under it: the defaults, as other sections
     if synthetic is not None:
         if not isinstance(synthetic, dict):
             raise ConfigError(f"synthetic: must be a mapping, got {synthetic!r}")

@@ -38,7 +38,8 @@ class SyntheticField:
     frequency: str = setting("same", choices=("same", "shifted"),
                              doc="whether the id frequencies differ in the target")
     max_len: int = setting(6, minimum=1, doc="multi-hot: most tags per row")
-    mean_len: float = setting(2.0, minimum=0.0, doc="multi-hot: mean tags per row")
+    mean_len: float = setting(2.0, minimum=0.0, maximum=1000.0,
+                             doc="multi-hot: mean tags per row")
 
 
 DEFAULT_FIELDS = (
@@ -88,8 +89,9 @@ class SyntheticConfig:
     interaction_std: float = setting(0.6, minimum=0.0, doc="std of the interaction logit sum")
     shift_corr: float = setting(0.3, **_CORR, doc="target-to-base correlation of shifted effects")
     source_shift_corr: float = setting(0.9, **_CORR, doc="the same for each source domain")
-    price_shift: float = setting(0.5, doc="shift of the target's log-normal price mean")
-    days: int = setting(14, minimum=1, doc="time span of the ts column")
+    price_shift: float = setting(0.5, minimum=-50.0, maximum=50.0, doc=(
+        "shift of the target's log-normal price mean (|shift| <= 50: exp of more overflows)"))
+    days: int = setting(14, minimum=1, maximum=36_500, doc="time span of the ts column")
     fields: tuple[SyntheticField, ...] = setting(DEFAULT_FIELDS, doc=(
         "the feature columns; when given, replaces the whole default list"))
     format: str = setting("csv", choices=("csv", "parquet"), doc="file format written")
