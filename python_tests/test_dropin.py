@@ -757,7 +757,9 @@ def test_attaching_fused_optimizers_warns_about_the_plain_tables_it_leaves_alone
     with pytest.warns(UserWarning, match=r"2 nn.Embedding / nn.EmbeddingBag module\(s\) "
                                          r"\('model.emb.user', 'model.emb.item'\) get no fused"):
         assert attach_fused_optimizers(plain, "fused_adam", lr=1e-3) == []
-    gated = autoft(_PaddedModel(), strategy="autoft_field")
+    base = _PaddedModel()
+    base.emb["user"] = nn.Embedding(10, 4)  # no padding row: both tables can be fused
+    gated = autoft(base, strategy="autoft_field")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(attach_fused_optimizers(gated, "fused_sgd", lr=1e-3)) == 2
