@@ -567,6 +567,8 @@ def _cmd_generate(args) -> int:
     from .train.runner import generate_data
     cfg = load_config(args.config)
     setup_logging(None)
+    if not args.out.strip():
+        raise _UserError("--out is empty; give the directory to write the data set into")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _UserError(f"--out {args.out!r} is a file; give a directory")

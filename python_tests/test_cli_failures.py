@@ -633,3 +633,11 @@ def test_a_resume_clears_what_a_kill_left_beside_a_finished_run(finetuned, capsy
                  str(run_dir), "--no-progress"]) == 0
     assert not (run / "last.pt").exists() and not list(run.glob(".result.json.*.tmp"))
     assert (run / "result.json").is_file()
+
+
+def test_generate_with_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    # Path('') is '.': the data set went into the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--out", ""]) == 2
+    assert "--out is empty" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
