@@ -182,3 +182,66 @@ def test_torchrun_cli_finetune_matches_one_process(tmp_path):
     assert b["epochs_run"] == a["epochs_run"] == 2
     assert abs(a["auc"] - b["auc"]) < 1e-4, (a["auc"], b["auc"])
     assert abs(a["history"][-1]["train_loss"] - b["history"][-1]["train_loss"]) < 1e-4
+
+
+_BROADCAST_WORKER = """
+import os, sys, torch
+import torch.distributed as dist
+from autoft_fast.train import distributed
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(100 + rank)  # each rank's own initialisation, as after an earlier fit
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+model.register_buffer("flags", torch.rand(5) > 0.5)
+model.register_buffer("low", torch.randn(2, 3).to(torch.bfloat16))
+distributed.DataParallel.create(model, torch.device("cpu"))
+torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_starts_every_rank_from_rank0s_weights(tmp_path):
+    # A model built after an earlier fit (the frequency rule's retrain, the cross-fit halves)
+    # was initialised from each rank's own stream; the ranks then trained different models.
+    script = tmp_path / "worker.py"
+    script.write_text(_BROADCAST_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+         str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(100)  # rank 0's own initialisation is what both hold
+    assert torch.equal(a["0.weight"], torch.nn.Linear(3, 4).weight.detach())
+
+
+def test_torchrun_frequency_rule_with_sampled_evaluation_gates_finishes(tmp_path):
+    # Each rank scored the thresholds on its own gate noise and could pick another one: one
+    # rank retrained (collectives) while the other did not, and the job hung.
+    cfg = dict(TINY, cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path / "runs"),
+               model={"name": "dnn", "embedding_dim": 4, "hidden_units": [16]},
+               pretrain={"epochs": 3, "batch_size": 256, "lr": 0.01, "seed": 0},
+               finetune={"epochs": 3, "patience": 3, "batch_size": 256, "lr": 0.005},
+               autoft={"backend": "reference", "field_policy": "frequency",
+                       "frequency_thresholds": [1, 2, 3], "frequency_keep_p": 1.0,
+                       "eval_gates": "sample"})
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    for seed in ("0", "2"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+             "autoft_fast.cli", "finetune", "-c", str(exp), "-s", "autoft", "--seed", seed,
+             "--threads", "1", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=150)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("test AUC") == 1

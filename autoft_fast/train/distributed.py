@@ -455,6 +455,21 @@ class GradientSync:
                                             m.optimizer_state())
 
 
+def broadcast_module(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``model``, in place (any
+    dtype: those gloo does not carry go as their bytes)."""
+    plain = (torch.float32, torch.float64, torch.int32, torch.int64)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.numel() == 0:
+                continue
+            flat = t.detach().contiguous().reshape(-1)
+            raw = flat if flat.dtype in plain else flat.view(torch.uint8)
+            dist.broadcast(raw, src=0)
+            if flat.data_ptr() != t.data_ptr() or not t.is_contiguous():
+                t.detach().copy_(flat.view(t.shape))
+
+
 class DataParallel:
     """What the trainer needs to train one model on every rank of a torchrun job.
 
@@ -465,6 +480,10 @@ class DataParallel:
     def __init__(self, model: nn.Module, ctx: _Context):
         self.ctx = ctx
         self.sync = GradientSync(model)
+        # Rank 0's weights on every rank: a model built after an earlier fit (the frequency
+        # rule's retrain, the cross-fit halves) was initialised from each rank's own random
+        # stream, and the ranks would train different models under one set of collectives.
+        broadcast_module(model)
 
     @classmethod
     def create(cls, model: nn.Module, device: torch.device | None) -> "DataParallel | None":

@@ -596,6 +596,9 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
             model.set_frequency_threshold(k)
             scan[k] = _valid_auc(model, valid, batch, device)
     best_k = max(scan, key=lambda k: (scan[k], -k))  # ties: the smaller threshold
+    # torchrun: rank 0's choice for every rank (with eval_gates: sample each rank scores on
+    # its own noise, and ranks taking different paths would hang in the collectives).
+    best_k = distributed.broadcast_object(best_k)
     model.set_frequency_threshold(0.0)
     fields = {"frequency_scan": {f"{k:g}": v for k, v in scan.items()},
               "frequency_select": cfg.autoft.frequency_select,
@@ -610,7 +613,8 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
                 log.warning("[seed %d] %s: the frequency rule is not used: %s", seed, strategy, e)
                 test = None
             fields.update(frequency_keep_p_value=_one_sided_p(test), frequency_keep_level=level)
-            if not (test is not None and test["diff"] > 0 and _one_sided_p(test) < level):
+            if not distributed.broadcast_object(
+                    test is not None and test["diff"] > 0 and _one_sided_p(test) < level):
                 best_k = 0.0
     if best_k == 0.0:
         return model, fields
@@ -648,7 +652,7 @@ def _frequency_stage(cfg, model, fit, pretrained, bundle, seed, out_dir, domains
     p_one = _one_sided_p(test)
     fields["frequency_keep_p_value"] = float(p_one)
     fields["frequency_keep_level"] = level
-    if test is not None and test["diff"] > 0 and p_one < level:
+    if distributed.broadcast_object(test is not None and test["diff"] > 0 and p_one < level):
         fields.update(frequency_threshold=best_k, frequency_retrained=True,
                       best_epoch=second.best_epoch, valid_best=second.best_metric,
                       best_at_cap=second.best_at_cap, epoch_cap=second.epoch_cap)
