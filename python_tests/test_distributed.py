@@ -97,7 +97,7 @@ def test_checkpoints_written_by_rank0_with_every_rank_state(two_rank_weights):
     assert ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
     # Rank 1's torch generator runs its own stream (its Gumbel noise is its own).
     assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"])
-    with pytest.raises(ValueError, match=r"written by 2 process\(es\).*WORLD_SIZE = 1"):
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\).*WORLD_SIZE = 1\), or delete it"):
         distributed.check_resume(ck, "resume-last.pt")
 
 

@@ -527,4 +527,6 @@ def check_resume(ck: dict, path) -> None:
     n, now = int(ck.get("world_size", 1)), world().size
     if n != now:
         raise ValueError(f"checkpoint {str(path)!r} was written by {n} process(es); resume it "
-                         f"with the same number (this run has WORLD_SIZE = {now})")
+                         f"with the same number (this run has WORLD_SIZE = {now}), or delete "
+                         "it to start that training over (an interrupted pre-training leaves "
+                         "its checkpoint in the cache, where every later run meets it)")
