@@ -679,8 +679,13 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 def _cmd_predict(args) -> int:
+    from .train.distributed import world
     from .train.predict import load_run
     from .train.progress import setup_logging
+    if world().size > 1:
+        # Every rank would score the whole file and write --out: one process does it all.
+        raise _UserError("predict runs in one process: run `autoft-fast predict ...` without "
+                         f"torchrun (this run has WORLD_SIZE = {world().size})")
     log = setup_logging(None)
     if args.threads_line:
         log.info("%s", args.threads_line)

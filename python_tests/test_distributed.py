@@ -245,3 +245,40 @@ def test_torchrun_frequency_rule_with_sampled_evaluation_gates_finishes(tmp_path
             env=env, capture_output=True, text=True, timeout=150)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("test AUC") == 1
+
+
+def test_predict_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    # Every rank scored the whole file; rank 1 then failed on "--out exists".
+    from autoft_fast.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["predict", "--run", str(tmp_path), "--data", str(tmp_path / "x.csv"),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "predict runs in one process" in err and "Traceback" not in err
+
+
+def test_a_user_error_in_a_rank0_step_is_one_line_on_every_rank(tmp_path):
+    # A bad --run-dir (here a file) failed on rank 0 inside a rank-0-only step, and every
+    # rank printed a RuntimeError traceback instead of the usual one-line error.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(dict(TINY, cache_dir=str(tmp_path / "cache"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+         "autoft_fast.cli", "finetune", "-c", str(exp), "-s", "finetune_all",
+         "--run-dir", str(tmp_path / "taken"), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "autoft-fast: error:" in ln]
+    # Each rank that gets to print says the one line (torchrun may stop the other rank
+    # first, once one has exited).
+    assert lines and all("cannot create a run directory" in ln for ln in lines), \
+        proc.stderr[-3000:]
+    # torchrun's own launcher reports the failed children with its traceback; none of ours.
+    assert "rank 0 failed" not in proc.stderr
+    assert not any('File "' in ln and "autoft_fast" in ln for ln in proc.stderr.splitlines())

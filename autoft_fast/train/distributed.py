@@ -253,15 +253,22 @@ def main_then_broadcast(fn):
         ctx = context(_cfg_device(args))
         if ctx is None:
             return fn(*args, **kwargs)
-        result, error = None, None
+        result, error, raised = None, None, None
         if ctx.rank == 0:
             try:
                 result = fn(*args, **kwargs)
             except Exception as e:  # every rank fails alike instead of waiting forever
-                error = e
-        result, error = broadcast_object((result, None if error is None else
-                                          (type(error).__name__, str(error))))
+                raised = e
+                # A user's error (bad input, a disk refusing a write) stays one: the CLI
+                # prints it as its one line, on every rank.
+                user = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "_UserError"
+                error = (type(e).__name__, str(e), user)
+        result, error = broadcast_object((result, error))
         if error is not None:
+            if error[2]:
+                if raised is not None:
+                    raise raised
+                raise ValueError(error[1])
             raise RuntimeError(f"rank 0 failed in {fn.__name__}: {error[0]}: {error[1]}")
         return result
     return wrapper
