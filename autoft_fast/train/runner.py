@@ -121,8 +121,6 @@ def check_run_data(out: Path, bundle, resume: bool) -> None:
                 "rows": {k: len(v) for k, v in bundle.splits.items()}}, path)
 
 
-
-
 # The numbers of a run record that are NaN when undefined (written as null, read back as
 # NaN): top-level keys, and the keys of its nested metric tables.
 _RECORD_FLOATS = ("auc", "logloss", "train_samples_per_s", "train_seconds", "wall_seconds",
